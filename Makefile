@@ -1,0 +1,28 @@
+# `make test` and `make demo` build .venv/ from nothing on first use.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip
+	# torch/torchvision builds that lie on this machine's disk (pip on Python 3.11 takes them from there)
+	$(VPY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
+	$(VPY) -m pip install -e ".[dev]"
+	# panopticapi's evaluation code; its metadata pins numpy<2, its code works with numpy 2
+	$(VPY) -m pip install --no-deps panopticapi-lite
+	touch $(STAMP)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) -m pytest -q -ra tests
+
+demo: $(STAMP)
+	$(VPY) -m transformers_possam.demo
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,182 @@
+"""PosSAM configuration."""
+
+from __future__ import annotations
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPTextConfig, PreTrainedConfig, SamVisionConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .vocabularies import load_vocabulary
+
+__all__ = ["PosSAMConfig", "SAM_VISION_VARIANTS", "CONVNEXT_LARGE_D_320_TEXT"]
+
+# open_clip `convnext_large_d_320` text tower (model_configs json: width 768, heads 12, layers 16, embed_dim 768),
+# written as a CLIPTextConfig. open_clip uses exact GELU, HF CLIP's default is quick_gelu.
+CONVNEXT_LARGE_D_320_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 768,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+
+# SAM ViT-B/L/H image encoders (segment-anything `build_sam.py`, transformers `convert_sam_to_hf.py`).
+SAM_VISION_VARIANTS = {
+    "vit-b": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "global_attn_indexes": [2, 5, 8, 11]},
+    "vit-l": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "global_attn_indexes": [5, 11, 17, 23]},
+    "vit-h": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16, "global_attn_indexes": [7, 15, 23, 31]},
+}
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@strict
+class PosSAMConfig(PreTrainedConfig):
+    r"""
+    Configuration of a PosSAM model. Defaults give PosSAM-B with the paper's decoder (Mask2Former/FC-CLIP sizes) and
+    the frozen open_clip `convnext_large_d_320` CLIP.
+
+    Args:
+        vision_config (`dict` or `SamVisionConfig`): the frozen SAM ViT image encoder (default ViT-B). Its `neck`
+            produces `vision_config.output_channels` (256) channels at stride `patch_size` (16).
+        text_config (`dict` or `CLIPTextConfig`): the frozen CLIP text tower; missing keys of a dict fall back to
+            open_clip `convnext_large_d_320` (hidden 768, 16 layers, 12 heads, projection 768), not to
+            `CLIPTextConfig`'s own defaults.
+        clip_vision_model_name (`str`): timm architecture of the frozen CLIP image tower (any timm ConvNeXt).
+        clip_vision_model_kwargs (`dict`): extra kwargs for `timm.create_model` (e.g. `{"head_hidden_size": 320}`
+            to give a tiny ConvNeXt CLIP's MLP head).
+        clip_embed_dim (`int`): joint CLIP image/text embedding size (the image head's output, the text projection).
+        clip_logit_scale_init (`float`): initial value of CLIP's own (frozen) log logit scale; converted weights
+            overwrite it.
+        sam_image_mean, sam_image_std, clip_image_mean, clip_image_std (`list[float]`): normalizations on the 0-1
+            scale. Pixels arrive SAM-normalized; the model re-normalizes them for CLIP.
+        fpn_out_channels (`list[int]`): channels of the FPN outputs at strides 4, 8, 16, 32.
+        feature_size, mask_feature_size, hidden_dim, encoder_feedforward_dim, activation_function, encoder_layers,
+        decoder_layers, num_attention_heads, dropout, dim_feedforward, pre_norm, enforce_input_projection,
+        common_stride, num_queries, feature_strides, init_std, init_xavier_std: Mask2Former pixel decoder and
+            masked-attention decoder, with `Mask2FormerConfig`'s meaning (`decoder_layers=10` is 9 transformer layers
+            plus the prediction from the learnable queries).
+        iou_head_hidden_dim, iou_head_depth (`int`): the MLP of the IoU head.
+        ldp_num_heads, ldp_num_layers (`int`): self-attention fusion of the Local Discriminative Pooling module
+            (which works at `clip_embed_dim`).
+        logit_scale_init (`float`): initial log of the learnable inverse temperature 1/tau of the LDP logits.
+        no_object_weight, class_weight, mask_weight, dice_weight, iou_weight (`float`): loss weights (the first four
+            are also the Hungarian matching costs).
+        train_num_points, oversample_ratio, importance_sample_ratio: point-sampled mask losses (PointRend).
+        use_auxiliary_loss (`bool`): deep supervision on every decoder layer.
+        iou_loss_on_unmatched (`bool`): also train the IoU head to predict 0 for unmatched queries (the paper trains
+            it on matched pairs only: default False).
+        mase_alpha, mase_beta (`float`): MASE / geometric-ensemble weights of CLIP for seen and unseen classes.
+        training_vocabulary (`list[str]`): class names (comma-separated synonyms) the model was trained on; used to
+            derive the seen-class mask of a test vocabulary. Default COCO panoptic 133.
+    """
+
+    model_type = "possam"
+    sub_configs_defaults = {
+        "vision_config": SamVisionConfig,
+        "text_config": SubConfigSpec(CLIPTextConfig, init_kwargs=dict(CONVNEXT_LARGE_D_320_TEXT)),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+
+    clip_vision_model_name: str = "convnext_large_mlp"
+    clip_vision_model_kwargs: dict | None = None
+    clip_embed_dim: int = 768
+    clip_logit_scale_init: float = math.log(1 / 0.07)
+    sam_image_mean: list[float] | tuple[float, ...] = tuple(IMAGENET_MEAN)
+    sam_image_std: list[float] | tuple[float, ...] = tuple(IMAGENET_STD)
+    clip_image_mean: list[float] | tuple[float, ...] = tuple(OPENAI_CLIP_MEAN)
+    clip_image_std: list[float] | tuple[float, ...] = tuple(OPENAI_CLIP_STD)
+
+    fpn_out_channels: list[int] | tuple[int, ...] = (192, 384, 768, 1536)
+
+    # Mask2Former pixel decoder + masked-attention decoder (field names read by the reused modules)
+    feature_size: int = 256
+    mask_feature_size: int = 256
+    hidden_dim: int = 256
+    encoder_feedforward_dim: int = 1024
+    activation_function: str = "relu"
+    encoder_layers: int = 6
+    decoder_layers: int = 10
+    num_attention_heads: int = 8
+    dropout: float = 0.0
+    dim_feedforward: int = 2048
+    pre_norm: bool = False
+    enforce_input_projection: bool = False
+    common_stride: int = 4
+    num_queries: int = 250
+    feature_strides: list[int] | tuple[int, ...] = (4, 8, 16, 32)
+    init_std: float = 0.02
+    init_xavier_std: float = 1.0
+    initializer_range: float = 0.02
+
+    iou_head_hidden_dim: int = 256
+    iou_head_depth: int = 3
+
+    ldp_num_heads: int = 8
+    ldp_num_layers: int = 1
+    logit_scale_init: float = math.log(1 / 0.07)
+
+    no_object_weight: float = 0.1
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    iou_weight: float = 1.0
+    train_num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    use_auxiliary_loss: bool = True
+    iou_loss_on_unmatched: bool = False
+
+    mase_alpha: float = 0.4
+    mase_beta: float = 0.8
+
+    training_vocabulary: list[str] | None = None
+
+    attribute_map = {"hidden_size": "hidden_dim", "num_hidden_layers": "decoder_layers"}
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.text_config, dict):
+            # A partial dict means "convnext_large_d_320 with these changes", not "CLIPTextConfig defaults".
+            self.text_config = {**CONVNEXT_LARGE_D_320_TEXT, **self.text_config}
+        if self.training_vocabulary is None:
+            self.training_vocabulary = list(load_vocabulary("coco_panoptic_133").names)
+        self.clip_vision_model_kwargs = dict(self.clip_vision_model_kwargs or {})
+        for name in ("sam_image_mean", "sam_image_std", "clip_image_mean", "clip_image_std", "fpn_out_channels", "feature_strides"):
+            setattr(self, name, list(getattr(self, name)))
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Checks that the sizes fit together; raises ValueError with what to change."""
+        if len(self.fpn_out_channels) != 4 or len(self.feature_strides) != 4:
+            raise ValueError("fpn_out_channels and feature_strides need 4 entries (strides 4, 8, 16, 32).")
+        if list(self.feature_strides) != [4, 8, 16, 32]:
+            raise ValueError(f"PosSAM's FPN produces strides (4, 8, 16, 32), got feature_strides={self.feature_strides}.")
+        patch_size = self.vision_config.patch_size
+        if patch_size != 16:
+            raise ValueError(f"The FPN expects SAM features at stride 16 (patch_size 16), got patch_size={patch_size}.")
+        for name in ("feature_size", "mask_feature_size"):
+            if getattr(self, name) % 32:
+                raise ValueError(f"{name}={getattr(self, name)} must be a multiple of 32 (Mask2Former's GroupNorm(32)).")
+        if self.text_config.projection_dim != self.clip_embed_dim:
+            raise ValueError(
+                f"text_config.projection_dim ({self.text_config.projection_dim}) must equal clip_embed_dim "
+                f"({self.clip_embed_dim}): image and text embeddings share one space."
+            )
+        if self.clip_embed_dim % self.ldp_num_heads:
+            raise ValueError(f"clip_embed_dim={self.clip_embed_dim} must be divisible by ldp_num_heads={self.ldp_num_heads}.")
+        if self.decoder_layers < 2:
+            raise ValueError("decoder_layers counts the query prediction plus the transformer layers: use >= 2.")

@@ -1,0 +1,20 @@
+"""PosSAM building blocks, one paper box per file."""
+
+from .clip import PosSAMCLIP, classify_embeddings
+from .fpn import PosSAMFPN
+from .iou_head import PosSAMIoUHead
+from .ldp import LocalDiscriminativePooling
+from .loss import PosSAMHungarianMatcher, PosSAMLoss, sample_binary_masks
+from .mask_pooling import mask_pool
+
+__all__ = [
+    "LocalDiscriminativePooling",
+    "PosSAMCLIP",
+    "PosSAMFPN",
+    "PosSAMHungarianMatcher",
+    "PosSAMIoUHead",
+    "PosSAMLoss",
+    "classify_embeddings",
+    "mask_pool",
+    "sample_binary_masks",
+]

@@ -1,0 +1,224 @@
+"""PosSAM training losses: Mask2Former's matcher and losses with a per-batch vocabulary, uint8 labels, and the IoU loss."""
+
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch.nn import functional as F
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerHungarianMatcher,
+    Mask2FormerLoss,
+    dice_loss,
+    pair_wise_dice_loss,
+    pair_wise_sigmoid_cross_entropy_loss,
+    sample_point,
+    sigmoid_cross_entropy_loss,
+)
+
+__all__ = ["PosSAMHungarianMatcher", "PosSAMLoss", "sample_binary_masks", "mask_iou_targets"]
+
+
+def sample_binary_masks(masks: torch.Tensor, point_coordinates: torch.Tensor) -> torch.Tensor:
+    """
+    Bilinearly sample masks of any dtype (uint8/bool labels stay as they are) at normalized points.
+
+    Equal to `grid_sample(masks[:, None].float(), 2 * coords - 1, align_corners=False).squeeze(1)` (Mask2Former's
+    `sample_point`) but gathers 4 neighbours per point instead of converting `(N, H, W)` labels to float: memory is
+    O(N * points), not O(N * H * W).
+
+    Args:
+        masks: `(N, H, W)`.
+        point_coordinates: `(P, 2)` shared by all masks, or `(N, P, 2)`; (x, y) in [0, 1].
+
+    Returns:
+        `(N, P)` float32.
+    """
+    num_masks, height, width = masks.shape
+    coords = point_coordinates.float()
+    if coords.dim() == 2:
+        coords = coords.unsqueeze(0)
+    x = coords[..., 0] * width - 0.5
+    y = coords[..., 1] * height - 0.5
+    x0, y0 = x.floor(), y.floor()
+    wx1, wy1 = x - x0, y - y0
+    wx0, wy0 = 1 - wx1, 1 - wy1
+    flat = masks.reshape(num_masks, height * width)
+    x0, y0 = x0.long(), y0.long()
+
+    def corner(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+        inside = (xx >= 0) & (xx < width) & (yy >= 0) & (yy < height)
+        index = (yy.clamp(0, height - 1) * width + xx.clamp(0, width - 1)).expand(num_masks, -1)
+        return flat.gather(1, index).float() * inside
+
+    return (
+        corner(y0, x0) * (wy0 * wx0)
+        + corner(y0, x0 + 1) * (wy0 * wx1)
+        + corner(y0 + 1, x0) * (wy1 * wx0)
+        + corner(y0 + 1, x0 + 1) * (wy1 * wx1)
+    )
+
+
+def mask_iou_targets(pred_mask_logits: torch.Tensor, target_masks: torch.Tensor) -> torch.Tensor:
+    """
+    IoU of binarized predictions (logit > 0) with their ground truths, at the prediction's resolution; the ground
+    truth is sampled at the prediction grid's pixel centres (bilinear, >= 0.5) without a dense float copy.
+
+    Args:
+        pred_mask_logits: `(M, h, w)`.
+        target_masks: `(M, H, W)`, any dtype.
+
+    Returns:
+        `(M,)` IoU in [0, 1] (0 where both masks are empty).
+    """
+    num_masks, height, width = pred_mask_logits.shape
+    ys = (torch.arange(height, device=pred_mask_logits.device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=pred_mask_logits.device, dtype=torch.float32) + 0.5) / width
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
+    targets = sample_binary_masks(target_masks, grid) >= 0.5
+    preds = (pred_mask_logits > 0).reshape(num_masks, height * width)
+    intersection = (preds & targets).sum(-1).float()
+    union = (preds | targets).sum(-1).float()
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.zeros_like(union))
+
+
+class PosSAMHungarianMatcher(Mask2FormerHungarianMatcher):
+    """
+    Mask2Former's matcher (class cost -p[target], BCE and dice costs on uniformly sampled points, scipy Hungarian)
+    computed in fp32, with the number of classes taken from each batch's logits and labels sampled from uint8/bool
+    masks without a float copy. Non-finite costs become the largest finite value, so a NaN never crashes scipy.
+    """
+
+    @torch.no_grad()
+    def forward(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels):
+        indices = []
+        for logits, masks, labels, targets in zip(class_queries_logits, masks_queries_logits, class_labels, mask_labels):
+            cost_class = -logits.float().softmax(-1)[:, labels]
+            points = torch.rand(self.num_points, 2, device=masks.device)
+            target_points = sample_binary_masks(targets, points)
+            pred_points = sample_point(masks.float()[:, None], points.expand(masks.shape[0], -1, -1), align_corners=False).squeeze(1)
+            cost_matrix = (
+                self.cost_mask * pair_wise_sigmoid_cross_entropy_loss(pred_points, target_points)
+                + self.cost_class * cost_class
+                + self.cost_dice * pair_wise_dice_loss(pred_points, target_points)
+            )
+            largest = torch.finfo(cost_matrix.dtype).max
+            cost_matrix = torch.nan_to_num(cost_matrix, nan=largest, posinf=largest, neginf=largest)
+            rows, cols = linear_sum_assignment(cost_matrix.cpu().numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices
+
+
+class PosSAMLoss(Mask2FormerLoss):
+    """
+    Mask2Former's set criterion (Hungarian matching; cross-entropy over K + 1 classes with a down-weighted void;
+    point-sampled BCE + dice with PointRend importance sampling; normalization by the number of ground-truth masks
+    averaged over processes) adapted to open vocabulary: K comes from each batch's logits, not from a fixed
+    `num_labels`. Adds PosSAM's IoU loss (paper eq. 2): the squared error between the predicted IoU of each matched
+    query and the IoU of its binarized predicted mask with its ground truth.
+
+    Returns `loss_cross_entropy`, `loss_mask`, `loss_dice`, `loss_iou`, plus `_{i}`-suffixed copies per auxiliary
+    decoder layer, unweighted; `weight_dict` holds the weights.
+    """
+
+    def __init__(self, config):
+        weight_dict = {
+            "loss_cross_entropy": config.class_weight,
+            "loss_mask": config.mask_weight,
+            "loss_dice": config.dice_weight,
+            "loss_iou": config.iou_weight,
+        }
+        super().__init__(config, weight_dict)
+        # The parent's fixed-size class weights would tie the loss to one vocabulary size: built per batch instead.
+        del self.empty_weight
+        self.num_labels = None
+        self.iou_loss_on_unmatched = config.iou_loss_on_unmatched
+        self.matcher = PosSAMHungarianMatcher(
+            cost_class=config.class_weight, cost_mask=config.mask_weight, cost_dice=config.dice_weight, num_points=self.num_points
+        )
+
+    def loss_labels(self, class_queries_logits, class_labels, indices):
+        batch_size, num_queries, num_classes_with_void = class_queries_logits.shape
+        void_index = num_classes_with_void - 1
+        class_weights = torch.ones(num_classes_with_void, device=class_queries_logits.device)
+        class_weights[-1] = self.eos_coef
+        target_classes = torch.full((batch_size, num_queries), void_index, dtype=torch.int64, device=class_queries_logits.device)
+        target_classes[self._get_predictions_permutation_indices(indices)] = torch.cat(
+            [labels[target] for labels, (_, target) in zip(class_labels, indices)]
+        ).to(class_queries_logits.device)
+        loss = F.cross_entropy(class_queries_logits.float().transpose(1, 2), target_classes, weight=class_weights)
+        return {"loss_cross_entropy": loss}
+
+    def _matched_targets(self, mask_labels, indices):
+        return [masks[target] for masks, (_, target) in zip(mask_labels, indices)]
+
+    def loss_masks(self, masks_queries_logits, mask_labels, indices, num_masks):
+        pred_masks = masks_queries_logits[self._get_predictions_permutation_indices(indices)].float()[:, None]
+        with torch.no_grad():
+            point_coordinates = self.sample_points_using_uncertainty(
+                pred_masks, self.calculate_uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio
+            )
+            per_image = point_coordinates.split([len(source) for source, _ in indices])
+            point_labels = torch.cat(
+                [sample_binary_masks(targets, coords) for targets, coords in zip(self._matched_targets(mask_labels, indices), per_image)]
+            )
+        point_logits = sample_point(pred_masks, point_coordinates, align_corners=False).squeeze(1)
+        return {
+            "loss_mask": sigmoid_cross_entropy_loss(point_logits, point_labels, num_masks),
+            "loss_dice": dice_loss(point_logits, point_labels, num_masks),
+        }
+
+    def loss_iou(self, iou_logits, masks_queries_logits, mask_labels, indices, num_masks):
+        predictions_index = self._get_predictions_permutation_indices(indices)
+        with torch.no_grad():
+            pred_masks = masks_queries_logits[predictions_index].detach()
+            per_image = pred_masks.split([len(source) for source, _ in indices])
+            targets = [
+                mask_iou_targets(preds, masks) for preds, masks in zip(per_image, self._matched_targets(mask_labels, indices))
+            ]
+            iou_targets = torch.cat(targets) if targets else pred_masks.new_zeros(0)
+        predicted = iou_logits.float().sigmoid()
+        if self.iou_loss_on_unmatched:
+            full_targets = torch.zeros_like(predicted)
+            full_targets[predictions_index] = iou_targets.float()
+            return {"loss_iou": F.mse_loss(predicted, full_targets)}
+        return {"loss_iou": ((predicted[predictions_index] - iou_targets.float()) ** 2).sum() / num_masks}
+
+    def forward(
+        self,
+        masks_queries_logits: torch.Tensor,
+        class_queries_logits: torch.Tensor,
+        mask_labels: list[torch.Tensor],
+        class_labels: list[torch.Tensor],
+        auxiliary_predictions: list[dict[str, torch.Tensor]] | None = None,
+        iou_logits: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            masks_queries_logits: `(B, Q, h, w)`; class_queries_logits: `(B, Q, K + 1)` (void last);
+            mask_labels: per image `(N_i, H, W)` uint8/bool/float, covering the same field of view as the input;
+            class_labels: per image `(N_i,)` indices into the K classes;
+            auxiliary_predictions: per earlier decoder layer, a dict with the same three predictions;
+            iou_logits: `(B, Q)` IoU head logits.
+        """
+        indices = self.matcher(masks_queries_logits, class_queries_logits, mask_labels, class_labels)
+        num_masks = self.get_num_masks(class_labels, device=masks_queries_logits.device)
+        losses = {
+            **self.loss_masks(masks_queries_logits, mask_labels, indices, num_masks),
+            **self.loss_labels(class_queries_logits, class_labels, indices),
+        }
+        if iou_logits is not None:
+            losses.update(self.loss_iou(iou_logits, masks_queries_logits, mask_labels, indices, num_masks))
+        for layer_index, aux in enumerate(auxiliary_predictions or []):
+            aux_losses = self.forward(
+                aux["masks_queries_logits"], aux["class_queries_logits"], mask_labels, class_labels, iou_logits=aux.get("iou_logits")
+            )
+            losses.update({f"{key}_{layer_index}": value for key, value in aux_losses.items()})
+        return losses
+
+    def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of the losses, each weighted by its base name's weight (`loss_dice_3` -> `loss_dice`)."""
+        total = 0.0
+        for key, value in losses.items():
+            base = key.rsplit("_", 1)[0] if key.rsplit("_", 1)[-1].isdigit() else key
+            total = total + self.weight_dict[base] * value
+        return total

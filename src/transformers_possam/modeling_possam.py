@@ -1,0 +1,538 @@
+"""PosSAM: Panoptic Open-vocabulary Segment Anything (Vibashan VS et al., 2024) as a transformers model.
+
+Data flows one way: pixels -> frozen SAM ViT -> PosSAMFPN -> Mask2Former pixel decoder -> masked-attention decoder
+-> class-agnostic masks + IoU head (`PosSAMModel`); then frozen CLIP -> Local Discriminative Pooling -> open-vocabulary
+class logits against CLIP text embeddings (`PosSAMForPanopticSegmentation`).
+"""
+
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, SamVisionConfig
+from transformers import initialization as init
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerMaskedAttentionDecoderLayer,
+    Mask2FormerPixelDecoder,
+    Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
+    Mask2FormerPredictionBlock,
+    Mask2FormerPreTrainedModel,
+    Mask2FormerTransformerModule,
+)
+from transformers.models.sam.modeling_sam import SamVisionEncoder
+from transformers.utils import ModelOutput
+
+from .configuration_possam import PosSAMConfig
+from .modeling import LocalDiscriminativePooling, PosSAMCLIP, PosSAMFPN, PosSAMIoUHead, PosSAMLoss, classify_embeddings, mask_pool
+from .modeling.clip import MAX_LOGIT_SCALE
+
+__all__ = [
+    "PosSAMForPanopticSegmentation",
+    "PosSAMForPanopticSegmentationOutput",
+    "PosSAMModel",
+    "PosSAMModelOutput",
+    "PosSAMPreTrainedModel",
+]
+
+# Mask2Former modules whose initialization we take from Mask2FormerPreTrainedModel._init_weights.
+_MASK2FORMER_INIT_TYPES = (
+    Mask2FormerTransformerModule,
+    Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
+    Mask2FormerMaskedAttentionDecoderLayer,
+    Mask2FormerPixelDecoder,
+    Mask2FormerPredictionBlock,
+)
+# Prompts per text-tower call when encoding a vocabulary (FC-CLIP uses 128 to bound memory).
+TEXT_BATCH_SIZE = 256
+
+
+@dataclass
+class PosSAMModelOutput(ModelOutput):
+    r"""
+    Output of [`PosSAMModel`]. Q = `num_queries`, L = `decoder_layers` (the prediction from the learnable queries
+    plus one per transformer layer), input `(B, 3, H, W)`.
+
+    image_embeddings (`torch.FloatTensor` of shape `(B, 256, H/16, W/16)`): F_sam, the frozen SAM encoder's output.
+    fpn_features (`tuple(torch.FloatTensor)`): F_ms, 4 maps at strides 4, 8, 16, 32 (`fpn_out_channels` wide).
+    multi_scale_features (`tuple(torch.FloatTensor)`): the pixel decoder's 3 maps `(B, feature_size, H/s, W/s)`,
+        s = 32, 16, 8.
+    mask_features (`torch.FloatTensor` of shape `(B, mask_feature_size, H/4, W/4)`): per-pixel mask features
+        (F_masked's spatial part).
+    masks_queries_logits (`tuple(torch.FloatTensor)`): L tensors `(B, Q, H/4, W/4)`, mask logits per layer, last = final.
+    query_states (`tuple(torch.FloatTensor)`): L tensors `(B, Q, hidden_dim)`, layer-normed decoder query states.
+    iou_logits (`tuple(torch.FloatTensor)`): L tensors `(B, Q)`, IoU head logits (sigmoid = predicted IoU).
+    vision_hidden_states (`tuple(torch.FloatTensor)`, *optional*): SAM encoder hidden states (channels-last).
+    decoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*): raw decoder states `(Q, B, hidden_dim)` per layer.
+    decoder_attentions (`tuple(torch.FloatTensor)`, *optional*): decoder attention weights.
+    """
+
+    image_embeddings: torch.FloatTensor | None = None
+    fpn_features: tuple[torch.FloatTensor, ...] | None = None
+    multi_scale_features: tuple[torch.FloatTensor, ...] | None = None
+    mask_features: torch.FloatTensor | None = None
+    masks_queries_logits: tuple[torch.FloatTensor, ...] | None = None
+    query_states: tuple[torch.FloatTensor, ...] | None = None
+    iou_logits: tuple[torch.FloatTensor, ...] | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class PosSAMForPanopticSegmentationOutput(ModelOutput):
+    r"""
+    Output of [`PosSAMForPanopticSegmentation`]. Q queries, K classes of the vocabulary (S synonym slots each), D the
+    CLIP embedding size, input `(B, 3, H, W)`.
+
+    loss (`torch.FloatTensor`, *optional*): weighted total loss, when `mask_labels` and `class_labels` are given.
+    loss_dict (`dict[str, torch.FloatTensor]`, *optional*): the unweighted parts (`loss_cross_entropy`, `loss_mask`,
+        `loss_dice`, `loss_iou`, and `_{i}` copies per auxiliary layer).
+    class_queries_logits (`torch.FloatTensor` of shape `(B, Q, K + 1)`): in-vocabulary (LDP) logits, void last.
+    clip_class_logits (`torch.FloatTensor` of shape `(B, Q, K)`, *optional*): out-of-vocabulary logits of the frozen
+        CLIP on mask-pooled dense features (computed in eval mode, or with `return_clip_logits=True`).
+    masks_queries_logits (`torch.FloatTensor` of shape `(B, Q, H/4, W/4)`): final mask logits.
+    iou_scores (`torch.FloatTensor` of shape `(B, Q)`): predicted IoU of each mask, in [0, 1].
+    auxiliary_logits (`list[dict]`, *optional*): per earlier decoder layer, `class_queries_logits`,
+        `masks_queries_logits` and `iou_logits` (for deep supervision).
+    ldp_embeddings (`torch.FloatTensor` of shape `(B, Q, D)`): G_ldp.
+    clip_embeddings (`torch.FloatTensor` of shape `(B, Q, D)`, *optional*): G_clip (with `clip_class_logits`).
+    class_embeddings (`torch.FloatTensor` of shape `(K, S, D)`): the L2-normalized text embeddings used.
+    synonym_mask (`torch.BoolTensor` of shape `(K, S)`): which synonym slots are real.
+    image_embeddings (`torch.FloatTensor` of shape `(B, 256, H/16, W/16)`): F_sam.
+    mask_features (`torch.FloatTensor` of shape `(B, mask_feature_size, H/4, W/4)`): per-pixel mask features.
+    clip_features (`torch.FloatTensor` of shape `(B, C_clip, H/32, W/32)`): F_clip, CLIP's dense features.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_dict: dict[str, torch.FloatTensor] | None = None
+    class_queries_logits: torch.FloatTensor | None = None
+    clip_class_logits: torch.FloatTensor | None = None
+    masks_queries_logits: torch.FloatTensor | None = None
+    iou_scores: torch.FloatTensor | None = None
+    auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
+    ldp_embeddings: torch.FloatTensor | None = None
+    clip_embeddings: torch.FloatTensor | None = None
+    class_embeddings: torch.FloatTensor | None = None
+    synonym_mask: torch.BoolTensor | None = None
+    image_embeddings: torch.FloatTensor | None = None
+    mask_features: torch.FloatTensor | None = None
+    clip_features: torch.FloatTensor | None = None
+
+
+class PosSAMPreTrainedModel(PreTrainedModel):
+    config: PosSAMConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["SamVisionLayer", "Mask2FormerMaskedAttentionDecoderLayer", "CLIPEncoderLayer"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module):
+        if isinstance(module, _MASK2FORMER_INIT_TYPES):
+            Mask2FormerPreTrainedModel._init_weights(self, module)
+            if isinstance(module, Mask2FormerTransformerModule):
+                # The original keeps nn.Embedding's N(0, 1) init for queries and level embeddings.
+                for embedding in (module.queries_embedder, module.queries_features, module.level_embed):
+                    init.normal_(embedding.weight, mean=0.0, std=1.0)
+        elif isinstance(module, PosSAMCLIP):
+            init.constant_(module.logit_scale, self.config.clip_logit_scale_init)
+        elif isinstance(module, LocalDiscriminativePooling):
+            init.normal_(module.stream_embeddings.weight, std=self.config.init_std)
+        elif isinstance(module, PosSAMForPanopticSegmentation):
+            init.constant_(module.logit_scale, self.config.logit_scale_init)
+            init.normal_(module.void_embedding.weight, std=self.config.init_std)
+        else:
+            super()._init_weights(module)
+
+    def _frozen_submodules(self) -> list[nn.Module]:
+        return []
+
+    def freeze_frozen_parts(self) -> None:
+        """`requires_grad=False` on the paper's frozen set: the SAM encoder and the whole CLIP."""
+        for module in self._frozen_submodules():
+            module.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading swaps in new Parameter objects (requires_grad=True): re-apply the frozen set afterwards.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_frozen_parts()
+        return loaded
+
+    def train(self, mode: bool = True):
+        """Like `nn.Module.train`, but fully frozen parts (SAM encoder, CLIP) always stay in eval mode."""
+        super().train(mode)
+        for module in self._frozen_submodules():
+            if not any(parameter.requires_grad for parameter in module.parameters()):
+                module.eval()
+        return self
+
+
+class PosSAMModel(PosSAMPreTrainedModel):
+    """
+    The class-agnostic mask generator of PosSAM (paper §3.3): frozen SAM ViT encoder -> `PosSAMFPN` -> Mask2Former
+    pixel decoder (multi-scale deformable attention) -> masked-attention transformer decoder -> per-query masks at
+    every decoder layer, plus `PosSAMIoUHead` scoring each mask.
+    """
+
+    def __init__(self, config: PosSAMConfig):
+        super().__init__(config)
+        config.validate_architecture()
+        vision_config: SamVisionConfig = config.vision_config
+        self.vision_encoder = SamVisionEncoder(vision_config)
+        self.fpn = PosSAMFPN(vision_config.output_channels, config.fpn_out_channels)
+        self.pixel_decoder = Mask2FormerPixelDecoder(config, feature_channels=list(config.fpn_out_channels))
+        self.transformer_module = Mask2FormerTransformerModule(in_features=config.feature_size, config=config)
+        self.iou_head = PosSAMIoUHead(config.hidden_dim, config.iou_head_hidden_dim, config.iou_head_depth)
+        self.post_init()
+        self.freeze_frozen_parts()
+
+    def _frozen_submodules(self) -> list[nn.Module]:
+        return [self.vision_encoder]
+
+    def get_input_embeddings(self):
+        return self.vision_encoder.get_input_embeddings()
+
+    def get_image_embeddings(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """F_sam: the SAM encoder output `(B, output_channels, H/16, W/16)`, as `SamModel.get_image_embeddings`."""
+        return self.vision_encoder(pixel_values, **kwargs).last_hidden_state
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> PosSAMModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): SAM-normalized, padded to SAM's input size
+                (`PosSAMImageProcessor`).
+            pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*): 1 on real pixels, 0 on padding. SAM sees
+                padding as image content (as in SAM and FC-CLIP), so the mask generator does not use it.
+        """
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        vision_outputs = self.vision_encoder(pixel_values, output_hidden_states=output_hidden_states)
+        image_embeddings = vision_outputs.last_hidden_state
+        fpn_features = self.fpn(image_embeddings)
+        pixel_decoder_output = self.pixel_decoder(fpn_features, return_dict=True)
+        decoder_output = self.transformer_module(
+            multi_scale_features=pixel_decoder_output.multi_scale_features,
+            mask_features=pixel_decoder_output.mask_features,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        query_states = tuple(states.transpose(0, 1) for states in decoder_output.intermediate_hidden_states)
+        iou_logits = tuple(self.iou_head(states) for states in query_states)
+
+        output = PosSAMModelOutput(
+            image_embeddings=image_embeddings,
+            fpn_features=tuple(fpn_features),
+            multi_scale_features=pixel_decoder_output.multi_scale_features,
+            mask_features=pixel_decoder_output.mask_features,
+            masks_queries_logits=decoder_output.masks_queries_logits,
+            query_states=query_states,
+            iou_logits=iou_logits,
+            vision_hidden_states=vision_outputs.hidden_states if output_hidden_states else None,
+            decoder_hidden_states=decoder_output.hidden_states,
+            decoder_attentions=decoder_output.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
+    """
+    PosSAM for open-vocabulary panoptic / instance / semantic segmentation (paper §3.2-3.5).
+
+    On top of [`PosSAMModel`]: the frozen CLIP (timm ConvNeXt image tower with its CLIP head, HF
+    `CLIPTextModelWithProjection` text tower), `LocalDiscriminativePooling` producing G_ldp, in-vocabulary logits
+    `cos(G_ldp, G_text) / tau` (learnable tau, learned void embedding, max over synonyms), and at inference the
+    out-of-vocabulary CLIP logits of mask-pooled dense CLIP features through CLIP's own head. MASE (paper Algorithm 1)
+    combines the two in post-processing.
+
+    The vocabulary is an input: tokenized prompts (`input_ids` of shape `(K, S, T, L)`: K classes, S synonym slots,
+    T prompt templates, L tokens, with `synonym_mask` `(K, S)`; or `(K, L)` for one prompt per class) or precomputed
+    `class_embeddings` `(K, S, D)` / `(K, D)` from [`~PosSAMForPanopticSegmentation.get_class_embeddings`], so a
+    vocabulary is encoded once and reused across images.
+    """
+
+    def __init__(self, config: PosSAMConfig):
+        super().__init__(config)
+        self.model = PosSAMModel(config)
+        self.clip = PosSAMCLIP(
+            config.clip_vision_model_name,
+            config.clip_vision_model_kwargs,
+            config.text_config,
+            config.clip_embed_dim,
+            config.clip_logit_scale_init,
+        )
+        self.ldp = LocalDiscriminativePooling(
+            mask_feature_dim=config.mask_feature_size,
+            clip_feature_dim=self.clip.dense_feature_dim,
+            embed_dim=config.clip_embed_dim,
+            num_heads=config.ldp_num_heads,
+            num_layers=config.ldp_num_layers,
+            dropout=config.dropout,
+        )
+        self.void_embedding = nn.Embedding(1, config.clip_embed_dim)
+        # log(1 / tau) of the LDP logits, learned (FC-CLIP's in-vocabulary head does the same)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        self.criterion = PosSAMLoss(config)
+        self.post_init()
+        self.freeze_frozen_parts()
+
+    def _frozen_submodules(self) -> list[nn.Module]:
+        return [self.model.vision_encoder, self.clip]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Public helpers with transformers' names
+    # ----------------------------------------------------------------------------------------------------------------
+    def get_image_embeddings(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """F_sam `(B, 256, H/16, W/16)`, as `SamModel.get_image_embeddings`."""
+        return self.model.get_image_embeddings(pixel_values, **kwargs)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected, unnormalized CLIP text embeddings `(N, D)` of token ids `(N, L)` (open_clip `encode_text`)."""
+        return self.clip.text_embeddings(input_ids, attention_mask)
+
+    def get_image_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Global CLIP image embeddings `(B, D)` of SAM-normalized pixels (the processor's output): the model converts
+        them to CLIP's normalization first, so this equals open_clip's `encode_image` on the CLIP-normalized image.
+        """
+        return self.clip.image_embeddings(self.to_clip_pixels(pixel_values, pixel_mask))
+
+    def to_clip_pixels(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """SAM-normalized -> CLIP-normalized pixels; padding (pixel_mask == 0) becomes 0, as FC-CLIP pads CLIP input."""
+
+        def channel_tensor(values):
+            return torch.tensor(values, device=pixel_values.device, dtype=torch.float32).view(1, -1, 1, 1)
+
+        sam_mean, sam_std = channel_tensor(self.config.sam_image_mean), channel_tensor(self.config.sam_image_std)
+        clip_mean, clip_std = channel_tensor(self.config.clip_image_mean), channel_tensor(self.config.clip_image_std)
+        clip_pixels = (pixel_values.float() * sam_std + sam_mean - clip_mean) / clip_std
+        if pixel_mask is not None:
+            clip_pixels = clip_pixels * pixel_mask[:, None].to(clip_pixels.dtype)
+        return clip_pixels.to(pixel_values.dtype)
+
+    @torch.no_grad()
+    def get_class_embeddings(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, synonym_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Encode a tokenized vocabulary into classifier weights (FC-CLIP's text classifier): every prompt is encoded
+        and L2-normalized, the T templates of a synonym are averaged, and the mean is L2-normalized again.
+
+        Args:
+            input_ids: `(K, S, T, L)` (K classes, S synonym slots, T templates, L tokens) or `(K, L)` (one prompt per
+                class).
+            attention_mask: same shape as `input_ids`, optional.
+            synonym_mask: `(K, S)` bool, True on real synonyms (padding slots are ignored); default all True.
+
+        Returns:
+            `class_embeddings` `(K, S, D)` L2-normalized and `synonym_mask` `(K, S)`.
+        """
+        if input_ids.dim() == 2:
+            input_ids = input_ids[:, None, None]
+            attention_mask = attention_mask[:, None, None] if attention_mask is not None else None
+        if input_ids.dim() != 4:
+            raise ValueError(
+                f"input_ids must be (num_classes, num_synonyms, num_templates, seq_len) or (num_classes, seq_len); got shape "
+                f"{tuple(input_ids.shape)}. PosSAMProcessor builds the 4-D layout from a list of class names."
+            )
+        num_classes, num_synonyms, num_templates, seq_len = input_ids.shape
+        flat_ids = input_ids.reshape(-1, seq_len)
+        flat_mask = attention_mask.reshape(-1, seq_len) if attention_mask is not None else None
+        chunks = []
+        for start in range(0, flat_ids.shape[0], TEXT_BATCH_SIZE):
+            mask_chunk = flat_mask[start : start + TEXT_BATCH_SIZE] if flat_mask is not None else None
+            chunks.append(self.get_text_features(flat_ids[start : start + TEXT_BATCH_SIZE], mask_chunk).float())
+        prompt_embeddings = nn.functional.normalize(torch.cat(chunks), dim=-1)
+        class_embeddings = prompt_embeddings.view(num_classes, num_synonyms, num_templates, -1).mean(dim=2)
+        class_embeddings = nn.functional.normalize(class_embeddings, dim=-1)
+        return class_embeddings, self._check_synonym_mask(synonym_mask, num_classes, num_synonyms, input_ids.device)
+
+    @staticmethod
+    def _check_synonym_mask(synonym_mask, num_classes, num_synonyms, device) -> torch.Tensor:
+        if synonym_mask is None:
+            return torch.ones(num_classes, num_synonyms, dtype=torch.bool, device=device)
+        synonym_mask = synonym_mask.to(device=device, dtype=torch.bool)
+        if synonym_mask.shape != (num_classes, num_synonyms):
+            raise ValueError(f"synonym_mask must have shape {(num_classes, num_synonyms)}, got {tuple(synonym_mask.shape)}.")
+        if not synonym_mask.any(dim=1).all():
+            empty = torch.nonzero(~synonym_mask.any(dim=1)).flatten().tolist()
+            raise ValueError(f"Classes {empty} have no synonym in synonym_mask: every class needs at least one name.")
+        return synonym_mask
+
+    def _resolve_vocabulary(self, input_ids, attention_mask, synonym_mask, class_embeddings):
+        if class_embeddings is not None:
+            if input_ids is not None:
+                raise ValueError("Pass either input_ids (a tokenized vocabulary) or class_embeddings, not both.")
+            if class_embeddings.dim() == 2:
+                class_embeddings = class_embeddings[:, None]
+            if class_embeddings.dim() != 3 or class_embeddings.shape[-1] != self.config.clip_embed_dim:
+                raise ValueError(
+                    f"class_embeddings must be (num_classes, num_synonyms, {self.config.clip_embed_dim}) or "
+                    f"(num_classes, {self.config.clip_embed_dim}); got shape {tuple(class_embeddings.shape)}."
+                )
+            class_embeddings = nn.functional.normalize(class_embeddings.float(), dim=-1)
+            synonym_mask = self._check_synonym_mask(synonym_mask, *class_embeddings.shape[:2], class_embeddings.device)
+            return class_embeddings, synonym_mask
+        if input_ids is None:
+            raise ValueError(
+                "PosSAM classifies masks against a vocabulary: pass input_ids (from PosSAMProcessor) or class_embeddings "
+                "(from get_class_embeddings)."
+            )
+        return self.get_class_embeddings(input_ids, attention_mask, synonym_mask)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Classification
+    # ----------------------------------------------------------------------------------------------------------------
+    def ldp_class_logits(self, ldp_embeddings: torch.Tensor, class_embeddings: torch.Tensor, synonym_mask: torch.Tensor) -> torch.Tensor:
+        """In-vocabulary logits `(B, Q, K + 1)`: cos(G_ldp, G_text) / tau, max over synonyms, learned void last."""
+        scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        class_logits = classify_embeddings(ldp_embeddings, class_embeddings, synonym_mask, scale)
+        void = nn.functional.normalize(self.void_embedding.weight, dim=-1)
+        void_logits = scale * (nn.functional.normalize(ldp_embeddings, dim=-1) @ void.to(ldp_embeddings.dtype).T)
+        return torch.cat([class_logits, void_logits], dim=-1)
+
+    def clip_class_logits(
+        self, clip_features: torch.Tensor, mask_logits: torch.Tensor, class_embeddings: torch.Tensor, synonym_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Out-of-vocabulary branch: G_clip = CLIP head(mask-pooled F_clip) `(B, Q, D)` and its logits `(B, Q, K)`."""
+        clip_embeddings = self.clip.embed_pooled_features(mask_pool(clip_features, mask_logits))
+        logits = classify_embeddings(clip_embeddings, class_embeddings, synonym_mask, self.clip.logit_scale_value())
+        return clip_embeddings, logits
+
+    def _check_labels(self, mask_labels, class_labels, pixel_values, num_classes):
+        if (mask_labels is None) != (class_labels is None):
+            raise ValueError("Training needs both mask_labels and class_labels (or neither, for inference).")
+        batch_size = pixel_values.shape[0]
+        if len(mask_labels) != batch_size or len(class_labels) != batch_size:
+            raise ValueError(
+                f"mask_labels and class_labels need one entry per image: batch of {batch_size}, got "
+                f"{len(mask_labels)} and {len(class_labels)}."
+            )
+        height, width = pixel_values.shape[-2:]
+        for index, (masks, labels) in enumerate(zip(mask_labels, class_labels)):
+            if masks.dim() != 3 or labels.dim() != 1 or masks.shape[0] != labels.shape[0]:
+                raise ValueError(
+                    f"Image {index}: mask_labels must be (num_segments, height, width) and class_labels (num_segments,); "
+                    f"got {tuple(masks.shape)} and {tuple(labels.shape)}."
+                )
+            if masks.shape[1] * width != masks.shape[2] * height:
+                raise ValueError(
+                    f"Image {index}: mask_labels of size {tuple(masks.shape[1:])} do not cover the padded input "
+                    f"{(height, width)}; pad labels like the pixels (PosSAMImageProcessor does)."
+                )
+            if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+                raise ValueError(
+                    f"Image {index}: class_labels must index the {num_classes} classes of the vocabulary, got values in "
+                    f"[{int(labels.min())}, {int(labels.max())}]."
+                )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        synonym_mask: torch.Tensor | None = None,
+        class_embeddings: torch.Tensor | None = None,
+        mask_labels: list[torch.Tensor] | None = None,
+        class_labels: list[torch.Tensor] | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        output_auxiliary_logits: bool | None = None,
+        return_clip_logits: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> PosSAMForPanopticSegmentationOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): SAM-normalized, padded pixels.
+            input_ids, attention_mask (`torch.LongTensor` of shape `(K, S, T, L)` or `(K, L)`): tokenized vocabulary.
+            synonym_mask (`torch.BoolTensor` of shape `(K, S)`, *optional*): real synonym slots.
+            class_embeddings (`torch.FloatTensor` of shape `(K, S, D)` or `(K, D)`): precomputed vocabulary instead.
+            mask_labels (`list[torch.Tensor]`, *optional*): per image `(N_i, H', W')` binary masks (uint8/bool
+                preferred), covering the padded input.
+            class_labels (`list[torch.LongTensor]`, *optional*): per image `(N_i,)` class indices into the vocabulary.
+            pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*): 1 on real pixels; padding is zeroed in
+                the CLIP input.
+            output_auxiliary_logits (`bool`, *optional*): return per-layer predictions (always computed for the loss).
+            return_clip_logits (`bool`, *optional*): compute the CLIP branch; default: in eval mode only.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return_clip_logits = (not self.training) if return_clip_logits is None else return_clip_logits
+        class_embeddings, synonym_mask = self._resolve_vocabulary(input_ids, attention_mask, synonym_mask, class_embeddings)
+        num_classes = class_embeddings.shape[0]
+        has_labels = mask_labels is not None or class_labels is not None
+        if has_labels:
+            self._check_labels(mask_labels, class_labels, pixel_values, num_classes)
+
+        outputs: PosSAMModelOutput = self.model(
+            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True
+        )
+        clip_features = self.clip.dense_features(self.to_clip_pixels(pixel_values, pixel_mask))
+
+        per_layer_masks = outputs.masks_queries_logits
+        want_auxiliary = bool(output_auxiliary_logits) or (has_labels and self.config.use_auxiliary_loss)
+        layers = range(len(per_layer_masks)) if want_auxiliary else [len(per_layer_masks) - 1]
+        ldp_embeddings, class_logits = {}, {}
+        for layer in layers:
+            ldp_embeddings[layer] = self.ldp(outputs.mask_features, clip_features, per_layer_masks[layer])
+            class_logits[layer] = self.ldp_class_logits(ldp_embeddings[layer], class_embeddings, synonym_mask)
+        last = len(per_layer_masks) - 1
+        auxiliary_logits = None
+        if want_auxiliary:
+            auxiliary_logits = [
+                {
+                    "class_queries_logits": class_logits[layer],
+                    "masks_queries_logits": per_layer_masks[layer],
+                    "iou_logits": outputs.iou_logits[layer],
+                }
+                for layer in range(last)
+            ]
+
+        clip_embeddings = clip_logits = None
+        if return_clip_logits:
+            clip_embeddings, clip_logits = self.clip_class_logits(clip_features, per_layer_masks[last], class_embeddings, synonym_mask)
+
+        loss = loss_dict = None
+        if has_labels:
+            with torch.autocast(device_type=pixel_values.device.type, enabled=False):
+                loss_dict = self.criterion(
+                    masks_queries_logits=per_layer_masks[last].float(),
+                    class_queries_logits=class_logits[last].float(),
+                    mask_labels=mask_labels,
+                    class_labels=class_labels,
+                    auxiliary_predictions=auxiliary_logits if self.config.use_auxiliary_loss else None,
+                    iou_logits=outputs.iou_logits[last].float(),
+                )
+                loss = self.criterion.weighted_total(loss_dict)
+
+        output = PosSAMForPanopticSegmentationOutput(
+            loss=loss,
+            loss_dict=loss_dict,
+            class_queries_logits=class_logits[last],
+            clip_class_logits=clip_logits,
+            masks_queries_logits=per_layer_masks[last],
+            iou_scores=outputs.iou_logits[last].sigmoid(),
+            auxiliary_logits=auxiliary_logits if (output_auxiliary_logits or has_labels) else None,
+            ldp_embeddings=ldp_embeddings[last],
+            clip_embeddings=clip_embeddings,
+            class_embeddings=class_embeddings,
+            synonym_mask=synonym_mask,
+            image_embeddings=outputs.image_embeddings,
+            mask_features=outputs.mask_features,
+            clip_features=clip_features,
+        )
+        return output if return_dict else output.to_tuple()
