@@ -6,7 +6,7 @@ Importing the package registers PosSAM with transformers' Auto classes (`AutoCon
 
 from transformers import AutoConfig, AutoModel, AutoModelForUniversalSegmentation
 
-from .configuration_possam import PosSAMConfig
+from .configuration_possam import PosSAMConfig, tiny_config
 from .modeling_possam import (
     PosSAMForPanopticSegmentation,
     PosSAMForPanopticSegmentationOutput,
@@ -31,4 +31,5 @@ __all__ = [
     "PosSAMPreTrainedModel",
     "Vocabulary",
     "load_vocabulary",
+    "tiny_config",
 ]

@@ -10,7 +10,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .vocabularies import load_vocabulary
 
-__all__ = ["PosSAMConfig", "SAM_VISION_VARIANTS", "CONVNEXT_LARGE_D_320_TEXT"]
+__all__ = ["PosSAMConfig", "SAM_VISION_VARIANTS", "CONVNEXT_LARGE_D_320_TEXT", "tiny_config"]
 
 # open_clip `convnext_large_d_320` text tower (model_configs json: width 768, heads 12, layers 16, embed_dim 768),
 # written as a CLIPTextConfig. open_clip uses exact GELU, HF CLIP's default is quick_gelu.
@@ -180,3 +180,37 @@ class PosSAMConfig(PreTrainedConfig):
             raise ValueError(f"clip_embed_dim={self.clip_embed_dim} must be divisible by ldp_num_heads={self.ldp_num_heads}.")
         if self.decoder_layers < 2:
             raise ValueError("decoder_layers counts the query prediction plus the transformer layers: use >= 2.")
+
+
+def tiny_config(**overrides) -> PosSAMConfig:
+    """
+    A PosSAM small enough for CPU tests and the demo (128x128 input, ~5M parameters): a 2-layer SAM ViT, timm
+    `convnext_atto` CLIP with an MLP head, a 2-layer text tower, 1 deformable encoder layer, 2 decoder layers, 8 queries.
+    `SamVisionConfig`'s default `initializer_range=1e-10` would make a random SAM encoder output a constant, so the
+    tiny encoder uses 0.02.
+    """
+    defaults = dict(
+        vision_config=dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, image_size=128, patch_size=16,
+            output_channels=32, window_size=4, global_attn_indexes=[1], initializer_range=0.02,
+        ),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
+        clip_vision_model_name="convnext_atto",
+        clip_vision_model_kwargs={"head_hidden_size": 320},
+        clip_embed_dim=32,
+        fpn_out_channels=[32, 32, 64, 64],
+        feature_size=32,
+        mask_feature_size=32,
+        hidden_dim=32,
+        encoder_feedforward_dim=64,
+        encoder_layers=1,
+        decoder_layers=3,
+        num_attention_heads=2,
+        dim_feedforward=64,
+        num_queries=8,
+        iou_head_hidden_dim=32,
+        ldp_num_heads=2,
+        train_num_points=256,
+    )
+    defaults.update(overrides)
+    return PosSAMConfig(**defaults)

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from transformers_possam import PosSAMForPanopticSegmentation, tiny_config
+
+# Tests may share the 2 cores with other jobs: one intra-op thread is faster and steadier there.
+torch.set_num_threads(1)
+
+IMAGE_SIZE = 128
+NUM_CLASSES = 5
+
+
+def make_vocabulary(num_classes: int = NUM_CLASSES, num_synonyms: int = 2, num_templates: int = 3, seq_len: int = 7, seed: int = 0):
+    """Random token ids in the (K, S, T, L) layout, EOT at the end; some classes with a single synonym."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, 49000, (num_classes, num_synonyms, num_templates, seq_len), generator=generator)
+    input_ids[..., 0] = 49406
+    input_ids[..., -1] = 49407
+    synonym_mask = torch.ones(num_classes, num_synonyms, dtype=torch.bool)
+    synonym_mask[1::2, 1:] = False
+    return input_ids, synonym_mask
+
+
+@pytest.fixture(scope="session")
+def config():
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def model(config):
+    torch.manual_seed(0)
+    return PosSAMForPanopticSegmentation(config).eval()
+
+
+@pytest.fixture()
+def pixel_values():
+    return torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture()
+def vocabulary():
+    return make_vocabulary()

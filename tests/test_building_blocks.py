@@ -1,0 +1,89 @@
+import pytest
+import torch
+from torch.nn import functional as F
+from transformers.models.mask2former.modeling_mask2former import sample_point
+
+from transformers_possam.modeling import LocalDiscriminativePooling, PosSAMFPN, mask_pool, sample_binary_masks
+from transformers_possam.modeling.loss import PosSAMHungarianMatcher, mask_iou_targets
+from transformers_possam.vocabularies import load_vocabulary, split_synonyms
+
+
+def test_sample_binary_masks_equals_grid_sample_on_float_masks():
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.randint(0, 2, (4, 37, 53), generator=generator, dtype=torch.uint8)
+    points = torch.rand(4, 500, 2, generator=generator) * 1.2 - 0.1  # includes points outside [0, 1]
+    expected = sample_point(masks[:, None].float(), points, align_corners=False).squeeze(1)
+    torch.testing.assert_close(sample_binary_masks(masks, points), expected, atol=1e-5, rtol=0)
+    shared = points[0]
+    expected_shared = sample_point(masks[:, None].float(), shared.expand(4, -1, -1), align_corners=False).squeeze(1)
+    torch.testing.assert_close(sample_binary_masks(masks.bool(), shared), expected_shared, atol=1e-5, rtol=0)
+    assert sample_binary_masks(masks[:0], shared).shape == (0, 500)
+
+
+def test_mask_iou_targets_against_direct_count():
+    pred = torch.full((2, 8, 8), -1.0)
+    pred[0, :4, :] = 1.0  # top half
+    pred[1, :, :] = 1.0  # everything
+    target = torch.zeros(2, 32, 32, dtype=torch.uint8)
+    target[0, :16, :16] = 1  # top-left quarter: IoU with top half = 1/2
+    target[1, 8:24, 8:24] = 1  # a quarter of the image: IoU with everything = 1/4
+    torch.testing.assert_close(mask_iou_targets(pred, target), torch.tensor([0.5, 0.25]))
+    torch.testing.assert_close(mask_iou_targets(torch.full((1, 8, 8), -1.0), torch.zeros(1, 32, 32)), torch.tensor([0.0]))
+
+
+def test_mask_pool_is_average_inside_binarized_mask():
+    features = torch.randn(1, 3, 4, 4)
+    logits = torch.full((1, 2, 4, 4), -5.0)
+    logits[0, 0, :2, :2] = 5.0
+    pooled = mask_pool(features, logits)
+    torch.testing.assert_close(pooled[0, 0], features[0, :, :2, :2].mean(dim=(-2, -1)))
+    assert torch.equal(pooled[0, 1], torch.zeros(3))  # empty mask pools to zero
+    # masks at another resolution are resized bilinearly first
+    big = F.interpolate(logits, size=(16, 16), mode="nearest")
+    torch.testing.assert_close(mask_pool(features, big), pooled)
+
+
+def test_ldp_is_equivariant_to_query_order():
+    torch.manual_seed(0)
+    ldp = LocalDiscriminativePooling(16, 24, 32, num_heads=4, num_layers=2).eval()
+    mask_features, clip_features = torch.randn(1, 16, 16, 16), torch.randn(1, 24, 2, 2)
+    logits = torch.randn(1, 6, 16, 16)
+    permutation = torch.tensor([3, 1, 5, 0, 2, 4])
+    out = ldp(mask_features, clip_features, logits)
+    permuted = ldp(mask_features, clip_features, logits[:, permutation])
+    torch.testing.assert_close(out[:, permutation], permuted, atol=1e-5, rtol=1e-5)
+    assert out.shape == (1, 6, 32)
+
+
+def test_fpn_strides_and_widths():
+    fpn = PosSAMFPN(64, [8, 16, 24, 32])
+    outputs = fpn(torch.randn(2, 64, 8, 8))
+    assert [tuple(o.shape) for o in outputs] == [(2, 8, 32, 32), (2, 16, 16, 16), (2, 24, 8, 8), (2, 32, 4, 4)]
+
+
+def test_matcher_survives_nan_and_inf_costs():
+    matcher = PosSAMHungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=64)
+    masks = torch.randn(1, 6, 16, 16)
+    masks[0, 2] = float("nan")
+    masks[0, 3] = float("inf")
+    classes = torch.randn(1, 6, 4)
+    classes[0, 4] = float("nan")
+    labels = [torch.randint(0, 2, (3, 64, 64), dtype=torch.uint8)]
+    (rows, cols), = matcher(masks, classes, labels, [torch.tensor([0, 1, 2])])
+    assert len(rows) == 3 and sorted(cols.tolist()) == [0, 1, 2]
+    # finite predictions are preferred over broken ones
+    assert not set(rows.tolist()) & {2, 3, 4}
+    (rows, cols), = matcher(masks, classes, [labels[0][:0]], [torch.tensor([], dtype=torch.long)])
+    assert len(rows) == 0
+
+
+def test_shipped_vocabularies():
+    coco, ade = load_vocabulary("coco_panoptic_133"), load_vocabulary("ade20k_150")
+    assert len(coco) == 133 and sum(coco.is_thing) == 80
+    assert len(ade) == 150 and sum(ade.is_thing) == 100
+    assert coco.display_names[0] == "person"
+    assert split_synonyms(" person, people ,child") == ["person", "people", "child"]
+    with pytest.raises(ValueError, match="no synonym"):
+        split_synonyms(" , ")
+    with pytest.raises(ValueError, match="Unknown vocabulary"):
+        load_vocabulary("lvis")

@@ -1,0 +1,239 @@
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub.errors import StrictDataclassClassValidationError
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForUniversalSegmentation
+
+from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, PosSAMModel, tiny_config
+from transformers_possam.modeling import classify_embeddings
+
+from .conftest import IMAGE_SIZE, NUM_CLASSES, make_vocabulary
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_labels(batch_size, num_segments=(3, 0), size=IMAGE_SIZE, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    mask_labels, class_labels = [], []
+    for index in range(batch_size):
+        count = num_segments[index % len(num_segments)]
+        ids = torch.randint(0, max(count, 1), (size, size), generator=generator)
+        mask_labels.append(torch.stack([(ids == k) for k in range(count)]).to(torch.uint8) if count else torch.zeros(0, size, size, dtype=torch.uint8))
+        class_labels.append(torch.randint(0, NUM_CLASSES, (count,), generator=generator))
+    return mask_labels, class_labels
+
+
+def test_forward_shapes(model, config, pixel_values, vocabulary):
+    input_ids, synonym_mask = vocabulary
+    with torch.no_grad():
+        out = model(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask)
+    batch, queries = 2, config.num_queries
+    assert out.class_queries_logits.shape == (batch, queries, NUM_CLASSES + 1)
+    assert out.clip_class_logits.shape == (batch, queries, NUM_CLASSES)
+    assert out.masks_queries_logits.shape == (batch, queries, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
+    assert out.iou_scores.shape == (batch, queries)
+    assert ((out.iou_scores >= 0) & (out.iou_scores <= 1)).all()
+    assert out.ldp_embeddings.shape == (batch, queries, config.clip_embed_dim)
+    assert out.class_embeddings.shape == (NUM_CLASSES, 2, config.clip_embed_dim)
+    assert out.image_embeddings.shape == (batch, config.vision_config.output_channels, IMAGE_SIZE // 16, IMAGE_SIZE // 16)
+    assert out.clip_features.shape[-2:] == (IMAGE_SIZE // 32, IMAGE_SIZE // 32)
+    assert out.loss is None and out.auxiliary_logits is None
+    assert torch.allclose(out.class_embeddings.norm(dim=-1), torch.ones(NUM_CLASSES, 2))
+
+
+def test_base_model_outputs_every_decoder_layer(config, pixel_values):
+    torch.manual_seed(0)
+    base = PosSAMModel(config).eval()
+    with torch.no_grad():
+        out = base(pixel_values)
+    assert len(out.masks_queries_logits) == len(out.query_states) == len(out.iou_logits) == config.decoder_layers
+    assert [f.shape[-1] for f in out.fpn_features] == [IMAGE_SIZE // s for s in (4, 8, 16, 32)]
+    assert [f.shape[1] for f in out.fpn_features] == list(config.fpn_out_channels)
+    embeddings = base.get_image_embeddings(pixel_values)
+    assert torch.equal(embeddings, out.image_embeddings)
+
+
+def test_precomputed_class_embeddings_match_tokens(model, pixel_values, vocabulary):
+    input_ids, synonym_mask = vocabulary
+    with torch.no_grad():
+        from_tokens = model(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask)
+        class_embeddings, mask = model.get_class_embeddings(input_ids, synonym_mask=synonym_mask)
+        from_embeddings = model(pixel_values, class_embeddings=class_embeddings, synonym_mask=mask)
+    torch.testing.assert_close(from_tokens.class_queries_logits, from_embeddings.class_queries_logits, atol=1e-5, rtol=1e-5)
+    # template averaging: normalize each prompt, mean over templates, normalize again
+    prompts = torch.nn.functional.normalize(model.get_text_features(input_ids[2, 0]), dim=-1)
+    assert torch.allclose(class_embeddings[2, 0], torch.nn.functional.normalize(prompts.mean(0), dim=0), atol=1e-6)
+
+
+def test_synonym_max_ignores_padding_slots():
+    embeddings = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    classes = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.6, 0.8], [0.0, 1.0]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    logits = classify_embeddings(embeddings, classes, mask, torch.tensor(10.0))
+    # class 0 takes the best synonym (cos 1 for both inputs); class 1's padded slot (cos 1 with input 1) is ignored
+    assert torch.allclose(logits, torch.tensor([[10.0, 6.0], [10.0, 8.0]]))
+
+
+def test_loss_and_gradients_reach_exactly_trainable_parameters(config, pixel_values, vocabulary):
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(config).train()
+    input_ids, synonym_mask = vocabulary
+    mask_labels, class_labels = random_labels(2, num_segments=(3, 2))
+    out = model(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask, mask_labels=mask_labels, class_labels=class_labels)
+    assert torch.isfinite(out.loss)
+    expected_parts = {"loss_cross_entropy", "loss_mask", "loss_dice", "loss_iou"}
+    assert expected_parts <= set(out.loss_dict)
+    # deep supervision: every earlier decoder layer gets its own copy of each loss
+    for layer in range(config.decoder_layers - 1):
+        assert {f"{name}_{layer}" for name in expected_parts} <= set(out.loss_dict)
+    weights = {"loss_cross_entropy": 2.0, "loss_mask": 5.0, "loss_dice": 5.0, "loss_iou": 1.0}
+    expected_total = sum(weights[k.rsplit("_", 1)[0] if k[-1].isdigit() else k] * v for k, v in out.loss_dict.items())
+    assert torch.allclose(out.loss, expected_total)
+    out.loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trainable == with_grad
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_freezing_exactly_sam_encoder_and_clip(config):
+    model = PosSAMForPanopticSegmentation(config)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    expected = {n for n, _ in model.named_parameters() if n.startswith(("model.vision_encoder.", "clip."))}
+    assert frozen == expected and len(expected) > 0
+    model.train()
+    assert not model.model.vision_encoder.training and not model.clip.training
+    assert model.model.pixel_decoder.training and model.ldp.training
+
+
+def test_images_without_segments_train(config, pixel_values, vocabulary):
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(config).train()
+    input_ids, synonym_mask = vocabulary
+    mask_labels, class_labels = random_labels(2, num_segments=(0,))
+    out = model(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask, mask_labels=mask_labels, class_labels=class_labels)
+    assert torch.isfinite(out.loss)
+    assert out.loss_dict["loss_mask"] == 0 and out.loss_dict["loss_iou"] == 0
+    out.loss.backward()
+
+
+def test_batch_of_two_equals_two_batches_of_one(model, pixel_values, vocabulary):
+    input_ids, synonym_mask = vocabulary
+    with torch.no_grad():
+        both = model(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask)
+        singles = [model(pixel_values[i : i + 1], input_ids=input_ids, synonym_mask=synonym_mask) for i in range(2)]
+    for name in ("masks_queries_logits", "class_queries_logits", "clip_class_logits", "iou_scores"):
+        stacked = torch.cat([getattr(single, name) for single in singles])
+        torch.testing.assert_close(getattr(both, name), stacked, atol=1e-4, rtol=1e-4)
+
+
+def test_save_load_round_trip_and_auto_classes(model, pixel_values, vocabulary, tmp_path):
+    input_ids, synonym_mask = vocabulary
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "possam"
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), PosSAMConfig)
+    loaded = AutoModelForUniversalSegmentation.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, PosSAMForPanopticSegmentation)
+    assert not any(p.requires_grad for p in loaded.clip.parameters())
+    assert not any(p.requires_grad for p in loaded.model.vision_encoder.parameters())
+    with torch.no_grad():
+        before = model(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask)
+        after = loaded(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask)
+    for name in ("masks_queries_logits", "class_queries_logits", "clip_class_logits", "iou_scores"):
+        assert torch.equal(getattr(before, name), getattr(after, name))
+
+    base = PosSAMModel(model.config)
+    base.save_pretrained(tmp_path / "base")
+    assert isinstance(AutoModel.from_pretrained(tmp_path / "base"), PosSAMModel)
+
+
+def test_sdpa_and_eager_sam_attention_agree(model, pixel_values, vocabulary, tmp_path):
+    input_ids, synonym_mask = vocabulary
+    model.save_pretrained(tmp_path)
+    eager = PosSAMForPanopticSegmentation.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    sdpa = PosSAMForPanopticSegmentation.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert type(eager.model.vision_encoder.layers[0].attn).__name__ == "SamVisionAttention"
+    assert type(sdpa.model.vision_encoder.layers[0].attn).__name__ == "SamVisionSdpaAttention"
+    with torch.no_grad():
+        a = eager(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask)
+        b = sdpa(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask)
+    torch.testing.assert_close(a.image_embeddings, b.image_embeddings, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.masks_queries_logits, b.masks_queries_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_image_features_convert_sam_to_clip_normalization(model, config):
+    image = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    sam = (image - torch.tensor(config.sam_image_mean).view(1, 3, 1, 1)) / torch.tensor(config.sam_image_std).view(1, 3, 1, 1)
+    clip = (image - torch.tensor(config.clip_image_mean).view(1, 3, 1, 1)) / torch.tensor(config.clip_image_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ours = model.get_image_features(sam)
+        reference = model.clip.vision_model(clip)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    assert ours.shape == (1, config.clip_embed_dim)
+
+
+def test_bf16_inference_is_finite(config, pixel_values, vocabulary):
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(config).eval().to(torch.bfloat16)
+    input_ids, synonym_mask = vocabulary
+    with torch.no_grad():
+        out = model(pixel_values.to(torch.bfloat16), input_ids=input_ids, synonym_mask=synonym_mask)
+    assert out.class_queries_logits.dtype == torch.bfloat16
+    assert all(torch.isfinite(t.float()).all() for t in (out.class_queries_logits, out.clip_class_logits, out.masks_queries_logits))
+
+
+def test_bad_inputs_raise_clear_errors(model, pixel_values, vocabulary):
+    input_ids, synonym_mask = vocabulary
+    with pytest.raises(ValueError, match="vocabulary"):
+        model(pixel_values)
+    with pytest.raises(ValueError, match="no synonym"):
+        model(pixel_values, input_ids=input_ids, synonym_mask=torch.zeros_like(synonym_mask))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        model(pixel_values, input_ids=input_ids[0])
+    mask_labels, class_labels = random_labels(2, num_segments=(2,))
+    with pytest.raises(ValueError, match="index the 5 classes"):
+        model(pixel_values, input_ids=input_ids, mask_labels=mask_labels, class_labels=[c + 10 for c in class_labels])
+    with pytest.raises(ValueError, match="one entry per image"):
+        model(pixel_values, input_ids=input_ids, mask_labels=mask_labels[:1], class_labels=class_labels[:1])
+    with pytest.raises(ValueError, match="do not cover"):
+        model(pixel_values, input_ids=input_ids, mask_labels=[m[:, :64] for m in mask_labels], class_labels=class_labels)
+    with pytest.raises(StrictDataclassClassValidationError, match="multiple of 32"):
+        tiny_config(feature_size=48)
+
+
+def test_text_config_dict_defaults_to_convnext_large_d_320():
+    config = PosSAMConfig(text_config={"num_hidden_layers": 2})
+    assert config.text_config.hidden_size == 768 and config.text_config.hidden_act == "gelu"
+    assert config.text_config.num_hidden_layers == 2
+    default = PosSAMConfig()
+    assert (default.text_config.num_hidden_layers, default.text_config.num_attention_heads, default.text_config.projection_dim) == (16, 12, 768)
+    assert (default.num_queries, default.hidden_dim, default.dim_feedforward, default.decoder_layers, default.encoder_layers) == (250, 256, 2048, 10, 6)
+    assert (default.mase_alpha, default.mase_beta) == (0.4, 0.8)
+    assert len(default.training_vocabulary) == 133 and default.training_vocabulary[0].startswith("person,")
+
+
+# Paper Table B.1: frozen parameters 441.4M / 660.0M / 988.7M, trainable 51.5M for all three.
+PAPER_FROZEN = {"possam-vit-b": 441.4e6, "possam-vit-l": 660.0e6, "possam-vit-h": 988.7e6}
+SAM_WIDTHS = {"possam-vit-b": (768, 12, (2, 5, 8, 11)), "possam-vit-l": (1024, 24, (5, 11, 17, 23)), "possam-vit-h": (1280, 32, (7, 15, 23, 31))}
+
+
+@pytest.mark.parametrize("variant", sorted(PAPER_FROZEN))
+def test_paper_parameter_counts_on_meta_device(variant):
+    config = PosSAMConfig.from_pretrained(REPO / "model_cards" / variant)
+    hidden, layers, global_layers = SAM_WIDTHS[variant]
+    assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers) == (hidden, layers)
+    assert tuple(config.vision_config.global_attn_indexes) == global_layers
+    with torch.device("meta"):
+        model = PosSAMForPanopticSegmentation(config)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert abs(frozen - PAPER_FROZEN[variant]) / PAPER_FROZEN[variant] < 1e-3
+    assert abs(trainable - 51.5e6) / 51.5e6 < 0.10
+    # the frozen set is exactly the SAM encoder plus the whole CLIP
+    sam = sum(p.numel() for p in model.model.vision_encoder.parameters())
+    clip = sum(p.numel() for p in model.clip.parameters())
+    assert frozen == sam + clip
