@@ -1,0 +1,236 @@
+"""Panoptic / semantic / instance post-processing of PosSAM outputs (shared by both image-processor backends).
+
+Output format follows transformers' OneFormer post-processors, with one difference: a pixel that belongs to no
+segment is always **0** (segment ids start at 1), also when no segment survives (OneFormer returns a map of -1 then).
+
+Class scores (`class_scores`):
+
+- p_ldp = softmax over the K classes of the LDP logits (void column dropped first, as FC-CLIP),
+  p_clip = softmax of the CLIP logits, p_void = softmax over all K + 1 LDP logits, last column;
+- ensemble E = MASE(p_ldp, p_clip, IoU, seen_mask) (`use_mase=True`) or FC-CLIP's fixed geometric ensemble
+  (`use_mase=False`); without CLIP logits, E = p_ldp (weighted by IoU when `use_mase`);
+- **void rule** (FC-CLIP's): a query is void when p_void exceeds every class probability of
+  [E / sum(E) * (1 - p_void), p_void], i.e. when the in-vocabulary branch is more sure of "void" than of any class;
+- the score of class k is E_k * (1 - p_void): it keeps MASE's IoU weighting, so low-quality masks rank lower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.nn import functional as F
+
+from .mase import mask_aware_selective_ensemble
+
+__all__ = ["PosSAMPostProcessingMixin", "class_scores"]
+
+
+def class_scores(
+    outputs, seen_mask: torch.Tensor | None = None, use_mase: bool = True, alpha: float = 0.4, beta: float = 0.8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Returns `(scores, is_void)`: `(B, Q, K)` class scores and `(B, Q)` bool void flags (rules in the module doc).
+    `seen_mask` `(K,)` defaults to all classes seen.
+    """
+    logits = outputs.class_queries_logits.float()
+    num_classes = logits.shape[-1] - 1
+    void_prob = logits.softmax(-1)[..., num_classes]
+    ldp_probs = logits[..., :num_classes].softmax(-1)
+    iou = outputs.iou_scores.float() if (use_mase and getattr(outputs, "iou_scores", None) is not None) else None
+    if seen_mask is None:
+        seen_mask = torch.ones(num_classes, dtype=torch.bool, device=logits.device)
+    clip_logits = getattr(outputs, "clip_class_logits", None)
+    if clip_logits is None:
+        ensemble = ldp_probs * iou.unsqueeze(-1) if iou is not None else ldp_probs
+    else:
+        ensemble = mask_aware_selective_ensemble(ldp_probs, clip_logits.float().softmax(-1), iou, seen_mask, alpha, beta)
+    normalized = ensemble / ensemble.sum(-1, keepdim=True).clamp(min=torch.finfo(ensemble.dtype).tiny)
+    is_void = void_prob > (normalized * (1 - void_prob).unsqueeze(-1)).amax(-1)
+    return ensemble * (1 - void_prob).unsqueeze(-1), is_void
+
+
+def _sizes(values, batch_size: int, name: str) -> list[tuple[int, int] | None]:
+    if values is None:
+        return [None] * batch_size
+    values = [tuple(int(v) for v in size) for size in (values.tolist() if torch.is_tensor(values) else values)]
+    if len(values) != batch_size:
+        raise ValueError(f"{name} needs one (height, width) per image: {batch_size} images, got {len(values)}.")
+    return values
+
+
+class PosSAMPostProcessingMixin:
+    """Post-processing methods of `PosSAMImageProcessor` and `PosSAMImageProcessorPil`."""
+
+    def _padded_size(self) -> tuple[int, int]:
+        pad = self.pad_size
+        return (pad["height"], pad["width"]) if isinstance(pad, dict) else (pad.height, pad.width)
+
+    def _masks_to_target(self, masks: torch.Tensor, reshaped_size, target_size) -> torch.Tensor:
+        """`(N, h, w)` logits at 1/4 of the padded input -> crop the padding -> `(N, H, W)` at `target_size`."""
+        if reshaped_size is not None:
+            padded = self._padded_size()
+            masks = F.interpolate(masks[None], size=padded, mode="bilinear", align_corners=False)[0]
+            masks = masks[:, : reshaped_size[0], : reshaped_size[1]]
+        if target_size is not None and tuple(masks.shape[-2:]) != tuple(target_size):
+            masks = F.interpolate(masks[None], size=target_size, mode="bilinear", align_corners=False)[0]
+        return masks
+
+    def _prepare(self, outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, alpha, beta):
+        batch_size = outputs.masks_queries_logits.shape[0]
+        scores, is_void = class_scores(
+            outputs,
+            seen_mask=seen_mask,
+            use_mase=use_mase,
+            alpha=self.mase_alpha if alpha is None else alpha,
+            beta=self.mase_beta if beta is None else beta,
+        )
+        return scores, is_void, _sizes(target_sizes, batch_size, "target_sizes"), _sizes(reshaped_input_sizes, batch_size, "reshaped_input_sizes")
+
+    def post_process_panoptic_segmentation(
+        self,
+        outputs,
+        target_sizes: list[tuple[int, int]] | None = None,
+        threshold: float = 0.0,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        label_ids_to_fuse: Iterable[int] | None = None,
+        seen_mask: torch.Tensor | None = None,
+        use_mase: bool = True,
+        reshaped_input_sizes: list[tuple[int, int]] | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
+    ) -> list[dict]:
+        """
+        Mask2Former / FC-CLIP panoptic inference, vectorized over queries and pixels:
+
+        1. keep the non-void queries whose score exceeds `threshold` (FC-CLIP uses 0.0);
+        2. only the kept masks are upsampled, cropped to `reshaped_input_sizes` (the image inside the padding) and
+           resized to `target_sizes` (default: the cropped size);
+        3. each pixel goes to the kept query with the largest score * mask probability;
+        4. a query becomes a segment when its pixels with probability >= `mask_threshold` are non-empty and cover at
+           least `overlap_mask_area_threshold` of its own mask;
+        5. segments of a class in `label_ids_to_fuse` (the stuff classes; `PosSAMProcessor` fills them from the
+           vocabulary) share one id.
+
+        Returns per image `{"segmentation": (H, W) int32 segment ids (0 = no segment), "segments_info": [{"id",
+        "label_id", "was_fused", "score"}]}`.
+        """
+        scores, is_void, targets, reshaped = self._prepare(outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, alpha, beta)
+        fuse = set(int(i) for i in label_ids_to_fuse) if label_ids_to_fuse is not None else set()
+        results = []
+        for index, mask_logits in enumerate(outputs.masks_queries_logits):
+            query_scores, query_labels = scores[index].max(-1)
+            keep = (~is_void[index]) & (query_scores > threshold)
+            masks = self._masks_to_target(mask_logits[keep].float(), reshaped[index], targets[index])
+            height, width = masks.shape[-2:]
+            if masks.shape[0] == 0:
+                results.append({"segmentation": torch.zeros(height, width, dtype=torch.int32), "segments_info": []})
+                continue
+            kept_scores, kept_labels = query_scores[keep], query_labels[keep]
+            probs = masks.sigmoid()
+            assignment = (probs * kept_scores[:, None, None]).argmax(0)
+            inside = probs.gather(0, assignment[None])[0] >= mask_threshold
+            count = masks.shape[0]
+            assigned_area = torch.bincount(assignment.flatten(), minlength=count)
+            segment_area = torch.bincount(assignment[inside], minlength=count)
+            own_area = (probs >= mask_threshold).flatten(1).sum(-1)
+            valid = (segment_area > 0) & (own_area > 0) & (assigned_area >= overlap_mask_area_threshold * own_area)
+
+            segment_of_query = [0] * count
+            segments_info, stuff_segment = [], {}
+            for query, (is_valid, label, score) in enumerate(zip(valid.tolist(), kept_labels.tolist(), kept_scores.tolist())):
+                if not is_valid:
+                    continue
+                if label in fuse and label in stuff_segment:
+                    segment = stuff_segment[label]
+                    segment_of_query[query] = segment["id"]
+                    segment["was_fused"] = True
+                    continue
+                segment = {"id": len(segments_info) + 1, "label_id": label, "was_fused": False, "score": round(score, 6)}
+                segments_info.append(segment)
+                segment_of_query[query] = segment["id"]
+                if label in fuse:
+                    stuff_segment[label] = segment
+            lookup = torch.tensor(segment_of_query, dtype=torch.int32, device=masks.device)
+            segmentation = torch.where(inside, lookup[assignment], torch.zeros((), dtype=torch.int32, device=masks.device))
+            results.append({"segmentation": segmentation.cpu(), "segments_info": segments_info})
+        return results
+
+    def post_process_semantic_segmentation(
+        self,
+        outputs,
+        target_sizes: list[tuple[int, int]] | None = None,
+        seen_mask: torch.Tensor | None = None,
+        use_mase: bool = True,
+        reshaped_input_sizes: list[tuple[int, int]] | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
+    ) -> list[torch.Tensor]:
+        """
+        FC-CLIP semantic inference: per class, the sum over queries of class score * mask probability, computed at
+        mask resolution, then cropped/resized like the panoptic masks; argmax over classes. Returns per image an
+        `(H, W)` int64 map of class ids.
+        """
+        scores, _, targets, reshaped = self._prepare(outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, alpha, beta)
+        results = []
+        for index, mask_logits in enumerate(outputs.masks_queries_logits):
+            class_maps = torch.einsum("qk,qhw->khw", scores[index], mask_logits.float().sigmoid())
+            class_maps = self._masks_to_target(class_maps, reshaped[index], targets[index])
+            results.append(class_maps.argmax(0).cpu())
+        return results
+
+    def post_process_instance_segmentation(
+        self,
+        outputs,
+        target_sizes: list[tuple[int, int]] | None = None,
+        threshold: float = 0.0,
+        num_top_instances: int = 100,
+        thing_label_ids: Iterable[int] | None = None,
+        seen_mask: torch.Tensor | None = None,
+        use_mase: bool = True,
+        reshaped_input_sizes: list[tuple[int, int]] | None = None,
+        return_binary_maps: bool = False,
+        alpha: float | None = None,
+        beta: float | None = None,
+    ) -> list[dict]:
+        """
+        FC-CLIP instance inference: the top `num_top_instances` (query, class) pairs over the Q x K score matrix
+        (only `thing_label_ids` when given), binary masks = logits > 0, score = class score * mean mask probability
+        inside the mask, kept above `threshold`. Returns per image `{"segmentation": (H, W) int32 (0 = none; higher
+        scores painted last), "segments_info": [{"id", "label_id", "was_fused", "score"}]}` and, with
+        `return_binary_maps`, `"binary_masks"` `(N, H, W)` bool in `segments_info` order.
+        """
+        scores, _, targets, reshaped = self._prepare(outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, alpha, beta)
+        num_classes = scores.shape[-1]
+        results = []
+        for index, mask_logits in enumerate(outputs.masks_queries_logits):
+            flat = scores[index].clone()
+            if thing_label_ids is not None:
+                is_thing = torch.zeros(num_classes, dtype=torch.bool, device=flat.device)
+                is_thing[list(thing_label_ids)] = True
+                flat[:, ~is_thing] = -1.0
+            top_scores, top_index = flat.flatten().topk(min(num_top_instances, flat.numel()))
+            selected = top_scores >= 0
+            top_scores, top_index = top_scores[selected], top_index[selected]
+            queries, labels = top_index // num_classes, top_index % num_classes
+            masks = self._masks_to_target(mask_logits[queries].float(), reshaped[index], targets[index])
+            binary = masks > 0
+            probs = masks.sigmoid()
+            mask_scores = (probs * binary).flatten(1).sum(-1) / (binary.flatten(1).sum(-1) + 1e-6)
+            final_scores = top_scores * mask_scores
+            keep = (final_scores > threshold) & binary.flatten(1).any(-1)
+            order = torch.nonzero(keep).flatten()
+            order = order[final_scores[order].argsort(descending=True)]
+            height, width = masks.shape[-2:]
+            segmentation = torch.zeros(height, width, dtype=torch.int32, device=masks.device)
+            segments_info = []
+            for rank, item in enumerate(order.tolist()):
+                segments_info.append({"id": rank + 1, "label_id": int(labels[item]), "was_fused": False, "score": round(float(final_scores[item]), 6)})
+            for rank in reversed(range(len(order))):  # paint low scores first so high scores stay on top
+                segmentation[binary[order[rank]]] = rank + 1
+            result = {"segmentation": segmentation.cpu(), "segments_info": segments_info}
+            if return_binary_maps:
+                result["binary_masks"] = binary[order].cpu()
+            results.append(result)
+        return results
