@@ -4,7 +4,7 @@ Importing the package registers PosSAM with transformers' Auto classes (`AutoCon
 `AutoModelForUniversalSegmentation`).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForUniversalSegmentation
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForUniversalSegmentation, AutoProcessor
 
 from .configuration_possam import PosSAMConfig, tiny_config
 from .modeling_possam import (
@@ -14,6 +14,11 @@ from .modeling_possam import (
     PosSAMModelOutput,
     PosSAMPreTrainedModel,
 )
+from .image_processing_possam import PosSAMImageProcessor, PosSAMImageProcessorPil
+from .mase import mask_aware_selective_ensemble
+from .pipeline_possam import OpenVocabularyPanopticSegmentationPipeline, register_pipeline
+from .processing_possam import VILD_TEMPLATES, PosSAMProcessor
+from .tokenization import clip_tokenizer_from_bpe
 from .vocabularies import Vocabulary, load_vocabulary
 
 __version__ = "0.1.0"
@@ -21,8 +26,20 @@ __version__ = "0.1.0"
 AutoConfig.register(PosSAMConfig.model_type, PosSAMConfig, exist_ok=True)
 AutoModel.register(PosSAMConfig, PosSAMModel, exist_ok=True)
 AutoModelForUniversalSegmentation.register(PosSAMConfig, PosSAMForPanopticSegmentation, exist_ok=True)
+AutoImageProcessor.register(
+    PosSAMConfig, image_processor_classes={"torchvision": PosSAMImageProcessor, "pil": PosSAMImageProcessorPil}, exist_ok=True
+)
+AutoProcessor.register(PosSAMConfig, PosSAMProcessor, exist_ok=True)
+register_pipeline()
 
 __all__ = [
+    "OpenVocabularyPanopticSegmentationPipeline",
+    "PosSAMImageProcessor",
+    "PosSAMImageProcessorPil",
+    "PosSAMProcessor",
+    "VILD_TEMPLATES",
+    "clip_tokenizer_from_bpe",
+    "mask_aware_selective_ensemble",
     "PosSAMConfig",
     "PosSAMForPanopticSegmentation",
     "PosSAMForPanopticSegmentationOutput",

@@ -1,0 +1,209 @@
+"""`pipeline("open-vocabulary-panoptic-segmentation")`: any image, any label list."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Pipeline
+from transformers.image_utils import load_image
+
+from .image_processing_possam import PosSAMImageProcessor, PosSAMImageProcessorPil
+from .processing_possam import PosSAMProcessor, resolve_vocabulary, seen_class_mask
+
+__all__ = ["OpenVocabularyPanopticSegmentationPipeline", "TASK"]
+
+TASK = "open-vocabulary-panoptic-segmentation"
+SUBTASKS = ("panoptic", "semantic", "instance")
+# Vocabularies whose text embeddings stay cached per pipeline (least recently used are evicted).
+VOCABULARY_CACHE_SIZE = 8
+
+
+class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
+    """
+    Segments images against `candidate_labels` with PosSAM.
+
+    ```python
+    segmenter = pipeline("open-vocabulary-panoptic-segmentation", model="path/to/possam")
+    segmenter("street.jpg", candidate_labels=["person,people", "car", {"name": "road", "isthing": False}])
+    segmenter(images, candidate_labels="ade20k", subtask="semantic", batch_size=4)
+    ```
+
+    Returns, per image, a list of `{"score": float | None, "label": str, "mask": PIL.Image (mode "L", 255 inside)}`,
+    like transformers' image-segmentation pipeline (`score` is None for semantic segments). Labels are the first
+    synonym of each class. The text embeddings of a vocabulary are computed once and cached across calls.
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_tokenizer = True
+    _load_feature_extractor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.processor = PosSAMProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer)
+        self._vocabulary_cache: OrderedDict = OrderedDict()
+        self.text_encoding_calls = 0
+
+    def _sanitize_parameters(
+        self,
+        candidate_labels=None,
+        subtask=None,
+        threshold=None,
+        mask_threshold=None,
+        overlap_mask_area_threshold=None,
+        use_mase=None,
+        timeout=None,
+        **kwargs,
+    ):
+        preprocess, forward, postprocess = {}, {}, {}
+        if timeout is not None:
+            preprocess["timeout"] = timeout
+        if candidate_labels is not None:
+            vocabulary = resolve_vocabulary(candidate_labels)
+            forward["vocabulary"] = vocabulary
+            postprocess["vocabulary"] = vocabulary
+        if subtask is not None:
+            if subtask not in SUBTASKS:
+                raise ValueError(f"Unknown subtask {subtask!r}: choose one of {SUBTASKS}.")
+            postprocess["subtask"] = subtask
+        for name, value in (
+            ("threshold", threshold),
+            ("mask_threshold", mask_threshold),
+            ("overlap_mask_area_threshold", overlap_mask_area_threshold),
+            ("use_mase", use_mase),
+        ):
+            if value is not None:
+                postprocess[name] = value
+        if kwargs:
+            raise ValueError(f"Unknown arguments {sorted(kwargs)} for the {TASK} pipeline.")
+        return preprocess, forward, postprocess
+
+    def __call__(self, images, candidate_labels=None, **kwargs):
+        """
+        Args:
+            images: an image or a list: PIL images, paths, URLs, numpy arrays.
+            candidate_labels: list of labels (commas inside a label separate synonyms; dicts `{"name", "isthing"}`
+                mark stuff classes, which panoptic output fuses) or a preset (`"coco"`, `"ade20k"`).
+            subtask: `"panoptic"` (default), `"semantic"` or `"instance"`.
+            threshold, mask_threshold, overlap_mask_area_threshold, use_mase: post-processing options.
+            batch_size: images per forward.
+        """
+        if candidate_labels is None:
+            raise ValueError("candidate_labels is required: a list of labels or a preset name such as 'ade20k'.")
+        return super().__call__(images, candidate_labels=candidate_labels, **kwargs)
+
+    def preprocess(self, image, timeout=None):
+        if isinstance(image, str):
+            try:
+                image = load_image(image, timeout=timeout)
+            except Exception as error:  # load_image raises several types; name the path in one clear error
+                raise ValueError(f"Could not read the image {image!r}: {error}") from error
+        elif isinstance(image, np.ndarray):
+            image = image
+        elif not isinstance(image, Image.Image):
+            raise ValueError(f"Cannot segment a {type(image).__name__}: pass a PIL image, a numpy array, a path or a URL.")
+        inputs = self.image_processor(image, return_tensors="pt")
+        return {
+            "pixel_values": inputs["pixel_values"].to(self.dtype),
+            "pixel_mask": inputs["pixel_mask"],
+            "original_sizes": torch.as_tensor(inputs["original_sizes"]).reshape(1, 2),
+            "reshaped_input_sizes": torch.as_tensor(inputs["reshaped_input_sizes"]).reshape(1, 2),
+        }
+
+    def class_embeddings(self, vocabulary):
+        """(class_embeddings, synonym_mask, seen_mask) of a vocabulary, from the cache or one batched text pass."""
+        key = (vocabulary.names, vocabulary.is_thing)
+        if key in self._vocabulary_cache:
+            self._vocabulary_cache.move_to_end(key)
+            return self._vocabulary_cache[key]
+        tokens = self.processor.encode_vocabulary(vocabulary)
+        with torch.no_grad():
+            embeddings, synonym_mask = self.model.get_class_embeddings(
+                tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device), tokens["synonym_mask"].to(self.device)
+            )
+        self.text_encoding_calls += 1
+        seen = seen_class_mask(vocabulary, self.model.config.training_vocabulary).to(self.device)
+        self._vocabulary_cache[key] = (embeddings, synonym_mask, seen)
+        if len(self._vocabulary_cache) > VOCABULARY_CACHE_SIZE:
+            self._vocabulary_cache.popitem(last=False)
+        return self._vocabulary_cache[key]
+
+    def _forward(self, model_inputs, vocabulary):
+        embeddings, synonym_mask, _ = self.class_embeddings(vocabulary)
+        outputs = self.model(
+            pixel_values=model_inputs["pixel_values"],
+            pixel_mask=model_inputs["pixel_mask"],
+            class_embeddings=embeddings,
+            synonym_mask=synonym_mask,
+            return_clip_logits=True,
+        )
+        return {
+            "class_queries_logits": outputs.class_queries_logits,
+            "clip_class_logits": outputs.clip_class_logits,
+            "masks_queries_logits": outputs.masks_queries_logits,
+            "iou_scores": outputs.iou_scores,
+            "original_sizes": model_inputs["original_sizes"],
+            "reshaped_input_sizes": model_inputs["reshaped_input_sizes"],
+        }
+
+    def postprocess(self, model_outputs, vocabulary, subtask="panoptic", threshold=0.0, mask_threshold=0.5, overlap_mask_area_threshold=0.8, use_mase=True):
+        _, _, seen = self.class_embeddings(vocabulary)
+        outputs = _Outputs(model_outputs)
+        sizes = dict(target_sizes=model_outputs["original_sizes"].tolist(), reshaped_input_sizes=model_outputs["reshaped_input_sizes"].tolist())
+        names = vocabulary.display_names
+        if subtask == "semantic":
+            (class_map,) = self.image_processor.post_process_semantic_segmentation(outputs, seen_mask=seen, use_mase=use_mase, **sizes)
+            return [
+                {"score": None, "label": names[label], "mask": _to_pil(class_map == label)}
+                for label in torch.unique(class_map).tolist()
+            ]
+        if subtask == "instance":
+            (result,) = self.image_processor.post_process_instance_segmentation(
+                outputs, threshold=threshold, seen_mask=seen, use_mase=use_mase, return_binary_maps=True,
+                thing_label_ids=[i for i, thing in enumerate(vocabulary.is_thing) if thing], **sizes
+            )
+            return [
+                {"score": info["score"], "label": names[info["label_id"]], "mask": _to_pil(mask)}
+                for info, mask in zip(result["segments_info"], result["binary_masks"])
+            ]
+        (result,) = self.image_processor.post_process_panoptic_segmentation(
+            outputs,
+            threshold=threshold,
+            mask_threshold=mask_threshold,
+            overlap_mask_area_threshold=overlap_mask_area_threshold,
+            label_ids_to_fuse=[i for i, thing in enumerate(vocabulary.is_thing) if not thing],
+            seen_mask=seen,
+            use_mase=use_mase,
+            **sizes,
+        )
+        return [
+            {"score": info["score"], "label": names[info["label_id"]], "mask": _to_pil(result["segmentation"] == info["id"])}
+            for info in result["segments_info"]
+        ]
+
+
+class _Outputs:
+    """Attribute view of the pipeline's model outputs for the post-processors."""
+
+    def __init__(self, values: dict):
+        self.__dict__.update(values)
+
+
+def _to_pil(mask: torch.Tensor) -> Image.Image:
+    return Image.fromarray(mask.to(torch.uint8).mul(255).cpu().numpy(), mode="L")
+
+
+def register_pipeline() -> None:
+    from transformers import AutoModelForUniversalSegmentation
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=OpenVocabularyPanopticSegmentationPipeline, pt_model=AutoModelForUniversalSegmentation, type="multimodal"
+    )
+
+
+# referenced so both backends are importable from here for users building a pipeline by hand
+_IMAGE_PROCESSORS = (PosSAMImageProcessor, PosSAMImageProcessorPil)
