@@ -68,6 +68,9 @@ class PosSAMPostProcessingMixin:
 
     def _masks_to_target(self, masks: torch.Tensor, reshaped_size, target_size) -> torch.Tensor:
         """`(N, h, w)` logits at 1/4 of the padded input -> crop the padding -> `(N, H, W)` at `target_size`."""
+        if masks.shape[0] == 0:
+            size = target_size or reshaped_size or tuple(masks.shape[-2:])
+            return masks.new_zeros((0, *size))
         if reshaped_size is not None:
             padded = self._padded_size()
             masks = F.interpolate(masks[None], size=padded, mode="bilinear", align_corners=False)[0]

@@ -1,0 +1,109 @@
+from types import SimpleNamespace
+
+import torch
+
+from transformers_possam import PosSAMImageProcessor
+from transformers_possam.postprocessing import class_scores
+
+
+def make_outputs(mask_logits, class_logits, clip_logits=None, iou=None):
+    batch, queries = mask_logits.shape[:2]
+    return SimpleNamespace(
+        masks_queries_logits=mask_logits,
+        class_queries_logits=class_logits,
+        clip_class_logits=clip_logits,
+        iou_scores=iou if iou is not None else torch.ones(batch, queries),
+    )
+
+
+def confident(label, num_classes, strength=10.0):
+    logits = torch.full((num_classes + 1,), -strength)
+    logits[label] = strength
+    return logits
+
+
+def test_panoptic_crop_resize_fusion_and_invariants():
+    processor = PosSAMImageProcessor()
+    # original image 100 x 200 -> reshaped 512 x 1024 inside the 1024 x 1024 padding -> masks at 256 x 256
+    low = torch.full((1, 4, 256, 256), -10.0)
+    low[0, 0, :64, :128] = 10.0  # top-left quarter of the valid region (valid rows 0..127)
+    low[0, 1, :64, 128:] = 10.0  # top-right quarter
+    low[0, 2, 64:128, :] = 10.0  # bottom half
+    low[0, 3, 128:, :] = 10.0  # padding only: must vanish
+    classes = torch.stack([confident(0, 3), confident(0, 3), confident(1, 3), confident(2, 3)])[None]
+    outputs = make_outputs(low, classes)
+    (thing,) = processor.post_process_panoptic_segmentation(outputs, target_sizes=[(100, 200)], reshaped_input_sizes=[(512, 1024)])
+    segmentation, info = thing["segmentation"], thing["segments_info"]
+    assert segmentation.shape == (100, 200) and segmentation.dtype == torch.int32
+    assert [s["label_id"] for s in info] == [0, 0, 1]  # query 3 lies in the padding: no segment
+    assert len({s["id"] for s in info}) == 3
+    # each segment covers its region, none overlaps (one id per pixel), ids match segments_info
+    assert (segmentation[5:45, 5:95] == info[0]["id"]).all()
+    assert (segmentation[5:45, 105:195] == info[1]["id"]).all()
+    assert (segmentation[55:95] == info[2]["id"]).all()
+    assert set(torch.unique(segmentation).tolist()) <= {0} | {s["id"] for s in info}
+
+    # label 0 as stuff: both queries fuse into one segment
+    (stuff,) = processor.post_process_panoptic_segmentation(
+        outputs, target_sizes=[(100, 200)], reshaped_input_sizes=[(512, 1024)], label_ids_to_fuse=[0]
+    )
+    assert [(s["label_id"], s["was_fused"]) for s in stuff["segments_info"]] == [(0, True), (1, False)]
+    assert (stuff["segmentation"][5:45, 5:195] == stuff["segments_info"][0]["id"]).all()
+
+
+def test_void_queries_and_empty_results():
+    processor = PosSAMImageProcessor()
+    masks = torch.randn(2, 3, 16, 16)
+    void = torch.full((3, 4), -10.0)
+    void[:, -1] = 10.0  # every query void
+    outputs = make_outputs(masks, torch.stack([void, void]))
+    results = processor.post_process_panoptic_segmentation(outputs, target_sizes=[(30, 40), (50, 20)])
+    for result, size in zip(results, [(30, 40), (50, 20)]):
+        assert result["segments_info"] == [] and result["segmentation"].shape == size
+        assert (result["segmentation"] == 0).all()
+
+
+def test_overlap_threshold_drops_mostly_hidden_masks():
+    processor = PosSAMImageProcessor()
+    masks = torch.full((1, 2, 32, 32), -10.0)
+    masks[0, 0] = 10.0  # whole image, lower score
+    masks[0, 1, :, :24] = 10.0  # covers 75% of the image, higher score
+    classes = torch.stack([confident(0, 2, 2.0), confident(1, 2, 10.0)])[None]
+    (result,) = processor.post_process_panoptic_segmentation(make_outputs(masks, classes), overlap_mask_area_threshold=0.8)
+    assert [s["label_id"] for s in result["segments_info"]] == [1]  # query 0 keeps only 25% of its mask
+
+
+def test_class_scores_void_rule_and_mase_switch():
+    class_logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 5.0]]])  # K = 2 + void; query 1 is void
+    clip_logits = torch.tensor([[[0.0, 3.0], [1.0, 0.0]]])
+    iou = torch.tensor([[0.5, 0.9]])
+    outputs = make_outputs(torch.zeros(1, 2, 4, 4), class_logits, clip_logits, iou)
+    scores, is_void = class_scores(outputs, seen_mask=torch.tensor([True, False]))
+    assert is_void.tolist() == [[False, True]]
+    p_void = class_logits.softmax(-1)[..., -1]
+    ldp = class_logits[..., :2].softmax(-1)
+    clip = clip_logits.softmax(-1)
+    fixed, _ = class_scores(outputs, seen_mask=torch.tensor([True, False]), use_mase=False)
+    expected_fixed = ldp ** torch.tensor([0.6, 0.2]) * clip ** torch.tensor([0.4, 0.8]) * (1 - p_void)[..., None]
+    torch.testing.assert_close(fixed, expected_fixed)
+    # MASE scales with IoU: scores are below the fixed ensemble's for IoU < 1 on this query
+    assert scores[0, 0].sum() < fixed[0, 0].sum()
+
+
+def test_semantic_and_instance_shapes():
+    processor = PosSAMImageProcessor()
+    masks = torch.full((1, 3, 256, 256), -10.0)
+    masks[0, 0, :, :128] = 10.0
+    masks[0, 1, :, 128:] = 10.0
+    classes = torch.stack([confident(1, 4), confident(3, 4), confident(0, 4, 0.1)])[None]
+    outputs = make_outputs(masks, classes)
+    (semantic,) = processor.post_process_semantic_segmentation(outputs, target_sizes=[(60, 60)], reshaped_input_sizes=[(1024, 1024)])
+    assert semantic.shape == (60, 60)
+    assert (semantic[:, :28] == 1).all() and (semantic[:, 32:] == 3).all()
+    (instance,) = processor.post_process_instance_segmentation(outputs, target_sizes=[(60, 60)], num_top_instances=5, return_binary_maps=True)
+    info = instance["segments_info"]
+    assert len(info) == len(instance["binary_masks"]) <= 5
+    assert [s["score"] for s in info] == sorted((s["score"] for s in info), reverse=True)
+    assert {info[0]["label_id"], info[1]["label_id"]} == {1, 3}
+    (things,) = processor.post_process_instance_segmentation(outputs, thing_label_ids=[3])
+    assert {s["label_id"] for s in things["segments_info"]} == {3}

@@ -1,0 +1,172 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transformers_possam import (
+    PosSAMImageProcessor,
+    PosSAMImageProcessorPil,
+    PosSAMProcessor,
+    VILD_TEMPLATES,
+    clip_tokenizer_from_bpe,
+    load_vocabulary,
+)
+from transformers_possam.image_processing_possam import rgb_to_id
+from transformers_possam.processing_possam import resolve_vocabulary, seen_class_mask
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return clip_tokenizer_from_bpe()
+
+
+def panoptic_png(height=60, width=80):
+    """Segment 5 = top rows, 7 = bottom-left, 256 * 1 = bottom-right (crowd), colours R + 256 G."""
+    png = np.zeros((height, width, 3), np.uint8)
+    png[: height // 3, :, 0] = 5
+    png[height // 3 :, : width // 2, 0] = 7
+    png[height // 3 :, width // 2 :, 1] = 1
+    segments = [
+        {"id": 5, "category_id": 17, "iscrowd": 0},
+        {"id": 7, "category_id": 3, "iscrowd": 0},
+        {"id": 256, "category_id": 3, "iscrowd": 1},
+    ]
+    return png, segments
+
+
+@pytest.mark.parametrize("cls", [PosSAMImageProcessor, PosSAMImageProcessorPil])
+def test_resize_longest_side_pad_and_pixel_mask(cls):
+    processor = cls()
+    image = Image.fromarray(np.full((300, 500, 3), 200, np.uint8))
+    out = processor(image)
+    assert out["pixel_values"].shape == (1, 3, 1024, 1024)
+    assert [tuple(int(v) for v in s) for s in out["original_sizes"]] == [(300, 500)]
+    assert [tuple(int(v) for v in s) for s in out["reshaped_input_sizes"]] == [(614, 1024)]  # int(300 * 1024 / 500 + 0.5)
+    assert out["pixel_mask"].shape == (1, 1024, 1024)
+    assert out["pixel_mask"][0, :614].all() and not out["pixel_mask"][0, 614:].any()
+    assert torch.all(out["pixel_values"][0, :, 614:] == 0)  # padded after normalisation
+    expected = (200 / 255 - 0.485) / 0.229
+    torch.testing.assert_close(out["pixel_values"][0, 0, 300, 300], torch.tensor(expected), atol=1e-3, rtol=0)
+
+
+def test_backends_agree():
+    image = Image.fromarray((np.random.default_rng(0).random((123, 77, 3)) * 255).astype(np.uint8))
+    a = PosSAMImageProcessor()(image)["pixel_values"]
+    b = PosSAMImageProcessorPil()(image)["pixel_values"]
+    assert a.shape == b.shape
+    assert (a - b).abs().mean() < 0.05  # torchvision vs PIL resampling (transformers' tests allow 1e-1)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("L", (40, 30), 128),  # grayscale
+        Image.new("RGBA", (40, 30), (10, 20, 30, 0)),
+        Image.new("RGB", (5, 7)),  # tiny
+        Image.new("RGB", (2000, 40)),  # extreme aspect ratio
+        Image.fromarray(np.full((30, 40), 40000, np.uint16)),  # 16-bit
+        np.zeros((30, 40, 3), np.uint8),  # numpy HWC
+        np.zeros((3, 30, 40), np.uint8),  # numpy CHW
+        torch.zeros(3, 30, 40, dtype=torch.uint8),
+    ],
+)
+def test_image_kinds(image):
+    out = PosSAMImageProcessor()(image)
+    assert out["pixel_values"].shape == (1, 3, 1024, 1024)
+    assert torch.isfinite(out["pixel_values"]).all()
+
+
+def test_bad_images_raise():
+    with pytest.raises(ValueError, match="empty"):
+        PosSAMImageProcessor()(np.zeros((0, 10, 3), np.uint8))
+    with pytest.raises(ValueError, match="dict"):
+        PosSAMImageProcessor()({"not": "an image"})
+
+
+def test_coco_panoptic_annotation_encoding():
+    png, segments = panoptic_png()
+    assert rgb_to_id(png)[0, 0] == 5 and rgb_to_id(png)[-1, -1] == 256
+    image = Image.new("RGB", (80, 60))
+    label_map = {17: 1, 3: 0}
+    out = PosSAMImageProcessor()(image, annotations={"panoptic_map": Image.fromarray(png), "segments_info": segments}, label_map=label_map)
+    masks, labels = out["mask_labels"][0], out["class_labels"][0]
+    assert masks.dtype == torch.uint8 and masks.shape == (2, 1024, 1024)  # crowd segment left out
+    assert labels.tolist() == [1, 0]
+    height, width = [int(v) for v in out["reshaped_input_sizes"][0]]
+    assert (height, width) == (768, 1024)
+    # segment 5 = top third of the image, nothing in the padding
+    assert masks[0, : height // 3 - 2].all() and not masks[0, height // 3 + 2 :].any()
+    assert masks[1, height // 3 + 2 : height, : width // 2 - 2].all() and not masks[1, height:].any()
+    assert not (masks[0] & masks[1]).any()
+    bad = [dict(segments[0], id=99)]
+    with pytest.raises(ValueError, match="segment id 99"):
+        PosSAMImageProcessor()(image, annotations={"panoptic_map": png, "segments_info": bad})
+    with pytest.raises(ValueError, match="label_map"):
+        PosSAMImageProcessor()(image, annotations={"panoptic_map": png, "segments_info": segments}, label_map={17: 0})
+
+
+def test_two_channel_annotation_encoding():
+    annotation = np.zeros((20, 20, 2), np.uint8)
+    annotation[..., 0] = 255  # unlabeled
+    annotation[:10, :10] = (2, 1)
+    annotation[:10, 10:] = (2, 2)
+    annotation[10:, :] = (4, 0)
+    out = PosSAMImageProcessorPil()(Image.new("RGB", (20, 20)), annotations=annotation)
+    masks, labels = out["mask_labels"][0], out["class_labels"][0]
+    assert sorted(labels.tolist()) == [2, 2, 4]
+    assert sorted(masks.sum(dim=(1, 2)).tolist()) == [512 * 512, 512 * 512, 512 * 1024]
+    assert masks.sum(0).max() == 1
+
+
+def test_vocabulary_tokens_layout(tokenizer):
+    processor = PosSAMProcessor(PosSAMImageProcessor(), tokenizer)
+    tokens = processor.encode_vocabulary(["person,people", "car"])
+    assert tokens["input_ids"].shape[:3] == (2, 2, len(VILD_TEMPLATES)) and len(VILD_TEMPLATES) == 14
+    assert tokens["synonym_mask"].tolist() == [[True, True], [True, False]]
+    expected = tokenizer("There is the people in the scene")["input_ids"]
+    assert tokens["input_ids"][0, 1, 3, : len(expected)].tolist() == expected
+    # padding slot of "car" repeats its first synonym
+    assert torch.equal(tokens["input_ids"][1, 1], tokens["input_ids"][1, 0])
+
+
+def test_tokenizer_matches_open_clip(tokenizer):
+    open_clip = pytest.importorskip("open_clip")
+    texts = ["a photo of a chest of drawers.", "There is a large traffic light in the scene.", "café, naïve — 42!"]
+    ours = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+    reference = open_clip.get_tokenizer("convnext_large_d_320")(texts)
+    for row in range(len(texts)):
+        end = int((reference[row] == 49407).nonzero()[0]) + 1
+        assert torch.equal(ours[row, :end], reference[row, :end])
+
+
+def test_seen_masks():
+    coco = load_vocabulary("coco_panoptic_133")
+    ade_seen = seen_class_mask(load_vocabulary("ade20k_150"), coco.names)
+    assert int(ade_seen.sum()) == 64 and int((~ade_seen).sum()) == 86
+    assert seen_class_mask(coco, coco.names).all()
+    custom = resolve_vocabulary(["dog", "unicorn,pegasus", "person,someone"])
+    assert seen_class_mask(custom, coco.names).tolist() == [True, False, True]
+
+
+def test_vocabulary_errors():
+    with pytest.raises(ValueError, match="empty"):
+        resolve_vocabulary([])
+    with pytest.raises(ValueError, match="blank"):
+        resolve_vocabulary(["cat", "  "])
+    with pytest.raises(ValueError, match="Duplicate"):
+        resolve_vocabulary(["cat", "dog", "Cat"])
+    with pytest.raises(ValueError, match="preset"):
+        resolve_vocabulary("cat,dog")
+    assert len(resolve_vocabulary("ade20k")) == 150
+    vocabulary = resolve_vocabulary(["cat", {"name": "sky,clouds", "isthing": False}])
+    assert vocabulary.is_thing == (True, False) and vocabulary.display_names == ["cat", "sky"]
+
+
+def test_processor_round_trip(tokenizer, tmp_path):
+    processor = PosSAMProcessor(PosSAMImageProcessor(), tokenizer)
+    processor.save_pretrained(tmp_path)
+    loaded = PosSAMProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded.image_processor, PosSAMImageProcessor)
+    a = processor(images=Image.new("RGB", (30, 20)), candidate_labels=["cat", "dog,puppy"])
+    b = loaded(images=Image.new("RGB", (30, 20)), candidate_labels=["cat", "dog,puppy"])
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
