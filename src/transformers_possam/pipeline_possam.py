@@ -101,9 +101,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
                 image = load_image(image, timeout=timeout)
             except Exception as error:  # load_image raises several types; name the path in one clear error
                 raise ValueError(f"Could not read the image {image!r}: {error}") from error
-        elif isinstance(image, np.ndarray):
-            image = image
-        elif not isinstance(image, Image.Image):
+        elif not isinstance(image, (Image.Image, np.ndarray)):
             raise ValueError(f"Cannot segment a {type(image).__name__}: pass a PIL image, a numpy array, a path or a URL.")
         inputs = self.image_processor(image, return_tensors="pt")
         return {
