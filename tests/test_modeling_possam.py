@@ -1,4 +1,3 @@
-import copy
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForUniversalSegmentatio
 from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, PosSAMModel, tiny_config
 from transformers_possam.modeling import classify_embeddings
 
-from .conftest import IMAGE_SIZE, NUM_CLASSES, make_vocabulary
+from .conftest import IMAGE_SIZE, NUM_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,6 @@ from PIL import Image
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
-from .image_processing_possam import PosSAMImageProcessor, PosSAMImageProcessorPil
 from .processing_possam import PosSAMProcessor, resolve_vocabulary, seen_class_mask
 
 __all__ = ["OpenVocabularyPanopticSegmentationPipeline", "TASK"]
@@ -201,7 +200,3 @@ def register_pipeline() -> None:
     PIPELINE_REGISTRY.register_pipeline(
         TASK, pipeline_class=OpenVocabularyPanopticSegmentationPipeline, pt_model=AutoModelForUniversalSegmentation, type="multimodal"
     )
-
-
-# referenced so both backends are importable from here for users building a pipeline by hand
-_IMAGE_PROCESSORS = (PosSAMImageProcessor, PosSAMImageProcessorPil)
