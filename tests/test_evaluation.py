@@ -138,3 +138,34 @@ def test_miou_by_hand():
     absent = SemanticConfusion(num_classes=3)
     absent.update(np.zeros((2, 2)), np.zeros((2, 2)))
     assert absent.compute()["mIoU"] == 1.0  # classes 1 and 2 absent from the ground truth are left out
+
+
+def test_mask_ap():
+    from transformers_possam.evaluation import mask_ap
+
+    masks = np.zeros((2, 32, 32), bool)
+    masks[0, :16, :16] = True
+    masks[1, 16:, 16:] = True
+    gt = [{"masks": masks, "labels": [1, 2]}]
+    perfect = mask_ap(gt, [{"masks": masks, "labels": [1, 2], "scores": [0.9, 0.8]}])
+    assert perfect["AP"] == pytest.approx(1.0) and perfect["AP50"] == pytest.approx(1.0)
+    wrong = mask_ap(gt, [{"masks": masks, "labels": [2, 1], "scores": [0.9, 0.8]}])
+    assert wrong["AP"] == 0.0
+    assert mask_ap(gt, [{"masks": masks[:0], "labels": [], "scores": []}])["AP"] == 0.0
+
+
+def test_evaluate_metric_loads_offline_and_matches(monkeypatch):
+    from transformers_possam.evaluation import load_panoptic_quality_metric
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    metric = load_panoptic_quality_metric()
+    accumulator = PanopticQualityAccumulator()
+    for gt, gt_segments, pred, pred_segments in crafted_images():
+        accumulator.update(gt, gt_segments, pred, pred_segments)
+        pred_info = [dict(s, iscrowd=0, area=0) for s in pred_segments]
+        metric.add(predictions={"segmentation": pred.tolist(), "segments_info": pred_info},
+                   references={"segmentation": gt.tolist(), "segments_info": gt_segments})
+    result = metric.compute(categories=CATEGORIES, seen_category_ids=[1, 3])
+    expected = accumulator.summarize({c["id"]: c for c in CATEGORIES}, seen_category_ids=[1, 3])
+    for split in ("All", "Things", "Stuff", "Seen", "Unseen"):
+        assert result[split] == pytest.approx(expected[split])

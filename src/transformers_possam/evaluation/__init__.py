@@ -1,6 +1,27 @@
-"""Evaluation: panoptic quality (panopticapi rules), semantic mIoU, PQ on seen / unseen classes."""
+"""Evaluation: panoptic quality (panopticapi rules), semantic mIoU, mask AP, PQ on seen / unseen classes."""
 
+from pathlib import Path
+
+from .instance import mask_ap
 from .panoptic import PanopticQualityAccumulator, pq_compute, rgb2id
 from .semantic import SemanticConfusion
 
-__all__ = ["PanopticQualityAccumulator", "SemanticConfusion", "pq_compute", "rgb2id"]
+PANOPTIC_QUALITY_METRIC_PATH = str(Path(__file__).parent / "panoptic_quality" / "panoptic_quality.py")
+
+
+def load_panoptic_quality_metric(**kwargs):
+    """The panoptic-quality `evaluate.Metric`, loaded from this package's file (works offline)."""
+    import evaluate
+
+    return evaluate.load(PANOPTIC_QUALITY_METRIC_PATH, **kwargs)
+
+
+__all__ = [
+    "PANOPTIC_QUALITY_METRIC_PATH",
+    "PanopticQualityAccumulator",
+    "SemanticConfusion",
+    "load_panoptic_quality_metric",
+    "mask_ap",
+    "pq_compute",
+    "rgb2id",
+]
