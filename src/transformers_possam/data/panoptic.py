@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..evaluation.panoptic import rgb2id
+from ..image_processing_possam import rgb_to_id
 
 __all__ = ["BadSample", "decode_panoptic_sample", "load_category_table", "save_category_table", "CATEGORY_TABLE_FILE"]
 
@@ -47,7 +47,7 @@ def decode_panoptic_sample(row: dict) -> tuple[Image.Image, np.ndarray, list[dic
     image_id = row.get("image_id")
     image = _open_image(row["image"], "image", image_id).convert("RGB")
     label = _open_image(row["label"], "panoptic PNG", image_id)
-    ids = rgb2id(np.asarray(label.convert("RGB"))).astype(np.int64)
+    ids = rgb_to_id(np.asarray(label.convert("RGB")))
     if ids.shape != (image.height, image.width):
         raise BadSample(f"sample {image_id}: panoptic PNG {ids.shape[::-1]} and image {image.size} differ in size")
     segments = list(row.get("segments_info") or [])

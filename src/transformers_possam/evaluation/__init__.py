@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from .instance import mask_ap
+from .loop import evaluate_panoptic
 from .panoptic import PanopticQualityAccumulator, pq_compute, rgb2id
 from .semantic import SemanticConfusion
 
@@ -20,6 +21,7 @@ __all__ = [
     "PANOPTIC_QUALITY_METRIC_PATH",
     "PanopticQualityAccumulator",
     "SemanticConfusion",
+    "evaluate_panoptic",
     "load_panoptic_quality_metric",
     "mask_ap",
     "pq_compute",

@@ -1,0 +1,179 @@
+"""Panoptic training streams: 🤗 datasets (streaming) -> checked, augmented, processed samples, with bad-sample counting.
+
+Determinism: sample k of epoch e is augmented with a generator seeded by (seed, epoch, rank, k), so a run resumed at a
+known position (epoch, samples consumed) sees exactly the samples an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .augmentation import large_scale_jitter
+from .panoptic import BadSample, decode_panoptic_sample, load_category_table
+from .synthetic import TOY_CATEGORIES, toy_panoptic_rows
+
+__all__ = ["StreamPosition", "PanopticTrainStream", "load_panoptic_dataset", "collate_panoptic", "TooManyBadSamples"]
+
+logger = logging.getLogger(__name__)
+
+
+class TooManyBadSamples(RuntimeError):
+    pass
+
+
+def load_panoptic_dataset(dataset_name: str | None, split: str = "train", streaming: bool = True, toy_size: int = 256, seed: int = 0):
+    """
+    Returns (iterable dataset, category table):
+    - `None`: the embedded toy set (`toy_size` images of the split, generated deterministically);
+    - a local folder: its `*.parquet` shards (under `split/` if that folder exists) and `categories.json`;
+    - a Hub id: `load_dataset(id, split=split, streaming=True)`, categories from `categories.json` in the repo.
+    """
+    from datasets import Dataset, load_dataset
+
+    if dataset_name is None:
+        rows = list(toy_panoptic_rows(toy_size, seed=seed, split=split))
+        dataset = Dataset.from_list(rows)
+        return (dataset.to_iterable_dataset(num_shards=min(8, len(rows))) if streaming else dataset), list(TOY_CATEGORIES)
+    path = Path(dataset_name)
+    if path.is_dir():
+        folder = path / split if (path / split).is_dir() else path
+        files = sorted(str(p) for p in folder.glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"No *.parquet shards in {folder}.")
+        dataset = load_dataset("parquet", data_files=files, split="train", streaming=streaming)
+        return dataset, load_category_table(path)
+    from huggingface_hub import hf_hub_download
+
+    dataset = load_dataset(dataset_name, split=split, streaming=streaming)
+    table = hf_hub_download(dataset_name, "categories.json", repo_type="dataset")
+    return dataset, load_category_table(table)
+
+
+@dataclass
+class StreamPosition:
+    """Where a process is in its shard of the stream; saved with checkpoints."""
+
+    epoch: int = 0
+    consumed: int = 0  # rows of the current epoch taken from the stream, bad ones included
+    seen: int = 0  # rows seen in total
+    bad: int = 0  # rows skipped as bad in total
+    bad_ids: list = field(default_factory=list)  # the last few bad image ids
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seen": self.seen, "bad": self.bad, "bad_ids": self.bad_ids[-20:]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class PanopticTrainStream:
+    """
+    An endless iterator of processed training samples from one process's shard of a dataset.
+
+    Each sample: decode and check (bad ones are skipped with a warning naming the image id and counted; more than
+    `max_bad_fraction` bad among the rows seen, once `min_seen` rows were seen, stops with `TooManyBadSamples`),
+    large-scale jitter, then the image processor (pixels, pixel mask, uint8 `mask_labels`, `class_labels`).
+    """
+
+    def __init__(self, dataset, image_processor, label_map: dict[int, int], seed: int = 0, rank: int = 0, augment: bool = True,
+                 shuffle_buffer: int = 256, max_bad_fraction: float = 0.01, min_seen: int = 100, target_size: int | None = None):
+        self.dataset = _without_image_decoding(dataset)
+        self.image_processor = image_processor
+        self.label_map = label_map
+        self.seed, self.rank, self.augment = seed, rank, augment
+        self.shuffle_buffer = shuffle_buffer
+        self.max_bad_fraction, self.min_seen = max_bad_fraction, min_seen
+        size = image_processor.size
+        self.target_size = target_size or (size["longest_edge"] if isinstance(size, dict) else size.longest_edge)
+        self.position = StreamPosition()
+        self.record_ids: list | None = None  # set to [] to record the image id of every sample produced
+
+    def _epoch_rows(self, epoch: int) -> Iterator[dict]:
+        dataset = self.dataset
+        if self.shuffle_buffer and hasattr(dataset, "shuffle"):
+            dataset = dataset.shuffle(seed=self.seed + epoch, buffer_size=self.shuffle_buffer)
+        return iter(dataset)
+
+    def _process(self, row: dict, rng: np.random.Generator) -> dict:
+        image, ids, segments = decode_panoptic_sample(row)
+        if self.augment:
+            image, ids = large_scale_jitter(image, ids, rng, target_size=self.target_size)
+        present = set(np.unique(ids).tolist())
+        # segments cropped away by the augmentation are not in the image any more
+        segments = [s for s in segments if s["id"] in present]
+        try:
+            encoded = self.image_processor(image, annotations={"panoptic_map": ids, "segments_info": segments}, label_map=self.label_map)
+        except ValueError as error:
+            raise BadSample(f"sample {row.get('image_id')}: {error}") from error
+        return {
+            "pixel_values": encoded["pixel_values"][0],
+            "pixel_mask": encoded["pixel_mask"][0],
+            "mask_labels": encoded["mask_labels"][0],
+            "class_labels": encoded["class_labels"][0],
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            rows = itertools.islice(self._epoch_rows(self.position.epoch), self.position.consumed, None)
+            produced = False
+            for row in rows:
+                index = self.position.consumed
+                self.position.consumed += 1
+                self.position.seen += 1
+                rng = np.random.default_rng([self.seed, self.position.epoch, self.rank, index])
+                try:
+                    sample = self._process(row, rng)
+                except BadSample as error:
+                    self.position.bad += 1
+                    self.position.bad_ids.append(row.get("image_id"))
+                    logger.warning("Skipping bad sample: %s", error)
+                    self._check_bad_fraction()
+                    continue
+                produced = True
+                if self.record_ids is not None:
+                    self.record_ids.append(row.get("image_id"))
+                yield sample
+            if not produced and self.position.consumed == 0:
+                raise RuntimeError("The training stream is empty on this process: give every process at least one sample.")
+            self.position.epoch += 1
+            self.position.consumed = 0
+
+    def _check_bad_fraction(self) -> None:
+        seen, bad = self.position.seen, self.position.bad
+        if seen >= self.min_seen and bad > self.max_bad_fraction * seen:
+            raise TooManyBadSamples(
+                f"{bad} of {seen} samples were bad ({100 * bad / seen:.1f}% > {100 * self.max_bad_fraction:.1f}%), last: "
+                f"{self.position.bad_ids[-5:]}. Fix the data or raise --max_bad_fraction."
+            )
+
+
+def _without_image_decoding(dataset):
+    """
+    Let the stream decode `image` / `label` itself: 🤗 datasets would decode them while iterating, and a corrupt file
+    would then raise inside the dataset iterator, where the sample cannot be skipped.
+    """
+    from datasets import Image as ImageFeature
+
+    features = getattr(dataset, "features", None)
+    for column in ("image", "label"):
+        if features is not None and isinstance(features.get(column), ImageFeature) and features[column].decode:
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    return dataset
+
+
+def collate_panoptic(samples: list[dict]) -> dict:
+    """Stack pixels; keep per-image `mask_labels` / `class_labels` as lists (their lengths differ)."""
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "pixel_mask": torch.stack([s["pixel_mask"] for s in samples]),
+        "mask_labels": [s["mask_labels"] for s in samples],
+        "class_labels": [s["class_labels"] for s in samples],
+    }

@@ -1,0 +1,103 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import IterableDataset
+from safetensors.torch import load_file
+
+from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, tiny_config
+from transformers_possam.data import toy_panoptic_rows
+from transformers_possam.data.stream import PanopticTrainStream, TooManyBadSamples, collate_panoptic
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(REPO / "training" / "train.py")]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def image_processor():
+    return PosSAMImageProcessor(size={"longest_edge": 128}, pad_size={"height": 128, "width": 128})
+
+
+def toy_stream(rows, **kwargs):
+    dataset = IterableDataset.from_generator(lambda: iter(rows))
+    return PanopticTrainStream(dataset, image_processor(), {i: i for i in range(6)}, shuffle_buffer=0, **kwargs)
+
+
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(tiny_config(train_num_points=512)).train()
+    stream = iter(toy_stream(list(toy_panoptic_rows(4)), augment=False))
+    batch = collate_panoptic([next(stream) for _ in range(4)])
+    class_embeddings = torch.nn.functional.normalize(torch.randn(6, 1, 32), dim=-1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(20):
+        torch.manual_seed(1)  # same sampled points every step: the loss change is the optimisation's
+        loss = model(**batch, class_embeddings=class_embeddings).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_bad_samples_are_skipped_counted_and_stop_the_run():
+    rows = list(toy_panoptic_rows(6))
+    rows[2] = dict(rows[2], image={"bytes": b"broken", "path": None})
+    rows[4] = dict(rows[4], segments_info=rows[4]["segments_info"] + [{"id": 999, "category_id": 0, "iscrowd": 0, "area": 1, "bbox": [0, 0, 1, 1]}])
+    stream = toy_stream(rows, max_bad_fraction=0.5, min_seen=1)
+    stream.record_ids = []
+    iterator = iter(stream)
+    [next(iterator) for _ in range(4)]
+    assert stream.position.bad == 2 and stream.position.seen == 6
+    assert stream.record_ids == ["toy_train_00000", "toy_train_00001", "toy_train_00003", "toy_train_00005"]
+    assert stream.position.bad_ids == ["toy_train_00002", "toy_train_00004"]
+    strict = iter(toy_stream(rows, max_bad_fraction=0.01, min_seen=1))
+    with pytest.raises(TooManyBadSamples, match="toy_train_00002"):
+        [next(strict) for _ in range(4)]
+    empty = dict(rows[0], segments_info=[])
+    sample = next(iter(toy_stream([empty])))  # an image without segments is valid
+    assert sample["mask_labels"].shape[0] == 0
+
+
+def run_training(output_dir, *extra):
+    args = ["--output_dir", str(output_dir), "--max_steps", "6", "--toy_train_size", "24", "--per_device_train_batch_size", "2", *extra]
+    subprocess.run([*TRAIN, *args], check=True, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    run_training(tmp_path / "full", "--checkpointing_steps", "3")
+    assert sorted(p.name for p in (tmp_path / "full").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (tmp_path / "full" / "checkpoint-3").rename(resumed / "checkpoint-3")
+    (resumed / ".tmp-checkpoint-5").mkdir()  # a half-written checkpoint must never be picked up
+    run_training(resumed, "--resume_from_checkpoint", "latest")
+    full, again = load_file(tmp_path / "full" / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert full.keys() == again.keys()
+    assert all(torch.equal(full[key], again[key]) for key in full)
+    # the saved model and processor load with the pipeline
+    from transformers import pipeline
+
+    segmenter = pipeline("open-vocabulary-panoptic-segmentation", model=str(resumed))
+    assert isinstance(segmenter(next(toy_panoptic_rows(1))["image"], candidate_labels=["ball", "sky"]), list)
+
+
+def test_accelerate_launch_two_processes_see_disjoint_samples(tmp_path):
+    # `accelerate launch --cpu --num_processes 2` needs mpirun; torchrun's launcher with ACCELERATE_USE_CPU=1 gives
+    # 2-process DDP on CPU (gloo) with nothing extra installed.
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "training" / "train.py"),
+        "--output_dir", str(tmp_path), "--max_steps", "3", "--toy_train_size", "16", "--record_sample_ids",
+    ]
+    result = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [set(json.loads((tmp_path / f"sample_ids_{rank}.json").read_text())) for rank in (0, 1)]
+    assert all(len(ids) == 6 for ids in ranks)  # 3 steps x batch 2 each, no epoch wrapped
+    assert not ranks[0] & ranks[1]
+    assert (tmp_path / "model.safetensors").exists()

@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Fine-tune PosSAM on panoptic data with Accelerate (no Trainer).
+
+    python training/train.py                                   # tiny model on the embedded toy set
+    accelerate launch training/train.py --model_name_or_path <possam checkpoint> --dataset_name <parquet folder | hub id>
+
+Data streams through 🤗 datasets (`streaming=True`), one shard per process (`split_dataset_by_node`); batches are
+built per process (lists of uint8 masks), so no batch dispatching is involved. The scheduler steps once per optimizer
+step. Checkpoints (`output_dir/checkpoint-{step}`) hold model, optimizer, scheduler, RNG states and each process's
+stream position; a checkpoint is written under a temporary name and renamed when complete, so `latest` never picks
+up a half-written one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from datasets.distributed import split_dataset_by_node
+
+from transformers_possam import (
+    PosSAMForPanopticSegmentation,
+    PosSAMImageProcessor,
+    PosSAMProcessor,
+    clip_tokenizer_from_bpe,
+    tiny_config,
+)
+from transformers_possam.data.stream import PanopticTrainStream, collate_panoptic, load_panoptic_dataset
+from transformers_possam.evaluation import evaluate_panoptic
+
+logger = logging.getLogger("possam.train")
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", default=None, help="PosSAM checkpoint (folder or Hub id); default: tiny demo model")
+    parser.add_argument("--dataset_name", default=None, help="Hub id or local parquet folder; default: the embedded toy set")
+    parser.add_argument("--train_split", default="train")
+    parser.add_argument("--eval_split", default="validation")
+    parser.add_argument("--output_dir", default="outputs/train")
+    parser.add_argument("--max_steps", type=int, default=100)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=2)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--lr_drops", type=float, nargs="*", default=[327778 / 368750, 355092 / 368750],
+                        help="fractions of max_steps where the LR is multiplied by 0.1 (FC-CLIP's schedule)")
+    parser.add_argument("--max_grad_norm", type=float, default=0.01, help="full-model gradient clipping (FC-CLIP: 0.01)")
+    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--checkpointing_steps", type=int, default=None)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=3)
+    parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
+    parser.add_argument("--eval_steps", type=int, default=None)
+    parser.add_argument("--max_eval_samples", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--no_augmentation", action="store_true", help="turn large-scale jitter off")
+    parser.add_argument("--max_bad_fraction", type=float, default=0.01)
+    parser.add_argument("--train_encoders", action="store_true",
+                        help="also train the SAM encoder (only sensible for tiny random demo models)")
+    parser.add_argument("--toy_train_size", type=int, default=512)
+    parser.add_argument("--toy_eval_size", type=int, default=32)
+    parser.add_argument("--record_sample_ids", action="store_true", help="write each process's sample ids (for tests)")
+    parser.add_argument("--report_to", default=None, help="accelerate trackers, e.g. 'tensorboard'")
+    return parser.parse_args(argv)
+
+
+def build_model_and_processor(args):
+    if args.model_name_or_path is None:
+        config = tiny_config()
+        model = PosSAMForPanopticSegmentation(config)
+        size = config.vision_config.image_size
+        image_processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
+        processor = PosSAMProcessor(image_processor, clip_tokenizer_from_bpe())
+    else:
+        model = PosSAMForPanopticSegmentation.from_pretrained(args.model_name_or_path)
+        processor = PosSAMProcessor.from_pretrained(args.model_name_or_path)
+    if args.train_encoders:
+        model.model.vision_encoder.requires_grad_(True)
+    return model, processor
+
+
+def lr_lambda_for(max_steps: int, drops: list[float]):
+    milestones = sorted(int(round(fraction * max_steps)) for fraction in drops)
+    return lambda step: 0.1 ** sum(step >= milestone for milestone in milestones)
+
+
+def find_checkpoint(output_dir: Path, spec: str) -> Path:
+    if spec != "latest":
+        path = Path(spec)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {spec}: no such folder.")
+        return path
+    candidates = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.match(p.name))]
+    if not candidates:
+        raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}.")
+    return max(candidates)[1]
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, stream, limit: int) -> None:
+    final = output_dir / f"checkpoint-{step}"
+    temporary = output_dir / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    (temporary / f"stream_{accelerator.process_index}.json").write_text(json.dumps(stream.position.state_dict()))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temporary / "step.json").write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        temporary.rename(final)  # atomic: `latest` only ever sees complete checkpoints
+        checkpoints = sorted((int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.match(p.name)))
+        for _, old in checkpoints[: max(0, len(checkpoints) - limit)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    model, processor = build_model_and_processor(args)
+    train_set, categories = load_panoptic_dataset(args.dataset_name, args.train_split, toy_size=args.toy_train_size, seed=args.seed)
+    train_set = split_dataset_by_node(train_set, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    labels = [{"name": c["name"], "isthing": bool(c["isthing"])} for c in categories]
+    label_map = {int(c["id"]): index for index, c in enumerate(categories)}
+    stream = PanopticTrainStream(
+        train_set, processor.image_processor, label_map, seed=args.seed, rank=accelerator.process_index,
+        augment=not args.no_augmentation, max_bad_fraction=args.max_bad_fraction,
+    )
+
+    if args.record_sample_ids:
+        stream.record_ids = []
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(args.max_steps, args.lr_drops))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+
+    # The text tower is frozen: the vocabulary is encoded once.
+    tokens = processor.encode_vocabulary(labels)
+    class_embeddings, synonym_mask = unwrapped.get_class_embeddings(
+        tokens["input_ids"].to(accelerator.device), tokens["attention_mask"].to(accelerator.device), tokens["synonym_mask"].to(accelerator.device)
+    )
+
+    step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
+        accelerator.load_state(str(checkpoint))
+        step = json.loads((checkpoint / "step.json").read_text())["step"]
+        stream.position.load_state_dict(json.loads((checkpoint / f"stream_{accelerator.process_index}.json").read_text()))
+        logger.info("Resumed from %s at step %d", checkpoint, step)
+
+    if args.report_to:
+        accelerator.init_trackers("possam", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    samples = iter(stream)
+    model.train()
+    start, start_step, metrics = time.time(), step, {}
+    while step < args.max_steps:
+        for _ in range(args.gradient_accumulation_steps):
+            batch = collate_panoptic([next(samples) for _ in range(args.per_device_train_batch_size)])
+            with accelerator.accumulate(model):
+                outputs = model(
+                    pixel_values=batch["pixel_values"].to(accelerator.device),
+                    pixel_mask=batch["pixel_mask"].to(accelerator.device),
+                    class_embeddings=class_embeddings,
+                    synonym_mask=synonym_mask,
+                    mask_labels=[m.to(accelerator.device) for m in batch["mask_labels"]],
+                    class_labels=[c.to(accelerator.device) for c in batch["class_labels"]],
+                )
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+        scheduler.step()
+        step += 1
+        loss = accelerator.reduce(outputs.loss.detach(), reduction="mean").item()
+        bad = accelerator.reduce(torch.tensor(float(stream.position.bad), device=accelerator.device), reduction="sum").item()
+        metrics = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/bad_samples": bad}
+        accelerator.log(metrics, step=step)
+        if accelerator.is_main_process and (step % 10 == 0 or step == args.max_steps):
+            elapsed = time.time() - start
+            eta = elapsed / (step - start_step) * (args.max_steps - step)
+            print(f"step {step}/{args.max_steps}  loss {loss:.3f}  lr {metrics['train/lr']:.2e}  bad {int(bad)}  "
+                  f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+        if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, output_dir, step, stream, args.checkpoints_total_limit)
+        if args.eval_steps and step % args.eval_steps == 0 and accelerator.is_main_process:
+            evaluation = run_evaluation(args, unwrapped, processor, class_embeddings, synonym_mask)
+            metrics.update(evaluation)
+            accelerator.log(metrics, step=step)
+            print(f"step {step} eval: PQ {100 * evaluation['eval/all_pq']:.1f}  SQ {100 * evaluation['eval/all_sq']:.1f}  "
+                  f"RQ {100 * evaluation['eval/all_rq']:.1f}  mIoU {100 * evaluation['eval/miou']:.1f}", file=sys.stderr, flush=True)
+
+    if args.record_sample_ids:
+        (output_dir / f"sample_ids_{accelerator.process_index}.json").write_text(json.dumps(stream.record_ids))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+    accelerator.end_training()
+    return metrics
+
+
+def run_evaluation(args, model, processor, class_embeddings, synonym_mask) -> dict:
+    eval_set, categories = load_panoptic_dataset(args.dataset_name, args.eval_split, toy_size=args.toy_eval_size, seed=args.seed)
+    rows = (row for index, row in zip(range(args.max_eval_samples), eval_set))
+    results = evaluate_panoptic(model, processor.image_processor, rows, categories, class_embeddings, synonym_mask)
+    return {f"eval/{split.lower()}_{key}": results[split][key] for split in ("All", "Things", "Stuff") for key in ("pq", "sq", "rq")} | {
+        "eval/miou": results["mIoU"]
+    }
+
+
+if __name__ == "__main__":
+    main()
