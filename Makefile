@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv clean
+.PHONY: test demo pipeline-demo venv clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,9 @@ test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) -m pytest -q -ra tests
 
 demo: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) training/demo.py
+
+pipeline-demo: $(STAMP)
 	$(VPY) -m transformers_possam.demo
 
 clean:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import IterableDataset
@@ -85,6 +86,15 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
     segmenter = pipeline("open-vocabulary-panoptic-segmentation", model=str(resumed))
     assert isinstance(segmenter(next(toy_panoptic_rows(1))["image"], candidate_labels=["ball", "sky"]), list)
+    # and training/evaluate.py scores it, writing metrics.json
+    subprocess.run(
+        [sys.executable, str(REPO / "training" / "evaluate.py"), "--model_name_or_path", str(resumed), "--max_samples", "3",
+         "--output_dir", str(tmp_path / "eval")],
+        check=True, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {"All", "Things", "Stuff", "Seen", "Unseen", "mIoU", "per_class"} <= set(metrics)
+    assert 0.0 <= metrics["All"]["pq"] <= 1.0
 
 
 def test_accelerate_launch_two_processes_see_disjoint_samples(tmp_path):
@@ -101,3 +111,36 @@ def test_accelerate_launch_two_processes_see_disjoint_samples(tmp_path):
     assert all(len(ids) == 6 for ids in ranks)  # 3 steps x batch 2 each, no epoch wrapped
     assert not ranks[0] & ranks[1]
     assert (tmp_path / "model.safetensors").exists()
+
+
+def test_prepare_parquet_from_coco_format_and_stream_it(tmp_path):
+    import io
+
+    from transformers_possam.data import decode_panoptic_sample
+    from transformers_possam.data.stream import load_panoptic_dataset
+
+    source = tmp_path / "coco"
+    (source / "images").mkdir(parents=True)
+    (source / "panoptic_val").mkdir()
+    images, annotations = [], []
+    for index, row in enumerate(toy_panoptic_rows(3)):
+        row["image"].save(source / "images" / f"{index}.jpg")
+        row["label"].save(source / "panoptic_val" / f"{index}.png")
+        images.append({"id": 100 + index, "file_name": f"{index}.jpg", "height": 128, "width": 128})
+        segments = [dict(s, category_id=[1, 2, 3, 119, 125, 154][s["category_id"]]) for s in row["segments_info"]]
+        annotations.append({"image_id": 100 + index, "file_name": f"{index}.png", "segments_info": segments})
+    categories = [{"id": i, "name": f"cat{i}", "isthing": int(i < 100)} for i in (1, 2, 3, 119, 125, 154)]
+    (source / "panoptic_val.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    output = tmp_path / "parquet" / "validation"
+    subprocess.run(
+        [sys.executable, str(REPO / "training" / "prepare_panoptic_parquet.py"), "--annotations_json", str(source / "panoptic_val.json"),
+         "--images_folder", str(source / "images"), "--output_dir", str(output), "--vocabulary", "coco"],
+        check=True, env=ENV, capture_output=True, text=True, timeout=120,
+    )
+    dataset, table = load_panoptic_dataset(str(tmp_path / "parquet"), split="validation")
+    assert [c["id"] for c in table] == [1, 2, 3, 119, 125, 154]
+    assert table[0]["name"].startswith("person,") and table[0]["isthing"] == 1  # COCO synonyms by category id
+    rows = list(dataset)
+    assert [r["image_id"] for r in rows] == ["100", "101", "102"]
+    image, ids, segments = decode_panoptic_sample(rows[1])
+    assert image.size == (128, 128) and {s["id"] for s in segments} <= set(np.unique(ids).tolist())

@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import shutil
-import sys
-import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from datasets.distributed import split_dataset_by_node
+from tqdm.auto import tqdm
 
 from transformers_possam import (
     PosSAMForPanopticSegmentation,
@@ -178,7 +176,8 @@ def main(argv=None) -> dict:
         accelerator.init_trackers("possam", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     samples = iter(stream)
     model.train()
-    start, start_step, metrics = time.time(), step, {}
+    start_step, metrics = step, {}
+    progress = tqdm(total=args.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
     while step < args.max_steps:
         for _ in range(args.gradient_accumulation_steps):
             batch = collate_panoptic([next(samples) for _ in range(args.per_device_train_batch_size)])
@@ -202,22 +201,21 @@ def main(argv=None) -> dict:
         bad = accelerator.reduce(torch.tensor(float(stream.position.bad), device=accelerator.device), reduction="sum").item()
         metrics = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/bad_samples": bad}
         accelerator.log(metrics, step=step)
-        if accelerator.is_main_process and (step % 10 == 0 or step == args.max_steps):
-            elapsed = time.time() - start
-            eta = elapsed / (step - start_step) * (args.max_steps - step)
-            print(f"step {step}/{args.max_steps}  loss {loss:.3f}  lr {metrics['train/lr']:.2e}  bad {int(bad)}  "
-                  f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['train/lr']:.1e}", bad=int(bad))
         if args.checkpointing_steps and step % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, step, stream, args.checkpoints_total_limit)
         if args.eval_steps and step % args.eval_steps == 0 and accelerator.is_main_process:
             evaluation = run_evaluation(args, unwrapped, processor, class_embeddings, synonym_mask)
             metrics.update(evaluation)
             accelerator.log(metrics, step=step)
-            print(f"step {step} eval: PQ {100 * evaluation['eval/all_pq']:.1f}  SQ {100 * evaluation['eval/all_sq']:.1f}  "
-                  f"RQ {100 * evaluation['eval/all_rq']:.1f}  mIoU {100 * evaluation['eval/miou']:.1f}", file=sys.stderr, flush=True)
+            progress.write(f"step {step} eval: PQ {100 * evaluation['eval/all_pq']:.1f}  SQ {100 * evaluation['eval/all_sq']:.1f}  "
+                  f"RQ {100 * evaluation['eval/all_rq']:.1f}  mIoU {100 * evaluation['eval/miou']:.1f}")
 
     if args.record_sample_ids:
         (output_dir / f"sample_ids_{accelerator.process_index}.json").write_text(json.dumps(stream.record_ids))
+    progress.close()
+    logger.info("trained steps %d-%d", start_step, step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir)
