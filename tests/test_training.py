@@ -114,7 +114,6 @@ def test_accelerate_launch_two_processes_see_disjoint_samples(tmp_path):
 
 
 def test_prepare_parquet_from_coco_format_and_stream_it(tmp_path):
-    import io
 
     from transformers_possam.data import decode_panoptic_sample
     from transformers_possam.data.stream import load_panoptic_dataset
