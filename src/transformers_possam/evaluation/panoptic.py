@@ -9,6 +9,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from PIL import Image
 
+from ..image_processing_possam import rgb_to_id
+
 __all__ = ["PanopticQualityAccumulator", "pq_compute", "rgb2id", "OFFSET", "VOID"]
 
 OFFSET = 256 * 256 * 256
@@ -16,11 +18,8 @@ VOID = 0
 
 
 def rgb2id(color: np.ndarray) -> np.ndarray:
-    """Panoptic PNG colour -> segment id (R + 256 G + 256^2 B); 2-D input is returned as ids."""
-    if color.ndim == 2:
-        return color.astype(np.uint64)
-    color = color.astype(np.uint64)
-    return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
+    """Panoptic PNG colour -> int64 segment id (R + 256 G + 256^2 B); 2-D input already holds ids."""
+    return color.astype(np.int64) if color.ndim == 2 else rgb_to_id(color)
 
 
 class PanopticQualityAccumulator:
