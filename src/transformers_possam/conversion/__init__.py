@@ -1,0 +1,5 @@
+"""Weight conversion from public checkpoints (segment-anything SAM, ...) to PosSAM's layout."""
+
+from .sam import convert_sam_image_encoder, infer_sam_vision_config, load_checkpoint
+
+__all__ = ["convert_sam_image_encoder", "infer_sam_vision_config", "load_checkpoint"]
