@@ -29,3 +29,37 @@ def test_original_sam_image_encoder_converts_exactly(tmp_path, global_layers):
     pixels = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(encoder(pixels).last_hidden_state, reference(pixels), atol=1e-5, rtol=1e-5)
+
+
+def test_open_clip_convnext_converts_exactly():
+    open_clip = pytest.importorskip("open_clip")
+    from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, clip_tokenizer_from_bpe, tiny_config
+    from transformers_possam.conversion import convert_open_clip, open_clip_to_possam_kwargs
+
+    model_cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "mlp", "image_size": 64},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
+    torch.manual_seed(0)
+    reference = open_clip.model.CLIP(**model_cfg).eval()
+    for name, parameter in reference.named_parameters():
+        if parameter.dim() > 0:
+            torch.nn.init.normal_(parameter, std=0.05)
+    kwargs = open_clip_to_possam_kwargs({"model_cfg": model_cfg})
+    config = tiny_config(**kwargs)
+    assert isinstance(config, PosSAMConfig)
+    model = PosSAMForPanopticSegmentation(config).eval()
+    result = model.clip.load_state_dict(convert_open_clip(reference.state_dict()), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+    texts = ["a photo of a cat.", "There is a large traffic light in the scene."]
+    tokenizer = clip_tokenizer_from_bpe()
+    ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+    clip_pixels = torch.randn(2, 3, 64, 64)
+    sam_pixels = (clip_pixels * torch.tensor(config.clip_image_std).view(1, 3, 1, 1) + torch.tensor(config.clip_image_mean).view(1, 3, 1, 1)
+                  - torch.tensor(config.sam_image_mean).view(1, 3, 1, 1)) / torch.tensor(config.sam_image_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_text_features(ids), reference.encode_text(open_clip.get_tokenizer("convnext_large_d_320")(texts)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.get_image_features(sam_pixels), reference.encode_image(clip_pixels), atol=1e-5, rtol=1e-5)
+    assert model.clip.logit_scale.item() == pytest.approx(reference.logit_scale.item())

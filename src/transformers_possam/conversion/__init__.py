@@ -3,3 +3,6 @@
 from .sam import convert_sam_image_encoder, infer_sam_vision_config, load_checkpoint
 
 __all__ = ["convert_sam_image_encoder", "infer_sam_vision_config", "load_checkpoint"]
+from .open_clip import convert_open_clip, open_clip_to_possam_kwargs  # noqa: E402
+
+__all__ += ["convert_open_clip", "open_clip_to_possam_kwargs"]
