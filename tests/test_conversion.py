@@ -63,3 +63,39 @@ def test_open_clip_convnext_converts_exactly():
         torch.testing.assert_close(model.get_text_features(ids), reference.encode_text(open_clip.get_tokenizer("convnext_large_d_320")(texts)), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.get_image_features(sam_pixels), reference.encode_image(clip_pixels), atol=1e-5, rtol=1e-5)
     assert model.clip.logit_scale.item() == pytest.approx(reference.logit_scale.item())
+
+
+def test_conversion_script_builds_a_verified_checkpoint_the_pipeline_loads(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    open_clip = pytest.importorskip("open_clip")
+    segment_anything = pytest.importorskip("segment_anything.modeling")
+    torch.manual_seed(0)
+    sam = segment_anything.ImageEncoderViT(img_size=128, patch_size=16, embed_dim=32, depth=2, num_heads=2, out_chans=32,
+                                           use_rel_pos=True, window_size=4, global_attn_indexes=(1,))
+    for parameter in sam.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+    torch.save({f"image_encoder.{k}": v for k, v in sam.state_dict().items()}, tmp_path / "sam.pth")
+    model_cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "mlp", "image_size": 64},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
+    clip_dir = tmp_path / "open_clip"
+    clip_dir.mkdir()
+    torch.save(open_clip.model.CLIP(**model_cfg).state_dict(), clip_dir / "open_clip_pytorch_model.bin")
+    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+
+    script = Path(__file__).resolve().parents[1] / "conversion" / "convert_possam_to_hf.py"
+    result = subprocess.run([sys.executable, str(script), "--sam_checkpoint", str(tmp_path / "sam.pth"), "--clip_checkpoint", str(clip_dir),
+                             "--output_dir", str(tmp_path / "possam"), "--verify"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "verify sam_image_embeddings" in result.stderr and "verify text_features" in result.stderr
+    from transformers import pipeline
+    from PIL import Image
+
+    segmenter = pipeline("open-vocabulary-panoptic-segmentation", model=str(tmp_path / "possam"))
+    assert isinstance(segmenter(Image.new("RGB", (50, 40)), candidate_labels=["cat", "dog"]), list)
