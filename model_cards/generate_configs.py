@@ -1,16 +1,157 @@
-"""Writes model_cards/possam-vit-{b,l,h}/config.json: PosSAM with SAM ViT-B/L/H (paper Table B.1)."""
+"""Writes model_cards/possam-vit-{b,l,h}/: config.json, processor (image processor + CLIP tokenizer files) and README.md.
+
+Each folder is a ready Hub repo apart from the weights (`conversion/convert_possam_to_hf.py` and training produce
+them). Run: `python model_cards/generate_configs.py`.
+"""
 
 from pathlib import Path
 
-from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation
+import torch
+
+from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, PosSAMImageProcessor, PosSAMProcessor, clip_tokenizer_from_bpe
 from transformers_possam.configuration_possam import SAM_VISION_VARIANTS
+
+# Paper Table 1 (COCO -> ADE20K: PQ, SQ, RQ, mAP, mIoU) and Table B.1 (FPS on A100, parameters).
+PAPER = {
+    "vit-b": {"name": "B", "ade": (26.5, 74.7, 32.0, 16.8, 32.9), "fps": 1.72, "frozen": "441.4M", "total": "493.0M", "sam": "facebook/sam-vit-base"},
+    "vit-l": {"name": "L", "ade": (28.0, 75.5, 33.4, 18.3, 34.2), "fps": 1.48, "frozen": "660.0M", "total": "711.6M", "sam": "facebook/sam-vit-large"},
+    "vit-h": {"name": "H", "ade": (29.2, 76.3, 34.7, 18.3, 35.1), "fps": 1.30, "frozen": "988.7M", "total": "1040.3M", "sam": "facebook/sam-vit-huge"},
+}
+
+CARD = """---
+library_name: transformers
+pipeline_tag: image-segmentation
+license: apache-2.0
+tags:
+- possam
+- open-vocabulary
+- panoptic-segmentation
+- segment-anything
+- clip
+datasets:
+- coco
+model-index:
+- name: possam-{variant}
+  results:
+  - task:
+      type: image-segmentation
+      name: Open-vocabulary panoptic segmentation (trained on COCO, evaluated on ADE20K-150)
+    dataset:
+      type: ade20k
+      name: ADE20K (150 classes, panoptic)
+    metrics:
+    - {{type: pq, value: {pq}, name: PQ (reported by the paper, not measured here)}}
+    - {{type: sq, value: {sq}, name: SQ (reported by the paper)}}
+    - {{type: rq, value: {rq}, name: RQ (reported by the paper)}}
+    - {{type: map, value: {ap}, name: mask AP (reported by the paper)}}
+    - {{type: mean_iou, value: {miou}, name: mIoU (reported by the paper)}}
+---
+
+# PosSAM-{name} (SAM ViT-{name} + ConvNeXt-L CLIP) — transformers-possam
+
+**Status: configuration and processor only. No trained PosSAM-{name} weights exist yet** (the authors released none);
+this folder becomes a Hub repo once weights are produced (see "Producing the weights"). The numbers below marked
+"paper" are the paper's, not measurements of this checkpoint.
+
+PosSAM (*Panoptic Open-vocabulary Segment Anything*, Vibashan VS et al., 2024) segments any image into panoptic
+segments labelled from any list of class names: a frozen SAM ViT-{name} image encoder, an FPN, a Mask2Former pixel
+decoder and masked-attention decoder (250 queries) with an IoU head, and a frozen CLIP (open_clip
+`convnext_large_d_320`) whose mask-pooled features are fused with the mask features by Local Discriminative Pooling;
+Mask-Aware Selective Ensembling combines the in-vocabulary and CLIP predictions at inference.
+
+## Usage
+
+```python
+import transformers_possam  # pip install transformers-possam; registers the task and the Auto classes
+from transformers import pipeline
+
+segmenter = pipeline("open-vocabulary-panoptic-segmentation", model="<hub-user>/possam-{variant}")
+segments = segmenter("image.jpg", candidate_labels=["person,people", "car", {{"name": "road", "isthing": False}}])
+# or a preset vocabulary: candidate_labels="ade20k" / "coco"; subtask="semantic" / "instance"
+```
+
+With the Auto classes:
+
+```python
+from transformers import AutoModelForUniversalSegmentation, AutoProcessor
+model = AutoModelForUniversalSegmentation.from_pretrained("<hub-user>/possam-{variant}")
+processor = AutoProcessor.from_pretrained("<hub-user>/possam-{variant}")
+inputs = processor(images=image, candidate_labels=["cat", "dog"])
+outputs = model(**{{k: inputs[k] for k in ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "synonym_mask")}})
+result = processor.post_process_panoptic_segmentation(outputs, target_sizes=inputs["original_sizes"],
+    reshaped_input_sizes=inputs["reshaped_input_sizes"], candidate_labels=["cat", "dog"],
+    training_vocabulary=model.config.training_vocabulary)
+```
+
+## Producing the weights
+
+1. `python conversion/convert_possam_to_hf.py --sam_checkpoint sam_vit_{letter}_*.pth (or {sam}) --clip_checkpoint
+   laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup --output_dir possam-{variant} --verify` (SAM and CLIP
+   weights, fresh decoder);
+2. train on COCO panoptic: `accelerate launch training/train.py --model_name_or_path possam-{variant} --dataset_name
+   <coco parquet> --max_steps 368750 --per_device_train_batch_size 2 --mixed_precision bf16` on 8 GPUs (batch 16,
+   AdamW 1e-4, weight decay 0.05, LR x0.1 at 88.9% / 96.3%, gradient clipping 0.01, LSJ 0.1-2.0 at 1024);
+3. evaluate: `python training/evaluate.py --model_name_or_path <output> --dataset_name <ade20k parquet>`;
+4. upload: copy this README next to the weights and `huggingface_hub.upload_folder(repo_id=..., folder_path=...)`.
+
+## Training recipe (paper / FC-CLIP)
+
+COCO panoptic train2017 (133 classes), 1024x1024 crops with large-scale jitter, batch 16, AdamW (lr 1e-4, weight
+decay 0.05), multi-step decay; losses: class 2.0, mask (BCE) 5.0, dice 5.0, IoU 1.0, void weight 0.1, 12544 sampled
+points; 250 queries; MASE with alpha 0.4 (seen) / beta 0.8 (unseen).
+
+## Intended uses and limitations
+
+Open-vocabulary panoptic, instance and semantic segmentation of natural images with user-given label lists, and
+research on open-vocabulary segmentation. Classes far from COCO and from CLIP's training data are recognised less
+reliably; labels inherit CLIP's biases; stuff/thing marking of custom labels is up to the user. Not for medical,
+biometric or safety-critical decisions.
+
+## Parameters and speed
+
+| | paper (Table B.1) | this implementation |
+|---|---|---|
+| frozen parameters | {frozen} | {our_frozen} |
+| trainable parameters | 51.5M | {our_trainable} |
+| total | {total} | {our_total} |
+| FPS | {fps} (A100) | not measured yet (no GPU lent to the session that wrote this card) |
+
+Parameter counts of this implementation are exact counts on the meta device.
+
+## Citation
+
+```bibtex
+@article{{vs2024possam,
+  title={{PosSAM: Panoptic Open-vocabulary Segment Anything}},
+  author={{VS, Vibashan and Borse, Shubhankar and Park, Hyojin and Das, Debasmit and Patel, Vishal and Hayat, Munawar and Porikli, Fatih}},
+  journal={{arXiv preprint arXiv:2403.09620}},
+  year={{2024}}
+}}
+```
+"""
 
 
 def main() -> None:
     root = Path(__file__).parent
+    tokenizer = clip_tokenizer_from_bpe()
     for variant, vision in SAM_VISION_VARIANTS.items():
+        folder = root / f"possam-{variant}"
         config = PosSAMConfig(vision_config=dict(vision), architectures=[PosSAMForPanopticSegmentation.__name__])
-        config.save_pretrained(root / f"possam-{variant}")
+        config.save_pretrained(folder)
+        processor = PosSAMProcessor(PosSAMImageProcessor(), tokenizer)
+        processor.save_pretrained(folder)
+        processor.image_processor.save_pretrained(folder)  # preprocessor_config.json for AutoImageProcessor
+        with torch.device("meta"):
+            model = PosSAMForPanopticSegmentation(config)
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        paper = PAPER[variant]
+        pq, sq, rq, ap, miou = paper["ade"]
+        (folder / "README.md").write_text(CARD.format(
+            variant=variant, name=paper["name"], letter=variant[-1], sam=paper["sam"], pq=pq, sq=sq, rq=rq, ap=ap, miou=miou,
+            fps=paper["fps"], frozen=paper["frozen"], total=paper["total"], our_frozen=f"{frozen / 1e6:.2f}M",
+            our_trainable=f"{trainable / 1e6:.2f}M", our_total=f"{(frozen + trainable) / 1e6:.2f}M",
+        ))
 
 
 if __name__ == "__main__":

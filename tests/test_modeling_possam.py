@@ -236,3 +236,20 @@ def test_paper_parameter_counts_on_meta_device(variant):
     sam = sum(p.numel() for p in model.model.vision_encoder.parameters())
     clip = sum(p.numel() for p in model.clip.parameters())
     assert frozen == sam + clip
+
+
+@pytest.mark.parametrize("variant", sorted(PAPER_FROZEN))
+def test_model_card_folders_are_hub_ready(variant):
+    import yaml
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    folder = REPO / "model_cards" / variant
+    text = (folder / "README.md").read_text()
+    metadata = yaml.safe_load(text.split("---")[1])
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-segmentation"
+    metrics = metadata["model-index"][0]["results"][0]["metrics"]
+    assert all("reported by the paper" in m["name"] or "paper" in m["name"] for m in metrics)
+    assert "No trained" in text  # never claims weights that do not exist
+    processor = AutoProcessor.from_pretrained(folder)
+    assert type(processor).__name__ == "PosSAMProcessor" and len(processor.tokenizer) == 49408
+    assert type(AutoImageProcessor.from_pretrained(folder)).__name__ == "PosSAMImageProcessor"
