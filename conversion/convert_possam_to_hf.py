@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 
 from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, PosSAMImageProcessor, PosSAMProcessor, clip_tokenizer_from_bpe
-from transformers_possam.conversion import convert_open_clip, convert_sam_image_encoder, load_checkpoint, open_clip_to_possam_kwargs
+from transformers_possam.conversion import (
+    convert_fcclip_decoder,
+    convert_open_clip,
+    convert_sam_image_encoder,
+    load_checkpoint,
+    load_fcclip_checkpoint,
+    open_clip_to_possam_kwargs,
+)
 
 TOLERANCE = 1e-5
 
@@ -109,6 +116,8 @@ def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sam_checkpoint", required=True)
     parser.add_argument("--clip_checkpoint", required=True)
+    parser.add_argument("--decoder_checkpoint", default=None,
+                        help="optional FC-CLIP / Mask2Former detectron2 .pth to warm-start the pixel and transformer decoders")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--verify", action="store_true")
     parser.add_argument("--push_to_hub", default=None, help="a Hub repo id to upload the result to")
@@ -120,6 +129,15 @@ def main(argv=None) -> Path:
     model = PosSAMForPanopticSegmentation(config).eval()
     model.model.vision_encoder.load_state_dict(sam_state_dict, strict=True)
     model.clip.load_state_dict(convert_open_clip(clip_state_dict), strict=True)
+    if args.decoder_checkpoint:
+        decoder, _, dropped = convert_fcclip_decoder(load_fcclip_checkpoint(args.decoder_checkpoint))
+        expected = {k for k in model.model.state_dict() if k.startswith(("pixel_decoder.", "transformer_module."))}
+        if set(decoder) != expected:
+            raise SystemExit(f"Decoder checkpoint does not fit: missing {sorted(expected - set(decoder))[:5]}, "
+                             f"unexpected {sorted(set(decoder) - expected)[:5]}")
+        model.model.load_state_dict(decoder, strict=False)  # strict over the decoder: checked just above
+        print(f"decoder warm-started from {args.decoder_checkpoint}; dropped {len(dropped)} FC-CLIP keys "
+              "(class head, void, criterion); FPN, IoU head and LDP stay new", file=sys.stderr)
 
     differences = verify(model, sam_original, clip_config, clip_state_dict) if args.verify else {}
     size = sam_config.image_size

@@ -99,3 +99,78 @@ def test_conversion_script_builds_a_verified_checkpoint_the_pipeline_loads(tmp_p
 
     segmenter = pipeline("open-vocabulary-panoptic-segmentation", model=str(tmp_path / "possam"))
     assert isinstance(segmenter(Image.new("RGB", (50, 40)), candidate_labels=["cat", "dog"]), list)
+
+
+def detectron2_name(hf_key):
+    """The detectron2 FC-CLIP name of a PosSAMModel decoder key, transcribed from Mask2Former's module names."""
+    import re
+
+    rules = [
+        (r"^pixel_decoder\.adapter_1\.0\.weight$", "sem_seg_head.pixel_decoder.adapter_1.weight"),
+        (r"^pixel_decoder\.adapter_1\.1\.", "sem_seg_head.pixel_decoder.adapter_1.norm."),
+        (r"^pixel_decoder\.layer_1\.0\.weight$", "sem_seg_head.pixel_decoder.layer_1.weight"),
+        (r"^pixel_decoder\.layer_1\.1\.", "sem_seg_head.pixel_decoder.layer_1.norm."),
+        (r"^pixel_decoder\.input_projections\.", "sem_seg_head.pixel_decoder.input_proj."),
+        (r"^pixel_decoder\.level_embed$", "sem_seg_head.pixel_decoder.transformer.level_embed"),
+        (r"^pixel_decoder\.encoder\.layers\.(\d+)\.fc1\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.linear1."),
+        (r"^pixel_decoder\.encoder\.layers\.(\d+)\.fc2\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.linear2."),
+        (r"^pixel_decoder\.encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.norm1."),
+        (r"^pixel_decoder\.encoder\.layers\.(\d+)\.final_layer_norm\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.norm2."),
+        (r"^pixel_decoder\.encoder\.layers\.(\d+)\.self_attn\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.self_attn."),
+        (r"^pixel_decoder\.mask_projection\.", "sem_seg_head.pixel_decoder.mask_features."),
+        (r"^transformer_module\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"sem_seg_head.predictor.transformer_self_attention_layers.\1.self_attn.out_proj."),
+        (r"^transformer_module\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"sem_seg_head.predictor.transformer_self_attention_layers.\1.norm."),
+        (r"^transformer_module\.decoder\.layers\.(\d+)\.cross_attn\.", r"sem_seg_head.predictor.transformer_cross_attention_layers.\1.multihead_attn."),
+        (r"^transformer_module\.decoder\.layers\.(\d+)\.cross_attn_layer_norm\.", r"sem_seg_head.predictor.transformer_cross_attention_layers.\1.norm."),
+        (r"^transformer_module\.decoder\.layers\.(\d+)\.fc1\.", r"sem_seg_head.predictor.transformer_ffn_layers.\1.linear1."),
+        (r"^transformer_module\.decoder\.layers\.(\d+)\.fc2\.", r"sem_seg_head.predictor.transformer_ffn_layers.\1.linear2."),
+        (r"^transformer_module\.decoder\.layers\.(\d+)\.final_layer_norm\.", r"sem_seg_head.predictor.transformer_ffn_layers.\1.norm."),
+        (r"^transformer_module\.decoder\.layernorm\.", "sem_seg_head.predictor.decoder_norm."),
+        (r"^transformer_module\.decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.", r"sem_seg_head.predictor.mask_embed.layers.\1."),
+        (r"^transformer_module\.queries_embedder\.", "sem_seg_head.predictor.query_embed."),
+        (r"^transformer_module\.queries_features\.", "sem_seg_head.predictor.query_feat."),
+        (r"^transformer_module\.level_embed\.", "sem_seg_head.predictor.level_embed."),
+    ]
+    for pattern, replacement in rules:
+        new, count = re.subn(pattern, replacement, hf_key)
+        if count:
+            return new
+    return None
+
+
+def test_fcclip_decoder_checkpoint_maps_onto_the_decoder(tmp_path):
+    import re
+
+    from transformers_possam import PosSAMModel, tiny_config
+    from transformers_possam.conversion import convert_fcclip_decoder, load_fcclip_checkpoint
+
+    torch.manual_seed(0)
+    source = PosSAMModel(tiny_config())
+    detectron2 = {}
+    for key, value in source.state_dict().items():
+        match = re.match(r"transformer_module\.decoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)$", key)
+        if match:
+            continue
+        name = detectron2_name(key)
+        if name is not None:
+            detectron2[name] = value.clone()
+    layers = tiny_config().decoder_layers - 1
+    for layer in range(layers):  # detectron2 keeps q, k, v as one in_proj
+        for kind in ("weight", "bias"):
+            parts = [source.state_dict()[f"transformer_module.decoder.layers.{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            detectron2[f"sem_seg_head.predictor.transformer_self_attention_layers.{layer}.self_attn.in_proj_{kind}"] = torch.cat(parts)
+    detectron2["sem_seg_head.predictor.class_embed.layers.0.weight"] = torch.zeros(1)  # FC-CLIP's class head: dropped
+    detectron2["void_embedding.weight"] = torch.zeros(1, 32)
+    detectron2["criterion.empty_weight"] = torch.ones(134)
+    torch.save({"model": detectron2}, tmp_path / "fcclip_cocopan.pth")
+
+    decoder, clip, dropped = convert_fcclip_decoder(load_fcclip_checkpoint(tmp_path / "fcclip_cocopan.pth"))
+    assert clip == {} and sorted(dropped) == ["criterion.empty_weight", "sem_seg_head.predictor.class_embed.layers.0.weight", "void_embedding.weight"]
+    target = PosSAMModel(tiny_config())
+    expected = {k for k in target.state_dict() if k.startswith(("pixel_decoder.", "transformer_module."))}
+    assert set(decoder) == expected  # every decoder weight is covered, nothing else
+    target.load_state_dict(decoder, strict=False)
+    for key in expected:
+        assert torch.equal(target.state_dict()[key], source.state_dict()[key]), key
+    with pytest.raises(KeyError, match="Unexpected FC-CLIP"):
+        convert_fcclip_decoder({"sem_seg_head.predictor.something_new": torch.zeros(1)})
