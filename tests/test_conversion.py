@@ -174,3 +174,22 @@ def test_fcclip_decoder_checkpoint_maps_onto_the_decoder(tmp_path):
         assert torch.equal(target.state_dict()[key], source.state_dict()[key]), key
     with pytest.raises(KeyError, match="Unexpected FC-CLIP"):
         convert_fcclip_decoder({"sem_seg_head.predictor.something_new": torch.zeros(1)})
+
+
+def test_hf_sam_folder_is_accepted(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from transformers import SamConfig, SamModel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conversion"))
+    from convert_possam_to_hf import load_sam
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=128, output_channels=32,
+                  window_size=4, global_attn_indexes=[1], mlp_dim=64)
+    sam = SamModel(SamConfig(vision_config=vision))
+    sam.save_pretrained(tmp_path / "sam")
+    state_dict, config, original = load_sam(str(tmp_path / "sam"))
+    assert original is None and config.hidden_size == 32 and list(config.global_attn_indexes) == [1]
+    assert all(torch.equal(state_dict[k], v) for k, v in sam.vision_encoder.state_dict().items())
