@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
     print("| figure | ours | reference | ratio | target | result |\n|---|---|---|---|---|---|")
     for row in results["figures"]:
         if "speedup" in row:
-            print(f"| {row['figure']} | {row['ours']['median_s']:.3f} s | {row['oneformer']['median_s']:.2f} s | {row['speedup']:.0f}x | {row['target']} | {'PASS' if row['pass'] else 'FAIL'} |")
+            print(f"| {row['figure']} | {row['ours']['median_s']:.3f} s | {row['oneformer']['median_s']:.2f} s | {row['speedup']:.2f}x | {row['target']} | {'PASS' if row['pass'] else 'FAIL'} |")
         else:
             print(f"| {row['figure']} | 2nd call {row['second_call']['total_s']:.3f} s (text {row['second_call']['text_s'] * 1e3:.2f} ms) | "
                   f"1st call {row['first_call']['total_s']:.2f} s (text {row['first_call']['text_s']:.2f} s) | {100 * row['share']:.2f}% | {row['target']} | {'PASS' if row['pass'] else 'FAIL'} |")
