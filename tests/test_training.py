@@ -143,3 +143,15 @@ def test_prepare_parquet_from_coco_format_and_stream_it(tmp_path):
     assert [r["image_id"] for r in rows] == ["100", "101", "102"]
     image, ids, segments = decode_panoptic_sample(rows[1])
     assert image.size == (128, 128) and {s["id"] for s in segments} <= set(np.unique(ids).tolist())
+
+
+def test_stream_resumed_at_the_end_of_an_epoch_continues_and_all_bad_epochs_stop():
+    rows = list(toy_panoptic_rows(3))
+    stream = toy_stream(rows, augment=False)
+    stream.position.consumed = 3  # checkpoint taken right after the last row of epoch 0
+    stream.record_ids = []
+    next(iter(stream))
+    assert stream.position.epoch == 1 and stream.record_ids == ["toy_train_00000"]
+    broken = [dict(row, image={"bytes": b"broken", "path": None}) for row in rows]
+    with pytest.raises(RuntimeError, match="no usable sample"):
+        next(iter(toy_stream(broken, max_bad_fraction=1.0)))

@@ -95,10 +95,10 @@ def _segments_from_annotation(annotation: Any, label_map: dict | None, ignore_in
             "panoptic PNGs pass {'panoptic_map': png, 'segments_info': [...]}."
         )
     semantic, instance = array[..., 0].astype(np.int64), array[..., 1].astype(np.int64)
-    combined = semantic * (int(instance.max()) + 1) + instance + 1
+    divisor = int(instance.max()) + 1
+    combined = semantic * divisor + instance + 1
     combined[semantic == ignore_index] = 0
     segment_ids = [int(v) for v in np.unique(combined) if v != 0]
-    divisor = int(instance.max()) + 1
     classes = [(v - 1) // divisor for v in segment_ids]
     classes = [_map_label(c, label_map) for c in classes]
     return combined, segment_ids, classes

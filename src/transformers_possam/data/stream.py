@@ -123,7 +123,7 @@ class PanopticTrainStream:
     def __iter__(self) -> Iterator[dict]:
         while True:
             rows = itertools.islice(self._epoch_rows(self.position.epoch), self.position.consumed, None)
-            produced = False
+            produced, resumed_mid_epoch = False, self.position.consumed > 0
             for row in rows:
                 index = self.position.consumed
                 self.position.consumed += 1
@@ -141,8 +141,12 @@ class PanopticTrainStream:
                 if self.record_ids is not None:
                     self.record_ids.append(row.get("image_id"))
                 yield sample
-            if not produced and self.position.consumed == 0:
-                raise RuntimeError("The training stream is empty on this process: give every process at least one sample.")
+            if not produced and not resumed_mid_epoch:
+                # an empty shard, or one whose every sample is bad, would otherwise loop over epochs forever
+                raise RuntimeError(
+                    f"A whole epoch of this process's shard gave no usable sample ({self.position.consumed} rows, "
+                    f"{self.position.bad} bad in total): give every process at least one valid sample."
+                )
             self.position.epoch += 1
             self.position.consumed = 0
 
