@@ -107,3 +107,70 @@ def test_semantic_and_instance_shapes():
     assert {info[0]["label_id"], info[1]["label_id"]} == {1, 3}
     (things,) = processor.post_process_instance_segmentation(outputs, thing_label_ids=[3])
     assert {s["label_id"] for s in things["segments_info"]} == {3}
+
+
+def dense_panoptic_reference(processor, outputs, target_size, reshaped_size, mask_threshold=0.5, overlap=0.8):
+    """The definition, computed the slow way: every kept mask upsampled to the output, argmax per pixel."""
+    scores, is_void = class_scores(outputs)
+    query_scores, query_labels = scores[0].max(-1)
+    keep = (~is_void[0]) & (query_scores > 0.0)
+    masks = processor._masks_to_target(outputs.masks_queries_logits[0][keep].float(), reshaped_size, target_size)
+    probs = masks.sigmoid()
+    kept_scores = query_scores[keep]
+    assignment = (probs * kept_scores[:, None, None]).argmax(0)
+    inside = probs.gather(0, assignment[None])[0] >= mask_threshold
+    count = masks.shape[0]
+    assigned = torch.bincount(assignment.flatten(), minlength=count)
+    segment = torch.bincount(assignment[inside], minlength=count)
+    own = (probs >= mask_threshold).flatten(1).sum(-1)
+    valid = (segment > 0) & (own > 0) & (assigned >= overlap * own)
+    lookup = torch.zeros(count, dtype=torch.int32)
+    lookup[valid] = torch.arange(1, int(valid.sum()) + 1, dtype=torch.int32)
+    labels = query_labels[keep][valid].tolist()
+    return torch.where(inside, lookup[assignment], 0), labels, (assigned, segment, own)
+
+
+def blob_logits(queries, size, generator):
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    centres = torch.rand(queries, 2, generator=generator) * size
+    radii = 2 + torch.rand(queries, 1, 1, generator=generator) * size / 6
+    distance = ((ys - centres[:, 0, None, None]) ** 2 + (xs - centres[:, 1, None, None]) ** 2).sqrt()
+    return (radii - distance) / (0.5 + 3 * torch.rand(queries, 1, 1, generator=generator)) + 0.3 * torch.randn(queries, size, size, generator=generator)
+
+
+def test_panoptic_matches_dense_upsampling_of_every_mask():
+    """The cell-bound algorithm (mask_resampling) gives the dense result: same segments, same pixels."""
+    processor = PosSAMImageProcessor(pad_size={"height": 128, "width": 128})
+    generator = torch.Generator().manual_seed(0)
+    cases = [((96, 128), (96, 128)), ((96, 128), (61, 83)), ((96, 128), (200, 290)), (None, (77, 45)), (None, None)]
+    for seed, (reshaped, target) in enumerate(cases):
+        queries, classes = 25, 12
+        mask_logits = blob_logits(queries, 32, generator)[None]
+        class_logits = torch.randn(1, queries, classes + 1, generator=generator) * 3
+        class_logits[..., -1] -= 6.0  # mostly non-void
+        clip_logits = torch.randn(1, queries, classes, generator=generator)
+        outputs = make_outputs(mask_logits, class_logits, clip_logits, torch.rand(1, queries, generator=generator))
+        expected, labels, _ = dense_panoptic_reference(processor, outputs, target, reshaped)
+        (result,) = processor.post_process_panoptic_segmentation(
+            outputs, target_sizes=[target] if target else None, reshaped_input_sizes=[reshaped] if reshaped else None
+        )
+        assert result["segmentation"].shape == expected.shape
+        assert [s["label_id"] for s in result["segments_info"]] == labels and len(labels) > 3
+        assert torch.equal(result["segmentation"], expected), f"case {seed}: {(result['segmentation'] != expected).sum()} pixels differ"
+
+
+def test_panoptic_matches_dense_on_noise_logits():
+    """Noise masks: almost every cell has several candidates, so nearly every pixel takes the exact path."""
+    processor = PosSAMImageProcessor(pad_size={"height": 64, "width": 64})
+    generator = torch.Generator().manual_seed(1)
+    mask_logits = torch.randn(1, 30, 16, 16, generator=generator) * 2
+    class_logits = torch.randn(1, 30, 6, generator=generator) * 3
+    class_logits[..., -1] -= 6.0
+    outputs = make_outputs(mask_logits, class_logits, torch.randn(1, 30, 5, generator=generator), torch.rand(1, 30, generator=generator))
+    for overlap in (0.0, 0.3):
+        expected, labels, _ = dense_panoptic_reference(processor, outputs, (90, 70), (48, 64), overlap=overlap)
+        (result,) = processor.post_process_panoptic_segmentation(
+            outputs, target_sizes=[(90, 70)], reshaped_input_sizes=[(48, 64)], overlap_mask_area_threshold=overlap
+        )
+        assert [s["label_id"] for s in result["segments_info"]] == labels and len(labels) >= 3
+        assert torch.equal(result["segmentation"], expected)

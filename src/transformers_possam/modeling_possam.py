@@ -7,6 +7,7 @@ class logits against CLIP text embeddings (`PosSAMForPanopticSegmentation`).
 
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -24,7 +25,16 @@ from transformers.models.sam.modeling_sam import SamVisionEncoder
 from transformers.utils import ModelOutput
 
 from .configuration_possam import PosSAMConfig
-from .modeling import LocalDiscriminativePooling, PosSAMCLIP, PosSAMFPN, PosSAMIoUHead, PosSAMLoss, classify_embeddings, mask_pool
+from .modeling import (
+    LocalDiscriminativePooling,
+    PosSAMCLIP,
+    PosSAMFPN,
+    PosSAMIoUHead,
+    PosSAMLoss,
+    PosSAMMaskPredictor,
+    classify_embeddings,
+    mask_pool,
+)
 from .modeling.clip import MAX_LOGIT_SCALE
 
 __all__ = [
@@ -59,7 +69,8 @@ class PosSAMModelOutput(ModelOutput):
         s = 32, 16, 8.
     mask_features (`torch.FloatTensor` of shape `(B, mask_feature_size, H/4, W/4)`): per-pixel mask features
         (F_masked's spatial part).
-    masks_queries_logits (`tuple(torch.FloatTensor)`): L tensors `(B, Q, H/4, W/4)`, mask logits per layer, last = final.
+    masks_queries_logits (`tuple(torch.FloatTensor)`): L tensors `(B, Q, H/4, W/4)`, mask logits per layer, last = final
+        (with `output_auxiliary_masks=False` only the last is computed; the others are None).
     query_states (`tuple(torch.FloatTensor)`): L tensors `(B, Q, hidden_dim)`, layer-normed decoder query states.
     iou_logits (`tuple(torch.FloatTensor)`): L tensors `(B, Q)`, IoU head logits (sigmoid = predicted IoU).
     vision_hidden_states (`tuple(torch.FloatTensor)`, *optional*): SAM encoder hidden states (channels-last).
@@ -186,6 +197,10 @@ class PosSAMModel(PosSAMPreTrainedModel):
         self.fpn = PosSAMFPN(vision_config.output_channels, config.fpn_out_channels)
         self.pixel_decoder = Mask2FormerPixelDecoder(config, feature_channels=list(config.fpn_out_channels))
         self.transformer_module = Mask2FormerTransformerModule(in_features=config.feature_size, config=config)
+        # same parameters as Mask2Former's predictor, plus an inference mode without per-layer 1/4-resolution masks
+        self.transformer_module.decoder.mask_predictor = PosSAMMaskPredictor(
+            hidden_size=config.hidden_dim, num_heads=config.num_attention_heads, mask_feature_size=config.mask_feature_size
+        )
         self.iou_head = PosSAMIoUHead(config.hidden_dim, config.iou_head_hidden_dim, config.iou_head_depth)
         self.post_init()
         self.freeze_frozen_parts()
@@ -207,6 +222,7 @@ class PosSAMModel(PosSAMPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        output_auxiliary_masks: bool = True,
         **kwargs,
     ) -> PosSAMModelOutput | tuple:
         r"""
@@ -215,6 +231,10 @@ class PosSAMModel(PosSAMPreTrainedModel):
                 (`PosSAMImageProcessor`).
             pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*): 1 on real pixels, 0 on padding. SAM sees
                 padding as image content (as in SAM and FC-CLIP), so the mask generator does not use it.
+            output_auxiliary_masks (`bool`, defaults to True): compute every decoder layer's 1/4-resolution masks
+                (needed by the auxiliary losses). With False only the last layer's are computed, the intermediate
+                layers build their attention masks at attention resolution (`PosSAMMaskPredictor`), and the earlier
+                entries of `masks_queries_logits` are None. The final masks are the same either way.
         """
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
@@ -224,12 +244,24 @@ class PosSAMModel(PosSAMPreTrainedModel):
         image_embeddings = vision_outputs.last_hidden_state
         fpn_features = self.fpn(image_embeddings)
         pixel_decoder_output = self.pixel_decoder(fpn_features, return_dict=True)
-        decoder_output = self.transformer_module(
+        mask_features = pixel_decoder_output.mask_features
+        decode = partial(
+            self.transformer_module,
             multi_scale_features=pixel_decoder_output.multi_scale_features,
-            mask_features=pixel_decoder_output.mask_features,
+            mask_features=mask_features,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
+        if output_auxiliary_masks:
+            decoder_output = decode()
+            masks_queries_logits = decoder_output.masks_queries_logits
+        else:
+            predictor = self.transformer_module.decoder.mask_predictor
+            attention_sizes = [tuple(features.shape[-2:]) for features in pixel_decoder_output.multi_scale_features]
+            with predictor.attention_masks_only(mask_features, attention_sizes):
+                decoder_output = decode()
+            final_masks = predictor.predict_masks(decoder_output.intermediate_hidden_states[-1], mask_features)
+            masks_queries_logits = decoder_output.masks_queries_logits[:-1] + (final_masks,)
         query_states = tuple(states.transpose(0, 1) for states in decoder_output.intermediate_hidden_states)
         iou_logits = tuple(self.iou_head(states) for states in query_states)
 
@@ -238,7 +270,7 @@ class PosSAMModel(PosSAMPreTrainedModel):
             fpn_features=tuple(fpn_features),
             multi_scale_features=pixel_decoder_output.multi_scale_features,
             mask_features=pixel_decoder_output.mask_features,
-            masks_queries_logits=decoder_output.masks_queries_logits,
+            masks_queries_logits=masks_queries_logits,
             query_states=query_states,
             iou_logits=iou_logits,
             vision_hidden_states=vision_outputs.hidden_states if output_hidden_states else None,
@@ -478,13 +510,17 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         if has_labels:
             self._check_labels(mask_labels, class_labels, pixel_values, num_classes)
 
+        want_auxiliary = bool(output_auxiliary_logits) or (has_labels and self.config.use_auxiliary_loss)
         outputs: PosSAMModelOutput = self.model(
-            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            output_auxiliary_masks=want_auxiliary,
         )
         clip_features = self.clip.dense_features(self.to_clip_pixels(pixel_values, pixel_mask))
 
         per_layer_masks = outputs.masks_queries_logits
-        want_auxiliary = bool(output_auxiliary_logits) or (has_labels and self.config.use_auxiliary_loss)
         layers = range(len(per_layer_masks)) if want_auxiliary else [len(per_layer_masks) - 1]
         ldp_embeddings, class_logits = {}, {}
         for layer in layers:

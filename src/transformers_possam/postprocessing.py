@@ -22,6 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from .mase import mask_aware_selective_ensemble
+from .mask_resampling import AxisResampling, assign_panoptic, axis_resampling
 
 __all__ = ["PosSAMPostProcessingMixin", "class_scores"]
 
@@ -79,6 +80,20 @@ class PosSAMPostProcessingMixin:
             masks = F.interpolate(masks[None], size=target_size, mode="bilinear", align_corners=False)[0]
         return masks
 
+    def _resampling(self, mask_size, reshaped_size, target_size, device) -> tuple[AxisResampling, AxisResampling]:
+        """The same resize as `_masks_to_target`, per axis, as banded linear maps (rows, cols)."""
+        axes = []
+        for axis in range(2):
+            steps = []
+            size = mask_size[axis]
+            if reshaped_size is not None:
+                steps.append((self._padded_size()[axis], reshaped_size[axis]))
+                size = reshaped_size[axis]
+            if target_size is not None and size != target_size[axis]:
+                steps.append((target_size[axis], None))
+            axes.append(axis_resampling(mask_size[axis], tuple(steps), str(device)))
+        return axes[0], axes[1]
+
     def _prepare(self, outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, alpha, beta):
         batch_size = outputs.masks_queries_logits.shape[0]
         scores, is_void = class_scores(
@@ -125,20 +140,16 @@ class PosSAMPostProcessingMixin:
         for index, mask_logits in enumerate(outputs.masks_queries_logits):
             query_scores, query_labels = scores[index].max(-1)
             keep = (~is_void[index]) & (query_scores > threshold)
-            masks = self._masks_to_target(mask_logits[keep].float(), reshaped[index], targets[index])
-            height, width = masks.shape[-2:]
-            if masks.shape[0] == 0:
+            rows, cols = self._resampling(tuple(mask_logits.shape[-2:]), reshaped[index], targets[index], mask_logits.device)
+            height, width = rows.size, cols.size
+            if not keep.any():
                 results.append({"segmentation": torch.zeros(height, width, dtype=torch.int32), "segments_info": []})
                 continue
             kept_scores, kept_labels = query_scores[keep], query_labels[keep]
-            probs = masks.sigmoid()
-            assignment = (probs * kept_scores[:, None, None]).argmax(0)
-            inside = probs.gather(0, assignment[None])[0] >= mask_threshold
-            count = masks.shape[0]
-            assigned_area = torch.bincount(assignment.flatten(), minlength=count)
-            segment_area = torch.bincount(assignment[inside], minlength=count)
-            own_area = (probs >= mask_threshold).flatten(1).sum(-1)
-            valid = (segment_area > 0) & (own_area > 0) & (assigned_area >= overlap_mask_area_threshold * own_area)
+            assignment = assign_panoptic(mask_logits[keep].float(), kept_scores, mask_threshold, rows, cols)
+            count = kept_scores.shape[0]
+            own_area = assignment.own_area
+            valid = (assignment.segment_area > 0) & (own_area > 0) & (assignment.assigned_area >= overlap_mask_area_threshold * own_area)
 
             segment_of_query = [0] * count
             segments_info, stuff_segment = [], {}
@@ -155,8 +166,8 @@ class PosSAMPostProcessingMixin:
                 segment_of_query[query] = segment["id"]
                 if label in fuse:
                     stuff_segment[label] = segment
-            lookup = torch.tensor(segment_of_query, dtype=torch.int32, device=masks.device)
-            segmentation = torch.where(inside, lookup[assignment], torch.zeros((), dtype=torch.int32, device=masks.device))
+            lookup = torch.tensor(segment_of_query, dtype=torch.int32, device=mask_logits.device)
+            segmentation = assignment.label_map(lookup, rows, cols)
             results.append({"segmentation": segmentation.cpu(), "segments_info": segments_info})
         return results
 

@@ -6,6 +6,7 @@ from .iou_head import PosSAMIoUHead
 from .ldp import LocalDiscriminativePooling
 from .loss import PosSAMHungarianMatcher, PosSAMLoss, sample_binary_masks
 from .mask_pooling import mask_pool
+from .mask_predictor import PosSAMMaskPredictor
 
 __all__ = [
     "LocalDiscriminativePooling",
@@ -14,6 +15,7 @@ __all__ = [
     "PosSAMHungarianMatcher",
     "PosSAMIoUHead",
     "PosSAMLoss",
+    "PosSAMMaskPredictor",
     "classify_embeddings",
     "mask_pool",
     "sample_binary_masks",

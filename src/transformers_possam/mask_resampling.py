@@ -1,0 +1,278 @@
+"""Panoptic assignment at full resolution without upsampling every mask: bilinear bounds on low-resolution cells.
+
+The panoptic rule (Mask2Former / FC-CLIP) is decided per output pixel p of the target image:
+
+    winner(p) = argmax_k  s_k * sigmoid(x_k(p)),     inside(p) = sigmoid(x_winner(p)) >= mask_threshold,
+
+where x_k is query k's 1/4-resolution mask logit map bilinearly resized (optionally: to the padded input size,
+cropped to the image, resized to the target size). Upsampling all kept masks costs K * H * W; here it is decided
+exactly, but mostly at low resolution:
+
+- every resize used is linear and separable, with non-negative weights that sum to 1, so x_k(p) is a convex
+  combination of the low-resolution logits inside a small window (`AxisResampling.window`, at most 3x3 for
+  bilinear); the window's min and max bound x_k(p) for every output pixel whose window it is (a *cell*);
+- in a cell, only queries whose upper bound reaches the best lower bound can win; when one query is the only
+  candidate and its probability bound is on one side of `mask_threshold`, every pixel of the cell is decided;
+- the remaining cells (segment borders, mask edges) are evaluated exactly, for their candidates only, from the
+  separable interpolation weights.
+
+The output equals the dense computation up to floating-point rounding (the weights are applied in one step instead
+of F.interpolate's two): results can differ only where two scores, or a probability and `mask_threshold`, are within
+about 1e-6 of each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["AxisResampling", "PanopticAssignment", "assign_panoptic", "axis_resampling"]
+
+# cells per exact-evaluation chunk: bounds the (cells, candidates, rows, cols) temporary
+_CHUNK_CELLS = 4096
+
+
+@dataclass
+class AxisResampling:
+    """
+    One axis of the low-resolution -> output resize, as a banded linear map, with the output indices grouped into
+    *cells*: runs of output indices whose interpolation windows start at nearby low-resolution indices. A cell's
+    window (`window` low-resolution entries from `cell_starts[c]`) covers every member's interpolation support.
+
+    Attributes:
+        window: cell window length (bilinear support <= 3, plus the cell's spread of starts).
+        cell_starts: `(cells,)` first low-resolution index of each cell's window; `cell_of`: `(out,)` each output
+            index's cell.
+        members: `(cells, max_members)` output indices of each cell, -1 padded; `counts`: `(cells,)`.
+        cell_weights: `(cells, max_members, window)` interpolation weights of each member over its cell's window
+            (0 for padding members).
+        stride: low-resolution indices per cell (the step between consecutive regular `cell_starts`).
+        regular_cells: how many leading cells have `cell_starts[c] == cell_starts[0] + c * stride`.
+    """
+
+    window: int
+    cell_starts: torch.Tensor
+    cell_of: torch.Tensor
+    members: torch.Tensor
+    counts: torch.Tensor
+    cell_weights: torch.Tensor
+    stride: int
+    regular_cells: int
+
+    @property
+    def size(self) -> int:
+        return self.cell_of.shape[0]
+
+    @classmethod
+    def build(cls, in_size: int, steps: list[tuple[int, int | None]], device, cell_extent: int = 16) -> AxisResampling:
+        """
+        `steps`: successive `(resize_to, crop_to)` operations applied to a length-`in_size` axis: bilinear resize
+        (align_corners=False) to `resize_to`, then keep the first `crop_to` entries (None: no crop). The matrix is
+        obtained by applying exactly these F.interpolate calls to the identity. Cells hold about `cell_extent` output
+        indices (at least one low-resolution start each).
+        """
+        matrix = torch.eye(in_size, device=device, dtype=torch.float64)[None, :, :, None]  # (1, in, in, 1)
+        for resize_to, crop_to in steps:
+            if matrix.shape[2] != resize_to:
+                matrix = F.interpolate(matrix, size=(resize_to, 1), mode="bilinear", align_corners=False)
+            if crop_to is not None:
+                matrix = matrix[:, :, :crop_to]
+        matrix = matrix[0, :, :, 0].T.float()  # (out, in)
+        out_size = matrix.shape[0]
+        positions = torch.arange(in_size, device=device)
+        nonzero = matrix != 0
+        first = torch.where(nonzero, positions, in_size).amin(1)
+        last = torch.where(nonzero, positions, -1).amax(1)
+        # cell c holds the outputs whose support starts in [c * group, (c + 1) * group): ~cell_extent outputs each
+        group = max(1, round(cell_extent * (int(first[-1] - first[0]) + 1) / out_size))
+        cell_ids, cell_of = torch.unique(first // group, return_inverse=True)
+        num_cells = len(cell_ids)
+        window = min(group + int((last - first).max()), in_size)
+        cell_starts = (cell_ids * group).clamp(max=in_size - window)
+        counts = torch.bincount(cell_of, minlength=num_cells)
+        order = torch.argsort(cell_of, stable=True)
+        rank = torch.arange(out_size, device=device) - (torch.cumsum(counts, 0) - counts)[cell_of[order]]
+        members = torch.full((num_cells, int(counts.max())), -1, dtype=torch.long, device=device)
+        members[cell_of[order], rank] = order
+        window_index = cell_starts[:, None, None] + torch.arange(window, device=device)  # (cells, 1, window)
+        cell_weights = matrix[members.clamp(min=0)[:, :, None], window_index] * (members >= 0)[:, :, None]
+        # the leading cells whose windows are evenly spaced (`group` apart) reduce through strided views
+        regular = cell_starts == cell_starts[0] + group * torch.arange(num_cells, device=device)
+        regular_cells = int(torch.cumprod(regular, 0).sum())
+        return cls(window, cell_starts, cell_of, members, counts, cell_weights, group, regular_cells)
+
+    def window_reduce(self, values: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
+        """Min or max of `values` over each cell's window along `dim` (the low-resolution axis -> the cell axis)."""
+        combine = torch.maximum if reduce == "max" else torch.minimum
+        first = int(self.cell_starts[0])
+
+        def reduced(shifted) -> torch.Tensor:
+            result = shifted(0)
+            for offset in range(1, self.window):
+                result = combine(result, shifted(offset))
+            return result.clone() if self.window == 1 else result  # never a view of `values`: callers modify it in place
+
+        def strided(offset: int) -> torch.Tensor:  # a view, no copy
+            view = values.narrow(dim, first + offset, (self.regular_cells - 1) * self.stride + 1)
+            return view[(slice(None),) * dim + (slice(None, None, self.stride),)]
+
+        parts = [reduced(strided)] if self.regular_cells else []
+        rest = self.cell_starts[self.regular_cells :]
+        if len(rest):
+            parts.append(reduced(lambda offset: values.index_select(dim, rest + offset)))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+@lru_cache(maxsize=64)
+def axis_resampling(in_size: int, steps: tuple[tuple[int, int | None], ...], device: str = "cpu", cell_extent: int = 16) -> AxisResampling:
+    """Cached `AxisResampling.build` (a batch usually shares one resize)."""
+    return AxisResampling.build(in_size, list(steps), torch.device(device), cell_extent)
+
+
+@dataclass
+class PanopticAssignment:
+    """
+    Attributes:
+        assigned_area: `(K,)` output pixels whose winner is query k.
+        segment_area: `(K,)` of those, pixels inside the winner's mask.
+        own_area: `(K,)` output pixels where query k's own probability >= mask_threshold.
+        cell_winner, cell_inside, cell_decided: `(cells_y, cells_x)` decisions of fully decided cells.
+        exact_pixels: `(N,)` flat output indices decided exactly; `exact_winner`, `exact_inside`: `(N,)`.
+    """
+
+    assigned_area: torch.Tensor
+    segment_area: torch.Tensor
+    own_area: torch.Tensor
+    cell_winner: torch.Tensor
+    cell_inside: torch.Tensor
+    cell_decided: torch.Tensor
+    exact_pixels: torch.Tensor
+    exact_winner: torch.Tensor
+    exact_inside: torch.Tensor
+
+    def label_map(self, lookup: torch.Tensor, rows: AxisResampling, cols: AxisResampling) -> torch.Tensor:
+        """`(H, W)` map of `lookup[winner]` where inside, else 0 (`lookup`: `(K,)` int32)."""
+        zero = torch.zeros((), dtype=lookup.dtype, device=lookup.device)
+        cell_map = torch.where(self.cell_decided & self.cell_inside, lookup[self.cell_winner], zero)
+        full = cell_map.index_select(0, rows.cell_of).index_select(1, cols.cell_of).contiguous()
+        exact_values = torch.where(self.exact_inside, lookup[self.exact_winner], zero)
+        full.view(-1)[self.exact_pixels] = exact_values
+        return full
+
+
+def _exact_logits(logits, queries, cell_y, cell_x, rows: AxisResampling, cols: AxisResampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Interpolated logits of `queries[n]` at every output pixel of cell `(cell_y[n], cell_x[n])`.
+
+    Returns `(N, max_rows, max_cols)` logits and the matching bool validity (member padding is invalid).
+    """
+    row_offsets = rows.cell_starts[cell_y][:, None] + torch.arange(rows.window, device=logits.device)
+    col_offsets = cols.cell_starts[cell_x][:, None] + torch.arange(cols.window, device=logits.device)
+    patches = logits[queries[:, None, None], row_offsets[:, :, None], col_offsets[:, None, :]]  # (N, wy, wx)
+    values = rows.cell_weights[cell_y] @ patches @ cols.cell_weights[cell_x].transpose(1, 2)  # (N, mr, mc)
+    valid = (rows.members[cell_y] >= 0)[:, :, None] & (cols.members[cell_x] >= 0)[:, None, :]
+    return values, valid
+
+
+def _pixel_index(cell_y, cell_x, rows: AxisResampling, cols: AxisResampling, width: int) -> torch.Tensor:
+    return rows.members[cell_y][:, :, None] * width + cols.members[cell_x][:, None, :]
+
+
+def assign_panoptic(
+    logits: torch.Tensor, scores: torch.Tensor, mask_threshold: float, rows: AxisResampling, cols: AxisResampling
+) -> PanopticAssignment:
+    """
+    Args:
+        logits: `(K, h, w)` float mask logits of the kept queries (low resolution).
+        scores: `(K,)` their class scores.
+        mask_threshold: probability threshold of a mask.
+        rows, cols: the resize of each axis to the output.
+
+    Returns:
+        The exact panoptic assignment at output resolution, in compressed form (`PanopticAssignment`).
+    """
+    num_queries = logits.shape[0]
+    device = logits.device
+    width = cols.size
+    cell_window_max = cols.window_reduce(rows.window_reduce(logits, 1, "max"), 2, "max")  # (K, cy, cx)
+    cell_window_min = cols.window_reduce(rows.window_reduce(logits, 1, "min"), 2, "min")
+    # (in place where possible: these (K, cells) passes dominate the cost)
+    prob_high, prob_low = cell_window_max.sigmoid_(), cell_window_min.sigmoid_()
+    best_lower, cell_winner = (prob_low * scores[:, None, None]).max(0)  # the best lower bound's query is a candidate
+    # the other queries' upper bounds: a second candidate exists iff one of them reaches the best lower bound
+    rival_upper = (prob_high * scores[:, None, None]).scatter_(0, cell_winner[None], -1.0)
+    single_candidate = rival_upper.amax(0) < best_lower
+    winner_low = prob_low.gather(0, cell_winner[None])[0]
+    winner_high = prob_high.gather(0, cell_winner[None])[0]
+    cell_inside = winner_low >= mask_threshold
+    cell_decided = single_candidate & (cell_inside | (winner_high < mask_threshold))
+    pixels_per_cell = rows.counts[:, None] * cols.counts[None, :]
+
+    # float32 sums of integer counts below 2**24 are exact
+    decided_pixels = torch.where(cell_decided, pixels_per_cell, 0).flatten().float()
+    assigned_area = torch.bincount(cell_winner.flatten(), weights=decided_pixels, minlength=num_queries)
+    segment_area = torch.bincount(cell_winner.flatten(), weights=decided_pixels * cell_inside.flatten(), minlength=num_queries)
+
+    # exact decisions in the undecided cells, for their candidates only (ascending query order keeps argmax's tie rule)
+    undecided_y, undecided_x = torch.nonzero(~cell_decided, as_tuple=True)
+    pixel_chunks, winner_chunks, inside_chunks = [], [], []
+    for begin in range(0, undecided_y.numel(), _CHUNK_CELLS):
+        cy, cx = undecided_y[begin : begin + _CHUNK_CELLS], undecided_x[begin : begin + _CHUNK_CELLS]
+        cell_candidates = (rival_upper[:, cy, cx] >= best_lower[cy, cx]).T  # (n, K)
+        cell_candidates[torch.arange(len(cy), device=device), cell_winner[cy, cx]] = True
+        # (cell, query) pairs, by cell then ascending query; slot = rank of the query among its cell's candidates
+        pair_cell, pair_query = torch.nonzero(cell_candidates, as_tuple=True)
+        per_cell = cell_candidates.sum(1)
+        pair_slot = torch.arange(len(pair_cell), device=device) - (torch.cumsum(per_cell, 0) - per_cell)[pair_cell]
+        width_c = int(per_cell.max())
+        ordered = torch.full((len(cy), width_c), num_queries, dtype=torch.long, device=device)
+        ordered[pair_cell, pair_slot] = pair_query
+        values, valid = _exact_logits(logits, pair_query, cy[pair_cell], cx[pair_cell], rows, cols)
+        probs = values.sigmoid()
+        # candidates last: (n, mr, mc, C), so the argmax runs over the innermost dimension
+        weighted = torch.full((len(cy), *values.shape[1:], width_c), -1.0, device=device)
+        weighted[pair_cell, :, :, pair_slot] = probs * scores[pair_query][:, None, None]
+        prob_table = torch.zeros_like(weighted)
+        prob_table[pair_cell, :, :, pair_slot] = probs
+        slot = weighted.argmax(-1)  # (n, mr, mc)
+        winner = ordered.gather(1, slot.flatten(1)).view_as(slot)
+        inside = prob_table.gather(-1, slot[..., None])[..., 0] >= mask_threshold
+        pixel = _pixel_index(cy, cx, rows, cols, width)
+        in_image = (rows.members[cy] >= 0)[:, :, None] & (cols.members[cx] >= 0)[:, None, :]
+        pixel_chunks.append(pixel[in_image])
+        winner_chunks.append(winner[in_image])
+        inside_chunks.append(inside[in_image])
+        del valid
+    if pixel_chunks:
+        exact_pixels, exact_winner, exact_inside = torch.cat(pixel_chunks), torch.cat(winner_chunks), torch.cat(inside_chunks)
+    else:
+        exact_pixels = exact_winner = torch.zeros(0, dtype=torch.long, device=device)
+        exact_inside = torch.zeros(0, dtype=torch.bool, device=device)
+    assigned_area = assigned_area + torch.bincount(exact_winner, minlength=num_queries)
+    segment_area = segment_area + torch.bincount(exact_winner[exact_inside], minlength=num_queries)
+
+    # each query's own mask area: whole cells where its lower bound clears the threshold, exact counts on its edges
+    low_inside = prob_low >= mask_threshold
+    own_area = low_inside.flatten(1).float() @ pixels_per_cell.flatten().float()
+    # prob_low <= prob_high, so "high inside but low not" is an xor
+    edge_query, edge_y, edge_x = torch.nonzero(low_inside.logical_xor_(prob_high >= mask_threshold), as_tuple=True)
+    for begin in range(0, edge_query.numel(), _CHUNK_CELLS * 4):
+        part = slice(begin, begin + _CHUNK_CELLS * 4)
+        values, valid = _exact_logits(logits, edge_query[part], edge_y[part], edge_x[part], rows, cols)
+        inside_count = ((values.sigmoid() >= mask_threshold) & valid).flatten(1).sum(1)
+        own_area = own_area.index_add(0, edge_query[part], inside_count.float())
+
+    return PanopticAssignment(
+        assigned_area=assigned_area.round().long(),
+        segment_area=segment_area.round().long(),
+        own_area=own_area.round().long(),
+        cell_winner=cell_winner,
+        cell_inside=cell_inside,
+        cell_decided=cell_decided,
+        exact_pixels=exact_pixels,
+        exact_winner=exact_winner,
+        exact_inside=exact_inside,
+    )
