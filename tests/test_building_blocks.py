@@ -87,3 +87,53 @@ def test_shipped_vocabularies():
         split_synonyms(" , ")
     with pytest.raises(ValueError, match="Unknown vocabulary"):
         load_vocabulary("lvis")
+
+
+def test_embedding_bag_deformable_attention_matches_grid_sample_version():
+    """Same values and gradients as transformers' multi_scale_deformable_attention, incl. samples off the map."""
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    from transformers_possam.modeling import deformable_attention_embedding_bag
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(4, 6), (8, 12), (16, 24)]
+    batch, heads, head_dim, points = 2, 4, 8, 4
+    num_values = sum(h * w for h, w in shapes)
+    inputs = [
+        torch.randn(batch, num_values, heads, head_dim, generator=generator),
+        torch.rand(batch, 50, heads, len(shapes), points, 2, generator=generator) * 1.4 - 0.2,  # some outside [0, 1]
+        torch.rand(batch, 50, heads, len(shapes), points, generator=generator).softmax(-1),
+    ]
+    outputs, gradients = [], []
+    for function in (multi_scale_deformable_attention, deformable_attention_embedding_bag):
+        leaves = [tensor.clone().requires_grad_() for tensor in inputs]
+        output = function(leaves[0], shapes, leaves[1], leaves[2])
+        (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
+        outputs.append(output.detach())
+        gradients.append([leaf.grad for leaf in leaves])
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    for ours, reference in zip(gradients[1], gradients[0]):
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # the in-place (no autograd) path
+        torch.testing.assert_close(deformable_attention_embedding_bag(inputs[0], shapes, inputs[1], inputs[2]), outputs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_deformable_attention_module_equals_mask2former_module():
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention
+
+    from transformers_possam.modeling import PosSAMMultiscaleDeformableAttention
+
+    torch.manual_seed(0)
+    reference = Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(embed_dim=32, num_heads=4, n_levels=3, n_points=4)
+    ours = PosSAMMultiscaleDeformableAttention(embed_dim=32, num_heads=4, n_levels=3, n_points=4)
+    for parameter in reference.parameters():  # default init gives zero offsets: randomize to move the samples
+        torch.nn.init.normal_(parameter, std=0.5)
+    ours.load_state_dict(reference.state_dict())
+    shapes = [(3, 5), (6, 10), (12, 20)]
+    tokens = torch.randn(2, sum(h * w for h, w in shapes), 32)
+    reference_points = torch.rand(2, tokens.shape[1], 3, 2)
+    kwargs = dict(encoder_hidden_states=tokens, position_embeddings=torch.randn_like(tokens), reference_points=reference_points, spatial_shapes_list=shapes)
+    expected, expected_weights = reference(tokens, **kwargs)
+    output, weights = ours(tokens, **kwargs)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights, expected_weights)

@@ -55,6 +55,31 @@ def test_base_model_outputs_every_decoder_layer(config, pixel_values):
     assert torch.equal(embeddings, out.image_embeddings)
 
 
+def test_inference_without_auxiliary_masks_gives_the_same_outputs(model, pixel_values, vocabulary):
+    """Inference skips the intermediate layers' 1/4-resolution masks (attention masks come from resized features)."""
+    input_ids, synonym_mask = vocabulary
+    base = model.model
+    with torch.no_grad():
+        full = base(pixel_values)
+        fast = base(pixel_values, output_auxiliary_masks=False)
+        with_auxiliary = model(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask, output_auxiliary_logits=True)
+        default = model(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask)
+    assert all(masks is None for masks in fast.masks_queries_logits[:-1])
+    torch.testing.assert_close(fast.masks_queries_logits[-1], full.masks_queries_logits[-1], atol=1e-5, rtol=1e-5)
+    for fast_states, full_states in zip(fast.query_states, full.query_states):
+        torch.testing.assert_close(fast_states, full_states, atol=1e-5, rtol=1e-5)
+    for name in ("masks_queries_logits", "class_queries_logits", "clip_class_logits", "iou_scores"):
+        torch.testing.assert_close(getattr(default, name), getattr(with_auxiliary, name), atol=1e-5, rtol=1e-5)
+    # the commuting identity itself: resize(einsum(E, F)) == einsum(E, resize(F))
+    predictor = base.transformer_module.decoder.mask_predictor
+    states = full.query_states[1].transpose(0, 1)
+    for size in [tuple(f.shape[-2:]) for f in full.multi_scale_features]:
+        _, expected = predictor(states, full.mask_features, size)
+        with predictor.attention_masks_only(full.mask_features, [size]):
+            masks, attention = predictor(states, full.mask_features, size)
+        assert masks is None and torch.equal(attention, expected)
+
+
 def test_precomputed_class_embeddings_match_tokens(model, pixel_values, vocabulary):
     input_ids, synonym_mask = vocabulary
     with torch.no_grad():

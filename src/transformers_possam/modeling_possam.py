@@ -32,6 +32,7 @@ from .modeling import (
     PosSAMIoUHead,
     PosSAMLoss,
     PosSAMMaskPredictor,
+    PosSAMMultiscaleDeformableAttention,
     classify_embeddings,
     mask_pool,
 )
@@ -196,6 +197,12 @@ class PosSAMModel(PosSAMPreTrainedModel):
         self.vision_encoder = SamVisionEncoder(vision_config)
         self.fpn = PosSAMFPN(vision_config.output_channels, config.fpn_out_channels)
         self.pixel_decoder = Mask2FormerPixelDecoder(config, feature_channels=list(config.fpn_out_channels))
+        # same parameters as Mask2Former's deformable attention, with a faster CPU sampler
+        for layer in self.pixel_decoder.encoder.layers:
+            original = layer.self_attn
+            layer.self_attn = PosSAMMultiscaleDeformableAttention(
+                embed_dim=original.d_model, num_heads=original.n_heads, n_levels=original.n_levels, n_points=original.n_points
+            )
         self.transformer_module = Mask2FormerTransformerModule(in_features=config.feature_size, config=config)
         # same parameters as Mask2Former's predictor, plus an inference mode without per-layer 1/4-resolution masks
         self.transformer_module.decoder.mask_predictor = PosSAMMaskPredictor(

@@ -1,6 +1,7 @@
 """PosSAM building blocks, one paper box per file."""
 
 from .clip import PosSAMCLIP, classify_embeddings
+from .deformable_attention import PosSAMMultiscaleDeformableAttention, deformable_attention_embedding_bag
 from .fpn import PosSAMFPN
 from .iou_head import PosSAMIoUHead
 from .ldp import LocalDiscriminativePooling
@@ -16,7 +17,9 @@ __all__ = [
     "PosSAMIoUHead",
     "PosSAMLoss",
     "PosSAMMaskPredictor",
+    "PosSAMMultiscaleDeformableAttention",
     "classify_embeddings",
+    "deformable_attention_embedding_bag",
     "mask_pool",
     "sample_binary_masks",
 ]

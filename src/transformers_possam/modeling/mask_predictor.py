@@ -42,12 +42,14 @@ class PosSAMMaskPredictor(Mask2FormerMaskPredictor):
             self._resized_features = None
 
     def predict_masks(self, query_states: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
-        """Layer-normed query states `(Q, B, C)` and F_mask `(B, C, H/4, W/4)` -> mask logits `(B, Q, H/4, W/4)`."""
+        """Layer-normed query states `(Q, B, C)` and F_mask `(B, C, h, w)` -> mask logits `(B, Q, h, w)`."""
         return torch.einsum("bqc,bchw->bqhw", self.mask_embedder(query_states.transpose(0, 1)), mask_features)
 
     def forward(self, outputs: torch.Tensor, pixel_embeddings: torch.Tensor, attention_mask_target_size=None):
         if self._resized_features is None:
             return super().forward(outputs, pixel_embeddings, attention_mask_target_size)
         resized = self._resized_features[tuple(attention_mask_target_size)]
-        # at the target size the parent's own resize is the identity
-        return None, super().forward(outputs, resized, attention_mask_target_size)[1]
+        masks = self.predict_masks(outputs, resized)
+        # the parent's rule (sigmoid < 0.5, per head), thresholded before the per-head copy: bool, not float, copies
+        blocked = masks.flatten(2).sigmoid() < 0.5
+        return None, blocked.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)

@@ -1,0 +1,125 @@
+"""Multi-scale deformable attention of the pixel decoder, with a CPU sampler built on `F.embedding_bag`."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
+    multi_scale_deformable_attention,
+)
+
+__all__ = ["PosSAMMultiscaleDeformableAttention", "deformable_attention_embedding_bag"]
+
+# float32 holds every integer below 2**24 exactly: row indices up to that are computed in float32
+_FLOAT32_EXACT_INTEGERS = 2**24
+
+
+def deformable_attention_embedding_bag(
+    value: torch.Tensor, spatial_shapes: list[tuple[int, int]], sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+) -> torch.Tensor:
+    """
+    The same result as transformers' `multi_scale_deformable_attention` (bilinear `grid_sample`, zero padding,
+    align_corners=False, weighted by the attention weights), computed as one weighted sum of value rows per
+    (query, head): each sample contributes its 4 bilinear corners with weight `attention * corner weight`, and
+    `F.embedding_bag(mode="sum", per_sample_weights=...)` gathers and sums the 32-wide rows in one fused pass. It
+    never materializes the sampled values `(B * heads, head_dim, Q, levels * points)`, which dominates the
+    `grid_sample` version on CPU.
+
+    Args:
+        value: `(B, N, heads, head_dim)`, N = sum of h * w over the levels (level-major, row-major).
+        spatial_shapes: `[(h, w)]` per level.
+        sampling_locations: `(B, Q, heads, levels, points, 2)` normalized (x, y) in [0, 1].
+        attention_weights: `(B, Q, heads, levels, points)`.
+
+    Returns:
+        `(B, Q, heads * head_dim)`.
+    """
+    batch_size, num_values, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    index_dtype = torch.float32 if batch_size * num_values * num_heads < _FLOAT32_EXACT_INTEGERS else torch.float64
+    device = value.device
+    track_gradients = torch.is_grad_enabled() and (sampling_locations.requires_grad or attention_weights.requires_grad)
+    # bag entries per (image, query, head), in (level, corner, point) order
+    positions = torch.empty(batch_size, num_queries, num_heads, num_levels, 4, num_points, dtype=index_dtype, device=device)
+    weights = None if track_gradients else torch.empty_like(positions)
+    level_weights = []
+    image_offset = (torch.arange(batch_size, dtype=index_dtype, device=device) * num_values).view(batch_size, 1, 1, 1)
+    level_start = 0
+    for level, (height, width) in enumerate(spatial_shapes):
+        # grid_sample's pixel coordinates (align_corners=False); corners off the map get weight 0 (zero padding)
+        x = sampling_locations[:, :, :, level, :, 0].to(index_dtype) * width - 0.5
+        y = sampling_locations[:, :, :, level, :, 1].to(index_dtype) * height - 0.5
+        x0, y0 = x.detach().floor(), y.detach().floor()  # indices carry no gradient (as in grid_sample)
+        fx, fy = x - x0, y - y0
+        attention = attention_weights[:, :, :, level].to(index_dtype)
+        weight_x0 = (1 - fx).masked_fill((x0 < 0) | (x0 >= width), 0)
+        weight_x1 = fx.masked_fill((x0 < -1) | (x0 >= width - 1), 0)
+        weight_y0 = (1 - fy).masked_fill((y0 < 0) | (y0 >= height), 0) * attention
+        weight_y1 = fy.masked_fill((y0 < -1) | (y0 >= height - 1), 0) * attention
+        column_0, column_1 = x0.clamp(0, width - 1), (x0 + 1).clamp_(0, width - 1)
+        row_0 = y0.clamp(0, height - 1).mul_(width).add_(image_offset + level_start)
+        row_1 = (y0 + 1).clamp_(0, height - 1).mul_(width).add_(image_offset + level_start)
+        corners = ((row_0, column_0, weight_y0, weight_x0), (row_0, column_1, weight_y0, weight_x1), (row_1, column_0, weight_y1, weight_x0), (row_1, column_1, weight_y1, weight_x1))
+        for corner, (row, column, weight_y, weight_x) in enumerate(corners):
+            torch.add(row, column, out=positions[:, :, :, level, corner])
+            if weights is not None:  # in place, no concatenation
+                torch.mul(weight_y, weight_x, out=weights[:, :, :, level, corner])
+        if track_gradients:
+            level_weights.append(torch.stack([weight_y * weight_x for _, _, weight_y, weight_x in corners], dim=3))
+        level_start += height * width
+    if track_gradients:
+        weights = torch.stack(level_weights, dim=3)
+    # value viewed as (B * N * heads, head_dim): row of (image, position, head) = (image * N + position) * heads + head
+    head = torch.arange(num_heads, dtype=index_dtype, device=device).view(1, 1, num_heads, 1, 1, 1)
+    rows = positions.mul_(num_heads).add_(head).to(torch.int64 if index_dtype == torch.float64 else torch.int32).view(-1)
+    samples_per_bag = num_levels * 4 * num_points
+    offsets = torch.arange(0, rows.numel(), samples_per_bag, dtype=rows.dtype, device=device)
+    output = F.embedding_bag(
+        rows, value.reshape(-1, head_dim), offsets, mode="sum", per_sample_weights=weights.reshape(-1).to(value.dtype)
+    )
+    return output.view(batch_size, num_queries, num_heads * head_dim)
+
+
+class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
+    """
+    Mask2Former's pixel-decoder deformable attention (same parameters and state-dict keys, same math). On CPU the
+    sampling runs through `deformable_attention_embedding_bag` (about 4x faster than the `grid_sample` version at
+    1024x1024 input); elsewhere through transformers' `multi_scale_deformable_attention`. The pixel decoder's
+    encoder only uses 2-d reference points (the layer grid), so 4-d (box) reference points are not supported.
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        position_embeddings: torch.Tensor | None = None,
+        reference_points=None,
+        spatial_shapes_list=None,
+        level_start_index=None,
+        output_attentions: bool = False,
+    ):
+        if reference_points.shape[-1] != 2:
+            raise ValueError(f"PosSAM's pixel decoder uses 2-d reference points, got {reference_points.shape[-1]}-d.")
+        queries = self.with_pos_embed(hidden_states, position_embeddings)
+        batch_size, num_queries, _ = queries.shape
+        num_values = encoder_hidden_states.shape[1]
+        if sum(h * w for h, w in spatial_shapes_list) != num_values:
+            raise ValueError("The spatial shapes do not add up to the sequence length of the encoder hidden states.")
+
+        value = self.value_proj(encoder_hidden_states)
+        if attention_mask is not None:
+            value = value.masked_fill(attention_mask[..., None], 0.0)
+        value = value.view(batch_size, num_values, self.n_heads, self.d_model // self.n_heads)
+        offsets = self.sampling_offsets(queries).view(batch_size, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
+        attention_weights = self.attention_weights(queries).view(batch_size, num_queries, self.n_heads, self.n_levels * self.n_points)
+        attention_weights = attention_weights.softmax(-1).view(batch_size, num_queries, self.n_heads, self.n_levels, self.n_points)
+        # offsets are in pixels of each level: normalize by (width, height)
+        normalizer = torch.tensor([[w, h] for h, w in spatial_shapes_list], dtype=offsets.dtype, device=offsets.device)
+        sampling_locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+
+        sample = deformable_attention_embedding_bag if value.device.type == "cpu" else multi_scale_deformable_attention
+        output = self.output_proj(sample(value, spatial_shapes_list, sampling_locations, attention_weights))
+        return output, attention_weights
