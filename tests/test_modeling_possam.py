@@ -92,6 +92,40 @@ def test_precomputed_class_embeddings_match_tokens(model, pixel_values, vocabula
     assert torch.allclose(class_embeddings[2, 0], torch.nn.functional.normalize(prompts.mean(0), dim=0), atol=1e-6)
 
 
+def test_vocabulary_encoding_one_pass_real_synonyms_only(model, vocabulary):
+    input_ids, synonym_mask = vocabulary
+    input_ids = input_ids.clone()
+    input_ids[..., -3:] = 49407  # end of text, then two padding tokens (CLIP pads with the end-of-text id)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[..., -2:] = 0  # padding columns in every prompt: dropped before the text tower
+    seen = []
+    original = model.clip.text_embeddings
+
+    def counting(ids, mask=None):
+        seen.append(tuple(ids.shape))
+        return original(ids, mask)
+
+    model.clip.text_embeddings = counting
+    try:
+        with torch.no_grad():
+            one_pass, _ = model.get_class_embeddings(input_ids, attention_mask, synonym_mask)
+            calls_one_pass = list(seen)
+            chunked, _ = model.get_class_embeddings(input_ids, attention_mask, synonym_mask, text_batch_size=4)
+    finally:
+        del model.clip.text_embeddings
+    num_templates, seq_len = input_ids.shape[2:]
+    assert calls_one_pass == [(int(synonym_mask.sum()) * num_templates, seq_len - 2)]
+    torch.testing.assert_close(chunked, one_pass, atol=1e-6, rtol=1e-6)
+    # the dropped columns were padding: encoding the full prompts gives the same embeddings
+    with torch.no_grad():
+        reference = torch.nn.functional.normalize(model.get_text_features(input_ids[0, 0], attention_mask[0, 0]), dim=-1)
+    torch.testing.assert_close(one_pass[0, 0], torch.nn.functional.normalize(reference.mean(0), dim=0), atol=1e-5, rtol=1e-5)
+    padding = ~synonym_mask
+    assert torch.equal(one_pass[padding], one_pass[:, 0][padding.nonzero()[:, 0]])
+    with pytest.raises(ValueError, match="text_batch_size"):
+        model.get_class_embeddings(input_ids, attention_mask, synonym_mask, text_batch_size=0)
+
+
 def test_synonym_max_ignores_padding_slots():
     embeddings = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     classes = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.6, 0.8], [0.0, 1.0]]])

@@ -54,8 +54,6 @@ _MASK2FORMER_INIT_TYPES = (
     Mask2FormerPixelDecoder,
     Mask2FormerPredictionBlock,
 )
-# Prompts per text-tower call when encoding a vocabulary (FC-CLIP uses 128 to bound memory).
-TEXT_BATCH_SIZE = 256
 
 
 @dataclass
@@ -364,20 +362,31 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
 
     @torch.no_grad()
     def get_class_embeddings(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, synonym_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        synonym_mask: torch.Tensor | None = None,
+        text_batch_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Encode a tokenized vocabulary into classifier weights (FC-CLIP's text classifier): every prompt is encoded
         and L2-normalized, the T templates of a synonym are averaged, and the mean is L2-normalized again.
+
+        Only real synonym slots are encoded (padding slots of `synonym_mask` are never used by the classifier), and
+        token columns that are padding in every prompt are dropped first (exact: CLIP's text attention is causal
+        and pools at the end-of-text token).
 
         Args:
             input_ids: `(K, S, T, L)` (K classes, S synonym slots, T templates, L tokens) or `(K, L)` (one prompt per
                 class).
             attention_mask: same shape as `input_ids`, optional.
             synonym_mask: `(K, S)` bool, True on real synonyms (padding slots are ignored); default all True.
+            text_batch_size: prompts per text-tower call; default None encodes the whole vocabulary in one batched
+                pass. Set it to bound memory (a full-size text tower needs about 0.3 MB per prompt token).
 
         Returns:
-            `class_embeddings` `(K, S, D)` L2-normalized and `synonym_mask` `(K, S)`.
+            `class_embeddings` `(K, S, D)` L2-normalized (padding slots hold the class's first synonym) and
+            `synonym_mask` `(K, S)`.
         """
         if input_ids.dim() == 2:
             input_ids = input_ids[:, None, None]
@@ -387,17 +396,29 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 f"input_ids must be (num_classes, num_synonyms, num_templates, seq_len) or (num_classes, seq_len); got shape "
                 f"{tuple(input_ids.shape)}. PosSAMProcessor builds the 4-D layout from a list of class names."
             )
+        if text_batch_size is not None and text_batch_size < 1:
+            raise ValueError(f"text_batch_size must be a positive number of prompts or None, got {text_batch_size}.")
         num_classes, num_synonyms, num_templates, seq_len = input_ids.shape
-        flat_ids = input_ids.reshape(-1, seq_len)
-        flat_mask = attention_mask.reshape(-1, seq_len) if attention_mask is not None else None
-        chunks = []
-        for start in range(0, flat_ids.shape[0], TEXT_BATCH_SIZE):
-            mask_chunk = flat_mask[start : start + TEXT_BATCH_SIZE] if flat_mask is not None else None
-            chunks.append(self.get_text_features(flat_ids[start : start + TEXT_BATCH_SIZE], mask_chunk).float())
+        synonym_mask = self._check_synonym_mask(synonym_mask, num_classes, num_synonyms, input_ids.device)
+        real = synonym_mask.flatten()
+        prompt_ids = input_ids.reshape(-1, num_templates, seq_len)[real].reshape(-1, seq_len)
+        prompt_mask = attention_mask.reshape(-1, num_templates, seq_len)[real].reshape(-1, seq_len) if attention_mask is not None else None
+        if prompt_mask is not None and prompt_mask.any():
+            length = int(torch.nonzero(prompt_mask.any(0)).max()) + 1
+            prompt_ids, prompt_mask = prompt_ids[:, :length], prompt_mask[:, :length]
+        batch = text_batch_size or prompt_ids.shape[0]
+        chunks = [
+            self.get_text_features(prompt_ids[start : start + batch], prompt_mask[start : start + batch] if prompt_mask is not None else None).float()
+            for start in range(0, prompt_ids.shape[0], batch)
+        ]
         prompt_embeddings = nn.functional.normalize(torch.cat(chunks), dim=-1)
-        class_embeddings = prompt_embeddings.view(num_classes, num_synonyms, num_templates, -1).mean(dim=2)
-        class_embeddings = nn.functional.normalize(class_embeddings, dim=-1)
-        return class_embeddings, self._check_synonym_mask(synonym_mask, num_classes, num_synonyms, input_ids.device)
+        synonym_embeddings = nn.functional.normalize(prompt_embeddings.view(-1, num_templates, prompt_embeddings.shape[-1]).mean(1), dim=-1)
+        class_embeddings = synonym_embeddings.new_zeros(num_classes * num_synonyms, synonym_embeddings.shape[-1])
+        class_embeddings[real] = synonym_embeddings
+        class_embeddings = class_embeddings.view(num_classes, num_synonyms, -1)
+        first_synonym = class_embeddings[torch.arange(num_classes), synonym_mask.int().argmax(1)]
+        class_embeddings = torch.where(synonym_mask[..., None], class_embeddings, first_synonym[:, None])
+        return class_embeddings, synonym_mask
 
     @staticmethod
     def _check_synonym_mask(synonym_mask, num_classes, num_synonyms, device) -> torch.Tensor:

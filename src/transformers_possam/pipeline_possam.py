@@ -40,8 +40,10 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
     _load_tokenizer = True
     _load_feature_extractor = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, text_batch_size: int | None = None, **kwargs):
+        """`text_batch_size`: prompts per text-tower call when a new vocabulary is encoded (default: one pass)."""
         super().__init__(*args, **kwargs)
+        self.text_batch_size = text_batch_size
         self.processor = PosSAMProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer)
         self._vocabulary_cache: OrderedDict = OrderedDict()
         self.text_encoding_calls = 0
@@ -119,7 +121,10 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
         tokens = self.processor.encode_vocabulary(vocabulary)
         with torch.no_grad():
             embeddings, synonym_mask = self.model.get_class_embeddings(
-                tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device), tokens["synonym_mask"].to(self.device)
+                tokens["input_ids"].to(self.device),
+                tokens["attention_mask"].to(self.device),
+                tokens["synonym_mask"].to(self.device),
+                text_batch_size=self.text_batch_size,
             )
         self.text_encoding_calls += 1
         seen = seen_class_mask(vocabulary, self.model.config.training_vocabulary).to(self.device)
