@@ -137,3 +137,20 @@ def test_deformable_attention_module_equals_mask2former_module():
     output, weights = ours(tokens, **kwargs)
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(weights, expected_weights)
+
+
+def test_head_by_head_sam_global_attention_equals_transformers():
+    from transformers import SamVisionConfig
+    from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
+
+    from transformers_possam.modeling import PosSAMVisionGlobalAttention
+
+    config = SamVisionConfig(hidden_size=48, num_attention_heads=3, image_size=128, patch_size=16)
+    torch.manual_seed(0)
+    reference = SamVisionSdpaAttention(config, window_size=0).eval()
+    torch.nn.init.normal_(reference.rel_pos_h, std=0.5)
+    torch.nn.init.normal_(reference.rel_pos_w, std=0.5)
+    ours = PosSAMVisionGlobalAttention(config, window_size=0).eval()
+    ours.load_state_dict(reference.state_dict())
+    hidden = torch.randn(2, 8, 8, 48)
+    torch.testing.assert_close(ours(hidden)[0], reference(hidden)[0], atol=1e-5, rtol=1e-5)

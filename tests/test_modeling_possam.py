@@ -80,6 +80,18 @@ def test_inference_without_auxiliary_masks_gives_the_same_outputs(model, pixel_v
         assert masks is None and torch.equal(attention, expected)
 
 
+def test_cross_attention_weights_only_when_asked(config, pixel_values):
+    torch.manual_seed(0)
+    base = PosSAMModel(config).eval()
+    with torch.no_grad():
+        plain = base(pixel_values)
+        with_attentions = base(pixel_values, output_attentions=True)
+    assert plain.decoder_attentions is None
+    cross_weights = [layer[1] for layer in with_attentions.decoder_attentions]
+    assert all(w is not None and w.shape[:2] == (pixel_values.shape[0], config.num_queries) for w in cross_weights)
+    torch.testing.assert_close(plain.masks_queries_logits[-1], with_attentions.masks_queries_logits[-1], atol=1e-5, rtol=1e-5)
+
+
 def test_precomputed_class_embeddings_match_tokens(model, pixel_values, vocabulary):
     input_ids, synonym_mask = vocabulary
     with torch.no_grad():

@@ -31,8 +31,8 @@ from torch.nn import functional as F
 
 __all__ = ["AxisResampling", "PanopticAssignment", "assign_panoptic", "axis_resampling"]
 
-# cells per exact-evaluation chunk: bounds the (cells, candidates, rows, cols) temporary
-_CHUNK_CELLS = 4096
+# elements of the (cells, rows, cols, candidates) temporaries of one exact-evaluation chunk (16 MiB of float32)
+_CHUNK_ELEMENTS = 2**22
 
 
 @dataclass
@@ -177,6 +177,24 @@ def _exact_logits(logits, queries, cell_y, cell_x, rows: AxisResampling, cols: A
     return values, valid
 
 
+def _chunks_by_size(candidates_per_cell: torch.Tensor, pixels_per_cell: int) -> list[torch.Tensor]:
+    """
+    Cell indices in chunks whose (cells, pixels, max candidates) temporaries stay under `_CHUNK_ELEMENTS`; cells are
+    sorted by candidate count so a chunk's widest cell is close to its others.
+    """
+    order = torch.argsort(candidates_per_cell)
+    counts = candidates_per_cell[order].tolist()
+    chunks, begin = [], 0
+    while begin < len(counts):
+        end = begin + 1
+        # counts ascend: the chunk [begin, end) needs counts[end - 1] slots per cell
+        while end < len(counts) and counts[end] * (end + 1 - begin) * pixels_per_cell <= _CHUNK_ELEMENTS:
+            end += 1
+        chunks.append(order[begin:end])
+        begin = end
+    return chunks
+
+
 def _pixel_index(cell_y, cell_x, rows: AxisResampling, cols: AxisResampling, width: int) -> torch.Tensor:
     return rows.members[cell_y][:, :, None] * width + cols.members[cell_x][:, None, :]
 
@@ -218,11 +236,12 @@ def assign_panoptic(
 
     # exact decisions in the undecided cells, for their candidates only (ascending query order keeps argmax's tie rule)
     undecided_y, undecided_x = torch.nonzero(~cell_decided, as_tuple=True)
+    undecided_candidates = rival_upper[:, undecided_y, undecided_x] >= best_lower[undecided_y, undecided_x]  # (K, n)
+    undecided_candidates[cell_winner[undecided_y, undecided_x], torch.arange(len(undecided_y), device=device)] = True
     pixel_chunks, winner_chunks, inside_chunks = [], [], []
-    for begin in range(0, undecided_y.numel(), _CHUNK_CELLS):
-        cy, cx = undecided_y[begin : begin + _CHUNK_CELLS], undecided_x[begin : begin + _CHUNK_CELLS]
-        cell_candidates = (rival_upper[:, cy, cx] >= best_lower[cy, cx]).T  # (n, K)
-        cell_candidates[torch.arange(len(cy), device=device), cell_winner[cy, cx]] = True
+    for chunk in _chunks_by_size(undecided_candidates.sum(0), rows.members.shape[1] * cols.members.shape[1]):
+        cy, cx = undecided_y[chunk], undecided_x[chunk]
+        cell_candidates = undecided_candidates[:, chunk].T  # (n, K)
         # (cell, query) pairs, by cell then ascending query; slot = rank of the query among its cell's candidates
         pair_cell, pair_query = torch.nonzero(cell_candidates, as_tuple=True)
         per_cell = cell_candidates.sum(1)
@@ -259,8 +278,9 @@ def assign_panoptic(
     own_area = low_inside.flatten(1).float() @ pixels_per_cell.flatten().float()
     # prob_low <= prob_high, so "high inside but low not" is an xor
     edge_query, edge_y, edge_x = torch.nonzero(low_inside.logical_xor_(prob_high >= mask_threshold), as_tuple=True)
-    for begin in range(0, edge_query.numel(), _CHUNK_CELLS * 4):
-        part = slice(begin, begin + _CHUNK_CELLS * 4)
+    pairs_per_chunk = max(1, _CHUNK_ELEMENTS // (rows.members.shape[1] * cols.members.shape[1]))
+    for begin in range(0, edge_query.numel(), pairs_per_chunk):
+        part = slice(begin, begin + pairs_per_chunk)
         values, valid = _exact_logits(logits, edge_query[part], edge_y[part], edge_x[part], rows, cols)
         inside_count = ((values.sigmoid() >= mask_threshold) & valid).flatten(1).sum(1)
         own_area = own_area.index_add(0, edge_query[part], inside_count.float())

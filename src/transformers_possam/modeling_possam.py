@@ -21,7 +21,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPreTrainedModel,
     Mask2FormerTransformerModule,
 )
-from transformers.models.sam.modeling_sam import SamVisionEncoder
+from transformers.models.sam.modeling_sam import SamVisionEncoder, SamVisionSdpaAttention
 from transformers.utils import ModelOutput
 
 from .configuration_possam import PosSAMConfig
@@ -32,7 +32,9 @@ from .modeling import (
     PosSAMIoUHead,
     PosSAMLoss,
     PosSAMMaskPredictor,
+    PosSAMMaskedCrossAttention,
     PosSAMMultiscaleDeformableAttention,
+    PosSAMVisionGlobalAttention,
     classify_embeddings,
     mask_pool,
 )
@@ -193,6 +195,10 @@ class PosSAMModel(PosSAMPreTrainedModel):
         config.validate_architecture()
         vision_config: SamVisionConfig = config.vision_config
         self.vision_encoder = SamVisionEncoder(vision_config)
+        # global-attention layers (window_size 0): same parameters, one head at a time (bounded bias memory)
+        for layer in self.vision_encoder.layers:
+            if layer.window_size == 0 and type(layer.attn) is SamVisionSdpaAttention:
+                layer.attn = PosSAMVisionGlobalAttention(vision_config, window_size=0)
         self.fpn = PosSAMFPN(vision_config.output_channels, config.fpn_out_channels)
         self.pixel_decoder = Mask2FormerPixelDecoder(config, feature_channels=list(config.fpn_out_channels))
         # same parameters as Mask2Former's deformable attention, with a faster CPU sampler
@@ -206,6 +212,9 @@ class PosSAMModel(PosSAMPreTrainedModel):
         self.transformer_module.decoder.mask_predictor = PosSAMMaskPredictor(
             hidden_size=config.hidden_dim, num_heads=config.num_attention_heads, mask_feature_size=config.mask_feature_size
         )
+        # same parameters; attention weights only computed when output_attentions asks for them
+        for layer in self.transformer_module.decoder.layers:
+            layer.cross_attn = PosSAMMaskedCrossAttention(config.hidden_dim, config.num_attention_heads, config.dropout)
         self.iou_head = PosSAMIoUHead(config.hidden_dim, config.iou_head_hidden_dim, config.iou_head_depth)
         self.post_init()
         self.freeze_frozen_parts()
@@ -257,6 +266,8 @@ class PosSAMModel(PosSAMPreTrainedModel):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
+        for layer in self.transformer_module.decoder.layers:
+            layer.cross_attn.return_attention_weights = bool(output_attentions)
         if output_auxiliary_masks:
             decoder_output = decode()
             masks_queries_logits = decoder_output.masks_queries_logits
@@ -539,6 +550,8 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             self._check_labels(mask_labels, class_labels, pixel_values, num_classes)
 
         want_auxiliary = bool(output_auxiliary_logits) or (has_labels and self.config.use_auxiliary_loss)
+        # CLIP first: its large early-stage activations are freed before the mask generator's outputs exist
+        clip_features = self.clip.dense_features(self.to_clip_pixels(pixel_values, pixel_mask))
         outputs: PosSAMModelOutput = self.model(
             pixel_values,
             output_hidden_states=output_hidden_states,
@@ -546,7 +559,6 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             return_dict=True,
             output_auxiliary_masks=want_auxiliary,
         )
-        clip_features = self.clip.dense_features(self.to_clip_pixels(pixel_values, pixel_mask))
 
         per_layer_masks = outputs.masks_queries_logits
         layers = range(len(per_layer_masks)) if want_auxiliary else [len(per_layer_masks) - 1]

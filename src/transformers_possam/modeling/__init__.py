@@ -8,6 +8,8 @@ from .ldp import LocalDiscriminativePooling
 from .loss import PosSAMHungarianMatcher, PosSAMLoss, sample_binary_masks
 from .mask_pooling import mask_pool
 from .mask_predictor import PosSAMMaskPredictor
+from .masked_cross_attention import PosSAMMaskedCrossAttention
+from .sam_attention import PosSAMVisionGlobalAttention
 
 __all__ = [
     "LocalDiscriminativePooling",
@@ -17,7 +19,9 @@ __all__ = [
     "PosSAMIoUHead",
     "PosSAMLoss",
     "PosSAMMaskPredictor",
+    "PosSAMMaskedCrossAttention",
     "PosSAMMultiscaleDeformableAttention",
+    "PosSAMVisionGlobalAttention",
     "classify_embeddings",
     "deformable_attention_embedding_bag",
     "mask_pool",
