@@ -43,7 +43,7 @@ def _data_path_images_per_second(size: int, processor_size: int, count: int) -> 
     from datasets import Dataset
 
     from transformers_possam import PosSAMImageProcessor
-    from transformers_possam.data import PanopticTrainStream
+    from transformers_possam.data.stream import PanopticTrainStream
     from transformers_possam.data.synthetic import TOY_CATEGORIES
 
     dataset = Dataset.from_list(_jpeg_rows(size, count))

@@ -120,9 +120,10 @@ class AxisResampling:
             return view[(slice(None),) * dim + (slice(None, None, self.stride),)]
 
         parts = [reduced(strided)] if self.regular_cells else []
-        rest = self.cell_starts[self.regular_cells :]
-        if len(rest):
-            parts.append(reduced(lambda offset: values.index_select(dim, rest + offset)))
+        # the few irregular cells (clamped at the border, or skipped starts): one narrow + reduction each
+        reduce_window = torch.amax if reduce == "max" else torch.amin
+        for start in self.cell_starts[self.regular_cells :].tolist():
+            parts.append(reduce_window(values.narrow(dim, start, self.window), dim=dim, keepdim=True))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
@@ -140,7 +141,8 @@ class PanopticAssignment:
         segment_area: `(K,)` of those, pixels inside the winner's mask.
         own_area: `(K,)` output pixels where query k's own probability >= mask_threshold.
         cell_winner, cell_inside, cell_decided: `(cells_y, cells_x)` decisions of fully decided cells.
-        exact_pixels: `(N,)` flat output indices decided exactly; `exact_winner`, `exact_inside`: `(N,)`.
+        exact_pixels: `(N,)` flat output indices decided exactly (H * W for padding entries); `exact_winner` `(N,)`
+            (K for padding), `exact_inside` `(N,)`.
     """
 
     assigned_area: torch.Tensor
@@ -157,46 +159,46 @@ class PanopticAssignment:
         """`(H, W)` map of `lookup[winner]` where inside, else 0 (`lookup`: `(K,)` int32)."""
         zero = torch.zeros((), dtype=lookup.dtype, device=lookup.device)
         cell_map = torch.where(self.cell_decided & self.cell_inside, lookup[self.cell_winner], zero)
-        full = cell_map.index_select(0, rows.cell_of).index_select(1, cols.cell_of).contiguous()
-        exact_values = torch.where(self.exact_inside, lookup[self.exact_winner], zero)
-        full.view(-1)[self.exact_pixels] = exact_values
-        return full
+        full = torch.empty(rows.size * cols.size + 1, dtype=lookup.dtype, device=lookup.device)  # + the padding slot
+        full[:-1].view(rows.size, cols.size).copy_(cell_map.index_select(0, rows.cell_of).index_select(1, cols.cell_of))
+        padded_lookup = torch.cat([lookup, zero[None]])  # winner K (padding) -> 0
+        full[self.exact_pixels] = torch.where(self.exact_inside, padded_lookup[self.exact_winner], zero)
+        return full[:-1].view(rows.size, cols.size)
 
 
-def _exact_logits(logits, queries, cell_y, cell_x, rows: AxisResampling, cols: AxisResampling) -> tuple[torch.Tensor, torch.Tensor]:
+def _exact_logits(logits, queries, cell_y, cell_x, rows: AxisResampling, cols: AxisResampling) -> torch.Tensor:
+    """Interpolated logits `(N, max_rows, max_cols)` of `queries[n]` at every member pixel of cell `(cell_y[n], cell_x[n])`."""
+    height, width = logits.shape[-2:]
+    row_offsets = (rows.cell_starts.index_select(0, cell_y)[:, None] + torch.arange(rows.window, device=logits.device)) * width
+    col_offsets = cols.cell_starts.index_select(0, cell_x)[:, None] + torch.arange(cols.window, device=logits.device)
+    flat_index = (queries * (height * width))[:, None, None] + row_offsets[:, :, None] + col_offsets[:, None, :]
+    patches = torch.take(logits, flat_index)  # (N, wy, wx)
+    return rows.cell_weights.index_select(0, cell_y) @ patches @ cols.cell_weights.index_select(0, cell_x).transpose(1, 2)
+
+
+def _member_mask(cell_y, cell_x, rows: AxisResampling, cols: AxisResampling) -> torch.Tensor:
+    """`(N, max_rows, max_cols)` True on real member pixels (not the -1 padding)."""
+    return (rows.members.index_select(0, cell_y) >= 0)[:, :, None] & (cols.members.index_select(0, cell_x) >= 0)[:, None, :]
+
+
+def _chunks_by_count(candidates_per_cell: torch.Tensor, pixels_per_cell: int) -> list[tuple[torch.Tensor, int]]:
     """
-    Interpolated logits of `queries[n]` at every output pixel of cell `(cell_y[n], cell_x[n])`.
-
-    Returns `(N, max_rows, max_cols)` logits and the matching bool validity (member padding is invalid).
+    Cell indices grouped by their candidate count C (no padding to a chunk's widest cell), each group split so its
+    (cells, C, rows, cols) temporaries stay under `_CHUNK_ELEMENTS`. Returns `[(cell indices, C)]`.
     """
-    row_offsets = rows.cell_starts[cell_y][:, None] + torch.arange(rows.window, device=logits.device)
-    col_offsets = cols.cell_starts[cell_x][:, None] + torch.arange(cols.window, device=logits.device)
-    patches = logits[queries[:, None, None], row_offsets[:, :, None], col_offsets[:, None, :]]  # (N, wy, wx)
-    values = rows.cell_weights[cell_y] @ patches @ cols.cell_weights[cell_x].transpose(1, 2)  # (N, mr, mc)
-    valid = (rows.members[cell_y] >= 0)[:, :, None] & (cols.members[cell_x] >= 0)[:, None, :]
-    return values, valid
-
-
-def _chunks_by_size(candidates_per_cell: torch.Tensor, pixels_per_cell: int) -> list[torch.Tensor]:
-    """
-    Cell indices in chunks whose (cells, pixels, max candidates) temporaries stay under `_CHUNK_ELEMENTS`; cells are
-    sorted by candidate count so a chunk's widest cell is close to its others.
-    """
-    order = torch.argsort(candidates_per_cell)
-    counts = candidates_per_cell[order].tolist()
-    chunks, begin = [], 0
-    while begin < len(counts):
-        end = begin + 1
-        # counts ascend: the chunk [begin, end) needs counts[end - 1] slots per cell
-        while end < len(counts) and counts[end] * (end + 1 - begin) * pixels_per_cell <= _CHUNK_ELEMENTS:
-            end += 1
-        chunks.append(order[begin:end])
-        begin = end
+    chunks = []
+    for count in torch.unique(candidates_per_cell).tolist():
+        cells = torch.nonzero(candidates_per_cell == count)[:, 0]
+        per_chunk = max(1, _CHUNK_ELEMENTS // (count * pixels_per_cell))
+        chunks.extend((cells[begin : begin + per_chunk], count) for begin in range(0, len(cells), per_chunk))
     return chunks
 
 
-def _pixel_index(cell_y, cell_x, rows: AxisResampling, cols: AxisResampling, width: int) -> torch.Tensor:
-    return rows.members[cell_y][:, :, None] * width + cols.members[cell_x][:, None, :]
+def _pixel_index(cell_y, cell_x, rows: AxisResampling, cols: AxisResampling) -> torch.Tensor:
+    """Flat output index of every member pixel of each cell `(N, max_rows, max_cols)`; padding -> H * W (a spare slot)."""
+    row_members, col_members = rows.members.index_select(0, cell_y), cols.members.index_select(0, cell_x)
+    flat = row_members[:, :, None] * cols.size + col_members[:, None, :]
+    return flat.masked_fill_((row_members < 0)[:, :, None] | (col_members < 0)[:, None, :], rows.size * cols.size)
 
 
 def assign_panoptic(
@@ -214,7 +216,6 @@ def assign_panoptic(
     """
     num_queries = logits.shape[0]
     device = logits.device
-    width = cols.size
     cell_window_max = cols.window_reduce(rows.window_reduce(logits, 1, "max"), 2, "max")  # (K, cy, cx)
     cell_window_min = cols.window_reduce(rows.window_reduce(logits, 1, "min"), 2, "min")
     # (in place where possible: these (K, cells) passes dominate the cost)
@@ -239,39 +240,34 @@ def assign_panoptic(
     undecided_candidates = rival_upper[:, undecided_y, undecided_x] >= best_lower[undecided_y, undecided_x]  # (K, n)
     undecided_candidates[cell_winner[undecided_y, undecided_x], torch.arange(len(undecided_y), device=device)] = True
     pixel_chunks, winner_chunks, inside_chunks = [], [], []
-    for chunk in _chunks_by_size(undecided_candidates.sum(0), rows.members.shape[1] * cols.members.shape[1]):
+    for chunk, width_c in _chunks_by_count(undecided_candidates.sum(0), rows.members.shape[1] * cols.members.shape[1]):
         cy, cx = undecided_y[chunk], undecided_x[chunk]
-        cell_candidates = undecided_candidates[:, chunk].T  # (n, K)
-        # (cell, query) pairs, by cell then ascending query; slot = rank of the query among its cell's candidates
-        pair_cell, pair_query = torch.nonzero(cell_candidates, as_tuple=True)
-        per_cell = cell_candidates.sum(1)
-        pair_slot = torch.arange(len(pair_cell), device=device) - (torch.cumsum(per_cell, 0) - per_cell)[pair_cell]
-        width_c = int(per_cell.max())
-        ordered = torch.full((len(cy), width_c), num_queries, dtype=torch.long, device=device)
-        ordered[pair_cell, pair_slot] = pair_query
-        values, valid = _exact_logits(logits, pair_query, cy[pair_cell], cx[pair_cell], rows, cols)
-        probs = values.sigmoid()
-        # candidates last: (n, mr, mc, C), so the argmax runs over the innermost dimension
-        weighted = torch.full((len(cy), *values.shape[1:], width_c), -1.0, device=device)
-        weighted[pair_cell, :, :, pair_slot] = probs * scores[pair_query][:, None, None]
-        prob_table = torch.zeros_like(weighted)
-        prob_table[pair_cell, :, :, pair_slot] = probs
-        slot = weighted.argmax(-1)  # (n, mr, mc)
-        winner = ordered.gather(1, slot.flatten(1)).view_as(slot)
-        inside = prob_table.gather(-1, slot[..., None])[..., 0] >= mask_threshold
-        pixel = _pixel_index(cy, cx, rows, cols, width)
-        in_image = (rows.members[cy] >= 0)[:, :, None] & (cols.members[cx] >= 0)[:, None, :]
-        pixel_chunks.append(pixel[in_image])
-        winner_chunks.append(winner[in_image])
-        inside_chunks.append(inside[in_image])
-        del valid
+        # every cell of the chunk has exactly width_c candidates; nonzero lists them by cell, then ascending query
+        queries = torch.nonzero(undecided_candidates[:, chunk].T)[:, 1].view(len(chunk), width_c)
+        values = _exact_logits(logits, queries.flatten(), cy.repeat_interleave(width_c), cx.repeat_interleave(width_c), rows, cols)
+        probs = values.sigmoid().view(len(chunk), width_c, *values.shape[1:])  # (n, C, mr, mc)
+        weighted = probs * scores[queries][..., None, None]
+        # argmax over the candidates with argmax's rule (first maximum): strict comparisons in ascending query order
+        best = weighted[:, 0]
+        slot = torch.zeros(best.shape, dtype=torch.long, device=device)
+        for candidate in range(1, width_c):
+            better = weighted[:, candidate] > best
+            best = torch.where(better, weighted[:, candidate], best)
+            slot.masked_fill_(better, candidate)
+        winner = queries.gather(1, slot.flatten(1)).view(slot.shape)
+        inside = probs.gather(1, slot[:, None])[:, 0] >= mask_threshold
+        # padding members keep their slot: pixel H * W, winner K (a spare bin), never inside
+        padding = ~_member_mask(cy, cx, rows, cols)
+        pixel_chunks.append(_pixel_index(cy, cx, rows, cols).flatten())
+        winner_chunks.append(winner.masked_fill_(padding, num_queries).flatten())
+        inside_chunks.append(inside.masked_fill_(padding, False).flatten())
     if pixel_chunks:
         exact_pixels, exact_winner, exact_inside = torch.cat(pixel_chunks), torch.cat(winner_chunks), torch.cat(inside_chunks)
     else:
         exact_pixels = exact_winner = torch.zeros(0, dtype=torch.long, device=device)
         exact_inside = torch.zeros(0, dtype=torch.bool, device=device)
-    assigned_area = assigned_area + torch.bincount(exact_winner, minlength=num_queries)
-    segment_area = segment_area + torch.bincount(exact_winner[exact_inside], minlength=num_queries)
+    assigned_area = assigned_area + torch.bincount(exact_winner, minlength=num_queries + 1)[:num_queries]
+    segment_area = segment_area + torch.bincount(exact_winner, weights=exact_inside.float(), minlength=num_queries + 1)[:num_queries]
 
     # each query's own mask area: whole cells where its lower bound clears the threshold, exact counts on its edges
     low_inside = prob_low >= mask_threshold
@@ -281,8 +277,8 @@ def assign_panoptic(
     pairs_per_chunk = max(1, _CHUNK_ELEMENTS // (rows.members.shape[1] * cols.members.shape[1]))
     for begin in range(0, edge_query.numel(), pairs_per_chunk):
         part = slice(begin, begin + pairs_per_chunk)
-        values, valid = _exact_logits(logits, edge_query[part], edge_y[part], edge_x[part], rows, cols)
-        inside_count = ((values.sigmoid() >= mask_threshold) & valid).flatten(1).sum(1)
+        values = _exact_logits(logits, edge_query[part], edge_y[part], edge_x[part], rows, cols)
+        inside_count = ((values.sigmoid() >= mask_threshold) & _member_mask(edge_y[part], edge_x[part], rows, cols)).flatten(1).sum(1)
         own_area = own_area.index_add(0, edge_query[part], inside_count.float())
 
     return PanopticAssignment(
