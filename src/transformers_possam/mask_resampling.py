@@ -107,21 +107,28 @@ class AxisResampling:
     def window_reduce(self, values: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
         """Min or max of `values` over each cell's window along `dim` (the low-resolution axis -> the cell axis)."""
         combine = torch.maximum if reduce == "max" else torch.minimum
-        first = int(self.cell_starts[0])
-
-        def reduced(shifted) -> torch.Tensor:
-            result = shifted(0)
-            for offset in range(1, self.window):
-                result = combine(result, shifted(offset))
-            return result.clone() if self.window == 1 else result  # never a view of `values`: callers modify it in place
-
-        def strided(offset: int) -> torch.Tensor:  # a view, no copy
-            view = values.narrow(dim, first + offset, (self.regular_cells - 1) * self.stride + 1)
-            return view[(slice(None),) * dim + (slice(None, None, self.stride),)]
-
-        parts = [reduced(strided)] if self.regular_cells else []
-        # the few irregular cells (clamped at the border, or skipped starts): one narrow + reduction each
         reduce_window = torch.amax if reduce == "max" else torch.amin
+        first = int(self.cell_starts[0])
+        parts = []
+        if self.regular_cells:
+            count, stride = self.regular_cells, self.stride
+
+            def every_stride(offset: int) -> torch.Tensor:  # entries first + offset + c * stride: a view, no copy
+                view = values.narrow(dim, first + offset, (count - 1) * stride + 1)
+                return view[(slice(None),) * dim + (slice(None, None, stride),)]
+
+            if 1 < stride <= self.window and dim < values.dim() - 1:
+                # one reduction over whole blocks [first + c * stride, + stride), then the windows' overlap into the
+                # next block (reductions over a short innermost axis are slow: the last axis uses strided views only)
+                result = reduce_window(values.narrow(dim, first, count * stride).unflatten(dim, (count, stride)), dim=dim + 1)
+                offsets = range(stride, self.window)
+            else:
+                result = every_stride(0).clone()  # never a view of `values`: callers modify the result in place
+                offsets = range(1, self.window)
+            for offset in offsets:
+                result = combine(result, every_stride(offset))
+            parts.append(result)
+        # the few irregular cells (clamped at the border, or skipped starts): one narrow + reduction each
         for start in self.cell_starts[self.regular_cells :].tolist():
             parts.append(reduce_window(values.narrow(dim, start, self.window), dim=dim, keepdim=True))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
@@ -139,7 +146,8 @@ class PanopticAssignment:
     Attributes:
         assigned_area: `(K,)` output pixels whose winner is query k.
         segment_area: `(K,)` of those, pixels inside the winner's mask.
-        own_area: `(K,)` output pixels where query k's own probability >= mask_threshold.
+        is_segment: `(K,)` Mask2Former's segment test: segment_area > 0, and assigned_area >= overlap threshold x the
+            query's own mask area (output pixels where its probability >= mask_threshold; > 0).
         cell_winner, cell_inside, cell_decided: `(cells_y, cells_x)` decisions of fully decided cells.
         exact_pixels: `(N,)` flat output indices decided exactly (H * W for padding entries); `exact_winner` `(N,)`
             (K for padding), `exact_inside` `(N,)`.
@@ -147,7 +155,7 @@ class PanopticAssignment:
 
     assigned_area: torch.Tensor
     segment_area: torch.Tensor
-    own_area: torch.Tensor
+    is_segment: torch.Tensor
     cell_winner: torch.Tensor
     cell_inside: torch.Tensor
     cell_decided: torch.Tensor
@@ -202,7 +210,12 @@ def _pixel_index(cell_y, cell_x, rows: AxisResampling, cols: AxisResampling) -> 
 
 
 def assign_panoptic(
-    logits: torch.Tensor, scores: torch.Tensor, mask_threshold: float, rows: AxisResampling, cols: AxisResampling
+    logits: torch.Tensor,
+    scores: torch.Tensor,
+    mask_threshold: float,
+    rows: AxisResampling,
+    cols: AxisResampling,
+    overlap_mask_area_threshold: float = 0.8,
 ) -> PanopticAssignment:
     """
     Args:
@@ -210,6 +223,7 @@ def assign_panoptic(
         scores: `(K,)` their class scores.
         mask_threshold: probability threshold of a mask.
         rows, cols: the resize of each axis to the output.
+        overlap_mask_area_threshold: the segment test's minimum share of a query's own mask it must win.
 
     Returns:
         The exact panoptic assignment at output resolution, in compressed form (`PanopticAssignment`).
@@ -269,22 +283,31 @@ def assign_panoptic(
     assigned_area = assigned_area + torch.bincount(exact_winner, minlength=num_queries + 1)[:num_queries]
     segment_area = segment_area + torch.bincount(exact_winner, weights=exact_inside.float(), minlength=num_queries + 1)[:num_queries]
 
-    # each query's own mask area: whole cells where its lower bound clears the threshold, exact counts on its edges
+    # each query's own mask area lies between its whole-cell count and that plus its edge cells; it is counted
+    # exactly (edge cells evaluated) only for the queries whose segment test those bounds leave open
+    assigned_area, segment_area = assigned_area.round(), segment_area.round()
     low_inside = prob_low >= mask_threshold
-    own_area = low_inside.flatten(1).float() @ pixels_per_cell.flatten().float()
-    # prob_low <= prob_high, so "high inside but low not" is an xor
-    edge_query, edge_y, edge_x = torch.nonzero(low_inside.logical_xor_(prob_high >= mask_threshold), as_tuple=True)
+    edge = low_inside.logical_xor(prob_high >= mask_threshold)  # prob_low <= prob_high: "high inside, low not"
+    cell_pixels = pixels_per_cell.flatten().float()
+    own_low = low_inside.flatten(1).float() @ cell_pixels
+    own_high = own_low + edge.flatten(1).float() @ cell_pixels
+    is_segment = (segment_area > 0) & (own_low > 0) & (assigned_area >= overlap_mask_area_threshold * own_high)
+    open_test = (segment_area > 0) & (own_high > 0) & ~is_segment & (assigned_area >= overlap_mask_area_threshold * own_low)
+    own_area = own_low.clone()
+    edge[~open_test] = False
+    edge_query, edge_y, edge_x = torch.nonzero(edge, as_tuple=True)
     pairs_per_chunk = max(1, _CHUNK_ELEMENTS // (rows.members.shape[1] * cols.members.shape[1]))
     for begin in range(0, edge_query.numel(), pairs_per_chunk):
         part = slice(begin, begin + pairs_per_chunk)
         values = _exact_logits(logits, edge_query[part], edge_y[part], edge_x[part], rows, cols)
         inside_count = ((values.sigmoid() >= mask_threshold) & _member_mask(edge_y[part], edge_x[part], rows, cols)).flatten(1).sum(1)
         own_area = own_area.index_add(0, edge_query[part], inside_count.float())
+    is_segment |= open_test & (own_area > 0) & (assigned_area >= overlap_mask_area_threshold * own_area)
 
     return PanopticAssignment(
-        assigned_area=assigned_area.round().long(),
-        segment_area=segment_area.round().long(),
-        own_area=own_area.round().long(),
+        assigned_area=assigned_area.long(),
+        segment_area=segment_area.long(),
+        is_segment=is_segment,
         cell_winner=cell_winner,
         cell_inside=cell_inside,
         cell_decided=cell_decided,

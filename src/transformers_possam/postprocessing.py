@@ -146,10 +146,10 @@ class PosSAMPostProcessingMixin:
                 results.append({"segmentation": torch.zeros(height, width, dtype=torch.int32), "segments_info": []})
                 continue
             kept_scores, kept_labels = query_scores[keep], query_labels[keep]
-            assignment = assign_panoptic(mask_logits[keep].float(), kept_scores, mask_threshold, rows, cols)
+            kept_logits = mask_logits if bool(keep.all()) else mask_logits[keep]  # no copy when every query is kept
+            assignment = assign_panoptic(kept_logits.float().contiguous(), kept_scores, mask_threshold, rows, cols, overlap_mask_area_threshold)
             count = kept_scores.shape[0]
-            own_area = assignment.own_area
-            valid = (assignment.segment_area > 0) & (own_area > 0) & (assignment.assigned_area >= overlap_mask_area_threshold * own_area)
+            valid = assignment.is_segment
 
             segment_of_query = [0] * count
             segments_info, stuff_segment = [], {}
