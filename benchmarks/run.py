@@ -6,7 +6,8 @@ noisy), PASS/FAIL printed per target:
 
 1. model overhead: full PosSAM-B forward + MASE post-processing <= 1.25x SAM ViT-B (sdpa) + ConvNeXt-L trunk alone;
 2. two-stage alternative: PosSAM end to end >= 5x faster than SAM automatic mask generation + CLIP per mask;
-3. panoptic post-processing >= 10x faster than transformers' OneFormer post-processor on the same logits;
+3. panoptic post-processing >= 10x faster than transformers' OneFormer post-processor on the same logits (250
+   queries x 150 classes, all surviving the filters; the sparse 30-object case is reported alongside);
 4. vocabulary cache: a repeated pipeline call spends <= 1% in the text tower; a new vocabulary is one text pass;
 5. memory: B inference peak RSS <= 2x fp32 weights; training-step memory flat from 10 to 100 segments;
 6. training throughput (tiny config) and the data path alone (reported).
@@ -49,6 +50,9 @@ def _seconds(value: float) -> str:
 def table_row(row: dict) -> str:
     result = "PASS" if row["pass"] else ("reported" if row["pass"] is None else "FAIL")
     target = row["target"]
+    if target == 3 and row["pass"] is None:
+        return (f"| 3 | {row['figure']} | {_seconds(row['ours']['median_s'])} | {_seconds(row['reference']['median_s'])} | "
+                f"{row['ratio']:.1f}x faster | {row['goal']} | |")
     if target in (1, 2, 3):
         ours, reference = _seconds(row["ours"]["median_s"]), _seconds(row["reference"]["median_s"])
         ratio = f"{row['ratio']:.2f}x" if target == 1 else f"{row['ratio']:.1f}x faster"
@@ -122,6 +126,13 @@ def main(argv=None) -> dict:
     print("| target | figure | ours | reference | ratio | goal | result |\n|---|---|---|---|---|---|---|")
     for row in rows:
         print(table_row(row))
+    print()
+    for target in sorted({row["target"] for row in rows}):
+        judged = [row for row in rows if row["target"] == target and row["pass"] is not None]
+        if judged:
+            worst = min(judged, key=lambda row: row["ratio"] if target in (2, 3) else -row["ratio"])
+            verdict = "PASS" if all(row["pass"] for row in judged) else "FAIL"
+            print(f"Target {target}: {verdict} ({len(judged)} figure(s); worst ratio {worst['ratio']:.2f}x: {worst['figure']})")
     for row in rows:
         if row["target"] == 1:
             print("\nPer-stage breakdown of the full forward (median run):")

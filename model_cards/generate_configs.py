@@ -4,12 +4,15 @@ Each folder is a ready Hub repo apart from the weights (`conversion/convert_poss
 them). Run: `python model_cards/generate_configs.py`.
 """
 
+import json
 from pathlib import Path
 
 import torch
 
 from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, PosSAMImageProcessor, PosSAMProcessor, clip_tokenizer_from_bpe
 from transformers_possam.configuration_possam import SAM_VISION_VARIANTS
+
+CPU_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results-cpu.json"
 
 # Paper Table 1 (COCO -> ADE20K: PQ, SQ, RQ, mAP, mIoU) and Table B.1 (FPS on A100, parameters).
 PAPER = {
@@ -114,7 +117,7 @@ biometric or safety-critical decisions.
 | frozen parameters | {frozen} | {our_frozen} |
 | trainable parameters | 51.5M | {our_trainable} |
 | total | {total} | {our_total} |
-| FPS | {fps} (A100) | not measured yet (no GPU lent to the session that wrote this card) |
+| speed | {fps} FPS (A100) | {our_speed} |
 
 Parameter counts of this implementation are exact counts on the meta device.
 
@@ -147,10 +150,15 @@ def main() -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         paper = PAPER[variant]
         pq, sq, rq, ap, miou = paper["ade"]
+        our_speed = "GPU: not measured yet (no GPU was lent to the sessions so far)"
+        if variant == "vit-b" and CPU_RESULTS.exists():
+            overhead = next(row for row in json.loads(CPU_RESULTS.read_text())["figures"] if row["target"] == 1)
+            our_speed += (f"; CPU (2 cores, fp32, random weights): {overhead['ours']['median_s']:.1f} s per 1024x1024 image, "
+                          f"forward and panoptic post-processing (`benchmarks/run.py` in the code repository)")
         (folder / "README.md").write_text(CARD.format(
             variant=variant, name=paper["name"], letter=variant[-1], sam=paper["sam"], pq=pq, sq=sq, rq=rq, ap=ap, miou=miou,
             fps=paper["fps"], frozen=paper["frozen"], total=paper["total"], our_frozen=f"{frozen / 1e6:.2f}M",
-            our_trainable=f"{trainable / 1e6:.2f}M", our_total=f"{(frozen + trainable) / 1e6:.2f}M",
+            our_trainable=f"{trainable / 1e6:.2f}M", our_total=f"{(frozen + trainable) / 1e6:.2f}M", our_speed=our_speed,
         ))
 
 
