@@ -174,3 +174,52 @@ def test_panoptic_matches_dense_on_noise_logits():
         )
         assert [s["label_id"] for s in result["segments_info"]] == labels and len(labels) >= 3
         assert torch.equal(result["segmentation"], expected)
+
+
+def test_semantic_chunked_argmax_equals_dense():
+    processor = PosSAMImageProcessor(pad_size={"height": 64, "width": 64})
+    generator = torch.Generator().manual_seed(3)
+    queries, classes = 12, 40  # more classes than one chunk
+    outputs = make_outputs(
+        blob_logits(queries, 16, generator)[None],
+        torch.randn(1, queries, classes + 1, generator=generator) * 3,
+        torch.randn(1, queries, classes, generator=generator),
+        torch.rand(1, queries, generator=generator),
+    )
+    (labels,) = processor.post_process_semantic_segmentation(outputs, target_sizes=[(50, 70)], reshaped_input_sizes=[(48, 64)])
+    scores, _ = class_scores(outputs)
+    class_maps = torch.einsum("qk,qhw->khw", scores[0], outputs.masks_queries_logits[0].sigmoid())
+    expected = processor._masks_to_target(class_maps, (48, 64), (50, 70)).argmax(0)
+    assert labels.shape == (50, 70) and torch.equal(labels, expected) and len(labels.unique()) > 3
+
+
+def test_instance_matches_dense_reference():
+    processor = PosSAMImageProcessor(pad_size={"height": 64, "width": 64})
+    generator = torch.Generator().manual_seed(4)
+    queries, classes = 20, 6
+    outputs = make_outputs(
+        blob_logits(queries, 16, generator)[None],
+        torch.randn(1, queries, classes + 1, generator=generator) * 3,
+        torch.randn(1, queries, classes, generator=generator),
+        torch.rand(1, queries, generator=generator),
+    )
+    (result,) = processor.post_process_instance_segmentation(
+        outputs, target_sizes=[(50, 70)], reshaped_input_sizes=[(48, 64)], num_top_instances=30, return_binary_maps=True
+    )
+    # the definition, with every selected (query, class) pair's mask resized separately
+    scores, _ = class_scores(outputs)
+    top_scores, top_index = scores[0].flatten().topk(30)
+    pair_queries, pair_labels = top_index // classes, top_index % classes
+    masks = processor._masks_to_target(outputs.masks_queries_logits[0][pair_queries], (48, 64), (50, 70))
+    binary = masks > 0
+    final = top_scores * (masks.sigmoid() * binary).flatten(1).sum(-1) / (binary.flatten(1).sum(-1) + 1e-6)
+    keep = (final > 0) & binary.flatten(1).any(-1)
+    order = torch.nonzero(keep).flatten()
+    order = order[final[order].argsort(descending=True)]
+    assert [s["label_id"] for s in result["segments_info"]] == pair_labels[order].tolist() and len(order) > 5
+    assert [s["score"] for s in result["segments_info"]] == [round(float(v), 6) for v in final[order]]
+    assert torch.equal(result["binary_masks"], binary[order])
+    expected = torch.zeros(50, 70, dtype=torch.int32)
+    for rank in reversed(range(len(order))):
+        expected[binary[order[rank]]] = rank + 1
+    assert torch.equal(result["segmentation"], expected)

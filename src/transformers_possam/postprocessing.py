@@ -26,6 +26,9 @@ from .mask_resampling import AxisResampling, assign_panoptic, axis_resampling
 
 __all__ = ["PosSAMPostProcessingMixin", "class_scores"]
 
+# class maps (semantic) or masks (instance) resized at once: bounds memory to this many full-size float maps
+SEMANTIC_CLASS_CHUNK = 16
+
 
 def class_scores(
     outputs, seen_mask: torch.Tensor | None = None, use_mase: bool = True, alpha: float = 0.4, beta: float = 0.8
@@ -183,15 +186,26 @@ class PosSAMPostProcessingMixin:
     ) -> list[torch.Tensor]:
         """
         FC-CLIP semantic inference: per class, the sum over queries of class score * mask probability, computed at
-        mask resolution, then cropped/resized like the panoptic masks; argmax over classes. Returns per image an
+        mask resolution, then cropped/resized like the panoptic masks (a few classes at a time); argmax over classes. Returns per image an
         `(H, W)` int64 map of class ids.
         """
         scores, _, targets, reshaped = self._prepare(outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, alpha, beta)
         results = []
         for index, mask_logits in enumerate(outputs.masks_queries_logits):
             class_maps = torch.einsum("qk,qhw->khw", scores[index], mask_logits.float().sigmoid())
-            class_maps = self._masks_to_target(class_maps, reshaped[index], targets[index])
-            results.append(class_maps.argmax(0).cpu())
+            # running argmax over chunks of resized class maps: never K full-size maps at once (150 classes at
+            # 1024x1024 would be 600 MB); strict ">" keeps argmax's first-maximum rule across chunks
+            best = labels = None
+            for first in range(0, class_maps.shape[0], SEMANTIC_CLASS_CHUNK):
+                resized = self._masks_to_target(class_maps[first : first + SEMANTIC_CLASS_CHUNK], reshaped[index], targets[index])
+                chunk_best, chunk_labels = resized.max(0)
+                if best is None:
+                    best, labels = chunk_best, chunk_labels
+                else:
+                    better = chunk_best > best
+                    best = torch.where(better, chunk_best, best)
+                    labels = torch.where(better, chunk_labels + first, labels)
+            results.append(labels.cpu())
         return results
 
     def post_process_instance_segmentation(
@@ -228,23 +242,34 @@ class PosSAMPostProcessingMixin:
             selected = top_scores >= 0
             top_scores, top_index = top_scores[selected], top_index[selected]
             queries, labels = top_index // num_classes, top_index % num_classes
-            masks = self._masks_to_target(mask_logits[queries].float(), reshaped[index], targets[index])
-            binary = masks > 0
-            probs = masks.sigmoid()
-            mask_scores = (probs * binary).flatten(1).sum(-1) / (binary.flatten(1).sum(-1) + 1e-6)
-            final_scores = top_scores * mask_scores
-            keep = (final_scores > threshold) & binary.flatten(1).any(-1)
+            # each selected query's mask once (a query can hold several top classes), resized a few at a time;
+            # only the bool masks are kept at full size
+            unique_queries, mask_of_pair = torch.unique(queries, return_inverse=True)
+            binaries, unique_scores = [], []
+            for first in range(0, len(unique_queries), SEMANTIC_CLASS_CHUNK):
+                masks = self._masks_to_target(mask_logits[unique_queries[first : first + SEMANTIC_CLASS_CHUNK]].float(), reshaped[index], targets[index])
+                binary = masks > 0
+                unique_scores.append((masks.sigmoid() * binary).flatten(1).sum(-1) / (binary.flatten(1).sum(-1) + 1e-6))
+                binaries.append(binary)
+            if binaries:
+                unique_binary, unique_scores = torch.cat(binaries), torch.cat(unique_scores)
+            else:
+                size = targets[index] or reshaped[index] or tuple(mask_logits.shape[-2:])
+                unique_binary, unique_scores = torch.zeros(0, *size, dtype=torch.bool, device=mask_logits.device), top_scores.new_zeros(0)
+            final_scores = top_scores * unique_scores[mask_of_pair]
+            keep = (final_scores > threshold) & unique_binary.flatten(1).any(-1)[mask_of_pair]
             order = torch.nonzero(keep).flatten()
             order = order[final_scores[order].argsort(descending=True)]
-            height, width = masks.shape[-2:]
+            binary = unique_binary[mask_of_pair[order]]  # (N, H, W) in output order
+            height, width = unique_binary.shape[-2:]
             segmentation = torch.zeros(height, width, dtype=torch.int32, device=masks.device)
             segments_info = []
             for rank, item in enumerate(order.tolist()):
                 segments_info.append({"id": rank + 1, "label_id": int(labels[item]), "was_fused": False, "score": round(float(final_scores[item]), 6)})
             for rank in reversed(range(len(order))):  # paint low scores first so high scores stay on top
-                segmentation[binary[order[rank]]] = rank + 1
+                segmentation[binary[rank]] = rank + 1
             result = {"segmentation": segmentation.cpu(), "segments_info": segments_info}
             if return_binary_maps:
-                result["binary_masks"] = binary[order].cpu()
+                result["binary_masks"] = binary.cpu()
             results.append(result)
         return results
