@@ -11,7 +11,7 @@ noisy), PASS/FAIL printed per target:
 4. vocabulary cache: a repeated pipeline call spends <= 1% in the text tower; a new vocabulary is one text pass;
 5. memory: B inference peak RSS <= 2x fp32 weights; training-step memory flat from 10 to 100 segments;
 6. training throughput (tiny config) and the data path alone (reported).
-Target 7 (GPU) needs a lent accelerator (`--suite gpu` is not implemented: no GPU was available to build it on).
+7. `--suite gpu` (an accelerator): B/L/H, bf16/fp32, batch 1/8, images/s and peak memory, torch.compile on B.
 All models have random weights (no Hub access); timings do not depend on the weights' values.
 """
 
@@ -53,6 +53,13 @@ def table_row(row: dict) -> str:
     if target == 3 and row["pass"] is None:
         return (f"| 3 | {row['figure']} | {_seconds(row['ours']['median_s'])} | {_seconds(row['reference']['median_s'])} | "
                 f"{row['ratio']:.1f}x faster | {row['goal']} | |")
+    if target == 7:
+        memory = f"{row['peak_memory_bytes'] / 2**30:.1f} GiB peak" if row.get("peak_memory_bytes") else "n/a"
+        if "error" in row:
+            return f"| 7 | {row['figure']} | failed: {row['error'][:80]} | | | {row['goal']} | |"
+        paper = f"paper (A100): {row['paper_fps_a100']} FPS" if row.get("paper_fps_a100") else ""
+        return (f"| 7 | {row['figure']} | {row['images_per_second']:.2f} images/s ({memory}) | {paper} | | {row['goal']} | "
+                f"{result if row['pass'] is not None else ''} |")
     if target in (1, 2, 3):
         ours, reference = _seconds(row["ours"]["median_s"]), _seconds(row["reference"]["median_s"])
         ratio = f"{row['ratio']:.2f}x" if target == 1 else f"{row['ratio']:.1f}x faster"
@@ -77,15 +84,24 @@ def table_row(row: dict) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="cpu", choices=["cpu"])
+    parser.add_argument("--suite", default="cpu", choices=["cpu", "gpu"], help="gpu: target 7 (B/L/H, bf16/fp32, batch 1/8)")
+    parser.add_argument("--device", default="cuda", help="--suite gpu: the accelerator")
+    parser.add_argument("--variants", nargs="*", default=["vit-b", "vit-l", "vit-h"], help="--suite gpu: model variants (or 'tiny')")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--targets", type=int, nargs="*", default=list(TARGETS), help="a subset of the targets to run")
     parser.add_argument("--amg-points", type=int, default=32, help="points per side of the SAM mask-generation grid (pipeline default 32)")
-    parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results-cpu.json"))
+    parser.add_argument("--output", default=None, help="default: benchmarks/results-<suite>.json")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    args.output = args.output or str(Path(__file__).resolve().parent / f"results-{args.suite}.json")
     started = time.perf_counter()
     rows: list[dict] = []
+    if args.suite == "gpu":
+        import gpu
+
+        args.targets = []
+        rows += gpu.run(args.device, tuple(args.variants), repeats=max(args.repeats, 5))
+    else:
+        torch.set_num_threads(2)
 
     if 5 in args.targets:  # subprocesses first, while this process is still small
         import memory
@@ -120,8 +136,10 @@ def main(argv=None) -> dict:
 
     rows.sort(key=lambda row: row["target"])
     results = {"machine": machine(), "suite": args.suite, "seconds": time.perf_counter() - started, "figures": rows}
+    if args.suite == "gpu" and torch.cuda.is_available():
+        results["machine"]["gpu"] = torch.cuda.get_device_name()
     Path(args.output).write_text(json.dumps(results, indent=1, default=str))
-    print(f"\nMachine: {results['machine']['cpu']}, {results['machine']['threads']} threads, torch {results['machine']['torch']}, "
+    print(f"\nMachine: {results['machine'].get('gpu', results['machine']['cpu'])}, {results['machine']['threads']} threads, torch {results['machine']['torch']}, "
           f"transformers {results['machine']['transformers']}; suite took {results['seconds'] / 60:.1f} min\n")
     print("| target | figure | ours | reference | ratio | goal | result |\n|---|---|---|---|---|---|---|")
     for row in rows:
