@@ -43,7 +43,7 @@ def run_overhead(model, processor, repeats: int) -> tuple[list[dict], dict]:
     pixel_values, pixel_mask, original_sizes, reshaped_sizes = _prepare(processor, image)
     class_embeddings = random_vocabulary(model)
     # the reference: transformers' SamVisionEncoder as shipped (sdpa), with the model's weights; PosSAM's own copy
-    # runs its global-attention layers head by head (PosSAMVisionGlobalAttention), which is faster
+    # runs attention head by head (PosSAMVisionAttention), which is faster
     sam = SamVisionEncoder(model.config.vision_config).eval()
     sam.load_state_dict(model.model.vision_encoder.state_dict())
     trunk = model.clip.vision_model

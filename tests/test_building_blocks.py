@@ -143,14 +143,22 @@ def test_head_by_head_sam_global_attention_equals_transformers():
     from transformers import SamVisionConfig
     from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
-    from transformers_possam.modeling import PosSAMVisionGlobalAttention
+    from transformers_possam.modeling import PosSAMVisionAttention
 
     config = SamVisionConfig(hidden_size=48, num_attention_heads=3, image_size=128, patch_size=16)
     torch.manual_seed(0)
     reference = SamVisionSdpaAttention(config, window_size=0).eval()
     torch.nn.init.normal_(reference.rel_pos_h, std=0.5)
     torch.nn.init.normal_(reference.rel_pos_w, std=0.5)
-    ours = PosSAMVisionGlobalAttention(config, window_size=0).eval()
+    ours = PosSAMVisionAttention(config, window_size=0).eval()
     ours.load_state_dict(reference.state_dict())
     hidden = torch.randn(2, 8, 8, 48)
     torch.testing.assert_close(ours(hidden)[0], reference(hidden)[0], atol=1e-5, rtol=1e-5)
+    # a windowed layer (window 4: relative positions sized for the window, batch = images x windows)
+    reference = SamVisionSdpaAttention(config, window_size=4).eval()
+    torch.nn.init.normal_(reference.rel_pos_h, std=0.5)
+    torch.nn.init.normal_(reference.rel_pos_w, std=0.5)
+    ours = PosSAMVisionAttention(config, window_size=4).eval()
+    ours.load_state_dict(reference.state_dict())
+    windows = torch.randn(8, 4, 4, 48)
+    torch.testing.assert_close(ours(windows)[0], reference(windows)[0], atol=1e-5, rtol=1e-5)

@@ -227,7 +227,9 @@ def test_sdpa_and_eager_sam_attention_agree(model, pixel_values, vocabulary, tmp
     eager = PosSAMForPanopticSegmentation.from_pretrained(tmp_path, attn_implementation="eager").eval()
     sdpa = PosSAMForPanopticSegmentation.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     assert type(eager.model.vision_encoder.layers[0].attn).__name__ == "SamVisionAttention"
-    assert type(sdpa.model.vision_encoder.layers[0].attn).__name__ == "SamVisionSdpaAttention"
+    # sdpa: transformers' SDPA attention, run head by head (PosSAMVisionAttention, a SamVisionSdpaAttention subclass)
+    assert type(sdpa.model.vision_encoder.layers[0].attn).__name__ == "PosSAMVisionAttention"
+    assert all(type(layer.attn).__name__ == "PosSAMVisionAttention" for layer in sdpa.model.vision_encoder.layers)
     with torch.no_grad():
         a = eager(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask)
         b = sdpa(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask)

@@ -34,7 +34,7 @@ from .modeling import (
     PosSAMMaskPredictor,
     PosSAMMaskedCrossAttention,
     PosSAMMultiscaleDeformableAttention,
-    PosSAMVisionGlobalAttention,
+    PosSAMVisionAttention,
     classify_embeddings,
     mask_pool,
 )
@@ -56,6 +56,14 @@ _MASK2FORMER_INIT_TYPES = (
     Mask2FormerPixelDecoder,
     Mask2FormerPredictionBlock,
 )
+
+
+def _take_over(original: nn.Module, subclass: type[nn.Module], *args, **kwargs) -> nn.Module:
+    """`subclass(*args, **kwargs)` holding `original`'s parameters (built on the meta device: no random draws)."""
+    with torch.device("meta"):
+        replacement = subclass(*args, **kwargs)
+    replacement.load_state_dict(original.state_dict(), assign=True)
+    return replacement
 
 
 @dataclass
@@ -195,26 +203,29 @@ class PosSAMModel(PosSAMPreTrainedModel):
         config.validate_architecture()
         vision_config: SamVisionConfig = config.vision_config
         self.vision_encoder = SamVisionEncoder(vision_config)
-        # global-attention layers (window_size 0): same parameters, one head at a time (bounded bias memory)
-        for layer in self.vision_encoder.layers:
-            if layer.window_size == 0 and type(layer.attn) is SamVisionSdpaAttention:
-                layer.attn = PosSAMVisionGlobalAttention(vision_config, window_size=0)
+        # Library submodules replaced by same-parameter subclasses that run faster / leaner (docs/design.md,
+        # "Performance decisions"); each takes over the original's tensors, so construction draws the same random
+        # numbers as transformers' own modules.
+        for layer in self.vision_encoder.layers:  # one head at a time: bounded relative-position bias memory
+            if type(layer.attn) is SamVisionSdpaAttention:
+                layer.attn = _take_over(layer.attn, PosSAMVisionAttention, vision_config, window_size=layer.window_size)
         self.fpn = PosSAMFPN(vision_config.output_channels, config.fpn_out_channels)
         self.pixel_decoder = Mask2FormerPixelDecoder(config, feature_channels=list(config.fpn_out_channels))
-        # same parameters as Mask2Former's deformable attention, with a faster CPU sampler
-        for layer in self.pixel_decoder.encoder.layers:
-            original = layer.self_attn
-            layer.self_attn = PosSAMMultiscaleDeformableAttention(
-                embed_dim=original.d_model, num_heads=original.n_heads, n_levels=original.n_levels, n_points=original.n_points
+        for layer in self.pixel_decoder.encoder.layers:  # a fused embedding_bag sampler on CPU
+            attention = layer.self_attn
+            layer.self_attn = _take_over(
+                attention, PosSAMMultiscaleDeformableAttention, embed_dim=attention.d_model, num_heads=attention.n_heads,
+                n_levels=attention.n_levels, n_points=attention.n_points,
             )
         self.transformer_module = Mask2FormerTransformerModule(in_features=config.feature_size, config=config)
-        # same parameters as Mask2Former's predictor, plus an inference mode without per-layer 1/4-resolution masks
-        self.transformer_module.decoder.mask_predictor = PosSAMMaskPredictor(
-            hidden_size=config.hidden_dim, num_heads=config.num_attention_heads, mask_feature_size=config.mask_feature_size
+        decoder = self.transformer_module.decoder
+        # inference mode without the intermediate layers' 1/4-resolution masks
+        decoder.mask_predictor = _take_over(
+            decoder.mask_predictor, PosSAMMaskPredictor, hidden_size=config.hidden_dim, num_heads=config.num_attention_heads,
+            mask_feature_size=config.mask_feature_size,
         )
-        # same parameters; attention weights only computed when output_attentions asks for them
-        for layer in self.transformer_module.decoder.layers:
-            layer.cross_attn = PosSAMMaskedCrossAttention(config.hidden_dim, config.num_attention_heads, config.dropout)
+        for layer in decoder.layers:  # attention weights only computed when output_attentions asks for them
+            layer.cross_attn = _take_over(layer.cross_attn, PosSAMMaskedCrossAttention, config.hidden_dim, config.num_attention_heads, config.dropout)
         self.iou_head = PosSAMIoUHead(config.hidden_dim, config.iou_head_hidden_dim, config.iou_head_depth)
         self.post_init()
         self.freeze_frozen_parts()

@@ -9,7 +9,7 @@ from .loss import PosSAMHungarianMatcher, PosSAMLoss, sample_binary_masks
 from .mask_pooling import mask_pool
 from .mask_predictor import PosSAMMaskPredictor
 from .masked_cross_attention import PosSAMMaskedCrossAttention
-from .sam_attention import PosSAMVisionGlobalAttention
+from .sam_attention import PosSAMVisionAttention
 
 __all__ = [
     "LocalDiscriminativePooling",
@@ -21,7 +21,7 @@ __all__ = [
     "PosSAMMaskPredictor",
     "PosSAMMaskedCrossAttention",
     "PosSAMMultiscaleDeformableAttention",
-    "PosSAMVisionGlobalAttention",
+    "PosSAMVisionAttention",
     "classify_embeddings",
     "deformable_attention_embedding_bag",
     "mask_pool",

@@ -1,4 +1,4 @@
-"""SAM's global attention, computed one head at a time so the relative-position bias never exists for all heads."""
+"""SAM's attention, computed one head at a time so the relative-position bias never exists for all heads at once."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import torch
 from torch.nn import functional as F
 from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
-__all__ = ["PosSAMVisionGlobalAttention"]
+__all__ = ["PosSAMVisionAttention"]
 
 
-class PosSAMVisionGlobalAttention(SamVisionSdpaAttention):
+class PosSAMVisionAttention(SamVisionSdpaAttention):
     """
-    `SamVisionSdpaAttention` (same parameters and state-dict keys, same math) for SAM's global-attention layers.
-    transformers' version materializes the decomposed relative-position bias for every head at once: at 1024x1024
-    input that is 12 x 4096 x 4096 floats (0.8 GB for ViT-B, more inside SDPA) per layer. Here heads are processed
-    `heads_per_chunk` at a time (one by default), which bounds the bias to 67 MB and is also faster on CPU.
+    `SamVisionSdpaAttention` (same parameters and state-dict keys, same math). transformers' version materializes the
+    decomposed relative-position bias for every head at once: in a global-attention layer at 1024x1024 input that is
+    12 x 4096 x 4096 floats (0.8 GB for ViT-B, 1.6 GB peak inside SDPA). Here heads are processed `heads_per_chunk`
+    at a time (one by default): the bias is bounded to 67 MB, and every layer (windowed ones too) runs faster on CPU.
     """
 
     heads_per_chunk = 1
