@@ -139,7 +139,8 @@ def test_deformable_attention_module_equals_mask2former_module():
     torch.testing.assert_close(weights, expected_weights)
 
 
-def test_head_by_head_sam_global_attention_equals_transformers():
+@pytest.mark.parametrize("window_size, tokens", [(0, (2, 8, 8)), (4, (8, 4, 4))])  # global; windowed (images x windows)
+def test_head_by_head_sam_attention_equals_transformers(window_size, tokens):
     from transformers import SamVisionConfig
     from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
@@ -147,18 +148,10 @@ def test_head_by_head_sam_global_attention_equals_transformers():
 
     config = SamVisionConfig(hidden_size=48, num_attention_heads=3, image_size=128, patch_size=16)
     torch.manual_seed(0)
-    reference = SamVisionSdpaAttention(config, window_size=0).eval()
+    reference = SamVisionSdpaAttention(config, window_size=window_size).eval()
     torch.nn.init.normal_(reference.rel_pos_h, std=0.5)
     torch.nn.init.normal_(reference.rel_pos_w, std=0.5)
-    ours = PosSAMVisionAttention(config, window_size=0).eval()
+    ours = PosSAMVisionAttention(config, window_size=window_size).eval()
     ours.load_state_dict(reference.state_dict())
-    hidden = torch.randn(2, 8, 8, 48)
+    hidden = torch.randn(*tokens, 48)
     torch.testing.assert_close(ours(hidden)[0], reference(hidden)[0], atol=1e-5, rtol=1e-5)
-    # a windowed layer (window 4: relative positions sized for the window, batch = images x windows)
-    reference = SamVisionSdpaAttention(config, window_size=4).eval()
-    torch.nn.init.normal_(reference.rel_pos_h, std=0.5)
-    torch.nn.init.normal_(reference.rel_pos_w, std=0.5)
-    ours = PosSAMVisionAttention(config, window_size=4).eval()
-    ours.load_state_dict(reference.state_dict())
-    windows = torch.randn(8, 4, 4, 48)
-    torch.testing.assert_close(ours(windows)[0], reference(windows)[0], atol=1e-5, rtol=1e-5)
