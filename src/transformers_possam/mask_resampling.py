@@ -9,8 +9,9 @@ cropped to the image, resized to the target size). Upsampling all kept masks cos
 exactly, but mostly at low resolution:
 
 - every resize used is linear and separable, with non-negative weights that sum to 1, so x_k(p) is a convex
-  combination of the low-resolution logits inside a small window (`AxisResampling.window`, at most 3x3 for
-  bilinear); the window's min and max bound x_k(p) for every output pixel whose window it is (a *cell*);
+  combination of the low-resolution logits inside a small window (at most 3x3 for bilinear). Output pixels are
+  grouped into *cells* of about 16x16; a cell's window (`AxisResampling.window` per axis) covers all its pixels'
+  windows, so its min and max bound x_k(p) for every pixel of the cell;
 - in a cell, only queries whose upper bound reaches the best lower bound can win; when one query is the only
   candidate and its probability bound is on one side of `mask_threshold`, every pixel of the cell is decided;
 - the remaining cells (segment borders, mask edges) are evaluated exactly, for their candidates only, from the
@@ -271,8 +272,9 @@ def assign_panoptic(
         winner = queries.gather(1, slot.flatten(1)).view(slot.shape)
         inside = probs.gather(1, slot[:, None])[:, 0] >= mask_threshold
         # padding members keep their slot: pixel H * W, winner K (a spare bin), never inside
-        padding = ~_member_mask(cy, cx, rows, cols)
-        pixel_chunks.append(_pixel_index(cy, cx, rows, cols).flatten())
+        pixel = _pixel_index(cy, cx, rows, cols)
+        padding = pixel == rows.size * cols.size
+        pixel_chunks.append(pixel.flatten())
         winner_chunks.append(winner.masked_fill_(padding, num_queries).flatten())
         inside_chunks.append(inside.masked_fill_(padding, False).flatten())
     if pixel_chunks:

@@ -27,7 +27,7 @@ from .mask_resampling import AxisResampling, assign_panoptic, axis_resampling
 __all__ = ["PosSAMPostProcessingMixin", "class_scores"]
 
 # class maps (semantic) or masks (instance) resized at once: bounds memory to this many full-size float maps
-SEMANTIC_CLASS_CHUNK = 16
+RESIZE_CHUNK = 16
 
 
 def class_scores(
@@ -70,32 +70,38 @@ class PosSAMPostProcessingMixin:
         pad = self.pad_size
         return (pad["height"], pad["width"]) if isinstance(pad, dict) else (pad.height, pad.width)
 
+    def _resize_steps(self, reshaped_size, target_size) -> list[tuple[tuple[int, int], tuple[int, int] | None]]:
+        """
+        The resize from 1/4 of the padded input to the output, as `[(resize_to, crop_to)]`: bilinear resize to the
+        padded size and crop the padding away (when `reshaped_size` is known), then resize to `target_size`.
+        """
+        steps = []
+        if reshaped_size is not None:
+            steps.append((self._padded_size(), tuple(reshaped_size)))
+        if target_size is not None:
+            steps.append((tuple(target_size), None))
+        return steps
+
     def _masks_to_target(self, masks: torch.Tensor, reshaped_size, target_size) -> torch.Tensor:
-        """`(N, h, w)` logits at 1/4 of the padded input -> crop the padding -> `(N, H, W)` at `target_size`."""
+        """`(N, h, w)` logits at 1/4 of the padded input -> `(N, H, W)` after `_resize_steps`."""
         if masks.shape[0] == 0:
             size = target_size or reshaped_size or tuple(masks.shape[-2:])
             return masks.new_zeros((0, *size))
-        if reshaped_size is not None:
-            padded = self._padded_size()
-            masks = F.interpolate(masks[None], size=padded, mode="bilinear", align_corners=False)[0]
-            masks = masks[:, : reshaped_size[0], : reshaped_size[1]]
-        if target_size is not None and tuple(masks.shape[-2:]) != tuple(target_size):
-            masks = F.interpolate(masks[None], size=target_size, mode="bilinear", align_corners=False)[0]
+        for resize_to, crop_to in self._resize_steps(reshaped_size, target_size):
+            if tuple(masks.shape[-2:]) != resize_to:
+                masks = F.interpolate(masks[None], size=resize_to, mode="bilinear", align_corners=False)[0]
+            if crop_to is not None:
+                masks = masks[:, : crop_to[0], : crop_to[1]]
         return masks
 
     def _resampling(self, mask_size, reshaped_size, target_size, device) -> tuple[AxisResampling, AxisResampling]:
-        """The same resize as `_masks_to_target`, per axis, as banded linear maps (rows, cols)."""
-        axes = []
-        for axis in range(2):
-            steps = []
-            size = mask_size[axis]
-            if reshaped_size is not None:
-                steps.append((self._padded_size()[axis], reshaped_size[axis]))
-                size = reshaped_size[axis]
-            if target_size is not None and size != target_size[axis]:
-                steps.append((target_size[axis], None))
-            axes.append(axis_resampling(mask_size[axis], tuple(steps), str(device)))
-        return axes[0], axes[1]
+        """`_resize_steps` per axis, as banded linear maps (rows, cols) for the panoptic assignment."""
+        steps = self._resize_steps(reshaped_size, target_size)
+        rows, cols = (
+            axis_resampling(mask_size[axis], tuple((size[axis], crop[axis] if crop else None) for size, crop in steps), str(device))
+            for axis in range(2)
+        )
+        return rows, cols
 
     def _prepare(self, outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, alpha, beta):
         batch_size = outputs.masks_queries_logits.shape[0]
@@ -186,8 +192,8 @@ class PosSAMPostProcessingMixin:
     ) -> list[torch.Tensor]:
         """
         FC-CLIP semantic inference: per class, the sum over queries of class score * mask probability, computed at
-        mask resolution, then cropped/resized like the panoptic masks (a few classes at a time); argmax over classes. Returns per image an
-        `(H, W)` int64 map of class ids.
+        mask resolution, then cropped/resized like the panoptic masks (a few classes at a time); argmax over classes.
+        Returns per image an `(H, W)` int64 map of class ids.
         """
         scores, _, targets, reshaped = self._prepare(outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, alpha, beta)
         results = []
@@ -196,8 +202,8 @@ class PosSAMPostProcessingMixin:
             # running argmax over chunks of resized class maps: never K full-size maps at once (150 classes at
             # 1024x1024 would be 600 MB); strict ">" keeps argmax's first-maximum rule across chunks
             best = labels = None
-            for first in range(0, class_maps.shape[0], SEMANTIC_CLASS_CHUNK):
-                resized = self._masks_to_target(class_maps[first : first + SEMANTIC_CLASS_CHUNK], reshaped[index], targets[index])
+            for first in range(0, class_maps.shape[0], RESIZE_CHUNK):
+                resized = self._masks_to_target(class_maps[first : first + RESIZE_CHUNK], reshaped[index], targets[index])
                 chunk_best, chunk_labels = resized.max(0)
                 if best is None:
                     best, labels = chunk_best, chunk_labels
@@ -246,8 +252,8 @@ class PosSAMPostProcessingMixin:
             # only the bool masks are kept at full size
             unique_queries, mask_of_pair = torch.unique(queries, return_inverse=True)
             binaries, unique_scores = [], []
-            for first in range(0, len(unique_queries), SEMANTIC_CLASS_CHUNK):
-                masks = self._masks_to_target(mask_logits[unique_queries[first : first + SEMANTIC_CLASS_CHUNK]].float(), reshaped[index], targets[index])
+            for first in range(0, len(unique_queries), RESIZE_CHUNK):
+                masks = self._masks_to_target(mask_logits[unique_queries[first : first + RESIZE_CHUNK]].float(), reshaped[index], targets[index])
                 binary = masks > 0
                 unique_scores.append((masks.sigmoid() * binary).flatten(1).sum(-1) / (binary.flatten(1).sum(-1) + 1e-6))
                 binaries.append(binary)
