@@ -99,9 +99,11 @@ result = processor.post_process_panoptic_segmentation(outputs, target_sizes=inpu
 
 ## Training recipe (paper / FC-CLIP)
 
-COCO panoptic train2017 (133 classes), 1024x1024 crops with large-scale jitter, batch 16, AdamW (lr 1e-4, weight
-decay 0.05), multi-step decay; losses: class 2.0, mask (BCE) 5.0, dice 5.0, IoU 1.0, void weight 0.1, 12544 sampled
-points; 250 queries; MASE with alpha 0.4 (seen) / beta 0.8 (unseen).
+COCO panoptic train2017 (133 classes), 1024x1024 canvases with FC-CLIP's large-scale jitter (scale 0.1-2.0, crop,
+padding; never resized back), batch 16 (8 GPUs x 2), AdamW (lr 1e-4, weight decay 0.05, none on normalization layers
+and embeddings), 250K iterations with LR x 0.1 at 150K and 200K, gradient clipping 0.01 (paper Appendix A); losses:
+class 2.0, mask (BCE) 5.0, dice 5.0, IoU 1.0, void weight 0.1, 12544 sampled points; 250 queries; MASE with alpha
+0.4 (seen) / beta 0.8 (unseen), stored as `mase_alpha` / `mase_beta` in `preprocessor_config.json`.
 
 ## Intended uses and limitations
 

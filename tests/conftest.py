@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from transformers_possam import PosSAMForPanopticSegmentation, tiny_config
+from transformers_possam import (
+    PosSAMForPanopticSegmentation,
+    PosSAMImageProcessor,
+    PosSAMProcessor,
+    clip_tokenizer_from_bpe,
+    tiny_config,
+)
 
 # Tests may share the 2 cores with other jobs: one intra-op thread is faster and steadier there.
 torch.set_num_threads(1)
@@ -40,3 +46,14 @@ def pixel_values():
 @pytest.fixture()
 def vocabulary():
     return make_vocabulary()
+
+
+def save_tiny_checkpoint(path, seed: int = 0, **image_processor_kwargs):
+    """A random tiny model with its processor (sized to the model, plus `image_processor_kwargs`) saved in `path`."""
+    torch.manual_seed(seed)
+    config = tiny_config()
+    size = config.vision_config.image_size
+    PosSAMForPanopticSegmentation(config).save_pretrained(path)
+    image_processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size}, **image_processor_kwargs)
+    PosSAMProcessor(image_processor, clip_tokenizer_from_bpe()).save_pretrained(path)
+    return path

@@ -1,23 +1,16 @@
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from transformers import pipeline
 
-from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, PosSAMProcessor, clip_tokenizer_from_bpe, tiny_config
+from .conftest import save_tiny_checkpoint
 
 LABELS = ["person,people", "car", {"name": "sky,clouds", "isthing": False}, {"name": "road", "isthing": False}]
 
 
 @pytest.fixture(scope="module")
 def segmenter(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("possam-tiny")
-    config = tiny_config()
-    size = config.vision_config.image_size
-    PosSAMForPanopticSegmentation(config).save_pretrained(path)
-    image_processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
-    PosSAMProcessor(image_processor, clip_tokenizer_from_bpe()).save_pretrained(path)
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("possam-tiny"))
     return pipeline("open-vocabulary-panoptic-segmentation", model=str(path))
 
 

@@ -1,6 +1,8 @@
 from types import SimpleNamespace
 
+import pytest
 import torch
+from torch.nn import functional as F
 
 from transformers_possam import PosSAMImageProcessor
 from transformers_possam.postprocessing import class_scores
@@ -83,11 +85,21 @@ def test_class_scores_void_rule_and_mase_switch():
     p_void = class_logits.softmax(-1)[..., -1]
     ldp = class_logits[..., :2].softmax(-1)
     clip = clip_logits.softmax(-1)
-    fixed, _ = class_scores(outputs, seen_mask=torch.tensor([True, False]), use_mase=False)
-    expected_fixed = ldp ** torch.tensor([0.6, 0.2]) * clip ** torch.tensor([0.4, 0.8]) * (1 - p_void)[..., None]
-    torch.testing.assert_close(fixed, expected_fixed)
-    # MASE scales with IoU: scores are below the fixed ensemble's for IoU < 1 on this query
+    fixed, fixed_void = class_scores(outputs, seen_mask=torch.tensor([True, False]), use_mase=False)
+    # FC-CLIP's eval branch (fcclip.py): geometric ensemble, softmax of its log, times 1 - p_void, void appended,
+    # log(. + 1e-8), and the inference functions' softmax over K + 1
+    geometric = (ldp ** torch.tensor([0.6, 0.2]) * clip ** torch.tensor([0.4, 0.8])).log().softmax(-1)
+    final = torch.log(torch.cat([geometric * (1 - p_void)[..., None], p_void[..., None]], -1) + 1e-8).softmax(-1)
+    torch.testing.assert_close(fixed, final[..., :2])
+    assert fixed_void.tolist() == (final.argmax(-1) == 2).tolist()
+    # MASE keeps the IoU weighting in its score: below the renormalized fixed ensemble's for IoU < 1
     assert scores[0, 0].sum() < fixed[0, 0].sum()
+    # the weights change the ensemble; they must be numbers in [0, 1]
+    other, _ = class_scores(outputs, seen_mask=torch.tensor([True, False]), alpha=0.1, beta=0.3)
+    assert not torch.allclose(other, scores)
+    for bad in (-0.1, 1.5, "0.4", None, True):
+        with pytest.raises(ValueError, match="mase_alpha must be a number in \\[0, 1\\]"):
+            class_scores(outputs, alpha=bad)
 
 
 def test_semantic_and_instance_shapes():
@@ -176,21 +188,45 @@ def test_panoptic_matches_dense_on_noise_logits():
         assert torch.equal(result["segmentation"], expected)
 
 
-def test_semantic_chunked_argmax_equals_dense():
+@pytest.mark.parametrize("reshaped_size,target_size", [((48, 64), (50, 70)), ((48, 64), (17, 23)), (None, (130, 90)), (None, None)])
+def test_semantic_equals_fcclip_order_dense(reshaped_size, target_size, monkeypatch):
+    """
+    FC-CLIP's semantic inference, densely: every mask's logits resized to the output (F.interpolate to the padded
+    size, crop, F.interpolate to the target), then sigmoid, then the class-weighted sum, argmax. Ours works in row
+    bands (forced small here) with the same bilinear weights: labels may differ only at float ties.
+    """
+    from transformers_possam import postprocessing
+
+    monkeypatch.setattr(postprocessing, "SEMANTIC_BAND_ELEMENTS", 12 * 64 * 3)  # a few rows per band
     processor = PosSAMImageProcessor(pad_size={"height": 64, "width": 64})
     generator = torch.Generator().manual_seed(3)
-    queries, classes = 12, 40  # more classes than one chunk
+    queries, classes = 12, 40
     outputs = make_outputs(
         blob_logits(queries, 16, generator)[None],
         torch.randn(1, queries, classes + 1, generator=generator) * 3,
         torch.randn(1, queries, classes, generator=generator),
         torch.rand(1, queries, generator=generator),
     )
-    (labels,) = processor.post_process_semantic_segmentation(outputs, target_sizes=[(50, 70)], reshaped_input_sizes=[(48, 64)])
+    (labels,) = processor.post_process_semantic_segmentation(
+        outputs, target_sizes=target_size and [target_size], reshaped_input_sizes=reshaped_size and [reshaped_size]
+    )
     scores, _ = class_scores(outputs)
-    class_maps = torch.einsum("qk,qhw->khw", scores[0], outputs.masks_queries_logits[0].sigmoid())
-    expected = processor._masks_to_target(class_maps, (48, 64), (50, 70)).argmax(0)
-    assert labels.shape == (50, 70) and torch.equal(labels, expected) and len(labels.unique()) > 3
+    masks = outputs.masks_queries_logits[0]
+    if reshaped_size is not None:
+        masks = F.interpolate(masks[None], size=(64, 64), mode="bilinear", align_corners=False)[0][:, : reshaped_size[0], : reshaped_size[1]]
+    if target_size is not None:
+        masks = F.interpolate(masks[None], size=target_size, mode="bilinear", align_corners=False)[0]
+    class_maps = torch.einsum("qk,qhw->khw", scores[0], masks.sigmoid())
+    expected = class_maps.argmax(0)
+    assert labels.shape == expected.shape and len(labels.unique()) > 3
+    differ = labels != expected
+    top2 = class_maps.topk(2, dim=0).values
+    assert differ.float().mean() < 1e-3 and bool(((top2[0] - top2[1])[differ] < 1e-5).all())
+    if reshaped_size is None and target_size is None:
+        return  # nothing is resized: the order cannot matter
+    # the order matters: sigmoid at mask resolution, then resize, labels other pixels
+    wrong = processor._masks_to_target(torch.einsum("qk,qhw->khw", scores[0], outputs.masks_queries_logits[0].sigmoid()), reshaped_size, target_size)
+    assert (wrong.argmax(0) != expected).any()
 
 
 def test_instance_matches_dense_reference():

@@ -111,6 +111,13 @@ def test_accelerate_launch_two_processes_see_disjoint_samples(tmp_path):
     ranks = [set(json.loads((tmp_path / f"sample_ids_{rank}.json").read_text())) for rank in (0, 1)]
     assert all(len(ids) == 6 for ids in ranks)  # 3 steps x batch 2 each, no epoch wrapped
     assert not ranks[0] & ranks[1]
+    # each process draws its own point-sampling randomness (FC-CLIP seeds each worker differently) ...
+    states = [json.loads((tmp_path / f"rng_{rank}.json").read_text()) for rank in (0, 1)]
+    assert states[0]["torch_rng_sha256"] != states[1]["torch_rng_sha256"]
+    # ... over the same optimizer groups: no weight decay on norms and embeddings
+    assert states[0]["groups"] == states[1]["groups"]
+    no_decay = {name for group in states[0]["groups"] if group["weight_decay"] == 0.0 for name in group["names"]}
+    assert {"void_embedding.weight", "model.transformer_module.queries_features.weight", "ldp.norm.weight"} <= no_decay
     assert (tmp_path / "model.safetensors").exists()
 
 

@@ -14,6 +14,7 @@ up a half-written one.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import re
@@ -22,8 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
-from datasets.distributed import split_dataset_by_node
+from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from transformers_possam import (
@@ -33,8 +33,9 @@ from transformers_possam import (
     clip_tokenizer_from_bpe,
     tiny_config,
 )
-from transformers_possam.data.stream import PanopticTrainStream, collate_panoptic, load_panoptic_dataset
-from transformers_possam.evaluation import evaluate_panoptic
+from transformers_possam.data.stream import PanopticTrainStream, collate_panoptic, load_panoptic_dataset, shard_for_process
+from transformers_possam.evaluation import PanopticEvaluator, vocabulary_embeddings
+from transformers_possam.optimization import SCHEDULES, make_optimizer, parameter_groups, step_decay
 
 logger = logging.getLogger("possam.train")
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -47,14 +48,22 @@ def parse_args(argv=None):
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--eval_split", default="validation")
     parser.add_argument("--output_dir", default="outputs/train")
-    parser.add_argument("--max_steps", type=int, default=100)
-    parser.add_argument("--per_device_train_batch_size", type=int, default=2)
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="possam",
+                        help="preset for --max_steps / --lr_drops: 'possam' = the paper's 250K steps, LR x 0.1 at 150K and "
+                             "200K (Appendix A); 'fcclip' = FC-CLIP's 368,750 steps, drops at 327,778 and 355,092")
+    parser.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: the schedule's)")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=2, help="paper: 2 per GPU x 8 GPUs = 16")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--weight_decay", type=float, default=0.05)
-    parser.add_argument("--lr_drops", type=float, nargs="*", default=[327778 / 368750, 355092 / 368750],
-                        help="fractions of max_steps where the LR is multiplied by 0.1 (FC-CLIP's schedule)")
-    parser.add_argument("--max_grad_norm", type=float, default=0.01, help="full-model gradient clipping (FC-CLIP: 0.01)")
+    parser.add_argument("--weight_decay_norm", type=float, default=0.0, help="normalization layers (FC-CLIP: 0)")
+    parser.add_argument("--weight_decay_embed", type=float, default=0.0, help="nn.Embedding weights (FC-CLIP: 0)")
+    parser.add_argument("--backbone_lr_multiplier", type=float, default=0.1,
+                        help="LR factor of the SAM encoder when it is trained (--train_encoders; FC-CLIP's BACKBONE_MULTIPLIER)")
+    parser.add_argument("--lr_drops", type=float, nargs="*", default=None,
+                        help="fractions of max_steps where the LR is multiplied by 0.1 (default: the schedule's, "
+                             "i.e. 0.6 0.8 for 'possam')")
+    parser.add_argument("--max_grad_norm", type=float, default=0.01, help="full-model gradient clipping (paper / FC-CLIP: 0.01)")
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--checkpointing_steps", type=int, default=None)
     parser.add_argument("--checkpoints_total_limit", type=int, default=3)
@@ -63,6 +72,10 @@ def parse_args(argv=None):
     parser.add_argument("--max_eval_samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--no_augmentation", action="store_true", help="turn large-scale jitter off")
+    parser.add_argument("--min_scale", type=float, default=0.1, help="large-scale jitter's smallest scale (FC-CLIP: 0.1)")
+    parser.add_argument("--max_scale", type=float, default=2.0, help="large-scale jitter's largest scale (FC-CLIP: 2.0)")
+    parser.add_argument("--drop_cropped_segments", action="store_true",
+                        help="give no target to segments the jitter's crop removed (FC-CLIP keeps them as empty masks)")
     parser.add_argument("--max_bad_fraction", type=float, default=0.01)
     parser.add_argument("--train_encoders", action="store_true",
                         help="also train the SAM encoder (only sensible for tiny random demo models)")
@@ -70,7 +83,17 @@ def parse_args(argv=None):
     parser.add_argument("--toy_eval_size", type=int, default=32)
     parser.add_argument("--record_sample_ids", action="store_true", help="write each process's sample ids (for tests)")
     parser.add_argument("--report_to", default=None, help="accelerate trackers, e.g. 'tensorboard'")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    schedule = SCHEDULES[args.schedule]
+    if args.max_steps is None:
+        args.max_steps = schedule.max_steps
+    if args.lr_drops is None:
+        args.lr_drops = list(schedule.lr_drop_fractions)
+    if args.max_steps < 1:
+        parser.error(f"--max_steps must be >= 1, got {args.max_steps}.")
+    if any(not 0 < fraction <= 1 for fraction in args.lr_drops):
+        parser.error(f"--lr_drops are fractions of --max_steps in (0, 1], got {args.lr_drops}.")
+    return args
 
 
 def build_model_and_processor(args):
@@ -86,11 +109,6 @@ def build_model_and_processor(args):
     if args.train_encoders:
         model.model.vision_encoder.requires_grad_(True)
     return model, processor
-
-
-def lr_lambda_for(max_steps: int, drops: list[float]):
-    milestones = sorted(int(round(fraction * max_steps)) for fraction in drops)
-    return lambda step: 0.1 ** sum(step >= milestone for milestone in milestones)
 
 
 def find_checkpoint(output_dir: Path, spec: str) -> Path:
@@ -135,34 +153,46 @@ def main(argv=None) -> dict:
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    # the same seed everywhere for the model's initialization ...
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     model, processor = build_model_and_processor(args)
+    # ... then one stream of randomness per process: the loss's point sampling (and anything else drawn from the
+    # global generators) differs between ranks, as in FC-CLIP's per-worker seeding. Saved and restored per process
+    # by save_state / load_state.
+    set_seed(args.seed, device_specific=True)
     train_set, categories = load_panoptic_dataset(args.dataset_name, args.train_split, toy_size=args.toy_train_size, seed=args.seed)
-    train_set = split_dataset_by_node(train_set, rank=accelerator.process_index, world_size=accelerator.num_processes)
-    labels = [{"name": c["name"], "isthing": bool(c["isthing"])} for c in categories]
+    train_set = shard_for_process(train_set, accelerator.process_index, accelerator.num_processes)
     label_map = {int(c["id"]): index for index, c in enumerate(categories)}
     stream = PanopticTrainStream(
         train_set, processor.image_processor, label_map, seed=args.seed, rank=accelerator.process_index,
-        augment=not args.no_augmentation, max_bad_fraction=args.max_bad_fraction,
+        augment=not args.no_augmentation, max_bad_fraction=args.max_bad_fraction, drop_cropped_segments=args.drop_cropped_segments,
+        min_scale=args.min_scale, max_scale=args.max_scale,
     )
 
     if args.record_sample_ids:
         stream.record_ids = []
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(args.max_steps, args.lr_drops))
+    groups = parameter_groups(
+        model, args.learning_rate, args.weight_decay, weight_decay_norm=args.weight_decay_norm,
+        weight_decay_embed=args.weight_decay_embed, backbone_multiplier=args.backbone_lr_multiplier,
+    )
+    trainable = [parameter for group in groups for parameter in group["params"]]
+    optimizer = make_optimizer(groups, args.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, step_decay(args.max_steps, args.lr_drops))
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
+    if args.record_sample_ids:  # for tests: each process's point-sampling generator state and its optimizer groups
+        state = torch.random.get_rng_state()
+        (output_dir / f"rng_{accelerator.process_index}.json").write_text(json.dumps({
+            "torch_rng_sha256": hashlib.sha256(state.numpy().tobytes()).hexdigest(),
+            "groups": [{"lr": g["lr"], "weight_decay": g["weight_decay"], "names": g["names"]} for g in groups],
+        }))
 
     # The text tower is frozen: the vocabulary is encoded once.
-    tokens = processor.encode_vocabulary(labels)
-    class_embeddings, synonym_mask = unwrapped.get_class_embeddings(
-        tokens["input_ids"].to(accelerator.device), tokens["attention_mask"].to(accelerator.device), tokens["synonym_mask"].to(accelerator.device)
-    )
+    class_embeddings, synonym_mask = vocabulary_embeddings(unwrapped, processor, categories)
 
     step = 0
     if args.resume_from_checkpoint:
@@ -205,12 +235,19 @@ def main(argv=None) -> dict:
         progress.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['train/lr']:.1e}", bad=int(bad))
         if args.checkpointing_steps and step % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, step, stream, args.checkpoints_total_limit)
-        if args.eval_steps and step % args.eval_steps == 0 and accelerator.is_main_process:
-            evaluation = run_evaluation(args, unwrapped, processor, class_embeddings, synonym_mask)
-            metrics.update(evaluation)
+        if args.eval_steps and step % args.eval_steps == 0:
+            evaluation = run_evaluation(args, accelerator, unwrapped, processor)
+            if accelerator.is_main_process:  # the evaluation history, one JSON line per evaluation
+                with open(output_dir / "eval_history.jsonl", "a") as history:
+                    history.write(json.dumps({"step": step, "failed": evaluation is None, **(evaluation or {})}) + "\n")
+            if evaluation is None:
+                metrics["eval/failed"] = 1.0
+            else:
+                metrics.update(evaluation)
+                progress.write(f"step {step} eval: PQ {100 * evaluation['eval/all_pq']:.1f}  SQ {100 * evaluation['eval/all_sq']:.1f}  "
+                               f"RQ {100 * evaluation['eval/all_rq']:.1f}  mIoU {100 * evaluation['eval/miou']:.1f}  "
+                               f"AP {100 * evaluation['eval/mask_ap']:.1f}  bad {int(evaluation['eval/bad_samples'])}")
             accelerator.log(metrics, step=step)
-            progress.write(f"step {step} eval: PQ {100 * evaluation['eval/all_pq']:.1f}  SQ {100 * evaluation['eval/all_sq']:.1f}  "
-                  f"RQ {100 * evaluation['eval/all_rq']:.1f}  mIoU {100 * evaluation['eval/miou']:.1f}")
 
     if args.record_sample_ids:
         (output_dir / f"sample_ids_{accelerator.process_index}.json").write_text(json.dumps(stream.record_ids))
@@ -224,12 +261,35 @@ def main(argv=None) -> dict:
     return metrics
 
 
-def run_evaluation(args, model, processor, class_embeddings, synonym_mask) -> dict:
-    eval_set, categories = load_panoptic_dataset(args.dataset_name, args.eval_split, toy_size=args.toy_eval_size, seed=args.seed)
-    rows = (row for index, row in zip(range(args.max_eval_samples), eval_set))
-    results = evaluate_panoptic(model, processor.image_processor, rows, categories, class_embeddings, synonym_mask)
-    return {f"eval/{split.lower()}_{key}": results[split][key] for split in ("All", "Things", "Stuff") for key in ("pq", "sq", "rq")} | {
-        "eval/miou": results["mIoU"]
+def run_evaluation(args, accelerator, model, processor) -> dict | None:
+    """
+    PQ / SQ / RQ (All, Things, Stuff, Seen, Unseen), mask AP and mIoU on the first `--max_eval_samples` rows of the
+    evaluation split, the rows spread over all processes (row i on process i % world size) and the statistics summed.
+
+    Never costs training progress: bad rows are skipped and counted (as in training), and any failure on any process
+    (too many bad rows, a missing split, ...) is logged and gives `None` on every process; training goes on.
+    """
+    state = None
+    try:
+        eval_set, categories = load_panoptic_dataset(args.dataset_name, args.eval_split, toy_size=args.toy_eval_size, seed=args.seed)
+        rank, world_size = accelerator.process_index, accelerator.num_processes
+        rows = (row for index, row in zip(range(args.max_eval_samples), eval_set) if index % world_size == rank)
+        evaluator = PanopticEvaluator(model, processor.image_processor, categories, processor=processor, max_bad_fraction=args.max_bad_fraction)
+        evaluator.process(rows)
+        state = evaluator.state()
+    except Exception:  # noqa: BLE001 - an evaluation failure must not end a training run
+        logger.exception("Evaluation failed on process %d; training continues", accelerator.process_index)
+    states = gather_object([state])
+    if any(item is None for item in states):
+        logger.error("Evaluation at this step is skipped: it failed on %d process(es).", sum(item is None for item in states))
+        return None
+    results = PanopticEvaluator.summarize(PanopticEvaluator.merge_states(states))
+    scores = {f"eval/{split.lower()}_{key}": results[split][key] for split in ("All", "Things", "Stuff", "Seen", "Unseen") for key in ("pq", "sq", "rq")}
+    return scores | {
+        "eval/miou": results["mIoU"],
+        "eval/mask_ap": results["mask_AP"]["AP"],
+        "eval/images": float(results["images"]),
+        "eval/bad_samples": float(results["bad_samples"]),
     }
 
 

@@ -78,7 +78,6 @@ class PosSAMConfig(PreTrainedConfig):
         use_auxiliary_loss (`bool`): deep supervision on every decoder layer.
         iou_loss_on_unmatched (`bool`): also train the IoU head to predict 0 for unmatched queries (the paper trains
             it on matched pairs only: default False).
-        mase_alpha, mase_beta (`float`): MASE / geometric-ensemble weights of CLIP for seen and unseen classes.
         training_vocabulary (`list[str]`): class names (comma-separated synonyms) the model was trained on; used to
             derive the seen-class mask of a test vocabulary. Default COCO panoptic 133.
     """
@@ -141,14 +140,19 @@ class PosSAMConfig(PreTrainedConfig):
     use_auxiliary_loss: bool = True
     iou_loss_on_unmatched: bool = False
 
-    mase_alpha: float = 0.4
-    mase_beta: float = 0.8
-
     training_vocabulary: list[str] | None = None
 
     attribute_map = {"hidden_size": "hidden_dim", "num_hidden_layers": "decoder_layers"}
 
     def __post_init__(self, **kwargs):
+        moved = sorted(name for name in ("mase_alpha", "mase_beta") if name in kwargs)
+        if moved:
+            # MASE's weights are post-processing settings, owned by the image processor (preprocessor_config.json)
+            raise ValueError(
+                f"{moved} are no longer model config fields: they live in the image processor "
+                "(PosSAMImageProcessor(mase_alpha=..., mase_beta=...), saved in preprocessor_config.json). "
+                "Remove them from config.json and set them there."
+            )
         if isinstance(self.text_config, dict):
             # A partial dict means "convnext_large_d_320 with these changes", not "CLIPTextConfig defaults".
             self.text_config = {**CONVNEXT_LARGE_D_320_TEXT, **self.text_config}

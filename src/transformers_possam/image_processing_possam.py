@@ -16,9 +16,16 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 from transformers.models.sam.image_processing_sam import SamImageProcessor, SamImageProcessorKwargs
 
-from .postprocessing import PosSAMPostProcessingMixin
+from .postprocessing import PosSAMPostProcessingMixin, check_ensemble_weight
 
-__all__ = ["PosSAMImageProcessor", "PosSAMImageProcessorPil", "encode_panoptic_annotation", "rgb_to_id"]
+__all__ = [
+    "PosSAMImageProcessor",
+    "PosSAMImageProcessorPil",
+    "encode_panoptic_annotation",
+    "nearest_indices",
+    "nearest_resize_ids",
+    "rgb_to_id",
+]
 
 
 class PosSAMImageProcessorKwargs(SamImageProcessorKwargs, total=False):
@@ -27,10 +34,16 @@ class PosSAMImageProcessorKwargs(SamImageProcessorKwargs, total=False):
         Maps annotation category ids (e.g. COCO's 1..200) to class indices of the vocabulary. Default: identity.
     ignore_index (`int`, *optional*, defaults to 255):
         Semantic value of unlabeled pixels in two-channel (semantic, instance) annotation maps.
+    mase_alpha (`float`, *optional*, defaults to 0.4):
+        CLIP's weight on classes seen in training, in MASE and in FC-CLIP's geometric ensemble (post-processing).
+    mase_beta (`float`, *optional*, defaults to 0.8):
+        CLIP's weight on unseen classes (post-processing).
     """
 
     label_map: dict
     ignore_index: int
+    mase_alpha: float
+    mase_beta: float
 
 
 def rgb_to_id(color: np.ndarray) -> np.ndarray:
@@ -57,15 +70,21 @@ def _map_label(category: int, label_map: dict | None) -> int:
     return int(label_map[category])
 
 
-def _segments_from_annotation(annotation: Any, label_map: dict | None, ignore_index: int) -> tuple[np.ndarray, list[int], list[int]]:
+def _segments_from_annotation(
+    annotation: Any, label_map: dict | None, ignore_index: int, allow_absent_segments: bool = False
+) -> tuple[np.ndarray, list[int], list[int]]:
     """
-    One annotation -> (segment id map (H, W) int64, segment ids, class indices), crowd segments left out.
+    One annotation -> (segment id map (H, W) int64, segment ids, class indices), crowd segments left out (FC-CLIP's
+    mapper: one target per non-crowd segment of `segments_info`).
 
     Accepted forms:
     - COCO panoptic: `{"panoptic_map" or "png" or "label": RGB image, "segments_info": [{"id", "category_id",
       "iscrowd"?}]}`;
     - a two-channel map (H, W, >=2) or (>=2, H, W): channel 0 = semantic class, channel 1 = instance id (the format
       of transformers' segmentation examples); `ignore_index` pixels are unlabeled.
+
+    A `segments_info` id missing from the PNG is an error, unless `allow_absent_segments` (an augmentation cropped it
+    away: FC-CLIP still builds its target, an empty mask).
     """
     if isinstance(annotation, dict):
         if "segments_info" not in annotation:
@@ -78,7 +97,7 @@ def _segments_from_annotation(annotation: Any, label_map: dict | None, ignore_in
         present = set(np.unique(ids).tolist())
         segment_ids, classes = [], []
         for segment in annotation["segments_info"]:
-            if segment["id"] not in present:
+            if segment["id"] not in present and not allow_absent_segments:
                 raise ValueError(f"segments_info names segment id {segment['id']}, which does not occur in the panoptic PNG.")
             if segment.get("iscrowd", 0):
                 continue
@@ -104,24 +123,46 @@ def _segments_from_annotation(annotation: Any, label_map: dict | None, ignore_in
     return combined, segment_ids, classes
 
 
-def _nearest_resize(ids: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of an int64 map by index gathering (exact for ids beyond float precision)."""
-    height, width = ids.shape
-    rows = (torch.arange(size[0]) * (height / size[0])).floor().long().clamp(max=height - 1)
-    cols = (torch.arange(size[1]) * (width / size[1])).floor().long().clamp(max=width - 1)
-    return ids[rows[:, None], cols[None, :]]
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """
+    Source index of each of `out_size` outputs for a nearest-neighbour resize from `in_size`, with the pixel-centre
+    convention of the image resize (output k samples input position (k + 0.5) * in / out). The positions are
+    accumulated in double precision the way Pillow's `Image.resize(..., NEAREST)` does, so id maps resized here equal
+    PIL-resized panoptic PNGs exactly (what FC-CLIP's detectron2 transforms produce).
+    """
+    step = in_size / out_size
+    positions = np.cumsum(np.concatenate([[0.5 * step], np.full(out_size - 1, step)]))
+    return np.minimum(positions.astype(np.int64), in_size - 1)
+
+
+def nearest_resize_ids(ids, size: tuple[int, int]):
+    """
+    Nearest-neighbour resize of an `(H, W)` id map (numpy or torch) to `size` by index gathering: exact for ids
+    beyond float precision, and pixel-centred like the image resize (see `nearest_indices`).
+    """
+    height, width = ids.shape[-2:]
+    rows, cols = nearest_indices(height, size[0]), nearest_indices(width, size[1])
+    if torch.is_tensor(ids):
+        rows, cols = torch.from_numpy(rows), torch.from_numpy(cols)
+    return ids[..., rows[:, None], cols[None, :]]
 
 
 def encode_panoptic_annotation(
-    annotation: Any, reshaped_size: tuple[int, int], padded_size: tuple[int, int], label_map: dict | None = None, ignore_index: int = 255
+    annotation: Any,
+    reshaped_size: tuple[int, int],
+    padded_size: tuple[int, int],
+    label_map: dict | None = None,
+    ignore_index: int = 255,
+    allow_absent_segments: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    Annotation -> `mask_labels` `(N, padH, padW)` uint8 and `class_labels` `(N,)` int64, resized (nearest) like the
-    image and padded bottom/right with background. A segment that vanishes at the new size is kept (empty mask):
-    nothing is dropped silently; Mask2Former's losses handle empty targets.
+    Annotation -> `mask_labels` `(N, padH, padW)` uint8 and `class_labels` `(N,)` int64, resized like the image
+    (nearest, pixel-centred: `nearest_resize_ids`) and padded bottom/right with background. A segment that vanishes
+    at the new size is kept (empty mask): nothing is dropped silently; Mask2Former's losses handle empty targets.
     """
-    ids, segment_ids, classes = _segments_from_annotation(annotation, label_map, ignore_index)
-    resized = _nearest_resize(torch.from_numpy(np.ascontiguousarray(ids)), reshaped_size)
+    ids, segment_ids, classes = _segments_from_annotation(annotation, label_map, ignore_index, allow_absent_segments)
+    ids = torch.from_numpy(np.ascontiguousarray(ids))
+    resized = ids if tuple(ids.shape) == tuple(reshaped_size) else nearest_resize_ids(ids, reshaped_size)
     padded = torch.zeros(padded_size, dtype=torch.int64)
     padded[: reshaped_size[0], : reshaped_size[1]] = resized
     if not segment_ids:
@@ -133,8 +174,15 @@ def encode_panoptic_annotation(
 class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin):
     valid_kwargs = PosSAMImageProcessorKwargs
     model_input_names = ["pixel_values", "pixel_mask"]
+    # The one home of MASE's alpha / beta: saved in preprocessor_config.json and read by every post-processing path
+    # (and so by the pipeline and training/evaluate.py); a post-processing call may override them.
     mase_alpha = 0.4
     mase_beta = 0.8
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for name in ("mase_alpha", "mase_beta"):
+            check_ensemble_weight(getattr(self, name), name)
 
     def preprocess(self, images, annotations=None, **kwargs) -> BatchFeature:
         r"""
@@ -147,6 +195,8 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin):
         """
         label_map = kwargs.pop("label_map", None)
         ignore_index = kwargs.pop("ignore_index", 255)
+        for name in ("mase_alpha", "mase_beta"):  # post-processing settings: no effect on preprocessing
+            kwargs.pop(name, None)
         single = not isinstance(images, (list, tuple))
         image_list = [images] if single else list(images)
         if not image_list:

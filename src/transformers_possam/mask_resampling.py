@@ -30,10 +30,25 @@ from functools import lru_cache
 import torch
 from torch.nn import functional as F
 
-__all__ = ["AxisResampling", "PanopticAssignment", "assign_panoptic", "axis_resampling"]
+__all__ = ["AxisResampling", "PanopticAssignment", "assign_panoptic", "axis_resampling", "resize_matrix"]
 
 # elements of the (cells, rows, cols, candidates) temporaries of one exact-evaluation chunk (16 MiB of float32)
 _CHUNK_ELEMENTS = 2**22
+
+
+def resize_matrix(in_size: int, steps, device) -> torch.Tensor:
+    """
+    `steps`: successive `(resize_to, crop_to)` operations on a length-`in_size` axis: bilinear resize
+    (align_corners=False) to `resize_to`, then keep the first `crop_to` entries (None: no crop). Returns the `(out, in)`
+    float32 matrix of the whole chain, obtained by applying exactly these F.interpolate calls to the identity.
+    """
+    matrix = torch.eye(in_size, device=device, dtype=torch.float64)[None, :, :, None]  # (1, in, in, 1)
+    for resize_to, crop_to in steps:
+        if matrix.shape[2] != resize_to:
+            matrix = F.interpolate(matrix, size=(resize_to, 1), mode="bilinear", align_corners=False)
+        if crop_to is not None:
+            matrix = matrix[:, :, :crop_to]
+    return matrix[0, :, :, 0].T.float()
 
 
 @dataclass
@@ -75,13 +90,7 @@ class AxisResampling:
         obtained by applying exactly these F.interpolate calls to the identity. Cells hold about `cell_extent` output
         indices (at least one low-resolution start each).
         """
-        matrix = torch.eye(in_size, device=device, dtype=torch.float64)[None, :, :, None]  # (1, in, in, 1)
-        for resize_to, crop_to in steps:
-            if matrix.shape[2] != resize_to:
-                matrix = F.interpolate(matrix, size=(resize_to, 1), mode="bilinear", align_corners=False)
-            if crop_to is not None:
-                matrix = matrix[:, :, :crop_to]
-        matrix = matrix[0, :, :, 0].T.float()  # (out, in)
+        matrix = resize_matrix(in_size, steps, device)
         out_size = matrix.shape[0]
         positions = torch.arange(in_size, device=device)
         nonzero = matrix != 0

@@ -494,9 +494,19 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         logits = classify_embeddings(clip_embeddings, class_embeddings, synonym_mask, self.clip.logit_scale_value())
         return clip_embeddings, logits
 
-    def _check_labels(self, mask_labels, class_labels, pixel_values, num_classes):
+    @staticmethod
+    def _check_labels(mask_labels, class_labels, pixel_values, num_classes) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """
+        Validates the training targets and returns them with `class_labels` as int64 (any integer dtype is accepted).
+        Masks must be bool or hold only 0 and 1: 0/255 masks would silently give a near-zero dice loss, NaN a NaN loss.
+        """
         if (mask_labels is None) != (class_labels is None):
             raise ValueError("Training needs both mask_labels and class_labels (or neither, for inference).")
+        if not isinstance(mask_labels, (list, tuple)) or not isinstance(class_labels, (list, tuple)):
+            raise ValueError(
+                "mask_labels and class_labels must be lists with one tensor per image (their segment counts differ), got "
+                f"{type(mask_labels).__name__} and {type(class_labels).__name__}."
+            )
         batch_size = pixel_values.shape[0]
         if len(mask_labels) != batch_size or len(class_labels) != batch_size:
             raise ValueError(
@@ -504,7 +514,13 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 f"{len(mask_labels)} and {len(class_labels)}."
             )
         height, width = pixel_values.shape[-2:]
+        checked_labels = []
         for index, (masks, labels) in enumerate(zip(mask_labels, class_labels)):
+            if not torch.is_tensor(masks) or not torch.is_tensor(labels):
+                raise ValueError(
+                    f"Image {index}: mask_labels and class_labels entries must be torch tensors, got "
+                    f"{type(masks).__name__} and {type(labels).__name__}."
+                )
             if masks.dim() != 3 or labels.dim() != 1 or masks.shape[0] != labels.shape[0]:
                 raise ValueError(
                     f"Image {index}: mask_labels must be (num_segments, height, width) and class_labels (num_segments,); "
@@ -515,11 +531,27 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                     f"Image {index}: mask_labels of size {tuple(masks.shape[1:])} do not cover the padded input "
                     f"{(height, width)}; pad labels like the pixels (PosSAMImageProcessor does)."
                 )
+            if masks.dtype != torch.bool and masks.numel():
+                if masks.is_complex():
+                    raise ValueError(f"Image {index}: mask_labels must be bool or 0/1 values, got dtype {masks.dtype}.")
+                # uint8 (the processor's dtype) cannot be negative: its max decides, without a full-size temporary
+                is_binary = bool(masks.max() <= 1) if masks.dtype == torch.uint8 else bool(((masks == 0) | (masks == 1)).all())
+                if not is_binary:
+                    binary = (masks == 0) | (masks == 1)  # False for NaN too
+                    bad = masks[~binary]
+                    raise ValueError(
+                        f"Image {index}: mask_labels must be bool or hold only 0 and 1, got {bad.numel()} other values "
+                        f"(e.g. {bad.flatten()[:3].tolist()}); divide 0/255 masks by 255, binarize soft or resized masks."
+                    )
+            if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+                raise ValueError(f"Image {index}: class_labels must be integer class indices, got dtype {labels.dtype}.")
             if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
                 raise ValueError(
                     f"Image {index}: class_labels must index the {num_classes} classes of the vocabulary, got values in "
                     f"[{int(labels.min())}, {int(labels.max())}]."
                 )
+            checked_labels.append(labels.long())
+        return list(mask_labels), checked_labels
 
     def forward(
         self,
@@ -558,7 +590,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         num_classes = class_embeddings.shape[0]
         has_labels = mask_labels is not None or class_labels is not None
         if has_labels:
-            self._check_labels(mask_labels, class_labels, pixel_values, num_classes)
+            mask_labels, class_labels = self._check_labels(mask_labels, class_labels, pixel_values, num_classes)
 
         want_auxiliary = bool(output_auxiliary_logits) or (has_labels and self.config.use_auxiliary_loss)
         # CLIP first: its large early-stage activations are freed before the mask generator's outputs exist

@@ -10,6 +10,7 @@ from PIL import Image
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
+from .postprocessing import check_ensemble_weight
 from .processing_possam import PosSAMProcessor, resolve_vocabulary, seen_class_mask
 
 __all__ = ["OpenVocabularyPanopticSegmentationPipeline", "TASK"]
@@ -56,6 +57,8 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
         mask_threshold=None,
         overlap_mask_area_threshold=None,
         use_mase=None,
+        mase_alpha=None,
+        mase_beta=None,
         timeout=None,
         **kwargs,
     ):
@@ -70,11 +73,16 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             if subtask not in SUBTASKS:
                 raise ValueError(f"Unknown subtask {subtask!r}: choose one of {SUBTASKS}.")
             postprocess["subtask"] = subtask
+        for name, value in (("mase_alpha", mase_alpha), ("mase_beta", mase_beta)):
+            if value is not None:
+                check_ensemble_weight(value, name)  # before any forward pass
         for name, value in (
             ("threshold", threshold),
             ("mask_threshold", mask_threshold),
             ("overlap_mask_area_threshold", overlap_mask_area_threshold),
             ("use_mase", use_mase),
+            ("mase_alpha", mase_alpha),
+            ("mase_beta", mase_beta),
         ):
             if value is not None:
                 postprocess[name] = value
@@ -90,6 +98,8 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
                 mark stuff classes, which panoptic output fuses) or a preset (`"coco"`, `"ade20k"`).
             subtask: `"panoptic"` (default), `"semantic"` or `"instance"`.
             threshold, mask_threshold, overlap_mask_area_threshold, use_mase: post-processing options.
+            mase_alpha, mase_beta: CLIP's weight on seen / unseen classes; default: the image processor's
+                (`preprocessor_config.json`), the one place these are stored.
             batch_size: images per forward.
         """
         if candidate_labels is None:
@@ -151,10 +161,16 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             "reshaped_input_sizes": model_inputs["reshaped_input_sizes"],
         }
 
-    def postprocess(self, model_outputs, vocabulary, subtask="panoptic", threshold=0.0, mask_threshold=0.5, overlap_mask_area_threshold=0.8, use_mase=True):
+    def postprocess(
+        self, model_outputs, vocabulary, subtask="panoptic", threshold=0.0, mask_threshold=0.5, overlap_mask_area_threshold=0.8,
+        use_mase=True, mase_alpha=None, mase_beta=None,
+    ):
         _, _, seen = self.class_embeddings(vocabulary)
         outputs = _Outputs(model_outputs)
-        sizes = dict(target_sizes=model_outputs["original_sizes"].tolist(), reshaped_input_sizes=model_outputs["reshaped_input_sizes"].tolist())
+        sizes = dict(
+            target_sizes=model_outputs["original_sizes"].tolist(), reshaped_input_sizes=model_outputs["reshaped_input_sizes"].tolist(),
+            mase_alpha=mase_alpha, mase_beta=mase_beta,
+        )
         names = vocabulary.display_names
         if subtask == "semantic":
             (class_map,) = self.image_processor.post_process_semantic_segmentation(outputs, seen_mask=seen, use_mase=use_mase, **sizes)

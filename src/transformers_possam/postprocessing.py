@@ -3,15 +3,18 @@
 Output format follows transformers' OneFormer post-processors, with one difference: a pixel that belongs to no
 segment is always **0** (segment ids start at 1), also when no segment survives (OneFormer returns a map of -1 then).
 
-Class scores (`class_scores`):
+Class scores (`class_scores`), with p_ldp = softmax over the K classes of the LDP logits (void column dropped first,
+as FC-CLIP), p_clip = softmax of the CLIP logits, p_void = softmax over all K + 1 LDP logits, last column:
 
-- p_ldp = softmax over the K classes of the LDP logits (void column dropped first, as FC-CLIP),
-  p_clip = softmax of the CLIP logits, p_void = softmax over all K + 1 LDP logits, last column;
-- ensemble E = MASE(p_ldp, p_clip, IoU, seen_mask) (`use_mase=True`) or FC-CLIP's fixed geometric ensemble
-  (`use_mase=False`); without CLIP logits, E = p_ldp (weighted by IoU when `use_mase`);
-- **void rule** (FC-CLIP's): a query is void when p_void exceeds every class probability of
-  [E / sum(E) * (1 - p_void), p_void], i.e. when the in-vocabulary branch is more sure of "void" than of any class;
-- the score of class k is E_k * (1 - p_void): it keeps MASE's IoU weighting, so low-quality masks rank lower.
+- `use_mase=True` (PosSAM): E = MASE(p_ldp, p_clip, IoU, seen_mask) (Algorithm 1); the score of class k is
+  E_k * (1 - p_void), *not* renormalized, so MASE's IoU weighting ranks low-quality masks lower; a query is void
+  when p_void exceeds every entry of E / sum(E) * (1 - p_void) (FC-CLIP's void rule);
+- `use_mase=False`: exactly FC-CLIP's inference (`fcclip.py`, eval branch): the geometric ensemble
+  G = p_ldp^(1 - a) * p_clip^a with a = alpha on seen and beta on unseen classes, renormalized (softmax of log G),
+  times 1 - p_void, with p_void appended; FC-CLIP then takes log(. + 1e-8) and every inference softmaxes it again,
+  which is reproduced too. Void = the void column is the largest. Paper Table 7's "w/o MASE" rows.
+
+Without CLIP logits, E = p_ldp (IoU-weighted when `use_mase`).
 """
 
 from __future__ import annotations
@@ -22,12 +25,23 @@ import torch
 from torch.nn import functional as F
 
 from .mase import mask_aware_selective_ensemble
-from .mask_resampling import AxisResampling, assign_panoptic, axis_resampling
+from .mask_resampling import AxisResampling, assign_panoptic, axis_resampling, resize_matrix
 
-__all__ = ["PosSAMPostProcessingMixin", "class_scores"]
+__all__ = ["PosSAMPostProcessingMixin", "class_scores", "check_ensemble_weight"]
 
 # class maps (semantic) or masks (instance) resized at once: bounds memory to this many full-size float maps
 RESIZE_CHUNK = 16
+# elements of one temporary of the semantic inference's row bands (queries x band rows x output width)
+SEMANTIC_BAND_ELEMENTS = 2**23
+# FC-CLIP's log(p + 1e-8) before its inference softmax
+FCCLIP_LOG_EPSILON = 1e-8
+
+
+def check_ensemble_weight(value, name: str) -> float:
+    """MASE / geometric-ensemble weights are exponents of a geometric mean: a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1] (CLIP's weight in the ensemble), got {value!r}.")
+    return float(value)
 
 
 def class_scores(
@@ -35,16 +49,23 @@ def class_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Returns `(scores, is_void)`: `(B, Q, K)` class scores and `(B, Q)` bool void flags (rules in the module doc).
-    `seen_mask` `(K,)` defaults to all classes seen.
+    `seen_mask` `(K,)` defaults to all classes seen; `alpha` / `beta` weigh CLIP on seen / unseen classes.
     """
+    alpha, beta = check_ensemble_weight(alpha, "mase_alpha"), check_ensemble_weight(beta, "mase_beta")
     logits = outputs.class_queries_logits.float()
     num_classes = logits.shape[-1] - 1
     void_prob = logits.softmax(-1)[..., num_classes]
     ldp_probs = logits[..., :num_classes].softmax(-1)
-    iou = outputs.iou_scores.float() if (use_mase and getattr(outputs, "iou_scores", None) is not None) else None
     if seen_mask is None:
         seen_mask = torch.ones(num_classes, dtype=torch.bool, device=logits.device)
     clip_logits = getattr(outputs, "clip_class_logits", None)
+    if not use_mase:
+        if clip_logits is None:
+            ensemble = ldp_probs
+        else:
+            ensemble = mask_aware_selective_ensemble(ldp_probs, clip_logits.float().softmax(-1), None, seen_mask, alpha, beta)
+        return _fcclip_class_probabilities(ensemble, void_prob)
+    iou = outputs.iou_scores.float() if getattr(outputs, "iou_scores", None) is not None else None
     if clip_logits is None:
         ensemble = ldp_probs * iou.unsqueeze(-1) if iou is not None else ldp_probs
     else:
@@ -52,6 +73,30 @@ def class_scores(
     normalized = ensemble / ensemble.sum(-1, keepdim=True).clamp(min=torch.finfo(ensemble.dtype).tiny)
     is_void = void_prob > (normalized * (1 - void_prob).unsqueeze(-1)).amax(-1)
     return ensemble * (1 - void_prob).unsqueeze(-1), is_void
+
+
+def _fcclip_class_probabilities(ensemble: torch.Tensor, void_prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    FC-CLIP's final class probabilities from its geometric ensemble G `(B, Q, K)` and p_void `(B, Q)`:
+    softmax(log G) * (1 - p_void) with p_void appended, then softmax(log(. + 1e-8)) as its inference functions do.
+    Zeros in G stay zeros (FC-CLIP's `log(0) * 0` would give NaN there). Returns `(scores (B, Q, K), is_void)`.
+    """
+    normalized = ensemble / ensemble.sum(-1, keepdim=True).clamp(min=torch.finfo(ensemble.dtype).tiny)
+    probabilities = torch.cat([normalized * (1 - void_prob).unsqueeze(-1), void_prob.unsqueeze(-1)], dim=-1)
+    final = torch.log(probabilities + FCCLIP_LOG_EPSILON).softmax(-1)
+    scores, void = final[..., :-1], final[..., -1]
+    # argmax over K + 1 picks void only when it is strictly the largest (first index wins ties)
+    return scores, void > scores.amax(-1)
+
+
+def _resize_last_axis(values: torch.Tensor, steps: list[tuple[int, int | None]]) -> torch.Tensor:
+    """`(N, C, L)` -> linear resize (align_corners=False) / crop of the last axis per `(resize_to, crop_to)` step."""
+    for resize_to, crop_to in steps:
+        if values.shape[-1] != resize_to:
+            values = F.interpolate(values, size=resize_to, mode="linear", align_corners=False)
+        if crop_to is not None:
+            values = values[..., :crop_to]
+    return values
 
 
 def _sizes(values, batch_size: int, name: str) -> list[tuple[int, int] | None]:
@@ -103,14 +148,14 @@ class PosSAMPostProcessingMixin:
         )
         return rows, cols
 
-    def _prepare(self, outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, alpha, beta):
+    def _prepare(self, outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, mase_alpha, mase_beta):
         batch_size = outputs.masks_queries_logits.shape[0]
         scores, is_void = class_scores(
             outputs,
             seen_mask=seen_mask,
             use_mase=use_mase,
-            alpha=self.mase_alpha if alpha is None else alpha,
-            beta=self.mase_beta if beta is None else beta,
+            alpha=self.mase_alpha if mase_alpha is None else mase_alpha,
+            beta=self.mase_beta if mase_beta is None else mase_beta,
         )
         return scores, is_void, _sizes(target_sizes, batch_size, "target_sizes"), _sizes(reshaped_input_sizes, batch_size, "reshaped_input_sizes")
 
@@ -125,8 +170,8 @@ class PosSAMPostProcessingMixin:
         seen_mask: torch.Tensor | None = None,
         use_mase: bool = True,
         reshaped_input_sizes: list[tuple[int, int]] | None = None,
-        alpha: float | None = None,
-        beta: float | None = None,
+        mase_alpha: float | None = None,
+        mase_beta: float | None = None,
     ) -> list[dict]:
         """
         Mask2Former / FC-CLIP panoptic inference, vectorized over queries and pixels:
@@ -143,7 +188,7 @@ class PosSAMPostProcessingMixin:
         Returns per image `{"segmentation": (H, W) int32 segment ids (0 = no segment), "segments_info": [{"id",
         "label_id", "was_fused", "score"}]}`.
         """
-        scores, is_void, targets, reshaped = self._prepare(outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, alpha, beta)
+        scores, is_void, targets, reshaped = self._prepare(outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, mase_alpha, mase_beta)
         fuse = set(int(i) for i in label_ids_to_fuse) if label_ids_to_fuse is not None else set()
         results = []
         for index, mask_logits in enumerate(outputs.masks_queries_logits):
@@ -187,32 +232,46 @@ class PosSAMPostProcessingMixin:
         seen_mask: torch.Tensor | None = None,
         use_mase: bool = True,
         reshaped_input_sizes: list[tuple[int, int]] | None = None,
-        alpha: float | None = None,
-        beta: float | None = None,
+        mase_alpha: float | None = None,
+        mase_beta: float | None = None,
     ) -> list[torch.Tensor]:
         """
-        FC-CLIP semantic inference: per class, the sum over queries of class score * mask probability, computed at
-        mask resolution, then cropped/resized like the panoptic masks (a few classes at a time); argmax over classes.
-        Returns per image an `(H, W)` int64 map of class ids.
+        FC-CLIP semantic inference, in FC-CLIP's order: each query's mask logits are resized to the output (cropped to
+        `reshaped_input_sizes`, resized to `target_sizes`, as the panoptic masks), *then* passed through the sigmoid,
+        then summed per class weighted by the class scores; argmax over classes. (Taking the sigmoid at mask
+        resolution and resizing probabilities instead changes the labels of ~2% of pixels.)
+
+        Memory stays bounded: the output is computed in bands of rows (`SEMANTIC_BAND_ELEMENTS` per temporary), each
+        band's logits resized with the same bilinear weights as `F.interpolate`, so neither Q full-size masks nor K
+        full-size class maps ever exist. Returns per image an `(H, W)` int64 map of class ids.
         """
-        scores, _, targets, reshaped = self._prepare(outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, alpha, beta)
-        results = []
-        for index, mask_logits in enumerate(outputs.masks_queries_logits):
-            class_maps = torch.einsum("qk,qhw->khw", scores[index], mask_logits.float().sigmoid())
-            # running argmax over chunks of resized class maps: never K full-size maps at once (150 classes at
-            # 1024x1024 would be 600 MB); strict ">" keeps argmax's first-maximum rule across chunks
-            best = labels = None
-            for first in range(0, class_maps.shape[0], RESIZE_CHUNK):
-                resized = self._masks_to_target(class_maps[first : first + RESIZE_CHUNK], reshaped[index], targets[index])
-                chunk_best, chunk_labels = resized.max(0)
-                if best is None:
-                    best, labels = chunk_best, chunk_labels
-                else:
-                    better = chunk_best > best
-                    best = torch.where(better, chunk_best, best)
-                    labels = torch.where(better, chunk_labels + first, labels)
-            results.append(labels.cpu())
-        return results
+        scores, _, targets, reshaped = self._prepare(outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, mase_alpha, mase_beta)
+        return [
+            self._semantic_labels(mask_logits.float(), scores[index], reshaped[index], targets[index]).cpu()
+            for index, mask_logits in enumerate(outputs.masks_queries_logits)
+        ]
+
+    def _semantic_labels(self, mask_logits: torch.Tensor, scores: torch.Tensor, reshaped_size, target_size) -> torch.Tensor:
+        """`(Q, h, w)` mask logits, `(Q, K)` scores -> `(H, W)` argmax_k sum_q scores[q, k] * sigmoid(resized logits)."""
+        steps = self._resize_steps(reshaped_size, target_size)
+        num_queries, height, width = mask_logits.shape
+        rows = resize_matrix(height, [(size[0], crop[0] if crop else None) for size, crop in steps], mask_logits.device)
+        column_steps = [(size[1], crop[1] if crop else None) for size, crop in steps]
+        out_height = rows.shape[0]
+        out_width = _resize_last_axis(mask_logits.new_zeros(1, 1, width), column_steps).shape[-1]
+        labels = torch.empty(out_height, out_width, dtype=torch.int64, device=mask_logits.device)
+        band = max(1, SEMANTIC_BAND_ELEMENTS // (max(num_queries, scores.shape[-1], 1) * out_width))
+        support = rows != 0
+        for first in range(0, out_height, band):
+            weights = rows[first : first + band]
+            used = support[first : first + band].any(0).nonzero().flatten()
+            low, high = int(used[0]), int(used[-1]) + 1
+            # this band's rows, resized along the rows with F.interpolate's weights, then along the columns
+            band_logits = torch.einsum("bh,qhw->qbw", weights[:, low:high], mask_logits[:, low:high])
+            probabilities = _resize_last_axis(band_logits, column_steps).sigmoid()
+            class_maps = torch.einsum("qk,qbw->kbw", scores, probabilities)
+            labels[first : first + band] = class_maps.argmax(0)
+        return labels
 
     def post_process_instance_segmentation(
         self,
@@ -225,29 +284,31 @@ class PosSAMPostProcessingMixin:
         use_mase: bool = True,
         reshaped_input_sizes: list[tuple[int, int]] | None = None,
         return_binary_maps: bool = False,
-        alpha: float | None = None,
-        beta: float | None = None,
+        mase_alpha: float | None = None,
+        mase_beta: float | None = None,
     ) -> list[dict]:
         """
-        FC-CLIP instance inference: the top `num_top_instances` (query, class) pairs over the Q x K score matrix
-        (only `thing_label_ids` when given), binary masks = logits > 0, score = class score * mean mask probability
-        inside the mask, kept above `threshold`. Returns per image `{"segmentation": (H, W) int32 (0 = none; higher
+        FC-CLIP instance inference: the top `num_top_instances` (query, class) pairs over the whole Q x K score matrix,
+        then only those of `thing_label_ids` (when given: FC-CLIP's panoptic-on branch), binary masks = resized
+        logits > 0, score = class score * mean mask probability inside the mask, kept above `threshold` (a pair
+        with an empty mask scores 0). Returns per image `{"segmentation": (H, W) int32 (0 = none; higher
         scores painted last), "segments_info": [{"id", "label_id", "was_fused", "score"}]}` and, with
         `return_binary_maps`, `"binary_masks"` `(N, H, W)` bool in `segments_info` order.
         """
-        scores, _, targets, reshaped = self._prepare(outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, alpha, beta)
+        scores, _, targets, reshaped = self._prepare(outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, mase_alpha, mase_beta)
         num_classes = scores.shape[-1]
         results = []
         for index, mask_logits in enumerate(outputs.masks_queries_logits):
-            flat = scores[index].clone()
+            # FC-CLIP's order: the top `num_top_instances` of all (query, class) pairs, *then* only thing classes
+            # (filtering first would give more thing detections than FC-CLIP and bias AP)
+            flat = scores[index]
+            top_scores, top_index = flat.flatten().topk(min(num_top_instances, flat.numel()))
+            queries, labels = top_index // num_classes, top_index % num_classes
             if thing_label_ids is not None:
                 is_thing = torch.zeros(num_classes, dtype=torch.bool, device=flat.device)
                 is_thing[list(thing_label_ids)] = True
-                flat[:, ~is_thing] = -1.0
-            top_scores, top_index = flat.flatten().topk(min(num_top_instances, flat.numel()))
-            selected = top_scores >= 0
-            top_scores, top_index = top_scores[selected], top_index[selected]
-            queries, labels = top_index // num_classes, top_index % num_classes
+                selected = is_thing[labels]
+                top_scores, queries, labels = top_scores[selected], queries[selected], labels[selected]
             # each selected query's mask once (a query can hold several top classes), resized a few at a time;
             # only the bool masks are kept at full size
             unique_queries, mask_of_pair = torch.unique(queries, return_inverse=True)

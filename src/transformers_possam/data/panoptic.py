@@ -11,7 +11,17 @@ from PIL import Image
 
 from ..image_processing_possam import rgb_to_id
 
-__all__ = ["BadSample", "decode_panoptic_sample", "load_category_table", "save_category_table", "CATEGORY_TABLE_FILE"]
+__all__ = [
+    "BadSample",
+    "CATEGORY_TABLE_FILE",
+    "TooManyBadSamples",
+    "check_bad_fraction",
+    "decode_panoptic_sample",
+    "decode_semantic_label",
+    "load_category_table",
+    "save_category_table",
+    "without_image_decoding",
+]
 
 # A local parquet folder carries its categories next to the shards in this file:
 # a JSON list of {"id": int, "name": "synonym,synonym,...", "isthing": 0|1}, in class-index order.
@@ -20,6 +30,22 @@ CATEGORY_TABLE_FILE = "categories.json"
 
 class BadSample(ValueError):
     """A sample that cannot be trained on (undecodable image or PNG, or segments_info that does not match the PNG)."""
+
+
+class TooManyBadSamples(RuntimeError):
+    """More bad samples than a run tolerates (`max_bad_fraction`)."""
+
+
+def check_bad_fraction(seen: int, bad: int, bad_ids: list, max_bad_fraction: float, min_seen: int) -> None:
+    """
+    The one rule for bad data, in training and evaluation alike: bad samples are skipped and counted; once `min_seen`
+    samples were seen, more than `max_bad_fraction` of them bad stops with `TooManyBadSamples` naming the last ones.
+    """
+    if seen >= min_seen and bad > max_bad_fraction * seen:
+        raise TooManyBadSamples(
+            f"{bad} of {seen} samples were bad ({100 * bad / seen:.1f}% > {100 * max_bad_fraction:.1f}%), last: "
+            f"{bad_ids[-5:]}. Fix the data or raise --max_bad_fraction."
+        )
 
 
 def _open_image(value, what: str, image_id) -> Image.Image:
@@ -42,20 +68,46 @@ def _open_image(value, what: str, image_id) -> Image.Image:
 def decode_panoptic_sample(row: dict) -> tuple[Image.Image, np.ndarray, list[dict]]:
     """
     Returns (RGB image, `(H, W)` int64 segment ids, segments_info) or raises `BadSample` naming the `image_id`.
-    Checks that the PNG has the image's size and that every segment of `segments_info` occurs in the PNG.
+    Checks that the PNG has the image's size and that every segment of `segments_info` (each with an `id` and a
+    `category_id`) occurs in the PNG.
     """
     image_id = row.get("image_id")
+    for column in ("image", "label"):
+        if row.get(column) is None:
+            raise BadSample(f"sample {image_id}: no {column!r} column value")
     image = _open_image(row["image"], "image", image_id).convert("RGB")
     label = _open_image(row["label"], "panoptic PNG", image_id)
     ids = rgb_to_id(np.asarray(label.convert("RGB")))
     if ids.shape != (image.height, image.width):
         raise BadSample(f"sample {image_id}: panoptic PNG {ids.shape[::-1]} and image {image.size} differ in size")
     segments = list(row.get("segments_info") or [])
+    incomplete = [index for index, segment in enumerate(segments) if not isinstance(segment, dict) or not {"id", "category_id"} <= set(segment)]
+    if incomplete:
+        raise BadSample(f"sample {image_id}: segments_info entries {incomplete} lack 'id' or 'category_id'")
     present = set(np.unique(ids).tolist())
     missing = [segment["id"] for segment in segments if segment["id"] not in present]
     if missing:
         raise BadSample(f"sample {image_id}: segments_info ids {missing} do not occur in the panoptic PNG")
     return image, ids, segments
+
+
+def decode_semantic_label(row: dict, size: tuple[int, int]) -> np.ndarray | None:
+    """
+    The row's own semantic ground truth (`semantic_label` column: a single-channel PNG of dataset category ids, 255 =
+    ignore, e.g. ADE20K's `annotations_detectron2`), as an `(H, W)` int64 array of the image's `size`; None when the
+    row has none. Raises `BadSample` when it does not decode or has another size.
+    """
+    value = row.get("semantic_label")
+    if value is None:
+        return None
+    image_id = row.get("image_id")
+    label = _open_image(value, "semantic label PNG", image_id)
+    array = np.asarray(label)
+    if array.ndim != 2:
+        raise BadSample(f"sample {image_id}: the semantic label PNG must have one channel, got shape {array.shape}")
+    if array.shape != tuple(size):
+        raise BadSample(f"sample {image_id}: semantic label PNG {array.shape[::-1]} and image {tuple(size)[::-1]} differ in size")
+    return array.astype(np.int64)
 
 
 def load_category_table(path: str | Path) -> list[dict]:
@@ -79,3 +131,18 @@ def save_category_table(categories: list[dict], folder: str | Path) -> Path:
     path = Path(folder) / CATEGORY_TABLE_FILE
     path.write_text(json.dumps([{k: c[k] for k in ("id", "name", "isthing")} for c in categories], indent=1))
     return path
+
+
+def without_image_decoding(dataset):
+    """
+    Let the caller decode `image` / `label` / `semantic_label` itself (`decode_panoptic_sample`): 🤗 datasets would
+    decode them while iterating, and a corrupt file would then raise inside the dataset iterator, where the sample
+    cannot be skipped (in training or in evaluation).
+    """
+    from datasets import Image as ImageFeature
+
+    features = getattr(dataset, "features", None)
+    for column in ("image", "label", "semantic_label"):
+        if features is not None and isinstance(features.get(column), ImageFeature) and features[column].decode:
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    return dataset

@@ -15,17 +15,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..image_processing_possam import encode_panoptic_annotation
 from .augmentation import large_scale_jitter
-from .panoptic import BadSample, decode_panoptic_sample, load_category_table
+from .panoptic import (
+    BadSample,
+    TooManyBadSamples,
+    check_bad_fraction,
+    decode_panoptic_sample,
+    load_category_table,
+    without_image_decoding,
+)
 from .synthetic import TOY_CATEGORIES, toy_panoptic_rows
 
-__all__ = ["StreamPosition", "PanopticTrainStream", "load_panoptic_dataset", "collate_panoptic", "TooManyBadSamples"]
+__all__ = [
+    "StreamPosition",
+    "PanopticTrainStream",
+    "load_panoptic_dataset",
+    "collate_panoptic",
+    "shard_for_process",
+    "TooManyBadSamples",
+]
 
 logger = logging.getLogger(__name__)
-
-
-class TooManyBadSamples(RuntimeError):
-    pass
 
 
 def load_panoptic_dataset(dataset_name: str | None, split: str = "train", streaming: bool = True, toy_size: int = 256, seed: int = 0):
@@ -34,13 +45,17 @@ def load_panoptic_dataset(dataset_name: str | None, split: str = "train", stream
     - `None`: the embedded toy set (`toy_size` images of the split, generated deterministically);
     - a local folder: its `*.parquet` shards (under `split/` if that folder exists) and `categories.json`;
     - a Hub id: `load_dataset(id, split=split, streaming=True)`, categories from `categories.json` in the repo.
+
+    Image columns come undecoded (`without_image_decoding`): `decode_panoptic_sample` decodes each row, so a corrupt
+    file is a skippable bad sample in training and evaluation instead of an exception inside the dataset iterator.
     """
     from datasets import Dataset, load_dataset
 
     if dataset_name is None:
         rows = list(toy_panoptic_rows(toy_size, seed=seed, split=split))
         dataset = Dataset.from_list(rows)
-        return (dataset.to_iterable_dataset(num_shards=min(8, len(rows))) if streaming else dataset), list(TOY_CATEGORIES)
+        dataset = dataset.to_iterable_dataset(num_shards=min(8, len(rows))) if streaming else dataset
+        return without_image_decoding(dataset), list(TOY_CATEGORIES)
     path = Path(dataset_name)
     if path.is_dir():
         folder = path / split if (path / split).is_dir() else path
@@ -48,12 +63,30 @@ def load_panoptic_dataset(dataset_name: str | None, split: str = "train", stream
         if not files:
             raise FileNotFoundError(f"No *.parquet shards in {folder}.")
         dataset = load_dataset("parquet", data_files=files, split="train", streaming=streaming)
-        return dataset, load_category_table(path)
+        return without_image_decoding(dataset), load_category_table(path)
     from huggingface_hub import hf_hub_download
 
     dataset = load_dataset(dataset_name, split=split, streaming=streaming)
     table = hf_hub_download(dataset_name, "categories.json", repo_type="dataset")
-    return dataset, load_category_table(table)
+    return without_image_decoding(dataset), load_category_table(table)
+
+
+def shard_for_process(dataset, rank: int, world_size: int):
+    """
+    This process's part of a streamed dataset (`datasets.distributed.split_dataset_by_node`). When the shard count
+    divides by the number of processes each reads whole shards; otherwise every process reads every row and keeps one
+    in `world_size`, which is slower by that factor: warn, naming the fix.
+    """
+    from datasets.distributed import split_dataset_by_node
+
+    num_shards = getattr(dataset, "n_shards", None)
+    if world_size > 1 and num_shards is not None and num_shards % world_size != 0:
+        logger.warning(
+            "The dataset has %d shards, which does not divide over %d processes: every process will read every row "
+            "(and keep 1 in %d). Re-shard it (training/prepare_panoptic_parquet.py --num_shards, default 64) to a "
+            "multiple of the process count.", num_shards, world_size, world_size,
+        )
+    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
 
 
 @dataclass
@@ -80,19 +113,32 @@ class PanopticTrainStream:
 
     Each sample: decode and check (bad ones are skipped with a warning naming the image id and counted; more than
     `max_bad_fraction` bad among the rows seen, once `min_seen` rows were seen, stops with `TooManyBadSamples`),
-    large-scale jitter, then the image processor (pixels, pixel mask, uint8 `mask_labels`, `class_labels`).
+    large-scale jitter (FC-CLIP's), then normalization and padding only (`augment=False`: the image processor's
+    resize, as at inference); uint8 `mask_labels` for every non-crowd segment of `segments_info` (empty where the
+    crop removed it, as FC-CLIP; `drop_cropped_segments=True` leaves those out) and `class_labels`.
     """
 
     def __init__(self, dataset, image_processor, label_map: dict[int, int], seed: int = 0, rank: int = 0, augment: bool = True,
-                 shuffle_buffer: int = 256, max_bad_fraction: float = 0.01, min_seen: int = 100, target_size: int | None = None):
-        self.dataset = _without_image_decoding(dataset)
+                 shuffle_buffer: int = 256, max_bad_fraction: float = 0.01, min_seen: int = 100, target_size: int | None = None,
+                 drop_cropped_segments: bool = False, min_scale: float = 0.1, max_scale: float = 2.0):
+        self.dataset = without_image_decoding(dataset)
         self.image_processor = image_processor
         self.label_map = label_map
         self.seed, self.rank, self.augment = seed, rank, augment
         self.shuffle_buffer = shuffle_buffer
         self.max_bad_fraction, self.min_seen = max_bad_fraction, min_seen
+        self.drop_cropped_segments = drop_cropped_segments
+        if not 0 < min_scale <= max_scale:
+            raise ValueError(f"The jitter's scales must satisfy 0 < min_scale <= max_scale, got {min_scale} and {max_scale}.")
+        self.min_scale, self.max_scale = min_scale, max_scale
         size = image_processor.size
         self.target_size = target_size or (size["longest_edge"] if isinstance(size, dict) else size.longest_edge)
+        self.padded_size = image_processor._padded_size()
+        if self.target_size > min(self.padded_size):
+            raise ValueError(
+                f"target_size {self.target_size} exceeds the image processor's pad_size {self.padded_size}: jittered "
+                "samples are padded, never resized, so the canvas must hold them."
+            )
         self.position = StreamPosition()
         self.record_ids: list | None = None  # set to [] to record the image id of every sample produced
 
@@ -104,20 +150,31 @@ class PanopticTrainStream:
 
     def _process(self, row: dict, rng: np.random.Generator) -> dict:
         image, ids, segments = decode_panoptic_sample(row)
-        if self.augment:
-            image, ids = large_scale_jitter(image, ids, rng, target_size=self.target_size)
-        present = set(np.unique(ids).tolist())
-        # segments cropped away by the augmentation are not in the image any more
-        segments = [s for s in segments if s["id"] in present]
         try:
-            encoded = self.image_processor(image, annotations={"panoptic_map": ids, "segments_info": segments}, label_map=self.label_map)
+            if self.augment:
+                image, ids = large_scale_jitter(
+                    image, ids, rng, target_size=self.target_size, min_scale=self.min_scale, max_scale=self.max_scale
+                )
+                # FC-CLIP's mapper: the jittered sample is only normalized and padded (resizing it again would undo
+                # the zoom-out half of the jitter), and every non-crowd segment keeps its target, empty or not
+                encoded = self.image_processor(image, do_resize=False)
+                if self.drop_cropped_segments:
+                    present = set(np.unique(ids).tolist())
+                    segments = [s for s in segments if s["id"] in present]
+            else:
+                encoded = self.image_processor(image)
+            reshaped_size = tuple(int(v) for v in encoded["reshaped_input_sizes"][0])
+            mask_labels, class_labels = encode_panoptic_annotation(
+                {"panoptic_map": ids, "segments_info": segments}, reshaped_size, self.padded_size, self.label_map,
+                allow_absent_segments=True,  # checked against the uncropped PNG by decode_panoptic_sample
+            )
         except ValueError as error:
             raise BadSample(f"sample {row.get('image_id')}: {error}") from error
         return {
             "pixel_values": encoded["pixel_values"][0],
             "pixel_mask": encoded["pixel_mask"][0],
-            "mask_labels": encoded["mask_labels"][0],
-            "class_labels": encoded["class_labels"][0],
+            "mask_labels": mask_labels,
+            "class_labels": class_labels,
         }
 
     def __iter__(self) -> Iterator[dict]:
@@ -151,26 +208,8 @@ class PanopticTrainStream:
             self.position.consumed = 0
 
     def _check_bad_fraction(self) -> None:
-        seen, bad = self.position.seen, self.position.bad
-        if seen >= self.min_seen and bad > self.max_bad_fraction * seen:
-            raise TooManyBadSamples(
-                f"{bad} of {seen} samples were bad ({100 * bad / seen:.1f}% > {100 * self.max_bad_fraction:.1f}%), last: "
-                f"{self.position.bad_ids[-5:]}. Fix the data or raise --max_bad_fraction."
-            )
-
-
-def _without_image_decoding(dataset):
-    """
-    Let the stream decode `image` / `label` itself: 🤗 datasets would decode them while iterating, and a corrupt file
-    would then raise inside the dataset iterator, where the sample cannot be skipped.
-    """
-    from datasets import Image as ImageFeature
-
-    features = getattr(dataset, "features", None)
-    for column in ("image", "label"):
-        if features is not None and isinstance(features.get(column), ImageFeature) and features[column].decode:
-            dataset = dataset.cast_column(column, ImageFeature(decode=False))
-    return dataset
+        position = self.position
+        check_bad_fraction(position.seen, position.bad, position.bad_ids, self.max_bad_fraction, self.min_seen)
 
 
 def collate_panoptic(samples: list[dict]) -> dict:

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from .instance import mask_ap
-from .loop import evaluate_panoptic
+from .instance import MaskAPAccumulator, mask_ap
+from .loop import PanopticEvaluator, evaluate_panoptic, vocabulary_embeddings
 from .panoptic import PanopticQualityAccumulator, pq_compute, rgb2id
-from .semantic import SemanticConfusion
+from .semantic import SemanticConfusion, panoptic_to_semantic
 
 PANOPTIC_QUALITY_METRIC_PATH = str(Path(__file__).parent / "panoptic_quality" / "panoptic_quality.py")
 
@@ -19,11 +19,15 @@ def load_panoptic_quality_metric(**kwargs):
 
 __all__ = [
     "PANOPTIC_QUALITY_METRIC_PATH",
+    "MaskAPAccumulator",
+    "PanopticEvaluator",
     "PanopticQualityAccumulator",
     "SemanticConfusion",
     "evaluate_panoptic",
     "load_panoptic_quality_metric",
     "mask_ap",
+    "panoptic_to_semantic",
     "pq_compute",
     "rgb2id",
+    "vocabulary_embeddings",
 ]

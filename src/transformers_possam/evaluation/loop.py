@@ -1,71 +1,266 @@
-"""Evaluate a PosSAM model on panoptic rows: PQ (panopticapi rules) and mIoU."""
+"""Evaluate a PosSAM model on panoptic rows as the paper's Table 1 does: PQ / SQ / RQ, mask AP and mIoU.
+
+- PQ (panopticapi's rules) from panoptic inference, per All / Things / Stuff and Seen / Unseen classes (Table 3),
+  against the panoptic PNG at the original image size.
+- Mask AP (COCO protocol, pycocotools) from instance inference (FC-CLIP's: top-100 pairs, then thing classes only),
+  against the thing segments of the panoptic PNG (crowd segments as `iscrowd` regions). FC-CLIP scores against the
+  dataset's instance JSON (COCO `instances_val2017.json`, ADE20K `ade20k_instance_val.json`), whose masks are made
+  from the same annotations; the panoptic PNG's thing segments are the in-memory equivalent.
+- mIoU (detectron2's SemSegEvaluator rules) from semantic inference, against the dataset's own semantic ground truth
+  when the row has one (`semantic_label`, e.g. ADE20K's `annotations_detectron2`, as FC-CLIP), else the semantic map
+  derived from the panoptic PNG with crowd pixels labelled by their category (panopticapi's
+  `panoptic2semantic_segmentation` rule, Mask2Former's COCO semantic annotations). The result says which.
+
+Bad rows (undecodable image / PNG, `segments_info` that does not match the PNG, an unknown category, a semantic PNG of
+another size) are skipped and counted exactly as in training (`check_bad_fraction`).
+"""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
-from ..data.panoptic import decode_panoptic_sample
+from ..data.panoptic import BadSample, check_bad_fraction, decode_panoptic_sample, decode_semantic_label
 from ..processing_possam import resolve_vocabulary, seen_class_mask
+from .instance import MaskAPAccumulator
 from .panoptic import PanopticQualityAccumulator
-from .semantic import SemanticConfusion
+from .semantic import SemanticConfusion, panoptic_to_semantic
 
-__all__ = ["evaluate_panoptic"]
+__all__ = ["PanopticEvaluator", "evaluate_panoptic", "vocabulary_embeddings"]
+
+logger = logging.getLogger(__name__)
+
+SEMANTIC_SOURCES = {
+    "semantic_label": "the dataset's semantic ground truth (semantic_label column)",
+    "panoptic": "derived from the panoptic PNG, crowd pixels labelled by their category (panopticapi's rule)",
+}
 
 
-@torch.no_grad()
-def evaluate_panoptic(
-    model, image_processor, rows, categories: list[dict], class_embeddings: torch.Tensor, synonym_mask: torch.Tensor,
-    batch_size: int = 4, use_mase: bool = True,
-) -> dict:
-    """
-    Runs the model on every row (the dataset schema), post-processes panoptic and semantic outputs at the original
-    size and scores them. Class index i of the vocabulary is `categories[i]`; `class_embeddings` / `synonym_mask`
-    come from `model.get_class_embeddings` on that vocabulary. Returns panopticapi's dict plus
-    `"Seen"`/`"Unseen"` (against the model's training vocabulary) and `"mIoU"`.
-    """
-    vocabulary = resolve_vocabulary([{"name": c["name"], "isthing": bool(c["isthing"])} for c in categories])
-    label_map = {int(c["id"]): index for index, c in enumerate(categories)}
-    seen = seen_class_mask(vocabulary, model.config.training_vocabulary)
+def vocabulary_embeddings(model, processor, categories: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(class_embeddings, synonym_mask)` of a category table (`{"name", "isthing"}` in class-index order)."""
+    tokens = processor.encode_vocabulary([{"name": c["name"], "isthing": bool(c["isthing"])} for c in categories])
     device = next(model.parameters()).device
-    accumulator = PanopticQualityAccumulator()
-    confusion = SemanticConfusion(len(categories))
-    stuff_ids = [i for i, thing in enumerate(vocabulary.is_thing) if not thing]
-    batch: list = []
+    with torch.no_grad():
+        return model.get_class_embeddings(
+            tokens["input_ids"].to(device), tokens["attention_mask"].to(device), tokens["synonym_mask"].to(device)
+        )
 
-    def flush():
-        images = [item[0] for item in batch]
-        inputs = image_processor(images)
+
+class PanopticEvaluator:
+    """
+    Runs a model over dataset rows and accumulates PQ, mask AP and mIoU statistics (see the module doc).
+
+    `process(rows)` as often as wanted; `state()` is a picklable summary that `merge_states` sums across processes
+    (e.g. after `accelerate.utils.gather_object`); `summarize(state)` gives the results dict. Class index i of the
+    vocabulary is `categories[i]` (`{"id", "name", "isthing"}`); `class_embeddings` / `synonym_mask` default to the
+    model's text tower on that vocabulary (`processor` needed then).
+
+    `mase_alpha` / `mase_beta` default to the image processor's (`preprocessor_config.json`).
+    """
+
+    def __init__(
+        self, model, image_processor, categories: list[dict], class_embeddings: torch.Tensor | None = None,
+        synonym_mask: torch.Tensor | None = None, processor=None, batch_size: int = 4, use_mase: bool = True,
+        mase_alpha: float | None = None, mase_beta: float | None = None, max_bad_fraction: float = 0.01, min_seen: int = 100,
+        compute_ap: bool = True,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.model, self.image_processor = model, image_processor
+        self.categories = list(categories)
+        self.vocabulary = resolve_vocabulary([{"name": c["name"], "isthing": bool(c["isthing"])} for c in self.categories])
+        self.label_map = {int(c["id"]): index for index, c in enumerate(self.categories)}
+        if class_embeddings is None:
+            if processor is None:
+                raise ValueError("Give class_embeddings and synonym_mask, or a processor to encode the categories' names.")
+            class_embeddings, synonym_mask = vocabulary_embeddings(model, processor, self.categories)
+        self.class_embeddings, self.synonym_mask = class_embeddings, synonym_mask
+        self.seen = seen_class_mask(self.vocabulary, model.config.training_vocabulary)
+        self.batch_size, self.use_mase, self.compute_ap = batch_size, use_mase, compute_ap
+        self.post_processing = {"use_mase": use_mase, "mase_alpha": mase_alpha, "mase_beta": mase_beta}
+        self.max_bad_fraction, self.min_seen = max_bad_fraction, min_seen
+        num_classes = len(self.categories)
+        self.thing_ids = [index for index, thing in enumerate(self.vocabulary.is_thing) if thing]
+        self.stuff_ids = [index for index, thing in enumerate(self.vocabulary.is_thing) if not thing]
+        self.panoptic = PanopticQualityAccumulator()
+        self.confusion = SemanticConfusion(num_classes)
+        self.mask_ap = MaskAPAccumulator()
+        self.counts = {"images": 0, "seen": 0, "bad": 0, "bad_ids": [], "semantic_label": 0, "panoptic": 0}
+
+    # ----- per-row work
+    def _decode(self, row: dict) -> dict:
+        """One row -> everything its scoring needs, or `BadSample`."""
+        image, ids, segments = decode_panoptic_sample(row)
+        unknown = sorted({s["category_id"] for s in segments if s["category_id"] not in self.label_map})
+        if unknown:
+            raise BadSample(f"sample {row.get('image_id')}: category ids {unknown} are not in the category table")
+        segments = [
+            dict(s, category_id=self.label_map[s["category_id"]], area=int((ids == s["id"]).sum()), iscrowd=int(s.get("iscrowd", 0)))
+            for s in segments
+        ]
+        semantic = decode_semantic_label(row, ids.shape)
+        if semantic is not None:
+            source = "semantic_label"
+            known = np.isin(semantic, list(self.label_map)) | (semantic == self.confusion.ignore_index)
+            if not known.all():
+                raise BadSample(
+                    f"sample {row.get('image_id')}: semantic label values {sorted(set(np.unique(semantic[~known]).tolist()))[:5]} "
+                    "are neither category ids of the table nor 255"
+                )
+            lookup = {**self.label_map, self.confusion.ignore_index: self.confusion.ignore_index}
+            values, inverse = np.unique(semantic, return_inverse=True)
+            semantic = np.array([lookup[int(v)] for v in values], dtype=np.int64)[inverse].reshape(semantic.shape)
+        else:
+            source = "panoptic"
+            semantic = panoptic_to_semantic(ids, segments, ignore_index=self.confusion.ignore_index)
+        return {"image": image, "ids": ids, "segments": segments, "semantic": semantic, "source": source, "image_id": row.get("image_id")}
+
+    def _skip(self, row: dict, error: BadSample) -> None:
+        self.counts["bad"] += 1
+        self.counts["bad_ids"].append(row.get("image_id"))
+        logger.warning("Skipping bad evaluation sample: %s", error)
+        check_bad_fraction(self.counts["seen"], self.counts["bad"], self.counts["bad_ids"], self.max_bad_fraction, self.min_seen)
+
+    def process(self, rows: Iterable[dict]) -> None:
+        batch: list[dict] = []
+        for row in rows:
+            self.counts["seen"] += 1
+            try:
+                batch.append(self._decode(row))
+            except BadSample as error:
+                self._skip(row, error)
+                continue
+            if len(batch) == self.batch_size:
+                self._score(batch)
+                batch = []
+        if batch:
+            self._score(batch)
+
+    @torch.no_grad()
+    def _score(self, batch: list[dict]) -> None:
+        model, processor = self.model, self.image_processor
+        device = next(model.parameters()).device
+        inputs = processor([item["image"] for item in batch])
         was_training = model.training
         model.eval()
-        outputs = model(
-            pixel_values=inputs["pixel_values"].to(device, next(model.parameters()).dtype), pixel_mask=inputs["pixel_mask"].to(device),
-            class_embeddings=class_embeddings, synonym_mask=synonym_mask, return_clip_logits=True,
+        try:
+            outputs = model(
+                pixel_values=inputs["pixel_values"].to(device, next(model.parameters()).dtype),
+                pixel_mask=inputs["pixel_mask"].to(device),
+                class_embeddings=self.class_embeddings,
+                synonym_mask=self.synonym_mask,
+                return_clip_logits=True,
+            )
+        finally:
+            model.train(was_training)
+        options = dict(
+            target_sizes=inputs["original_sizes"], reshaped_input_sizes=inputs["reshaped_input_sizes"], seen_mask=self.seen.to(device),
+            **self.post_processing,
         )
-        model.train(was_training)
-        sizes = dict(target_sizes=inputs["original_sizes"], reshaped_input_sizes=inputs["reshaped_input_sizes"])
-        panoptic = image_processor.post_process_panoptic_segmentation(
-            outputs, label_ids_to_fuse=stuff_ids, seen_mask=seen.to(device), use_mase=use_mase, **sizes
+        panoptic = processor.post_process_panoptic_segmentation(outputs, label_ids_to_fuse=self.stuff_ids, **options)
+        semantic = processor.post_process_semantic_segmentation(outputs, **options)
+        instances = (
+            processor.post_process_instance_segmentation(outputs, thing_label_ids=self.thing_ids, return_binary_maps=True, **options)
+            if self.compute_ap
+            else [None] * len(batch)
         )
-        semantic = image_processor.post_process_semantic_segmentation(outputs, seen_mask=seen.to(device), use_mase=use_mase, **sizes)
-        for (_, ids, segments), result, class_map in zip(batch, panoptic, semantic):
-            gt_segments = [dict(s, category_id=label_map[s["category_id"]], area=int((ids == s["id"]).sum())) for s in segments]
-            pred_segments = [{"id": s["id"], "category_id": s["label_id"]} for s in result["segments_info"]]
-            accumulator.update(ids, gt_segments, result["segmentation"].numpy(), pred_segments)
-            semantic_gt = np.full(ids.shape, 255, np.int64)
-            for segment in gt_segments:
-                if not segment.get("iscrowd", 0):
-                    semantic_gt[ids == segment["id"]] = segment["category_id"]
-            confusion.update(class_map.numpy(), semantic_gt)
-        batch.clear()
+        for item, panoptic_result, class_map, instance_result in zip(batch, panoptic, semantic, instances):
+            pred_segments = [{"id": s["id"], "category_id": s["label_id"]} for s in panoptic_result["segments_info"]]
+            self.panoptic.update(item["ids"], item["segments"], panoptic_result["segmentation"].numpy(), pred_segments, image_id=item["image_id"])
+            self.confusion.update(class_map.numpy(), item["semantic"])
+            if instance_result is not None:
+                things = [s for s in item["segments"] if s["category_id"] in set(self.thing_ids)]
+                gt_masks = np.stack([item["ids"] == s["id"] for s in things]) if things else np.zeros((0, *item["ids"].shape), bool)
+                self.mask_ap.update(
+                    gt_masks, [s["category_id"] for s in things], [s["iscrowd"] for s in things],
+                    instance_result["binary_masks"].numpy(), [s["label_id"] for s in instance_result["segments_info"]],
+                    [s["score"] for s in instance_result["segments_info"]],
+                )
+            self.counts["images"] += 1
+            self.counts[item["source"]] += 1
 
-    for row in rows:
-        batch.append(decode_panoptic_sample(row))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    table = {index: {"isthing": int(thing)} for index, thing in enumerate(vocabulary.is_thing)}
-    results = accumulator.summarize(table, seen_category_ids=[i for i, s in enumerate(seen.tolist()) if s])
-    results["mIoU"] = confusion.compute()["mIoU"]
-    return results
+    # ----- results
+    def state(self) -> dict:
+        """Picklable sufficient statistics of what was processed (sum them with `merge_states`)."""
+        return {
+            "num_classes": len(self.categories),
+            "is_thing": list(self.vocabulary.is_thing),
+            "seen": self.seen.tolist(),
+            "thing_ids": list(self.thing_ids),
+            "compute_ap": self.compute_ap,
+            "panoptic": self.panoptic.to_array(list(range(len(self.categories)))),
+            "confusion": self.confusion.matrix.copy(),
+            "mask_ap": self.mask_ap.state(),
+            "counts": {key: (list(value) if isinstance(value, list) else value) for key, value in self.counts.items()},
+        }
+
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        """Sum the statistics of several evaluators (one per process) over the same vocabulary."""
+        if not states:
+            raise ValueError("No evaluation state to merge.")
+        first = states[0]
+        for other in states[1:]:
+            if other["num_classes"] != first["num_classes"] or other["is_thing"] != first["is_thing"]:
+                raise ValueError("Evaluation states of different vocabularies cannot be merged.")
+        counts = {key: (sum((s["counts"][key] for s in states), []) if key == "bad_ids" else sum(s["counts"][key] for s in states))
+                  for key in first["counts"]}
+        return dict(
+            first,
+            panoptic=sum(s["panoptic"] for s in states),
+            confusion=sum(s["confusion"] for s in states),
+            mask_ap=MaskAPAccumulator.from_states([s["mask_ap"] for s in states]).state(),
+            counts=counts,
+        )
+
+    @staticmethod
+    def summarize(state: dict) -> dict:
+        """
+        Returns panopticapi's dict (`All`, `Things`, `Stuff`, `per_class`) plus `Seen` / `Unseen`, `mask_AP`
+        (`AP`, `AP50`, ... in [0, 1]; None when `compute_ap` was off), `mIoU`, `mIoU_ground_truth` (which semantic
+        ground truth was used), `images` scored, `bad_samples` and `bad_sample_ids`.
+        """
+        classes = list(range(state["num_classes"]))
+        table = {index: {"isthing": int(thing)} for index, thing in enumerate(state["is_thing"])}
+        accumulator = PanopticQualityAccumulator.from_array(state["panoptic"], classes)
+        results = accumulator.summarize(table, seen_category_ids=[i for i, seen in enumerate(state["seen"]) if seen])
+        confusion = SemanticConfusion(state["num_classes"])
+        confusion.matrix = state["confusion"]
+        results["mIoU"] = confusion.compute()["mIoU"]
+        counts = state["counts"]
+        sources = [SEMANTIC_SOURCES[key] for key in ("semantic_label", "panoptic") if counts[key]]
+        if len(sources) == 2:
+            results["mIoU_ground_truth"] = f"mixed: {counts['semantic_label']} rows {sources[0]}, {counts['panoptic']} rows {sources[1]}"
+        else:
+            results["mIoU_ground_truth"] = sources[0] if sources else "no image scored"
+        results["mask_AP"] = (
+            MaskAPAccumulator.from_states([state["mask_ap"]]).compute(category_ids=state["thing_ids"]) if state["compute_ap"] else None
+        )
+        results["images"] = counts["images"]
+        results["bad_samples"] = counts["bad"]
+        results["bad_sample_ids"] = counts["bad_ids"][-100:]
+        return results
+
+    def results(self) -> dict:
+        return self.summarize(self.state())
+
+
+def evaluate_panoptic(
+    model, image_processor, rows, categories: list[dict], class_embeddings: torch.Tensor, synonym_mask: torch.Tensor,
+    batch_size: int = 4, use_mase: bool = True, mase_alpha: float | None = None, mase_beta: float | None = None,
+    max_bad_fraction: float = 0.01, compute_ap: bool = True,
+) -> dict:
+    """
+    Runs the model on every row (the dataset schema) in one process and returns `PanopticEvaluator.summarize`'s
+    dict: PQ (All / Things / Stuff / Seen / Unseen), `mask_AP`, `mIoU` (with `mIoU_ground_truth`), counts of scored
+    and skipped rows. `class_embeddings` / `synonym_mask` come from `model.get_class_embeddings` on `categories`.
+    """
+    evaluator = PanopticEvaluator(
+        model, image_processor, categories, class_embeddings, synonym_mask, batch_size=batch_size, use_mase=use_mase,
+        mase_alpha=mase_alpha, mase_beta=mase_beta, max_bad_fraction=max_bad_fraction, compute_ap=compute_ap,
+    )
+    evaluator.process(rows)
+    return evaluator.results()
