@@ -57,15 +57,38 @@ def test_bad_rows_are_skipped_and_counted_as_in_training(tiny):
     rows[1] = dict(rows[1], image={"bytes": b"not an image", "path": None})  # undecodable
     rows[3] = dict(rows[3], segments_info=[dict(rows[3]["segments_info"][0], category_id=77)])  # unknown category
     rows[4] = dict(rows[4], semantic_label=png_bytes(Image.new("L", (5, 5))))  # semantic GT of another size
-    evaluator = evaluator_for(tiny, max_bad_fraction=0.6, min_seen=1)
+    rows[5] = dict(rows[5], segments_info=rows[5]["segments_info"] + rows[5]["segments_info"][:1])  # a segment listed twice
+    evaluator = evaluator_for(tiny, max_bad_fraction=0.7, min_seen=1)
     evaluator.process(rows)
     results = evaluator.results()
-    assert (results["images"], results["bad_samples"]) == (3, 3)
-    assert results["bad_sample_ids"] == ["toy_validation_00001", "toy_validation_00003", "toy_validation_00004"]
+    assert (results["images"], results["bad_samples"]) == (2, 4)
+    assert results["bad_sample_ids"] == ["toy_validation_00001", "toy_validation_00003", "toy_validation_00004", "toy_validation_00005"]
     # the training rule: more than max_bad_fraction bad (after min_seen rows) stops, naming the rows
     strict = evaluator_for(tiny, max_bad_fraction=0.1, min_seen=1)
     with pytest.raises(TooManyBadSamples, match="toy_validation_00001"):
         strict.process(rows)
+
+
+def test_vocabularies_beyond_255_classes_and_without_things(tiny):
+    """Class 255 is a class like any other (ignored pixels use an index outside the vocabulary); no thing class: AP 0."""
+    model, processor = tiny
+    row = encoded_rows(1)[0]
+    # 300 categories; the toy row's category ids 0..5 become class indices 250..255
+    categories = [{"id": 1000 + i, "name": f"class {i}", "isthing": 0} for i in range(250)] + list(TOY_CATEGORIES)
+    categories += [{"id": 2000 + i, "name": f"extra {i}", "isthing": 0} for i in range(44)]
+    embeddings = torch.nn.functional.normalize(torch.randn(len(categories), 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    evaluator = PanopticEvaluator(model, processor.image_processor, categories, embeddings, None)
+    evaluator.process([row])
+    confusion = evaluator.state()["confusion"]
+    assert confusion.sum() == 128 * 128  # every pixel scored, the pixels of class 255 included
+    per_class = confusion.sum(1)
+    ground_truth_classes = {250 + s["category_id"] for s in row["segments_info"]}
+    assert 255 in ground_truth_classes  # this row's "sand" (category 5) is class 255
+    assert {c for c in range(len(categories)) if per_class[c]} == ground_truth_classes
+    stuff_only = [dict(c, isthing=0) for c in TOY_CATEGORIES]
+    no_things = PanopticEvaluator(model, processor.image_processor, stuff_only, processor=processor)
+    no_things.process([row])
+    assert no_things.results()["mask_AP"]["AP"] == 0.0 and no_things.results()["images"] == 1
 
 
 def test_results_hold_table_1_metrics_and_merge_across_processes(tiny):
@@ -114,7 +137,7 @@ def test_crowd_pixels_are_scored_with_their_category_in_miou(tiny):
     # the same pixels are scored (crowd is not "ignore") ...
     assert plain.state()["confusion"].sum() == with_crowd.state()["confusion"].sum() == 128 * 128
     # ... but the crowd segment is neither a PQ false negative nor an AP target to find
-    assert with_crowd.state()["panoptic"][:, 3].sum() <= plain.state()["panoptic"][:, 3].sum()
+    assert with_crowd.state()["panoptic"][:, 3].sum() == plain.state()["panoptic"][:, 3].sum() - 1
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +212,24 @@ def test_evaluation_failures_never_cost_training(tmp_path):
     assert [(h["step"], h["failed"]) for h in history] == [(2, True), (4, True)]
     assert "Evaluation failed" in run.stderr and (tmp_path / "failing" / "model.safetensors").exists()
     assert sorted(p.name for p in (tmp_path / "failing").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_splits_are_never_mixed_up_and_an_unscorable_dataset_is_an_error(tmp_path, checkpoint):
+    from transformers_possam.data.stream import load_panoptic_dataset
+
+    root = tmp_path / "data"
+    write_split(root / "train", encoded_rows(2, split="train"), TOY_CATEGORIES)
+    # a split folder layout without the requested split: an error, never the training shards
+    with pytest.raises(FileNotFoundError, match="has the splits \\['train'\\], not 'validation'"):
+        load_panoptic_dataset(str(root), split="validation")
+    assert len(list(load_panoptic_dataset(str(root), split="train")[0])) == 2
+    # evaluate.py on a split whose every row is bad: a clear error, not metrics of nothing
+    broken = [dict(row, image={"bytes": b"broken", "path": None}) for row in encoded_rows(2)]
+    write_split(root / "validation", broken, TOY_CATEGORIES)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "training" / "evaluate.py"), "--model_name_or_path", str(checkpoint), "--dataset_name", str(root),
+         "--output_dir", str(tmp_path / "eval")],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode != 0 and "could be scored: 2 bad rows" in run.stderr
+

@@ -8,10 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from transformers import pipeline
+from transformers.testing_utils import CaptureLogger
 
 from transformers_possam import (
     PosSAMConfig,
     PosSAMImageProcessor,
+    configuration_possam,
     postprocessing,
     tiny_config,
 )
@@ -54,8 +56,11 @@ def random_outputs(seed=0, queries=6, classes=4):
 
 def test_config_holds_no_mase_weights():
     assert not hasattr(tiny_config(), "mase_alpha") and not hasattr(tiny_config(), "mase_beta")
-    with pytest.raises(ValueError, match="no longer model config fields.*preprocessor_config.json"):
-        PosSAMConfig(mase_alpha=0.4)  # an old config.json carrying them: told where they live now
+    # an old config.json carrying them still loads; the user is told they are not used and where they live now
+    with CaptureLogger(configuration_possam.logger) as captured:
+        config = PosSAMConfig(mase_alpha=0.3, mase_beta=0.6)
+    assert "Ignoring" in captured.out and "preprocessor_config.json" in captured.out
+    assert not hasattr(config, "mase_alpha") and "mase_alpha" not in config.to_dict()
 
 
 def test_weights_are_saved_and_loaded_with_the_image_processor(checkpoint, tmp_path):

@@ -259,3 +259,20 @@ def test_instance_matches_dense_reference():
     for rank in reversed(range(len(order))):
         expected[binary[order[rank]]] = rank + 1
     assert torch.equal(result["segmentation"], expected)
+
+
+def test_instance_inference_with_nothing_to_report():
+    """No thing pair in the top 100, no thing class at all, or no query: empty results of the output size, no crash."""
+    processor = PosSAMImageProcessor(pad_size={"height": 64, "width": 64})
+    masks = torch.randn(1, 3, 16, 16)
+    classes = torch.stack([confident(2, 3), confident(2, 3), confident(1, 3)])[None]  # classes 1, 2 are stuff here
+    for outputs, things in [
+        (make_outputs(masks, classes), [0]),  # the top pairs are all stuff: FC-CLIP keeps none of them
+        (make_outputs(masks, classes), []),  # a vocabulary without thing classes
+        (make_outputs(masks[:, :0], classes[:, :0]), [0]),  # zero queries
+    ]:
+        (result,) = processor.post_process_instance_segmentation(
+            outputs, target_sizes=[(20, 30)], thing_label_ids=things, num_top_instances=2, return_binary_maps=True
+        )
+        assert result["segments_info"] == [] and result["segmentation"].shape == (20, 30) and not result["segmentation"].any()
+        assert result["binary_masks"].shape == (0, 20, 30)

@@ -105,6 +105,7 @@ def test_accelerate_launch_two_processes_see_disjoint_samples(tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "training" / "train.py"),
         "--output_dir", str(tmp_path), "--max_steps", "3", "--toy_train_size", "16", "--record_sample_ids",
+        "--eval_steps", "3", "--max_eval_samples", "5",
     ]
     result = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -119,6 +120,9 @@ def test_accelerate_launch_two_processes_see_disjoint_samples(tmp_path):
     no_decay = {name for group in states[0]["groups"] if group["weight_decay"] == 0.0 for name in group["names"]}
     assert {"void_embedding.weight", "model.transformer_module.queries_features.weight", "ldp.norm.weight"} <= no_decay
     assert (tmp_path / "model.safetensors").exists()
+    # the evaluation ran on both processes (rows 0, 2, 4 and 1, 3) and their statistics were gathered
+    (history,) = [json.loads(line) for line in (tmp_path / "eval_history.jsonl").read_text().splitlines()]
+    assert (history["step"], history["failed"], history["eval/images"], history["eval/bad_samples"]) == (3, False, 5.0, 0.0)
 
 
 def test_prepare_parquet_from_coco_format_and_stream_it(tmp_path):

@@ -57,6 +57,9 @@ def main(argv=None) -> dict:
     )
     evaluator.process(islice(dataset, args.max_samples) if args.max_samples else dataset)
     results = evaluator.results()
+    if results["images"] == 0:
+        sys.exit(f"error: no row of {args.dataset_name or 'the toy set'} ({args.split}) could be scored: {results['bad_samples']} bad rows, "
+                 f"e.g. {results['bad_sample_ids'][:5]} (see the warnings above).")
     image_processor = processor.image_processor
     results["settings"] = {
         "use_mase": not args.no_mase,

@@ -279,18 +279,24 @@ def run_evaluation(args, accelerator, model, processor) -> dict | None:
         state = evaluator.state()
     except Exception:  # noqa: BLE001 - an evaluation failure must not end a training run
         logger.exception("Evaluation failed on process %d; training continues", accelerator.process_index)
-    states = gather_object([state])
+    states = gather_object([state])  # every process gets here, failed or not: no process waits forever
     if any(item is None for item in states):
         logger.error("Evaluation at this step is skipped: it failed on %d process(es).", sum(item is None for item in states))
         return None
-    results = PanopticEvaluator.summarize(PanopticEvaluator.merge_states(states))
-    scores = {f"eval/{split.lower()}_{key}": results[split][key] for split in ("All", "Things", "Stuff", "Seen", "Unseen") for key in ("pq", "sq", "rq")}
-    return scores | {
-        "eval/miou": results["mIoU"],
-        "eval/mask_ap": results["mask_AP"]["AP"],
-        "eval/images": float(results["images"]),
-        "eval/bad_samples": float(results["bad_samples"]),
-    }
+    try:  # identical inputs on every process, so every process takes the same branch
+        results = PanopticEvaluator.summarize(PanopticEvaluator.merge_states(states))
+        if results["images"] == 0:
+            raise RuntimeError(f"no evaluation row could be scored ({results['bad_samples']} bad: {results['bad_sample_ids'][:5]})")
+        scores = {f"eval/{split.lower()}_{key}": results[split][key] for split in ("All", "Things", "Stuff", "Seen", "Unseen") for key in ("pq", "sq", "rq")}
+        return scores | {
+            "eval/miou": results["mIoU"],
+            "eval/mask_ap": results["mask_AP"]["AP"],
+            "eval/images": float(results["images"]),
+            "eval/bad_samples": float(results["bad_samples"]),
+        }
+    except Exception:  # noqa: BLE001 - an evaluation failure must not end a training run
+        logger.exception("Evaluation failed while summarizing; training continues")
+        return None
 
 
 if __name__ == "__main__":

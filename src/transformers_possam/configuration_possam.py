@@ -7,8 +7,11 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPTextConfig, PreTrainedConfig, SamVisionConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
 
 from .vocabularies import load_vocabulary
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["PosSAMConfig", "SAM_VISION_VARIANTS", "CONVNEXT_LARGE_D_320_TEXT", "tiny_config"]
 
@@ -145,13 +148,14 @@ class PosSAMConfig(PreTrainedConfig):
     attribute_map = {"hidden_size": "hidden_dim", "num_hidden_layers": "decoder_layers"}
 
     def __post_init__(self, **kwargs):
-        moved = sorted(name for name in ("mase_alpha", "mase_beta") if name in kwargs)
+        moved = {name: kwargs.pop(name) for name in ("mase_alpha", "mase_beta") if name in kwargs}
         if moved:
-            # MASE's weights are post-processing settings, owned by the image processor (preprocessor_config.json)
-            raise ValueError(
-                f"{moved} are no longer model config fields: they live in the image processor "
-                "(PosSAMImageProcessor(mase_alpha=..., mase_beta=...), saved in preprocessor_config.json). "
-                "Remove them from config.json and set them there."
+            # MASE's weights are post-processing settings, owned by the image processor (preprocessor_config.json);
+            # configs written before that still load, with a warning that their values are not used
+            logger.warning(
+                "Ignoring %s in the model config: MASE's weights live in the image processor "
+                "(PosSAMImageProcessor(mase_alpha=..., mase_beta=...), saved in preprocessor_config.json); set them "
+                "there and remove them from config.json.", moved,
             )
         if isinstance(self.text_config, dict):
             # A partial dict means "convnext_large_d_320 with these changes", not "CLIPTextConfig defaults".

@@ -260,7 +260,9 @@ class PosSAMPostProcessingMixin:
         out_height = rows.shape[0]
         out_width = _resize_last_axis(mask_logits.new_zeros(1, 1, width), column_steps).shape[-1]
         labels = torch.empty(out_height, out_width, dtype=torch.int64, device=mask_logits.device)
-        band = max(1, SEMANTIC_BAND_ELEMENTS // (max(num_queries, scores.shape[-1], 1) * out_width))
+        # the column resize passes through the padded width before the crop: size bands by the widest step
+        widest = max([out_width, width] + [size for size, _ in column_steps])
+        band = max(1, SEMANTIC_BAND_ELEMENTS // (max(num_queries, scores.shape[-1], 1) * widest))
         support = rows != 0
         for first in range(0, out_height, band):
             weights = rows[first : first + band]
@@ -329,7 +331,7 @@ class PosSAMPostProcessingMixin:
             order = order[final_scores[order].argsort(descending=True)]
             binary = unique_binary[mask_of_pair[order]]  # (N, H, W) in output order
             height, width = unique_binary.shape[-2:]
-            segmentation = torch.zeros(height, width, dtype=torch.int32, device=masks.device)
+            segmentation = torch.zeros(height, width, dtype=torch.int32, device=mask_logits.device)
             segments_info = []
             for rank, item in enumerate(order.tolist()):
                 segments_info.append({"id": rank + 1, "label_id": int(labels[item]), "was_fused": False, "score": round(float(final_scores[item]), 6)})

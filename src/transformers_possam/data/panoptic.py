@@ -84,6 +84,10 @@ def decode_panoptic_sample(row: dict) -> tuple[Image.Image, np.ndarray, list[dic
     incomplete = [index for index, segment in enumerate(segments) if not isinstance(segment, dict) or not {"id", "category_id"} <= set(segment)]
     if incomplete:
         raise BadSample(f"sample {image_id}: segments_info entries {incomplete} lack 'id' or 'category_id'")
+    listed = [segment["id"] for segment in segments]
+    repeated = sorted({segment_id for segment_id in listed if listed.count(segment_id) > 1})
+    if repeated:
+        raise BadSample(f"sample {image_id}: segments_info lists segment ids {repeated} more than once")
     present = set(np.unique(ids).tolist())
     missing = [segment["id"] for segment in segments if segment["id"] not in present]
     if missing:

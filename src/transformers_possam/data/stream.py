@@ -43,7 +43,8 @@ def load_panoptic_dataset(dataset_name: str | None, split: str = "train", stream
     """
     Returns (iterable dataset, category table):
     - `None`: the embedded toy set (`toy_size` images of the split, generated deterministically);
-    - a local folder: its `*.parquet` shards (under `split/` if that folder exists) and `categories.json`;
+    - a local folder: the `*.parquet` shards of `folder/split/`, or, in a folder without split subfolders, the
+      shards directly in it (one split); `categories.json` next to them;
     - a Hub id: `load_dataset(id, split=split, streaming=True)`, categories from `categories.json` in the repo.
 
     Image columns come undecoded (`without_image_decoding`): `decode_panoptic_sample` decodes each row, so a corrupt
@@ -58,7 +59,15 @@ def load_panoptic_dataset(dataset_name: str | None, split: str = "train", stream
         return without_image_decoding(dataset), list(TOY_CATEGORIES)
     path = Path(dataset_name)
     if path.is_dir():
-        folder = path / split if (path / split).is_dir() else path
+        splits = sorted(
+            child.name for child in path.iterdir() if child.is_dir() and not child.name.startswith(".") and any(child.glob("*.parquet"))
+        )
+        if splits and split not in splits:
+            # never fall back to the root's shards here: they could be another split's (e.g. evaluating on train)
+            raise FileNotFoundError(f"{path} has the splits {splits}, not {split!r}: pass one of them.")
+        folder = path / split if split in splits else path
+        if folder == path:
+            logger.info("Split %r: reading the shards directly in %s (no split folders there).", split, path)
         files = sorted(str(p) for p in folder.glob("*.parquet"))
         if not files:
             raise FileNotFoundError(f"No *.parquet shards in {folder}.")

@@ -33,6 +33,11 @@ __all__ = ["PanopticEvaluator", "evaluate_panoptic", "vocabulary_embeddings"]
 
 logger = logging.getLogger(__name__)
 
+# ignored ground-truth pixels: outside every class index, whatever the vocabulary's size
+IGNORE = -1
+# unlabelled pixels in a dataset's semantic PNG (Mask2Former's ADE20K / COCO semantic annotations)
+SEMANTIC_PNG_IGNORE = 255
+
 SEMANTIC_SOURCES = {
     "semantic_label": "the dataset's semantic ground truth (semantic_label column)",
     "panoptic": "derived from the panoptic PNG, crowd pixels labelled by their category (panopticapi's rule)",
@@ -86,7 +91,7 @@ class PanopticEvaluator:
         self.thing_ids = [index for index, thing in enumerate(self.vocabulary.is_thing) if thing]
         self.stuff_ids = [index for index, thing in enumerate(self.vocabulary.is_thing) if not thing]
         self.panoptic = PanopticQualityAccumulator()
-        self.confusion = SemanticConfusion(num_classes)
+        self.confusion = SemanticConfusion(num_classes, ignore_index=IGNORE)
         self.mask_ap = MaskAPAccumulator()
         self.counts = {"images": 0, "seen": 0, "bad": 0, "bad_ids": [], "semantic_label": 0, "panoptic": 0}
 
@@ -104,18 +109,22 @@ class PanopticEvaluator:
         semantic = decode_semantic_label(row, ids.shape)
         if semantic is not None:
             source = "semantic_label"
-            known = np.isin(semantic, list(self.label_map)) | (semantic == self.confusion.ignore_index)
+            known = np.isin(semantic, list(self.label_map)) | (semantic == SEMANTIC_PNG_IGNORE)
             if not known.all():
                 raise BadSample(
                     f"sample {row.get('image_id')}: semantic label values {sorted(set(np.unique(semantic[~known]).tolist()))[:5]} "
-                    "are neither category ids of the table nor 255"
+                    f"are neither category ids of the table nor {SEMANTIC_PNG_IGNORE}"
                 )
-            lookup = {**self.label_map, self.confusion.ignore_index: self.confusion.ignore_index}
+            # the PNG's 255 becomes the internal ignore value, never a class index (vocabularies may exceed 255 classes)
+            lookup = {**self.label_map, SEMANTIC_PNG_IGNORE: IGNORE}
             values, inverse = np.unique(semantic, return_inverse=True)
             semantic = np.array([lookup[int(v)] for v in values], dtype=np.int64)[inverse].reshape(semantic.shape)
         else:
             source = "panoptic"
-            semantic = panoptic_to_semantic(ids, segments, ignore_index=self.confusion.ignore_index)
+            try:
+                semantic = panoptic_to_semantic(ids, segments, ignore_index=IGNORE)
+            except (ValueError, KeyError) as error:
+                raise BadSample(f"sample {row.get('image_id')}: {error}") from error
         return {"image": image, "ids": ids, "segments": segments, "semantic": semantic, "source": source, "image_id": row.get("image_id")}
 
     def _skip(self, row: dict, error: BadSample) -> None:
@@ -227,7 +236,7 @@ class PanopticEvaluator:
         table = {index: {"isthing": int(thing)} for index, thing in enumerate(state["is_thing"])}
         accumulator = PanopticQualityAccumulator.from_array(state["panoptic"], classes)
         results = accumulator.summarize(table, seen_category_ids=[i for i, seen in enumerate(state["seen"]) if seen])
-        confusion = SemanticConfusion(state["num_classes"])
+        confusion = SemanticConfusion(state["num_classes"], ignore_index=IGNORE)
         confusion.matrix = state["confusion"]
         results["mIoU"] = confusion.compute()["mIoU"]
         counts = state["counts"]
