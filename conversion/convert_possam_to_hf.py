@@ -43,7 +43,10 @@ def load_sam(spec: str):
     path = Path(spec)
     if path.is_file():
         original = load_checkpoint(path)
-        state_dict, config = convert_sam_image_encoder(original)
+        try:
+            state_dict, config = convert_sam_image_encoder(original)
+        except ValueError as error:
+            raise ValueError(f"--sam_checkpoint {path}: {error}") from None
         return state_dict, config, original
     from transformers import SamModel
 
@@ -63,7 +66,10 @@ def load_open_clip(spec: str):
         files = {name: Path(hf_hub_download(spec, name)) for name in names if name.startswith("open_clip_")}
     if "open_clip_config.json" not in files:
         raise FileNotFoundError(f"{spec}: no open_clip_config.json (an open_clip checkpoint folder or Hub repo is expected).")
-    config = json.loads(files["open_clip_config.json"].read_text())
+    try:
+        config = json.loads(files["open_clip_config.json"].read_text())
+    except ValueError as error:
+        raise ValueError(f"{files['open_clip_config.json']} is not valid JSON ({error}).") from None
     for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
         if name in files:
             return config, load_checkpoint(files[name])

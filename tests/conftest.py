@@ -57,3 +57,21 @@ def save_tiny_checkpoint(path, seed: int = 0, **image_processor_kwargs):
     image_processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size}, **image_processor_kwargs)
     PosSAMProcessor(image_processor, clip_tokenizer_from_bpe()).save_pretrained(path)
     return path
+
+
+def load_training_script(name: str):
+    """
+    `training/<name>.py` as a module, loaded by path under a private name: putting `training/` on `sys.path` would
+    shadow packages (`training/evaluate.py` vs Hugging Face's `evaluate`) for every other test.
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    module_name = f"possam_training_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().parents[1] / "training" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]

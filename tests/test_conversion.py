@@ -172,7 +172,7 @@ def test_fcclip_decoder_checkpoint_maps_onto_the_decoder(tmp_path):
     target.load_state_dict(decoder, strict=False)
     for key in expected:
         assert torch.equal(target.state_dict()[key], source.state_dict()[key]), key
-    with pytest.raises(KeyError, match="Unexpected FC-CLIP"):
+    with pytest.raises(ValueError, match="Unexpected FC-CLIP"):
         convert_fcclip_decoder({"sem_seg_head.predictor.something_new": torch.zeros(1)})
 
 

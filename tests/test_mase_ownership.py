@@ -1,6 +1,5 @@
 """MASE's alpha / beta have one owner, the image processor (saved in preprocessor_config.json), read by every path."""
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +18,7 @@ from transformers_possam import (
 )
 from transformers_possam.data import TOY_CATEGORIES, toy_panoptic_rows
 
-from .conftest import save_tiny_checkpoint
+from .conftest import load_training_script, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,10 +113,7 @@ def test_pipeline_and_evaluation_read_them(checkpoint, recorded_weights, tmp_pat
     with pytest.raises(ValueError, match="mase_beta must be a number in \\[0, 1\\]"):
         segmenter(image, candidate_labels=["ball"], mase_beta=2.0)  # refused before any forward pass
     # training/evaluate.py: the checkpoint's values by default, flags override
-    # loaded by path: the name "evaluate" belongs to Hugging Face's evaluate package
-    spec = importlib.util.spec_from_file_location("possam_evaluate_script", REPO / "training" / "evaluate.py")
-    evaluate_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate_script)
+    evaluate_script = load_training_script("evaluate")  # by path: "evaluate" is Hugging Face's package
 
     recorded_weights.clear()
     metrics = evaluate_script.main(["--model_name_or_path", str(checkpoint), "--max_samples", "2", "--output_dir", str(tmp_path / "a")])

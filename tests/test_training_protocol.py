@@ -301,12 +301,11 @@ def test_parameter_groups_follow_fcclip_by_name():
 
 
 def test_default_schedule_is_the_papers():
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-    import train
-
     from transformers_possam.optimization import step_decay
+
+    from .conftest import load_training_script
+
+    train = load_training_script("train")
 
     args = train.parse_args([])
     # Appendix A: 250K iterations, LR x 0.1 at 150K and 200K, batch 2 per GPU (x 8), AdamW 1e-4, wd 0.05, clip 0.01

@@ -4,11 +4,13 @@
     python training/train.py                                   # tiny model on the embedded toy set
     accelerate launch training/train.py --model_name_or_path <possam checkpoint> --dataset_name <parquet folder | hub id>
 
-Data streams through 🤗 datasets (`streaming=True`), one shard per process (`split_dataset_by_node`); batches are
-built per process (lists of uint8 masks), so no batch dispatching is involved. The scheduler steps once per optimizer
-step. Checkpoints (`output_dir/checkpoint-{step}`) hold model, optimizer, scheduler, RNG states and each process's
-stream position; a checkpoint is written under a temporary name and renamed when complete, so `latest` never picks
-up a half-written one.
+The defaults are the paper's recipe (Appendix A; `transformers_possam.optimization`). Data streams through 🤗 datasets
+(`streaming=True`), one shard per process (`split_dataset_by_node`); batches are built per process (lists of uint8
+masks), so no batch dispatching is involved. The scheduler steps once per optimizer step. Checkpoints
+(`output_dir/checkpoint-{step}`) hold model, optimizer, scheduler, RNG states and each process's stream position, with
+a manifest of checksums checked on resume; nothing in them is unpickled beyond `torch.load(weights_only=True)`
+(`transformers_possam.checkpointing`). A checkpoint is written under a temporary name and renamed when complete, so
+`latest` never picks up a half-written one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import argparse
 import hashlib
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 
@@ -33,12 +34,21 @@ from transformers_possam import (
     clip_tokenizer_from_bpe,
     tiny_config,
 )
+from transformers_possam.checkpointing import (
+    CheckpointError,
+    list_checkpoints,
+    load_rng_state,
+    load_scheduler,
+    save_rng_state,
+    save_scheduler,
+    verify_manifest,
+    write_manifest,
+)
 from transformers_possam.data.stream import PanopticTrainStream, collate_panoptic, load_panoptic_dataset, shard_for_process
 from transformers_possam.evaluation import PanopticEvaluator, vocabulary_embeddings
 from transformers_possam.optimization import SCHEDULES, make_optimizer, parameter_groups, step_decay
 
 logger = logging.getLogger("possam.train")
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 def parse_args(argv=None):
@@ -111,36 +121,77 @@ def build_model_and_processor(args):
     return model, processor
 
 
+def build_optimization(args, model):
+    """(parameter groups, AdamW, step-decay scheduler) of the recipe in `args` (the scheduler is not prepared)."""
+    groups = parameter_groups(
+        model, args.learning_rate, args.weight_decay, weight_decay_norm=args.weight_decay_norm,
+        weight_decay_embed=args.weight_decay_embed, backbone_multiplier=args.backbone_lr_multiplier,
+    )
+    optimizer = make_optimizer(groups, args.learning_rate)
+    return groups, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, step_decay(args.max_steps, args.lr_drops))
+
+
 def find_checkpoint(output_dir: Path, spec: str) -> Path:
     if spec != "latest":
         path = Path(spec)
         if not path.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {spec}: no such folder.")
         return path
-    candidates = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.match(p.name))]
-    if not candidates:
+    checkpoints = list_checkpoints(output_dir)
+    if not checkpoints:
         raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}.")
-    return max(candidates)[1]
+    return checkpoints[-1]
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, stream, limit: int) -> None:
+def save_checkpoint(accelerator, output_dir: Path, step: int, stream, scheduler, limit: int) -> None:
+    """
+    Model and optimizer through `accelerator.save_state`; scheduler, random generators (per process), stream
+    positions and the step as JSON / safetensors; a manifest of every file's checksum; all under a temporary name
+    renamed when complete, so `latest` only ever sees complete, checkable checkpoints.
+    """
     final = output_dir / f"checkpoint-{step}"
     temporary = output_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process and temporary.exists():
         shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
-    (temporary / f"stream_{accelerator.process_index}.json").write_text(json.dumps(stream.position.state_dict()))
+    rank = accelerator.process_index
+    (temporary / f"stream_{rank}.json").write_text(json.dumps(stream.position.state_dict()))
+    save_rng_state(temporary, rank)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / "step.json").write_text(json.dumps({"step": step}))
+        save_scheduler(temporary, scheduler)
+        write_manifest(temporary)
         if final.exists():
             shutil.rmtree(final)
         temporary.rename(final)  # atomic: `latest` only ever sees complete checkpoints
-        checkpoints = sorted((int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.match(p.name)))
-        for _, old in checkpoints[: max(0, len(checkpoints) - limit)]:
+        checkpoints = list_checkpoints(output_dir)
+        for old in checkpoints[: max(0, len(checkpoints) - limit)]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def resume(accelerator, checkpoint: Path, stream, scheduler) -> int:
+    """
+    Check every file of `checkpoint` against its manifest, then restore model, optimizer, scheduler, this process's
+    random generators and stream position; returns the step. Nothing is unpickled beyond `torch.load(weights_only=True)`
+    of the optimizer; a damaged file is a `CheckpointError` naming it and the previous checkpoint.
+    """
+    verify_manifest(checkpoint)
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as error:  # noqa: BLE001 - the manifest matched, so this is a format problem: name the folder
+        raise CheckpointError(f"Cannot load the model / optimizer state of {checkpoint}: {type(error).__name__}: {error}") from error
+    load_scheduler(checkpoint, scheduler)
+    # ours, after accelerate's: its RNG pickle is read with weights_only=True and silently skipped when unreadable
+    load_rng_state(checkpoint, accelerator.process_index)
+    try:
+        step = int(json.loads((checkpoint / "step.json").read_text())["step"])
+        stream.position.load_state_dict(json.loads((checkpoint / f"stream_{accelerator.process_index}.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"The step or stream position of {checkpoint} cannot be read ({error}).") from None
+    return step
 
 
 def main(argv=None) -> dict:
@@ -174,15 +225,9 @@ def main(argv=None) -> dict:
 
     if args.record_sample_ids:
         stream.record_ids = []
-    groups = parameter_groups(
-        model, args.learning_rate, args.weight_decay, weight_decay_norm=args.weight_decay_norm,
-        weight_decay_embed=args.weight_decay_embed, backbone_multiplier=args.backbone_lr_multiplier,
-    )
+    groups, optimizer, scheduler = build_optimization(args, model)
     trainable = [parameter for group in groups for parameter in group["params"]]
-    optimizer = make_optimizer(groups, args.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, step_decay(args.max_steps, args.lr_drops))
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
     if args.record_sample_ids:  # for tests: each process's point-sampling generator state and its optimizer groups
         state = torch.random.get_rng_state()
@@ -197,9 +242,7 @@ def main(argv=None) -> dict:
     step = 0
     if args.resume_from_checkpoint:
         checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
-        accelerator.load_state(str(checkpoint))
-        step = json.loads((checkpoint / "step.json").read_text())["step"]
-        stream.position.load_state_dict(json.loads((checkpoint / f"stream_{accelerator.process_index}.json").read_text()))
+        step = resume(accelerator, checkpoint, stream, scheduler)
         logger.info("Resumed from %s at step %d", checkpoint, step)
 
     if args.report_to:
@@ -234,7 +277,7 @@ def main(argv=None) -> dict:
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['train/lr']:.1e}", bad=int(bad))
         if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, step, stream, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, output_dir, step, stream, scheduler, args.checkpoints_total_limit)
         if args.eval_steps and step % args.eval_steps == 0:
             evaluation = run_evaluation(args, accelerator, unwrapped, processor)
             if accelerator.is_main_process:  # the evaluation history, one JSON line per evaluation

@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import ChannelDimension
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 from transformers.models.sam.image_processing_sam import SamImageProcessor, SamImageProcessorKwargs
 
@@ -171,6 +173,124 @@ def encode_panoptic_annotation(
     return masks, torch.tensor(classes, dtype=torch.int64)
 
 
+# Channel counts an image array may have: grayscale, RGB, RGBA (transformers' `infer_channel_dimension_format` set).
+IMAGE_CHANNEL_COUNTS = (1, 3, 4)
+# PIL modes whose pixels are not 8-bit: read as arrays and scaled like numpy input (PIL's own RGB conversion clips
+# them at 255, so a 16-bit picture would turn white).
+HIGH_DEPTH_PIL_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+ALREADY_RESCALED_WARNING = (
+    "A float image has all its pixels in [0, 1]: it is read as already rescaled and is not divided by 255 again. A "
+    "float image whose pixels are really 0..255 but all <= 1 (nearly black) is misread this way: pass it as uint8."
+)
+
+
+def _images_as_list(images: Any) -> list:
+    """
+    `images` -> flat list of single images. A 4-D array or tensor is a batch, alone or inside a list, as in
+    transformers' `make_flat_list_of_images`. Raises ValueError when no image is given.
+    """
+    if images is None:
+        raise ValueError("No image given (images is None): pass an image or a non-empty list of images.")
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise ValueError(f"No image given (an empty {type(images).__name__}): pass an image or a non-empty list of images.")
+    flat = []
+    for item in items:
+        if isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4:
+            flat.extend(item)
+        else:
+            flat.append(item)
+    if not flat:
+        raise ValueError("No image given: the 4-D batch holds no image.")
+    return flat
+
+
+def _array_from(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """numpy view of an array or tensor (any device, with or without grad; dtypes numpy lacks become float32)."""
+    if not torch.is_tensor(image):
+        return image
+    image = image.detach().cpu()
+    if image.is_floating_point() and image.dtype not in (torch.float16, torch.float32, torch.float64):
+        image = image.float()  # bfloat16 / float8 have no numpy dtype
+    return image.numpy()
+
+
+def _channels_first(array: np.ndarray, index: int, input_data_format: str | ChannelDimension | None) -> np.ndarray:
+    """
+    (H, W), (H, W, C) or (C, H, W) -> (C, H, W). Without `input_data_format` the channel axis is the first or last one
+    holding 1, 3 or 4 values; when both do (e.g. 3x3x3, or an RGB strip 3 pixels high) it is the first, as in
+    transformers, with a warning.
+    """
+    if array.ndim == 2:
+        return array[None]
+    if input_data_format is not None:
+        layout = ChannelDimension(input_data_format)
+        channel_axis = 0 if layout == ChannelDimension.FIRST else -1
+        if array.shape[channel_axis] not in IMAGE_CHANNEL_COUNTS:
+            raise ValueError(
+                f"Image {index} has {array.shape[channel_axis]} channels (shape {array.shape}, {layout.value}): pass 1 "
+                "(grayscale), 3 (RGB) or 4 (RGBA) channels."
+            )
+    elif array.shape[0] in IMAGE_CHANNEL_COUNTS and array.shape[-1] in IMAGE_CHANNEL_COUNTS:
+        warnings.warn(
+            f"Image {index} has shape {array.shape}, whose first and last axes could both be channels: read as channels "
+            "first (C, H, W). Pass input_data_format='channels_last' if it is (H, W, C).",
+            UserWarning,
+            stacklevel=2,
+        )
+        channel_axis = 0
+    elif array.shape[0] in IMAGE_CHANNEL_COUNTS:
+        channel_axis = 0
+    elif array.shape[-1] in IMAGE_CHANNEL_COUNTS:
+        channel_axis = -1
+    else:
+        raise ValueError(
+            f"Image {index} has shape {array.shape}: neither its first nor its last axis holds 1, 3 or 4 channels "
+            "(grayscale, RGB, RGBA). Pass an (H, W), (H, W, C) or (C, H, W) image with one of those channel counts."
+        )
+    return np.moveaxis(array, channel_axis, 0)
+
+
+def _in_8bit_units(array: np.ndarray, index: int) -> np.ndarray:
+    """
+    Pixels on the 0..255 scale that the 1/255 rescale expects: uint8 unchanged; uint16 (16-bit, 0..65535) scaled by
+    255 / 65535 to float32; other integers must already be 0..255 (made uint8); floats must be finite and in [0, 1]
+    (read as already rescaled: multiplied by 255, with a warning, like transformers' `is_scaled_image` check) or in
+    [0, 255]. Anything else is a ValueError: it cannot be read without guessing.
+    """
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:
+        return array.astype(np.float32) * np.float32(255 / 65535)
+    if array.dtype.kind in "iu":
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"Image {index} has {array.dtype} pixels in [{low}, {high}]: integer images must lie in [0, 255]. Scale or "
+                "clip it to 0..255, or pass 16-bit data as uint16 (0..65535)."
+            )
+        return array.astype(np.uint8)
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"Image {index} has NaN or infinite pixels: pixels must be finite numbers.")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"Image {index} has float pixels in [{low:.4g}, {high:.4g}]: float images must lie in [0, 1] or [0, 255]. "
+            "Pass the picture itself (not a normalized one), or clip it."
+        )
+    if high <= 1:
+        warnings.warn(ALREADY_RESCALED_WARNING, UserWarning, stacklevel=2)
+        return array * np.float32(255)
+    return array
+
+
+def _composited_on_white(array: np.ndarray) -> np.ndarray:
+    """(4, H, W) RGBA in 8-bit units -> (3, H, W) over a white background, as transformers converts uint8 RGBA."""
+    alpha = array[3:].astype(np.float32) / 255
+    return array[:3] * alpha + 255 * (1 - alpha)
+
+
 class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin):
     valid_kwargs = PosSAMImageProcessorKwargs
     model_input_names = ["pixel_values", "pixel_mask"]
@@ -184,24 +304,45 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin):
         for name in ("mase_alpha", "mase_beta"):
             check_ensemble_weight(getattr(self, name), name)
 
+    def _get_preprocess_shape(self, old_shape: tuple[int, int], longest_edge: int) -> tuple[int, int]:
+        """SAM's resize target (longest side -> `longest_edge`), with at least one pixel on the short side: a strip
+        such as 40000x10 would otherwise round to 0 rows at 1024 (several transformers image processors keep 1 pixel
+        the same way)."""
+        height, width = super()._get_preprocess_shape(old_shape, longest_edge)
+        return max(height, 1), max(width, 1)
+
     def preprocess(self, images, annotations=None, **kwargs) -> BatchFeature:
         r"""
-        images: one image or a list (PIL, numpy HWC/CHW, torch CHW; grayscale and RGBA become RGB).
+        images: one image or a list; a 4-D array / tensor is a batch (as in transformers). An image is a PIL image
+            (any mode: grayscale, palette, RGBA, 16-bit and float modes become RGB) or a numpy array / torch tensor
+            `(H, W)`, `(H, W, C)` or `(C, H, W)` with 1, 3 or 4 channels (RGBA is composited on white). The channel
+            axis is the one with 1, 3 or 4 entries; when both ends qualify (e.g. 3x3x3) it is the first, like
+            transformers, with a warning: pass `input_data_format` to choose. Pixel values, when rescaling (the
+            default): uint8 as is; uint16 is 16-bit (0..65535, like PIL's "I;16"); other integers must be 0..255;
+            floats must be finite and in [0, 255], except that a float image with every pixel in [0, 1] is read as
+            already rescaled (warning) and not divided by 255 again, so a [0, 255] float image that is all <= 1 is
+            misread: pass such data as uint8. With `do_rescale=False` the values are used as given.
         annotations (*optional*): one per image, a COCO panoptic `{"panoptic_map", "segments_info"}` dict or a
             two-channel (semantic, instance) map; gives `mask_labels` (uint8) and `class_labels`.
 
         Returns `pixel_values` `(B, 3, 1024, 1024)`, `pixel_mask` `(B, 1024, 1024)` (1 on the image, 0 on padding),
-        `original_sizes`, `reshaped_input_sizes`, and with annotations `mask_labels` / `class_labels` (lists).
+        `original_sizes`, `reshaped_input_sizes` (longest side 1024, at least 1 pixel on the other), and with
+        annotations `mask_labels` / `class_labels` (lists).
+
+        Raises `ValueError` for every unusable input, wrong types included, naming the image's index and the problem:
+        no image, None, a path (the pipeline loads those), an unsupported dtype (bool, complex, object), NaN / inf,
+        values outside the ranges above, a rank other than 2-4, an empty image, a channel count other than 1, 3, 4.
         """
         label_map = kwargs.pop("label_map", None)
         ignore_index = kwargs.pop("ignore_index", 255)
         for name in ("mase_alpha", "mase_beta"):  # post-processing settings: no effect on preprocessing
             kwargs.pop(name, None)
-        single = not isinstance(images, (list, tuple))
-        image_list = [images] if single else list(images)
-        if not image_list:
-            raise ValueError("No image given: pass an image or a non-empty list of images.")
-        image_list = [self._check_image(image, index) for index, image in enumerate(image_list)]
+        image_list = _images_as_list(images)
+        do_rescale = kwargs.get("do_rescale")
+        do_rescale = self.do_rescale if do_rescale is None else do_rescale
+        input_data_format = kwargs.pop("input_data_format", None)
+        image_list = [self._check_image(image, index, input_data_format, do_rescale) for index, image in enumerate(image_list)]
+        kwargs["input_data_format"] = ChannelDimension.FIRST  # every array is (C, H, W) now; PIL images carry their own
         return_tensors = kwargs.pop("return_tensors", "pt")
         data = super().preprocess(image_list, return_tensors=return_tensors, **kwargs)
         padded = self._padded_size()
@@ -211,7 +352,7 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin):
             pixel_mask[index, :height, :width] = 1
         data["pixel_mask"] = pixel_mask
         if annotations is not None:
-            annotation_list = [annotations] if single else list(annotations)
+            annotation_list = list(annotations) if isinstance(annotations, (list, tuple)) else [annotations]
             if len(annotation_list) != len(image_list):
                 raise ValueError(f"Got {len(annotation_list)} annotations for {len(image_list)} images: give one per image.")
             encoded = [
@@ -222,30 +363,57 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin):
             data["class_labels"] = [labels for _, labels in encoded]
         return data
 
-    @staticmethod
-    def _check_image(image, index: int):
+    def _check_image(
+        self, image: Any, index: int, input_data_format: str | ChannelDimension | None = None, do_rescale: bool = True
+    ) -> Image.Image | np.ndarray:
+        """
+        One image -> what SAM's preprocessing reads correctly: an 8-bit PIL image as is, anything else a contiguous
+        `(C, H, W)` numpy array with 3 channels (4 for uint8 RGBA, which transformers composites) on the 0..255 scale
+        (see `preprocess`); the PIL backend gets uint8, as it resizes through 8-bit PIL images anyway. Raises
+        ValueError naming image `index` and the problem.
+        """
         if isinstance(image, Image.Image):
             if image.width == 0 or image.height == 0:
                 raise ValueError(f"Image {index} is empty ({image.width}x{image.height}).")
-            if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                # 16-bit / float PIL modes: scale to 8 bit so the usual 1/255 rescale applies
-                array = np.asarray(image, dtype=np.float64)
-                peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-                image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8))
-            return image
-        if isinstance(image, (np.ndarray, torch.Tensor)):
-            array = image.cpu().numpy() if torch.is_tensor(image) else image
-            if array.size == 0:
-                raise ValueError(f"Image {index} is empty (shape {tuple(array.shape)}).")
-            if array.dtype == np.uint16:
-                array = (array / 257.0).round().astype(np.uint8)
-            if array.ndim == 2:
-                array = np.stack([array] * 3, axis=-1)
-            return array
-        raise ValueError(
-            f"Image {index} is a {type(image).__name__}; pass a PIL image, a numpy array or a torch tensor (the pipeline "
-            "also takes paths and URLs)."
-        )
+            try:
+                image.load()  # a lazily opened file decodes here, so a broken one fails with its index
+            except Exception as error:
+                raise ValueError(f"Image {index} (a PIL image) could not be decoded: {error}") from error
+            if image.mode not in HIGH_DEPTH_PIL_MODES:
+                return image
+            array = np.asarray(image)
+            array = array.astype(array.dtype.newbyteorder("="))  # "I;16B" is big-endian
+        elif isinstance(image, (np.ndarray, torch.Tensor)):
+            array = _array_from(image)
+        else:
+            raise ValueError(
+                f"Image {index} is a {type(image).__name__}; pass a PIL image, a numpy array or a torch tensor (the pipeline "
+                "also takes paths and URLs)."
+            )
+        if array.dtype.kind not in "uif":
+            raise ValueError(
+                f"Image {index} has dtype {array.dtype}: pass uint8 (0..255), uint16 (0..65535) or float (0..1 or 0..255) "
+                "pixels."
+            )
+        if array.size == 0:
+            raise ValueError(f"Image {index} is empty (shape {tuple(array.shape)}).")
+        if array.ndim not in (2, 3):
+            raise ValueError(
+                f"Image {index} has {array.ndim} dimension(s) (shape {tuple(array.shape)}): pass (H, W), (H, W, C) or (C, H, W) "
+                "images, or a 4-D array for a batch."
+            )
+        array = _channels_first(array, index, input_data_format)
+        if do_rescale:
+            array = _in_8bit_units(array, index)
+            if array.shape[0] == 4 and array.dtype != np.uint8:
+                array = _composited_on_white(array)
+            if self.backend == "pil" and array.dtype != np.uint8:
+                array = np.clip(np.round(array), 0, 255).astype(np.uint8)
+        elif array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ValueError(f"Image {index} has NaN or infinite pixels: pixels must be finite numbers.")
+        if array.shape[0] == 1:
+            array = np.repeat(array, 3, axis=0)
+        return np.ascontiguousarray(array)
 
 
 class PosSAMImageProcessor(_PosSAMPreprocessingMixin, SamImageProcessor):

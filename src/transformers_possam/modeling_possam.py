@@ -6,6 +6,10 @@ class logits against CLIP text embeddings (`PosSAMForPanopticSegmentation`).
 """
 
 
+import difflib
+import inspect
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,7 +26,8 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerTransformerModule,
 )
 from transformers.models.sam.modeling_sam import SamVisionEncoder, SamVisionSdpaAttention
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
 
 from .configuration_possam import PosSAMConfig
 from .modeling import (
@@ -64,6 +69,147 @@ def _take_over(original: nn.Module, subclass: type[nn.Module], *args, **kwargs) 
         replacement = subclass(*args, **kwargs)
     replacement.load_state_dict(original.state_dict(), assign=True)
     return replacement
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input validation: every user-facing input either passes or raises TypeError (not a tensor / not a bool / an unknown
+# keyword) or ValueError (wrong shape, dtype or values) naming the argument and what was expected.
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Keyword arguments transformers passes to any model's forward (Trainer's `num_items_in_batch`, the common tests'
+# output flags): accepted and, where PosSAM has no use for them, ignored.
+_TRANSFORMERS_KWARGS = frozenset(TransformersKwargs.__annotations__)
+# Names users bring from other segmentation models, with what PosSAM takes instead.
+_KEYWORD_HINTS = {
+    "labels": "PosSAM trains on mask_labels (per image a (num_segments, H, W) binary mask tensor) and class_labels "
+    "(per image a (num_segments,) tensor of class indices), as PosSAMImageProcessor returns them",
+}
+
+
+def _reject_unknown_kwargs(function: Callable, kwargs: dict) -> None:
+    """
+    TypeError for a keyword that is neither an explicit parameter of `function` (those never reach its `**kwargs`)
+    nor one of transformers' common model kwargs; the message suggests the closest parameter name.
+    """
+    unknown = [name for name in kwargs if name not in _TRANSFORMERS_KWARGS]
+    if not unknown:
+        return
+    name = unknown[0]
+    signature = inspect.signature(function).parameters.values()
+    parameters = [p.name for p in signature if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    hint = _KEYWORD_HINTS.get(name)
+    if hint is None:
+        close = difflib.get_close_matches(name, parameters, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(parameters)}"
+    raise TypeError(f"{function.__qualname__}() got an unexpected keyword argument {name!r}: {hint}.")
+
+
+def _checking_values() -> bool:
+    """
+    False while torch.compile / torch.export / TorchScript trace the model: checks that read tensor values (NaN, id
+    ranges, 0/1 masks) are data-dependent branches that would break the graph, so only shape / dtype checks run then.
+    """
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def _check_flags(**flags) -> None:
+    """TypeError unless every flag is True, False or None (a string "False" or a tensor would silently count as true)."""
+    for name, value in flags.items():
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be True, False or None, got {value!r} ({type(value).__name__}).")
+
+
+def _check_pixel_values(
+    pixel_values, *, num_channels: int, dtype: torch.dtype, image_size: tuple[int, int] | None, min_size: int = 1
+) -> None:
+    """
+    Structural checks of `(B, C, H, W)` pixels, O(1): type, rank, channels, size (`image_size`: exactly, else at least
+    `min_size`), non-empty batch, floating dtype equal to the model's `dtype`. Finiteness is checked by the caller
+    that consumes the pixels (one pass over them).
+    """
+    expected = f"(batch_size, {num_channels}, height, width)"
+    if image_size is not None:
+        expected = f"(batch_size, {num_channels}, {image_size[0]}, {image_size[1]})"
+    if not torch.is_tensor(pixel_values):
+        raise TypeError(
+            f"pixel_values must be a torch.Tensor of shape {expected} (PosSAMImageProcessor with return_tensors='pt'), "
+            f"got {type(pixel_values).__name__}."
+        )
+    shape = tuple(pixel_values.shape)
+    if pixel_values.dim() != 4:
+        single_image = " (one image: add the batch dimension, pixel_values[None])" if pixel_values.dim() == 3 else ""
+        raise ValueError(f"pixel_values must have shape {expected}, got {shape}{single_image}.")
+    if shape[1] != num_channels:
+        raise ValueError(f"pixel_values must have {num_channels} (RGB) channels, shape {expected}; got shape {shape}.")
+    if image_size is not None and shape[2:] != tuple(image_size):
+        raise ValueError(
+            f"pixel_values must be padded to the SAM input size {tuple(image_size)}, shape {expected}; got shape "
+            f"{shape}. PosSAMImageProcessor resizes and pads images to it."
+        )
+    if min(shape[2:]) < min_size:
+        raise ValueError(f"pixel_values must be at least {min_size}x{min_size} pixels, shape {expected}; got shape {shape}.")
+    if shape[0] == 0:
+        raise ValueError(f"pixel_values holds no image: shape {expected} needs batch_size >= 1, got shape {shape}.")
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must hold normalized floating-point pixels (PosSAMImageProcessor's output), got dtype "
+            f"{pixel_values.dtype}: raw 0-255 images have to go through the image processor first."
+        )
+    if pixel_values.dtype != dtype:
+        raise ValueError(
+            f"pixel_values has dtype {pixel_values.dtype} but the model's weights are {dtype}: pass "
+            f"pixel_values.to({dtype}) (or cast the model with model.to({pixel_values.dtype}))."
+        )
+
+
+def _check_finite(name: str, values: torch.Tensor) -> None:
+    """ValueError if `values` holds NaN or +-inf (one pass): they would spread through every output silently."""
+    if _checking_values() and not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name} contains NaN or infinite values.")
+
+
+def _check_binary_mask(name: str, mask, expected_shape: tuple[int, ...], layout: str) -> torch.Tensor:
+    """
+    A mask tensor of exactly `expected_shape` (`layout` names its dimensions), bool or any real dtype holding only 0
+    and 1; returned as bool. TypeError if it is not a tensor, ValueError otherwise.
+    """
+    if not torch.is_tensor(mask):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout} = {expected_shape}, got {type(mask).__name__}.")
+    if tuple(mask.shape) != tuple(expected_shape):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(expected_shape)}, got {tuple(mask.shape)}.")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise ValueError(f"{name} must be bool or hold only 0 and 1, got dtype {mask.dtype}.")
+    if mask.numel() and _checking_values():
+        if mask.is_floating_point():
+            is_binary = bool(((mask == 0) | (mask == 1)).all())  # NaN and 0.5 are neither
+        else:  # integers: the extremes decide, without a full-size temporary
+            low, high = torch.aminmax(mask)
+            is_binary = bool(low >= 0) and bool(high <= 1)
+        if not is_binary:
+            other = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
+            raise ValueError(f"{name} must be bool or hold only 0 and 1, got dtype {mask.dtype} with values like {other}.")
+    return mask.bool()
+
+
+def _require_config_file(pretrained_model_name_or_path, kwargs: dict) -> None:
+    """
+    Without `config.json`, transformers would build a *default* (full-size, random) configuration and spend seconds
+    constructing that model before failing on mismatched weights: refuse at once, naming the folder or repo.
+    """
+    from transformers.utils import CONFIG_NAME, cached_file
+
+    options = {key: kwargs[key] for key in ("cache_dir", "revision", "subfolder", "token", "local_files_only") if key in kwargs}
+    try:
+        found = cached_file(pretrained_model_name_or_path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **options)
+    except OSError:
+        return  # not reachable (offline, no such repo): transformers' own loading reports that
+    if found is None:
+        raise OSError(
+            f"{pretrained_model_name_or_path} has no {CONFIG_NAME}: a PosSAM checkpoint needs its configuration next to "
+            "its weights (save_pretrained writes both), or pass config=PosSAMConfig(...) explicitly."
+        )
 
 
 @dataclass
@@ -175,9 +321,11 @@ class PosSAMPreTrainedModel(PreTrainedModel):
             module.requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
+            _require_config_file(pretrained_model_name_or_path, kwargs)
         # Loading swaps in new Parameter objects (requires_grad=True): re-apply the frozen set afterwards.
-        loaded = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.freeze_frozen_parts()
         return loaded
@@ -236,8 +384,31 @@ class PosSAMModel(PosSAMPreTrainedModel):
     def get_input_embeddings(self):
         return self.vision_encoder.get_input_embeddings()
 
-    def get_image_embeddings(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """F_sam: the SAM encoder output `(B, output_channels, H/16, W/16)`, as `SamModel.get_image_embeddings`."""
+    def _check_pixel_inputs(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> None:
+        """
+        Raises TypeError / ValueError naming the argument unless `pixel_values` is a floating `(B, C, S, S)` tensor
+        (C = `vision_config.num_channels`, S = `vision_config.image_size`, B >= 1) of the SAM encoder's dtype and
+        `pixel_mask` is None or a `(B, S, S)` bool / 0-1 tensor. Shape and dtype checks only (O(1)) for `pixel_values`:
+        its finiteness is checked where the pixels are consumed.
+        """
+        vision_config = self.config.vision_config
+        size = vision_config.image_size
+        _check_pixel_values(
+            pixel_values, num_channels=vision_config.num_channels, dtype=self.vision_encoder.patch_embed.projection.weight.dtype,
+            image_size=(size, size),
+        )
+        if pixel_mask is not None:
+            batch_size, _, height, width = pixel_values.shape
+            _check_binary_mask("pixel_mask", pixel_mask, (batch_size, height, width), "(batch_size, height, width) of pixel_values")
+
+    def get_image_embeddings(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        """
+        F_sam: the SAM encoder output `(B, output_channels, H/16, W/16)`, as `SamModel.get_image_embeddings`.
+        `pixel_values` as in `forward` (TypeError / ValueError otherwise).
+        """
+        _reject_unknown_kwargs(PosSAMModel.get_image_embeddings, kwargs)
+        self._check_pixel_inputs(pixel_values)
+        _check_finite("pixel_values", pixel_values)
         return self.vision_encoder(pixel_values, **kwargs).last_hidden_state
 
     def forward(
@@ -248,19 +419,34 @@ class PosSAMModel(PosSAMPreTrainedModel):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         output_auxiliary_masks: bool = True,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> PosSAMModelOutput | tuple:
         r"""
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): SAM-normalized, padded to SAM's input size
-                (`PosSAMImageProcessor`).
-            pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*): 1 on real pixels, 0 on padding. SAM sees
-                padding as image content (as in SAM and FC-CLIP), so the mask generator does not use it.
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, S, S)`): SAM-normalized, padded to SAM's input size
+                S = `config.vision_config.image_size` (`PosSAMImageProcessor`), in the model's dtype, finite.
+            pixel_mask (`torch.LongTensor` of shape `(B, S, S)`, *optional*): 1 on real pixels, 0 on padding (bool or
+                any 0/1 tensor). SAM sees padding as image content (as in SAM and FC-CLIP), so the mask generator does
+                not use it.
             output_auxiliary_masks (`bool`, defaults to True): compute every decoder layer's 1/4-resolution masks
                 (needed by the auxiliary losses). With False only the last layer's are computed, the intermediate
                 layers build their attention masks at attention resolution (`PosSAMMaskPredictor`), and the earlier
                 entries of `masks_queries_logits` are None. The final masks are the same either way.
+            kwargs: transformers' common model kwargs (`TransformersKwargs`, e.g. `num_items_in_batch`), accepted and
+                unused.
+
+        Raises:
+            TypeError: `pixel_values` / `pixel_mask` not a tensor, a flag not a bool (or None), or an unknown keyword
+                argument.
+            ValueError: `pixel_values` of another rank, channel count, size, dtype than described, an empty batch,
+                NaN / inf values; `pixel_mask` of another shape than `(B, S, S)` or with values other than 0 and 1.
         """
+        _reject_unknown_kwargs(PosSAMModel.forward, kwargs)
+        _check_flags(output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=return_dict)
+        if not isinstance(output_auxiliary_masks, bool):
+            raise TypeError(f"output_auxiliary_masks must be True or False, got {output_auxiliary_masks!r}.")
+        self._check_pixel_inputs(pixel_values, pixel_mask)
+        _check_finite("pixel_values", pixel_values)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -354,19 +540,81 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
     # ----------------------------------------------------------------------------------------------------------------
     # Public helpers with transformers' names
     # ----------------------------------------------------------------------------------------------------------------
-    def get_image_embeddings(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """F_sam `(B, 256, H/16, W/16)`, as `SamModel.get_image_embeddings`."""
+    def get_image_embeddings(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        """F_sam `(B, 256, H/16, W/16)`, as `SamModel.get_image_embeddings` (checks as `PosSAMModel.get_image_embeddings`)."""
         return self.model.get_image_embeddings(pixel_values, **kwargs)
 
+    def _check_prompt_ids(self, input_ids: torch.Tensor) -> None:
+        """
+        ValueError unless the token ids `(..., L)` of the prompts the text tower will encode are integer ids (any
+        integer dtype; callers convert to int64) of the tokenizer's vocabulary, at most `max_position_embeddings`
+        long, each with CLIP's end-of-text token (the text tower pools there: without it, it would silently pool the
+        first token).
+        """
+        text_config = self.config.text_config
+        if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
+            raise ValueError(f"input_ids must hold integer token ids (PosSAMProcessor gives int64), got dtype {input_ids.dtype}.")
+        if input_ids.shape[-1] > text_config.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[-1]} tokens per prompt, more than the text tower's "
+                f"max_position_embeddings={text_config.max_position_embeddings}."
+            )
+        if input_ids.numel() == 0 or not _checking_values():
+            return
+        low, high = torch.aminmax(input_ids)
+        if low < 0 or high >= text_config.vocab_size:
+            raise ValueError(
+                f"input_ids must be token ids in [0, {text_config.vocab_size - 1}] (text_config.vocab_size="
+                f"{text_config.vocab_size}), got values in [{int(low)}, {int(high)}]."
+            )
+        # eos_token_id == 2 is transformers' legacy CLIP config, which pools at the largest id instead
+        if text_config.eos_token_id != 2 and not bool((input_ids == text_config.eos_token_id).any(-1).all()):
+            raise ValueError(
+                f"Every prompt in input_ids needs the end-of-text token {text_config.eos_token_id}: CLIP's text tower "
+                "pools at it. Tokenize with PosSAMProcessor / the CLIP tokenizer (which append it)."
+            )
+
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected, unnormalized CLIP text embeddings `(N, D)` of token ids `(N, L)` (open_clip `encode_text`)."""
-        return self.clip.text_embeddings(input_ids, attention_mask)
+        """
+        Projected, unnormalized CLIP text embeddings `(N, D)` of token ids `(N, L)` (open_clip `encode_text`).
+
+        Raises:
+            TypeError: `input_ids` or `attention_mask` is not a tensor.
+            ValueError: `input_ids` not `(N, L)` with N, L >= 1, not integer ids of the vocabulary, longer than
+                `max_position_embeddings`, or a prompt without the end-of-text token; `attention_mask` not of
+                `input_ids`' shape or not 0/1.
+        """
+        if not torch.is_tensor(input_ids):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids (num_prompts, seq_len), got {type(input_ids).__name__}.")
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"input_ids must have shape (num_prompts, seq_len) with both >= 1, got {tuple(input_ids.shape)}.")
+        if attention_mask is not None:
+            _check_binary_mask("attention_mask", attention_mask, tuple(input_ids.shape), "(num_prompts, seq_len) of input_ids")
+        self._check_prompt_ids(input_ids)
+        return self.clip.text_embeddings(input_ids.long(), attention_mask)  # the embedding lookup takes int64 / int32
 
     def get_image_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
-        Global CLIP image embeddings `(B, D)` of SAM-normalized pixels (the processor's output): the model converts
-        them to CLIP's normalization first, so this equals open_clip's `encode_image` on the CLIP-normalized image.
+        Global CLIP image embeddings `(B, D)` of SAM-normalized pixels `(B, 3, H, W)` (the processor's output; any
+        size of at least CLIP's stride, 32): the model converts them to CLIP's normalization first, so this equals
+        open_clip's `encode_image` on the CLIP-normalized image. `pixel_mask` `(B, H, W)`, 0 on padding, optional.
+
+        Raises:
+            TypeError: `pixel_values` / `pixel_mask` not a tensor.
+            ValueError: `pixel_values` not `(B, 3, H, W)` floating point of the CLIP's dtype, empty, smaller than the
+                stride or not finite; `pixel_mask` not `(B, H, W)` or not 0/1.
         """
+        vision_model = self.clip.vision_model
+        feature_info = getattr(vision_model, "feature_info", None)
+        stride = feature_info[-1]["reduction"] if feature_info else 1
+        _check_pixel_values(
+            pixel_values, num_channels=self.config.vision_config.num_channels, dtype=next(vision_model.parameters()).dtype,
+            image_size=None, min_size=stride,
+        )
+        if pixel_mask is not None:
+            batch_size, _, height, width = pixel_values.shape
+            _check_binary_mask("pixel_mask", pixel_mask, (batch_size, height, width), "(batch_size, height, width) of pixel_values")
+        _check_finite("pixel_values", pixel_values)
         return self.clip.image_embeddings(self.to_clip_pixels(pixel_values, pixel_mask))
 
     def to_clip_pixels(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -409,17 +657,36 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         Returns:
             `class_embeddings` `(K, S, D)` L2-normalized (padding slots hold the class's first synonym) and
             `synonym_mask` `(K, S)`.
+
+        Raises:
+            TypeError: `input_ids`, `attention_mask` or `synonym_mask` is not a tensor; `text_batch_size` is not an
+                integer (Python or numpy int; bool, float and str are rejected).
+            ValueError: `input_ids` of another rank or with an empty dimension, with ids outside the tokenizer's
+                vocabulary, of a float dtype, longer than `max_position_embeddings`, or a real prompt without the
+                end-of-text token; `attention_mask` not of `input_ids`' shape, `synonym_mask` not `(K, S)`, either not
+                0/1; a class without synonym; `text_batch_size` < 1.
         """
+        if not torch.is_tensor(input_ids):
+            raise TypeError(
+                "input_ids must be a torch.Tensor of token ids (num_classes, num_synonyms, num_templates, seq_len) or "
+                f"(num_classes, seq_len) (PosSAMProcessor.encode_vocabulary), got {type(input_ids).__name__}."
+            )
+        if input_ids.dim() not in (2, 4) or 0 in input_ids.shape:
+            raise ValueError(
+                f"input_ids must be (num_classes, num_synonyms, num_templates, seq_len) or (num_classes, seq_len), every "
+                f"size >= 1; got shape {tuple(input_ids.shape)}. PosSAMProcessor builds the 4-D layout from a list of "
+                "class names."
+            )
+        if attention_mask is not None:
+            layout = "(num_classes, num_synonyms, num_templates, seq_len)" if input_ids.dim() == 4 else "(num_classes, seq_len)"
+            _check_binary_mask("attention_mask", attention_mask, tuple(input_ids.shape), f"{layout} of input_ids")
+        if text_batch_size is not None and (isinstance(text_batch_size, bool) or not isinstance(text_batch_size, numbers.Integral)):
+            raise TypeError(f"text_batch_size must be an int number of prompts or None, got {text_batch_size!r}.")
+        if text_batch_size is not None and text_batch_size < 1:
+            raise ValueError(f"text_batch_size must be a positive number of prompts or None, got {text_batch_size}.")
         if input_ids.dim() == 2:
             input_ids = input_ids[:, None, None]
             attention_mask = attention_mask[:, None, None] if attention_mask is not None else None
-        if input_ids.dim() != 4:
-            raise ValueError(
-                f"input_ids must be (num_classes, num_synonyms, num_templates, seq_len) or (num_classes, seq_len); got shape "
-                f"{tuple(input_ids.shape)}. PosSAMProcessor builds the 4-D layout from a list of class names."
-            )
-        if text_batch_size is not None and text_batch_size < 1:
-            raise ValueError(f"text_batch_size must be a positive number of prompts or None, got {text_batch_size}.")
         num_classes, num_synonyms, num_templates, seq_len = input_ids.shape
         synonym_mask = self._check_synonym_mask(synonym_mask, num_classes, num_synonyms, input_ids.device)
         real = synonym_mask.flatten()
@@ -428,9 +695,14 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         if prompt_mask is not None and prompt_mask.any():
             length = int(torch.nonzero(prompt_mask.any(0)).max()) + 1
             prompt_ids, prompt_mask = prompt_ids[:, :length], prompt_mask[:, :length]
-        batch = text_batch_size or prompt_ids.shape[0]
+        # checked once here, on exactly the prompts the text tower encodes (padding synonym slots may hold anything)
+        self._check_prompt_ids(prompt_ids)
+        prompt_ids = prompt_ids.long()
+        batch = int(text_batch_size or prompt_ids.shape[0])
         chunks = [
-            self.get_text_features(prompt_ids[start : start + batch], prompt_mask[start : start + batch] if prompt_mask is not None else None).float()
+            self.clip.text_embeddings(
+                prompt_ids[start : start + batch], prompt_mask[start : start + batch] if prompt_mask is not None else None
+            ).float()
             for start in range(0, prompt_ids.shape[0], batch)
         ]
         prompt_embeddings = nn.functional.normalize(torch.cat(chunks), dim=-1)
@@ -443,30 +715,65 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         return class_embeddings, synonym_mask
 
     @staticmethod
-    def _check_synonym_mask(synonym_mask, num_classes, num_synonyms, device) -> torch.Tensor:
+    def _check_synonym_mask(synonym_mask, num_classes: int, num_synonyms: int, device: torch.device) -> torch.Tensor:
+        """
+        The `(K, S)` bool synonym mask on `device` (all True when None). TypeError if it is not a tensor; ValueError
+        for another shape, values other than 0/1 (a soft 0.5 would silently count as a synonym), or a class without
+        any synonym.
+        """
         if synonym_mask is None:
             return torch.ones(num_classes, num_synonyms, dtype=torch.bool, device=device)
-        synonym_mask = synonym_mask.to(device=device, dtype=torch.bool)
-        if synonym_mask.shape != (num_classes, num_synonyms):
-            raise ValueError(f"synonym_mask must have shape {(num_classes, num_synonyms)}, got {tuple(synonym_mask.shape)}.")
+        synonym_mask = _check_binary_mask("synonym_mask", synonym_mask, (num_classes, num_synonyms), "(num_classes, num_synonyms)")
+        synonym_mask = synonym_mask.to(device)
         if not synonym_mask.any(dim=1).all():
             empty = torch.nonzero(~synonym_mask.any(dim=1)).flatten().tolist()
             raise ValueError(f"Classes {empty} have no synonym in synonym_mask: every class needs at least one name.")
         return synonym_mask
 
-    def _resolve_vocabulary(self, input_ids, attention_mask, synonym_mask, class_embeddings):
+    def _resolve_vocabulary(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        synonym_mask: torch.Tensor | None,
+        class_embeddings: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        `(class_embeddings (K, S, D) L2-normalized float32, synonym_mask (K, S) bool)` from exactly one of a tokenized
+        vocabulary (`input_ids`, checked by `get_class_embeddings`) or precomputed `class_embeddings` `(K, S, D)` /
+        `(K, D)`: a finite floating tensor, K >= 1, D = `clip_embed_dim`, no all-zero vector at a real synonym slot.
+        TypeError for a non-tensor, ValueError otherwise.
+        """
         if class_embeddings is not None:
             if input_ids is not None:
                 raise ValueError("Pass either input_ids (a tokenized vocabulary) or class_embeddings, not both.")
+            if attention_mask is not None:
+                raise ValueError("attention_mask belongs to input_ids; with class_embeddings, leave it out.")
+            embed_dim = self.config.clip_embed_dim
+            expected = f"(num_classes, num_synonyms, {embed_dim}) or (num_classes, {embed_dim})"
+            if not torch.is_tensor(class_embeddings):
+                raise TypeError(f"class_embeddings must be a torch.Tensor {expected}, got {type(class_embeddings).__name__}.")
+            if not class_embeddings.is_floating_point():
+                raise ValueError(
+                    f"class_embeddings must be floating-point text embeddings {expected} (get_class_embeddings), got dtype "
+                    f"{class_embeddings.dtype}; token ids go in input_ids."
+                )
+            given_shape = tuple(class_embeddings.shape)
             if class_embeddings.dim() == 2:
                 class_embeddings = class_embeddings[:, None]
-            if class_embeddings.dim() != 3 or class_embeddings.shape[-1] != self.config.clip_embed_dim:
+            if class_embeddings.dim() != 3 or class_embeddings.shape[-1] != embed_dim:
+                raise ValueError(f"class_embeddings must be {expected}; got shape {given_shape}.")
+            if class_embeddings.shape[0] == 0:
+                raise ValueError(f"class_embeddings holds no class: {expected} needs num_classes >= 1, got shape {given_shape}.")
+            _check_finite("class_embeddings", class_embeddings)
+            synonym_mask = self._check_synonym_mask(synonym_mask, *class_embeddings.shape[:2], class_embeddings.device)
+            norms = class_embeddings.float().norm(dim=-1)
+            if _checking_values() and not bool((norms[synonym_mask] > 0).all()):
+                zero = torch.nonzero(synonym_mask & (norms == 0)).tolist()
                 raise ValueError(
-                    f"class_embeddings must be (num_classes, num_synonyms, {self.config.clip_embed_dim}) or "
-                    f"(num_classes, {self.config.clip_embed_dim}); got shape {tuple(class_embeddings.shape)}."
+                    f"class_embeddings has all-zero vectors at real synonym slots (class, synonym) {zero[:5]}: they have "
+                    "no direction to classify against."
                 )
             class_embeddings = nn.functional.normalize(class_embeddings.float(), dim=-1)
-            synonym_mask = self._check_synonym_mask(synonym_mask, *class_embeddings.shape[:2], class_embeddings.device)
             return class_embeddings, synonym_mask
         if input_ids is None:
             raise ValueError(
@@ -568,22 +875,43 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> PosSAMForPanopticSegmentationOutput | tuple:
         r"""
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): SAM-normalized, padded pixels.
-            input_ids, attention_mask (`torch.LongTensor` of shape `(K, S, T, L)` or `(K, L)`): tokenized vocabulary.
-            synonym_mask (`torch.BoolTensor` of shape `(K, S)`, *optional*): real synonym slots.
-            class_embeddings (`torch.FloatTensor` of shape `(K, S, D)` or `(K, D)`): precomputed vocabulary instead.
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, S, S)`): SAM-normalized pixels padded to SAM's input
+                size S = `config.vision_config.image_size` (`PosSAMImageProcessor`), in the model's dtype, finite.
+                Any memory layout (channels-last, strided views) gives the same result.
+            input_ids, attention_mask (`torch.LongTensor` of shape `(K, S, T, L)` or `(K, L)`): tokenized vocabulary
+                (see `get_class_embeddings` for what is checked).
+            synonym_mask (`torch.BoolTensor` of shape `(K, S)`, *optional*): real synonym slots (bool or 0/1).
+            class_embeddings (`torch.FloatTensor` of shape `(K, S, D)` or `(K, D)`): precomputed vocabulary instead
+                (D = `clip_embed_dim`, K >= 1, finite).
             mask_labels (`list[torch.Tensor]`, *optional*): per image `(N_i, H', W')` binary masks (uint8/bool
                 preferred), covering the padded input.
             class_labels (`list[torch.LongTensor]`, *optional*): per image `(N_i,)` class indices into the vocabulary.
-            pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*): 1 on real pixels; padding is zeroed in
-                the CLIP input.
+            pixel_mask (`torch.LongTensor` of shape `(B, S, S)`, *optional*): 1 on real pixels (bool or 0/1); padding
+                is zeroed in the CLIP input.
             output_auxiliary_logits (`bool`, *optional*): return per-layer predictions (always computed for the loss).
             return_clip_logits (`bool`, *optional*): compute the CLIP branch; default: in eval mode only.
+            kwargs: transformers' common model kwargs (`TransformersKwargs`, e.g. `num_items_in_batch` from
+                `Trainer`), accepted and unused. There is no `labels`: pass `mask_labels` and `class_labels`.
+
+        Raises:
+            TypeError: an unknown keyword argument (`labels`, typos), a flag that is not a bool (or None), or
+                `pixel_values`, `pixel_mask`, `input_ids`, `attention_mask`, `synonym_mask`, `class_embeddings` that is
+                not a tensor.
+            ValueError: any input of another shape, dtype or value range than described above (each message names
+                the argument and what was expected), neither or both of `input_ids` / `class_embeddings`, NaN / inf in
+                `pixel_values` or `class_embeddings`, and invalid training labels.
         """
+        _reject_unknown_kwargs(PosSAMForPanopticSegmentation.forward, kwargs)
+        _check_flags(
+            output_auxiliary_logits=output_auxiliary_logits, return_clip_logits=return_clip_logits,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=return_dict,
+        )
+        # shapes and dtypes before any work; finiteness is checked once, where the mask generator consumes the pixels
+        self.model._check_pixel_inputs(pixel_values, pixel_mask)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return_clip_logits = (not self.training) if return_clip_logits is None else return_clip_logits
         class_embeddings, synonym_mask = self._resolve_vocabulary(input_ids, attention_mask, synonym_mask, class_embeddings)
@@ -592,7 +920,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         if has_labels:
             mask_labels, class_labels = self._check_labels(mask_labels, class_labels, pixel_values, num_classes)
 
-        want_auxiliary = bool(output_auxiliary_logits) or (has_labels and self.config.use_auxiliary_loss)
+        want_auxiliary = bool(output_auxiliary_logits) or (has_labels and bool(self.config.use_auxiliary_loss))
         # CLIP first: its large early-stage activations are freed before the mask generator's outputs exist
         clip_features = self.clip.dense_features(self.to_clip_pixels(pixel_values, pixel_mask))
         outputs: PosSAMModelOutput = self.model(

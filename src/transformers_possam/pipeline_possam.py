@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from io import BytesIO
 
 import numpy as np
 import torch
-from PIL import Image
+from huggingface_hub.utils import httpx  # the HTTP client transformers' load_image uses
+from PIL import Image, ImageOps
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
-from .postprocessing import check_ensemble_weight
+from .postprocessing import check_ensemble_weight, check_flag, check_threshold
 from .processing_possam import PosSAMProcessor, resolve_vocabulary, seen_class_mask
 
 __all__ = ["OpenVocabularyPanopticSegmentationPipeline", "TASK"]
@@ -62,6 +65,12 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
         timeout=None,
         **kwargs,
     ):
+        """
+        Splits a call's arguments among the pipeline's steps. The post-processing ones are checked here, before any
+        forward pass: `TypeError` for a wrong type (`subtask` not a string, a threshold not a number, `use_mase` not
+        a bool), `ValueError` for a wrong value (an unknown subtask, a threshold outside [0, 1], MASE weights outside
+        [0, 1]).
+        """
         preprocess, forward, postprocess = {}, {}, {}
         if timeout is not None:
             preprocess["timeout"] = timeout
@@ -69,13 +78,21 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             vocabulary = resolve_vocabulary(candidate_labels)
             forward["vocabulary"] = vocabulary
             postprocess["vocabulary"] = vocabulary
+        # every post-processing argument is checked here, before any forward pass (None: the default)
         if subtask is not None:
+            if not isinstance(subtask, str):
+                raise TypeError(f"subtask must be a string, one of {SUBTASKS}, got {type(subtask).__name__} {subtask!r}.")
             if subtask not in SUBTASKS:
                 raise ValueError(f"Unknown subtask {subtask!r}: choose one of {SUBTASKS}.")
             postprocess["subtask"] = subtask
         for name, value in (("mase_alpha", mase_alpha), ("mase_beta", mase_beta)):
             if value is not None:
-                check_ensemble_weight(value, name)  # before any forward pass
+                check_ensemble_weight(value, name)
+        for name, value in (("threshold", threshold), ("mask_threshold", mask_threshold), ("overlap_mask_area_threshold", overlap_mask_area_threshold)):
+            if value is not None:
+                check_threshold(value, name)  # TypeError for a non-number, ValueError outside [0, 1]
+        if use_mase is not None:
+            check_flag(use_mase, "use_mase")
         for name, value in (
             ("threshold", threshold),
             ("mask_threshold", mask_threshold),
@@ -104,16 +121,38 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
         """
         if candidate_labels is None:
             raise ValueError("candidate_labels is required: a list of labels or a preset name such as 'ade20k'.")
+        if images is None or (isinstance(images, (list, tuple)) and not images):
+            raise ValueError(f"No image given (images={images!r}): pass an image, a path / URL, or a non-empty list of them.")
         return super().__call__(images, candidate_labels=candidate_labels, **kwargs)
 
     def preprocess(self, image, timeout=None):
+        """
+        One image (PIL, numpy array, local path, http(s) URL or base64 data) -> model inputs. Files and URLs are
+        decoded in their own mode, 16-bit included, and converted by the image processor. Raises ValueError naming
+        the input when it cannot be read or is not an image.
+        """
         if isinstance(image, str):
+            source = image
             try:
-                image = load_image(image, timeout=timeout)
-            except Exception as error:  # load_image raises several types; name the path in one clear error
-                raise ValueError(f"Could not read the image {image!r}: {error}") from error
+                if os.path.isdir(source):
+                    raise ValueError("it is a directory, not an image file")
+                # Opened here rather than by transformers' load_image, which converts to 8-bit RGB and so turns a
+                # 16-bit PNG white; load_image is left the base64 strings (and the error for anything else).
+                if source.startswith(("http://", "https://")):
+                    response = httpx.get(source, timeout=timeout, follow_redirects=True)
+                    response.raise_for_status()
+                    image = Image.open(BytesIO(response.content))
+                elif os.path.isfile(source):
+                    image = Image.open(source)
+                else:
+                    image = load_image(source, timeout=timeout)
+                image = ImageOps.exif_transpose(image)  # decodes the file, so a broken one fails here, with its name
+            except Exception as error:  # PIL, httpx and load_image raise several types; name the input in one error
+                raise ValueError(f"Could not read the image {source!r}: {error}") from error
         elif not isinstance(image, (Image.Image, np.ndarray)):
             raise ValueError(f"Cannot segment a {type(image).__name__}: pass a PIL image, a numpy array, a path or a URL.")
+        elif isinstance(image, np.ndarray) and image.ndim == 4:
+            raise ValueError(f"Got a 4-D array {image.shape}, a batch: pass its images as a list, one result per image.")
         inputs = self.image_processor(image, return_tensors="pt")
         return {
             "pixel_values": inputs["pixel_values"].to(self.dtype),

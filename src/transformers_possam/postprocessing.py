@@ -15,33 +15,263 @@ as FC-CLIP), p_clip = softmax of the CLIP logits, p_void = softmax over all K + 
   which is reproduced too. Void = the void column is the largest. Paper Table 7's "w/o MASE" rows.
 
 Without CLIP logits, E = p_ldp (IoU-weighted when `use_mase`).
+
+Every argument is checked before any work: a value of the wrong type raises `TypeError`, a value of the right type
+that cannot be right (a threshold outside [0, 1], a size of 0 pixels, a class id the outputs do not have, outputs of
+two batch sizes, NaN logits) raises `ValueError`; each message names the argument and says what to pass instead.
+(`mase_alpha` / `mase_beta` raise `ValueError` for every bad value, wrong types included, as the image processor's
+constructor always has.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+import numbers
+import reprlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
 from .mase import mask_aware_selective_ensemble
 from .mask_resampling import AxisResampling, assign_panoptic, axis_resampling, resize_matrix
 
-__all__ = ["PosSAMPostProcessingMixin", "class_scores", "check_ensemble_weight"]
+__all__ = ["PosSAMPostProcessingMixin", "class_scores", "check_ensemble_weight", "check_flag", "check_threshold"]
 
-# class maps (semantic) or masks (instance) resized at once: bounds memory to this many full-size float maps
+# masks resized at once by the instance inference: at most this many ...
 RESIZE_CHUNK = 16
+# ... and at most this many elements per full-size float32 temporary (128 MiB): large outputs go one mask at a time
+RESIZE_ELEMENTS = 2**25
+# full-size bool masks the instance inference keeps between scoring and painting (256 MiB); beyond, it resizes the
+# painted masks a second time rather than holding N masks of the output size
+INSTANCE_MASK_BYTES = 2**28
+# bool entries counted at once (their int64 copy: 32 MiB)
+COUNT_BLOCK_ELEMENTS = 2**22
 # elements of one temporary of the semantic inference's row bands (queries x band rows x output width)
 SEMANTIC_BAND_ELEMENTS = 2**23
 # FC-CLIP's log(p + 1e-8) before its inference softmax
 FCCLIP_LOG_EPSILON = 1e-8
 
+# what each model output must look like (B images, Q queries, K classes)
+OUTPUT_SHAPES = {
+    "class_queries_logits": "(batch, queries, classes + 1)",
+    "masks_queries_logits": "(batch, queries, height, width)",
+    "clip_class_logits": "(batch, queries, classes)",
+    "iou_scores": "(batch, queries)",
+}
+
+_short_repr = reprlib.Repr()
+_short_repr.maxstring, _short_repr.maxother, _short_repr.maxlist = 40, 40, 6
+
+
+def _describe(value) -> str:
+    """`type value` for error messages, shortened (a hostile value may be huge)."""
+    return f"{type(value).__name__} {_short_repr.repr(value)}"
+
 
 def check_ensemble_weight(value, name: str) -> float:
-    """MASE / geometric-ensemble weights are exponents of a geometric mean: a number in [0, 1]."""
+    """MASE / geometric-ensemble weights are exponents of a geometric mean: a number in [0, 1] (else `ValueError`)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1] (CLIP's weight in the ensemble), got {value!r}.")
     return float(value)
+
+
+def check_threshold(value, name: str) -> float:
+    """
+    A threshold on scores or mask probabilities: a real number in [0, 1].
+
+    Raises:
+        TypeError: `value` is not a real number (a string, None, a bool).
+        ValueError: `value` is NaN or outside [0, 1].
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1], got {_describe(value)}.")
+    number = float(value)
+    if not 0.0 <= number <= 1.0:  # also refuses NaN
+        raise ValueError(f"{name} must be in [0, 1] (it is compared with probabilities), got {value!r}.")
+    return number
+
+
+def check_flag(value, name: str) -> bool:
+    """`True` or `False` (numpy's bools too); anything else, truthy or not, raises `TypeError`."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {_describe(value)}.")
+
+
+def _check_positive_int(value, name: str) -> int:
+    """An int >= 1 (numpy ints too): `TypeError` for a float, a bool or a string, `ValueError` below 1."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {_describe(value)}.")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}.")
+    return int(value)
+
+
+def _class_ids(ids, name: str, num_classes: int) -> list[int] | None:
+    """
+    `ids` (an iterable of ints, or an integer tensor / array) as a list of class ids of outputs with `num_classes`
+    classes; None stays None.
+
+    Raises:
+        TypeError: `ids` is not an iterable of ints (a string, a single int, a float id, a bool id).
+        ValueError: an id is negative or >= `num_classes` (the vocabulary is not the one the model was run with).
+    """
+    if ids is None:
+        return None
+    if torch.is_tensor(ids) or isinstance(ids, np.ndarray):
+        if isinstance(ids, np.ndarray):
+            is_integer = ids.dtype.kind in "iu"
+        else:
+            is_integer = not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+        if not is_integer:
+            raise TypeError(f"{name} must hold integer class ids, got a {ids.dtype} array.")
+        if ids.ndim == 0:
+            raise TypeError(f"{name} must be a list of class ids (ints), e.g. [0, 3], got a single id {ids.item()}: wrap it in a list.")
+        if ids.ndim > 1:
+            raise ValueError(f"{name} must be a flat list of class ids, got shape {tuple(ids.shape)}.")
+        values = ids.tolist()
+    elif isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+        raise TypeError(f"{name} must be a list of class ids (ints), e.g. [0, 3], got {_describe(ids)}.")
+    else:
+        values = list(ids)
+    checked = []
+    for value in values:
+        if torch.is_tensor(value) and value.dim() == 0 and not (value.is_floating_point() or value.dtype == torch.bool):
+            value = value.item()
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} holds {_describe(value)}, which is not a class id: ids are ints from 0 to K - 1.")
+        if not 0 <= value < num_classes:
+            raise ValueError(
+                f"{name} holds class id {int(value)}, but the outputs have {num_classes} classes (ids 0 to {num_classes - 1}): "
+                "pass the ids of the vocabulary the model was run with."
+            )
+        checked.append(int(value))
+    return checked
+
+
+def _seen_mask(seen_mask, num_classes: int, device) -> torch.Tensor | None:
+    """
+    `seen_mask` as a `(K,)` bool tensor on `device` (bool, or integers 0 / 1, as FC-CLIP's category_overlapping_mask);
+    None stays None.
+
+    Raises:
+        TypeError: not a tensor, array or list of bools / 0-1 ints (a float tensor included).
+        ValueError: not 1-D, values other than 0 / 1, or a length other than the outputs' class count K.
+    """
+    if seen_mask is None:
+        return None
+    if isinstance(seen_mask, (list, tuple, np.ndarray)):
+        try:
+            seen_mask = torch.as_tensor(seen_mask)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"seen_mask must be a bool tensor of shape (K,), got {_describe(seen_mask)}.") from error
+    if not torch.is_tensor(seen_mask):
+        raise TypeError(f"seen_mask must be a bool tensor of shape (K,), got {_describe(seen_mask)}.")
+    if seen_mask.is_floating_point() or seen_mask.is_complex():
+        raise TypeError(f"seen_mask must be a bool tensor (True = class of the training vocabulary), got dtype {seen_mask.dtype}.")
+    if seen_mask.dim() != 1:
+        raise ValueError(f"seen_mask must have shape (K,), one entry per class, got shape {tuple(seen_mask.shape)}.")
+    if seen_mask.dtype != torch.bool:
+        if bool(((seen_mask != 0) & (seen_mask != 1)).any()):
+            raise ValueError("seen_mask must hold only True / False (or 1 / 0).")
+        seen_mask = seen_mask != 0
+    if seen_mask.shape[0] != num_classes:
+        raise ValueError(
+            f"seen_mask has {seen_mask.shape[0]} entries (a vocabulary of {seen_mask.shape[0]} classes), but the outputs "
+            f"have {num_classes} classes (class_queries_logits has {num_classes + 1} columns, void last): post-process "
+            "with the vocabulary the model was run with."
+        )
+    return seen_mask.to(device)
+
+
+@dataclass
+class ModelPredictions:
+    """
+    The model outputs post-processing reads, checked by `read_outputs` (B images, Q queries, K classes):
+    `class_queries_logits` `(B, Q, K + 1)`, `masks_queries_logits` `(B, Q, h, w)` (None when not needed),
+    `clip_class_logits` `(B, Q, K)` and `iou_scores` `(B, Q)` (each None when the model gave none).
+    """
+
+    class_queries_logits: torch.Tensor
+    masks_queries_logits: torch.Tensor | None
+    clip_class_logits: torch.Tensor | None
+    iou_scores: torch.Tensor | None
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_queries_logits.shape[-1] - 1
+
+
+def read_outputs(outputs, with_masks: bool = True) -> ModelPredictions:
+    """
+    The tensors of `PosSAMForPanopticSegmentation`'s output (or any object or dict with the same names), checked.
+
+    Raises:
+        TypeError: `outputs` lacks `class_queries_logits` (or `masks_queries_logits` when `with_masks`), or one of
+            them is not a floating-point tensor.
+        ValueError: a tensor of the wrong number of dimensions, batch or query counts that differ between tensors,
+            CLIP logits with another class count, NaN or infinite values, IoU scores outside [0, 1].
+    """
+    if isinstance(outputs, ModelPredictions):
+        return outputs
+    if outputs is None or isinstance(outputs, (str, bytes, tuple, list, torch.Tensor, np.ndarray)):
+        raise TypeError(
+            f"outputs must be the output of PosSAMForPanopticSegmentation (model(...) with return_dict=True), got {_describe(outputs)}."
+        )
+    tensors = {}
+    required = ("class_queries_logits", "masks_queries_logits") if with_masks else ("class_queries_logits",)
+    for name in OUTPUT_SHAPES:
+        if name == "masks_queries_logits" and not with_masks:
+            continue
+        value = outputs.get(name) if isinstance(outputs, Mapping) else getattr(outputs, name, None)
+        if value is None:
+            if name in required:
+                raise TypeError(
+                    f"outputs has no {name}: pass the output of PosSAMForPanopticSegmentation (not of PosSAMModel), got {type(outputs).__name__}."
+                )
+            continue
+        if not torch.is_tensor(value) or not value.is_floating_point():
+            kind = f"a {value.dtype} tensor" if torch.is_tensor(value) else _describe(value)
+            raise TypeError(f"outputs.{name} must be a floating-point tensor of shape {OUTPUT_SHAPES[name]}, got {kind}.")
+        expected_dims = OUTPUT_SHAPES[name].count(",") + 1
+        if value.dim() != expected_dims:
+            raise ValueError(f"outputs.{name} must have shape {OUTPUT_SHAPES[name]}, got {tuple(value.shape)}.")
+        tensors[name] = value
+    class_logits = tensors["class_queries_logits"]
+    batch_queries = tuple(class_logits.shape[:2])
+    if class_logits.shape[-1] < 2:
+        raise ValueError(
+            f"outputs.class_queries_logits has {class_logits.shape[-1]} column(s): it needs one per class (at least one) plus void."
+        )
+    for name, value in tensors.items():
+        if tuple(value.shape[:2]) != batch_queries:
+            raise ValueError(
+                f"outputs.{name} has shape {tuple(value.shape)}, whose (batch, queries) differ from class_queries_logits' "
+                f"{batch_queries}: all outputs must come from one forward pass."
+            )
+    clip_logits = tensors.get("clip_class_logits")
+    if clip_logits is not None and clip_logits.shape[-1] != class_logits.shape[-1] - 1:
+        raise ValueError(
+            f"outputs.clip_class_logits scores {clip_logits.shape[-1]} classes but class_queries_logits "
+            f"{class_logits.shape[-1] - 1} (plus void): both must come from one vocabulary."
+        )
+    masks = tensors.get("masks_queries_logits")
+    if masks is not None and 0 in masks.shape[-2:]:
+        raise ValueError(f"outputs.masks_queries_logits has shape {tuple(masks.shape)}: masks need at least 1 x 1 pixels.")
+    for name, value in tensors.items():
+        # NaN would propagate to every score and mask it touches: refuse it rather than segment garbage
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"outputs.{name} contains NaN or infinite values: the model's output is invalid (an overflow in half "
+                "precision, or corrupt weights?); post-processing needs finite logits."
+            )
+    iou = tensors.get("iou_scores")
+    if iou is not None and iou.numel() and not (0 <= float(iou.min()) and float(iou.max()) <= 1):
+        raise ValueError(f"outputs.iou_scores must be predicted IoUs in [0, 1], got values in [{float(iou.min())}, {float(iou.max())}].")
+    return ModelPredictions(class_logits, masks, clip_logits, iou)
 
 
 def class_scores(
@@ -50,22 +280,30 @@ def class_scores(
     """
     Returns `(scores, is_void)`: `(B, Q, K)` class scores and `(B, Q)` bool void flags (rules in the module doc).
     `seen_mask` `(K,)` defaults to all classes seen; `alpha` / `beta` weigh CLIP on seen / unseen classes.
+
+    Raises:
+        TypeError: `use_mase` not a bool, `seen_mask` or `outputs` of the wrong type (see `read_outputs`).
+        ValueError: `alpha` / `beta` not numbers in [0, 1], `seen_mask` of another length than the outputs' K,
+            invalid outputs (see `read_outputs`).
     """
     alpha, beta = check_ensemble_weight(alpha, "mase_alpha"), check_ensemble_weight(beta, "mase_beta")
-    logits = outputs.class_queries_logits.float()
+    use_mase = check_flag(use_mase, "use_mase")
+    predictions = read_outputs(outputs, with_masks=False)
+    logits = predictions.class_queries_logits.float()
     num_classes = logits.shape[-1] - 1
+    seen_mask = _seen_mask(seen_mask, num_classes, logits.device)
     void_prob = logits.softmax(-1)[..., num_classes]
     ldp_probs = logits[..., :num_classes].softmax(-1)
     if seen_mask is None:
         seen_mask = torch.ones(num_classes, dtype=torch.bool, device=logits.device)
-    clip_logits = getattr(outputs, "clip_class_logits", None)
+    clip_logits = predictions.clip_class_logits
     if not use_mase:
         if clip_logits is None:
             ensemble = ldp_probs
         else:
             ensemble = mask_aware_selective_ensemble(ldp_probs, clip_logits.float().softmax(-1), None, seen_mask, alpha, beta)
         return _fcclip_class_probabilities(ensemble, void_prob)
-    iou = outputs.iou_scores.float() if getattr(outputs, "iou_scores", None) is not None else None
+    iou = predictions.iou_scores.float() if predictions.iou_scores is not None else None
     if clip_logits is None:
         ensemble = ldp_probs * iou.unsqueeze(-1) if iou is not None else ldp_probs
     else:
@@ -99,13 +337,66 @@ def _resize_last_axis(values: torch.Tensor, steps: list[tuple[int, int | None]])
     return values
 
 
+def _count_true(binary: torch.Tensor) -> torch.Tensor:
+    """
+    `(N, H, W)` bool -> `(N,)` int64 number of True entries, a block of columns at a time: summing a bool tensor at
+    once first converts all of it to int64 (8 bytes per pixel, 512 MiB for one 8192 x 8192 mask).
+    """
+    flat = binary.flatten(1)
+    block = max(1, COUNT_BLOCK_ELEMENTS // max(flat.shape[0], 1))
+    counts = flat.new_zeros(flat.shape[0], dtype=torch.int64)
+    for first in range(0, flat.shape[1], block):
+        counts += flat[:, first : first + block].sum(-1)
+    return counts
+
+
+def _pixel_count(value, where: str) -> int:
+    """One side of a size: an int >= 1, or a float holding one (a float tensor of sizes); errors name `where`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where} must hold two ints (height, width), got {_describe(value)} in it.")
+    if not isinstance(value, numbers.Integral):
+        number = float(value)
+        if not math.isfinite(number) or number != int(number):
+            raise ValueError(f"{where} must hold whole numbers of pixels, got {value!r}.")
+        value = int(number)
+    if value < 1:
+        raise ValueError(f"{where} must hold sizes of at least 1 pixel, got {int(value)}.")
+    return int(value)
+
+
 def _sizes(values, batch_size: int, name: str) -> list[tuple[int, int] | None]:
+    """
+    `values`: None, or one `(height, width)` per image (a list / tuple of pairs, or a `(batch, 2)` tensor or array).
+
+    Raises:
+        TypeError: not a sequence of pairs (a single pair for one image included: wrap it in a list) or sizes that
+            are not numbers.
+        ValueError: a count other than `batch_size`, a pair of another length, a tensor of another shape, sizes < 1
+            or fractional.
+    """
     if values is None:
         return [None] * batch_size
-    values = [tuple(int(v) for v in size) for size in (values.tolist() if torch.is_tensor(values) else values)]
-    if len(values) != batch_size:
-        raise ValueError(f"{name} needs one (height, width) per image: {batch_size} images, got {len(values)}.")
-    return values
+    if torch.is_tensor(values) or isinstance(values, np.ndarray):
+        if values.ndim != 2 or values.shape[-1] != 2:
+            raise ValueError(f"{name} must have shape (batch, 2), one (height, width) row per image, got shape {tuple(values.shape)}.")
+        rows = values.tolist()
+    elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
+        rows = list(values)
+    else:
+        raise TypeError(f"{name} must be a list of (height, width) pairs, one per image, got {_describe(values)}.")
+    sizes = []
+    for position, size in enumerate(rows):
+        where = f"{name}[{position}]"
+        if torch.is_tensor(size) or isinstance(size, np.ndarray):
+            size = size.tolist()
+        if not isinstance(size, Sequence) or isinstance(size, (str, bytes)):
+            raise TypeError(f"{where} must be a (height, width) pair, got {_describe(size)}: {name} takes one pair per image, e.g. [(480, 640)].")
+        if len(size) != 2:
+            raise ValueError(f"{where} must be a (height, width) pair, got {len(size)} values: {_short_repr.repr(size)}.")
+        sizes.append((_pixel_count(size[0], where), _pixel_count(size[1], where)))
+    if len(sizes) != batch_size:
+        raise ValueError(f"{name} needs one (height, width) per image: {batch_size} images, got {len(sizes)}.")
+    return sizes
 
 
 class PosSAMPostProcessingMixin:
@@ -139,6 +430,12 @@ class PosSAMPostProcessingMixin:
                 masks = masks[:, : crop_to[0], : crop_to[1]]
         return masks
 
+    def _masks_per_chunk(self, mask_size: tuple[int, int], reshaped_size, target_size) -> int:
+        """How many masks `_masks_to_target` may resize at once: `RESIZE_CHUNK`, fewer when a full-size map is large."""
+        sizes = [mask_size] + [size for size, _ in self._resize_steps(reshaped_size, target_size)]
+        largest = max(height * width for height, width in sizes)
+        return max(1, min(RESIZE_CHUNK, RESIZE_ELEMENTS // largest))
+
     def _resampling(self, mask_size, reshaped_size, target_size, device) -> tuple[AxisResampling, AxisResampling]:
         """`_resize_steps` per axis, as banded linear maps (rows, cols) for the panoptic assignment."""
         steps = self._resize_steps(reshaped_size, target_size)
@@ -149,15 +446,30 @@ class PosSAMPostProcessingMixin:
         return rows, cols
 
     def _prepare(self, outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, mase_alpha, mase_beta):
-        batch_size = outputs.masks_queries_logits.shape[0]
+        """
+        Checks the arguments every post-processor shares and scores the classes. Returns `(predictions, scores
+        (B, Q, K), is_void (B, Q), target sizes, reshaped sizes)` (sizes: one `(height, width)` or None per image).
+        """
+        predictions = read_outputs(outputs)
+        batch_size = predictions.masks_queries_logits.shape[0]
+        targets = _sizes(target_sizes, batch_size, "target_sizes")
+        reshaped = _sizes(reshaped_input_sizes, batch_size, "reshaped_input_sizes")
+        padded = self._padded_size()
+        for position, size in enumerate(reshaped):
+            # cropping "to" a size beyond the padding would silently keep the whole padded map
+            if size is not None and (size[0] > padded[0] or size[1] > padded[1]):
+                raise ValueError(
+                    f"reshaped_input_sizes[{position}] = {size} is larger than the padded input {padded}: it is the resized "
+                    "image's size inside the padding, as the image processor returns it in reshaped_input_sizes."
+                )
         scores, is_void = class_scores(
-            outputs,
+            predictions,
             seen_mask=seen_mask,
             use_mase=use_mase,
             alpha=self.mase_alpha if mase_alpha is None else mase_alpha,
             beta=self.mase_beta if mase_beta is None else mase_beta,
         )
-        return scores, is_void, _sizes(target_sizes, batch_size, "target_sizes"), _sizes(reshaped_input_sizes, batch_size, "reshaped_input_sizes")
+        return predictions, scores, is_void, targets, reshaped
 
     def post_process_panoptic_segmentation(
         self,
@@ -187,11 +499,23 @@ class PosSAMPostProcessingMixin:
 
         Returns per image `{"segmentation": (H, W) int32 segment ids (0 = no segment), "segments_info": [{"id",
         "label_id", "was_fused", "score"}]}`.
+
+        Raises:
+            TypeError: a threshold that is not a number, `use_mase` not a bool, `label_ids_to_fuse` not a list of
+                ints, sizes / `seen_mask` / `outputs` of the wrong type.
+            ValueError: a threshold outside [0, 1] or NaN, a class id outside the outputs' K classes, a `seen_mask`
+                of another length than K, sizes < 1 or of another count than the batch, a reshaped size beyond the
+                padding, outputs that disagree on the batch or contain NaN.
         """
-        scores, is_void, targets, reshaped = self._prepare(outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, mase_alpha, mase_beta)
-        fuse = set(int(i) for i in label_ids_to_fuse) if label_ids_to_fuse is not None else set()
+        threshold = check_threshold(threshold, "threshold")
+        mask_threshold = check_threshold(mask_threshold, "mask_threshold")
+        overlap_mask_area_threshold = check_threshold(overlap_mask_area_threshold, "overlap_mask_area_threshold")
+        predictions, scores, is_void, targets, reshaped = self._prepare(
+            outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, mase_alpha, mase_beta
+        )
+        fuse = set(_class_ids(label_ids_to_fuse, "label_ids_to_fuse", predictions.num_classes) or ())
         results = []
-        for index, mask_logits in enumerate(outputs.masks_queries_logits):
+        for index, mask_logits in enumerate(predictions.masks_queries_logits):
             query_scores, query_labels = scores[index].max(-1)
             keep = (~is_void[index]) & (query_scores > threshold)
             rows, cols = self._resampling(tuple(mask_logits.shape[-2:]), reshaped[index], targets[index], mask_logits.device)
@@ -243,12 +567,18 @@ class PosSAMPostProcessingMixin:
 
         Memory stays bounded: the output is computed in bands of rows (`SEMANTIC_BAND_ELEMENTS` per temporary), each
         band's logits resized with the same bilinear weights as `F.interpolate`, so neither Q full-size masks nor K
-        full-size class maps ever exist. Returns per image an `(H, W)` int64 map of class ids.
+        full-size class maps ever exist. Returns per image an `(H, W)` int64 map of class ids (as transformers'
+        semantic post-processors); with no query at all every pixel gets class 0 (all class sums are 0).
+
+        Raises:
+            TypeError / ValueError: as `post_process_panoptic_segmentation`, for the arguments shared with it.
         """
-        scores, _, targets, reshaped = self._prepare(outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, mase_alpha, mase_beta)
+        predictions, scores, _, targets, reshaped = self._prepare(
+            outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, mase_alpha, mase_beta
+        )
         return [
             self._semantic_labels(mask_logits.float(), scores[index], reshaped[index], targets[index]).cpu()
-            for index, mask_logits in enumerate(outputs.masks_queries_logits)
+            for index, mask_logits in enumerate(predictions.masks_queries_logits)
         ]
 
     def _semantic_labels(self, mask_logits: torch.Tensor, scores: torch.Tensor, reshaped_size, target_size) -> torch.Tensor:
@@ -290,55 +620,122 @@ class PosSAMPostProcessingMixin:
         mase_beta: float | None = None,
     ) -> list[dict]:
         """
-        FC-CLIP instance inference: the top `num_top_instances` (query, class) pairs over the whole Q x K score matrix,
-        then only those of `thing_label_ids` (when given: FC-CLIP's panoptic-on branch), binary masks = resized
-        logits > 0, score = class score * mean mask probability inside the mask, kept above `threshold` (a pair
-        with an empty mask scores 0). Returns per image `{"segmentation": (H, W) int32 (0 = none; higher
-        scores painted last), "segments_info": [{"id", "label_id", "was_fused", "score"}]}` and, with
-        `return_binary_maps`, `"binary_masks"` `(N, H, W)` bool in `segments_info` order.
+        FC-CLIP instance inference: the top `num_top_instances` (query, class) pairs over the whole Q x K score matrix
+        (all of them when there are fewer), then only those of `thing_label_ids` (when given: FC-CLIP's panoptic-on
+        branch; an empty list keeps none), binary masks = resized logits > 0, score = class score * mean mask
+        probability inside the mask, kept above `threshold` (a pair with an empty mask scores 0). Returns per image
+        `{"segmentation": (H, W) int32 (0 = none; higher scores painted last), "segments_info": [{"id", "label_id",
+        "was_fused", "score"}]}` and, with `return_binary_maps`, `"binary_masks"` `(N, H, W)` bool in
+        `segments_info` order (no instance: `segments_info` is empty and `binary_masks` has shape `(0, H, W)`).
+
+        Memory stays bounded: masks are resized a few at a time (one at a time for large outputs, `RESIZE_ELEMENTS`)
+        and the segmentation is painted query by query; only `return_binary_maps` holds N full-size masks (the
+        result itself).
+
+        Raises:
+            TypeError: `num_top_instances` not an int, `return_binary_maps` not a bool, `thing_label_ids` not a
+                list of ints, and as `post_process_panoptic_segmentation`.
+            ValueError: `num_top_instances` < 1, a thing id outside the outputs' K classes, and as
+                `post_process_panoptic_segmentation`.
         """
-        scores, _, targets, reshaped = self._prepare(outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, mase_alpha, mase_beta)
+        threshold = check_threshold(threshold, "threshold")
+        num_top_instances = _check_positive_int(num_top_instances, "num_top_instances")
+        return_binary_maps = check_flag(return_binary_maps, "return_binary_maps")
+        predictions, scores, _, targets, reshaped = self._prepare(
+            outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, mase_alpha, mase_beta
+        )
+        thing_ids = _class_ids(thing_label_ids, "thing_label_ids", predictions.num_classes)
+        return [
+            self._instances(mask_logits, scores[index], thing_ids, threshold, num_top_instances, reshaped[index], targets[index], return_binary_maps)
+            for index, mask_logits in enumerate(predictions.masks_queries_logits)
+        ]
+
+    def _instances(
+        self,
+        mask_logits: torch.Tensor,
+        scores: torch.Tensor,
+        thing_ids: list[int] | None,
+        threshold: float,
+        num_top_instances: int,
+        reshaped_size,
+        target_size,
+        return_binary_maps: bool,
+    ) -> dict:
+        """One image of `post_process_instance_segmentation`: `(Q, h, w)` mask logits, `(Q, K)` class scores."""
         num_classes = scores.shape[-1]
-        results = []
-        for index, mask_logits in enumerate(outputs.masks_queries_logits):
-            # FC-CLIP's order: the top `num_top_instances` of all (query, class) pairs, *then* only thing classes
-            # (filtering first would give more thing detections than FC-CLIP and bias AP)
-            flat = scores[index]
-            top_scores, top_index = flat.flatten().topk(min(num_top_instances, flat.numel()))
-            queries, labels = top_index // num_classes, top_index % num_classes
-            if thing_label_ids is not None:
-                is_thing = torch.zeros(num_classes, dtype=torch.bool, device=flat.device)
-                is_thing[list(thing_label_ids)] = True
-                selected = is_thing[labels]
-                top_scores, queries, labels = top_scores[selected], queries[selected], labels[selected]
-            # each selected query's mask once (a query can hold several top classes), resized a few at a time;
-            # only the bool masks are kept at full size
-            unique_queries, mask_of_pair = torch.unique(queries, return_inverse=True)
-            binaries, unique_scores = [], []
-            for first in range(0, len(unique_queries), RESIZE_CHUNK):
-                masks = self._masks_to_target(mask_logits[unique_queries[first : first + RESIZE_CHUNK]].float(), reshaped[index], targets[index])
-                binary = masks > 0
-                unique_scores.append((masks.sigmoid() * binary).flatten(1).sum(-1) / (binary.flatten(1).sum(-1) + 1e-6))
-                binaries.append(binary)
-            if binaries:
-                unique_binary, unique_scores = torch.cat(binaries), torch.cat(unique_scores)
-            else:
-                size = targets[index] or reshaped[index] or tuple(mask_logits.shape[-2:])
-                unique_binary, unique_scores = torch.zeros(0, *size, dtype=torch.bool, device=mask_logits.device), top_scores.new_zeros(0)
-            final_scores = top_scores * unique_scores[mask_of_pair]
-            keep = (final_scores > threshold) & unique_binary.flatten(1).any(-1)[mask_of_pair]
-            order = torch.nonzero(keep).flatten()
-            order = order[final_scores[order].argsort(descending=True)]
-            binary = unique_binary[mask_of_pair[order]]  # (N, H, W) in output order
-            height, width = unique_binary.shape[-2:]
-            segmentation = torch.zeros(height, width, dtype=torch.int32, device=mask_logits.device)
-            segments_info = []
-            for rank, item in enumerate(order.tolist()):
-                segments_info.append({"id": rank + 1, "label_id": int(labels[item]), "was_fused": False, "score": round(float(final_scores[item]), 6)})
-            for rank in reversed(range(len(order))):  # paint low scores first so high scores stay on top
-                segmentation[binary[rank]] = rank + 1
-            result = {"segmentation": segmentation.cpu(), "segments_info": segments_info}
-            if return_binary_maps:
-                result["binary_masks"] = binary.cpu()
-            results.append(result)
-        return results
+        # FC-CLIP's order: the top `num_top_instances` of all (query, class) pairs, *then* only thing classes
+        # (filtering first would give more thing detections than FC-CLIP and bias AP)
+        top_scores, top_index = scores.flatten().topk(min(num_top_instances, scores.numel()))
+        queries, labels = top_index // num_classes, top_index % num_classes
+        if thing_ids is not None:
+            is_thing = torch.zeros(num_classes, dtype=torch.bool, device=scores.device)
+            is_thing[torch.tensor(thing_ids, dtype=torch.long, device=scores.device)] = True
+            selected = is_thing[labels]
+            top_scores, queries, labels = top_scores[selected], queries[selected], labels[selected]
+        # a query can hold several selected pairs (several top classes): its mask is resized once per pass
+        unique_queries, mask_of_pair = torch.unique(queries, return_inverse=True)
+        height, width = target_size or reshaped_size or tuple(mask_logits.shape[-2:])
+        chunk = self._masks_per_chunk(tuple(mask_logits.shape[-2:]), reshaped_size, target_size)
+
+        def resized(slots: list[int]) -> torch.Tensor:
+            """`(n, H, W)` float32 logits of the unique queries `slots`, resized to the output."""
+            # indexing copies: the result never shares memory with the outputs, so callers may modify it in place
+            return self._masks_to_target(mask_logits[unique_queries[slots]].float(), reshaped_size, target_size)
+
+        # pass 1: each query's mean probability inside its binary mask, and the mask's area
+        keep_binaries = len(unique_queries) * height * width <= INSTANCE_MASK_BYTES
+        mask_scores, mask_areas, kept_binaries = [], [], []
+        for first in range(0, len(unique_queries), chunk):
+            logits = resized(list(range(first, min(first + chunk, len(unique_queries)))))
+            binary = logits > 0
+            area = _count_true(binary)
+            # sigmoid(x) * binary in place (`resized` returns a new tensor): x * 1 == x and x * 0 == 0 exactly
+            inside_sum = logits.sigmoid_().masked_fill_(~binary, 0).flatten(1).sum(-1)
+            del logits  # freed before the next chunk is resized: one chunk of float maps at a time
+            mask_scores.append(inside_sum / (area + 1e-6))
+            mask_areas.append(area)
+            if keep_binaries:
+                kept_binaries.append(binary)
+        if mask_scores:
+            mask_score, mask_area = torch.cat(mask_scores), torch.cat(mask_areas)
+        else:
+            mask_score, mask_area = top_scores.new_zeros(0), torch.zeros(0, dtype=torch.long, device=scores.device)
+        final_scores = top_scores * mask_score[mask_of_pair]
+        keep = (final_scores > threshold) & (mask_area[mask_of_pair] > 0)
+        order = torch.nonzero(keep).flatten()
+        order = order[final_scores[order].argsort(descending=True)]  # pair indices, best first
+        segments_info = [
+            {"id": rank + 1, "label_id": int(labels[pair]), "was_fused": False, "score": round(float(final_scores[pair]), 6)}
+            for rank, pair in enumerate(order.tolist())
+        ]
+
+        # pass 2: paint. Painting every pair from the last rank to the first leaves each pixel its best rank; pairs of
+        # one query share its mask, so painting each query once with its best rank, worst first, gives the same map
+        device = mask_logits.device
+        segmentation = torch.zeros(height, width, dtype=torch.int32, device=device)
+        binary_masks = torch.empty(len(order), height, width, dtype=torch.bool, device=device) if return_binary_maps else None
+        ranks_of_slot: dict[int, list[int]] = {}
+        for rank, slot in enumerate(mask_of_pair[order].tolist()):
+            ranks_of_slot.setdefault(slot, []).append(rank)
+        slots_worst_first = sorted(ranks_of_slot, key=lambda slot: ranks_of_slot[slot][0], reverse=True)
+
+        def painted_binaries():
+            """`(slot, (H, W) bool mask)` of each painted query, worst best-rank first."""
+            if keep_binaries:  # pass 1's masks: chunk `slot // chunk`, row `slot % chunk` (views, no copy)
+                for slot in slots_worst_first:
+                    yield slot, kept_binaries[slot // chunk][slot % chunk]
+                return
+            # resized again, a chunk at a time, rather than N full-size masks held since pass 1
+            for first in range(0, len(slots_worst_first), chunk):
+                part = slots_worst_first[first : first + chunk]
+                yield from zip(part, resized(part) > 0)  # the float maps are freed by the comparison
+
+        for slot, binary in painted_binaries():
+            segmentation.masked_fill_(binary, ranks_of_slot[slot][0] + 1)
+            if binary_masks is not None:
+                for rank in ranks_of_slot[slot]:
+                    binary_masks[rank] = binary
+        result = {"segmentation": segmentation.cpu(), "segments_info": segments_info}
+        if binary_masks is not None:
+            result["binary_masks"] = binary_masks.cpu()
+        return result

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-import torch
+from .io import load_weights_file
 
 __all__ = ["convert_fcclip_decoder", "FCCLIP_DROPPED_PREFIXES"]
 
@@ -75,7 +75,7 @@ def _apply(rules, key: str) -> str | None:
 def convert_fcclip_decoder(state_dict: dict) -> tuple[dict, dict, list[str]]:
     """
     Returns (decoder state dict with keys relative to `PosSAMModel` — `pixel_decoder.*`, `transformer_module.*` —,
-    open_clip state dict of the stored CLIP or {}, dropped keys). Any other key raises KeyError.
+    open_clip state dict of the stored CLIP or {}, dropped keys). Any other key raises ValueError.
     """
     decoder, clip, dropped = {}, {}, []
     for key, value in state_dict.items():
@@ -86,7 +86,7 @@ def convert_fcclip_decoder(state_dict: dict) -> tuple[dict, dict, list[str]]:
         elif key.startswith("sem_seg_head.pixel_decoder."):
             new_key = _apply(_PIXEL_DECODER, key[len("sem_seg_head.pixel_decoder."):])
             if new_key is None:
-                raise KeyError(f"Unexpected FC-CLIP pixel-decoder key {key}")
+                raise ValueError(f"Unexpected FC-CLIP pixel-decoder key {key}: not an FC-CLIP / Mask2Former detectron2 checkpoint.")
             decoder[f"pixel_decoder.{new_key}"] = value
         elif key.startswith("sem_seg_head.predictor."):
             rest = key[len("sem_seg_head.predictor."):]
@@ -98,14 +98,13 @@ def convert_fcclip_decoder(state_dict: dict) -> tuple[dict, dict, list[str]]:
                 continue
             new_key = _apply(_PREDICTOR, rest)
             if new_key is None:
-                raise KeyError(f"Unexpected FC-CLIP predictor key {key}")
+                raise ValueError(f"Unexpected FC-CLIP predictor key {key}: not an FC-CLIP / Mask2Former detectron2 checkpoint.")
             decoder[f"transformer_module.{new_key}"] = value
         else:
-            raise KeyError(f"Unexpected FC-CLIP key {key}: not an FC-CLIP / Mask2Former detectron2 checkpoint.")
+            raise ValueError(f"Unexpected FC-CLIP key {key}: not an FC-CLIP / Mask2Former detectron2 checkpoint.")
     return decoder, clip, dropped
 
 
 def load_fcclip_checkpoint(path) -> dict:
-    """detectron2 checkpoints wrap the weights in {"model": ...}; read with weights_only=True."""
-    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    return checkpoint["model"] if isinstance(checkpoint, dict) and "model" in checkpoint else checkpoint
+    """An FC-CLIP detectron2 checkpoint (`{"model": ...}` unwrapped), read with `weights_only=True`."""
+    return load_weights_file(path, "FC-CLIP checkpoint")

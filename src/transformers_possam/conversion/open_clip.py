@@ -83,9 +83,9 @@ def convert_open_clip(state_dict: dict) -> dict:
                         converted[prefix + new + rest[len(old):]] = value
                         break
                 else:
-                    raise KeyError(f"Unexpected open_clip text key {key}")
+                    raise ValueError(f"Unexpected open_clip text key {key}: not a ConvNeXt-CLIP checkpoint this converter knows.")
         elif key == "attn_mask":
             continue  # open_clip's causal-mask buffer; CLIPTextModel builds its own
         else:
-            raise KeyError(f"Unexpected open_clip key {key}: not a ConvNeXt-CLIP checkpoint this converter knows.")
+            raise ValueError(f"Unexpected open_clip key {key}: not a ConvNeXt-CLIP checkpoint this converter knows.")
     return converted

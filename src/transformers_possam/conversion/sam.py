@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-import torch
 from transformers import SamVisionConfig
+
+from .io import load_weights_file
 
 __all__ = ["convert_sam_image_encoder", "infer_sam_vision_config", "SAM_KEY_MAP"]
 
@@ -36,12 +37,19 @@ def infer_sam_vision_config(state_dict: dict) -> SamVisionConfig:
     (2 * window - 1 rows for windowed blocks, 2 * grid - 1 for global ones), MLP width, neck channels.
     """
     state_dict = _image_encoder_only(state_dict)
+    required = ("patch_embed.proj.weight", "pos_embed", "neck.0.weight", "blocks.0.mlp.lin1.weight")
+    missing = [key for key in required if key not in state_dict]
+    if missing:
+        raise ValueError(
+            f"Not a segment-anything image-encoder checkpoint: it lacks {missing} (its keys start with "
+            f"{sorted(state_dict)[:5]}). Pass the original SAM .pth (sam_vit_b_01ec64.pth, ...) or an HF SAM folder."
+        )
     patch = state_dict["patch_embed.proj.weight"]
     hidden_size, patch_size = patch.shape[0], patch.shape[-1]
     depth = 1 + max(int(m.group(1)) for key in state_dict if (m := re.match(r"blocks\.(\d+)\.", key)))
     grid = state_dict["pos_embed"].shape[1] if "pos_embed" in state_dict else None
     use_rel_pos = "blocks.0.attn.rel_pos_h" in state_dict
-    if grid is None:
+    if grid is None:  # (kept for clarity: pos_embed is required above)
         raise ValueError("The checkpoint has no pos_embed: cannot tell SAM's image size (use_abs_pos=False is not supported).")
     global_layers, window_size, head_dim = [], 0, None
     if use_rel_pos:
@@ -84,11 +92,5 @@ def convert_sam_image_encoder(state_dict: dict) -> tuple[dict, SamVisionConfig]:
 
 
 def load_checkpoint(path) -> dict:
-    """A `.pth` read with `weights_only=True`, or a safetensors file."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) and "model" in checkpoint else checkpoint
+    """A segment-anything / open_clip `.pth` / `.bin` (weights only) or safetensors file -> state dict."""
+    return load_weights_file(path)

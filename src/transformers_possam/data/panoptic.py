@@ -124,10 +124,27 @@ def load_category_table(path: str | Path) -> list[dict]:
             f"No category table at {path}: a local dataset folder needs {CATEGORY_TABLE_FILE} beside its shards "
             '(a JSON list of {"id", "name", "isthing"} in class-index order).'
         )
-    categories = json.loads(path.read_text())
+    form = '(a JSON list of {"id": int, "name": "synonym,synonym", "isthing": 0 or 1} in class-index order)'
+    try:
+        categories = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); it must be {form}.") from None
+    if not isinstance(categories, list) or not categories:
+        raise ValueError(f"{path} must be a non-empty JSON list {form}, got {type(categories).__name__}.")
+    seen_ids = set()
     for index, category in enumerate(categories):
-        if not {"id", "name", "isthing"} <= set(category):
-            raise ValueError(f"Category {index} of {path} needs 'id', 'name' and 'isthing'.")
+        if not isinstance(category, dict) or not {"id", "name", "isthing"} <= set(category):
+            raise ValueError(f"Category {index} of {path} needs 'id', 'name' and 'isthing' {form}, got {category!r}.")
+        identifier, name, isthing = category["id"], category["name"], category["isthing"]
+        if isinstance(identifier, bool) or not isinstance(identifier, int):
+            raise ValueError(f"Category {index} of {path}: 'id' must be an integer, got {identifier!r}.")
+        if identifier in seen_ids:
+            raise ValueError(f"Category {index} of {path}: id {identifier} appears twice.")
+        seen_ids.add(identifier)
+        if not isinstance(name, str) or not name.strip(" ,"):
+            raise ValueError(f"Category {index} of {path}: 'name' must be a non-empty string of synonyms, got {name!r}.")
+        if isthing not in (0, 1) or isinstance(isthing, float):  # True / False / 0 / 1, not "false" or 0.5
+            raise ValueError(f"Category {index} of {path}: 'isthing' must be 0 or 1 (or a JSON boolean), got {isthing!r}.")
     return categories
 
 
