@@ -237,7 +237,8 @@ BAD_IMAGES = {  # id: (images argument, text the ValueError must contain)
     "float_negative": (-np.ones((30, 40, 3), np.float32), r"Image 0 has float pixels in \[-1, -1\].*\[0, 1\] or \[0, 255\]"),
     "float_above_255": (np.full((30, 40, 3), 300.0), r"Image 0 has float pixels in \[300, 300\]"),
     "normalized_tensor": (torch.randn(3, 30, 40, generator=torch.Generator().manual_seed(0)), "Image 0 has float pixels.*not a normalized"),
-    "pil_mode_I_above_255": (Image.fromarray(np.full((30, 40), 1000, np.int32)), r"Image 0 has int32 pixels in \[1000, 1000\]"),
+    # 32-bit "I" beyond 16 bits cannot be 8- or 16-bit data (within 0..65535 it is read as 16-bit: see the PGM case)
+    "pil_mode_I_above_16_bit": (Image.fromarray(np.full((30, 40), 70000, np.int32)), r"Image 0 has int32 pixels in \[70000, 70000\]"),
 }
 
 
@@ -279,6 +280,19 @@ def dim_gray() -> np.ndarray:
     return (picture()[..., 0].astype(np.int32) * 200 // 255).astype(np.uint8)
 
 
+def sixteen_bit_pgm(gray: np.ndarray) -> Image.Image:
+    """`gray` * 257 (exactly 0..65535) as a 16-bit PGM file, reopened: Pillow gives it mode "I" (32-bit)."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(gray.astype(np.uint16) * 257).save(buffer, format="PPM")
+    buffer.seek(0)
+    image = Image.open(buffer)
+    image.load()
+    assert image.mode == "I"
+    return image
+
+
 CONVERSIONS = {  # id: (input, reference uint8 RGB picture it must equal)
     "int64_in_0_255": (picture().astype(np.int64), picture()),
     "float_integers_0_255": (picture().astype(np.float32), picture()),
@@ -292,6 +306,8 @@ CONVERSIONS = {  # id: (input, reference uint8 RGB picture it must equal)
     "bfloat16_tensor": (torch.from_numpy(picture()).permute(2, 0, 1).to(torch.bfloat16), picture()),  # 0..255 exact in bf16
     "pil_mode_I_in_0_200": (Image.fromarray(dim_gray().astype(np.int32)), np.repeat(dim_gray()[..., None], 3, axis=-1)),
     "pil_mode_F_in_0_1": (Image.fromarray(dim_gray().astype(np.float32) / 255), np.repeat(dim_gray()[..., None], 3, axis=-1)),
+    # a 16-bit PGM (Pillow: mode "I"): 16-bit data, scaled by 255 / 65535 back to the 8-bit picture exactly
+    "pil_mode_I_16bit_pgm": (sixteen_bit_pgm(picture()[..., 0]), np.repeat(picture()[..., :1], 3, axis=-1)),
 }
 
 

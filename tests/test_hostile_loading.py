@@ -41,6 +41,13 @@ class Payload:
         return (exec, (self.code,))
 
 
+def test_the_payload_is_live(tmp_path):
+    """Positive control: unpickled without restriction, the payload does write its marker."""
+    marker = tmp_path / "marker"
+    pickle.loads(pickle.dumps(Payload(marker)))  # noqa: S301 - the point of the control
+    assert marker.read_text() == "code ran"
+
+
 def plant_raw_pickle(path: Path, marker: Path) -> None:
     path.write_bytes(pickle.dumps(Payload(marker)))
 
@@ -116,8 +123,8 @@ def test_planted_pickles_never_run(copy_of, tmp_path, file, plant, rewrite_manif
     except CheckpointError as error:
         outcome = str(error)
     assert not marker.exists(), f"code ran through {file}"
-    if not rewrite_manifest and file != "custom_checkpoint_0.pkl":
-        assert file in outcome and "checkpoint-1" in outcome  # named, with the previous checkpoint suggested
+    if not rewrite_manifest:
+        assert file in outcome and "checkpoint-1" in outcome  # named (changed or unlisted), with the previous checkpoint
     if rewrite_manifest and file in ("optimizer.bin", "scheduler.json", "rng_state_0.safetensors"):
         assert outcome != "resumed" and str(checkpoint) in outcome  # a clear refusal naming the checkpoint
 
@@ -150,6 +157,37 @@ def test_damaged_checkpoints_name_the_file_and_the_previous_checkpoint(copy_of, 
     with pytest.raises(CheckpointError, match=message) as error:
         resume_in_process(checkpoint)
     assert "--resume_from_checkpoint" in str(error.value) and "checkpoint-1" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ("../../etc/hostname", "outside the checkpoint folder"),  # a planted manifest must not make us read other files
+        ("/etc/hostname", "outside the checkpoint folder"),
+        ([1, 2], "is not {'bytes': int, 'sha256': str}"),  # a malformed entry: no raw AttributeError
+    ],
+    ids=["parent-path", "absolute-path", "malformed-entry"],
+)
+def test_planted_manifest_entries_are_refused(copy_of, entry, message):
+    checkpoint = copy_of / "checkpoint-2"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    if isinstance(entry, str):
+        manifest["files"][entry] = {"bytes": 1, "sha256": "0" * 64}
+    else:
+        manifest["files"]["step.json"] = entry
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=message):
+        resume_in_process(checkpoint)
+
+
+def test_symlinked_checkpoint_files_are_refused(copy_of, tmp_path):
+    checkpoint = copy_of / "checkpoint-2"
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text((checkpoint / "step.json").read_text())
+    (checkpoint / "step.json").unlink()
+    (checkpoint / "step.json").symlink_to(outside)  # same content, but not a file of the checkpoint
+    with pytest.raises(CheckpointError, match="'step.json', which is outside the checkpoint folder"):  # the link leaves it
+        resume_in_process(checkpoint)
 
 
 def test_damaged_first_checkpoint_says_there_is_no_earlier_one(copy_of):

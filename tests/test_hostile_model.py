@@ -513,3 +513,26 @@ def test_only_shape_checks_run_while_compiling(monkeypatch, model, pixels, class
     with torch.no_grad():  # a 0/255 mask is not looked at: the forward runs
         output = model(pixels, pixel_mask=half_padded_mask() * 255, class_embeddings=class_embeddings)
     assert output.class_queries_logits.shape == (1, 8, NUM_CLASSES + 1)
+
+
+def test_processor_outputs_feed_the_model_directly(tmp_path):
+    """`model(**processor(images=..., candidate_labels=...))` works, as with SamModel: the size entries are ignored."""
+    from PIL import Image as PILImage
+
+    from transformers_possam import PosSAMForPanopticSegmentation, PosSAMProcessor
+
+    from .conftest import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "ckpt")
+    model, processor = PosSAMForPanopticSegmentation.from_pretrained(folder).eval(), PosSAMProcessor.from_pretrained(folder)
+    inputs = processor(images=PILImage.new("RGB", (60, 50)), candidate_labels=["cat", "sky"])
+    assert {"original_sizes", "reshaped_input_sizes"} <= set(inputs)
+    with torch.no_grad():
+        direct = model(**inputs)
+        explicit = model(
+            pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"], input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"], synonym_mask=inputs["synonym_mask"],
+        )
+    torch.testing.assert_close(direct.class_queries_logits, explicit.class_queries_logits)  # reference: explicit inputs
+    with pytest.raises(TypeError, match="unexpected keyword argument 'labels'.*mask_labels"):
+        model(**inputs, labels=[0])  # still refused

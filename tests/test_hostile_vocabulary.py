@@ -94,7 +94,7 @@ BAD_LABELS = [
     pytest.param([{"name": "cat", "isThing": False}], ValueError, r"unknown key\(s\) \['isThing'\]", id="key_isThing->ValueError"),
     pytest.param([{"name": "cat", "thing": True}], ValueError, r"unknown key\(s\) \['thing'\]", id="key_thing->ValueError"),
     pytest.param([{"label": "cat"}], ValueError, r"candidate_labels\[0\].*unknown key\(s\) \['label'\]", id="key_label->ValueError"),
-    pytest.param([{"id": 1, "name": "person", "isthing": 1}], ValueError, r"unknown key\(s\) \['id'\]", id="coco_category_with_id->ValueError"),
+    pytest.param([{"id": 1, "name": "person", "is_thing": 1}], ValueError, r"unknown key\(s\) \['is_thing'\]", id="coco_category_with_misspelled_flag->ValueError"),
     pytest.param([{"name": "sky", "isthing": "false"}], TypeError, r"candidate_labels\[0\]\['isthing'\] = 'false' has type str", id="isthing_str_false->TypeError"),
     pytest.param([{"name": "sky", "isthing": "true"}], TypeError, r"\['isthing'\] = 'true' has type str", id="isthing_str_true->TypeError"),
     pytest.param([{"name": "sky", "isthing": None}], TypeError, r"\['isthing'\] = None has type NoneType", id="isthing_None->TypeError"),
@@ -134,8 +134,6 @@ INDISTINCT = [
         id="NFC_vs_NFD->ValueError",
     ),
     pytest.param(["cat,kitty", "kitty, cat"], r"Duplicate label: label 1 \('kitty,cat'\) repeats label 0 \('cat,kitty'\)", id="same_synonyms_reordered->ValueError"),
-    pytest.param(["cat", "dog", "cat,kitty"], r"Duplicate synonym 'cat' in label 0 \('cat'\) and label 2 \('cat,kitty'\)", id="shared_synonym->ValueError"),
-    pytest.param(["dog,puppy", "wolf,Puppy"], r"Duplicate synonym 'Puppy' in label 0 \('dog,puppy'\) and label 1", id="shared_synonym_case->ValueError"),
 ]
 
 
@@ -143,6 +141,31 @@ INDISTINCT = [
 def test_indistinguishable_labels(candidate_labels, message):
     with pytest.raises(ValueError, match=message):
         resolve_vocabulary(candidate_labels)
+
+
+@pytest.mark.parametrize(
+    "candidate_labels,message,expected_names",
+    [
+        # a synonym shared by two classes: warned (FC-CLIP's large vocabularies have such), the vocabulary kept as given
+        (["cat", "dog", "cat,kitty"], r"Duplicate synonym 'cat' in label 0 \('cat'\) and label 2 \('cat,kitty'\)", ("cat", "dog", "cat,kitty")),
+        (["dog,puppy", "wolf,Puppy"], r"Duplicate synonym 'Puppy' in label 0 \('dog,puppy'\) and label 1", ("dog,puppy", "wolf,Puppy")),
+    ],
+    ids=["shared_synonym->UserWarning", "shared_synonym_case->UserWarning"],
+)
+def test_shared_synonyms_warn(candidate_labels, message, expected_names):
+    with pytest.warns(UserWarning, match=message):
+        vocabulary = resolve_vocabulary(candidate_labels)
+    assert vocabulary.names == expected_names
+
+
+def test_coco_category_dicts_are_accepted_as_they_are():
+    """COCO's category dicts (id, name, isthing 0/1, color, supercategory): id / color / supercategory ignored."""
+    categories = [
+        {"supercategory": "person", "color": [220, 20, 60], "isthing": 1, "id": 1, "name": "person"},
+        {"supercategory": "sky", "color": [70, 130, 180], "isthing": 0, "id": 187, "name": "sky-other-merged"},
+    ]
+    vocabulary = resolve_vocabulary(categories)
+    assert vocabulary.names == ("person", "sky-other-merged") and vocabulary.is_thing == (True, False)
 
 
 # --- accepted forms: the resolved vocabulary, written out -----------------------------------------------------------

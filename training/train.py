@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from transformers_possam import (
@@ -178,7 +178,22 @@ def resume(accelerator, checkpoint: Path, stream, scheduler) -> int:
     random generators and stream position; returns the step. Nothing is unpickled beyond `torch.load(weights_only=True)`
     of the optimizer; a damaged file is a `CheckpointError` naming it and the previous checkpoint.
     """
-    verify_manifest(checkpoint)
+    # one process reads and hashes the files; every process gets its verdict (no N-fold reads of shared storage)
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            verify_manifest(checkpoint)
+        except CheckpointError as error:
+            problem = str(error)
+    problem = broadcast_object_list([problem])[0]
+    if problem is not None:
+        raise CheckpointError(problem)
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.FSDP):
+        logger.warning(
+            "Resuming under %s: its own checkpoint loader reads the model / optimizer files, and it may unpickle them "
+            "without PyTorch's weights-only restriction. Resume only from checkpoints you wrote yourself.",
+            accelerator.distributed_type,
+        )
     try:
         accelerator.load_state(str(checkpoint))
     except Exception as error:  # noqa: BLE001 - the manifest matched, so this is a format problem: name the folder

@@ -79,29 +79,43 @@ def write_manifest(folder: Path) -> Path:
 
 
 def verify_manifest(folder: Path) -> None:
-    """Raise `CheckpointError` naming the first missing, truncated or altered file of a checkpoint (and the fix)."""
+    """
+    Raise `CheckpointError` naming the first problem of a checkpoint folder: a damaged manifest, a listed file that is
+    missing, truncated or altered, a name that leaves the folder or a symbolic link (a planted manifest must not make
+    us read other files), or a file that the manifest does not list (a planted file).
+    """
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     hint = _previous_hint(folder)
     try:
         files = json.loads(path.read_text())["files"]
-        assert isinstance(files, dict)
     except FileNotFoundError:
         raise CheckpointError(
             f"{folder} has no {MANIFEST_FILE}: it was not written by this version of training/train.py or is incomplete, "
             f"so its files cannot be checked.{hint}"
         ) from None
-    except (ValueError, KeyError, TypeError, AssertionError) as error:
-        raise CheckpointError(f"{path} is damaged ({error}).{hint}") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path} is damaged ({type(error).__name__}: {error}).{hint}") from None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path} is damaged (its 'files' entry is not a mapping).{hint}")
+    root = folder.resolve()
     for name, expected in files.items():
+        if not isinstance(expected, dict) or not isinstance(expected.get("bytes"), int) or not isinstance(expected.get("sha256"), str):
+            raise CheckpointError(f"{path} is damaged (the entry of {name!r} is not {{'bytes': int, 'sha256': str}}).{hint}")
         file = folder / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing from the checkpoint.{hint}")
+        if Path(name).is_absolute() or ".." in Path(name).parts or not file.resolve().is_relative_to(root):
+            raise CheckpointError(f"{path} names {name!r}, which is outside the checkpoint folder: refused.{hint}")
+        if file.is_symlink() or not file.is_file():
+            raise CheckpointError(f"{file} is missing from the checkpoint (or is not a regular file).{hint}")
         size = file.stat().st_size
-        if size != expected.get("bytes"):
-            raise CheckpointError(f"{file} has {size} bytes, {expected.get('bytes')} were written: it is truncated or damaged.{hint}")
-        if _sha256(file) != expected.get("sha256"):
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{file} has {size} bytes, {expected['bytes']} were written: it is truncated or damaged.{hint}")
+        if _sha256(file) != expected["sha256"]:
             raise CheckpointError(f"{file} does not match the checksum recorded when it was written: it is damaged.{hint}")
+    unlisted = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != MANIFEST_FILE
+                      and str(p.relative_to(folder)) not in files)
+    if unlisted:
+        raise CheckpointError(f"{folder} holds files its manifest does not list: {unlisted[:5]}. Remove them or resume from another checkpoint.{hint}")
 
 
 def save_scheduler(folder: Path, scheduler) -> None:
@@ -157,7 +171,8 @@ def load_rng_state(folder: Path, rank: int) -> None:
             numpy_meta["has_gauss"], numpy_meta["cached_gaussian"],
         ))
         torch.set_rng_state(tensors["torch_cpu"])
-        cuda_states = [tensors[key] for key in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        cuda_keys = sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+        cuda_states = [tensors[key] for key in cuda_keys]
         if cuda_states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_states)
     except Exception as error:  # noqa: BLE001 - any failure means the run cannot continue exactly: say which file

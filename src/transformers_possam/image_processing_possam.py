@@ -215,11 +215,26 @@ def _array_from(image: np.ndarray | torch.Tensor) -> np.ndarray:
     return image.numpy()
 
 
+def _channel_axis_candidates(shape: tuple[int, ...]) -> tuple[int, bool] | None:
+    """
+    (channel axis, ambiguous?) of an (A, B, C) array without a declared layout, by transformers' rule
+    (`infer_channel_dimension_format`: the first axis if it holds 1 or 3 values, else the last), extended to RGBA:
+    4 counts only when neither end holds 1 or 3 (so a 4-pixel-high RGB strip stays channels last). None: no end fits.
+    """
+    first, last = shape[0], shape[-1]
+    for counts in ((1, 3), (4,)):
+        if first in counts:
+            return 0, last in counts
+        if last in counts:
+            return -1, False
+    return None
+
+
 def _channels_first(array: np.ndarray, index: int, input_data_format: str | ChannelDimension | None) -> np.ndarray:
     """
-    (H, W), (H, W, C) or (C, H, W) -> (C, H, W). Without `input_data_format` the channel axis is the first or last one
-    holding 1, 3 or 4 values; when both do (e.g. 3x3x3, or an RGB strip 3 pixels high) it is the first, as in
-    transformers, with a warning.
+    (H, W), (H, W, C) or (C, H, W) -> (C, H, W). Without `input_data_format` the channel axis follows
+    `_channel_axis_candidates` (transformers' rule); when both ends qualify equally (e.g. 3x3x3, or an RGB strip 3
+    pixels high) it is the first, as in transformers, with a warning.
     """
     if array.ndim == 2:
         return array[None]
@@ -231,18 +246,16 @@ def _channels_first(array: np.ndarray, index: int, input_data_format: str | Chan
                 f"Image {index} has {array.shape[channel_axis]} channels (shape {array.shape}, {layout.value}): pass 1 "
                 "(grayscale), 3 (RGB) or 4 (RGBA) channels."
             )
-    elif array.shape[0] in IMAGE_CHANNEL_COUNTS and array.shape[-1] in IMAGE_CHANNEL_COUNTS:
-        warnings.warn(
-            f"Image {index} has shape {array.shape}, whose first and last axes could both be channels: read as channels "
-            "first (C, H, W). Pass input_data_format='channels_last' if it is (H, W, C).",
-            UserWarning,
-            stacklevel=2,
-        )
-        channel_axis = 0
-    elif array.shape[0] in IMAGE_CHANNEL_COUNTS:
-        channel_axis = 0
-    elif array.shape[-1] in IMAGE_CHANNEL_COUNTS:
-        channel_axis = -1
+    elif (candidates := _channel_axis_candidates(array.shape)) is not None:
+        channel_axis, ambiguous = candidates
+        if ambiguous:
+            warnings.warn(
+                f"Image {index} has shape {array.shape}, whose first and last axes could both be channels: read as "
+                f"{'channels first (C, H, W)' if channel_axis == 0 else 'channels last (H, W, C)'}. Pass input_data_format "
+                "to choose.",
+                UserWarning,
+                stacklevel=2,
+            )
     else:
         raise ValueError(
             f"Image {index} has shape {array.shape}: neither its first nor its last axis holds 1, 3 or 4 channels "
@@ -383,6 +396,11 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin):
                 return image
             array = np.asarray(image)
             array = array.astype(array.dtype.newbyteorder("="))  # "I;16B" is big-endian
+            if image.mode == "I" and array.size and 255 < int(array.max()) <= 65535 and int(array.min()) >= 0:
+                # Pillow opens 16-bit PGM / PPM (and `.convert("I")` of 16-bit PNGs) as 32-bit "I": values above 255
+                # that fit 16 bits are 16-bit data; values within 0..255 stay 8-bit (a 16-bit image that dark cannot
+                # be told apart; it would read brighter)
+                array = array.astype(np.uint16)
         elif isinstance(image, (np.ndarray, torch.Tensor)):
             array = _array_from(image)
         else:

@@ -78,7 +78,9 @@ def _take_over(original: nn.Module, subclass: type[nn.Module], *args, **kwargs) 
 
 # Keyword arguments transformers passes to any model's forward (Trainer's `num_items_in_batch`, the common tests'
 # output flags): accepted and, where PosSAM has no use for them, ignored.
-_TRANSFORMERS_KWARGS = frozenset(TransformersKwargs.__annotations__)
+# Also accepted and ignored: what PosSAMProcessor returns besides the model inputs, so `model(**processor(...))` works
+# (as with SamModel), and `use_cache`, which generic code passes to any model.
+_TRANSFORMERS_KWARGS = frozenset(TransformersKwargs.__annotations__) | {"original_sizes", "reshaped_input_sizes", "use_cache"}
 # Names users bring from other segmentation models, with what PosSAM takes instead.
 _KEYWORD_HINTS = {
     "labels": "PosSAM trains on mask_labels (per image a (num_segments, H, W) binary mask tensor) and class_labels "
@@ -186,7 +188,7 @@ def _check_binary_mask(name: str, mask, expected_shape: tuple[int, ...], layout:
             is_binary = bool(((mask == 0) | (mask == 1)).all())  # NaN and 0.5 are neither
         else:  # integers: the extremes decide, without a full-size temporary
             low, high = torch.aminmax(mask)
-            is_binary = bool(low >= 0) and bool(high <= 1)
+            is_binary = bool((low >= 0) & (high <= 1))  # one host sync
         if not is_binary:
             other = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
             raise ValueError(f"{name} must be bool or hold only 0 and 1, got dtype {mask.dtype} with values like {other}.")
@@ -764,10 +766,11 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 raise ValueError(f"class_embeddings must be {expected}; got shape {given_shape}.")
             if class_embeddings.shape[0] == 0:
                 raise ValueError(f"class_embeddings holds no class: {expected} needs num_classes >= 1, got shape {given_shape}.")
-            _check_finite("class_embeddings", class_embeddings)
             synonym_mask = self._check_synonym_mask(synonym_mask, *class_embeddings.shape[:2], class_embeddings.device)
             norms = class_embeddings.float().norm(dim=-1)
-            if _checking_values() and not bool((norms[synonym_mask] > 0).all()):
+            # finite and non-zero at every real slot, decided with one host sync (this runs on every forward)
+            if _checking_values() and not bool(torch.isfinite(class_embeddings).all() & (norms[synonym_mask] > 0).all()):
+                _check_finite("class_embeddings", class_embeddings)
                 zero = torch.nonzero(synonym_mask & (norms == 0)).tolist()
                 raise ValueError(
                     f"class_embeddings has all-zero vectors at real synonym slots (class, synonym) {zero[:5]}: they have "

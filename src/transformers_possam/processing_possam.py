@@ -52,8 +52,11 @@ PRESET_ALIASES = {
     "ade20k_150": "ade20k_150",
     "ade": "ade20k_150",
 }
-# Keys a dict label may hold; anything else (`is_thing`, `isThing`, `label`, COCO's `id`) is an error, not ignored.
+# Keys a dict label may hold; anything else (`is_thing`, `isThing`, `label`) is an error, not ignored.
 LABEL_KEYS = ("name", "isthing")
+# Keys of COCO / detectron2 category dicts, accepted so their category lists can be passed as they are, and ignored:
+# class ids are positions in the list (a category's `id` is its dataset id, which `label_map`s translate).
+IGNORED_CATEGORY_KEYS = ("id", "color", "supercategory")
 # CLIP's text context: prompts longer than this are truncated by the tokenizer.
 CLIP_CONTEXT_LENGTH = 77
 # What `candidate_labels` may be (resolve_vocabulary checks the rest at run time).
@@ -166,11 +169,11 @@ def label_entries(candidate_labels: object, argument: str) -> list:
 def parse_label(label: object, where: str) -> tuple[str, bool | None]:
     """`(canonical name, isthing or None when unmarked)` of one label; errors name `where` and the value."""
     if isinstance(label, Mapping):
-        unknown = [key for key in label if key not in LABEL_KEYS]
+        unknown = [key for key in label if key not in LABEL_KEYS and key not in IGNORED_CATEGORY_KEYS]
         if unknown:
             raise ValueError(
-                f"{where} = {preview(label)} has the unknown key(s) {unknown}: a dict label holds only {list(LABEL_KEYS)}, "
-                "e.g. {'name': 'sky', 'isthing': False}."
+                f"{where} = {preview(label)} has the unknown key(s) {unknown}: a dict label holds {list(LABEL_KEYS)} "
+                f"(COCO's {list(IGNORED_CATEGORY_KEYS)} are accepted and ignored), e.g. {{'name': 'sky', 'isthing': False}}."
             )
         if "name" not in label:
             raise ValueError(f"{where} = {preview(label)} is a dict without 'name': use {{'name': 'sky', 'isthing': False}}.")

@@ -13,6 +13,8 @@ inside one class (ADE20K's stove does): the classifier takes each class's best s
 
 from __future__ import annotations
 
+import warnings
+
 import csv
 import numbers
 import unicodedata
@@ -184,7 +186,10 @@ class Vocabulary:
 
 
 def check_distinct_classes(names: Sequence[str]) -> None:
-    """`ValueError` naming the first pair of classes whose synonyms CLIP reads alike (see `Vocabulary`)."""
+    """
+    `ValueError` naming the first pair of identical labels (as CLIP reads them); a `UserWarning` naming the first pair
+    of classes that share a synonym (see `Vocabulary`).
+    """
     keys = [[synonym_key(synonym) for synonym in name.split(",")] for name in names]
     shared = shared_synonyms(keys)
     if not shared:
@@ -197,9 +202,13 @@ def check_distinct_classes(names: Sequence[str]) -> None:
             "must be unique."
         )
     more = f" ({len(shared) - 1} more shared synonyms)" if len(shared) > 1 else ""
-    raise ValueError(
+    # a warning, not an error: large prompt-engineered vocabularies (FC-CLIP's ADE-847, PASCAL Context-459) do share
+    # synonyms between classes, and FC-CLIP evaluates them as they are
+    warnings.warn(
         f"Duplicate synonym {preview(names[class_b].split(',')[synonym_b])} in {first} and {second}{more}: each class "
-        "scores its best synonym, so the two would compete with the same text embedding; keep it in one class only."
+        "scores its best synonym, so the two compete with the same text embedding; keep it in one class if you can.",
+        UserWarning,
+        stacklevel=3,
     )
 
 
