@@ -94,19 +94,13 @@ def fcclip_ensemble_probs(
     return mask_cls_probs
 
 
-def fcclip_ensemble_logits(
-    in_vocab_logits: torch.Tensor,
-    out_vocab_logits: torch.Tensor,
-    category_overlapping_mask: torch.Tensor,
-    alpha: float = GEOMETRIC_ENSEMBLE_ALPHA,
-    beta: float = GEOMETRIC_ENSEMBLE_BETA,
-) -> torch.Tensor:
+def fcclip_ensemble_logits(*args, **kwargs) -> torch.Tensor:
     """
-    fcclip/fcclip.py L350-402 (commit 2b0bbe2): `fcclip_ensemble_probs`, then L402's
+    fcclip/fcclip.py L350-402 (commit 2b0bbe2): `fcclip_ensemble_probs` (same arguments), then L402's
     `mask_cls_results = torch.log(mask_cls_probs + 1e-8)`, the `(..., Q, K + 1)` logits every inference below
     takes (they softmax it again, which gives back (p + 1e-8) / (1 + (K + 1) * 1e-8)).
     """
-    mask_cls_probs = fcclip_ensemble_probs(in_vocab_logits, out_vocab_logits, category_overlapping_mask, alpha, beta)
+    mask_cls_probs = fcclip_ensemble_probs(*args, **kwargs)
     mask_cls_results = torch.log(mask_cls_probs + 1e-8)  # L402
     return mask_cls_results
 

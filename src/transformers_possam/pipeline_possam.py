@@ -8,7 +8,9 @@ from io import BytesIO
 
 import numpy as np
 import torch
-from huggingface_hub.utils import httpx  # the HTTP client transformers' load_image uses
+from huggingface_hub import (
+    get_session,  # the Hub library's public HTTP session (its client is a dependency already)
+)
 from PIL import Image, ImageOps
 from transformers import Pipeline
 from transformers.image_utils import load_image
@@ -139,7 +141,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
                 # Opened here rather than by transformers' load_image, which converts to 8-bit RGB and so turns a
                 # 16-bit PNG white; load_image is left the base64 strings (and the error for anything else).
                 if source.startswith(("http://", "https://")):
-                    response = httpx.get(source, timeout=timeout, follow_redirects=True)
+                    response = get_session().get(source, timeout=timeout, follow_redirects=True)
                     response.raise_for_status()
                     image = Image.open(BytesIO(response.content))
                 elif os.path.isfile(source):
@@ -147,7 +149,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
                 else:
                     image = load_image(source, timeout=timeout)
                 image = ImageOps.exif_transpose(image)  # decodes the file, so a broken one fails here, with its name
-            except Exception as error:  # PIL, httpx and load_image raise several types; name the input in one error
+            except Exception as error:  # PIL, the HTTP client and load_image raise several types; name the input in one error
                 raise ValueError(f"Could not read the image {source!r}: {error}") from error
         elif not isinstance(image, (Image.Image, np.ndarray)):
             raise ValueError(f"Cannot segment a {type(image).__name__}: pass a PIL image, a numpy array, a path or a URL.")

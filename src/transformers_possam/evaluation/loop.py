@@ -181,7 +181,8 @@ class PanopticEvaluator:
             self.panoptic.update(item["ids"], item["segments"], panoptic_result["segmentation"].numpy(), pred_segments, image_id=item["image_id"])
             self.confusion.update(class_map.numpy(), item["semantic"])
             if instance_result is not None:
-                things = [s for s in item["segments"] if s["category_id"] in set(self.thing_ids)]
+                thing_ids = set(self.thing_ids)
+                things = [s for s in item["segments"] if s["category_id"] in thing_ids]
                 gt_masks = np.stack([item["ids"] == s["id"] for s in things]) if things else np.zeros((0, *item["ids"].shape), bool)
                 self.mask_ap.update(
                     gt_masks, [s["category_id"] for s in things], [s["iscrowd"] for s in things],
