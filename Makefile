@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo pipeline-demo venv clean
+.PHONY: test demo pipeline-demo venv clean transformers-tests lint format typecheck
 
 venv: $(STAMP)
 
@@ -18,7 +18,23 @@ $(STAMP): setup.cfg pyproject.toml
 	$(VPY) -m pip install --no-deps panopticapi-lite
 	touch $(STAMP)
 
-test: $(STAMP)
+# transformers' common test mixins (ModelTesterMixin, ConfigTester, ...) from its sdist, cached in the venv
+transformers-tests: $(STAMP)
+	$(VPY) tools/fetch_transformers_tests.py
+
+# transformers' ruff settings (pyproject.toml): lint and format check
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy src
+
+test: $(STAMP) transformers-tests lint
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) -m pytest -q -ra tests
 
 demo: $(STAMP)

@@ -23,7 +23,7 @@ def peak_rss_bytes() -> int:
 
 
 def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
+    with open("/proc/self/statm", encoding="utf-8") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import summary
+
 
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 PAPER_FPS = {"vit-b": 1.72, "vit-l": 1.48, "vit-h": 1.30}
@@ -64,8 +64,14 @@ def _measure(model, processor, pixel_values, class_embeddings, device, repeats: 
     return {"seconds": timing, "images_per_second": batch / timing["median_s"], "peak_memory_bytes": peak}
 
 
-def run(device_name: str = "cuda", variants: tuple[str, ...] = ("vit-b", "vit-l", "vit-h"), repeats: int = 10,
-        batches: tuple[int, ...] = (1, 8), dtypes: tuple[str, ...] = ("bfloat16", "float32"), compile_b: bool = True) -> list[dict]:
+def run(
+    device_name: str = "cuda",
+    variants: tuple[str, ...] = ("vit-b", "vit-l", "vit-h"),
+    repeats: int = 10,
+    batches: tuple[int, ...] = (1, 8),
+    dtypes: tuple[str, ...] = ("bfloat16", "float32"),
+    compile_b: bool = True,
+) -> list[dict]:
     from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor
 
     device = torch.device(device_name)
@@ -80,14 +86,23 @@ def run(device_name: str = "cuda", variants: tuple[str, ...] = ("vit-b", "vit-l"
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
             model.to(dtype)
-            class_embeddings = torch.nn.functional.normalize(torch.randn(150, 1, config.clip_embed_dim, device=device), dim=-1)
+            class_embeddings = torch.nn.functional.normalize(
+                torch.randn(150, 1, config.clip_embed_dim, device=device), dim=-1
+            )
             for batch in batches:
                 pixel_values = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
                 measured = _measure(model, processor, pixel_values, class_embeddings, device, repeats)
                 row = {
-                    "target": 7, "figure": f"{_name(variant)} {dtype_name} batch {batch} at {size}x{size}, eager",
-                    "variant": variant, "dtype": dtype_name, "batch": batch, "compiled": False, **measured,
-                    "paper_fps_a100": PAPER_FPS.get(variant), "goal": "reported", "pass": None,
+                    "target": 7,
+                    "figure": f"{_name(variant)} {dtype_name} batch {batch} at {size}x{size}, eager",
+                    "variant": variant,
+                    "dtype": dtype_name,
+                    "batch": batch,
+                    "compiled": False,
+                    **measured,
+                    "paper_fps_a100": PAPER_FPS.get(variant),
+                    "goal": "reported",
+                    "pass": None,
                 }
                 if variant == "vit-b" and dtype_name == "bfloat16" and batch == 1:
                     row.update(goal=">= 17 images/s (H100)", **{"pass": measured["images_per_second"] >= 17})
@@ -104,13 +119,25 @@ def _compiled_row(model, processor, config, device, dtype, class_embeddings, rep
     """B, bf16, batch 1 with the trainable decoder parts compiled (the frozen encoders too)."""
     size = config.vision_config.image_size
     pixel_values = torch.randn(1, 3, size, size, device=device, dtype=dtype)
-    row = {"target": 7, "figure": f"{_name(variant)} bfloat16 batch 1 at {size}x{size}, torch.compile",
-           "variant": variant, "dtype": "bfloat16", "batch": 1, "compiled": True, "paper_fps_a100": PAPER_FPS.get(variant),
-           "goal": "reported", "pass": None}
+    row = {
+        "target": 7,
+        "figure": f"{_name(variant)} bfloat16 batch 1 at {size}x{size}, torch.compile",
+        "variant": variant,
+        "dtype": "bfloat16",
+        "batch": 1,
+        "compiled": True,
+        "paper_fps_a100": PAPER_FPS.get(variant),
+        "goal": "reported",
+        "pass": None,
+    }
     compiled = []
     try:
-        for owner, method in ((model.model.vision_encoder, "forward"), (model.model.fpn, "forward"),
-                              (model.model.pixel_decoder, "forward"), (model.clip.vision_model, "forward_features")):
+        for owner, method in (
+            (model.model.vision_encoder, "forward"),
+            (model.model.fpn, "forward"),
+            (model.model.pixel_decoder, "forward"),
+            (model.clip.vision_model, "forward_features"),
+        ):
             setattr(owner, method, torch.compile(getattr(owner, method)))
             compiled.append((owner, method))
         start = time.perf_counter()

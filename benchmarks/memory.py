@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import torch
-
 from common import current_rss_bytes, full_size_model, peak_rss_bytes, random_vocabulary, test_image, weight_bytes
+
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,7 +35,9 @@ def _inference() -> dict:
     with torch.inference_mode():
         outputs = model(inputs["pixel_values"], pixel_mask=inputs["pixel_mask"], class_embeddings=class_embeddings)
         processor.post_process_panoptic_segmentation(
-            outputs, target_sizes=[image.size[::-1]], reshaped_input_sizes=[tuple(int(v) for v in inputs["reshaped_input_sizes"][0])]
+            outputs,
+            target_sizes=[image.size[::-1]],
+            reshaped_input_sizes=[tuple(int(v) for v in inputs["reshaped_input_sizes"][0])],
         )
     return {"weight_bytes": weight_bytes(model), "rss_before_bytes": before, "peak_rss_bytes": peak_rss_bytes()}
 
@@ -45,22 +47,38 @@ def _training_step(segments: int) -> dict:
 
     size = 1024
     torch.manual_seed(0)
-    config = tiny_config(vision_config=dict(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, image_size=size, patch_size=16,
-        output_channels=32, window_size=8, global_attn_indexes=[1], initializer_range=0.02,
-    ))
+    config = tiny_config(
+        vision_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "mlp_dim": 64,
+            "image_size": size,
+            "patch_size": 16,
+            "output_channels": 32,
+            "window_size": 8,
+            "global_attn_indexes": [1],
+            "initializer_range": 0.02,
+        }
+    )
     model = PosSAMForPanopticSegmentation(config).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(1, 3, size, size, generator=generator)
-    class_embeddings = torch.nn.functional.normalize(torch.randn(5, 1, config.clip_embed_dim, generator=generator), dim=-1)
+    class_embeddings = torch.nn.functional.normalize(
+        torch.randn(5, 1, config.clip_embed_dim, generator=generator), dim=-1
+    )
     # non-overlapping horizontal bands, one per segment, as uint8 masks (what PosSAMImageProcessor produces)
     band = torch.arange(size) * segments // size
-    mask_labels = [(band[None, :, None] == torch.arange(segments)[:, None, None]).expand(segments, size, size).to(torch.uint8)]
+    mask_labels = [
+        (band[None, :, None] == torch.arange(segments)[:, None, None]).expand(segments, size, size).to(torch.uint8)
+    ]
     class_labels = [torch.randint(0, 5, (segments,), generator=generator)]
 
     def step():
-        loss = model(pixel_values, class_embeddings=class_embeddings, mask_labels=mask_labels, class_labels=class_labels).loss
+        loss = model(
+            pixel_values, class_embeddings=class_embeddings, mask_labels=mask_labels, class_labels=class_labels
+        ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
@@ -68,7 +86,12 @@ def _training_step(segments: int) -> dict:
     step()  # allocates the optimizer state and gradients once
     before = current_rss_bytes()
     step()
-    return {"segments": segments, "label_bytes": mask_labels[0].numel(), "rss_before_bytes": before, "peak_rss_bytes": peak_rss_bytes()}
+    return {
+        "segments": segments,
+        "label_bytes": mask_labels[0].numel(),
+        "rss_before_bytes": before,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
 
 
 def _subprocess(*arguments: str) -> dict:
@@ -82,20 +105,30 @@ def _subprocess(*arguments: str) -> dict:
 def run() -> list[dict]:
     inference = _subprocess("--inference")
     ratio = inference["peak_rss_bytes"] / inference["weight_bytes"]
-    rows = [{
-        "target": 5,
-        "figure": "peak RSS of PosSAM-B inference at 1024x1024 (CPU, fp32) / fp32 weight bytes",
-        "measured": inference, "ratio": ratio, "goal": "<= 2x", "pass": ratio <= 2.0,
-    }]
+    rows = [
+        {
+            "target": 5,
+            "figure": "peak RSS of PosSAM-B inference at 1024x1024 (CPU, fp32) / fp32 weight bytes",
+            "measured": inference,
+            "ratio": ratio,
+            "goal": "<= 2x",
+            "pass": ratio <= 2.0,
+        }
+    ]
     steps = [_subprocess("--train-step", str(segments)) for segments in (10, 100)]
     step_bytes = [s["peak_rss_bytes"] - s["rss_before_bytes"] for s in steps]
     growth = step_bytes[1] / max(step_bytes[0], 1)
-    rows.append({
-        "target": 5,
-        "figure": "training-step memory (tiny config, 1024x1024): 100 vs 10 ground-truth segments",
-        "measured": steps, "step_bytes": step_bytes, "ratio": growth,
-        "goal": "flat: <= 1.1x (+16 MiB)", "pass": step_bytes[1] <= 1.1 * step_bytes[0] + 16 * 2**20,
-    })
+    rows.append(
+        {
+            "target": 5,
+            "figure": "training-step memory (tiny config, 1024x1024): 100 vs 10 ground-truth segments",
+            "measured": steps,
+            "step_bytes": step_bytes,
+            "ratio": growth,
+            "goal": "flat: <= 1.1x (+16 MiB)",
+            "pass": step_bytes[1] <= 1.1 * step_bytes[0] + 16 * 2**20,
+        }
+    )
     return rows
 
 

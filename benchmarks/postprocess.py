@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 import time
 
+import torch
 from common import summary
 
 
@@ -14,7 +13,9 @@ class _Outputs:
         self.__dict__.update(values)
 
 
-def model_like_outputs(batch: int, objects: int, queries: int = 250, classes: int = 150, size: int = 256, seed: int = 0):
+def model_like_outputs(
+    batch: int, objects: int, queries: int = 250, classes: int = 150, size: int = 256, seed: int = 0
+):
     """
     250 queries x 150 classes with 1/4-resolution (256 x 256) blob masks. `objects` queries are confident non-void
     predictions and the rest are confidently void (a trained model's typical output: ~30 objects). With
@@ -65,8 +66,12 @@ def run(repeats: int) -> list[dict]:
         # same logits, same filters for both: threshold 0 (FC-CLIP's), no fusion; calls interleaved so that the
         # machine's drift hits both alike
         calls = {
-            "ours": lambda: ours.post_process_panoptic_segmentation(outputs, target_sizes=sizes, threshold=0.0, label_ids_to_fuse=set()),
-            "reference": lambda: theirs.post_process_panoptic_segmentation(outputs, target_sizes=sizes, threshold=0.0, label_ids_to_fuse=set()),
+            "ours": lambda: ours.post_process_panoptic_segmentation(
+                outputs, target_sizes=sizes, threshold=0.0, label_ids_to_fuse=set()
+            ),
+            "reference": lambda: theirs.post_process_panoptic_segmentation(
+                outputs, target_sizes=sizes, threshold=0.0, label_ids_to_fuse=set()
+            ),
         }
         times = {name: [] for name in calls}
         for name, call in calls.items():  # warm-up
@@ -78,10 +83,16 @@ def run(repeats: int) -> list[dict]:
                 times[name].append(time.perf_counter() - start)
         mine, reference = summary(times["ours"]), summary(times["reference"])
         ratio = reference["median_s"] / mine["median_s"]
-        rows.append({
-            "target": 3,
-            "figure": f"panoptic post-processing, {objects} of 250 queries kept, batch {batch}, to {target[0]}x{target[1]}",
-            "ours": mine, "reference": reference, "reference_name": "OneFormerImageProcessor",
-            "ratio": ratio, "goal": ">= 10x faster" if counts else "reported", "pass": (ratio >= 10) if counts else None,
-        })
+        rows.append(
+            {
+                "target": 3,
+                "figure": f"panoptic post-processing, {objects} of 250 queries kept, batch {batch}, to {target[0]}x{target[1]}",
+                "ours": mine,
+                "reference": reference,
+                "reference_name": "OneFormerImageProcessor",
+                "ratio": ratio,
+                "goal": ">= 10x faster" if counts else "reported",
+                "pass": (ratio >= 10) if counts else None,
+            }
+        )
     return rows

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TARGETS = (1, 2, 3, 4, 5, 6)
@@ -36,11 +37,21 @@ def machine() -> dict:
 
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    return {"platform": platform.platform(), "cpu": cpu, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def _seconds(value: float) -> str:
@@ -51,45 +62,64 @@ def table_row(row: dict) -> str:
     result = "PASS" if row["pass"] else ("reported" if row["pass"] is None else "FAIL")
     target = row["target"]
     if target == 3 and row["pass"] is None:
-        return (f"| 3 | {row['figure']} | {_seconds(row['ours']['median_s'])} | {_seconds(row['reference']['median_s'])} | "
-                f"{row['ratio']:.1f}x faster | {row['goal']} | |")
+        return (
+            f"| 3 | {row['figure']} | {_seconds(row['ours']['median_s'])} | {_seconds(row['reference']['median_s'])} | "
+            f"{row['ratio']:.1f}x faster | {row['goal']} | |"
+        )
     if target == 7:
         memory = f"{row['peak_memory_bytes'] / 2**30:.1f} GiB peak" if row.get("peak_memory_bytes") else "n/a"
         if "error" in row:
             return f"| 7 | {row['figure']} | failed: {row['error'][:80]} | | | {row['goal']} | |"
         paper = f"paper (A100): {row['paper_fps_a100']} FPS" if row.get("paper_fps_a100") else ""
-        return (f"| 7 | {row['figure']} | {row['images_per_second']:.2f} images/s ({memory}) | {paper} | | {row['goal']} | "
-                f"{result if row['pass'] is not None else ''} |")
+        return (
+            f"| 7 | {row['figure']} | {row['images_per_second']:.2f} images/s ({memory}) | {paper} | | {row['goal']} | "
+            f"{result if row['pass'] is not None else ''} |"
+        )
     if target in (1, 2, 3):
         ours, reference = _seconds(row["ours"]["median_s"]), _seconds(row["reference"]["median_s"])
         ratio = f"{row['ratio']:.2f}x" if target == 1 else f"{row['ratio']:.1f}x faster"
         return f"| {target} | {row['figure']} | {ours} | {reference} | {ratio} | {row['goal']} | {result} |"
     if target == 4:
         first, later = row["first_call"], row["repeated_calls"][-1]
-        return (f"| 4 | {row['figure']} | repeated call {_seconds(later['total_s'])} (text {later['text_s'] * 1e3:.2f} ms) | "
-                f"first call {_seconds(first['total_s'])} (text {_seconds(first['text_s'])}, {first['text_calls']} pass, "
-                f"{first['prompts']} prompts) | {100 * row['share']:.2f}% | {row['goal']} | {result} |")
+        return (
+            f"| 4 | {row['figure']} | repeated call {_seconds(later['total_s'])} (text {later['text_s'] * 1e3:.2f} ms) | "
+            f"first call {_seconds(first['total_s'])} (text {_seconds(first['text_s'])}, {first['text_calls']} pass, "
+            f"{first['prompts']} prompts) | {100 * row['share']:.2f}% | {row['goal']} | {result} |"
+        )
     if target == 5:
         if "step_bytes" in row:
             small, large = (b / 2**20 for b in row["step_bytes"])
             return f"| 5 | {row['figure']} | {large:.0f} MiB per step (100) | {small:.0f} MiB per step (10) | {row['ratio']:.2f}x | {row['goal']} | {result} |"
         measured = row["measured"]
-        return (f"| 5 | {row['figure']} | peak {measured['peak_rss_bytes'] / 2**30:.2f} GiB | weights {measured['weight_bytes'] / 2**30:.2f} GiB | "
-                f"{row['ratio']:.2f}x | {row['goal']} | {result} |")
+        return (
+            f"| 5 | {row['figure']} | peak {measured['peak_rss_bytes'] / 2**30:.2f} GiB | weights {measured['weight_bytes'] / 2**30:.2f} GiB | "
+            f"{row['ratio']:.2f}x | {row['goal']} | {result} |"
+        )
     if "steps_per_second" in row:
-        return (f"| 6 | {row['figure']} | {row['steps_per_second']:.2f} steps/s ({row['images_per_second']:.1f} images/s) | "
-                f"data path {row['data_path_images_per_second_toy_128']:.0f} images/s | | {row['goal']} | {result} |")
+        return (
+            f"| 6 | {row['figure']} | {row['steps_per_second']:.2f} steps/s ({row['images_per_second']:.1f} images/s) | "
+            f"data path {row['data_path_images_per_second_toy_128']:.0f} images/s | | {row['goal']} | {result} |"
+        )
     return f"| 6 | {row['figure']} | {row['images_per_second']:.1f} images/s | | | {row['goal']} | {result} |"
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="cpu", choices=["cpu", "gpu"], help="gpu: target 7 (B/L/H, bf16/fp32, batch 1/8)")
+    parser.add_argument(
+        "--suite", default="cpu", choices=["cpu", "gpu"], help="gpu: target 7 (B/L/H, bf16/fp32, batch 1/8)"
+    )
     parser.add_argument("--device", default="cuda", help="--suite gpu: the accelerator")
-    parser.add_argument("--variants", nargs="*", default=["vit-b", "vit-l", "vit-h"], help="--suite gpu: model variants (or 'tiny')")
+    parser.add_argument(
+        "--variants", nargs="*", default=["vit-b", "vit-l", "vit-h"], help="--suite gpu: model variants (or 'tiny')"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--targets", type=int, nargs="*", default=list(TARGETS), help="a subset of the targets to run")
-    parser.add_argument("--amg-points", type=int, default=32, help="points per side of the SAM mask-generation grid (pipeline default 32)")
+    parser.add_argument(
+        "--amg-points",
+        type=int,
+        default=32,
+        help="points per side of the SAM mask-generation grid (pipeline default 32)",
+    )
     parser.add_argument("--output", default=None, help="default: benchmarks/results-<suite>.json")
     args = parser.parse_args(argv)
     args.output = args.output or str(Path(__file__).resolve().parent / f"results-{args.suite}.json")
@@ -138,9 +168,11 @@ def main(argv=None) -> dict:
     results = {"machine": machine(), "suite": args.suite, "seconds": time.perf_counter() - started, "figures": rows}
     if args.suite == "gpu" and torch.cuda.is_available():
         results["machine"]["gpu"] = torch.cuda.get_device_name()
-    Path(args.output).write_text(json.dumps(results, indent=1, default=str))
-    print(f"\nMachine: {results['machine'].get('gpu', results['machine']['cpu'])}, {results['machine']['threads']} threads, torch {results['machine']['torch']}, "
-          f"transformers {results['machine']['transformers']}; suite took {results['seconds'] / 60:.1f} min\n")
+    Path(args.output).write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    print(
+        f"\nMachine: {results['machine'].get('gpu', results['machine']['cpu'])}, {results['machine']['threads']} threads, torch {results['machine']['torch']}, "
+        f"transformers {results['machine']['transformers']}; suite took {results['seconds'] / 60:.1f} min\n"
+    )
     print("| target | figure | ours | reference | ratio | goal | result |\n|---|---|---|---|---|---|---|")
     for row in rows:
         print(table_row(row))
@@ -152,7 +184,9 @@ def main(argv=None) -> dict:
             measured = [row for row in judged if "ratio" in row]
             if measured:  # the ratio furthest from its goal: smallest "x faster", largest "x the reference"
                 worst = min(measured, key=lambda row: row["ratio"] if target in (2, 3) else -row["ratio"])
-                print(f"Target {target}: {verdict} ({len(judged)} figure(s); worst ratio {worst['ratio']:.2f}x: {worst['figure']})")
+                print(
+                    f"Target {target}: {verdict} ({len(judged)} figure(s); worst ratio {worst['ratio']:.2f}x: {worst['figure']})"
+                )
             else:
                 print(f"Target {target}: {verdict} ({len(judged)} figure(s))")
     for row in rows:
@@ -160,9 +194,11 @@ def main(argv=None) -> dict:
             print("\nPer-stage breakdown of the full forward (median run):")
             for stage, seconds in row["stages_s"].items():
                 print(f"- {stage}: {seconds:.2f} s")
-            print(f"- reference: HF SAM encoder alone {row['sam_alone']['median_s']:.2f} s, ConvNeXt-L trunk alone "
-                  f"{row['convnext_trunk_alone']['median_s']:.2f} s; everything but the encoders over the encoders as PosSAM "
-                  f"runs them: {row['ratio_vs_possam_own_encoders']:.2f}x")
+            print(
+                f"- reference: HF SAM encoder alone {row['sam_alone']['median_s']:.2f} s, ConvNeXt-L trunk alone "
+                f"{row['convnext_trunk_alone']['median_s']:.2f} s; everything but the encoders over the encoders as PosSAM "
+                f"runs them: {row['ratio_vs_possam_own_encoders']:.2f}x"
+            )
     print(f"\nwrote {args.output}")
     return results
 

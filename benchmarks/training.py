@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,7 +21,18 @@ def _loop_seconds(steps: int, folder: str) -> float:
     finally:
         sys.path.pop(0)
     start = time.perf_counter()
-    train.main(["--max_steps", str(steps), "--output_dir", folder, "--toy_train_size", "64", "--per_device_train_batch_size", "2"])
+    train.main(
+        [
+            "--max_steps",
+            str(steps),
+            "--output_dir",
+            folder,
+            "--toy_train_size",
+            "64",
+            "--per_device_train_batch_size",
+            "2",
+        ]
+    )
     return time.perf_counter() - start
 
 
@@ -47,8 +59,12 @@ def _data_path_images_per_second(size: int, processor_size: int, count: int) -> 
     from transformers_possam.data.synthetic import TOY_CATEGORIES
 
     dataset = Dataset.from_list(_jpeg_rows(size, count))
-    processor = PosSAMImageProcessor(size={"longest_edge": processor_size}, pad_size={"height": processor_size, "width": processor_size})
-    stream = PanopticTrainStream(dataset, processor, {c["id"]: i for i, c in enumerate(TOY_CATEGORIES)}, shuffle_buffer=0)
+    processor = PosSAMImageProcessor(
+        size={"longest_edge": processor_size}, pad_size={"height": processor_size, "width": processor_size}
+    )
+    stream = PanopticTrainStream(
+        dataset, processor, {c["id"]: i for i, c in enumerate(TOY_CATEGORIES)}, shuffle_buffer=0
+    )
     samples = iter(stream)
     next(samples)  # warm-up
     start = time.perf_counter()
@@ -66,14 +82,21 @@ def run(repeats: int) -> list[dict]:
     coco = _data_path_images_per_second(640, 1024, 24)
     toy = _data_path_images_per_second(128, 128, 64)
     training_images = 2 * steps_per_second
-    return [{
-        "target": 6,
-        "figure": "training throughput, tiny config, batch 2 at 128x128 (training/train.py loop, CPU, 2 threads)",
-        "steps_per_second": steps_per_second, "images_per_second": training_images,
-        "data_path_images_per_second_toy_128": toy,
-        "goal": "data path faster than training", "pass": toy > training_images,
-    }, {
-        "target": 6,
-        "figure": "data path alone per worker: JPEG + PNG decode, large-scale jitter, processor to 1024x1024 (640x640 COCO-size images)",
-        "images_per_second": coco, "goal": "reported (one worker per GPU keeps up with the ~1 image/s/GPU training step)", "pass": None,
-    }]
+    return [
+        {
+            "target": 6,
+            "figure": "training throughput, tiny config, batch 2 at 128x128 (training/train.py loop, CPU, 2 threads)",
+            "steps_per_second": steps_per_second,
+            "images_per_second": training_images,
+            "data_path_images_per_second_toy_128": toy,
+            "goal": "data path faster than training",
+            "pass": toy > training_images,
+        },
+        {
+            "target": 6,
+            "figure": "data path alone per worker: JPEG + PNG decode, large-scale jitter, processor to 1024x1024 (640x640 COCO-size images)",
+            "images_per_second": coco,
+            "goal": "reported (one worker per GPU keeps up with the ~1 image/s/GPU training step)",
+            "pass": None,
+        },
+    ]

@@ -12,14 +12,23 @@ def run(repeats: int) -> list[dict]:
     from PIL import Image
     from transformers import pipeline
 
-    from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, PosSAMProcessor, clip_tokenizer_from_bpe, tiny_config
+    from transformers_possam import (
+        PosSAMForPanopticSegmentation,
+        PosSAMImageProcessor,
+        PosSAMProcessor,
+        clip_tokenizer_from_bpe,
+        tiny_config,
+    )
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         config = tiny_config()
         PosSAMForPanopticSegmentation(config).save_pretrained(folder)
         size = config.vision_config.image_size
-        PosSAMProcessor(PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size}), clip_tokenizer_from_bpe()).save_pretrained(folder)
+        PosSAMProcessor(
+            PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size}),
+            clip_tokenizer_from_bpe(),
+        ).save_pretrained(folder)
         segmenter = pipeline("open-vocabulary-panoptic-segmentation", model=folder)
         clip = segmenter.model.clip
         spent = {"text_s": 0.0, "text_calls": 0, "prompts": 0}
@@ -45,10 +54,15 @@ def run(repeats: int) -> list[dict]:
         del clip.text_embeddings
     first, later = calls[0], calls[1:]
     share = max(call["text_s"] / call["total_s"] for call in later)
-    return [{
-        "target": 4,
-        "figure": "pipeline, ADE20K-150 vocabulary (150 classes with synonyms x 14 templates, tiny model): share of a repeated call in the text tower",
-        "first_call": first, "repeated_calls": later, "share": share,
-        "one_batched_pass": first["text_calls"] == 1,
-        "goal": "<= 1% (and the new vocabulary in one text pass)", "pass": share <= 0.01 and first["text_calls"] == 1,
-    }]
+    return [
+        {
+            "target": 4,
+            "figure": "pipeline, ADE20K-150 vocabulary (150 classes with synonyms x 14 templates, tiny model): share of a repeated call in the text tower",
+            "first_call": first,
+            "repeated_calls": later,
+            "share": share,
+            "one_batched_pass": first["text_calls"] == 1,
+            "goal": "<= 1% (and the new vocabulary in one text pass)",
+            "pass": share <= 0.01 and first["text_calls"] == 1,
+        }
+    ]

@@ -25,7 +25,13 @@ from pathlib import Path
 
 import torch
 
-from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, PosSAMImageProcessor, PosSAMProcessor, clip_tokenizer_from_bpe
+from transformers_possam import (
+    PosSAMConfig,
+    PosSAMForPanopticSegmentation,
+    PosSAMImageProcessor,
+    PosSAMProcessor,
+    clip_tokenizer_from_bpe,
+)
 from transformers_possam.conversion import (
     convert_fcclip_decoder,
     convert_open_clip,
@@ -34,6 +40,7 @@ from transformers_possam.conversion import (
     load_fcclip_checkpoint,
     open_clip_to_possam_kwargs,
 )
+
 
 TOLERANCE = 1e-5
 
@@ -65,7 +72,9 @@ def load_open_clip(spec: str):
         names = list_repo_files(spec)
         files = {name: Path(hf_hub_download(spec, name)) for name in names if name.startswith("open_clip_")}
     if "open_clip_config.json" not in files:
-        raise FileNotFoundError(f"{spec}: no open_clip_config.json (an open_clip checkpoint folder or Hub repo is expected).")
+        raise FileNotFoundError(
+            f"{spec}: no open_clip_config.json (an open_clip checkpoint folder or Hub repo is expected)."
+        )
     try:
         config = json.loads(files["open_clip_config.json"].read_text())
     except ValueError as error:
@@ -87,15 +96,26 @@ def verify(model, sam_original, clip_config, clip_state_dict) -> dict:
         from segment_anything.modeling import ImageEncoderViT
 
         reference = ImageEncoderViT(
-            img_size=size, patch_size=vision.patch_size, embed_dim=vision.hidden_size, depth=vision.num_hidden_layers,
-            num_heads=vision.num_attention_heads, mlp_ratio=vision.mlp_dim / vision.hidden_size, out_chans=vision.output_channels,
-            qkv_bias=vision.qkv_bias, use_rel_pos=vision.use_rel_pos, window_size=vision.window_size,
+            img_size=size,
+            patch_size=vision.patch_size,
+            embed_dim=vision.hidden_size,
+            depth=vision.num_hidden_layers,
+            num_heads=vision.num_attention_heads,
+            mlp_ratio=vision.mlp_dim / vision.hidden_size,
+            out_chans=vision.output_channels,
+            qkv_bias=vision.qkv_bias,
+            use_rel_pos=vision.use_rel_pos,
+            window_size=vision.window_size,
             global_attn_indexes=tuple(vision.global_attn_indexes),
         ).eval()
-        encoder_keys = {k[len("image_encoder."):]: v for k, v in sam_original.items() if k.startswith("image_encoder.")} or sam_original
+        encoder_keys = {
+            k[len("image_encoder.") :]: v for k, v in sam_original.items() if k.startswith("image_encoder.")
+        } or sam_original
         reference.load_state_dict(encoder_keys, strict=True)
         with torch.no_grad():
-            differences["sam_image_embeddings"] = (model.get_image_embeddings(pixels) - reference(pixels)).abs().max().item()
+            differences["sam_image_embeddings"] = (
+                (model.get_image_embeddings(pixels) - reference(pixels)).abs().max().item()
+            )
     import open_clip
 
     reference_clip = open_clip.model.CLIP(**clip_config.get("model_cfg", clip_config)).eval()
@@ -108,10 +128,16 @@ def verify(model, sam_original, clip_config, clip_state_dict) -> dict:
         return torch.tensor(values).view(1, 3, 1, 1)
 
     clip_pixels = torch.randn(1, 3, 224, 224, generator=generator)
-    sam_pixels = (clip_pixels * channel(config.clip_image_std) + channel(config.clip_image_mean) - channel(config.sam_image_mean)) / channel(config.sam_image_std)
+    sam_pixels = (
+        clip_pixels * channel(config.clip_image_std) + channel(config.clip_image_mean) - channel(config.sam_image_mean)
+    ) / channel(config.sam_image_std)
     with torch.no_grad():
-        differences["text_features"] = (model.get_text_features(ids) - reference_clip.encode_text(open_clip.tokenize(texts))).abs().max().item()
-        differences["image_features"] = (model.get_image_features(sam_pixels) - reference_clip.encode_image(clip_pixels)).abs().max().item()
+        differences["text_features"] = (
+            (model.get_text_features(ids) - reference_clip.encode_text(open_clip.tokenize(texts))).abs().max().item()
+        )
+        differences["image_features"] = (
+            (model.get_image_features(sam_pixels) - reference_clip.encode_image(clip_pixels)).abs().max().item()
+        )
     failed = {k: v for k, v in differences.items() if not v <= TOLERANCE}
     if failed:
         raise SystemExit(f"Verification failed (max abs difference > {TOLERANCE}): {failed}")
@@ -122,8 +148,11 @@ def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sam_checkpoint", required=True)
     parser.add_argument("--clip_checkpoint", required=True)
-    parser.add_argument("--decoder_checkpoint", default=None,
-                        help="optional FC-CLIP / Mask2Former detectron2 .pth to warm-start the pixel and transformer decoders")
+    parser.add_argument(
+        "--decoder_checkpoint",
+        default=None,
+        help="optional FC-CLIP / Mask2Former detectron2 .pth to warm-start the pixel and transformer decoders",
+    )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--verify", action="store_true")
     parser.add_argument("--push_to_hub", default=None, help="a Hub repo id to upload the result to")
@@ -131,7 +160,11 @@ def main(argv=None) -> Path:
 
     sam_state_dict, sam_config, sam_original = load_sam(args.sam_checkpoint)
     clip_config, clip_state_dict = load_open_clip(args.clip_checkpoint)
-    config = PosSAMConfig(vision_config=sam_config.to_dict(), architectures=["PosSAMForPanopticSegmentation"], **open_clip_to_possam_kwargs(clip_config))
+    config = PosSAMConfig(
+        vision_config=sam_config.to_dict(),
+        architectures=["PosSAMForPanopticSegmentation"],
+        **open_clip_to_possam_kwargs(clip_config),
+    )
     model = PosSAMForPanopticSegmentation(config).eval()
     model.model.vision_encoder.load_state_dict(sam_state_dict, strict=True)
     model.clip.load_state_dict(convert_open_clip(clip_state_dict), strict=True)
@@ -139,11 +172,16 @@ def main(argv=None) -> Path:
         decoder, _, dropped = convert_fcclip_decoder(load_fcclip_checkpoint(args.decoder_checkpoint))
         expected = {k for k in model.model.state_dict() if k.startswith(("pixel_decoder.", "transformer_module."))}
         if set(decoder) != expected:
-            raise SystemExit(f"Decoder checkpoint does not fit: missing {sorted(expected - set(decoder))[:5]}, "
-                             f"unexpected {sorted(set(decoder) - expected)[:5]}")
+            raise SystemExit(
+                f"Decoder checkpoint does not fit: missing {sorted(expected - set(decoder))[:5]}, "
+                f"unexpected {sorted(set(decoder) - expected)[:5]}"
+            )
         model.model.load_state_dict(decoder, strict=False)  # strict over the decoder: checked just above
-        print(f"decoder warm-started from {args.decoder_checkpoint}; dropped {len(dropped)} FC-CLIP keys "
-              "(class head, void, criterion); FPN, IoU head and LDP stay new", file=sys.stderr)
+        print(
+            f"decoder warm-started from {args.decoder_checkpoint}; dropped {len(dropped)} FC-CLIP keys "
+            "(class head, void, criterion); FPN, IoU head and LDP stay new",
+            file=sys.stderr,
+        )
 
     differences = verify(model, sam_original, clip_config, clip_state_dict) if args.verify else {}
     size = sam_config.image_size

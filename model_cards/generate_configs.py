@@ -9,16 +9,44 @@ from pathlib import Path
 
 import torch
 
-from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, PosSAMImageProcessor, PosSAMProcessor, clip_tokenizer_from_bpe
+from transformers_possam import (
+    PosSAMConfig,
+    PosSAMForPanopticSegmentation,
+    PosSAMImageProcessor,
+    PosSAMProcessor,
+    clip_tokenizer_from_bpe,
+)
 from transformers_possam.configuration_possam import SAM_VISION_VARIANTS
+
 
 CPU_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results-cpu.json"
 
 # Paper Table 1 (COCO -> ADE20K: PQ, SQ, RQ, mAP, mIoU) and Table B.1 (FPS on A100, parameters).
 PAPER = {
-    "vit-b": {"name": "B", "ade": (26.5, 74.7, 32.0, 16.8, 32.9), "fps": 1.72, "frozen": "441.4M", "total": "493.0M", "sam": "facebook/sam-vit-base"},
-    "vit-l": {"name": "L", "ade": (28.0, 75.5, 33.4, 18.3, 34.2), "fps": 1.48, "frozen": "660.0M", "total": "711.6M", "sam": "facebook/sam-vit-large"},
-    "vit-h": {"name": "H", "ade": (29.2, 76.3, 34.7, 18.3, 35.1), "fps": 1.30, "frozen": "988.7M", "total": "1040.3M", "sam": "facebook/sam-vit-huge"},
+    "vit-b": {
+        "name": "B",
+        "ade": (26.5, 74.7, 32.0, 16.8, 32.9),
+        "fps": 1.72,
+        "frozen": "441.4M",
+        "total": "493.0M",
+        "sam": "facebook/sam-vit-base",
+    },
+    "vit-l": {
+        "name": "L",
+        "ade": (28.0, 75.5, 33.4, 18.3, 34.2),
+        "fps": 1.48,
+        "frozen": "660.0M",
+        "total": "711.6M",
+        "sam": "facebook/sam-vit-large",
+    },
+    "vit-h": {
+        "name": "H",
+        "ade": (29.2, 76.3, 34.7, 18.3, 35.1),
+        "fps": 1.30,
+        "frozen": "988.7M",
+        "total": "1040.3M",
+        "sam": "facebook/sam-vit-huge",
+    },
 }
 
 CARD = """---
@@ -155,13 +183,30 @@ def main() -> None:
         our_speed = "GPU: not measured yet (no GPU was lent to the sessions so far)"
         if variant == "vit-b" and CPU_RESULTS.exists():
             overhead = next(row for row in json.loads(CPU_RESULTS.read_text())["figures"] if row["target"] == 1)
-            our_speed += (f"; CPU (2 cores, fp32, random weights): {overhead['ours']['median_s']:.1f} s per 1024x1024 image, "
-                          f"forward and panoptic post-processing (`benchmarks/run.py` in the code repository)")
-        (folder / "README.md").write_text(CARD.format(
-            variant=variant, name=paper["name"], letter=variant[-1], sam=paper["sam"], pq=pq, sq=sq, rq=rq, ap=ap, miou=miou,
-            fps=paper["fps"], frozen=paper["frozen"], total=paper["total"], our_frozen=f"{frozen / 1e6:.2f}M",
-            our_trainable=f"{trainable / 1e6:.2f}M", our_total=f"{(frozen + trainable) / 1e6:.2f}M", our_speed=our_speed,
-        ))
+            our_speed += (
+                f"; CPU (2 cores, fp32, random weights): {overhead['ours']['median_s']:.1f} s per 1024x1024 image, "
+                f"forward and panoptic post-processing (`benchmarks/run.py` in the code repository)"
+            )
+        (folder / "README.md").write_text(
+            CARD.format(
+                variant=variant,
+                name=paper["name"],
+                letter=variant[-1],
+                sam=paper["sam"],
+                pq=pq,
+                sq=sq,
+                rq=rq,
+                ap=ap,
+                miou=miou,
+                fps=paper["fps"],
+                frozen=paper["frozen"],
+                total=paper["total"],
+                our_frozen=f"{frozen / 1e6:.2f}M",
+                our_trainable=f"{trainable / 1e6:.2f}M",
+                our_total=f"{(frozen + trainable) / 1e6:.2f}M",
+                our_speed=our_speed,
+            )
+        )
 
 
 if __name__ == "__main__":

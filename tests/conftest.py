@@ -9,6 +9,7 @@ from transformers_possam import (
     tiny_config,
 )
 
+
 # Tests may share the 2 cores with other jobs: one intra-op thread is faster and steadier there.
 torch.set_num_threads(1)
 
@@ -16,7 +17,9 @@ IMAGE_SIZE = 128
 NUM_CLASSES = 5
 
 
-def make_vocabulary(num_classes: int = NUM_CLASSES, num_synonyms: int = 2, num_templates: int = 3, seq_len: int = 7, seed: int = 0):
+def make_vocabulary(
+    num_classes: int = NUM_CLASSES, num_synonyms: int = 2, num_templates: int = 3, seq_len: int = 7, seed: int = 0
+):
     """Random token ids in the (K, S, T, L) layout, EOT at the end; some classes with a single synonym."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(1, 49000, (num_classes, num_synonyms, num_templates, seq_len), generator=generator)
@@ -54,7 +57,9 @@ def save_tiny_checkpoint(path, seed: int = 0, **image_processor_kwargs):
     config = tiny_config()
     size = config.vision_config.image_size
     PosSAMForPanopticSegmentation(config).save_pretrained(path)
-    image_processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size}, **image_processor_kwargs)
+    image_processor = PosSAMImageProcessor(
+        size={"longest_edge": size}, pad_size={"height": size, "width": size}, **image_processor_kwargs
+    )
     PosSAMProcessor(image_processor, clip_tokenizer_from_bpe()).save_pretrained(path)
     return path
 
@@ -70,7 +75,9 @@ def load_training_script(name: str):
 
     module_name = f"possam_training_{name}"
     if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().parents[1] / "training" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(
+            module_name, Path(__file__).resolve().parents[1] / "training" / f"{name}.py"
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
         spec.loader.exec_module(module)

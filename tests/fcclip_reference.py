@@ -27,6 +27,7 @@ from collections.abc import Collection, Sequence
 import torch
 from torch.nn import functional as F
 
+
 __all__ = [
     "GEOMETRIC_ENSEMBLE_ALPHA",
     "GEOMETRIC_ENSEMBLE_BETA",
@@ -84,8 +85,12 @@ def fcclip_ensemble_probs(
 
     # L387-395: geometric ensemble in log space, selected by the seen / unseen masks (a product 0 would give
     # -inf * 0 = NaN here, exactly as in FC-CLIP)
-    cls_logits_seen = (in_vocab_cls_results ** (1 - alpha) * out_vocab_cls_probs**alpha).log() * category_overlapping_mask
-    cls_logits_unseen = (in_vocab_cls_results ** (1 - beta) * out_vocab_cls_probs**beta).log() * (1 - category_overlapping_mask)
+    cls_logits_seen = (
+        in_vocab_cls_results ** (1 - alpha) * out_vocab_cls_probs**alpha
+    ).log() * category_overlapping_mask
+    cls_logits_unseen = (in_vocab_cls_results ** (1 - beta) * out_vocab_cls_probs**beta).log() * (
+        1 - category_overlapping_mask
+    )
     cls_results = cls_logits_seen + cls_logits_unseen
 
     # L397-401: "This is used to filtering void predictions."
@@ -119,7 +124,9 @@ def fcclip_upsample_masks(mask_pred_results: torch.Tensor, padded_size: Sequence
     return mask_pred_results
 
 
-def sem_seg_postprocess(result: torch.Tensor, img_size: Sequence[int], output_height: int, output_width: int) -> torch.Tensor:
+def sem_seg_postprocess(
+    result: torch.Tensor, img_size: Sequence[int], output_height: int, output_width: int
+) -> torch.Tensor:
     """
     detectron2/modeling/postprocessing.py L77-100, `sem_seg_postprocess` (imported by FC-CLIP 2b0bbe2 at fcclip.py
     L17; read at detectron2 02b5c4e, the code is unchanged since October 2019): crop the padding away (`img_size` =
@@ -200,7 +207,7 @@ def panoptic_inference(
 
                 # merge stuff regions
                 if not isthing:
-                    if int(pred_class) in stuff_memory_list.keys():  # noqa: SIM118 (FC-CLIP's code, verbatim)
+                    if int(pred_class) in stuff_memory_list.keys():
                         panoptic_seg[mask] = stuff_memory_list[int(pred_class)]
                         continue
                     else:
@@ -315,7 +322,9 @@ def fcclip_inference(
     Returns:
         Per image `{"sem_seg": (K, H, W), "panoptic_seg": (seg, segments_info), "instances": dict}` (the enabled ones).
     """
-    mask_cls_results = fcclip_ensemble_logits(in_vocab_logits, out_vocab_logits, category_overlapping_mask, alpha, beta)
+    mask_cls_results = fcclip_ensemble_logits(
+        in_vocab_logits, out_vocab_logits, category_overlapping_mask, alpha, beta
+    )
     mask_pred_results = fcclip_upsample_masks(mask_pred_results, padded_size)  # L404-410
 
     processed_results = []
@@ -326,8 +335,8 @@ def fcclip_inference(
         processed_results.append({})
 
         # L422-426 (sem_seg_postprocess_before_inference)
-        mask_pred_result = sem_seg_postprocess(mask_pred_result, image_size, height, width)  # noqa: PLW2901 (verbatim)
-        mask_cls_result = mask_cls_result.to(mask_pred_result)  # noqa: PLW2901
+        mask_pred_result = sem_seg_postprocess(mask_pred_result, image_size, height, width)
+        mask_cls_result = mask_cls_result.to(mask_pred_result)
 
         # semantic segmentation inference (L429-433)
         if semantic_on:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
@@ -16,7 +17,10 @@ def test_gpu_suite_runs_on_cpu_with_the_tiny_config():
         rows = gpu.run("cpu", ("tiny",), repeats=1, batches=(1, 2), dtypes=("float32",), compile_b=False)
     finally:
         torch.set_num_threads(threads)
-    assert [(row["batch"], row["dtype"], row["compiled"]) for row in rows] == [(1, "float32", False), (2, "float32", False)]
+    assert [(row["batch"], row["dtype"], row["compiled"]) for row in rows] == [
+        (1, "float32", False),
+        (2, "float32", False),
+    ]
     assert all(row["images_per_second"] > 0 and row["target"] == 7 for row in rows)
 
 

@@ -28,7 +28,9 @@ def test_mask_iou_targets_against_direct_count():
     target[0, :16, :16] = 1  # top-left quarter: IoU with top half = 1/2
     target[1, 8:24, 8:24] = 1  # a quarter of the image: IoU with everything = 1/4
     torch.testing.assert_close(mask_iou_targets(pred, target), torch.tensor([0.5, 0.25]))
-    torch.testing.assert_close(mask_iou_targets(torch.full((1, 8, 8), -1.0), torch.zeros(1, 32, 32)), torch.tensor([0.0]))
+    torch.testing.assert_close(
+        mask_iou_targets(torch.full((1, 8, 8), -1.0), torch.zeros(1, 32, 32)), torch.tensor([0.0])
+    )
 
 
 def test_mask_pool_is_average_inside_binarized_mask():
@@ -69,11 +71,11 @@ def test_matcher_survives_nan_and_inf_costs():
     classes = torch.randn(1, 6, 4)
     classes[0, 4] = float("nan")
     labels = [torch.randint(0, 2, (3, 64, 64), dtype=torch.uint8)]
-    (rows, cols), = matcher(masks, classes, labels, [torch.tensor([0, 1, 2])])
+    ((rows, cols),) = matcher(masks, classes, labels, [torch.tensor([0, 1, 2])])
     assert len(rows) == 3 and sorted(cols.tolist()) == [0, 1, 2]
     # finite predictions are preferred over broken ones
     assert not set(rows.tolist()) & {2, 3, 4}
-    (rows, cols), = matcher(masks, classes, [labels[0][:0]], [torch.tensor([], dtype=torch.long)])
+    ((rows, cols),) = matcher(masks, classes, [labels[0][:0]], [torch.tensor([], dtype=torch.long)])
     assert len(rows) == 0
 
 
@@ -115,16 +117,25 @@ def test_embedding_bag_deformable_attention_matches_grid_sample_version():
     for ours, reference in zip(gradients[1], gradients[0]):
         torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
     with torch.no_grad():  # the in-place (no autograd) path
-        torch.testing.assert_close(deformable_attention_embedding_bag(inputs[0], shapes, inputs[1], inputs[2]), outputs[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            deformable_attention_embedding_bag(inputs[0], shapes, inputs[1], inputs[2]),
+            outputs[0],
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_deformable_attention_module_equals_mask2former_module():
-    from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention
+    from transformers.models.mask2former.modeling_mask2former import (
+        Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
+    )
 
     from transformers_possam.modeling import PosSAMMultiscaleDeformableAttention
 
     torch.manual_seed(0)
-    reference = Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(embed_dim=32, num_heads=4, n_levels=3, n_points=4)
+    reference = Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(
+        embed_dim=32, num_heads=4, n_levels=3, n_points=4
+    )
     ours = PosSAMMultiscaleDeformableAttention(embed_dim=32, num_heads=4, n_levels=3, n_points=4)
     for parameter in reference.parameters():  # default init gives zero offsets: randomize to move the samples
         torch.nn.init.normal_(parameter, std=0.5)
@@ -132,14 +143,21 @@ def test_deformable_attention_module_equals_mask2former_module():
     shapes = [(3, 5), (6, 10), (12, 20)]
     tokens = torch.randn(2, sum(h * w for h, w in shapes), 32)
     reference_points = torch.rand(2, tokens.shape[1], 3, 2)
-    kwargs = dict(encoder_hidden_states=tokens, position_embeddings=torch.randn_like(tokens), reference_points=reference_points, spatial_shapes_list=shapes)
+    kwargs = {
+        "encoder_hidden_states": tokens,
+        "position_embeddings": torch.randn_like(tokens),
+        "reference_points": reference_points,
+        "spatial_shapes_list": shapes,
+    }
     expected, expected_weights = reference(tokens, **kwargs)
     output, weights = ours(tokens, **kwargs)
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(weights, expected_weights)
 
 
-@pytest.mark.parametrize("window_size, tokens", [(0, (2, 8, 8)), (4, (8, 4, 4))])  # global; windowed (images x windows)
+@pytest.mark.parametrize(
+    "window_size, tokens", [(0, (2, 8, 8)), (4, (8, 4, 4))]
+)  # global; windowed (images x windows)
 def test_head_by_head_sam_attention_equals_transformers(window_size, tokens):
     from transformers import SamVisionConfig
     from transformers.models.sam.modeling_sam import SamVisionSdpaAttention

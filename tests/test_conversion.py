@@ -10,8 +10,15 @@ def test_original_sam_image_encoder_converts_exactly(tmp_path, global_layers):
     segment_anything = pytest.importorskip("segment_anything.modeling")
     torch.manual_seed(0)
     reference = segment_anything.ImageEncoderViT(
-        img_size=128, patch_size=16, embed_dim=48, depth=3, num_heads=3, out_chans=16, use_rel_pos=True,
-        window_size=4, global_attn_indexes=global_layers,
+        img_size=128,
+        patch_size=16,
+        embed_dim=48,
+        depth=3,
+        num_heads=3,
+        out_chans=16,
+        use_rel_pos=True,
+        window_size=4,
+        global_attn_indexes=global_layers,
     ).eval()
     for parameter in reference.parameters():  # non-zero everywhere, rel-pos tables included
         torch.nn.init.normal_(parameter, std=0.05)
@@ -38,7 +45,13 @@ def test_open_clip_convnext_converts_exactly():
 
     model_cfg = {
         "embed_dim": 32,
-        "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "mlp", "image_size": 64},
+        "vision_cfg": {
+            "timm_model_name": "convnext_atto",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "mlp",
+            "image_size": 64,
+        },
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
     }
     torch.manual_seed(0)
@@ -57,11 +70,21 @@ def test_open_clip_convnext_converts_exactly():
     tokenizer = clip_tokenizer_from_bpe()
     ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
     clip_pixels = torch.randn(2, 3, 64, 64)
-    sam_pixels = (clip_pixels * torch.tensor(config.clip_image_std).view(1, 3, 1, 1) + torch.tensor(config.clip_image_mean).view(1, 3, 1, 1)
-                  - torch.tensor(config.sam_image_mean).view(1, 3, 1, 1)) / torch.tensor(config.sam_image_std).view(1, 3, 1, 1)
+    sam_pixels = (
+        clip_pixels * torch.tensor(config.clip_image_std).view(1, 3, 1, 1)
+        + torch.tensor(config.clip_image_mean).view(1, 3, 1, 1)
+        - torch.tensor(config.sam_image_mean).view(1, 3, 1, 1)
+    ) / torch.tensor(config.sam_image_std).view(1, 3, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(model.get_text_features(ids), reference.encode_text(open_clip.get_tokenizer("convnext_large_d_320")(texts)), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.get_image_features(sam_pixels), reference.encode_image(clip_pixels), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model.get_text_features(ids),
+            reference.encode_text(open_clip.get_tokenizer("convnext_large_d_320")(texts)),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        torch.testing.assert_close(
+            model.get_image_features(sam_pixels), reference.encode_image(clip_pixels), atol=1e-5, rtol=1e-5
+        )
     assert model.clip.logit_scale.item() == pytest.approx(reference.logit_scale.item())
 
 
@@ -74,14 +97,29 @@ def test_conversion_script_builds_a_verified_checkpoint_the_pipeline_loads(tmp_p
     open_clip = pytest.importorskip("open_clip")
     segment_anything = pytest.importorskip("segment_anything.modeling")
     torch.manual_seed(0)
-    sam = segment_anything.ImageEncoderViT(img_size=128, patch_size=16, embed_dim=32, depth=2, num_heads=2, out_chans=32,
-                                           use_rel_pos=True, window_size=4, global_attn_indexes=(1,))
+    sam = segment_anything.ImageEncoderViT(
+        img_size=128,
+        patch_size=16,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        out_chans=32,
+        use_rel_pos=True,
+        window_size=4,
+        global_attn_indexes=(1,),
+    )
     for parameter in sam.parameters():
         torch.nn.init.normal_(parameter, std=0.05)
     torch.save({f"image_encoder.{k}": v for k, v in sam.state_dict().items()}, tmp_path / "sam.pth")
     model_cfg = {
         "embed_dim": 32,
-        "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "mlp", "image_size": 64},
+        "vision_cfg": {
+            "timm_model_name": "convnext_atto",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "mlp",
+            "image_size": 64,
+        },
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
     }
     clip_dir = tmp_path / "open_clip"
@@ -90,12 +128,26 @@ def test_conversion_script_builds_a_verified_checkpoint_the_pipeline_loads(tmp_p
     (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
 
     script = Path(__file__).resolve().parents[1] / "conversion" / "convert_possam_to_hf.py"
-    result = subprocess.run([sys.executable, str(script), "--sam_checkpoint", str(tmp_path / "sam.pth"), "--clip_checkpoint", str(clip_dir),
-                             "--output_dir", str(tmp_path / "possam"), "--verify"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--sam_checkpoint",
+            str(tmp_path / "sam.pth"),
+            "--clip_checkpoint",
+            str(clip_dir),
+            "--output_dir",
+            str(tmp_path / "possam"),
+            "--verify",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "verify sam_image_embeddings" in result.stderr and "verify text_features" in result.stderr
-    from transformers import pipeline
     from PIL import Image
+    from transformers import pipeline
 
     segmenter = pipeline("open-vocabulary-panoptic-segmentation", model=str(tmp_path / "possam"))
     assert isinstance(segmenter(Image.new("RGB", (50, 40)), candidate_labels=["cat", "dog"]), list)
@@ -112,21 +164,60 @@ def detectron2_name(hf_key):
         (r"^pixel_decoder\.layer_1\.1\.", "sem_seg_head.pixel_decoder.layer_1.norm."),
         (r"^pixel_decoder\.input_projections\.", "sem_seg_head.pixel_decoder.input_proj."),
         (r"^pixel_decoder\.level_embed$", "sem_seg_head.pixel_decoder.transformer.level_embed"),
-        (r"^pixel_decoder\.encoder\.layers\.(\d+)\.fc1\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.linear1."),
-        (r"^pixel_decoder\.encoder\.layers\.(\d+)\.fc2\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.linear2."),
-        (r"^pixel_decoder\.encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.norm1."),
-        (r"^pixel_decoder\.encoder\.layers\.(\d+)\.final_layer_norm\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.norm2."),
-        (r"^pixel_decoder\.encoder\.layers\.(\d+)\.self_attn\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.self_attn."),
+        (
+            r"^pixel_decoder\.encoder\.layers\.(\d+)\.fc1\.",
+            r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.linear1.",
+        ),
+        (
+            r"^pixel_decoder\.encoder\.layers\.(\d+)\.fc2\.",
+            r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.linear2.",
+        ),
+        (
+            r"^pixel_decoder\.encoder\.layers\.(\d+)\.self_attn_layer_norm\.",
+            r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.norm1.",
+        ),
+        (
+            r"^pixel_decoder\.encoder\.layers\.(\d+)\.final_layer_norm\.",
+            r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.norm2.",
+        ),
+        (
+            r"^pixel_decoder\.encoder\.layers\.(\d+)\.self_attn\.",
+            r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.self_attn.",
+        ),
         (r"^pixel_decoder\.mask_projection\.", "sem_seg_head.pixel_decoder.mask_features."),
-        (r"^transformer_module\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"sem_seg_head.predictor.transformer_self_attention_layers.\1.self_attn.out_proj."),
-        (r"^transformer_module\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"sem_seg_head.predictor.transformer_self_attention_layers.\1.norm."),
-        (r"^transformer_module\.decoder\.layers\.(\d+)\.cross_attn\.", r"sem_seg_head.predictor.transformer_cross_attention_layers.\1.multihead_attn."),
-        (r"^transformer_module\.decoder\.layers\.(\d+)\.cross_attn_layer_norm\.", r"sem_seg_head.predictor.transformer_cross_attention_layers.\1.norm."),
-        (r"^transformer_module\.decoder\.layers\.(\d+)\.fc1\.", r"sem_seg_head.predictor.transformer_ffn_layers.\1.linear1."),
-        (r"^transformer_module\.decoder\.layers\.(\d+)\.fc2\.", r"sem_seg_head.predictor.transformer_ffn_layers.\1.linear2."),
-        (r"^transformer_module\.decoder\.layers\.(\d+)\.final_layer_norm\.", r"sem_seg_head.predictor.transformer_ffn_layers.\1.norm."),
+        (
+            r"^transformer_module\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.",
+            r"sem_seg_head.predictor.transformer_self_attention_layers.\1.self_attn.out_proj.",
+        ),
+        (
+            r"^transformer_module\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.",
+            r"sem_seg_head.predictor.transformer_self_attention_layers.\1.norm.",
+        ),
+        (
+            r"^transformer_module\.decoder\.layers\.(\d+)\.cross_attn\.",
+            r"sem_seg_head.predictor.transformer_cross_attention_layers.\1.multihead_attn.",
+        ),
+        (
+            r"^transformer_module\.decoder\.layers\.(\d+)\.cross_attn_layer_norm\.",
+            r"sem_seg_head.predictor.transformer_cross_attention_layers.\1.norm.",
+        ),
+        (
+            r"^transformer_module\.decoder\.layers\.(\d+)\.fc1\.",
+            r"sem_seg_head.predictor.transformer_ffn_layers.\1.linear1.",
+        ),
+        (
+            r"^transformer_module\.decoder\.layers\.(\d+)\.fc2\.",
+            r"sem_seg_head.predictor.transformer_ffn_layers.\1.linear2.",
+        ),
+        (
+            r"^transformer_module\.decoder\.layers\.(\d+)\.final_layer_norm\.",
+            r"sem_seg_head.predictor.transformer_ffn_layers.\1.norm.",
+        ),
         (r"^transformer_module\.decoder\.layernorm\.", "sem_seg_head.predictor.decoder_norm."),
-        (r"^transformer_module\.decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.", r"sem_seg_head.predictor.mask_embed.layers.\1."),
+        (
+            r"^transformer_module\.decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.",
+            r"sem_seg_head.predictor.mask_embed.layers.\1.",
+        ),
         (r"^transformer_module\.queries_embedder\.", "sem_seg_head.predictor.query_embed."),
         (r"^transformer_module\.queries_features\.", "sem_seg_head.predictor.query_feat."),
         (r"^transformer_module\.level_embed\.", "sem_seg_head.predictor.level_embed."),
@@ -157,15 +248,24 @@ def test_fcclip_decoder_checkpoint_maps_onto_the_decoder(tmp_path):
     layers = tiny_config().decoder_layers - 1
     for layer in range(layers):  # detectron2 keeps q, k, v as one in_proj
         for kind in ("weight", "bias"):
-            parts = [source.state_dict()[f"transformer_module.decoder.layers.{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
-            detectron2[f"sem_seg_head.predictor.transformer_self_attention_layers.{layer}.self_attn.in_proj_{kind}"] = torch.cat(parts)
+            parts = [
+                source.state_dict()[f"transformer_module.decoder.layers.{layer}.self_attn.{p}_proj.{kind}"]
+                for p in "qkv"
+            ]
+            detectron2[
+                f"sem_seg_head.predictor.transformer_self_attention_layers.{layer}.self_attn.in_proj_{kind}"
+            ] = torch.cat(parts)
     detectron2["sem_seg_head.predictor.class_embed.layers.0.weight"] = torch.zeros(1)  # FC-CLIP's class head: dropped
     detectron2["void_embedding.weight"] = torch.zeros(1, 32)
     detectron2["criterion.empty_weight"] = torch.ones(134)
     torch.save({"model": detectron2}, tmp_path / "fcclip_cocopan.pth")
 
     decoder, clip, dropped = convert_fcclip_decoder(load_fcclip_checkpoint(tmp_path / "fcclip_cocopan.pth"))
-    assert clip == {} and sorted(dropped) == ["criterion.empty_weight", "sem_seg_head.predictor.class_embed.layers.0.weight", "void_embedding.weight"]
+    assert clip == {} and sorted(dropped) == [
+        "criterion.empty_weight",
+        "sem_seg_head.predictor.class_embed.layers.0.weight",
+        "void_embedding.weight",
+    ]
     target = PosSAMModel(tiny_config())
     expected = {k for k in target.state_dict() if k.startswith(("pixel_decoder.", "transformer_module."))}
     assert set(decoder) == expected  # every decoder weight is covered, nothing else
@@ -186,8 +286,16 @@ def test_hf_sam_folder_is_accepted(tmp_path):
     from convert_possam_to_hf import load_sam
 
     torch.manual_seed(0)
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=128, output_channels=32,
-                  window_size=4, global_attn_indexes=[1], mlp_dim=64)
+    vision = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 128,
+        "output_channels": 32,
+        "window_size": 4,
+        "global_attn_indexes": [1],
+        "mlp_dim": 64,
+    }
     sam = SamModel(SamConfig(vision_config=vision))
     sam.save_pretrained(tmp_path / "sam")
     state_dict, config, original = load_sam(str(tmp_path / "sam"))

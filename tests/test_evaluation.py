@@ -6,6 +6,7 @@ from PIL import Image
 
 from transformers_possam.evaluation import PanopticQualityAccumulator, SemanticConfusion, pq_compute
 
+
 CATEGORIES = [
     {"id": 1, "name": "person", "isthing": 1},
     {"id": 2, "name": "car", "isthing": 1},
@@ -56,7 +57,10 @@ def crafted_images():
     # a random second image: blocks with random categories, predictions shifted
     rng = np.random.default_rng(0)
     gt = np.repeat(np.repeat(rng.integers(1, 7, (4, 6)), 10, axis=0), 10, axis=1)
-    gt_segments = [{"id": int(i), "category_id": int(i % 4) + 1, "iscrowd": int(i == 6), "area": int((gt == i).sum())} for i in np.unique(gt)]
+    gt_segments = [
+        {"id": int(i), "category_id": int(i % 4) + 1, "iscrowd": int(i == 6), "area": int((gt == i).sum())}
+        for i in np.unique(gt)
+    ]
     pred = np.roll(gt, 3, axis=1) + 100
     pred[:5] = 0
     pred_segments = [{"id": int(i), "category_id": int((i - 100) % 4) + 1} for i in np.unique(pred) if i]
@@ -106,10 +110,17 @@ def test_crafted_counts_by_hand():
 def test_empty_split_and_seen_unseen():
     accumulator = PanopticQualityAccumulator()
     ids = np.ones((4, 4), np.int64)
-    accumulator.update(ids, [{"id": 1, "category_id": 1, "iscrowd": 0, "area": 16}], ids, [{"id": 1, "category_id": 1}])
+    accumulator.update(
+        ids, [{"id": 1, "category_id": 1, "iscrowd": 0, "area": 16}], ids, [{"id": 1, "category_id": 1}]
+    )
     categories = {c["id"]: c for c in CATEGORIES}
     results = accumulator.summarize(categories, seen_category_ids=[1, 3])
-    assert results["Stuff"] == {"pq": 0.0, "sq": 0.0, "rq": 0.0, "n": 0}  # no stuff segment anywhere: no ZeroDivisionError
+    assert results["Stuff"] == {
+        "pq": 0.0,
+        "sq": 0.0,
+        "rq": 0.0,
+        "n": 0,
+    }  # no stuff segment anywhere: no ZeroDivisionError
     assert results["Things"]["pq"] == 1.0 and results["Seen"]["pq"] == 1.0 and results["Unseen"]["n"] == 0
     # accumulators merge (e.g. across processes) through a fixed-size array
     twice = PanopticQualityAccumulator.from_array(accumulator.to_array([1, 2, 3, 4]) * 2, [1, 2, 3, 4])
@@ -163,8 +174,10 @@ def test_evaluate_metric_loads_offline_and_matches(monkeypatch):
     for gt, gt_segments, pred, pred_segments in crafted_images():
         accumulator.update(gt, gt_segments, pred, pred_segments)
         pred_info = [dict(s, iscrowd=0, area=0) for s in pred_segments]
-        metric.add(predictions={"segmentation": pred.tolist(), "segments_info": pred_info},
-                   references={"segmentation": gt.tolist(), "segments_info": gt_segments})
+        metric.add(
+            predictions={"segmentation": pred.tolist(), "segments_info": pred_info},
+            references={"segmentation": gt.tolist(), "segments_info": gt_segments},
+        )
     result = metric.compute(categories=CATEGORIES, seen_category_ids=[1, 3])
     expected = accumulator.summarize({c["id"]: c for c in CATEGORIES}, seen_category_ids=[1, 3])
     for split in ("All", "Things", "Stuff", "Seen", "Unseen"):

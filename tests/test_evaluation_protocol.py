@@ -15,9 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, PosSAMProcessor, clip_tokenizer_from_bpe, tiny_config
+from transformers_possam import (
+    PosSAMForPanopticSegmentation,
+    PosSAMImageProcessor,
+    PosSAMProcessor,
+    clip_tokenizer_from_bpe,
+    tiny_config,
+)
 from transformers_possam.data import TOY_CATEGORIES, TooManyBadSamples, save_category_table, toy_panoptic_rows
 from transformers_possam.evaluation.loop import PanopticEvaluator
+
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -34,7 +41,10 @@ def png_bytes(image: Image.Image) -> dict:
 
 def encoded_rows(count: int, split: str = "validation", seed: int = 0) -> list[dict]:
     """Toy rows with images / PNGs as encoded bytes (the parquet form)."""
-    return [dict(row, image=png_bytes(row["image"]), label=png_bytes(row["label"])) for row in toy_panoptic_rows(count, seed=seed, split=split)]
+    return [
+        dict(row, image=png_bytes(row["image"]), label=png_bytes(row["label"]))
+        for row in toy_panoptic_rows(count, seed=seed, split=split)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +53,10 @@ def tiny():
     config = tiny_config()
     model = PosSAMForPanopticSegmentation(config).eval()
     size = config.vision_config.image_size
-    processor = PosSAMProcessor(PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size}), clip_tokenizer_from_bpe())
+    processor = PosSAMProcessor(
+        PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size}),
+        clip_tokenizer_from_bpe(),
+    )
     return model, processor
 
 
@@ -57,12 +70,19 @@ def test_bad_rows_are_skipped_and_counted_as_in_training(tiny):
     rows[1] = dict(rows[1], image={"bytes": b"not an image", "path": None})  # undecodable
     rows[3] = dict(rows[3], segments_info=[dict(rows[3]["segments_info"][0], category_id=77)])  # unknown category
     rows[4] = dict(rows[4], semantic_label=png_bytes(Image.new("L", (5, 5))))  # semantic GT of another size
-    rows[5] = dict(rows[5], segments_info=rows[5]["segments_info"] + rows[5]["segments_info"][:1])  # a segment listed twice
+    rows[5] = dict(
+        rows[5], segments_info=rows[5]["segments_info"] + rows[5]["segments_info"][:1]
+    )  # a segment listed twice
     evaluator = evaluator_for(tiny, max_bad_fraction=0.7, min_seen=1)
     evaluator.process(rows)
     results = evaluator.results()
     assert (results["images"], results["bad_samples"]) == (2, 4)
-    assert results["bad_sample_ids"] == ["toy_validation_00001", "toy_validation_00003", "toy_validation_00004", "toy_validation_00005"]
+    assert results["bad_sample_ids"] == [
+        "toy_validation_00001",
+        "toy_validation_00003",
+        "toy_validation_00004",
+        "toy_validation_00005",
+    ]
     # the training rule: more than max_bad_fraction bad (after min_seen rows) stops, naming the rows
     strict = evaluator_for(tiny, max_bad_fraction=0.1, min_seen=1)
     with pytest.raises(TooManyBadSamples, match="toy_validation_00001"):
@@ -76,7 +96,9 @@ def test_vocabularies_beyond_255_classes_and_without_things(tiny):
     # 300 categories; the toy row's category ids 0..5 become class indices 250..255
     categories = [{"id": 1000 + i, "name": f"class {i}", "isthing": 0} for i in range(250)] + list(TOY_CATEGORIES)
     categories += [{"id": 2000 + i, "name": f"extra {i}", "isthing": 0} for i in range(44)]
-    embeddings = torch.nn.functional.normalize(torch.randn(len(categories), 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    embeddings = torch.nn.functional.normalize(
+        torch.randn(len(categories), 32, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
     evaluator = PanopticEvaluator(model, processor.image_processor, categories, embeddings, None)
     evaluator.process([row])
     confusion = evaluator.state()["confusion"]
@@ -153,11 +175,22 @@ def write_split(folder: Path, rows: list[dict], categories) -> None:
     from datasets import Dataset, Features, List, Value
     from datasets import Image as ImageFeature
 
-    features = Features({
-        "image": ImageFeature(), "label": ImageFeature(), "image_id": Value("string"),
-        "segments_info": List({"id": Value("int64"), "category_id": Value("int64"), "iscrowd": Value("int64"), "area": Value("int64"),
-                               "bbox": List(Value("int64"))}),
-    })
+    features = Features(
+        {
+            "image": ImageFeature(),
+            "label": ImageFeature(),
+            "image_id": Value("string"),
+            "segments_info": List(
+                {
+                    "id": Value("int64"),
+                    "category_id": Value("int64"),
+                    "iscrowd": Value("int64"),
+                    "area": Value("int64"),
+                    "bbox": List(Value("int64")),
+                }
+            ),
+        }
+    )
     folder.mkdir(parents=True)
     Dataset.from_list(rows, features=features).to_parquet(str(folder / "data-00000-of-00001.parquet"))
     save_category_table(categories, folder.parent)
@@ -166,23 +199,56 @@ def write_split(folder: Path, rows: list[dict], categories) -> None:
 def test_evaluate_script_on_real_coco(checkpoint, tmp_path):
     """evaluate.py on the real COCO sample (prepared with the prepare script): every Table 1 metric, COCO vocabulary."""
     subprocess.run(
-        [sys.executable, str(REPO / "training" / "prepare_panoptic_parquet.py"), "--annotations_json", str(SAMPLE / "panoptic_examples.json"),
-         "--png_folder", str(SAMPLE / "panoptic_examples"), "--images_folder", str(SAMPLE / "input_images"),
-         "--output_dir", str(tmp_path / "coco" / "validation"), "--vocabulary", "coco"],
-        check=True, env=ENV, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "training" / "prepare_panoptic_parquet.py"),
+            "--annotations_json",
+            str(SAMPLE / "panoptic_examples.json"),
+            "--png_folder",
+            str(SAMPLE / "panoptic_examples"),
+            "--images_folder",
+            str(SAMPLE / "input_images"),
+            "--output_dir",
+            str(tmp_path / "coco" / "validation"),
+            "--vocabulary",
+            "coco",
+        ],
+        check=True,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     result = subprocess.run(
-        [sys.executable, str(REPO / "training" / "evaluate.py"), "--model_name_or_path", str(checkpoint), "--dataset_name",
-         str(tmp_path / "coco"), "--output_dir", str(tmp_path / "eval")],
-        check=True, env=ENV, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "training" / "evaluate.py"),
+            "--model_name_or_path",
+            str(checkpoint),
+            "--dataset_name",
+            str(tmp_path / "coco"),
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ],
+        check=True,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["images"] == 2 and metrics["bad_samples"] == 0
-    assert {"All", "Things", "Stuff", "Seen", "Unseen", "mask_AP", "mIoU", "mIoU_ground_truth", "per_class"} <= set(metrics)
+    assert {"All", "Things", "Stuff", "Seen", "Unseen", "mask_AP", "mIoU", "mIoU_ground_truth", "per_class"} <= set(
+        metrics
+    )
     assert metrics["Unseen"]["n"] == 0  # COCO classes are all seen by a COCO-trained model
     # every ground-truth category of the two images enters PQ (as a false negative at least)
-    categories = {s["category_id"] for a in json.loads((SAMPLE / "panoptic_examples.json").read_text())["annotations"] for s in a["segments_info"]
-                  if not s["iscrowd"]}
+    categories = {
+        s["category_id"]
+        for a in json.loads((SAMPLE / "panoptic_examples.json").read_text())["annotations"]
+        for s in a["segments_info"]
+        if not s["iscrowd"]
+    }
     assert metrics["All"]["n"] >= len(categories)
     assert "mask AP" in result.stdout and "ground truth: derived from the panoptic PNG" in result.stdout
 
@@ -194,19 +260,43 @@ def test_evaluation_failures_never_cost_training(tmp_path):
     validation = encoded_rows(4)
     validation[2] = dict(validation[2], label={"bytes": b"\x89PNG broken", "path": None})
     write_split(root / "validation", validation, TOY_CATEGORIES)
-    common = [sys.executable, str(REPO / "training" / "train.py"), "--dataset_name", str(root), "--max_steps", "4", "--eval_steps", "2",
-              "--max_eval_samples", "4", "--per_device_train_batch_size", "1", "--checkpointing_steps", "2"]
-    run = subprocess.run([*common, "--output_dir", str(tmp_path / "bad_row"), "--max_bad_fraction", "0.5"],
-                         env=ENV, capture_output=True, text=True, timeout=300)
+    common = [
+        sys.executable,
+        str(REPO / "training" / "train.py"),
+        "--dataset_name",
+        str(root),
+        "--max_steps",
+        "4",
+        "--eval_steps",
+        "2",
+        "--max_eval_samples",
+        "4",
+        "--per_device_train_batch_size",
+        "1",
+        "--checkpointing_steps",
+        "2",
+    ]
+    run = subprocess.run(
+        [*common, "--output_dir", str(tmp_path / "bad_row"), "--max_bad_fraction", "0.5"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     history = [json.loads(line) for line in (tmp_path / "bad_row" / "eval_history.jsonl").read_text().splitlines()]
-    assert [(h["step"], h["failed"], h["eval/bad_samples"], h["eval/images"]) for h in history] == [(2, False, 1.0, 3.0), (4, False, 1.0, 3.0)]
+    assert [(h["step"], h["failed"], h["eval/bad_samples"], h["eval/images"]) for h in history] == [
+        (2, False, 1.0, 3.0),
+        (4, False, 1.0, 3.0),
+    ]
     assert {"eval/all_pq", "eval/seen_pq", "eval/unseen_pq", "eval/mask_ap", "eval/miou"} <= set(history[0])
     # an evaluation that fails outright (here: the dataset has no validation split) does not stop training
     no_validation = tmp_path / "no_validation"
     write_split(no_validation / "train", encoded_rows(8, split="train"), TOY_CATEGORIES)
     failing = [arg if arg != str(root) else str(no_validation) for arg in common]
-    run = subprocess.run([*failing, "--output_dir", str(tmp_path / "failing")], env=ENV, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [*failing, "--output_dir", str(tmp_path / "failing")], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     history = [json.loads(line) for line in (tmp_path / "failing" / "eval_history.jsonl").read_text().splitlines()]
     assert [(h["step"], h["failed"]) for h in history] == [(2, True), (4, True)]
@@ -227,9 +317,19 @@ def test_splits_are_never_mixed_up_and_an_unscorable_dataset_is_an_error(tmp_pat
     broken = [dict(row, image={"bytes": b"broken", "path": None}) for row in encoded_rows(2)]
     write_split(root / "validation", broken, TOY_CATEGORIES)
     run = subprocess.run(
-        [sys.executable, str(REPO / "training" / "evaluate.py"), "--model_name_or_path", str(checkpoint), "--dataset_name", str(root),
-         "--output_dir", str(tmp_path / "eval")],
-        env=ENV, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "training" / "evaluate.py"),
+            "--model_name_or_path",
+            str(checkpoint),
+            "--dataset_name",
+            str(root),
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode != 0 and "could be scored: 2 bad rows" in run.stderr
-

@@ -21,10 +21,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy.ndimage import binary_erosion
 
+
 panopticapi_evaluation = pytest.importorskip("panopticapi.evaluation")
 from panopticapi.utils import id2rgb, rgb2id  # noqa: E402
 
 from transformers_possam.evaluation import load_panoptic_quality_metric, pq_compute  # noqa: E402
+
 
 SAMPLE = Path(os.environ.get("POSSAM_COCO_PANOPTIC_SAMPLE", "/work/shared/data/coco-panoptic-sample"))
 if not (SAMPLE / "panoptic_examples.json").is_file():
@@ -42,7 +44,9 @@ CROWD_SEGMENTS = [(142238, 3153362, 1), (439180, 5120499, 1), (439180, 16175517,
 EDITS = {
     142238: {
         "drop": {3997935},  # person at the left border (153 px): a miss
-        "merge": {3476419: 4325578},  # two ~4000 px persons as one segment: IoU 0.507 with the larger, the other missed
+        "merge": {
+            3476419: 4325578
+        },  # two ~4000 px persons as one segment: IoU 0.507 with the larger, the other missed
         "shift": {2098642: (0, 12)},  # person moved 12 px right: IoU under 0.5, an FP + FN
         "relabel": {16757838: 34},  # sports ball predicted as frisbee: FP frisbee + FN sports ball
         "crowd_as": {3153362: 1},  # the person crowd predicted as one person: on a same-category crowd, not an FP
@@ -65,7 +69,14 @@ def load_sample():
     images = []
     for annotation in annotations:
         png = np.array(Image.open(SAMPLE / "panoptic_examples" / annotation["file_name"]), dtype=np.uint32)
-        images.append((annotation["image_id"], annotation["file_name"], rgb2id(png).astype(np.int64), annotation["segments_info"]))
+        images.append(
+            (
+                annotation["image_id"],
+                annotation["file_name"],
+                rgb2id(png).astype(np.int64),
+                annotation["segments_info"],
+            )
+        )
     return images
 
 
@@ -165,8 +176,10 @@ def test_metric_on_real_sample_equals_panopticapi(sample, pq_files, monkeypatch)
         pred_ids, pred_segments = pq_files["predictions"][image_id]
         assert set(segments[0]) == {"id", "category_id", "iscrowd", "area", "bbox"}  # the real COCO form
         assert set(pred_segments[0]) == {"id", "category_id"}  # the documented prediction form
-        metric.add(prediction={"segmentation": pred_ids, "segments_info": pred_segments},
-                   reference={"segmentation": gt_ids, "segments_info": segments})
+        metric.add(
+            prediction={"segmentation": pred_ids, "segments_info": pred_segments},
+            reference={"segmentation": gt_ids, "segments_info": segments},
+        )
     assert_same_pq(metric.compute(categories=CATEGORIES), pq_files["reference"])
 
 
@@ -178,10 +191,16 @@ def test_metric_label_id_rgb_and_reference_area_fallback(sample, pq_files, monke
     predictions, references = [], []
     for image_id, _, gt_ids, segments in sample:
         pred_ids, pred_segments = pq_files["predictions"][image_id]
-        post_processed = [{"id": s["id"], "label_id": s["category_id"], "score": None, "was_fused": False} for s in pred_segments]
+        post_processed = [
+            {"id": s["id"], "label_id": s["category_id"], "score": None, "was_fused": False} for s in pred_segments
+        ]
         predictions.append({"segmentation": id2rgb(pred_ids), "segments_info": post_processed})
-        references.append({"segmentation": gt_ids, "segments_info": [{k: v for k, v in s.items() if k != "area"} for s in segments]})
-    result = load_panoptic_quality_metric().compute(predictions=predictions, references=references, categories=CATEGORIES)
+        references.append(
+            {"segmentation": gt_ids, "segments_info": [{k: v for k, v in s.items() if k != "area"} for s in segments]}
+        )
+    result = load_panoptic_quality_metric().compute(
+        predictions=predictions, references=references, categories=CATEGORIES
+    )
     assert_same_pq(result, pq_files["reference"])
 
 
@@ -197,7 +216,9 @@ def test_ground_truth_against_itself_is_perfect(sample, pq_files, monkeypatch):
     from_metric = metric.compute(categories=CATEGORIES)
     for result in (reference, ours, from_metric):
         for split in ("All", "Things", "Stuff"):
-            assert result[split]["pq"] == pytest.approx(1.0, abs=1e-12) and result[split]["sq"] == pytest.approx(1.0, abs=1e-12)
+            assert result[split]["pq"] == pytest.approx(1.0, abs=1e-12) and result[split]["sq"] == pytest.approx(
+                1.0, abs=1e-12
+            )
     assert_same_pq(ours, reference)
     assert_same_pq(from_metric, reference)
 
@@ -267,7 +288,9 @@ def test_panoptic_to_semantic_equals_reference_scripts(sample):
             ours = panoptic_to_semantic(segment_ids, segments, label_map=LABEL_MAP)
             assert ours.dtype == np.int64 and ours.shape == ids.shape
             np.testing.assert_array_equal(ours, reference_semantic_mask2former(ids, segments, LABEL_MAP))
-        np.testing.assert_array_equal(panoptic_to_semantic(ids, segments, ignore_index=0), reference_semantic_panopticapi(ids, segments))
+        np.testing.assert_array_equal(
+            panoptic_to_semantic(ids, segments, ignore_index=0), reference_semantic_panopticapi(ids, segments)
+        )
 
 
 def test_panoptic_to_semantic_labels_crowd_pixels(sample):
@@ -353,15 +376,30 @@ def reference_cocoeval(instances) -> dict:
         images.append({"id": image_id, "height": gt_masks.shape[1], "width": gt_masks.shape[2]})
         for mask, label, crowd in zip(gt_masks, gt_labels, gt_iscrowd):
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label), "iscrowd": int(crowd),
-                                "area": float(mask.sum()), "bbox": list(mask_utils.toBbox(rle)), "segmentation": rle})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "iscrowd": int(crowd),
+                    "area": float(mask.sum()),
+                    "bbox": list(mask_utils.toBbox(rle)),
+                    "segmentation": rle,
+                }
+            )
         for mask, label, score in zip(pred_masks, pred_labels, pred_scores):
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            results.append({"image_id": image_id, "category_id": int(label), "segmentation": rle, "score": float(score)})
+            results.append(
+                {"image_id": image_id, "category_id": int(label), "segmentation": rle, "score": float(score)}
+            )
     with contextlib.redirect_stdout(io.StringIO()):
         ground_truth = COCO()
         categories = sorted({a["category_id"] for a in annotations})
-        ground_truth.dataset = {"images": images, "annotations": annotations, "categories": [{"id": c} for c in categories]}
+        ground_truth.dataset = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": c} for c in categories],
+        }
         ground_truth.createIndex()
         evaluator = COCOeval(ground_truth, ground_truth.loadRes(results), iouType="segm")
         evaluator.evaluate()
@@ -375,8 +413,14 @@ def accumulate(instances):
 
     accumulator = MaskAPAccumulator()
     for _, gt_masks, gt_labels, gt_iscrowd, pred_masks, pred_labels, pred_scores in instances:
-        accumulator.update(gt_masks=gt_masks, gt_labels=gt_labels, gt_iscrowd=gt_iscrowd,
-                           pred_masks=pred_masks, pred_labels=pred_labels, pred_scores=pred_scores)
+        accumulator.update(
+            gt_masks=gt_masks,
+            gt_labels=gt_labels,
+            gt_iscrowd=gt_iscrowd,
+            pred_masks=pred_masks,
+            pred_labels=pred_labels,
+            pred_scores=pred_scores,
+        )
     return accumulator
 
 
@@ -422,12 +466,20 @@ def test_mask_ap_accumulator_rejects_careless_inputs():
     masks = np.zeros((2, 8, 8), bool)
     masks[0, :4] = True
     masks[1, 4:] = True
-    good = {"gt_masks": masks, "gt_labels": [1, 2], "pred_masks": masks, "pred_labels": [1, 2], "pred_scores": [0.9, 0.8]}
+    good = {
+        "gt_masks": masks,
+        "gt_labels": [1, 2],
+        "pred_masks": masks,
+        "pred_labels": [1, 2],
+        "pred_scores": [0.9, 0.8],
+    }
 
     def update(**changes):
         MaskAPAccumulator().update(**{**good, **changes})
 
-    with pytest.raises(ValueError, match="gt_masks must be \\(K, H, W\\) masks, got shape \\(8, 8\\)"):  # one mask, no axis
+    with pytest.raises(
+        ValueError, match="gt_masks must be \\(K, H, W\\) masks, got shape \\(8, 8\\)"
+    ):  # one mask, no axis
         update(gt_masks=masks[0])
     with pytest.raises(ValueError, match="pred_masks must be boolean .* threshold soft masks"):  # probabilities
         update(pred_masks=masks * 0.7)
@@ -453,7 +505,9 @@ def test_mask_ap_accumulator_rejects_careless_inputs():
         MaskAPAccumulator().update(masks, [1, 2], None, masks)
     accumulator = MaskAPAccumulator()
     accumulator.update(masks, [1, 2], None, masks, [1, 2], [0.9, 0.8])  # positional, in the documented order
-    assert accumulator.compute() == pytest.approx({"AP": 1, "AP50": 1, "AP75": 1, "APs": 1, "APm": 0, "APl": 0})  # 32 px: small only
+    assert accumulator.compute() == pytest.approx(
+        {"AP": 1, "AP50": 1, "AP75": 1, "APs": 1, "APm": 0, "APl": 0}
+    )  # 32 px: small only
     assert accumulator.compute(category_ids=[]) == dict.fromkeys(MASK_AP_KEYS, 0.0)  # e.g. no thing class at all
     with pytest.raises(TypeError, match="Can only merge a MaskAPAccumulator"):
         accumulator.merge(accumulator.state())

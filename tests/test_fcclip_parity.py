@@ -30,6 +30,7 @@ from .fcclip_reference import (
     semantic_inference,
 )
 
+
 NUM_CLASSES = 10
 THING_IDS = (0, 1, 2, 3, 4, 5)
 STUFF_IDS = (6, 7, 8, 9)
@@ -47,7 +48,9 @@ STUFF_QUERY_LABELS = (6, 6, 7, 8, 8, 9)  # classes 6 and 8 own two regions each:
 THING_QUERY_LABELS = (0, 1, 2, 3, 4, 5, 0, 2, 3, 5)
 # (in-vocabulary favourite, CLIP favourite): the two branches disagree and the geometric ensemble decides
 AMBIGUOUS_QUERY_LABELS = ((1, 2), (7, 4), (4, 9))
-DUPLICATED_THING_QUERY = 6  # one more query repeats this thing query's mask, less sure: it should lose the overlap test
+DUPLICATED_THING_QUERY = (
+    6  # one more query repeats this thing query's mask, less sure: it should lose the overlap test
+)
 NUM_VOID_QUERIES = 4
 NUM_QUERIES = len(STUFF_QUERY_LABELS) + len(THING_QUERY_LABELS) + len(AMBIGUOUS_QUERY_LABELS) + 1 + NUM_VOID_QUERIES
 
@@ -68,7 +71,9 @@ def smooth_noise(generator: torch.Generator, grid: int = 4) -> torch.Tensor:
     return F.interpolate(coarse, size=MASK_SIZE, mode="bicubic", align_corners=False)[0, 0]
 
 
-def gaussian_bump(generator: torch.Generator, valid_size: tuple[float, float], sigma_range: tuple[float, float]) -> torch.Tensor:
+def gaussian_bump(
+    generator: torch.Generator, valid_size: tuple[float, float], sigma_range: tuple[float, float]
+) -> torch.Tensor:
     """`(32, 32)` elliptic Gaussian of peak 1, centred inside the image part (`valid_size`) of the mask grid."""
     rows = torch.arange(MASK_SIZE[0], dtype=torch.float32)[:, None]
     cols = torch.arange(MASK_SIZE[1], dtype=torch.float32)[None, :]
@@ -89,7 +94,9 @@ def region_mask_logits(region_fields: torch.Tensor) -> torch.Tensor:
     return torch.stack(logits)
 
 
-def in_and_out_vocab_logits(generator: torch.Generator, in_vocab_label: int | None, clip_label: int | None, strength: float):
+def in_and_out_vocab_logits(
+    generator: torch.Generator, in_vocab_label: int | None, clip_label: int | None, strength: float
+):
     """
     `(K + 1,)` in-vocabulary logits (void last; `in_vocab_label=None`: a void query) and `(K,)` CLIP logits shaped
     like FC-CLIP's: logit_scale (100) x cosine similarities around 0.15, higher on `clip_label`.
@@ -114,8 +121,14 @@ def make_synthetic_outputs(seed: int = 0) -> SimpleNamespace:
         valid_size = (reshaped[0] * MASK_SIZE[0] / PADDED_SIZE[0], reshaped[1] * MASK_SIZE[1] / PADDED_SIZE[1])
         fields = [smooth_noise(generator, grid=3) for _ in STUFF_QUERY_LABELS]
         # object bumps reach 2 above the stuff fields (amplitude ~1) at their centre
-        fields += [3.0 * gaussian_bump(generator, valid_size, (1.5, 3.5)) - 1.0 + 0.2 * smooth_noise(generator) for _ in THING_QUERY_LABELS]
-        fields += [3.0 * gaussian_bump(generator, valid_size, (2.0, 4.0)) - 1.0 + 0.2 * smooth_noise(generator) for _ in AMBIGUOUS_QUERY_LABELS]
+        fields += [
+            3.0 * gaussian_bump(generator, valid_size, (1.5, 3.5)) - 1.0 + 0.2 * smooth_noise(generator)
+            for _ in THING_QUERY_LABELS
+        ]
+        fields += [
+            3.0 * gaussian_bump(generator, valid_size, (2.0, 4.0)) - 1.0 + 0.2 * smooth_noise(generator)
+            for _ in AMBIGUOUS_QUERY_LABELS
+        ]
         image_masks = list(region_mask_logits(torch.stack(fields)))
         duplicated = len(STUFF_QUERY_LABELS) + DUPLICATED_THING_QUERY
         image_masks.append(image_masks[duplicated] + 2.0 * smooth_noise(generator))
@@ -166,7 +179,9 @@ def reference(outputs) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def processor() -> PosSAMImageProcessor:
-    return PosSAMImageProcessor(size={"longest_edge": PADDED_SIZE[0]}, pad_size={"height": PADDED_SIZE[0], "width": PADDED_SIZE[1]})
+    return PosSAMImageProcessor(
+        size={"longest_edge": PADDED_SIZE[0]}, pad_size={"height": PADDED_SIZE[0], "width": PADDED_SIZE[1]}
+    )
 
 
 def common_kwargs() -> dict:
@@ -185,7 +200,9 @@ def common_kwargs() -> dict:
 
 
 def test_reference_ensemble_is_a_distribution_with_void_last(outputs):
-    probs = fcclip_ensemble_probs(outputs.class_queries_logits, outputs.clip_class_logits, SEEN_MASK.long(), ALPHA, BETA)
+    probs = fcclip_ensemble_probs(
+        outputs.class_queries_logits, outputs.clip_class_logits, SEEN_MASK.long(), ALPHA, BETA
+    )
     assert probs.shape == outputs.class_queries_logits.shape
     assert (probs >= 0).all()
     torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]), atol=1e-6, rtol=0)
@@ -232,7 +249,9 @@ def test_reference_sem_seg_postprocess_crops_then_resizes():
 
 
 def test_reference_semantic_inference_is_score_weighted_mask_sum(outputs):
-    logits = fcclip_ensemble_logits(outputs.class_queries_logits, outputs.clip_class_logits, SEEN_MASK.long(), ALPHA, BETA)
+    logits = fcclip_ensemble_logits(
+        outputs.class_queries_logits, outputs.clip_class_logits, SEEN_MASK.long(), ALPHA, BETA
+    )
     masks = outputs.masks_queries_logits[0]
     semseg = semantic_inference(logits[0], masks)
     assert semseg.shape == (NUM_CLASSES, *MASK_SIZE)
@@ -254,7 +273,9 @@ def test_reference_panoptic_invariants(reference):
 
 
 def test_reference_instance_keeps_things_of_the_top_100_pairs(outputs, reference):
-    logits = fcclip_ensemble_logits(outputs.class_queries_logits, outputs.clip_class_logits, SEEN_MASK.long(), ALPHA, BETA)
+    logits = fcclip_ensemble_logits(
+        outputs.class_queries_logits, outputs.clip_class_logits, SEEN_MASK.long(), ALPHA, BETA
+    )
     for image, (result, size) in enumerate(zip(reference, ORIGINAL_SIZES, strict=True)):
         instances = result["instances"]
         labels = instances["pred_classes"]
@@ -271,7 +292,9 @@ def test_reference_instance_keeps_things_of_the_top_100_pairs(outputs, reference
 
 def test_synthetic_outputs_exercise_every_path(outputs, reference):
     """The inputs reach the cases the parity tests are about (otherwise a parity test could pass vacuously)."""
-    logits = fcclip_ensemble_logits(outputs.class_queries_logits, outputs.clip_class_logits, SEEN_MASK.long(), ALPHA, BETA)
+    logits = fcclip_ensemble_logits(
+        outputs.class_queries_logits, outputs.clip_class_logits, SEEN_MASK.long(), ALPHA, BETA
+    )
     scores, labels = logits.softmax(-1).max(-1)
     in_vocab_labels = outputs.class_queries_logits[..., :-1].argmax(-1)
     seen_classes = set(SEEN_MASK.nonzero().flatten().tolist())
@@ -307,7 +330,9 @@ def test_synthetic_outputs_exercise_every_path(outputs, reference):
 # order matters: the semantic parity test can fail
 
 
-def semantic_sigmoid_before_resize(mask_cls: torch.Tensor, mask_logits: torch.Tensor, image_size, output_size) -> torch.Tensor:
+def semantic_sigmoid_before_resize(
+    mask_cls: torch.Tensor, mask_logits: torch.Tensor, image_size, output_size
+) -> torch.Tensor:
     """The wrong order: FC-CLIP's class-map sum at mask resolution (sigmoid there), then upsample, crop and resize."""
     class_maps = semantic_inference(mask_cls, mask_logits)
     upsampled = fcclip_upsample_masks(class_maps[None], PADDED_SIZE)[0]
@@ -315,9 +340,13 @@ def semantic_sigmoid_before_resize(mask_cls: torch.Tensor, mask_logits: torch.Te
 
 
 def test_sigmoid_before_resize_changes_the_semantic_map(outputs, reference):
-    logits = fcclip_ensemble_logits(outputs.class_queries_logits, outputs.clip_class_logits, SEEN_MASK.long(), ALPHA, BETA)
+    logits = fcclip_ensemble_logits(
+        outputs.class_queries_logits, outputs.clip_class_logits, SEEN_MASK.long(), ALPHA, BETA
+    )
     for image, result in enumerate(reference):
-        wrong = semantic_sigmoid_before_resize(logits[image], outputs.masks_queries_logits[image], RESHAPED_SIZES[image], ORIGINAL_SIZES[image])
+        wrong = semantic_sigmoid_before_resize(
+            logits[image], outputs.masks_queries_logits[image], RESHAPED_SIZES[image], ORIGINAL_SIZES[image]
+        )
         changed = (wrong.argmax(0) != result["sem_seg"].argmax(0)).float().mean().item()
         assert changed > 0.005, f"image {image}: only {changed:.4%} of the pixels depend on the order"
 
@@ -337,7 +366,9 @@ def test_semantic_parity(processor, outputs, reference):
         # float rounding may flip an exact tie, nothing else
         top_two = semseg.topk(2, dim=0).values
         largest_gap = (top_two[0] - top_two[1])[~agree].max().item() if not agree.all() else 0.0
-        assert largest_gap < SEMANTIC_TIE_GAP, f"image {image}: disagreement where the reference's top-2 gap is {largest_gap:.3g}"
+        assert largest_gap < SEMANTIC_TIE_GAP, (
+            f"image {image}: disagreement where the reference's top-2 gap is {largest_gap:.3g}"
+        )
 
 
 def match_segments(reference_map, reference_ids, our_map, our_ids) -> dict[int, int]:
@@ -352,7 +383,9 @@ def match_segments(reference_map, reference_ids, our_map, our_ids) -> dict[int, 
         our_id, _ = overlapping.most_common(1)[0]
         ours = our_map == our_id
         iou = (pixels & ours).sum().item() / (pixels | ours).sum().item()
-        assert our_id in our_ids and iou >= 0.95, f"reference segment {reference_id}: best match {our_id}, IoU {iou:.3f}"
+        assert our_id in our_ids and iou >= 0.95, (
+            f"reference segment {reference_id}: best match {our_id}, IoU {iou:.3f}"
+        )
         matching[reference_id] = our_id
     assert len(set(matching.values())) == len(matching) == len(our_ids), f"{matching} vs our ids {sorted(our_ids)}"
     return matching
@@ -378,7 +411,9 @@ def test_panoptic_parity(processor, outputs, reference):
             our_segment = our_by_id[matching[segment["id"]]]
             assert our_segment["label_id"] == segment["category_id"]
             score_error = abs(our_segment["score"] - segment["score"])
-            assert score_error <= SCORE_TOLERANCE, f"image {image}: {our_segment} scores {segment['score']:.6f} in FC-CLIP"
+            assert score_error <= SCORE_TOLERANCE, (
+                f"image {image}: {our_segment} scores {segment['score']:.6f} in FC-CLIP"
+            )
             if segment["isthing"]:
                 assert not our_segment["was_fused"]
         # fused stuff: one segment per stuff class
@@ -410,7 +445,10 @@ def test_instance_parity(processor, outputs, reference):
         our_info, our_masks = our_result["segments_info"], our_result["binary_masks"]
         assert len(our_info) == len(our_masks)
         assert [s["score"] for s in our_info] == sorted((s["score"] for s in our_info), reverse=True)
-        our_labels, expected_labels = Counter(s["label_id"] for s in our_info), Counter(label for label, _, _ in expected)
+        our_labels, expected_labels = (
+            Counter(s["label_id"] for s in our_info),
+            Counter(label for label, _, _ in expected),
+        )
         assert our_labels == expected_labels, (
             f"image {image}: {len(our_info)} instances, FC-CLIP {len(expected)}; labels only ours: "
             f"{dict(our_labels - expected_labels)}, only FC-CLIP's: {dict(expected_labels - our_labels)}"
@@ -419,7 +457,11 @@ def test_instance_parity(processor, outputs, reference):
         # a score within tolerance and the most similar mask
         unused = set(range(len(our_info)))
         for label, score, mask in sorted(expected, key=lambda item: -item[1]):
-            candidates = [i for i in unused if our_info[i]["label_id"] == label and abs(our_info[i]["score"] - score) <= SCORE_TOLERANCE]
+            candidates = [
+                i
+                for i in unused
+                if our_info[i]["label_id"] == label and abs(our_info[i]["score"] - score) <= SCORE_TOLERANCE
+            ]
             assert candidates, f"image {image}: no instance of ours with label {label} and score {score:.6f}"
             best = min(candidates, key=lambda i: (our_masks[i] != mask).sum().item())
             differing = (our_masks[best] != mask).float().mean().item()

@@ -23,7 +23,10 @@ from transformers_possam import PosSAMImageProcessor, PosSAMImageProcessorPil, P
 
 from .conftest import IMAGE_SIZE, save_tiny_checkpoint
 
-BACKENDS = pytest.mark.parametrize("backend", [PosSAMImageProcessor, PosSAMImageProcessorPil], ids=["torchvision", "pil"])
+
+BACKENDS = pytest.mark.parametrize(
+    "backend", [PosSAMImageProcessor, PosSAMImageProcessorPil], ids=["torchvision", "pil"]
+)
 LABELS = ["cat", "dog", {"name": "sky", "isthing": False}]
 # Pictures 96x128 already have the target longest side: no resampling, so conversions can be compared exactly.
 HEIGHT, WIDTH = 96, IMAGE_SIZE
@@ -173,7 +176,11 @@ STRIPS = {  # id: (picture of STRIP_COLOUR, (height, width), longest_edge)
     "pil_500x1_at_128": (lambda: Image.new("RGB", (500, 1), STRIP_COLOUR), (1, 500), 128),
     "pil_1x500_at_128": (lambda: Image.new("RGB", (1, 500), STRIP_COLOUR), (500, 1), 128),
     "numpy_hwc_500x1_at_128": (lambda: np.tile(np.uint8(STRIP_COLOUR), (500, 1, 1)), (500, 1), 128),
-    "torch_chw_1x500_at_128": (lambda: torch.tensor(STRIP_COLOUR, dtype=torch.uint8)[:, None, None].expand(3, 1, 500), (1, 500), 128),
+    "torch_chw_1x500_at_128": (
+        lambda: torch.tensor(STRIP_COLOUR, dtype=torch.uint8)[:, None, None].expand(3, 1, 500),
+        (1, 500),
+        128,
+    ),
     "pil_20000x20_at_1024": (lambda: Image.new("RGB", (20000, 20), STRIP_COLOUR), (20, 20000), 1024),
     "pil_20x20000_at_1024": (lambda: Image.new("RGB", (20, 20000), STRIP_COLOUR), (20000, 20), 1024),
     "pil_40000x10_at_1024": (lambda: Image.new("RGB", (40000, 10), STRIP_COLOUR), (10, 40000), 1024),
@@ -234,11 +241,20 @@ BAD_IMAGES = {  # id: (images argument, text the ValueError must contain)
     "int32_negative": (np.full((30, 40, 3), -5, np.int32), r"Image 0 has int32 pixels in \[-5, -5\].*\[0, 255\]"),
     "int32_above_255": (np.full((30, 40, 3), 1000, np.int32), r"Image 0 has int32 pixels in \[1000, 1000\]"),
     "int16_negative": ([picture(), np.full((30, 40, 3), -1, np.int16)], r"Image 1 has int16 pixels in \[-1, -1\]"),
-    "float_negative": (-np.ones((30, 40, 3), np.float32), r"Image 0 has float pixels in \[-1, -1\].*\[0, 1\] or \[0, 255\]"),
+    "float_negative": (
+        -np.ones((30, 40, 3), np.float32),
+        r"Image 0 has float pixels in \[-1, -1\].*\[0, 1\] or \[0, 255\]",
+    ),
     "float_above_255": (np.full((30, 40, 3), 300.0), r"Image 0 has float pixels in \[300, 300\]"),
-    "normalized_tensor": (torch.randn(3, 30, 40, generator=torch.Generator().manual_seed(0)), "Image 0 has float pixels.*not a normalized"),
+    "normalized_tensor": (
+        torch.randn(3, 30, 40, generator=torch.Generator().manual_seed(0)),
+        "Image 0 has float pixels.*not a normalized",
+    ),
     # 32-bit "I" beyond 16 bits cannot be 8- or 16-bit data (within 0..65535 it is read as 16-bit: see the PGM case)
-    "pil_mode_I_above_16_bit": (Image.fromarray(np.full((30, 40), 70000, np.int32)), r"Image 0 has int32 pixels in \[70000, 70000\]"),
+    "pil_mode_I_above_16_bit": (
+        Image.fromarray(np.full((30, 40), 70000, np.int32)),
+        r"Image 0 has int32 pixels in \[70000, 70000\]",
+    ),
 }
 
 
@@ -303,9 +319,18 @@ CONVERSIONS = {  # id: (input, reference uint8 RGB picture it must equal)
     "uint8_chw_tensor": (torch.from_numpy(picture()).permute(2, 0, 1), picture()),
     "flipped_view": (picture()[::-1, ::-1], np.ascontiguousarray(picture()[::-1, ::-1])),
     "grad_tensor": (torch.from_numpy(picture()).permute(2, 0, 1).float().requires_grad_(), picture()),
-    "bfloat16_tensor": (torch.from_numpy(picture()).permute(2, 0, 1).to(torch.bfloat16), picture()),  # 0..255 exact in bf16
-    "pil_mode_I_in_0_200": (Image.fromarray(dim_gray().astype(np.int32)), np.repeat(dim_gray()[..., None], 3, axis=-1)),
-    "pil_mode_F_in_0_1": (Image.fromarray(dim_gray().astype(np.float32) / 255), np.repeat(dim_gray()[..., None], 3, axis=-1)),
+    "bfloat16_tensor": (
+        torch.from_numpy(picture()).permute(2, 0, 1).to(torch.bfloat16),
+        picture(),
+    ),  # 0..255 exact in bf16
+    "pil_mode_I_in_0_200": (
+        Image.fromarray(dim_gray().astype(np.int32)),
+        np.repeat(dim_gray()[..., None], 3, axis=-1),
+    ),
+    "pil_mode_F_in_0_1": (
+        Image.fromarray(dim_gray().astype(np.float32) / 255),
+        np.repeat(dim_gray()[..., None], 3, axis=-1),
+    ),
     # a 16-bit PGM (Pillow: mode "I"): 16-bit data, scaled by 255 / 65535 back to the 8-bit picture exactly
     "pil_mode_I_16bit_pgm": (sixteen_bit_pgm(picture()[..., 0]), np.repeat(picture()[..., :1], 3, axis=-1)),
 }
@@ -334,7 +359,9 @@ def test_4d_arrays_are_batches(backend):
     processor, first, second = tiny_processor(backend), picture(seed=1), picture(seed=2)
     one_by_one = pictures_one_by_one(processor, first, second)
     torch.testing.assert_close(processor(np.stack([first, second]))["pixel_values"], one_by_one, atol=0, rtol=0)
-    torch.testing.assert_close(processor([np.stack([first]), np.stack([second])])["pixel_values"], one_by_one, atol=0, rtol=0)
+    torch.testing.assert_close(
+        processor([np.stack([first]), np.stack([second])])["pixel_values"], one_by_one, atol=0, rtol=0
+    )
 
 
 @BACKENDS
@@ -357,7 +384,9 @@ def test_ambiguous_3x3x3_reads_channels_first_unless_told(backend):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the ambiguity warning is checked below
         default = processor(CUBE)["pixel_values"]
-    torch.testing.assert_close(default, processor(CUBE, input_data_format="channels_first")["pixel_values"], atol=0, rtol=0)
+    torch.testing.assert_close(
+        default, processor(CUBE, input_data_format="channels_first")["pixel_values"], atol=0, rtol=0
+    )
     channels_last = processor(CUBE, input_data_format="channels_last")["pixel_values"]
     transposed = processor(np.moveaxis(CUBE, -1, 0), input_data_format="channels_first")["pixel_values"]
     torch.testing.assert_close(channels_last, transposed, atol=0, rtol=0)

@@ -16,6 +16,7 @@ from transformers_possam import PosSAMForPanopticSegmentation
 
 from .conftest import IMAGE_SIZE, NUM_CLASSES, make_vocabulary
 
+
 EMBED_DIM = 32  # tiny_config's clip_embed_dim
 COMPARED_OUTPUTS = ("class_queries_logits", "clip_class_logits", "masks_queries_logits", "iou_scores")
 
@@ -62,37 +63,56 @@ BAD_PIXEL_VALUES = {
     "numpy": (lambda p: p.numpy(), TypeError, "pixel_values must be a torch.Tensor.*got ndarray"),
     "list": (lambda p: p.tolist(), TypeError, "pixel_values must be a torch.Tensor.*got list"),
     "3d_missing_batch": (
-        lambda p: p[0], ValueError,
+        lambda p: p[0],
+        ValueError,
         r"pixel_values must have shape \(batch_size, 3, 128, 128\).*pixel_values\[None\]",
     ),
-    "5d": (lambda p: p[None], ValueError, r"pixel_values must have shape \(batch_size, 3, 128, 128\), got \(1, 1, 3, 128, 128\)"),
-    "1_channel": (lambda p: p[:, :1], ValueError, r"pixel_values must have 3 \(RGB\) channels.*got shape \(1, 1, 128, 128\)"),
+    "5d": (
+        lambda p: p[None],
+        ValueError,
+        r"pixel_values must have shape \(batch_size, 3, 128, 128\), got \(1, 1, 3, 128, 128\)",
+    ),
+    "1_channel": (
+        lambda p: p[:, :1],
+        ValueError,
+        r"pixel_values must have 3 \(RGB\) channels.*got shape \(1, 1, 128, 128\)",
+    ),
     "4_channels": (
-        lambda p: torch.cat([p, p[:, :1]], 1), ValueError,
+        lambda p: torch.cat([p, p[:, :1]], 1),
+        ValueError,
         r"pixel_values must have 3 \(RGB\) channels.*\(1, 4, 128, 128\)",
     ),
     "float16": (
-        lambda p: p.half(), ValueError,
+        lambda p: p.half(),
+        ValueError,
         r"pixel_values has dtype torch.float16 but the model's weights are torch.float32",
     ),
     "bfloat16": (
-        lambda p: p.bfloat16(), ValueError,
+        lambda p: p.bfloat16(),
+        ValueError,
         r"pixel_values has dtype torch.bfloat16 but the model's weights are torch.float32",
     ),
     "float64": (
-        lambda p: p.double(), ValueError,
+        lambda p: p.double(),
+        ValueError,
         r"pixel_values has dtype torch.float64 but the model's weights are torch.float32",
     ),
     "uint8_raw_image": (
-        lambda p: (p * 50 + 128).clamp(0, 255).to(torch.uint8), ValueError,
+        lambda p: (p * 50 + 128).clamp(0, 255).to(torch.uint8),
+        ValueError,
         "pixel_values must hold normalized floating-point.*torch.uint8.*image processor",
     ),
     "int64": (lambda p: p.long(), ValueError, "pixel_values must hold normalized floating-point.*torch.int64"),
     "100x100_unpadded": (
-        lambda p: p[..., :100, :100], ValueError,
+        lambda p: p[..., :100, :100],
+        ValueError,
         r"pixel_values must be padded to the SAM input size \(128, 128\).*\(1, 3, 100, 100\)",
     ),
-    "256x256": (lambda p: p.repeat(1, 1, 2, 2), ValueError, r"pixel_values must be padded to the SAM input size \(128, 128\)"),
+    "256x256": (
+        lambda p: p.repeat(1, 1, 2, 2),
+        ValueError,
+        r"pixel_values must be padded to the SAM input size \(128, 128\)",
+    ),
     "empty_batch": (lambda p: p[:0], ValueError, r"pixel_values holds no image.*batch_size >= 1"),
     "nan": (with_nan, ValueError, "pixel_values contains NaN or infinite values"),
     "inf": (with_inf, ValueError, "pixel_values contains NaN or infinite values"),
@@ -156,7 +176,9 @@ def test_image_entry_points_check_pixel_values(model, pixels):
 
         image = small * channels(config.sam_image_std) + channels(config.sam_image_mean)
         clip_pixels = (image - channels(config.clip_image_mean)) / channels(config.clip_image_std)
-        torch.testing.assert_close(model.get_image_features(small), model.clip.vision_model(clip_pixels), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model.get_image_features(small), model.clip.vision_model(clip_pixels), atol=1e-5, rtol=1e-5
+        )
 
 
 # ----- pixel_mask
@@ -177,19 +199,26 @@ def padded_reference(model, pixels, class_embeddings):
 
 BAD_PIXEL_MASKS = {
     "channel_dim": (
-        lambda m: m[:, None], ValueError,
+        lambda m: m[:, None],
+        ValueError,
         r"pixel_mask must have shape \(batch_size, height, width\) of pixel_values = \(1, 128, 128\), got \(1, 1, 128, 128\)",
     ),
     "batch_of_2_for_1_image": (
-        lambda m: m.repeat(2, 1, 1), ValueError,
+        lambda m: m.repeat(2, 1, 1),
+        ValueError,
         r"pixel_mask must have shape .* = \(1, 128, 128\), got \(2, 128, 128\)",
     ),
     "unpadded_size": (lambda m: m[:, :100, :100], ValueError, r"pixel_mask must have shape .* got \(1, 100, 100\)"),
     "0_255_values": (
-        lambda m: m * 255, ValueError,
+        lambda m: m * 255,
+        ValueError,
         r"pixel_mask must be bool or hold only 0 and 1, got dtype torch.int64 with values like \[255",
     ),
-    "soft_float": (lambda m: m * 0.5, ValueError, "pixel_mask must be bool or hold only 0 and 1, got dtype torch.float32"),
+    "soft_float": (
+        lambda m: m * 0.5,
+        ValueError,
+        "pixel_mask must be bool or hold only 0 and 1, got dtype torch.float32",
+    ),
     "numpy": (lambda m: m.numpy(), TypeError, "pixel_mask must be a torch.Tensor.*got ndarray"),
 }
 
@@ -213,26 +242,35 @@ def test_pixel_mask_dtypes_give_the_int64_mask_outputs(model, pixels, class_embe
 
 BAD_CLASS_EMBEDDINGS = {
     "1d": (
-        lambda e: e[0, 0], ValueError,
+        lambda e: e[0, 0],
+        ValueError,
         r"class_embeddings must be \(num_classes, num_synonyms, 32\) or \(num_classes, 32\); got shape \(32,\)",
     ),
     "4d_batched": (lambda e: e[None], ValueError, r"class_embeddings must be .*; got shape \(1, 5, 2, 32\)"),
     "width_not_clip_embed_dim": (
-        lambda e: e[..., :16], ValueError,
+        lambda e: e[..., :16],
+        ValueError,
         r"class_embeddings must be \(num_classes, num_synonyms, 32\).*got shape \(5, 2, 16\)",
     ),
-    "zero_classes": (lambda e: e[:0, 0], ValueError, r"class_embeddings holds no class.*num_classes >= 1, got shape \(0, 32\)"),
+    "zero_classes": (
+        lambda e: e[:0, 0],
+        ValueError,
+        r"class_embeddings holds no class.*num_classes >= 1, got shape \(0, 32\)",
+    ),
     "nan": (
-        lambda e: e.index_fill(0, torch.tensor([3]), float("nan")), ValueError,
+        lambda e: e.index_fill(0, torch.tensor([3]), float("nan")),
+        ValueError,
         "class_embeddings contains NaN or infinite values",
     ),
     "integer_token_ids": (
-        lambda e: torch.randint(0, 100, (NUM_CLASSES, EMBED_DIM)), ValueError,
+        lambda e: torch.randint(0, 100, (NUM_CLASSES, EMBED_DIM)),
+        ValueError,
         "class_embeddings must be floating-point.*torch.int64.*input_ids",
     ),
     "numpy": (lambda e: e.numpy(), TypeError, "class_embeddings must be a torch.Tensor.*got ndarray"),
     "zero_vector_at_real_slot": (
-        lambda e: e.index_fill(0, torch.tensor([2]), 0.0), ValueError,
+        lambda e: e.index_fill(0, torch.tensor([2]), 0.0),
+        ValueError,
         r"class_embeddings has all-zero vectors at real synonym slots .*\[\[2, 0\], \[2, 1\]\]",
     ),
 }
@@ -275,36 +313,51 @@ def modified(tensor: torch.Tensor, index: tuple, value) -> torch.Tensor:
 
 BAD_INPUT_IDS = {
     "id_beyond_vocabulary": (
-        lambda ids: modified(ids, (0, 0, 0, 3), 49408), ValueError,
+        lambda ids: modified(ids, (0, 0, 0, 3), 49408),
+        ValueError,
         r"input_ids must be token ids in \[0, 49407\] \(text_config.vocab_size=49408\), got values in \[.*, 49408\]",
     ),
     "negative_id": (
-        lambda ids: modified(ids, (1, 0, 2, 2), -1), ValueError,
+        lambda ids: modified(ids, (1, 0, 2, 2), -1),
+        ValueError,
         r"input_ids must be token ids in \[0, 49407\].*got values in \[-1,",
     ),
-    "float_dtype": (lambda ids: ids.float(), ValueError, "input_ids must hold integer token ids .*got dtype torch.float32"),
+    "float_dtype": (
+        lambda ids: ids.float(),
+        ValueError,
+        "input_ids must hold integer token ids .*got dtype torch.float32",
+    ),
     "bool_dtype": (lambda ids: ids.bool(), ValueError, "input_ids must hold integer token ids .*got dtype torch.bool"),
     "3d": (
-        lambda ids: ids[:, 0], ValueError,
+        lambda ids: ids[:, 0],
+        ValueError,
         r"input_ids must be \(num_classes, num_synonyms, num_templates, seq_len\) or \(num_classes, seq_len\).*\(5, 3, 7\)",
     ),
     "5d": (
-        lambda ids: ids[None], ValueError,
+        lambda ids: ids[None],
+        ValueError,
         r"input_ids must be \(num_classes, num_synonyms, num_templates, seq_len\).*\(1, 5, 2, 3, 7\)",
     ),
-    "zero_classes": (lambda ids: ids[:0], ValueError, r"input_ids must be .*every size >= 1; got shape \(0, 2, 3, 7\)"),
+    "zero_classes": (
+        lambda ids: ids[:0],
+        ValueError,
+        r"input_ids must be .*every size >= 1; got shape \(0, 2, 3, 7\)",
+    ),
     "no_end_of_text_token": (
-        lambda ids: ids[..., :-1], ValueError,
+        lambda ids: ids[..., :-1],
+        ValueError,
         "Every prompt in input_ids needs the end-of-text token 49407",
     ),
     "longer_than_77_tokens": (
-        lambda ids: torch.cat([ids[..., :1].expand(-1, -1, -1, 80), ids], -1), ValueError,
+        lambda ids: torch.cat([ids[..., :1].expand(-1, -1, -1, 80), ids], -1),
+        ValueError,
         "input_ids has 87 tokens per prompt, more than the text tower's max_position_embeddings=77",
     ),
     "list": (lambda ids: ids.tolist(), TypeError, "input_ids must be a torch.Tensor of token ids.*got list"),
     # int16 wraps CLIP's ids above 32767 (end-of-text 49407 becomes -16129): caught by the range check
     "int16_overflow": (
-        lambda ids: ids.to(torch.int16), ValueError,
+        lambda ids: ids.to(torch.int16),
+        ValueError,
         r"input_ids must be token ids in \[0, 49407\].*got values in \[-",
     ),
 }
@@ -323,7 +376,9 @@ def test_padding_synonym_slots_may_hold_anything(model):
     input_ids, synonym_mask = make_vocabulary()
     with torch.no_grad():
         reference = model.get_class_embeddings(input_ids, synonym_mask=synonym_mask)
-        zeroed = model.get_class_embeddings(input_ids.masked_fill(~synonym_mask[..., None, None], 0), synonym_mask=synonym_mask)
+        zeroed = model.get_class_embeddings(
+            input_ids.masked_fill(~synonym_mask[..., None, None], 0), synonym_mask=synonym_mask
+        )
     for ours, expected in zip(zeroed, reference):
         torch.testing.assert_close(ours, expected)
 
@@ -339,7 +394,8 @@ def test_int32_input_ids_equal_int64(model):
 
 BAD_ATTENTION_MASKS = {
     "shape_mismatch": (
-        lambda m: m[..., :-1], ValueError,
+        lambda m: m[..., :-1],
+        ValueError,
         r"attention_mask must have shape \(num_classes, num_synonyms, num_templates, seq_len\) of input_ids = "
         r"\(5, 2, 3, 7\), got \(5, 2, 3, 6\)",
     ),
@@ -353,17 +409,24 @@ def test_bad_attention_masks_are_rejected_by_name(model, pixels, case):
     input_ids, synonym_mask = make_vocabulary()
     make_bad, error, message = BAD_ATTENTION_MASKS[case]
     with torch.no_grad(), pytest.raises(error, match=message):
-        model(pixels, input_ids=input_ids, attention_mask=make_bad(torch.ones_like(input_ids)), synonym_mask=synonym_mask)
+        model(
+            pixels, input_ids=input_ids, attention_mask=make_bad(torch.ones_like(input_ids)), synonym_mask=synonym_mask
+        )
 
 
 def test_get_text_features_checks_its_arguments(model):
     input_ids, _ = make_vocabulary()
     prompts = input_ids[:, 0, 0]  # (5, 7)
-    with pytest.raises(ValueError, match=r"input_ids must have shape \(num_prompts, seq_len\) with both >= 1, got \(5, 2, 3, 7\)"):
+    with pytest.raises(
+        ValueError, match=r"input_ids must have shape \(num_prompts, seq_len\) with both >= 1, got \(5, 2, 3, 7\)"
+    ):
         model.get_text_features(input_ids)
     with pytest.raises(ValueError, match=r"input_ids must be token ids in \[0, 49407\]"):
         model.get_text_features(prompts + 49407)
-    with pytest.raises(ValueError, match=r"attention_mask must have shape \(num_prompts, seq_len\) of input_ids = \(5, 7\), got \(4, 7\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"attention_mask must have shape \(num_prompts, seq_len\) of input_ids = \(5, 7\), got \(4, 7\)",
+    ):
         model.get_text_features(prompts, torch.ones_like(prompts)[:4])
     with pytest.raises(TypeError, match="input_ids must be a torch.Tensor.*got list"):
         model.get_text_features(prompts.tolist())
@@ -373,15 +436,25 @@ def test_get_text_features_checks_its_arguments(model):
 
 BAD_SYNONYM_MASKS = {
     "wrong_shape": (
-        lambda m: m[:, :1], ValueError,
+        lambda m: m[:, :1],
+        ValueError,
         r"synonym_mask must have shape \(num_classes, num_synonyms\) = \(5, 2\), got \(5, 1\)",
     ),
     "soft_float": (
-        lambda m: m.float() * 0.5, ValueError,
+        lambda m: m.float() * 0.5,
+        ValueError,
         "synonym_mask must be bool or hold only 0 and 1, got dtype torch.float32",
     ),
-    "int_value_2": (lambda m: m.long() * 2, ValueError, "synonym_mask must be bool or hold only 0 and 1, got dtype torch.int64"),
-    "class_without_synonym": (lambda m: modified(m, (3,), False), ValueError, r"Classes \[3\] have no synonym in synonym_mask"),
+    "int_value_2": (
+        lambda m: m.long() * 2,
+        ValueError,
+        "synonym_mask must be bool or hold only 0 and 1, got dtype torch.int64",
+    ),
+    "class_without_synonym": (
+        lambda m: modified(m, (3,), False),
+        ValueError,
+        r"Classes \[3\] have no synonym in synonym_mask",
+    ),
     "list": (lambda m: m.tolist(), TypeError, "synonym_mask must be a torch.Tensor.*got list"),
 }
 
@@ -408,10 +481,19 @@ def test_integer_synonym_mask_equals_bool(model):
 
 UNKNOWN_KEYWORDS = {
     # what a Mask2Former-style training loop passes: before, swallowed by **kwargs and training got loss=None
-    "labels": ("labels", TypeError, "unexpected keyword argument 'labels': PosSAM trains on mask_labels .* and class_labels"),
-    "typo_mask_label": ("mask_label", TypeError, "unexpected keyword argument 'mask_label': did you mean 'mask_labels'"),
+    "labels": (
+        "labels",
+        TypeError,
+        "unexpected keyword argument 'labels': PosSAM trains on mask_labels .* and class_labels",
+    ),
+    "typo_mask_label": (
+        "mask_label",
+        TypeError,
+        "unexpected keyword argument 'mask_label': did you mean 'mask_labels'",
+    ),
     "typo_class_embedding": (
-        "class_embedding", TypeError,
+        "class_embedding",
+        TypeError,
         "unexpected keyword argument 'class_embedding': did you mean 'class_embeddings'",
     ),
 }
@@ -431,9 +513,13 @@ def test_misspelled_pixel_values_is_named(model, pixels, class_embeddings):
 
 
 def test_base_model_rejects_unknown_keyword_arguments(model, pixels):
-    with pytest.raises(TypeError, match="PosSAMModel.forward\\(\\) got an unexpected keyword argument 'labels'.*mask_labels"):
+    with pytest.raises(
+        TypeError, match="PosSAMModel.forward\\(\\) got an unexpected keyword argument 'labels'.*mask_labels"
+    ):
         model.model(pixels, labels=torch.zeros(1))
-    with pytest.raises(TypeError, match="unexpected keyword argument 'output_auxiliary_mask': did you mean 'output_auxiliary_masks'"):
+    with pytest.raises(
+        TypeError, match="unexpected keyword argument 'output_auxiliary_mask': did you mean 'output_auxiliary_masks'"
+    ):
         model.model(pixels, output_auxiliary_mask=False)
 
 
@@ -445,13 +531,22 @@ def test_transformers_common_kwargs_are_accepted(model, pixels, class_embeddings
 
 
 BAD_FLAGS = {
-    "return_dict_string": ({"return_dict": "False"}, TypeError, "return_dict must be True, False or None, got 'False'"),
+    "return_dict_string": (
+        {"return_dict": "False"},
+        TypeError,
+        "return_dict must be True, False or None, got 'False'",
+    ),
     "return_dict_int": ({"return_dict": 0}, TypeError, "return_dict must be True, False or None, got 0"),
     "output_attentions_tensor": (
-        {"output_attentions": torch.tensor(True)}, TypeError,
+        {"output_attentions": torch.tensor(True)},
+        TypeError,
         "output_attentions must be True, False or None",
     ),
-    "return_clip_logits_string": ({"return_clip_logits": "yes"}, TypeError, "return_clip_logits must be True, False or None"),
+    "return_clip_logits_string": (
+        {"return_clip_logits": "yes"},
+        TypeError,
+        "return_clip_logits must be True, False or None",
+    ),
 }
 
 
@@ -524,15 +619,23 @@ def test_processor_outputs_feed_the_model_directly(tmp_path):
     from .conftest import save_tiny_checkpoint
 
     folder = save_tiny_checkpoint(tmp_path / "ckpt")
-    model, processor = PosSAMForPanopticSegmentation.from_pretrained(folder).eval(), PosSAMProcessor.from_pretrained(folder)
+    model, processor = (
+        PosSAMForPanopticSegmentation.from_pretrained(folder).eval(),
+        PosSAMProcessor.from_pretrained(folder),
+    )
     inputs = processor(images=PILImage.new("RGB", (60, 50)), candidate_labels=["cat", "sky"])
     assert {"original_sizes", "reshaped_input_sizes"} <= set(inputs)
     with torch.no_grad():
         direct = model(**inputs)
         explicit = model(
-            pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"], input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"], synonym_mask=inputs["synonym_mask"],
+            pixel_values=inputs["pixel_values"],
+            pixel_mask=inputs["pixel_mask"],
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            synonym_mask=inputs["synonym_mask"],
         )
-    torch.testing.assert_close(direct.class_queries_logits, explicit.class_queries_logits)  # reference: explicit inputs
+    torch.testing.assert_close(
+        direct.class_queries_logits, explicit.class_queries_logits
+    )  # reference: explicit inputs
     with pytest.raises(TypeError, match="unexpected keyword argument 'labels'.*mask_labels"):
         model(**inputs, labels=[0])  # still refused

@@ -22,11 +22,11 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from transformers_possam import PosSAMImageProcessor, PosSAMProcessor, clip_tokenizer_from_bpe
-from transformers_possam import postprocessing
+from transformers_possam import PosSAMImageProcessor, PosSAMProcessor, clip_tokenizer_from_bpe, postprocessing
 from transformers_possam.postprocessing import class_scores
 
 from .conftest import save_tiny_checkpoint
+
 
 NUM_QUERIES, NUM_CLASSES, MASK_SIZE = 6, 4, 16
 PADDED = 64  # the processor's padded input: masks are at 1/4 of it
@@ -104,7 +104,9 @@ def test_bad_threshold_is_refused_naming_it(processor, subtask, name, value, err
 def test_threshold_bounds_and_numpy_numbers_are_accepted(processor):
     # expected: 0 and 1 are valid ends; a numpy float is the same number as the Python float
     reference = run(processor, "panoptic", mask_threshold=0.5)
-    assert_same_results(run(processor, "panoptic", mask_threshold=np.float32(0.5), threshold=np.float64(0.0)), reference)
+    assert_same_results(
+        run(processor, "panoptic", mask_threshold=np.float32(0.5), threshold=np.float64(0.0)), reference
+    )
     assert run(processor, "panoptic", threshold=1.0)[0]["segments_info"] == []  # no score exceeds 1
     assert run(processor, "instance", threshold=1.0)[0]["segments_info"] == []
     assert len(run(processor, "panoptic", overlap_mask_area_threshold=0.0, mask_threshold=0.0)[0]["segments_info"]) > 0
@@ -134,7 +136,9 @@ def test_huge_num_top_instances_means_every_pair(processor):
     # expected: the same result as asking for exactly Q x K pairs (topk is clamped), and numpy ints work
     every_pair = run(processor, "instance", num_top_instances=NUM_QUERIES * NUM_CLASSES, return_binary_maps=True)
     assert_same_results(run(processor, "instance", num_top_instances=10**12, return_binary_maps=True), every_pair)
-    assert_same_results(run(processor, "instance", num_top_instances=np.int64(3)), run(processor, "instance", num_top_instances=3))
+    assert_same_results(
+        run(processor, "instance", num_top_instances=np.int64(3)), run(processor, "instance", num_top_instances=3)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,26 +148,80 @@ def test_huge_num_top_instances_means_every_pair(processor):
 @pytest.mark.parametrize(
     "subtask,kwargs,error,match",
     [
-        ("panoptic", {"target_sizes": [(0, 30)]}, ValueError, r"target_sizes\[0\] must hold sizes of at least 1 pixel, got 0"),
-        ("semantic", {"target_sizes": [(20, -30)]}, ValueError, r"target_sizes\[0\] must hold sizes of at least 1 pixel, got -30"),
+        (
+            "panoptic",
+            {"target_sizes": [(0, 30)]},
+            ValueError,
+            r"target_sizes\[0\] must hold sizes of at least 1 pixel, got 0",
+        ),
+        (
+            "semantic",
+            {"target_sizes": [(20, -30)]},
+            ValueError,
+            r"target_sizes\[0\] must hold sizes of at least 1 pixel, got -30",
+        ),
         ("instance", {"target_sizes": [(0, 0)]}, ValueError, r"target_sizes\[0\] must hold sizes of at least 1 pixel"),
-        ("panoptic", {"target_sizes": [(20.5, 30)]}, ValueError, r"target_sizes\[0\] must hold whole numbers of pixels, got 20.5"),
+        (
+            "panoptic",
+            {"target_sizes": [(20.5, 30)]},
+            ValueError,
+            r"target_sizes\[0\] must hold whole numbers of pixels, got 20.5",
+        ),
         ("semantic", {"target_sizes": [(float("inf"), 30)]}, ValueError, r"target_sizes\[0\] must hold whole numbers"),
         ("panoptic", {"target_sizes": [("20", 30)]}, TypeError, r"target_sizes\[0\] must hold two ints .* got str"),
         ("instance", {"target_sizes": [(True, 30)]}, TypeError, r"target_sizes\[0\] must hold two ints .* got bool"),
         # a single pair where a list of pairs is due: the classic nesting mistake
-        ("panoptic", {"target_sizes": (20, 30)}, TypeError, r"target_sizes\[0\] must be a \(height, width\) pair, got int 20"),
-        ("semantic", {"target_sizes": [(20, 30, 3)]}, ValueError, r"target_sizes\[0\] must be a \(height, width\) pair, got 3 values"),
+        (
+            "panoptic",
+            {"target_sizes": (20, 30)},
+            TypeError,
+            r"target_sizes\[0\] must be a \(height, width\) pair, got int 20",
+        ),
+        (
+            "semantic",
+            {"target_sizes": [(20, 30, 3)]},
+            ValueError,
+            r"target_sizes\[0\] must be a \(height, width\) pair, got 3 values",
+        ),
         ("instance", {"target_sizes": [(20, 30), (20, 30)]}, ValueError, "target_sizes needs one .* 1 images, got 2"),
         ("panoptic", {"target_sizes": "20x30"}, TypeError, "target_sizes must be a list of .* got str"),
-        ("semantic", {"target_sizes": torch.tensor([[20, 30, 1]])}, ValueError, r"target_sizes must have shape \(batch, 2\).* got shape \(1, 3\)"),
-        ("instance", {"target_sizes": torch.tensor([20, 30])}, ValueError, r"target_sizes must have shape \(batch, 2\).* got shape \(2,\)"),
-        ("panoptic", {"reshaped_input_sizes": [(0, 64)]}, ValueError, r"reshaped_input_sizes\[0\] must hold sizes of at least 1 pixel"),
+        (
+            "semantic",
+            {"target_sizes": torch.tensor([[20, 30, 1]])},
+            ValueError,
+            r"target_sizes must have shape \(batch, 2\).* got shape \(1, 3\)",
+        ),
+        (
+            "instance",
+            {"target_sizes": torch.tensor([20, 30])},
+            ValueError,
+            r"target_sizes must have shape \(batch, 2\).* got shape \(2,\)",
+        ),
+        (
+            "panoptic",
+            {"reshaped_input_sizes": [(0, 64)]},
+            ValueError,
+            r"reshaped_input_sizes\[0\] must hold sizes of at least 1 pixel",
+        ),
         # the image inside the padding cannot be larger than the padding: cropping would silently keep it all
-        ("panoptic", {"reshaped_input_sizes": [(100, 64)]}, ValueError,
-         r"reshaped_input_sizes\[0\] = \(100, 64\) is larger than the padded input \(64, 64\)"),
-        ("semantic", {"reshaped_input_sizes": [(64, 65)]}, ValueError, r"reshaped_input_sizes\[0\] = \(64, 65\) is larger than the padded input"),
-        ("instance", {"reshaped_input_sizes": [(48, 64)] * 3}, ValueError, "reshaped_input_sizes needs one .* 1 images, got 3"),
+        (
+            "panoptic",
+            {"reshaped_input_sizes": [(100, 64)]},
+            ValueError,
+            r"reshaped_input_sizes\[0\] = \(100, 64\) is larger than the padded input \(64, 64\)",
+        ),
+        (
+            "semantic",
+            {"reshaped_input_sizes": [(64, 65)]},
+            ValueError,
+            r"reshaped_input_sizes\[0\] = \(64, 65\) is larger than the padded input",
+        ),
+        (
+            "instance",
+            {"reshaped_input_sizes": [(48, 64)] * 3},
+            ValueError,
+            "reshaped_input_sizes needs one .* 1 images, got 3",
+        ),
     ],
 )
 def test_bad_sizes(processor, subtask, kwargs, error, match):
@@ -175,7 +233,9 @@ def test_bad_sizes(processor, subtask, kwargs, error, match):
 def test_sizes_as_float_tensors_and_arrays_are_the_same_sizes(processor, subtask):
     # expected: the processor's own tensors (possibly float) and numpy arrays give the result of the int lists
     reference = run(processor, subtask, target_sizes=[(20, 30)], reshaped_input_sizes=[(48, 64)])
-    as_tensors = run(processor, subtask, target_sizes=torch.tensor([[20.0, 30.0]]), reshaped_input_sizes=np.array([[48, 64]]))
+    as_tensors = run(
+        processor, subtask, target_sizes=torch.tensor([[20.0, 30.0]]), reshaped_input_sizes=np.array([[48, 64]])
+    )
     assert_same_results(as_tensors, reference)
     assert (reference[0] if subtask == "semantic" else reference[0]["segmentation"]).shape == (20, 30)
 
@@ -187,15 +247,50 @@ def test_sizes_as_float_tensors_and_arrays_are_the_same_sizes(processor, subtask
 @pytest.mark.parametrize(
     "subtask,kwargs,error,match",
     [
-        ("panoptic", {"label_ids_to_fuse": [NUM_CLASSES]}, ValueError, "label_ids_to_fuse holds class id 4, but the outputs have 4 classes"),
-        ("panoptic", {"label_ids_to_fuse": [-1]}, ValueError, "label_ids_to_fuse holds class id -1, but the outputs have 4 classes"),
-        ("panoptic", {"label_ids_to_fuse": [1.5]}, TypeError, "label_ids_to_fuse holds float 1.5, which is not a class id"),
-        ("panoptic", {"label_ids_to_fuse": ["2"]}, TypeError, "label_ids_to_fuse holds str '2', which is not a class id"),
+        (
+            "panoptic",
+            {"label_ids_to_fuse": [NUM_CLASSES]},
+            ValueError,
+            "label_ids_to_fuse holds class id 4, but the outputs have 4 classes",
+        ),
+        (
+            "panoptic",
+            {"label_ids_to_fuse": [-1]},
+            ValueError,
+            "label_ids_to_fuse holds class id -1, but the outputs have 4 classes",
+        ),
+        (
+            "panoptic",
+            {"label_ids_to_fuse": [1.5]},
+            TypeError,
+            "label_ids_to_fuse holds float 1.5, which is not a class id",
+        ),
+        (
+            "panoptic",
+            {"label_ids_to_fuse": ["2"]},
+            TypeError,
+            "label_ids_to_fuse holds str '2', which is not a class id",
+        ),
         ("panoptic", {"label_ids_to_fuse": 3}, TypeError, "label_ids_to_fuse must be a list of class ids"),
-        ("panoptic", {"label_ids_to_fuse": torch.tensor([1.0])}, TypeError, "label_ids_to_fuse must hold integer class ids"),
-        ("instance", {"thing_label_ids": [NUM_CLASSES]}, ValueError, "thing_label_ids holds class id 4, but the outputs have 4 classes"),
+        (
+            "panoptic",
+            {"label_ids_to_fuse": torch.tensor([1.0])},
+            TypeError,
+            "label_ids_to_fuse must hold integer class ids",
+        ),
+        (
+            "instance",
+            {"thing_label_ids": [NUM_CLASSES]},
+            ValueError,
+            "thing_label_ids holds class id 4, but the outputs have 4 classes",
+        ),
         ("instance", {"thing_label_ids": [0, -1]}, ValueError, "thing_label_ids holds class id -1"),
-        ("instance", {"thing_label_ids": [True]}, TypeError, "thing_label_ids holds bool True, which is not a class id"),
+        (
+            "instance",
+            {"thing_label_ids": [True]},
+            TypeError,
+            "thing_label_ids holds bool True, which is not a class id",
+        ),
         ("instance", {"thing_label_ids": "0"}, TypeError, "thing_label_ids must be a list of class ids"),
     ],
 )
@@ -218,9 +313,21 @@ def test_class_ids_as_tensors_arrays_and_sets(processor):
     [
         # a vocabulary of 5 classes against outputs of 4: named, with both counts, whether or not MASE reads it
         ("panoptic", {}, torch.ones(5, dtype=torch.bool), ValueError, r"seen_mask .*(\b5\b.*\b4\b|\b4\b.*\b5\b)"),
-        ("semantic", {"clip": False}, torch.ones(3, dtype=torch.bool), ValueError, "seen_mask has 3 entries .* outputs have 4 classes"),
+        (
+            "semantic",
+            {"clip": False},
+            torch.ones(3, dtype=torch.bool),
+            ValueError,
+            "seen_mask has 3 entries .* outputs have 4 classes",
+        ),
         ("instance", {"clip": False}, [True] * 6, ValueError, "seen_mask has 6 entries .* outputs have 4 classes"),
-        ("panoptic", {}, torch.tensor([0.0, 1.0, 1.0, 0.0]), TypeError, "seen_mask must be a bool tensor .* got dtype torch.float32"),
+        (
+            "panoptic",
+            {},
+            torch.tensor([0.0, 1.0, 1.0, 0.0]),
+            TypeError,
+            "seen_mask must be a bool tensor .* got dtype torch.float32",
+        ),
         ("panoptic", {}, torch.ones(2, 2, dtype=torch.bool), ValueError, r"seen_mask must have shape .*\(2, 2\)"),
         ("semantic", {}, torch.tensor([0, 1, 2, 1]), ValueError, "seen_mask must hold only True / False"),
         ("instance", {}, "all", TypeError, "seen_mask must be a bool tensor of shape"),
@@ -237,7 +344,9 @@ def test_seen_mask_as_ints_or_list_means_the_bools(processor):
     reference = run(processor, "panoptic", seen_mask=seen)
     assert_same_results(run(processor, "panoptic", seen_mask=seen.long()), reference)
     assert_same_results(run(processor, "panoptic", seen_mask=seen.tolist()), reference)
-    assert not torch.equal(class_scores(make_outputs(), seen_mask=seen)[0], class_scores(make_outputs())[0])  # it is read
+    assert not torch.equal(
+        class_scores(make_outputs(), seen_mask=seen)[0], class_scores(make_outputs())[0]
+    )  # it is read
 
 
 @pytest.fixture(scope="module")
@@ -249,13 +358,36 @@ def possam_processor(processor) -> PosSAMProcessor:
     "subtask,kwargs,match",
     [
         # 6 labels, stuff last, against outputs of 4 classes: the processor's seen mask (always passed) has 6 entries
-        ("panoptic", {"candidate_labels": ["a", "b", "c", "d", {"name": "e", "isthing": False}, {"name": "f", "isthing": False}]},
-         "seen_mask has 6 entries .* outputs have 4 classes"),
-        ("instance", {"candidate_labels": ["a", "b", "c", "d", "e"]}, "seen_mask has 5 entries .* outputs have 4 classes"),
+        (
+            "panoptic",
+            {
+                "candidate_labels": [
+                    "a",
+                    "b",
+                    "c",
+                    "d",
+                    {"name": "e", "isthing": False},
+                    {"name": "f", "isthing": False},
+                ]
+            },
+            "seen_mask has 6 entries .* outputs have 4 classes",
+        ),
+        (
+            "instance",
+            {"candidate_labels": ["a", "b", "c", "d", "e"]},
+            "seen_mask has 5 entries .* outputs have 4 classes",
+        ),
         # 3 labels against 4 classes: caught as well, also when no CLIP logits make MASE read the mask
-        ("semantic", {"candidate_labels": ["person", "unicorn", "sky"], "training_vocabulary": ["person", "sky"]},
-         "seen_mask has 3 entries .* outputs have 4 classes"),
-        ("panoptic", {"candidate_labels": ["person", "unicorn", "sky"]}, "seen_mask has 3 entries .* outputs have 4 classes"),
+        (
+            "semantic",
+            {"candidate_labels": ["person", "unicorn", "sky"], "training_vocabulary": ["person", "sky"]},
+            "seen_mask has 3 entries .* outputs have 4 classes",
+        ),
+        (
+            "panoptic",
+            {"candidate_labels": ["person", "unicorn", "sky"]},
+            "seen_mask has 3 entries .* outputs have 4 classes",
+        ),
     ],
 )
 def test_vocabulary_of_another_size_than_the_outputs(possam_processor, subtask, kwargs, match):
@@ -284,28 +416,92 @@ def with_value(name: str, index: tuple, value: float) -> SimpleNamespace:
 @pytest.mark.parametrize(
     "subtask,outputs,error,match",
     [
-        ("panoptic", with_changes(masks_queries_logits=make_outputs(batch=2).masks_queries_logits), ValueError,
-         r"outputs.masks_queries_logits has shape \(2, 6, 16, 16\), whose \(batch, queries\) differ"),
-        ("semantic", with_changes(clip_class_logits=make_outputs(batch=2).clip_class_logits), ValueError, "outputs.clip_class_logits has shape"),
+        (
+            "panoptic",
+            with_changes(masks_queries_logits=make_outputs(batch=2).masks_queries_logits),
+            ValueError,
+            r"outputs.masks_queries_logits has shape \(2, 6, 16, 16\), whose \(batch, queries\) differ",
+        ),
+        (
+            "semantic",
+            with_changes(clip_class_logits=make_outputs(batch=2).clip_class_logits),
+            ValueError,
+            "outputs.clip_class_logits has shape",
+        ),
         ("instance", with_changes(iou_scores=torch.rand(2, NUM_QUERIES)), ValueError, r"iou_scores .*shape.*\(2, 6\)"),
-        ("panoptic", with_changes(masks_queries_logits=make_outputs(queries=5).masks_queries_logits), ValueError,
-         "outputs.masks_queries_logits has shape"),
-        ("semantic", with_changes(clip_class_logits=torch.randn(1, NUM_QUERIES, 7)), ValueError,
-         "outputs.clip_class_logits scores 7 classes but class_queries_logits 4"),
-        ("panoptic", with_changes(masks_queries_logits=make_outputs().masks_queries_logits[0]), ValueError,
-         r"outputs.masks_queries_logits must have shape \(batch, queries, height, width\)"),
-        ("instance", with_changes(class_queries_logits=torch.zeros(1, NUM_QUERIES, 1)), ValueError, "outputs.class_queries_logits has 1 column"),
-        ("panoptic", with_value("class_queries_logits", (0, 2, 1), float("nan")), ValueError, "outputs.class_queries_logits contains NaN"),
-        ("semantic", with_value("masks_queries_logits", (0, 0, 3, 3), float("nan")), ValueError, "outputs.masks_queries_logits contains NaN"),
-        ("instance", with_value("masks_queries_logits", (0, 1, 0, 0), float("inf")), ValueError,
-         "outputs.masks_queries_logits contains NaN or infinite"),
-        ("panoptic", with_value("clip_class_logits", (0, 0, 0), float("nan")), ValueError, "outputs.clip_class_logits contains NaN"),
+        (
+            "panoptic",
+            with_changes(masks_queries_logits=make_outputs(queries=5).masks_queries_logits),
+            ValueError,
+            "outputs.masks_queries_logits has shape",
+        ),
+        (
+            "semantic",
+            with_changes(clip_class_logits=torch.randn(1, NUM_QUERIES, 7)),
+            ValueError,
+            "outputs.clip_class_logits scores 7 classes but class_queries_logits 4",
+        ),
+        (
+            "panoptic",
+            with_changes(masks_queries_logits=make_outputs().masks_queries_logits[0]),
+            ValueError,
+            r"outputs.masks_queries_logits must have shape \(batch, queries, height, width\)",
+        ),
+        (
+            "instance",
+            with_changes(class_queries_logits=torch.zeros(1, NUM_QUERIES, 1)),
+            ValueError,
+            "outputs.class_queries_logits has 1 column",
+        ),
+        (
+            "panoptic",
+            with_value("class_queries_logits", (0, 2, 1), float("nan")),
+            ValueError,
+            "outputs.class_queries_logits contains NaN",
+        ),
+        (
+            "semantic",
+            with_value("masks_queries_logits", (0, 0, 3, 3), float("nan")),
+            ValueError,
+            "outputs.masks_queries_logits contains NaN",
+        ),
+        (
+            "instance",
+            with_value("masks_queries_logits", (0, 1, 0, 0), float("inf")),
+            ValueError,
+            "outputs.masks_queries_logits contains NaN or infinite",
+        ),
+        (
+            "panoptic",
+            with_value("clip_class_logits", (0, 0, 0), float("nan")),
+            ValueError,
+            "outputs.clip_class_logits contains NaN",
+        ),
         ("semantic", with_value("iou_scores", (0, 3), float("nan")), ValueError, "outputs.iou_scores contains NaN"),
-        ("instance", with_value("iou_scores", (0, 3), 1.5), ValueError, r"outputs.iou_scores must be predicted IoUs in \[0, 1\]"),
-        ("panoptic", with_changes(masks_queries_logits=make_outputs().masks_queries_logits > 0), TypeError,
-         "outputs.masks_queries_logits must be a floating-point tensor .* got a torch.bool tensor"),
-        ("semantic", (torch.zeros(1, NUM_QUERIES, NUM_CLASSES + 1),), TypeError, "outputs must be the output of PosSAMForPanopticSegmentation"),
-        ("instance", SimpleNamespace(masks_queries_logits=make_outputs().masks_queries_logits), TypeError, "outputs has no class_queries_logits"),
+        (
+            "instance",
+            with_value("iou_scores", (0, 3), 1.5),
+            ValueError,
+            r"outputs.iou_scores must be predicted IoUs in \[0, 1\]",
+        ),
+        (
+            "panoptic",
+            with_changes(masks_queries_logits=make_outputs().masks_queries_logits > 0),
+            TypeError,
+            "outputs.masks_queries_logits must be a floating-point tensor .* got a torch.bool tensor",
+        ),
+        (
+            "semantic",
+            (torch.zeros(1, NUM_QUERIES, NUM_CLASSES + 1),),
+            TypeError,
+            "outputs must be the output of PosSAMForPanopticSegmentation",
+        ),
+        (
+            "instance",
+            SimpleNamespace(masks_queries_logits=make_outputs().masks_queries_logits),
+            TypeError,
+            "outputs has no class_queries_logits",
+        ),
     ],
 )
 def test_bad_outputs(processor, subtask, outputs, error, match):
@@ -330,7 +526,11 @@ def test_outputs_as_a_dict_or_half_precision(processor):
 @pytest.mark.parametrize(
     "subtask,kwargs,match",
     [
-        ("panoptic", {"use_mase": "no"}, "use_mase must be True or False, got str 'no'"),  # a non-empty string is truthy
+        (
+            "panoptic",
+            {"use_mase": "no"},
+            "use_mase must be True or False, got str 'no'",
+        ),  # a non-empty string is truthy
         ("semantic", {"use_mase": 0}, "use_mase must be True or False, got int 0"),
         ("instance", {"use_mase": None}, "use_mase must be True or False, got NoneType"),
         ("instance", {"return_binary_maps": "yes"}, "return_binary_maps must be True or False"),
@@ -343,7 +543,9 @@ def test_non_bool_flags(processor, subtask, kwargs, match):
 
 def test_numpy_bool_flags(processor):
     # expected: numpy's bools are bools
-    assert_same_results(run(processor, "semantic", use_mase=np.bool_(False)), run(processor, "semantic", use_mase=False))
+    assert_same_results(
+        run(processor, "semantic", use_mase=np.bool_(False)), run(processor, "semantic", use_mase=False)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,7 +555,9 @@ def test_numpy_bool_flags(processor):
 def test_instance_without_thing_class_is_empty(processor):
     # expected: a vocabulary without thing classes has no instance: no segment, an all-0 map, (0, H, W) masks
     (result,) = run(processor, "instance", thing_label_ids=[], return_binary_maps=True)
-    assert result["segments_info"] == [] and not result["segmentation"].any() and result["segmentation"].shape == TARGET
+    assert (
+        result["segments_info"] == [] and not result["segmentation"].any() and result["segmentation"].shape == TARGET
+    )
     assert result["binary_masks"].shape == (0, *TARGET) and result["binary_masks"].dtype == torch.bool
 
 
@@ -379,7 +583,10 @@ def test_empty_batch(processor):
 
 @pytest.fixture(scope="module")
 def segmenter(tmp_path_factory):
-    return pipeline("open-vocabulary-panoptic-segmentation", model=str(save_tiny_checkpoint(tmp_path_factory.mktemp("possam-hostile-pp"))))
+    return pipeline(
+        "open-vocabulary-panoptic-segmentation",
+        model=str(save_tiny_checkpoint(tmp_path_factory.mktemp("possam-hostile-pp"))),
+    )
 
 
 def small_image() -> Image.Image:
@@ -448,9 +655,16 @@ def dense_instance_reference(processor, outputs, target_size, reshaped_size, num
 @pytest.mark.parametrize("path", ["masks_kept", "masks_resized_again_one_at_a_time"])
 @pytest.mark.parametrize(
     "target_size,reshaped_size,thing_ids,threshold",
-    [((50, 70), (48, 64), None, 0.0), ((90, 37), None, [0, 2, 3], 0.0), (None, (64, 40), None, 0.05), ((33, 33), (40, 64), [1], 0.0)],
+    [
+        ((50, 70), (48, 64), None, 0.0),
+        ((90, 37), None, [0, 2, 3], 0.0),
+        (None, (64, 40), None, 0.05),
+        ((33, 33), (40, 64), [1], 0.0),
+    ],
 )
-def test_bounded_instance_inference_equals_dense_definition(monkeypatch, processor, path, target_size, reshaped_size, thing_ids, threshold):
+def test_bounded_instance_inference_equals_dense_definition(
+    monkeypatch, processor, path, target_size, reshaped_size, thing_ids, threshold
+):
     """Same segments, scores, map and masks as the dense definition, whether pass 1's masks are kept or resized again."""
     if path != "masks_kept":
         monkeypatch.setattr(postprocessing, "INSTANCE_MASK_BYTES", 0)
@@ -459,16 +673,27 @@ def test_bounded_instance_inference_equals_dense_definition(monkeypatch, process
     # duplicated queries (same mask, other classes) and queries holding several top classes exercise the painting order
     outputs = make_outputs(queries=24, classes=6, seed=5)
     outputs.masks_queries_logits[0, 12:18] = outputs.masks_queries_logits[0, :6]
-    info, segmentation, binary = dense_instance_reference(processor, outputs, target_size, reshaped_size, 30, thing_ids, threshold)
+    info, segmentation, binary = dense_instance_reference(
+        processor, outputs, target_size, reshaped_size, 30, thing_ids, threshold
+    )
     (result,) = processor.post_process_instance_segmentation(
-        outputs, target_sizes=target_size and [target_size], reshaped_input_sizes=reshaped_size and [reshaped_size],
-        num_top_instances=30, thing_label_ids=thing_ids, threshold=threshold, return_binary_maps=True,
+        outputs,
+        target_sizes=target_size and [target_size],
+        reshaped_input_sizes=reshaped_size and [reshaped_size],
+        num_top_instances=30,
+        thing_label_ids=thing_ids,
+        threshold=threshold,
+        return_binary_maps=True,
     )
     assert len(info) > 3 and result["segments_info"] == info
     assert torch.equal(result["segmentation"], segmentation) and torch.equal(result["binary_masks"], binary)
     (without_maps,) = processor.post_process_instance_segmentation(
-        outputs, target_sizes=target_size and [target_size], reshaped_input_sizes=reshaped_size and [reshaped_size],
-        num_top_instances=30, thing_label_ids=thing_ids, threshold=threshold,
+        outputs,
+        target_sizes=target_size and [target_size],
+        reshaped_input_sizes=reshaped_size and [reshaped_size],
+        num_top_instances=30,
+        thing_label_ids=thing_ids,
+        threshold=threshold,
     )
     assert "binary_masks" not in without_maps and torch.equal(without_maps["segmentation"], segmentation)
 

@@ -14,9 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from transformers_possam import PosSAMImageProcessor, PosSAMProcessor, VILD_TEMPLATES, clip_tokenizer_from_bpe, load_vocabulary
+from transformers_possam import (
+    VILD_TEMPLATES,
+    PosSAMImageProcessor,
+    PosSAMProcessor,
+    clip_tokenizer_from_bpe,
+    load_vocabulary,
+)
 from transformers_possam.processing_possam import resolve_vocabulary, seen_class_mask
 from transformers_possam.vocabularies import Vocabulary
+
 
 # Enough repeated words to push every ViLD prompt past CLIP's 77-token context.
 LONG_PREFIX = "very " * 80
@@ -59,15 +66,24 @@ def reference_tokens(tokenizer, vocabulary_synonyms: list[list[str]]) -> dict[st
 
 BAD_VOCABULARIES = [
     pytest.param(None, TypeError, r"candidate_labels is None", id="None->TypeError"),
-    pytest.param({"name": "cat", "isthing": True}, TypeError, r"single dict \{'name': 'cat'", id="bare_dict->TypeError_wrap_in_list"),
+    pytest.param(
+        {"name": "cat", "isthing": True},
+        TypeError,
+        r"single dict \{'name': 'cat'",
+        id="bare_dict->TypeError_wrap_in_list",
+    ),
     pytest.param({"cat", "dog"}, TypeError, r"set, which has no order", id="set->TypeError_unordered"),
     pytest.param(frozenset({"cat"}), TypeError, r"frozenset, which has no order", id="frozenset->TypeError_unordered"),
     pytest.param(b"cat,dog", TypeError, r"candidate_labels is bytes", id="bytes->TypeError"),
     pytest.param(5, TypeError, r"candidate_labels = 5 has type int", id="int->TypeError"),
     pytest.param(np.array([["cat", "dog"]]), TypeError, r"2-D array of shape \(1, 2\)", id="2D_numpy->TypeError"),
-    pytest.param("coco133", ValueError, r"'coco133' is not a preset", id="preset_typo_coco133->ValueError"),  # already fine
+    pytest.param(
+        "coco133", ValueError, r"'coco133' is not a preset", id="preset_typo_coco133->ValueError"
+    ),  # already fine
     pytest.param("ade20", ValueError, r"'ade20' is not a preset", id="preset_typo_ade20->ValueError"),  # already fine
-    pytest.param("cat", ValueError, r"'cat' is not a preset", id="single_label_string->ValueError_use_list"),  # already fine
+    pytest.param(
+        "cat", ValueError, r"'cat' is not a preset", id="single_label_string->ValueError_use_list"
+    ),  # already fine
     pytest.param([], ValueError, r"empty", id="empty_list->ValueError"),  # already fine
     pytest.param(iter([]), ValueError, r"empty", id="exhausted_iterator->ValueError"),  # already fine
 ]
@@ -82,38 +98,128 @@ def test_bad_vocabulary_forms(candidate_labels, error, message):
 # --- single labels that are errors: the message names candidate_labels[index] and the value -------------------------
 
 BAD_LABELS = [
-    pytest.param([{"name": None}], TypeError, r"candidate_labels\[0\]\['name'\] = None has type NoneType", id="name_None->TypeError"),
-    pytest.param(["cat", {"name": 5}], TypeError, r"candidate_labels\[1\]\['name'\] = 5 has type int", id="name_int->TypeError"),
-    pytest.param([{"name": ["cat", "kitty"]}], TypeError, r"\['name'\] = \['cat', 'kitty'\].*join them with commas", id="name_list->TypeError_join"),
+    pytest.param(
+        [{"name": None}],
+        TypeError,
+        r"candidate_labels\[0\]\['name'\] = None has type NoneType",
+        id="name_None->TypeError",
+    ),
+    pytest.param(
+        ["cat", {"name": 5}], TypeError, r"candidate_labels\[1\]\['name'\] = 5 has type int", id="name_int->TypeError"
+    ),
+    pytest.param(
+        [{"name": ["cat", "kitty"]}],
+        TypeError,
+        r"\['name'\] = \['cat', 'kitty'\].*join them with commas",
+        id="name_list->TypeError_join",
+    ),
     # already fine (index and value named, only the wording changed): the four below
     pytest.param(["cat", {"name": ""}], ValueError, r"1.*''.* is blank", id="name_empty->ValueError_blank"),
     pytest.param([{"name": "  "}], ValueError, r"0.*'  '.* is blank", id="name_spaces->ValueError_blank"),
     pytest.param([{"name": ",,"}], ValueError, r"0.*',,'.* is blank", id="name_commas->ValueError_blank"),
     pytest.param([{}], ValueError, r"0.* is a dict without 'name'", id="dict_without_name->ValueError"),
-    pytest.param([{"name": "cat", "is_thing": False}], ValueError, r"candidate_labels\[0\].*unknown key\(s\) \['is_thing'\].*\['name', 'isthing'\]", id="key_is_thing->ValueError"),
-    pytest.param([{"name": "cat", "isThing": False}], ValueError, r"unknown key\(s\) \['isThing'\]", id="key_isThing->ValueError"),
-    pytest.param([{"name": "cat", "thing": True}], ValueError, r"unknown key\(s\) \['thing'\]", id="key_thing->ValueError"),
-    pytest.param([{"label": "cat"}], ValueError, r"candidate_labels\[0\].*unknown key\(s\) \['label'\]", id="key_label->ValueError"),
-    pytest.param([{"id": 1, "name": "person", "is_thing": 1}], ValueError, r"unknown key\(s\) \['is_thing'\]", id="coco_category_with_misspelled_flag->ValueError"),
-    pytest.param([{"name": "sky", "isthing": "false"}], TypeError, r"candidate_labels\[0\]\['isthing'\] = 'false' has type str", id="isthing_str_false->TypeError"),
-    pytest.param([{"name": "sky", "isthing": "true"}], TypeError, r"\['isthing'\] = 'true' has type str", id="isthing_str_true->TypeError"),
-    pytest.param([{"name": "sky", "isthing": None}], TypeError, r"\['isthing'\] = None has type NoneType", id="isthing_None->TypeError"),
-    pytest.param([{"name": "sky", "isthing": 1.0}], TypeError, r"\['isthing'\] = 1.0 has type float", id="isthing_float->TypeError"),
-    pytest.param([{"name": "sky", "isthing": 2}], ValueError, r"\['isthing'\] = 2: .*only 1 and 0", id="isthing_2->ValueError"),
+    pytest.param(
+        [{"name": "cat", "is_thing": False}],
+        ValueError,
+        r"candidate_labels\[0\].*unknown key\(s\) \['is_thing'\].*\['name', 'isthing'\]",
+        id="key_is_thing->ValueError",
+    ),
+    pytest.param(
+        [{"name": "cat", "isThing": False}],
+        ValueError,
+        r"unknown key\(s\) \['isThing'\]",
+        id="key_isThing->ValueError",
+    ),
+    pytest.param(
+        [{"name": "cat", "thing": True}], ValueError, r"unknown key\(s\) \['thing'\]", id="key_thing->ValueError"
+    ),
+    pytest.param(
+        [{"label": "cat"}],
+        ValueError,
+        r"candidate_labels\[0\].*unknown key\(s\) \['label'\]",
+        id="key_label->ValueError",
+    ),
+    pytest.param(
+        [{"id": 1, "name": "person", "is_thing": 1}],
+        ValueError,
+        r"unknown key\(s\) \['is_thing'\]",
+        id="coco_category_with_misspelled_flag->ValueError",
+    ),
+    pytest.param(
+        [{"name": "sky", "isthing": "false"}],
+        TypeError,
+        r"candidate_labels\[0\]\['isthing'\] = 'false' has type str",
+        id="isthing_str_false->TypeError",
+    ),
+    pytest.param(
+        [{"name": "sky", "isthing": "true"}],
+        TypeError,
+        r"\['isthing'\] = 'true' has type str",
+        id="isthing_str_true->TypeError",
+    ),
+    pytest.param(
+        [{"name": "sky", "isthing": None}],
+        TypeError,
+        r"\['isthing'\] = None has type NoneType",
+        id="isthing_None->TypeError",
+    ),
+    pytest.param(
+        [{"name": "sky", "isthing": 1.0}],
+        TypeError,
+        r"\['isthing'\] = 1.0 has type float",
+        id="isthing_float->TypeError",
+    ),
+    pytest.param(
+        [{"name": "sky", "isthing": 2}], ValueError, r"\['isthing'\] = 2: .*only 1 and 0", id="isthing_2->ValueError"
+    ),
     # entries of a wrong type: TypeError (they raised ValueError before, or AttributeError inside a dict)
-    pytest.param(["cat", None], TypeError, r"candidate_labels\[1\] = None has type NoneType", id="entry_None->TypeError"),
+    pytest.param(
+        ["cat", None], TypeError, r"candidate_labels\[1\] = None has type NoneType", id="entry_None->TypeError"
+    ),
     pytest.param(["cat", 3], TypeError, r"candidate_labels\[1\] = 3 has type int", id="entry_int->TypeError"),
     pytest.param([1.5], TypeError, r"candidate_labels\[0\] = 1.5 has type float", id="entry_float->TypeError"),
-    pytest.param([b"cat"], TypeError, r"candidate_labels\[0\] = b'cat' has type bytes.*Decode", id="entry_bytes->TypeError_decode"),
-    pytest.param([["cat", "kitty"]], TypeError, r"candidate_labels\[0\] = \['cat', 'kitty'\].*join them with commas", id="nested_list->TypeError_join"),
-    pytest.param(np.array(["cat", None], dtype=object), TypeError, r"candidate_labels\[1\] = None", id="numpy_object_None->TypeError"),
-    pytest.param(["cat,,dog"], ValueError, r"candidate_labels\[0\] = 'cat,,dog' has an empty synonym \(part 1", id="double_comma->ValueError"),
-    pytest.param(["cat, "], ValueError, r"candidate_labels\[0\] = 'cat, ' has an empty synonym \(part 1", id="trailing_comma->ValueError"),
+    pytest.param(
+        [b"cat"],
+        TypeError,
+        r"candidate_labels\[0\] = b'cat' has type bytes.*Decode",
+        id="entry_bytes->TypeError_decode",
+    ),
+    pytest.param(
+        [["cat", "kitty"]],
+        TypeError,
+        r"candidate_labels\[0\] = \['cat', 'kitty'\].*join them with commas",
+        id="nested_list->TypeError_join",
+    ),
+    pytest.param(
+        np.array(["cat", None], dtype=object),
+        TypeError,
+        r"candidate_labels\[1\] = None",
+        id="numpy_object_None->TypeError",
+    ),
+    pytest.param(
+        ["cat,,dog"],
+        ValueError,
+        r"candidate_labels\[0\] = 'cat,,dog' has an empty synonym \(part 1",
+        id="double_comma->ValueError",
+    ),
+    pytest.param(
+        ["cat, "],
+        ValueError,
+        r"candidate_labels\[0\] = 'cat, ' has an empty synonym \(part 1",
+        id="trailing_comma->ValueError",
+    ),
     pytest.param([",cat"], ValueError, r"',cat' has an empty synonym \(part 0", id="leading_comma->ValueError"),
-    pytest.param(["dog", "cat\ndog"], ValueError, r"candidate_labels\[1\] = 'cat\\ndog' holds the control character '\\n'", id="inner_newline->ValueError"),
+    pytest.param(
+        ["dog", "cat\ndog"],
+        ValueError,
+        r"candidate_labels\[1\] = 'cat\\ndog' holds the control character '\\n'",
+        id="inner_newline->ValueError",
+    ),
     pytest.param(["cat\tdog"], ValueError, r"control character '\\t'", id="inner_tab->ValueError"),
     pytest.param(["cat\x00"], ValueError, r"control character '\\x00'", id="nul_char->ValueError"),
-    pytest.param(["cat\u2028dog"], ValueError, r"control character '\\u2028'", id="unicode_line_separator->ValueError"),
+    pytest.param(
+        ["cat\u2028dog"], ValueError, r"control character '\\u2028'", id="unicode_line_separator->ValueError"
+    ),
 ]
 
 
@@ -127,13 +233,24 @@ def test_bad_labels(candidate_labels, error, message):
 
 INDISTINCT = [
     pytest.param(["cat", "cat"], r"Duplicate label.*'cat'", id="same_label->ValueError"),  # already rejected before
-    pytest.param(["Cat", " cat "], r"Duplicate label.*cat", id="case_and_spaces->ValueError"),  # already rejected before
-    pytest.param(["ice cream", "ice  cream"], r"Duplicate label: label 1 \('ice  cream'\) repeats label 0", id="inner_spacing->ValueError"),
     pytest.param(
-        [unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")], r"Duplicate label: label 1 .* repeats label 0",
+        ["Cat", " cat "], r"Duplicate label.*cat", id="case_and_spaces->ValueError"
+    ),  # already rejected before
+    pytest.param(
+        ["ice cream", "ice  cream"],
+        r"Duplicate label: label 1 \('ice  cream'\) repeats label 0",
+        id="inner_spacing->ValueError",
+    ),
+    pytest.param(
+        [unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")],
+        r"Duplicate label: label 1 .* repeats label 0",
         id="NFC_vs_NFD->ValueError",
     ),
-    pytest.param(["cat,kitty", "kitty, cat"], r"Duplicate label: label 1 \('kitty,cat'\) repeats label 0 \('cat,kitty'\)", id="same_synonyms_reordered->ValueError"),
+    pytest.param(
+        ["cat,kitty", "kitty, cat"],
+        r"Duplicate label: label 1 \('kitty,cat'\) repeats label 0 \('cat,kitty'\)",
+        id="same_synonyms_reordered->ValueError",
+    ),
 ]
 
 
@@ -147,8 +264,16 @@ def test_indistinguishable_labels(candidate_labels, message):
     "candidate_labels,message,expected_names",
     [
         # a synonym shared by two classes: warned (FC-CLIP's large vocabularies have such), the vocabulary kept as given
-        (["cat", "dog", "cat,kitty"], r"Duplicate synonym 'cat' in label 0 \('cat'\) and label 2 \('cat,kitty'\)", ("cat", "dog", "cat,kitty")),
-        (["dog,puppy", "wolf,Puppy"], r"Duplicate synonym 'Puppy' in label 0 \('dog,puppy'\) and label 1", ("dog,puppy", "wolf,Puppy")),
+        (
+            ["cat", "dog", "cat,kitty"],
+            r"Duplicate synonym 'cat' in label 0 \('cat'\) and label 2 \('cat,kitty'\)",
+            ("cat", "dog", "cat,kitty"),
+        ),
+        (
+            ["dog,puppy", "wolf,Puppy"],
+            r"Duplicate synonym 'Puppy' in label 0 \('dog,puppy'\) and label 1",
+            ("dog,puppy", "wolf,Puppy"),
+        ),
     ],
     ids=["shared_synonym->UserWarning", "shared_synonym_case->UserWarning"],
 )
@@ -174,13 +299,27 @@ ACCEPTED = [
     pytest.param(("cat", "dog"), ("cat", "dog"), (True, True), id="tuple->two_things"),
     pytest.param((name for name in ["cat", "dog"]), ("cat", "dog"), (True, True), id="generator->read_once"),
     pytest.param(np.array(["cat", "sky,clouds"]), ("cat", "sky,clouds"), (True, True), id="numpy_str_array"),
-    pytest.param([" cat , kitty ", "dog\n"], ("cat,kitty", "dog"), (True, True), id="surrounding_whitespace->stripped"),
+    pytest.param(
+        [" cat , kitty ", "dog\n"], ("cat,kitty", "dog"), (True, True), id="surrounding_whitespace->stripped"
+    ),
     pytest.param(["cat,cat"], ("cat,cat",), (True,), id="repeat_inside_one_class->kept"),
     pytest.param(
-        [{"name": "person", "isthing": 1}, {"name": "sky", "isthing": 0}, {"name": "road", "isthing": np.False_}, {"name": "car"}],
-        ("person", "sky", "road", "car"), (True, False, False, True), id="isthing_1_0_numpy_missing",
+        [
+            {"name": "person", "isthing": 1},
+            {"name": "sky", "isthing": 0},
+            {"name": "road", "isthing": np.False_},
+            {"name": "car"},
+        ],
+        ("person", "sky", "road", "car"),
+        (True, False, False, True),
+        id="isthing_1_0_numpy_missing",
     ),
-    pytest.param(["🐈,🐱", "قطة", "猫", "כלב"], ("🐈,🐱", "قطة", "猫", "כלב"), (True, True, True, True), id="emoji_RTL_CJK->kept"),
+    pytest.param(
+        ["🐈,🐱", "قطة", "猫", "כלב"],
+        ("🐈,🐱", "قطة", "猫", "כלב"),
+        (True, True, True, True),
+        id="emoji_RTL_CJK->kept",
+    ),
     pytest.param(["{}", "{0}", "{x!r}", "}{"], ("{}", "{0}", "{x!r}", "}{"), (True,) * 4, id="braces->kept"),
 ]
 
@@ -204,6 +343,7 @@ def test_presets_ignore_case_and_spaces():  # already fine: documented preset ru
 
 # --- the is_thing argument and Vocabulary objects -------------------------------------------------------------------
 
+
 def test_is_thing_argument():
     assert resolve_vocabulary(["cat", "sky"], is_thing=[True, False]).is_thing == (True, False)  # already fine
     with pytest.raises(TypeError, match=r"is_thing\[0\] = 'false' has type str"):
@@ -212,12 +352,16 @@ def test_is_thing_argument():
         resolve_vocabulary(["cat"], is_thing=False)
     with pytest.raises(ValueError, match=r"is_thing cannot be combined with the preset 'coco'"):
         resolve_vocabulary("coco", is_thing=[True] * 133)
-    with pytest.raises(ValueError, match=r"candidate_labels\[1\] = \{'name': 'sky', 'isthing': False\} has its own 'isthing'"):
+    with pytest.raises(
+        ValueError, match=r"candidate_labels\[1\] = \{'name': 'sky', 'isthing': False\} has its own 'isthing'"
+    ):
         resolve_vocabulary(["cat", {"name": "sky", "isthing": False}], is_thing=[True, True])
 
 
 def test_vocabulary_checks_its_fields():
-    assert Vocabulary(names=[" cat , kitty "], is_thing=[np.True_]) == Vocabulary(names=("cat,kitty",), is_thing=(True,))
+    assert Vocabulary(names=[" cat , kitty "], is_thing=[np.True_]) == Vocabulary(
+        names=("cat,kitty",), is_thing=(True,)
+    )
     with pytest.raises(TypeError, match=r"Vocabulary.names must be a tuple or list, got a str: 'cat'"):
         Vocabulary(names="cat", is_thing=(True,))
     with pytest.raises(TypeError, match=r"is_thing\[0\] = 'false' has type str"):
@@ -232,10 +376,13 @@ def test_vocabulary_checks_its_fields():
 
 # --- prompts and tokens (encode_vocabulary) -------------------------------------------------------------------------
 
+
 def test_braces_never_reach_format_fields(processor, tokenizer):
     """Prompts equal the templates filled by plain concatenation, tokens equal the tokenizer run on those."""
     labels = ["{}", "{0}", "{x!r}", "}{", "a {{b}} c"]
-    from transformers_possam.processing_possam import fill_templates  # new helper; the token check below ran before too
+    from transformers_possam.processing_possam import (
+        fill_templates,  # new helper; the token check below ran before too
+    )
 
     for label in labels:
         assert fill_templates(label) == concatenated_prompts(label)
@@ -300,6 +447,7 @@ def test_processor_call_reports_vocabulary_errors(processor):
 
 # --- seen_class_mask ------------------------------------------------------------------------------------------------
 
+
 def test_seen_mask_with_preset_name_as_training_vocabulary():
     # a string used to be iterated character by character: "c" was then a seen class
     assert seen_class_mask(resolve_vocabulary(["c", "person"]), "coco").tolist() == [False, True]
@@ -317,11 +465,23 @@ def test_seen_mask_allows_shared_training_synonyms():  # already fine: only the 
 @pytest.mark.parametrize(
     "training_vocabulary, error, message",
     [
-        pytest.param(["person", None], TypeError, r"training_vocabulary\[1\] = None has type NoneType", id="None_entry->TypeError"),
-        pytest.param(["person,,people"], ValueError, r"training_vocabulary\[0\] = 'person,,people' has an empty synonym", id="empty_synonym->ValueError"),
+        pytest.param(
+            ["person", None],
+            TypeError,
+            r"training_vocabulary\[1\] = None has type NoneType",
+            id="None_entry->TypeError",
+        ),
+        pytest.param(
+            ["person,,people"],
+            ValueError,
+            r"training_vocabulary\[0\] = 'person,,people' has an empty synonym",
+            id="empty_synonym->ValueError",
+        ),
         pytest.param(None, TypeError, r"training_vocabulary is None", id="None->TypeError"),
         pytest.param({"person", "dog"}, TypeError, r"training_vocabulary is a set", id="set->TypeError"),
-        pytest.param("coco133", ValueError, r"training_vocabulary='coco133' is not a preset", id="preset_typo->ValueError"),
+        pytest.param(
+            "coco133", ValueError, r"training_vocabulary='coco133' is not a preset", id="preset_typo->ValueError"
+        ),
     ],
 )
 def test_seen_mask_with_malformed_training_vocabulary(training_vocabulary, error, message):

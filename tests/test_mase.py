@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -16,7 +15,7 @@ def mase_by_hand(ldp, clip, iou, seen, alpha, beta):
         def se(values):
             if len(values) == 1:
                 return 1.0
-            first, second = sorted(values)[-1], sorted(values)[-2]
+            first, second = max(values), sorted(values)[-2]
             return 0.0 if first == 0 else 1 - second / first
 
         if iou is None:
@@ -58,9 +57,13 @@ def test_mase_batched_dtypes_and_single_class():
         torch.testing.assert_close(batched[b], mask_aware_selective_ensemble(ldp[b], clip[b], iou[b], seen))
     half = mask_aware_selective_ensemble(ldp.bfloat16(), clip.bfloat16(), iou.bfloat16(), seen)
     assert half.dtype == torch.bfloat16 and torch.isfinite(half.float()).all()
-    single = mask_aware_selective_ensemble(torch.ones(3, 1), torch.ones(3, 1), torch.tensor([0.5, 0.0, 1.0]), torch.tensor([False]))
+    single = mask_aware_selective_ensemble(
+        torch.ones(3, 1), torch.ones(3, 1), torch.tensor([0.5, 0.0, 1.0]), torch.tensor([False])
+    )
     torch.testing.assert_close(single, torch.tensor([[0.5], [0.0], [1.0]]))
-    zeros = mask_aware_selective_ensemble(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2), torch.tensor([True, False, True]))
+    zeros = mask_aware_selective_ensemble(
+        torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2), torch.tensor([True, False, True])
+    )
     assert torch.equal(zeros, torch.zeros(2, 3))
 
 
@@ -68,4 +71,6 @@ def test_mase_errors():
     with pytest.raises(ValueError, match="seen_mask"):
         mask_aware_selective_ensemble(torch.rand(2, 3), torch.rand(2, 3), None, torch.tensor([True]))
     with pytest.raises(ValueError, match="iou_scores"):
-        mask_aware_selective_ensemble(torch.rand(2, 3), torch.rand(2, 3), torch.rand(3), torch.ones(3, dtype=torch.bool))
+        mask_aware_selective_ensemble(
+            torch.rand(2, 3), torch.rand(2, 3), torch.rand(3), torch.ones(3, dtype=torch.bool)
+        )

@@ -20,6 +20,7 @@ from transformers_possam.data import TOY_CATEGORIES, toy_panoptic_rows
 
 from .conftest import load_training_script, save_tiny_checkpoint
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -107,7 +108,9 @@ def test_pipeline_and_evaluation_read_them(checkpoint, recorded_weights, tmp_pat
     image = next(toy_panoptic_rows(1))["image"]
     default = segmenter(image, candidate_labels=["ball", "box", "sky"], subtask="instance")
     assert set(recorded_weights) == {(0.1, 0.5)}
-    override = segmenter(image, candidate_labels=["ball", "box", "sky"], subtask="instance", mase_alpha=0.9, mase_beta=0.0)
+    override = segmenter(
+        image, candidate_labels=["ball", "box", "sky"], subtask="instance", mase_alpha=0.9, mase_beta=0.0
+    )
     assert recorded_weights[-1] == (0.9, 0.0)
     assert [s["score"] for s in default] != [s["score"] for s in override]
     with pytest.raises(ValueError, match="mase_beta must be a number in \\[0, 1\\]"):
@@ -116,10 +119,27 @@ def test_pipeline_and_evaluation_read_them(checkpoint, recorded_weights, tmp_pat
     evaluate_script = load_training_script("evaluate")  # by path: "evaluate" is Hugging Face's package
 
     recorded_weights.clear()
-    metrics = evaluate_script.main(["--model_name_or_path", str(checkpoint), "--max_samples", "2", "--output_dir", str(tmp_path / "a")])
-    assert set(recorded_weights) == {(0.1, 0.5)} and (metrics["settings"]["mase_alpha"], metrics["settings"]["mase_beta"]) == (0.1, 0.5)
+    metrics = evaluate_script.main(
+        ["--model_name_or_path", str(checkpoint), "--max_samples", "2", "--output_dir", str(tmp_path / "a")]
+    )
+    assert set(recorded_weights) == {(0.1, 0.5)} and (
+        metrics["settings"]["mase_alpha"],
+        metrics["settings"]["mase_beta"],
+    ) == (0.1, 0.5)
     recorded_weights.clear()
-    evaluate_script.main(["--model_name_or_path", str(checkpoint), "--max_samples", "2", "--output_dir", str(tmp_path / "b"),
-                          "--mase_alpha", "0.25", "--mase_beta", "0.75"])
+    evaluate_script.main(
+        [
+            "--model_name_or_path",
+            str(checkpoint),
+            "--max_samples",
+            "2",
+            "--output_dir",
+            str(tmp_path / "b"),
+            "--mase_alpha",
+            "0.25",
+            "--mase_beta",
+            "0.75",
+        ]
+    )
     assert set(recorded_weights) == {(0.25, 0.75)}
     assert len(TOY_CATEGORIES) == 6  # the toy vocabulary evaluate.py used

@@ -2,14 +2,15 @@ import json
 from pathlib import Path
 
 import pytest
-from huggingface_hub.errors import StrictDataclassClassValidationError
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, AutoModel, AutoModelForUniversalSegmentation
 
 from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, PosSAMModel, tiny_config
 from transformers_possam.modeling import classify_embeddings
 
 from .conftest import IMAGE_SIZE, NUM_CLASSES
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,11 @@ def random_labels(batch_size, num_segments=(3, 0), size=IMAGE_SIZE, seed=0):
     for index in range(batch_size):
         count = num_segments[index % len(num_segments)]
         ids = torch.randint(0, max(count, 1), (size, size), generator=generator)
-        mask_labels.append(torch.stack([(ids == k) for k in range(count)]).to(torch.uint8) if count else torch.zeros(0, size, size, dtype=torch.uint8))
+        mask_labels.append(
+            torch.stack([(ids == k) for k in range(count)]).to(torch.uint8)
+            if count
+            else torch.zeros(0, size, size, dtype=torch.uint8)
+        )
         class_labels.append(torch.randint(0, NUM_CLASSES, (count,), generator=generator))
     return mask_labels, class_labels
 
@@ -37,7 +42,12 @@ def test_forward_shapes(model, config, pixel_values, vocabulary):
     assert ((out.iou_scores >= 0) & (out.iou_scores <= 1)).all()
     assert out.ldp_embeddings.shape == (batch, queries, config.clip_embed_dim)
     assert out.class_embeddings.shape == (NUM_CLASSES, 2, config.clip_embed_dim)
-    assert out.image_embeddings.shape == (batch, config.vision_config.output_channels, IMAGE_SIZE // 16, IMAGE_SIZE // 16)
+    assert out.image_embeddings.shape == (
+        batch,
+        config.vision_config.output_channels,
+        IMAGE_SIZE // 16,
+        IMAGE_SIZE // 16,
+    )
     assert out.clip_features.shape[-2:] == (IMAGE_SIZE // 32, IMAGE_SIZE // 32)
     assert out.loss is None and out.auxiliary_logits is None
     assert torch.allclose(out.class_embeddings.norm(dim=-1), torch.ones(NUM_CLASSES, 2))
@@ -62,7 +72,9 @@ def test_inference_without_auxiliary_masks_gives_the_same_outputs(model, pixel_v
     with torch.no_grad():
         full = base(pixel_values)
         fast = base(pixel_values, output_auxiliary_masks=False)
-        with_auxiliary = model(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask, output_auxiliary_logits=True)
+        with_auxiliary = model(
+            pixel_values, input_ids=input_ids, synonym_mask=synonym_mask, output_auxiliary_logits=True
+        )
         default = model(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask)
     assert all(masks is None for masks in fast.masks_queries_logits[:-1])
     torch.testing.assert_close(fast.masks_queries_logits[-1], full.masks_queries_logits[-1], atol=1e-5, rtol=1e-5)
@@ -89,7 +101,9 @@ def test_cross_attention_weights_only_when_asked(config, pixel_values):
     assert plain.decoder_attentions is None
     cross_weights = [layer[1] for layer in with_attentions.decoder_attentions]
     assert all(w is not None and w.shape[:2] == (pixel_values.shape[0], config.num_queries) for w in cross_weights)
-    torch.testing.assert_close(plain.masks_queries_logits[-1], with_attentions.masks_queries_logits[-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        plain.masks_queries_logits[-1], with_attentions.masks_queries_logits[-1], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_precomputed_class_embeddings_match_tokens(model, pixel_values, vocabulary):
@@ -98,7 +112,9 @@ def test_precomputed_class_embeddings_match_tokens(model, pixel_values, vocabula
         from_tokens = model(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask)
         class_embeddings, mask = model.get_class_embeddings(input_ids, synonym_mask=synonym_mask)
         from_embeddings = model(pixel_values, class_embeddings=class_embeddings, synonym_mask=mask)
-    torch.testing.assert_close(from_tokens.class_queries_logits, from_embeddings.class_queries_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        from_tokens.class_queries_logits, from_embeddings.class_queries_logits, atol=1e-5, rtol=1e-5
+    )
     # template averaging: normalize each prompt, mean over templates, normalize again
     prompts = torch.nn.functional.normalize(model.get_text_features(input_ids[2, 0]), dim=-1)
     assert torch.allclose(class_embeddings[2, 0], torch.nn.functional.normalize(prompts.mean(0), dim=0), atol=1e-6)
@@ -130,8 +146,12 @@ def test_vocabulary_encoding_one_pass_real_synonyms_only(model, vocabulary):
     torch.testing.assert_close(chunked, one_pass, atol=1e-6, rtol=1e-6)
     # the dropped columns were padding: encoding the full prompts gives the same embeddings
     with torch.no_grad():
-        reference = torch.nn.functional.normalize(model.get_text_features(input_ids[0, 0], attention_mask[0, 0]), dim=-1)
-    torch.testing.assert_close(one_pass[0, 0], torch.nn.functional.normalize(reference.mean(0), dim=0), atol=1e-5, rtol=1e-5)
+        reference = torch.nn.functional.normalize(
+            model.get_text_features(input_ids[0, 0], attention_mask[0, 0]), dim=-1
+        )
+    torch.testing.assert_close(
+        one_pass[0, 0], torch.nn.functional.normalize(reference.mean(0), dim=0), atol=1e-5, rtol=1e-5
+    )
     padding = ~synonym_mask
     assert torch.equal(one_pass[padding], one_pass[:, 0][padding.nonzero()[:, 0]])
     with pytest.raises(ValueError, match="text_batch_size"):
@@ -152,7 +172,13 @@ def test_loss_and_gradients_reach_exactly_trainable_parameters(config, pixel_val
     model = PosSAMForPanopticSegmentation(config).train()
     input_ids, synonym_mask = vocabulary
     mask_labels, class_labels = random_labels(2, num_segments=(3, 2))
-    out = model(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask, mask_labels=mask_labels, class_labels=class_labels)
+    out = model(
+        pixel_values,
+        input_ids=input_ids,
+        synonym_mask=synonym_mask,
+        mask_labels=mask_labels,
+        class_labels=class_labels,
+    )
     assert torch.isfinite(out.loss)
     expected_parts = {"loss_cross_entropy", "loss_mask", "loss_dice", "loss_iou"}
     assert expected_parts <= set(out.loss_dict)
@@ -184,7 +210,13 @@ def test_images_without_segments_train(config, pixel_values, vocabulary):
     model = PosSAMForPanopticSegmentation(config).train()
     input_ids, synonym_mask = vocabulary
     mask_labels, class_labels = random_labels(2, num_segments=(0,))
-    out = model(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask, mask_labels=mask_labels, class_labels=class_labels)
+    out = model(
+        pixel_values,
+        input_ids=input_ids,
+        synonym_mask=synonym_mask,
+        mask_labels=mask_labels,
+        class_labels=class_labels,
+    )
     assert torch.isfinite(out.loss)
     assert out.loss_dict["loss_mask"] == 0 and out.loss_dict["loss_iou"] == 0
     out.loss.backward()
@@ -239,8 +271,12 @@ def test_sdpa_and_eager_sam_attention_agree(model, pixel_values, vocabulary, tmp
 
 def test_image_features_convert_sam_to_clip_normalization(model, config):
     image = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
-    sam = (image - torch.tensor(config.sam_image_mean).view(1, 3, 1, 1)) / torch.tensor(config.sam_image_std).view(1, 3, 1, 1)
-    clip = (image - torch.tensor(config.clip_image_mean).view(1, 3, 1, 1)) / torch.tensor(config.clip_image_std).view(1, 3, 1, 1)
+    sam = (image - torch.tensor(config.sam_image_mean).view(1, 3, 1, 1)) / torch.tensor(config.sam_image_std).view(
+        1, 3, 1, 1
+    )
+    clip = (image - torch.tensor(config.clip_image_mean).view(1, 3, 1, 1)) / torch.tensor(config.clip_image_std).view(
+        1, 3, 1, 1
+    )
     with torch.no_grad():
         ours = model.get_image_features(sam)
         reference = model.clip.vision_model(clip)
@@ -255,7 +291,10 @@ def test_bf16_inference_is_finite(config, pixel_values, vocabulary):
     with torch.no_grad():
         out = model(pixel_values.to(torch.bfloat16), input_ids=input_ids, synonym_mask=synonym_mask)
     assert out.class_queries_logits.dtype == torch.bfloat16
-    assert all(torch.isfinite(t.float()).all() for t in (out.class_queries_logits, out.clip_class_logits, out.masks_queries_logits))
+    assert all(
+        torch.isfinite(t.float()).all()
+        for t in (out.class_queries_logits, out.clip_class_logits, out.masks_queries_logits)
+    )
 
 
 def test_bad_inputs_raise_clear_errors(model, pixel_values, vocabulary):
@@ -272,7 +311,9 @@ def test_bad_inputs_raise_clear_errors(model, pixel_values, vocabulary):
     with pytest.raises(ValueError, match="one entry per image"):
         model(pixel_values, input_ids=input_ids, mask_labels=mask_labels[:1], class_labels=class_labels[:1])
     with pytest.raises(ValueError, match="do not cover"):
-        model(pixel_values, input_ids=input_ids, mask_labels=[m[:, :64] for m in mask_labels], class_labels=class_labels)
+        model(
+            pixel_values, input_ids=input_ids, mask_labels=[m[:, :64] for m in mask_labels], class_labels=class_labels
+        )
     with pytest.raises(StrictDataclassClassValidationError, match="multiple of 32"):
         tiny_config(feature_size=48)
 
@@ -282,15 +323,29 @@ def test_text_config_dict_defaults_to_convnext_large_d_320():
     assert config.text_config.hidden_size == 768 and config.text_config.hidden_act == "gelu"
     assert config.text_config.num_hidden_layers == 2
     default = PosSAMConfig()
-    assert (default.text_config.num_hidden_layers, default.text_config.num_attention_heads, default.text_config.projection_dim) == (16, 12, 768)
-    assert (default.num_queries, default.hidden_dim, default.dim_feedforward, default.decoder_layers, default.encoder_layers) == (250, 256, 2048, 10, 6)
+    assert (
+        default.text_config.num_hidden_layers,
+        default.text_config.num_attention_heads,
+        default.text_config.projection_dim,
+    ) == (16, 12, 768)
+    assert (
+        default.num_queries,
+        default.hidden_dim,
+        default.dim_feedforward,
+        default.decoder_layers,
+        default.encoder_layers,
+    ) == (250, 256, 2048, 10, 6)
     assert not hasattr(default, "mase_alpha")  # MASE weights live in the image processor
     assert len(default.training_vocabulary) == 133 and default.training_vocabulary[0].startswith("person,")
 
 
 # Paper Table B.1: frozen parameters 441.4M / 660.0M / 988.7M, trainable 51.5M for all three.
 PAPER_FROZEN = {"possam-vit-b": 441.4e6, "possam-vit-l": 660.0e6, "possam-vit-h": 988.7e6}
-SAM_WIDTHS = {"possam-vit-b": (768, 12, (2, 5, 8, 11)), "possam-vit-l": (1024, 24, (5, 11, 17, 23)), "possam-vit-h": (1280, 32, (7, 15, 23, 31))}
+SAM_WIDTHS = {
+    "possam-vit-b": (768, 12, (2, 5, 8, 11)),
+    "possam-vit-l": (1024, 24, (5, 11, 17, 23)),
+    "possam-vit-h": (1280, 32, (7, 15, 23, 31)),
+}
 
 
 @pytest.mark.parametrize("variant", sorted(PAPER_FROZEN))

@@ -5,6 +5,7 @@ from transformers import pipeline
 
 from .conftest import save_tiny_checkpoint
 
+
 LABELS = ["person,people", "car", {"name": "sky,clouds", "isthing": False}, {"name": "road", "isthing": False}]
 
 
@@ -49,7 +50,13 @@ def test_pipeline_end_to_end_and_cache(segmenter, tmp_path):
 
 @pytest.mark.parametrize(
     "picture",
-    [Image.new("L", (40, 30)), Image.new("RGBA", (40, 30)), Image.new("RGB", (5, 7)), Image.new("RGB", (2000, 40)), np.zeros((30, 40, 3), np.uint8)],
+    [
+        Image.new("L", (40, 30)),
+        Image.new("RGBA", (40, 30)),
+        Image.new("RGB", (5, 7)),
+        Image.new("RGB", (2000, 40)),
+        np.zeros((30, 40, 3), np.uint8),
+    ],
 )
 def test_pipeline_image_kinds(segmenter, picture):
     size = picture.size if isinstance(picture, Image.Image) else (40, 30)

@@ -34,7 +34,9 @@ def test_panoptic_crop_resize_fusion_and_invariants():
     low[0, 3, 128:, :] = 10.0  # padding only: must vanish
     classes = torch.stack([confident(0, 3), confident(0, 3), confident(1, 3), confident(2, 3)])[None]
     outputs = make_outputs(low, classes)
-    (thing,) = processor.post_process_panoptic_segmentation(outputs, target_sizes=[(100, 200)], reshaped_input_sizes=[(512, 1024)])
+    (thing,) = processor.post_process_panoptic_segmentation(
+        outputs, target_sizes=[(100, 200)], reshaped_input_sizes=[(512, 1024)]
+    )
     segmentation, info = thing["segmentation"], thing["segments_info"]
     assert segmentation.shape == (100, 200) and segmentation.dtype == torch.int32
     assert [s["label_id"] for s in info] == [0, 0, 1]  # query 3 lies in the padding: no segment
@@ -71,7 +73,9 @@ def test_overlap_threshold_drops_mostly_hidden_masks():
     masks[0, 0] = 10.0  # whole image, lower score
     masks[0, 1, :, :24] = 10.0  # covers 75% of the image, higher score
     classes = torch.stack([confident(0, 2, 2.0), confident(1, 2, 10.0)])[None]
-    (result,) = processor.post_process_panoptic_segmentation(make_outputs(masks, classes), overlap_mask_area_threshold=0.8)
+    (result,) = processor.post_process_panoptic_segmentation(
+        make_outputs(masks, classes), overlap_mask_area_threshold=0.8
+    )
     assert [s["label_id"] for s in result["segments_info"]] == [1]  # query 0 keeps only 25% of its mask
 
 
@@ -109,10 +113,14 @@ def test_semantic_and_instance_shapes():
     masks[0, 1, :, 128:] = 10.0
     classes = torch.stack([confident(1, 4), confident(3, 4), confident(0, 4, 0.1)])[None]
     outputs = make_outputs(masks, classes)
-    (semantic,) = processor.post_process_semantic_segmentation(outputs, target_sizes=[(60, 60)], reshaped_input_sizes=[(1024, 1024)])
+    (semantic,) = processor.post_process_semantic_segmentation(
+        outputs, target_sizes=[(60, 60)], reshaped_input_sizes=[(1024, 1024)]
+    )
     assert semantic.shape == (60, 60)
     assert (semantic[:, :28] == 1).all() and (semantic[:, 32:] == 3).all()
-    (instance,) = processor.post_process_instance_segmentation(outputs, target_sizes=[(60, 60)], num_top_instances=5, return_binary_maps=True)
+    (instance,) = processor.post_process_instance_segmentation(
+        outputs, target_sizes=[(60, 60)], num_top_instances=5, return_binary_maps=True
+    )
     info = instance["segments_info"]
     assert len(info) == len(instance["binary_masks"]) <= 5
     assert [s["score"] for s in info] == sorted((s["score"] for s in info), reverse=True)
@@ -147,7 +155,9 @@ def blob_logits(queries, size, generator):
     centres = torch.rand(queries, 2, generator=generator) * size
     radii = 2 + torch.rand(queries, 1, 1, generator=generator) * size / 6
     distance = ((ys - centres[:, 0, None, None]) ** 2 + (xs - centres[:, 1, None, None]) ** 2).sqrt()
-    return (radii - distance) / (0.5 + 3 * torch.rand(queries, 1, 1, generator=generator)) + 0.3 * torch.randn(queries, size, size, generator=generator)
+    return (radii - distance) / (0.5 + 3 * torch.rand(queries, 1, 1, generator=generator)) + 0.3 * torch.randn(
+        queries, size, size, generator=generator
+    )
 
 
 def test_panoptic_matches_dense_upsampling_of_every_mask():
@@ -168,7 +178,9 @@ def test_panoptic_matches_dense_upsampling_of_every_mask():
         )
         assert result["segmentation"].shape == expected.shape
         assert [s["label_id"] for s in result["segments_info"]] == labels and len(labels) > 3
-        assert torch.equal(result["segmentation"], expected), f"case {seed}: {(result['segmentation'] != expected).sum()} pixels differ"
+        assert torch.equal(result["segmentation"], expected), (
+            f"case {seed}: {(result['segmentation'] != expected).sum()} pixels differ"
+        )
 
 
 def test_panoptic_matches_dense_on_noise_logits():
@@ -178,7 +190,9 @@ def test_panoptic_matches_dense_on_noise_logits():
     mask_logits = torch.randn(1, 30, 16, 16, generator=generator) * 2
     class_logits = torch.randn(1, 30, 6, generator=generator) * 3
     class_logits[..., -1] -= 6.0
-    outputs = make_outputs(mask_logits, class_logits, torch.randn(1, 30, 5, generator=generator), torch.rand(1, 30, generator=generator))
+    outputs = make_outputs(
+        mask_logits, class_logits, torch.randn(1, 30, 5, generator=generator), torch.rand(1, 30, generator=generator)
+    )
     for overlap in (0.0, 0.3):
         expected, labels, _ = dense_panoptic_reference(processor, outputs, (90, 70), (48, 64), overlap=overlap)
         (result,) = processor.post_process_panoptic_segmentation(
@@ -188,7 +202,9 @@ def test_panoptic_matches_dense_on_noise_logits():
         assert torch.equal(result["segmentation"], expected)
 
 
-@pytest.mark.parametrize("reshaped_size,target_size", [((48, 64), (50, 70)), ((48, 64), (17, 23)), (None, (130, 90)), (None, None)])
+@pytest.mark.parametrize(
+    "reshaped_size,target_size", [((48, 64), (50, 70)), ((48, 64), (17, 23)), (None, (130, 90)), (None, None)]
+)
 def test_semantic_equals_fcclip_order_dense(reshaped_size, target_size, monkeypatch):
     """
     FC-CLIP's semantic inference, densely: every mask's logits resized to the output (F.interpolate to the padded
@@ -213,7 +229,9 @@ def test_semantic_equals_fcclip_order_dense(reshaped_size, target_size, monkeypa
     scores, _ = class_scores(outputs)
     masks = outputs.masks_queries_logits[0]
     if reshaped_size is not None:
-        masks = F.interpolate(masks[None], size=(64, 64), mode="bilinear", align_corners=False)[0][:, : reshaped_size[0], : reshaped_size[1]]
+        masks = F.interpolate(masks[None], size=(64, 64), mode="bilinear", align_corners=False)[0][
+            :, : reshaped_size[0], : reshaped_size[1]
+        ]
     if target_size is not None:
         masks = F.interpolate(masks[None], size=target_size, mode="bilinear", align_corners=False)[0]
     class_maps = torch.einsum("qk,qhw->khw", scores[0], masks.sigmoid())
@@ -225,7 +243,9 @@ def test_semantic_equals_fcclip_order_dense(reshaped_size, target_size, monkeypa
     if reshaped_size is None and target_size is None:
         return  # nothing is resized: the order cannot matter
     # the order matters: sigmoid at mask resolution, then resize, labels other pixels
-    wrong = processor._masks_to_target(torch.einsum("qk,qhw->khw", scores[0], outputs.masks_queries_logits[0].sigmoid()), reshaped_size, target_size)
+    wrong = processor._masks_to_target(
+        torch.einsum("qk,qhw->khw", scores[0], outputs.masks_queries_logits[0].sigmoid()), reshaped_size, target_size
+    )
     assert (wrong.argmax(0) != expected).any()
 
 
@@ -240,7 +260,11 @@ def test_instance_matches_dense_reference():
         torch.rand(1, queries, generator=generator),
     )
     (result,) = processor.post_process_instance_segmentation(
-        outputs, target_sizes=[(50, 70)], reshaped_input_sizes=[(48, 64)], num_top_instances=30, return_binary_maps=True
+        outputs,
+        target_sizes=[(50, 70)],
+        reshaped_input_sizes=[(48, 64)],
+        num_top_instances=30,
+        return_binary_maps=True,
     )
     # the definition, with every selected (query, class) pair's mask resized separately
     scores, _ = class_scores(outputs)
@@ -274,5 +298,9 @@ def test_instance_inference_with_nothing_to_report():
         (result,) = processor.post_process_instance_segmentation(
             outputs, target_sizes=[(20, 30)], thing_label_ids=things, num_top_instances=2, return_binary_maps=True
         )
-        assert result["segments_info"] == [] and result["segmentation"].shape == (20, 30) and not result["segmentation"].any()
+        assert (
+            result["segments_info"] == []
+            and result["segmentation"].shape == (20, 30)
+            and not result["segmentation"].any()
+        )
         assert result["binary_masks"].shape == (0, 20, 30)

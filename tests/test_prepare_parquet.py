@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "prepare_panoptic_parquet.py"
 COCO_SAMPLE = Path(os.environ.get("COCO_PANOPTIC_SAMPLE", "/work/shared/data/coco-panoptic-sample"))
@@ -29,8 +30,14 @@ FIRST_IMAGE, SECOND_IMAGE = "000000142238", "000000439180"  # the sample's two i
 def run_prepare(tmp_path: Path, *arguments, check: bool = True) -> subprocess.CompletedProcess:
     """Run the script with the Hugging Face caches inside `tmp_path`, where `datasets_cache_files` looks."""
     hf_home = tmp_path / "hf_home"
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_DATASETS_CACHE": str(hf_home / "datasets"), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HOME": str(hf_home),
+        "HF_DATASETS_CACHE": str(hf_home / "datasets"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     command = [sys.executable, str(SCRIPT), *map(str, arguments)]
     result = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     if check:
@@ -62,12 +69,24 @@ def coco_sample(tmp_path: Path) -> dict:
     shutil.copy(COCO_SAMPLE / "panoptic_examples.json", root / "panoptic_examples.json")
     for path in root.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)  # the shared copy is read-only; the tests change files
-    return {"json": root / "panoptic_examples.json", "images": root / "images", "pngs": root / "panoptic_examples",
-            "annotations": json.loads((root / "panoptic_examples.json").read_text())}
+    return {
+        "json": root / "panoptic_examples.json",
+        "images": root / "images",
+        "pngs": root / "panoptic_examples",
+        "annotations": json.loads((root / "panoptic_examples.json").read_text()),
+    }
 
 
 def sample_arguments(sample: dict, output_dir: Path, *extra) -> list:
-    return ["--annotations_json", sample["json"], "--images_folder", sample["images"], "--output_dir", output_dir, *extra]
+    return [
+        "--annotations_json",
+        sample["json"],
+        "--images_folder",
+        sample["images"],
+        "--output_dir",
+        output_dir,
+        *extra,
+    ]
 
 
 def load_script():
@@ -92,7 +111,10 @@ def test_real_coco_sample_round_trips_byte_exact_and_streams(tmp_path, coco_samp
     result = run_prepare(tmp_path, *sample_arguments(coco_sample, output, "--vocabulary", "coco"))
     assert datasets_cache_files(tmp_path) == []
     # 2 rows: the default 64 shards is capped at 2, which does not divide over 8/16/32/64 processes
-    assert [path.name for path in shard_files(output)] == ["data-00000-of-00002.parquet", "data-00001-of-00002.parquet"]
+    assert [path.name for path in shard_files(output)] == [
+        "data-00000-of-00002.parquet",
+        "data-00001-of-00002.parquet",
+    ]
     assert "note:" in result.stdout and "do not divide evenly over 8, 16, 32, 64" in result.stdout
 
     annotations = coco_sample["annotations"]
@@ -106,7 +128,9 @@ def test_real_coco_sample_round_trips_byte_exact_and_streams(tmp_path, coco_samp
         assert row["image_id"] == str(annotation["image_id"])
         assert row["segments_info"] == annotation["segments_info"]  # ids, categories, iscrowd, area and bbox
         # the independent reference: panopticapi's own id decoding of the stored PNG
-        present = set(np.unique(rgb2id(np.asarray(Image.open(io.BytesIO(row["label"]["bytes"])).convert("RGB")))).tolist())
+        present = set(
+            np.unique(rgb2id(np.asarray(Image.open(io.BytesIO(row["label"]["bytes"])).convert("RGB")))).tolist()
+        )
         assert {segment["id"] for segment in row["segments_info"]} <= present
     segments = [segment for row in stored for segment in row["segments_info"]]
     assert len(segments) == 50 and sum(segment["iscrowd"] for segment in segments) == 3
@@ -151,7 +175,10 @@ def test_rerun_with_fewer_shards_leaves_no_stale_shard(tmp_path, coco_sample):
     assert len(shard_files(output)) == 2
     run_prepare(tmp_path, *sample_arguments(coco_sample, output, "--num_shards", "1"))
     assert [path.name for path in shard_files(output)] == ["data-00000-of-00001.parquet"]
-    assert sorted(path.name for path in output.iterdir()) == ["categories.json", "data-00000-of-00001.parquet"]  # no staging left
+    assert sorted(path.name for path in output.iterdir()) == [
+        "categories.json",
+        "data-00000-of-00001.parquet",
+    ]  # no staging left
     dataset, _ = load_panoptic_dataset(str(output))
     assert [row["image_id"] for row in dataset.decode(False)] == [FIRST_IMAGE.lstrip("0"), SECOND_IMAGE.lstrip("0")]
 
@@ -187,17 +214,28 @@ def test_default_shards_balance_over_8_16_32_64_processes(tmp_path):
         images.append({"id": index, "file_name": f"{index:03d}.jpg", "height": 32, "width": 32})
         annotations.append({"image_id": index, "file_name": f"{index:03d}.png", "segments_info": row["segments_info"]})
     categories = [{"id": i, "name": f"class{i}", "isthing": int(i < 3)} for i in range(6)]
-    (source / "panoptic.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    (source / "panoptic.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     output = tmp_path / "parquet"
-    result = run_prepare(tmp_path, "--annotations_json", source / "panoptic.json", "--images_folder", source / "images",
-                         "--output_dir", output)
+    result = run_prepare(
+        tmp_path,
+        "--annotations_json",
+        source / "panoptic.json",
+        "--images_folder",
+        source / "images",
+        "--output_dir",
+        output,
+    )
     assert "note:" not in result.stdout
 
     files = shard_files(output)
     assert len(files) == 64 and files[-1].name == "data-00063-of-00064.parquet"
     sizes = [pq.ParquetFile(path).metadata.num_rows for path in files]
     assert set(sizes) == {2, 3} and sum(sizes) == 130
-    assert [row["image_id"] for row in read_rows(output)] == [str(index) for index in range(130)]  # contiguous, in order
+    assert [row["image_id"] for row in read_rows(output)] == [
+        str(index) for index in range(130)
+    ]  # contiguous, in order
     dataset = load_dataset("parquet", data_files=[str(path) for path in files], split="train", streaming=True)
     assert dataset.n_shards == 64
     for world_size in (8, 16, 32, 64):
@@ -212,7 +250,7 @@ def write_semantic_pngs(annotations: dict, folder: Path) -> dict[str, bytes]:
     for image in annotations["images"]:
         semantic = np.full((image["height"], image["width"]), 7, np.uint8)
         semantic[: image["height"] // 3] = 255
-        semantic[:, image["width"] // 2:] = 149
+        semantic[:, image["width"] // 2 :] = 149
         path = folder / f"{Path(image['file_name']).stem}.png"
         Image.fromarray(semantic).save(path)
         written[str(image["id"])] = path.read_bytes()
@@ -241,10 +279,14 @@ def test_semantic_folder_adds_a_byte_exact_semantic_label_column(tmp_path, coco_
         assert set(np.unique(np.asarray(semantic)).tolist()) == {7, 149, 255}
 
     (semantic_folder / f"{SECOND_IMAGE}.png").unlink()
-    result = run_prepare(tmp_path, *sample_arguments(coco_sample, output, "--semantic_folder", semantic_folder), check=False)
+    result = run_prepare(
+        tmp_path, *sample_arguments(coco_sample, output, "--semantic_folder", semantic_folder), check=False
+    )
     assert result.returncode != 0
     # names the image, its id and the folder searched
-    assert f"semantic PNG for image {SECOND_IMAGE}.jpg (image_id {SECOND_IMAGE.lstrip('0')}) not found" in result.stderr
+    assert (
+        f"semantic PNG for image {SECOND_IMAGE}.jpg (image_id {SECOND_IMAGE.lstrip('0')}) not found" in result.stderr
+    )
     assert str(semantic_folder) in result.stderr
     assert [row["semantic_label"]["bytes"] for row in read_rows(output)] == list(written.values())  # old shards kept
 
@@ -269,31 +311,61 @@ def write_undersized_semantic_pngs(sample: dict) -> None:
 # case: (how the input is broken, extra arguments given the sample, fragments the error message must contain)
 BAD_INPUTS = {
     # the JSON path does not exist
-    "missing annotations JSON": (lambda sample: sample["json"].unlink(), lambda sample: [], ["annotations JSON not found"]),
+    "missing annotations JSON": (
+        lambda sample: sample["json"].unlink(),
+        lambda sample: [],
+        ["annotations JSON not found"],
+    ),
     # the images folder does not exist
-    "missing images folder": (lambda sample: shutil.rmtree(sample["images"]), lambda sample: [], ["images folder not found"]),
+    "missing images folder": (
+        lambda sample: shutil.rmtree(sample["images"]),
+        lambda sample: [],
+        ["images folder not found"],
+    ),
     # the default PNG folder (the JSON path without .json) does not exist
-    "missing PNG folder": (lambda sample: shutil.rmtree(sample["pngs"]), lambda sample: [], ["panoptic PNG folder not found"]),
+    "missing PNG folder": (
+        lambda sample: shutil.rmtree(sample["pngs"]),
+        lambda sample: [],
+        ["panoptic PNG folder not found"],
+    ),
     # an annotation refers to an image id that `images` does not list
-    "unknown image id": (break_annotation_image_id, lambda sample: [], ["has image_id 999, which is not in its 'images'"]),
+    "unknown image id": (
+        break_annotation_image_id,
+        lambda sample: [],
+        ["has image_id 999, which is not in its 'images'"],
+    ),
     # an image file is missing: the message names the file and its image id
-    "missing image file": (lambda sample: (sample["images"] / f"{SECOND_IMAGE}.jpg").unlink(), lambda sample: [],
-                           [f"image file for image_id {SECOND_IMAGE.lstrip('0')} not found", f"{SECOND_IMAGE}.jpg"]),
+    "missing image file": (
+        lambda sample: (sample["images"] / f"{SECOND_IMAGE}.jpg").unlink(),
+        lambda sample: [],
+        [f"image file for image_id {SECOND_IMAGE.lstrip('0')} not found", f"{SECOND_IMAGE}.jpg"],
+    ),
     # a panoptic PNG is missing: the message names the file and its image id
-    "missing PNG file": (lambda sample: (sample["pngs"] / f"{FIRST_IMAGE}.png").unlink(), lambda sample: [],
-                         [f"panoptic PNG for image_id {FIRST_IMAGE.lstrip('0')} not found", f"{FIRST_IMAGE}.png"]),
+    "missing PNG file": (
+        lambda sample: (sample["pngs"] / f"{FIRST_IMAGE}.png").unlink(),
+        lambda sample: [],
+        [f"panoptic PNG for image_id {FIRST_IMAGE.lstrip('0')} not found", f"{FIRST_IMAGE}.png"],
+    ),
     # no shard at all is not a dataset
     "zero shards": (no_change, lambda sample: ["--num_shards", "0"], ["argument --num_shards: must be at least 1"]),
     # the semantic folder does not exist
-    "missing semantic folder": (no_change, lambda sample: ["--semantic_folder", sample["json"].parent / "semantic"],
-                                ["semantic PNG folder not found"]),
+    "missing semantic folder": (
+        no_change,
+        lambda sample: ["--semantic_folder", sample["json"].parent / "semantic"],
+        ["semantic PNG folder not found"],
+    ),
     # the RGB panoptic PNGs passed as semantic maps (a likely mix-up)
-    "RGB PNGs as semantic maps": (no_change, lambda sample: ["--semantic_folder", sample["pngs"]],
-                                  ["has mode RGB, not one 8-bit channel", f"{FIRST_IMAGE}.png"]),
+    "RGB PNGs as semantic maps": (
+        no_change,
+        lambda sample: ["--semantic_folder", sample["pngs"]],
+        ["has mode RGB, not one 8-bit channel", f"{FIRST_IMAGE}.png"],
+    ),
     # semantic maps that do not have their image's size
-    "semantic maps of another size": (write_undersized_semantic_pngs,
-                                      lambda sample: ["--semantic_folder", sample["json"].parent / "semantic"],
-                                      [f"{FIRST_IMAGE}.png is 8x8 but its image", "is 640x427: they must match"]),
+    "semantic maps of another size": (
+        write_undersized_semantic_pngs,
+        lambda sample: ["--semantic_folder", sample["json"].parent / "semantic"],
+        [f"{FIRST_IMAGE}.png is 8x8 but its image", "is 640x427: they must match"],
+    ),
 }
 
 

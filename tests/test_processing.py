@@ -4,10 +4,10 @@ import torch
 from PIL import Image
 
 from transformers_possam import (
+    VILD_TEMPLATES,
     PosSAMImageProcessor,
     PosSAMImageProcessorPil,
     PosSAMProcessor,
-    VILD_TEMPLATES,
     clip_tokenizer_from_bpe,
     load_vocabulary,
 )
@@ -41,7 +41,9 @@ def test_resize_longest_side_pad_and_pixel_mask(cls):
     out = processor(image)
     assert out["pixel_values"].shape == (1, 3, 1024, 1024)
     assert [tuple(int(v) for v in s) for s in out["original_sizes"]] == [(300, 500)]
-    assert [tuple(int(v) for v in s) for s in out["reshaped_input_sizes"]] == [(614, 1024)]  # int(300 * 1024 / 500 + 0.5)
+    assert [tuple(int(v) for v in s) for s in out["reshaped_input_sizes"]] == [
+        (614, 1024)
+    ]  # int(300 * 1024 / 500 + 0.5)
     assert out["pixel_mask"].shape == (1, 1024, 1024)
     assert out["pixel_mask"][0, :614].all() and not out["pixel_mask"][0, 614:].any()
     assert torch.all(out["pixel_values"][0, :, 614:] == 0)  # padded after normalisation
@@ -88,7 +90,9 @@ def test_coco_panoptic_annotation_encoding():
     assert rgb_to_id(png)[0, 0] == 5 and rgb_to_id(png)[-1, -1] == 256
     image = Image.new("RGB", (80, 60))
     label_map = {17: 1, 3: 0}
-    out = PosSAMImageProcessor()(image, annotations={"panoptic_map": Image.fromarray(png), "segments_info": segments}, label_map=label_map)
+    out = PosSAMImageProcessor()(
+        image, annotations={"panoptic_map": Image.fromarray(png), "segments_info": segments}, label_map=label_map
+    )
     masks, labels = out["mask_labels"][0], out["class_labels"][0]
     assert masks.dtype == torch.uint8 and masks.shape == (2, 1024, 1024)  # crowd segment left out
     assert labels.tolist() == [1, 0]

@@ -14,6 +14,7 @@ from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProces
 from transformers_possam.data import toy_panoptic_rows
 from transformers_possam.data.stream import PanopticTrainStream, TooManyBadSamples, collate_panoptic
 
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(REPO / "training" / "train.py")]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -50,7 +51,11 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
 def test_bad_samples_are_skipped_counted_and_stop_the_run():
     rows = list(toy_panoptic_rows(6))
     rows[2] = dict(rows[2], image={"bytes": b"broken", "path": None})
-    rows[4] = dict(rows[4], segments_info=rows[4]["segments_info"] + [{"id": 999, "category_id": 0, "iscrowd": 0, "area": 1, "bbox": [0, 0, 1, 1]}])
+    rows[4] = dict(
+        rows[4],
+        segments_info=rows[4]["segments_info"]
+        + [{"id": 999, "category_id": 0, "iscrowd": 0, "area": 1, "bbox": [0, 0, 1, 1]}],
+    )
     stream = toy_stream(rows, max_bad_fraction=0.5, min_seen=1)
     stream.record_ids = []
     iterator = iter(stream)
@@ -67,7 +72,17 @@ def test_bad_samples_are_skipped_counted_and_stop_the_run():
 
 
 def run_training(output_dir, *extra):
-    args = ["--output_dir", str(output_dir), "--max_steps", "6", "--toy_train_size", "24", "--per_device_train_batch_size", "2", *extra]
+    args = [
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "6",
+        "--toy_train_size",
+        "24",
+        "--per_device_train_batch_size",
+        "2",
+        *extra,
+    ]
     subprocess.run([*TRAIN, *args], check=True, env=ENV, capture_output=True, text=True, timeout=300)
 
 
@@ -89,9 +104,21 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert isinstance(segmenter(next(toy_panoptic_rows(1))["image"], candidate_labels=["ball", "sky"]), list)
     # and training/evaluate.py scores it, writing metrics.json
     subprocess.run(
-        [sys.executable, str(REPO / "training" / "evaluate.py"), "--model_name_or_path", str(resumed), "--max_samples", "3",
-         "--output_dir", str(tmp_path / "eval")],
-        check=True, env=ENV, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "training" / "evaluate.py"),
+            "--model_name_or_path",
+            str(resumed),
+            "--max_samples",
+            "3",
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ],
+        check=True,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"All", "Things", "Stuff", "Seen", "Unseen", "mIoU", "per_class"} <= set(metrics)
@@ -102,12 +129,34 @@ def test_accelerate_launch_two_processes_see_disjoint_samples(tmp_path):
     # `accelerate launch --cpu --num_processes 2` needs mpirun; torchrun's launcher with ACCELERATE_USE_CPU=1 gives
     # 2-process DDP on CPU (gloo) with nothing extra installed.
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "training" / "train.py"),
-        "--output_dir", str(tmp_path), "--max_steps", "3", "--toy_train_size", "16", "--record_sample_ids",
-        "--eval_steps", "3", "--max_eval_samples", "5",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "training" / "train.py"),
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "3",
+        "--toy_train_size",
+        "16",
+        "--record_sample_ids",
+        "--eval_steps",
+        "3",
+        "--max_eval_samples",
+        "5",
     ]
-    result = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(
+        command, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=400
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [set(json.loads((tmp_path / f"sample_ids_{rank}.json").read_text())) for rank in (0, 1)]
     assert all(len(ids) == 6 for ids in ranks)  # 3 steps x batch 2 each, no epoch wrapped
@@ -122,7 +171,12 @@ def test_accelerate_launch_two_processes_see_disjoint_samples(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
     # the evaluation ran on both processes (rows 0, 2, 4 and 1, 3) and their statistics were gathered
     (history,) = [json.loads(line) for line in (tmp_path / "eval_history.jsonl").read_text().splitlines()]
-    assert (history["step"], history["failed"], history["eval/images"], history["eval/bad_samples"]) == (3, False, 5.0, 0.0)
+    assert (history["step"], history["failed"], history["eval/images"], history["eval/bad_samples"]) == (
+        3,
+        False,
+        5.0,
+        0.0,
+    )
 
 
 def test_prepare_parquet_from_coco_format_and_stream_it(tmp_path):
@@ -141,12 +195,28 @@ def test_prepare_parquet_from_coco_format_and_stream_it(tmp_path):
         segments = [dict(s, category_id=[1, 2, 3, 119, 125, 154][s["category_id"]]) for s in row["segments_info"]]
         annotations.append({"image_id": 100 + index, "file_name": f"{index}.png", "segments_info": segments})
     categories = [{"id": i, "name": f"cat{i}", "isthing": int(i < 100)} for i in (1, 2, 3, 119, 125, 154)]
-    (source / "panoptic_val.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    (source / "panoptic_val.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     output = tmp_path / "parquet" / "validation"
     subprocess.run(
-        [sys.executable, str(REPO / "training" / "prepare_panoptic_parquet.py"), "--annotations_json", str(source / "panoptic_val.json"),
-         "--images_folder", str(source / "images"), "--output_dir", str(output), "--vocabulary", "coco"],
-        check=True, env=ENV, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "training" / "prepare_panoptic_parquet.py"),
+            "--annotations_json",
+            str(source / "panoptic_val.json"),
+            "--images_folder",
+            str(source / "images"),
+            "--output_dir",
+            str(output),
+            "--vocabulary",
+            "coco",
+        ],
+        check=True,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     dataset, table = load_panoptic_dataset(str(tmp_path / "parquet"), split="validation")
     assert [c["id"] for c in table] == [1, 2, 3, 119, 125, 154]

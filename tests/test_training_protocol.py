@@ -23,6 +23,7 @@ from transformers_possam.data import decode_panoptic_sample, large_scale_jitter
 from transformers_possam.data.stream import PanopticTrainStream
 from transformers_possam.image_processing_possam import encode_panoptic_annotation
 
+
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-panoptic-sample"
 if not SAMPLE.is_dir():  # a clone elsewhere: the workspace's shared folder
     SAMPLE = Path("/work/shared/data/coco-panoptic-sample")
@@ -34,7 +35,10 @@ def coco_rows() -> list[dict]:
     images = {image["id"]: image for image in annotations["images"]}
     return [
         {
-            "image": {"bytes": (SAMPLE / "input_images" / images[a["image_id"]]["file_name"]).read_bytes(), "path": None},
+            "image": {
+                "bytes": (SAMPLE / "input_images" / images[a["image_id"]]["file_name"]).read_bytes(),
+                "path": None,
+            },
             "label": {"bytes": (SAMPLE / "panoptic_examples" / a["file_name"]).read_bytes(), "path": None},
             "image_id": str(a["image_id"]),
             "segments_info": a["segments_info"],
@@ -61,7 +65,9 @@ class ScriptedGenerator:
         return low + (high - low) * self.units.pop(0)
 
 
-def detectron2_lsj(image: np.ndarray, panoptic_rgb: np.ndarray, flip: bool, scale: float, crop_unit: float, target: int):
+def detectron2_lsj(
+    image: np.ndarray, panoptic_rgb: np.ndarray, flip: bool, scale: float, crop_unit: float, target: int
+):
     """
     Transcription of detectron2's RandomFlip -> ResizeScale -> FixedSizeCrop on (uint8 image, uint8 RGB PNG).
     Returns the cropped image, the cropped id map (rgb2id) and the (height, width) before padding.
@@ -75,7 +81,9 @@ def detectron2_lsj(image: np.ndarray, panoptic_rgb: np.ndarray, flip: bool, scal
     new_h, new_w = np.round(np.multiply(input_size, output_scale)).astype(int)
     # ResizeTransform.apply_image / apply_segmentation (uint8 -> PIL; NEAREST for the segmentation)
     image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((int(new_w), int(new_h)), Image.BILINEAR))
-    panoptic_rgb = np.asarray(Image.fromarray(np.ascontiguousarray(panoptic_rgb)).resize((int(new_w), int(new_h)), Image.NEAREST))
+    panoptic_rgb = np.asarray(
+        Image.fromarray(np.ascontiguousarray(panoptic_rgb)).resize((int(new_w), int(new_h)), Image.NEAREST)
+    )
     # FixedSizeCrop._get_crop: one uniform draw scales both offsets
     max_offset = np.maximum(np.subtract((new_h, new_w), (target, target)), 0)
     top, left = np.round(np.multiply(max_offset, crop_unit)).astype(int)
@@ -84,14 +92,18 @@ def detectron2_lsj(image: np.ndarray, panoptic_rgb: np.ndarray, flip: bool, scal
     return image, rgb2id(panoptic_rgb), image.shape[:2]
 
 
-@pytest.mark.parametrize("flip,scale_unit,crop_unit", [(False, 0.0, 0.5), (True, 0.2, 0.9), (False, 0.55, 0.3), (True, 0.99, 0.0)])
+@pytest.mark.parametrize(
+    "flip,scale_unit,crop_unit", [(False, 0.0, 0.5), (True, 0.2, 0.9), (False, 0.55, 0.3), (True, 0.99, 0.0)]
+)
 def test_jitter_equals_detectron2_on_real_coco(flip, scale_unit, crop_unit):
     """Same draws -> the same pixels and the same segment ids as detectron2's transforms (scales 0.1 .. 2.0)."""
     target = 256
     for row in coco_rows():
         image, ids, _ = decode_panoptic_sample(row)
         panoptic_rgb = np.asarray(Image.open(__import__("io").BytesIO(row["label"]["bytes"])).convert("RGB"))
-        ours_image, ours_ids = large_scale_jitter(image, ids, ScriptedGenerator(0.0 if flip else 0.9, scale_unit, crop_unit), target_size=target)
+        ours_image, ours_ids = large_scale_jitter(
+            image, ids, ScriptedGenerator(0.0 if flip else 0.9, scale_unit, crop_unit), target_size=target
+        )
         scale = 0.1 + 1.9 * scale_unit
         ref_image, ref_ids, _ = detectron2_lsj(np.asarray(image), panoptic_rgb, flip, scale, crop_unit, target)
         assert np.array_equal(np.asarray(ours_image), ref_image)
@@ -125,7 +137,9 @@ def test_stream_sample_is_fcclip_mapper_output_on_real_coco():
         generator = np.random.default_rng([7, 0, 0, index])
         flip_draw, scale, crop_unit = generator.random(), generator.uniform(0.1, 2.0), generator.uniform(0.0, 1.0)
         panoptic_rgb = np.asarray(Image.open(__import__("io").BytesIO(row["label"]["bytes"])).convert("RGB"))
-        ref_image, ref_ids, (height, width) = detectron2_lsj(np.asarray(image), panoptic_rgb, flip_draw < 0.5, scale, crop_unit, 256)
+        ref_image, ref_ids, (height, width) = detectron2_lsj(
+            np.asarray(image), panoptic_rgb, flip_draw < 0.5, scale, crop_unit, 256
+        )
         # pixel_mask covers exactly the jittered image: min(s, 1)^2 of the canvas for square crops
         expected_mask = np.zeros((256, 256), np.int64)
         expected_mask[:height, :width] = 1
@@ -154,9 +168,17 @@ def test_zoomed_out_samples_stay_small_on_the_canvas():
     picture = Image.fromarray(np.full((64, 64, 3), 90, np.uint8))
     from transformers_possam.data.synthetic import id2rgb
 
-    row = {"image": picture, "label": Image.fromarray(id2rgb(square)), "image_id": "square",
-           "segments_info": [{"id": 5, "category_id": 1, "iscrowd": 0}]}
-    stream = iter(PanopticTrainStream(IterableDataset.from_generator(lambda: iter([row] * 300)), image_processor(64), {1: 0}, shuffle_buffer=0))
+    row = {
+        "image": picture,
+        "label": Image.fromarray(id2rgb(square)),
+        "image_id": "square",
+        "segments_info": [{"id": 5, "category_id": 1, "iscrowd": 0}],
+    }
+    stream = iter(
+        PanopticTrainStream(
+            IterableDataset.from_generator(lambda: iter([row] * 300)), image_processor(64), {1: 0}, shuffle_buffer=0
+        )
+    )
     fractions, outside = [], 0
     for _ in range(300):
         sample = next(stream)
@@ -176,7 +198,9 @@ def test_masks_resize_like_pil_nearest_on_real_coco():
         image, ids, segments = decode_panoptic_sample(row)
         scale = 1024 / max(image.size)
         reshaped = (int(image.height * scale + 0.5), int(image.width * scale + 0.5))
-        masks, labels = encode_panoptic_annotation({"panoptic_map": ids, "segments_info": segments}, reshaped, (1024, 1024), coco_label_map())
+        masks, labels = encode_panoptic_annotation(
+            {"panoptic_map": ids, "segments_info": segments}, reshaped, (1024, 1024), coco_label_map()
+        )
         panoptic_rgb = Image.open(__import__("io").BytesIO(row["label"]["bytes"])).convert("RGB")
         reference = rgb2id(np.asarray(panoptic_rgb.resize(reshaped[::-1], Image.NEAREST)))
         kept = [s for s in segments if not s["iscrowd"]]
@@ -209,8 +233,13 @@ def test_training_labels_are_validated(tiny_model):
     reference = loss_for(tiny_model, masks, labels)
     # accepted, same loss: bool / float 0-1 masks, class labels of any integer dtype
     for other_masks, other_labels in [
-        (masks.bool(), labels), (masks.float(), labels), (masks.double(), labels), (masks, labels.int()),
-        (masks, labels.to(torch.uint8)), (masks, labels.to(torch.int16)), (masks.to(torch.int32), labels),
+        (masks.bool(), labels),
+        (masks.float(), labels),
+        (masks.double(), labels),
+        (masks, labels.int()),
+        (masks, labels.to(torch.uint8)),
+        (masks, labels.to(torch.int16)),
+        (masks.to(torch.int32), labels),
     ]:
         torch.testing.assert_close(loss_for(tiny_model, other_masks, other_labels), reference)
     cases = [
@@ -230,7 +259,12 @@ def test_training_labels_are_validated(tiny_model):
             loss_for(tiny_model, bad_masks, bad_labels)
     with pytest.raises(ValueError, match="must be lists with one tensor per image"):
         pixels = torch.randn(1, 3, 128, 128)
-        tiny_model(pixel_values=pixels, class_embeddings=torch.randn(3, 32), mask_labels=masks[None], class_labels=labels[None])
+        tiny_model(
+            pixel_values=pixels,
+            class_embeddings=torch.randn(3, 32),
+            mask_labels=masks[None],
+            class_labels=labels[None],
+        )
 
 
 # ----- optimizer and schedule (paper Appendix A, FC-CLIP's solver)
@@ -243,8 +277,16 @@ def fcclip_build_optimizer_decay(model, weight_decay=0.05):
     relative_position_bias_table / absolute_pos_embed -> 0.0, else WEIGHT_DECAY. Returns {name: decay}.
     """
     norm_module_types = (
-        torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm, torch.nn.GroupNorm,
-        torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d, torch.nn.LayerNorm, torch.nn.LocalResponseNorm,
+        torch.nn.BatchNorm1d,
+        torch.nn.BatchNorm2d,
+        torch.nn.BatchNorm3d,
+        torch.nn.SyncBatchNorm,
+        torch.nn.GroupNorm,
+        torch.nn.InstanceNorm1d,
+        torch.nn.InstanceNorm2d,
+        torch.nn.InstanceNorm3d,
+        torch.nn.LayerNorm,
+        torch.nn.LocalResponseNorm,
     )
     decay = {}
     for module_name, module in model.named_modules():
@@ -276,7 +318,8 @@ def test_parameter_groups_follow_fcclip_by_name():
         "model.transformer_module.level_embed.weight",  # decoder level embeddings (nn.Embedding)
         "void_embedding.weight",
         "ldp.stream_embeddings.weight",
-        "ldp.norm.weight", "ldp.norm.bias",  # LayerNorm
+        "ldp.norm.weight",
+        "ldp.norm.bias",  # LayerNorm
         "model.fpn.levels.0.1.weight",  # timm LayerNorm2d
         "model.pixel_decoder.adapter_1.1.weight",  # GroupNorm
         "model.transformer_module.decoder.layernorm.weight",
@@ -284,7 +327,10 @@ def test_parameter_groups_follow_fcclip_by_name():
     for name in no_decay:
         assert group_of(groups, name)["weight_decay"] == 0.0, name
     decayed = [
-        "model.fpn.levels.0.0.weight", "ldp.sam_projection.1.weight", "ldp.sam_projection.1.bias", "model.iou_head.mlp.0.0.weight",
+        "model.fpn.levels.0.0.weight",
+        "ldp.sam_projection.1.weight",
+        "ldp.sam_projection.1.bias",
+        "model.iou_head.mlp.0.0.weight",
         "logit_scale",  # a plain nn.Parameter, decayed like FC-CLIP's own class-head logit_scale
         "model.pixel_decoder.level_embed",  # a plain nn.Parameter in FC-CLIP's pixel decoder too
     ]
@@ -295,7 +341,9 @@ def test_parameter_groups_follow_fcclip_by_name():
     assert not any(name.startswith(("clip.", "model.vision_encoder.")) for name in ours)
     model.model.vision_encoder.requires_grad_(True)
     groups = parameter_groups(model, 1e-4, 0.05, backbone_multiplier=0.1)
-    assert group_of(groups, "model.vision_encoder.patch_embed.projection.weight") == group_of(groups, "model.vision_encoder.layers.0.attn.qkv.weight")
+    assert group_of(groups, "model.vision_encoder.patch_embed.projection.weight") == group_of(
+        groups, "model.vision_encoder.layers.0.attn.qkv.weight"
+    )
     assert group_of(groups, "model.vision_encoder.layers.0.attn.qkv.weight")["lr"] == pytest.approx(1e-5)
     assert group_of(groups, "model.vision_encoder.pos_embed")["weight_decay"] == 0.0
 
@@ -309,12 +357,18 @@ def test_default_schedule_is_the_papers():
 
     args = train.parse_args([])
     # Appendix A: 250K iterations, LR x 0.1 at 150K and 200K, batch 2 per GPU (x 8), AdamW 1e-4, wd 0.05, clip 0.01
-    assert (args.max_steps, args.per_device_train_batch_size, args.learning_rate, args.weight_decay, args.max_grad_norm) == (
-        250_000, 2, 1e-4, 0.05, 0.01
-    )
+    assert (
+        args.max_steps,
+        args.per_device_train_batch_size,
+        args.learning_rate,
+        args.weight_decay,
+        args.max_grad_norm,
+    ) == (250_000, 2, 1e-4, 0.05, 0.01)
     assert (args.weight_decay_norm, args.weight_decay_embed) == (0.0, 0.0)
     factor = step_decay(args.max_steps, args.lr_drops)
-    assert [factor(s) for s in (0, 149_999, 150_000, 199_999, 200_000, 249_999)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert [factor(s) for s in (0, 149_999, 150_000, 199_999, 200_000, 249_999)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01]
+    )
     fcclip = train.parse_args(["--schedule", "fcclip"])
     factor = step_decay(fcclip.max_steps, fcclip.lr_drops)
     assert fcclip.max_steps == 368_750

@@ -18,15 +18,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+
 sys.path.insert(0, str(Path(__file__).parent))
-import train  # noqa: E402  (training/train.py, next to this file)
+import train
 
-from transformers_possam import PosSAMForPanopticSegmentation, PosSAMProcessor  # noqa: E402
-from transformers_possam.data import TOY_CATEGORIES, toy_panoptic_rows  # noqa: E402
-from transformers_possam.evaluation import evaluate_panoptic  # noqa: E402
+from transformers_possam import PosSAMForPanopticSegmentation, PosSAMProcessor
+from transformers_possam.data import TOY_CATEGORIES, toy_panoptic_rows
+from transformers_possam.evaluation import evaluate_panoptic
 
 
-def draw_prediction(image: Image.Image, segmentation: np.ndarray, segments_info: list[dict], names: list[str]) -> Image.Image:
+def draw_prediction(
+    image: Image.Image, segmentation: np.ndarray, segments_info: list[dict], names: list[str]
+) -> Image.Image:
     rng = np.random.default_rng(0)
     overlay = np.asarray(image, dtype=np.float32).copy()
     for segment in segments_info:
@@ -38,7 +41,11 @@ def draw_prediction(image: Image.Image, segmentation: np.ndarray, segments_info:
     for segment in segments_info:
         ys, xs = np.nonzero(segmentation == segment["id"])
         if len(xs):
-            draw.text((3 * xs.mean() - 10, 3 * ys.mean() - 5), f"{names[segment['label_id']]} {segment['score']:.2f}", fill=(255, 255, 255))
+            draw.text(
+                (3 * xs.mean() - 10, 3 * ys.mean() - 5),
+                f"{names[segment['label_id']]} {segment['score']:.2f}",
+                fill=(255, 255, 255),
+            )
     return canvas
 
 
@@ -48,53 +55,92 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_steps", type=int, default=2500)
     parser.add_argument("--eval_images", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min_scale", type=float, default=0.5, help="jitter's smallest scale (the real recipe: 0.1 at 1024 px)")
+    parser.add_argument(
+        "--min_scale", type=float, default=0.5, help="jitter's smallest scale (the real recipe: 0.1 at 1024 px)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     output_dir = Path(args.output_dir)
     model_dir = output_dir / "model"
 
     start = time.time()
-    train.main([
-        "--output_dir", str(model_dir), "--max_steps", str(args.max_steps), "--per_device_train_batch_size", "8",
-        "--learning_rate", "3e-4", "--max_grad_norm", "0", "--lr_drops", "0.9", "--train_encoders",
-        "--toy_train_size", "512", "--seed", str(args.seed),
-        # the toy images are 128 px, not 1024: FC-CLIP's smallest scale 0.1 would shrink them to 13 px
-        "--min_scale", str(args.min_scale),
-    ])
+    train.main(
+        [
+            "--output_dir",
+            str(model_dir),
+            "--max_steps",
+            str(args.max_steps),
+            "--per_device_train_batch_size",
+            "8",
+            "--learning_rate",
+            "3e-4",
+            "--max_grad_norm",
+            "0",
+            "--lr_drops",
+            "0.9",
+            "--train_encoders",
+            "--toy_train_size",
+            "512",
+            "--seed",
+            str(args.seed),
+            # the toy images are 128 px, not 1024: FC-CLIP's smallest scale 0.1 would shrink them to 13 px
+            "--min_scale",
+            str(args.min_scale),
+        ]
+    )
     train_seconds = time.time() - start
 
     model = PosSAMForPanopticSegmentation.from_pretrained(model_dir).eval()
     processor = PosSAMProcessor.from_pretrained(model_dir)
     labels = [{"name": c["name"], "isthing": bool(c["isthing"])} for c in TOY_CATEGORIES]
     tokens = processor.encode_vocabulary(labels)
-    class_embeddings, synonym_mask = model.get_class_embeddings(tokens["input_ids"], tokens["attention_mask"], tokens["synonym_mask"])
+    class_embeddings, synonym_mask = model.get_class_embeddings(
+        tokens["input_ids"], tokens["attention_mask"], tokens["synonym_mask"]
+    )
     rows = list(toy_panoptic_rows(args.eval_images, seed=args.seed, split="validation"))
     results = evaluate_panoptic(model, processor.image_processor, rows, TOY_CATEGORIES, class_embeddings, synonym_mask)
 
     with torch.no_grad():
         inputs = processor(images=rows[0]["image"])
-        outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"], class_embeddings=class_embeddings, synonym_mask=synonym_mask)
+        outputs = model(
+            pixel_values=inputs["pixel_values"],
+            pixel_mask=inputs["pixel_mask"],
+            class_embeddings=class_embeddings,
+            synonym_mask=synonym_mask,
+        )
     (prediction,) = processor.post_process_panoptic_segmentation(
-        outputs, target_sizes=inputs["original_sizes"], reshaped_input_sizes=inputs["reshaped_input_sizes"],
-        candidate_labels=labels, training_vocabulary=model.config.training_vocabulary,
+        outputs,
+        target_sizes=inputs["original_sizes"],
+        reshaped_input_sizes=inputs["reshaped_input_sizes"],
+        candidate_labels=labels,
+        training_vocabulary=model.config.training_vocabulary,
     )
     names = [c["name"].split(",")[0] for c in TOY_CATEGORIES]
     output_dir.mkdir(parents=True, exist_ok=True)
-    draw_prediction(rows[0]["image"], prediction["segmentation"].numpy(), prediction["segments_info"], names).save(output_dir / "prediction.png")
+    draw_prediction(rows[0]["image"], prediction["segmentation"].numpy(), prediction["segments_info"], names).save(
+        output_dir / "prediction.png"
+    )
 
     metrics = {
-        "PQ": 100 * results["All"]["pq"], "SQ": 100 * results["All"]["sq"], "RQ": 100 * results["All"]["rq"],
-        "PQ_things": 100 * results["Things"]["pq"], "PQ_stuff": 100 * results["Stuff"]["pq"], "mIoU": 100 * results["mIoU"],
+        "PQ": 100 * results["All"]["pq"],
+        "SQ": 100 * results["All"]["sq"],
+        "RQ": 100 * results["All"]["rq"],
+        "PQ_things": 100 * results["Things"]["pq"],
+        "PQ_stuff": 100 * results["Stuff"]["pq"],
+        "mIoU": 100 * results["mIoU"],
         "mask_AP": 100 * results["mask_AP"]["AP"],
-        "eval_images": len(rows), "train_steps": args.max_steps, "train_seconds": round(train_seconds, 1),
+        "eval_images": len(rows),
+        "train_steps": args.max_steps,
+        "train_seconds": round(train_seconds, 1),
         "per_class_pq": {names[int(k)]: 100 * v["pq"] for k, v in results["per_class"].items()},
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(f"\nheld-out toy panoptic ({len(rows)} images): PQ {metrics['PQ']:.1f}  SQ {metrics['SQ']:.1f}  RQ {metrics['RQ']:.1f}  "
-          f"(things {metrics['PQ_things']:.1f}, stuff {metrics['PQ_stuff']:.1f}), mIoU {metrics['mIoU']:.1f}, "
-          f"mask AP {metrics['mask_AP']:.1f}; "
-          f"trained {args.max_steps} steps in {train_seconds:.0f}s")
+    print(
+        f"\nheld-out toy panoptic ({len(rows)} images): PQ {metrics['PQ']:.1f}  SQ {metrics['SQ']:.1f}  RQ {metrics['RQ']:.1f}  "
+        f"(things {metrics['PQ_things']:.1f}, stuff {metrics['PQ_stuff']:.1f}), mIoU {metrics['mIoU']:.1f}, "
+        f"mask AP {metrics['mask_AP']:.1f}; "
+        f"trained {args.max_steps} steps in {train_seconds:.0f}s"
+    )
     print(f"wrote {model_dir}/, {output_dir / 'metrics.json'}, {output_dir / 'prediction.png'}")
     return metrics
 

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).parent))
 
-from transformers_possam import PosSAMForPanopticSegmentation, PosSAMProcessor  # noqa: E402
-from transformers_possam.data.stream import load_panoptic_dataset  # noqa: E402
-from transformers_possam.evaluation import PanopticEvaluator  # noqa: E402
+from transformers_possam import PosSAMForPanopticSegmentation, PosSAMProcessor
+from transformers_possam.data.stream import load_panoptic_dataset
+from transformers_possam.evaluation import PanopticEvaluator
 
 
 def main(argv=None) -> dict:
@@ -38,10 +39,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--output_dir", default="outputs/eval")
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--no_mase", action="store_true", help="FC-CLIP's fixed geometric ensemble instead of MASE (Table 7)")
-    parser.add_argument("--mase_alpha", type=float, default=None, help="CLIP's weight on seen classes (default: the image processor's)")
-    parser.add_argument("--mase_beta", type=float, default=None, help="CLIP's weight on unseen classes (default: the image processor's)")
-    parser.add_argument("--max_bad_fraction", type=float, default=0.01, help="bad rows tolerated before stopping (as training)")
+    parser.add_argument(
+        "--no_mase", action="store_true", help="FC-CLIP's fixed geometric ensemble instead of MASE (Table 7)"
+    )
+    parser.add_argument(
+        "--mase_alpha", type=float, default=None, help="CLIP's weight on seen classes (default: the image processor's)"
+    )
+    parser.add_argument(
+        "--mase_beta",
+        type=float,
+        default=None,
+        help="CLIP's weight on unseen classes (default: the image processor's)",
+    )
+    parser.add_argument(
+        "--max_bad_fraction", type=float, default=0.01, help="bad rows tolerated before stopping (as training)"
+    )
     parser.add_argument("--no_mask_ap", action="store_true", help="skip instance inference and mask AP")
     args = parser.parse_args(argv)
     if args.max_samples is not None and args.max_samples < 1:
@@ -52,14 +64,24 @@ def main(argv=None) -> dict:
     processor = PosSAMProcessor.from_pretrained(args.model_name_or_path)
     dataset, categories = load_panoptic_dataset(args.dataset_name, args.split)
     evaluator = PanopticEvaluator(
-        model, processor.image_processor, categories, processor=processor, batch_size=args.batch_size, use_mase=not args.no_mase,
-        mase_alpha=args.mase_alpha, mase_beta=args.mase_beta, max_bad_fraction=args.max_bad_fraction, compute_ap=not args.no_mask_ap,
+        model,
+        processor.image_processor,
+        categories,
+        processor=processor,
+        batch_size=args.batch_size,
+        use_mase=not args.no_mase,
+        mase_alpha=args.mase_alpha,
+        mase_beta=args.mase_beta,
+        max_bad_fraction=args.max_bad_fraction,
+        compute_ap=not args.no_mask_ap,
     )
     evaluator.process(islice(dataset, args.max_samples) if args.max_samples else dataset)
     results = evaluator.results()
     if results["images"] == 0:
-        sys.exit(f"error: no row of {args.dataset_name or 'the toy set'} ({args.split}) could be scored: {results['bad_samples']} bad rows, "
-                 f"e.g. {results['bad_sample_ids'][:5]} (see the warnings above).")
+        sys.exit(
+            f"error: no row of {args.dataset_name or 'the toy set'} ({args.split}) could be scored: {results['bad_samples']} bad rows, "
+            f"e.g. {results['bad_sample_ids'][:5]} (see the warnings above)."
+        )
     image_processor = processor.image_processor
     results["settings"] = {
         "use_mase": not args.no_mase,
@@ -71,11 +93,15 @@ def main(argv=None) -> dict:
     (output_dir / "metrics.json").write_text(json.dumps(results, indent=1, default=float))
     for split in ("All", "Things", "Stuff", "Seen", "Unseen"):
         values = results[split]
-        print(f"{split:8s} PQ {100 * values['pq']:5.1f}  SQ {100 * values['sq']:5.1f}  RQ {100 * values['rq']:5.1f}  n {values['n']}")
+        print(
+            f"{split:8s} PQ {100 * values['pq']:5.1f}  SQ {100 * values['sq']:5.1f}  RQ {100 * values['rq']:5.1f}  n {values['n']}"
+        )
     if results["mask_AP"] is not None:
         print("mask AP " + "  ".join(f"{key} {100 * value:.1f}" for key, value in results["mask_AP"].items()))
     print(f"mIoU {100 * results['mIoU']:.1f} (ground truth: {results['mIoU_ground_truth']})")
-    print(f"{results['images']} images scored, {results['bad_samples']} bad rows skipped; wrote {output_dir / 'metrics.json'}")
+    print(
+        f"{results['images']} images scored, {results['bad_samples']} bad rows skipped; wrote {output_dir / 'metrics.json'}"
+    )
     return results
 
 

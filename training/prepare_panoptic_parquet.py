@@ -44,22 +44,32 @@ import pyarrow.parquet as pq
 from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
 
+
 DEFAULT_NUM_SHARDS = 64
 PROCESS_COUNTS = (8, 16, 32, 64)  # training world sizes the default shard count divides evenly over
-ROW_GROUP_BYTES = 100 * 1024 * 1024  # datasets' own target (config.MAX_ROW_GROUP_SIZE): bounds memory and random access
+ROW_GROUP_BYTES = (
+    100 * 1024 * 1024
+)  # datasets' own target (config.MAX_ROW_GROUP_SIZE): bounds memory and random access
 STAGING_PREFIX = ".prepare-"  # hidden, so neither our loader's `*.parquet` glob nor the Hub's data files see it
 SEMANTIC_COLUMN = "semantic_label"
 SEMANTIC_MODES = ("L", "P")  # single-channel 8-bit PNGs: the pixel values are the category ids
 
-FEATURES = Features({
-    "image": Image(),
-    "label": Image(),
-    "image_id": Value("string"),
-    "segments_info": List({
-        "id": Value("int64"), "category_id": Value("int64"), "iscrowd": Value("int64"), "area": Value("int64"),
-        "bbox": List(Value("int64")),
-    }),
-})
+FEATURES = Features(
+    {
+        "image": Image(),
+        "label": Image(),
+        "image_id": Value("string"),
+        "segments_info": List(
+            {
+                "id": Value("int64"),
+                "category_id": Value("int64"),
+                "iscrowd": Value("int64"),
+                "area": Value("int64"),
+                "bbox": List(Value("int64")),
+            }
+        ),
+    }
+)
 
 
 class PreparationError(ValueError):
@@ -93,7 +103,9 @@ def category_table(categories: list[dict], vocabulary: str | None) -> list[dict]
         from importlib import resources
 
         text = resources.files("transformers_possam.vocabularies").joinpath("coco_panoptic_133.tsv").read_text()
-        by_coco_id = {int(r["coco_category_id_or_empty"]): r["names"] for r in csv.DictReader(text.splitlines(), delimiter="\t")}
+        by_coco_id = {
+            int(r["coco_category_id_or_empty"]): r["names"] for r in csv.DictReader(text.splitlines(), delimiter="\t")
+        }
         table = [dict(c, name=by_coco_id.get(c["id"], c["name"])) for c in table]
     elif vocabulary == "ade20k":
         names = load_vocabulary("ade20k_150").names
@@ -109,9 +121,11 @@ def load_annotations(path: Path) -> dict:
             "(e.g. annotations/panoptic_val2017.json from COCO's panoptic_annotations_trainval2017.zip)."
         )
     try:
-        annotations = json.loads(path.read_text())
+        annotations = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise PreparationError(f"annotations JSON {path} is not valid JSON ({error}); download or unzip it again.") from error
+        raise PreparationError(
+            f"annotations JSON {path} is not valid JSON ({error}); download or unzip it again."
+        ) from error
     missing = [key for key in ("images", "annotations", "categories") if key not in annotations]
     if missing:
         raise PreparationError(
@@ -129,8 +143,9 @@ def require_folder(path: Path, what: str, advice: str) -> Path:
     return path
 
 
-def collect_samples(annotations: dict, annotations_path: Path, images_folder: Path, png_folder: Path,
-                    semantic_folder: Path | None) -> list[SampleFiles]:
+def collect_samples(
+    annotations: dict, annotations_path: Path, images_folder: Path, png_folder: Path, semantic_folder: Path | None
+) -> list[SampleFiles]:
     """
     One `SampleFiles` per annotation, in the JSON's order. Every file is checked now (to exist; semantic PNGs also
     for their format, from the headers), so that bad input stops the run before hours of writing, not in the middle.
@@ -154,9 +169,13 @@ def collect_samples(annotations: dict, annotations_path: Path, images_folder: Pa
             segments_info=annotation["segments_info"],
         )
         if not sample.image_path.is_file():
-            problems.append(f"image file for image_id {image_id} not found: {sample.image_path} (check --images_folder)")
+            problems.append(
+                f"image file for image_id {image_id} not found: {sample.image_path} (check --images_folder)"
+            )
         if not sample.label_path.is_file():
-            problems.append(f"panoptic PNG for image_id {image_id} not found: {sample.label_path} (check --png_folder)")
+            problems.append(
+                f"panoptic PNG for image_id {image_id} not found: {sample.label_path} (check --png_folder)"
+            )
         if sample.semantic_path is not None:
             if not sample.semantic_path.is_file():
                 problems.append(
@@ -169,7 +188,9 @@ def collect_samples(annotations: dict, annotations_path: Path, images_folder: Pa
     if problems:
         shown = "\n  ".join(problems[:5])
         more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise PreparationError(f"{len(problems)} problem(s) with the files named by {annotations_path}:\n  {shown}{more}")
+        raise PreparationError(
+            f"{len(problems)} problem(s) with the files named by {annotations_path}:\n  {shown}{more}"
+        )
     return samples
 
 
@@ -182,7 +203,9 @@ def semantic_png_problem(sample: SampleFiles) -> str | None:
         with PILImage.open(sample.semantic_path) as semantic, PILImage.open(sample.image_path) as image:
             semantic_mode, semantic_size, image_size = semantic.mode, semantic.size, image.size
     except OSError as error:  # PIL's UnidentifiedImageError is an OSError
-        return f"semantic PNG {sample.semantic_path} or image {sample.image_path} (image_id {sample.image_id}): {error}"
+        return (
+            f"semantic PNG {sample.semantic_path} or image {sample.image_path} (image_id {sample.image_id}): {error}"
+        )
     if semantic_mode not in SEMANTIC_MODES:
         return (
             f"semantic PNG {sample.semantic_path} (image_id {sample.image_id}) has mode {semantic_mode}, not one 8-bit channel "
@@ -206,7 +229,11 @@ def choose_num_shards(requested: int, num_rows: int) -> tuple[int, str | None]:
     uneven = [count for count in PROCESS_COUNTS if num_shards % count]
     if not uneven:
         return num_shards, None
-    reason = f"{num_rows} rows make only {num_shards} non-empty shard(s), not {requested}; " if num_shards < requested else ""
+    reason = (
+        f"{num_rows} rows make only {num_shards} non-empty shard(s), not {requested}; "
+        if num_shards < requested
+        else ""
+    )
     counts = ", ".join(str(count) for count in uneven)
     return num_shards, (
         f"note: {reason}{num_shards} shard(s) do not divide evenly over {counts} training processes "
@@ -233,8 +260,13 @@ def read_row(sample: SampleFiles) -> dict:
         "label": read_file(sample.label_path, "panoptic PNG", sample.image_id),
         "image_id": sample.image_id,
         "segments_info": [
-            {"id": s["id"], "category_id": s["category_id"], "iscrowd": s.get("iscrowd", 0), "area": s.get("area", 0),
-             "bbox": [int(v) for v in s.get("bbox", [0, 0, 0, 0])]}
+            {
+                "id": s["id"],
+                "category_id": s["category_id"],
+                "iscrowd": s.get("iscrowd", 0),
+                "area": s.get("area", 0),
+                "bbox": [int(v) for v in s.get("bbox", [0, 0, 0, 0])],
+            }
             for s in sample.segments_info
         ],
     }
@@ -269,7 +301,8 @@ def parquet_writer_options(features: Features, schema: pa.Schema) -> dict:
     except ImportError:
         return {}
     return {
-        "use_content_defined_chunking": DEFAULT_CDC_OPTIONS, "write_page_index": True,
+        "use_content_defined_chunking": DEFAULT_CDC_OPTIONS,
+        "write_page_index": True,
         **get_parquet_column_options(features, schema),
     }
 
@@ -327,17 +360,24 @@ def at_least_one(text: str) -> int:
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotations_json", required=True, help="COCO-format panoptic JSON")
-    parser.add_argument("--png_folder", default=None,
-                        help="panoptic PNGs; default: the JSON path without .json (panopticapi's rule)")
+    parser.add_argument(
+        "--png_folder", default=None, help="panoptic PNGs; default: the JSON path without .json (panopticapi's rule)"
+    )
     parser.add_argument("--images_folder", required=True, help="the images named by the JSON's images[].file_name")
-    parser.add_argument("--semantic_folder", default=None,
-                        help="optional semantic PNGs (<image file stem>.png: uint8 category ids, 255 = ignore) "
-                             "for a semantic_label column")
+    parser.add_argument(
+        "--semantic_folder",
+        default=None,
+        help="optional semantic PNGs (<image file stem>.png: uint8 category ids, 255 = ignore) "
+        "for a semantic_label column",
+    )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--vocabulary", choices=["coco", "ade20k"], default=None)
-    parser.add_argument("--num_shards", type=at_least_one, default=DEFAULT_NUM_SHARDS,
-                        help=f"parquet shards (default {DEFAULT_NUM_SHARDS}: even over 8/16/32/64 processes); "
-                             "capped at the row count")
+    parser.add_argument(
+        "--num_shards",
+        type=at_least_one,
+        default=DEFAULT_NUM_SHARDS,
+        help=f"parquet shards (default {DEFAULT_NUM_SHARDS}: even over 8/16/32/64 processes); capped at the row count",
+    )
     return parser.parse_args(argv)
 
 
@@ -349,13 +389,15 @@ def main(argv: list[str] | None = None) -> Path:
         Path(args.images_folder), "images", "Pass --images_folder the folder holding the JSON's images[].file_name."
     )
     png_folder = require_folder(
-        Path(args.png_folder) if args.png_folder else annotations_path.with_suffix(""), "panoptic PNG",
+        Path(args.png_folder) if args.png_folder else annotations_path.with_suffix(""),
+        "panoptic PNG",
         "Unzip the PNGs next to the JSON under its name without .json (panopticapi's layout) or pass --png_folder.",
     )
     semantic_folder = None
     if args.semantic_folder:
         semantic_folder = require_folder(
-            Path(args.semantic_folder), "semantic PNG",
+            Path(args.semantic_folder),
+            "semantic PNG",
             "Pass --semantic_folder the folder of <image file stem>.png semantic maps.",
         )
     samples = collect_samples(annotations, annotations_path, images_folder, png_folder, semantic_folder)
@@ -370,7 +412,9 @@ def main(argv: list[str] | None = None) -> Path:
     write_shards(samples, features_for(semantic_folder is not None), output_dir, num_shards)
     save_category_table(table, output_dir)
     save_category_table(table, output_dir.parent)
-    print(f"wrote {len(samples)} rows in {num_shards} shard(s) and categories.json ({len(table)} classes) to {output_dir}")
+    print(
+        f"wrote {len(samples)} rows in {num_shards} shard(s) and categories.json ({len(table)} classes) to {output_dir}"
+    )
     return output_dir
 
 

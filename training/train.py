@@ -44,23 +44,37 @@ from transformers_possam.checkpointing import (
     verify_manifest,
     write_manifest,
 )
-from transformers_possam.data.stream import PanopticTrainStream, collate_panoptic, load_panoptic_dataset, shard_for_process
+from transformers_possam.data.stream import (
+    PanopticTrainStream,
+    collate_panoptic,
+    load_panoptic_dataset,
+    shard_for_process,
+)
 from transformers_possam.evaluation import PanopticEvaluator, vocabulary_embeddings
 from transformers_possam.optimization import SCHEDULES, make_optimizer, parameter_groups, step_decay
+
 
 logger = logging.getLogger("possam.train")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", default=None, help="PosSAM checkpoint (folder or Hub id); default: tiny demo model")
-    parser.add_argument("--dataset_name", default=None, help="Hub id or local parquet folder; default: the embedded toy set")
+    parser.add_argument(
+        "--model_name_or_path", default=None, help="PosSAM checkpoint (folder or Hub id); default: tiny demo model"
+    )
+    parser.add_argument(
+        "--dataset_name", default=None, help="Hub id or local parquet folder; default: the embedded toy set"
+    )
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--eval_split", default="validation")
     parser.add_argument("--output_dir", default="outputs/train")
-    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="possam",
-                        help="preset for --max_steps / --lr_drops: 'possam' = the paper's 250K steps, LR x 0.1 at 150K and "
-                             "200K (Appendix A); 'fcclip' = FC-CLIP's 368,750 steps, drops at 327,778 and 355,092")
+    parser.add_argument(
+        "--schedule",
+        choices=sorted(SCHEDULES),
+        default="possam",
+        help="preset for --max_steps / --lr_drops: 'possam' = the paper's 250K steps, LR x 0.1 at 150K and "
+        "200K (Appendix A); 'fcclip' = FC-CLIP's 368,750 steps, drops at 327,778 and 355,092",
+    )
     parser.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: the schedule's)")
     parser.add_argument("--per_device_train_batch_size", type=int, default=2, help="paper: 2 per GPU x 8 GPUs = 16")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -68,12 +82,23 @@ def parse_args(argv=None):
     parser.add_argument("--weight_decay", type=float, default=0.05)
     parser.add_argument("--weight_decay_norm", type=float, default=0.0, help="normalization layers (FC-CLIP: 0)")
     parser.add_argument("--weight_decay_embed", type=float, default=0.0, help="nn.Embedding weights (FC-CLIP: 0)")
-    parser.add_argument("--backbone_lr_multiplier", type=float, default=0.1,
-                        help="LR factor of the SAM encoder when it is trained (--train_encoders; FC-CLIP's BACKBONE_MULTIPLIER)")
-    parser.add_argument("--lr_drops", type=float, nargs="*", default=None,
-                        help="fractions of max_steps where the LR is multiplied by 0.1 (default: the schedule's, "
-                             "i.e. 0.6 0.8 for 'possam')")
-    parser.add_argument("--max_grad_norm", type=float, default=0.01, help="full-model gradient clipping (paper / FC-CLIP: 0.01)")
+    parser.add_argument(
+        "--backbone_lr_multiplier",
+        type=float,
+        default=0.1,
+        help="LR factor of the SAM encoder when it is trained (--train_encoders; FC-CLIP's BACKBONE_MULTIPLIER)",
+    )
+    parser.add_argument(
+        "--lr_drops",
+        type=float,
+        nargs="*",
+        default=None,
+        help="fractions of max_steps where the LR is multiplied by 0.1 (default: the schedule's, "
+        "i.e. 0.6 0.8 for 'possam')",
+    )
+    parser.add_argument(
+        "--max_grad_norm", type=float, default=0.01, help="full-model gradient clipping (paper / FC-CLIP: 0.01)"
+    )
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--checkpointing_steps", type=int, default=None)
     parser.add_argument("--checkpoints_total_limit", type=int, default=3)
@@ -82,13 +107,23 @@ def parse_args(argv=None):
     parser.add_argument("--max_eval_samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--no_augmentation", action="store_true", help="turn large-scale jitter off")
-    parser.add_argument("--min_scale", type=float, default=0.1, help="large-scale jitter's smallest scale (FC-CLIP: 0.1)")
-    parser.add_argument("--max_scale", type=float, default=2.0, help="large-scale jitter's largest scale (FC-CLIP: 2.0)")
-    parser.add_argument("--drop_cropped_segments", action="store_true",
-                        help="give no target to segments the jitter's crop removed (FC-CLIP keeps them as empty masks)")
+    parser.add_argument(
+        "--min_scale", type=float, default=0.1, help="large-scale jitter's smallest scale (FC-CLIP: 0.1)"
+    )
+    parser.add_argument(
+        "--max_scale", type=float, default=2.0, help="large-scale jitter's largest scale (FC-CLIP: 2.0)"
+    )
+    parser.add_argument(
+        "--drop_cropped_segments",
+        action="store_true",
+        help="give no target to segments the jitter's crop removed (FC-CLIP keeps them as empty masks)",
+    )
     parser.add_argument("--max_bad_fraction", type=float, default=0.01)
-    parser.add_argument("--train_encoders", action="store_true",
-                        help="also train the SAM encoder (only sensible for tiny random demo models)")
+    parser.add_argument(
+        "--train_encoders",
+        action="store_true",
+        help="also train the SAM encoder (only sensible for tiny random demo models)",
+    )
     parser.add_argument("--toy_train_size", type=int, default=512)
     parser.add_argument("--toy_eval_size", type=int, default=32)
     parser.add_argument("--record_sample_ids", action="store_true", help="write each process's sample ids (for tests)")
@@ -124,8 +159,12 @@ def build_model_and_processor(args):
 def build_optimization(args, model):
     """(parameter groups, AdamW, step-decay scheduler) of the recipe in `args` (the scheduler is not prepared)."""
     groups = parameter_groups(
-        model, args.learning_rate, args.weight_decay, weight_decay_norm=args.weight_decay_norm,
-        weight_decay_embed=args.weight_decay_embed, backbone_multiplier=args.backbone_lr_multiplier,
+        model,
+        args.learning_rate,
+        args.weight_decay,
+        weight_decay_norm=args.weight_decay_norm,
+        weight_decay_embed=args.weight_decay_embed,
+        backbone_multiplier=args.backbone_lr_multiplier,
     )
     optimizer = make_optimizer(groups, args.learning_rate)
     return groups, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, step_decay(args.max_steps, args.lr_drops))
@@ -196,14 +235,18 @@ def resume(accelerator, checkpoint: Path, stream, scheduler) -> int:
         )
     try:
         accelerator.load_state(str(checkpoint))
-    except Exception as error:  # noqa: BLE001 - the manifest matched, so this is a format problem: name the folder
-        raise CheckpointError(f"Cannot load the model / optimizer state of {checkpoint}: {type(error).__name__}: {error}") from error
+    except Exception as error:
+        raise CheckpointError(
+            f"Cannot load the model / optimizer state of {checkpoint}: {type(error).__name__}: {error}"
+        ) from error
     load_scheduler(checkpoint, scheduler)
     # ours, after accelerate's: its RNG pickle is read with weights_only=True and silently skipped when unreadable
     load_rng_state(checkpoint, accelerator.process_index)
     try:
         step = int(json.loads((checkpoint / "step.json").read_text())["step"])
-        stream.position.load_state_dict(json.loads((checkpoint / f"stream_{accelerator.process_index}.json").read_text()))
+        stream.position.load_state_dict(
+            json.loads((checkpoint / f"stream_{accelerator.process_index}.json").read_text())
+        )
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"The step or stream position of {checkpoint} cannot be read ({error}).") from None
     return step
@@ -218,7 +261,10 @@ def main(argv=None) -> dict:
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+    )
     # the same seed everywhere for the model's initialization ...
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
@@ -229,13 +275,22 @@ def main(argv=None) -> dict:
     # global generators) differs between ranks, as in FC-CLIP's per-worker seeding. Saved and restored per process
     # by save_state / load_state.
     set_seed(args.seed, device_specific=True)
-    train_set, categories = load_panoptic_dataset(args.dataset_name, args.train_split, toy_size=args.toy_train_size, seed=args.seed)
+    train_set, categories = load_panoptic_dataset(
+        args.dataset_name, args.train_split, toy_size=args.toy_train_size, seed=args.seed
+    )
     train_set = shard_for_process(train_set, accelerator.process_index, accelerator.num_processes)
     label_map = {int(c["id"]): index for index, c in enumerate(categories)}
     stream = PanopticTrainStream(
-        train_set, processor.image_processor, label_map, seed=args.seed, rank=accelerator.process_index,
-        augment=not args.no_augmentation, max_bad_fraction=args.max_bad_fraction, drop_cropped_segments=args.drop_cropped_segments,
-        min_scale=args.min_scale, max_scale=args.max_scale,
+        train_set,
+        processor.image_processor,
+        label_map,
+        seed=args.seed,
+        rank=accelerator.process_index,
+        augment=not args.no_augmentation,
+        max_bad_fraction=args.max_bad_fraction,
+        drop_cropped_segments=args.drop_cropped_segments,
+        min_scale=args.min_scale,
+        max_scale=args.max_scale,
     )
 
     if args.record_sample_ids:
@@ -246,10 +301,16 @@ def main(argv=None) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     if args.record_sample_ids:  # for tests: each process's point-sampling generator state and its optimizer groups
         state = torch.random.get_rng_state()
-        (output_dir / f"rng_{accelerator.process_index}.json").write_text(json.dumps({
-            "torch_rng_sha256": hashlib.sha256(state.numpy().tobytes()).hexdigest(),
-            "groups": [{"lr": g["lr"], "weight_decay": g["weight_decay"], "names": g["names"]} for g in groups],
-        }))
+        (output_dir / f"rng_{accelerator.process_index}.json").write_text(
+            json.dumps(
+                {
+                    "torch_rng_sha256": hashlib.sha256(state.numpy().tobytes()).hexdigest(),
+                    "groups": [
+                        {"lr": g["lr"], "weight_decay": g["weight_decay"], "names": g["names"]} for g in groups
+                    ],
+                }
+            )
+        )
 
     # The text tower is frozen: the vocabulary is encoded once.
     class_embeddings, synonym_mask = vocabulary_embeddings(unwrapped, processor, categories)
@@ -261,11 +322,15 @@ def main(argv=None) -> dict:
         logger.info("Resumed from %s at step %d", checkpoint, step)
 
     if args.report_to:
-        accelerator.init_trackers("possam", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            "possam", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        )
     samples = iter(stream)
     model.train()
     start_step, metrics = step, {}
-    progress = tqdm(total=args.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    progress = tqdm(
+        total=args.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True
+    )
     while step < args.max_steps:
         for _ in range(args.gradient_accumulation_steps):
             batch = collate_panoptic([next(samples) for _ in range(args.per_device_train_batch_size)])
@@ -286,7 +351,9 @@ def main(argv=None) -> dict:
         scheduler.step()
         step += 1
         loss = accelerator.reduce(outputs.loss.detach(), reduction="mean").item()
-        bad = accelerator.reduce(torch.tensor(float(stream.position.bad), device=accelerator.device), reduction="sum").item()
+        bad = accelerator.reduce(
+            torch.tensor(float(stream.position.bad), device=accelerator.device), reduction="sum"
+        ).item()
         metrics = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/bad_samples": bad}
         accelerator.log(metrics, step=step)
         progress.update(1)
@@ -296,15 +363,19 @@ def main(argv=None) -> dict:
         if args.eval_steps and step % args.eval_steps == 0:
             evaluation = run_evaluation(args, accelerator, unwrapped, processor)
             if accelerator.is_main_process:  # the evaluation history, one JSON line per evaluation
-                with open(output_dir / "eval_history.jsonl", "a") as history:
-                    history.write(json.dumps({"step": step, "failed": evaluation is None, **(evaluation or {})}) + "\n")
+                with open(output_dir / "eval_history.jsonl", "a", encoding="utf-8") as history:
+                    history.write(
+                        json.dumps({"step": step, "failed": evaluation is None, **(evaluation or {})}) + "\n"
+                    )
             if evaluation is None:
                 metrics["eval/failed"] = 1.0
             else:
                 metrics.update(evaluation)
-                progress.write(f"step {step} eval: PQ {100 * evaluation['eval/all_pq']:.1f}  SQ {100 * evaluation['eval/all_sq']:.1f}  "
-                               f"RQ {100 * evaluation['eval/all_rq']:.1f}  mIoU {100 * evaluation['eval/miou']:.1f}  "
-                               f"AP {100 * evaluation['eval/mask_ap']:.1f}  bad {int(evaluation['eval/bad_samples'])}")
+                progress.write(
+                    f"step {step} eval: PQ {100 * evaluation['eval/all_pq']:.1f}  SQ {100 * evaluation['eval/all_sq']:.1f}  "
+                    f"RQ {100 * evaluation['eval/all_rq']:.1f}  mIoU {100 * evaluation['eval/miou']:.1f}  "
+                    f"AP {100 * evaluation['eval/mask_ap']:.1f}  bad {int(evaluation['eval/bad_samples'])}"
+                )
             accelerator.log(metrics, step=step)
 
     if args.record_sample_ids:
@@ -329,30 +400,42 @@ def run_evaluation(args, accelerator, model, processor) -> dict | None:
     """
     state = None
     try:
-        eval_set, categories = load_panoptic_dataset(args.dataset_name, args.eval_split, toy_size=args.toy_eval_size, seed=args.seed)
+        eval_set, categories = load_panoptic_dataset(
+            args.dataset_name, args.eval_split, toy_size=args.toy_eval_size, seed=args.seed
+        )
         rank, world_size = accelerator.process_index, accelerator.num_processes
         rows = (row for index, row in zip(range(args.max_eval_samples), eval_set) if index % world_size == rank)
-        evaluator = PanopticEvaluator(model, processor.image_processor, categories, processor=processor, max_bad_fraction=args.max_bad_fraction)
+        evaluator = PanopticEvaluator(
+            model, processor.image_processor, categories, processor=processor, max_bad_fraction=args.max_bad_fraction
+        )
         evaluator.process(rows)
         state = evaluator.state()
-    except Exception:  # noqa: BLE001 - an evaluation failure must not end a training run
+    except Exception:
         logger.exception("Evaluation failed on process %d; training continues", accelerator.process_index)
     states = gather_object([state])  # every process gets here, failed or not: no process waits forever
     if any(item is None for item in states):
-        logger.error("Evaluation at this step is skipped: it failed on %d process(es).", sum(item is None for item in states))
+        logger.error(
+            "Evaluation at this step is skipped: it failed on %d process(es).", sum(item is None for item in states)
+        )
         return None
     try:  # identical inputs on every process, so every process takes the same branch
         results = PanopticEvaluator.summarize(PanopticEvaluator.merge_states(states))
         if results["images"] == 0:
-            raise RuntimeError(f"no evaluation row could be scored ({results['bad_samples']} bad: {results['bad_sample_ids'][:5]})")
-        scores = {f"eval/{split.lower()}_{key}": results[split][key] for split in ("All", "Things", "Stuff", "Seen", "Unseen") for key in ("pq", "sq", "rq")}
+            raise RuntimeError(
+                f"no evaluation row could be scored ({results['bad_samples']} bad: {results['bad_sample_ids'][:5]})"
+            )
+        scores = {
+            f"eval/{split.lower()}_{key}": results[split][key]
+            for split in ("All", "Things", "Stuff", "Seen", "Unseen")
+            for key in ("pq", "sq", "rq")
+        }
         return scores | {
             "eval/miou": results["mIoU"],
             "eval/mask_ap": results["mask_AP"]["AP"],
             "eval/images": float(results["images"]),
             "eval/bad_samples": float(results["bad_samples"]),
         }
-    except Exception:  # noqa: BLE001 - an evaluation failure must not end a training run
+    except Exception:
         logger.exception("Evaluation failed while summarizing; training continues")
         return None
 

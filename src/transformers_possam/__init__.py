@@ -7,6 +7,8 @@ Importing the package registers PosSAM with transformers' Auto classes (`AutoCon
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForUniversalSegmentation, AutoProcessor
 
 from .configuration_possam import PosSAMConfig, tiny_config
+from .image_processing_possam import PosSAMImageProcessor, PosSAMImageProcessorPil
+from .mase import mask_aware_selective_ensemble
 from .modeling_possam import (
     PosSAMForPanopticSegmentation,
     PosSAMForPanopticSegmentationOutput,
@@ -14,12 +16,11 @@ from .modeling_possam import (
     PosSAMModelOutput,
     PosSAMPreTrainedModel,
 )
-from .image_processing_possam import PosSAMImageProcessor, PosSAMImageProcessorPil
-from .mase import mask_aware_selective_ensemble
 from .pipeline_possam import OpenVocabularyPanopticSegmentationPipeline, register_pipeline
 from .processing_possam import VILD_TEMPLATES, PosSAMProcessor
 from .tokenization import clip_tokenizer_from_bpe
 from .vocabularies import Vocabulary, load_vocabulary
+
 
 __version__ = "0.1.0"
 
@@ -27,7 +28,9 @@ AutoConfig.register(PosSAMConfig.model_type, PosSAMConfig, exist_ok=True)
 AutoModel.register(PosSAMConfig, PosSAMModel, exist_ok=True)
 AutoModelForUniversalSegmentation.register(PosSAMConfig, PosSAMForPanopticSegmentation, exist_ok=True)
 AutoImageProcessor.register(
-    PosSAMConfig, image_processor_classes={"torchvision": PosSAMImageProcessor, "pil": PosSAMImageProcessorPil}, exist_ok=True
+    PosSAMConfig,
+    image_processor_classes={"torchvision": PosSAMImageProcessor, "pil": PosSAMImageProcessorPil},
+    exist_ok=True,
 )
 AutoProcessor.register(PosSAMConfig, PosSAMProcessor, exist_ok=True)
 register_pipeline()

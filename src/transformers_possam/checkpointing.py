@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 __all__ = [
     "CHECKPOINT_PATTERN",
     "MANIFEST_FILE",
@@ -46,7 +47,11 @@ class CheckpointError(RuntimeError):
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """The complete checkpoints of a run, oldest first (half-written ones have a temporary name)."""
-    found = [(int(match.group(1)), path) for path in Path(output_dir).glob("checkpoint-*") if (match := CHECKPOINT_PATTERN.match(path.name))]
+    found = [
+        (int(match.group(1)), path)
+        for path in Path(output_dir).glob("checkpoint-*")
+        if (match := CHECKPOINT_PATTERN.match(path.name))
+    ]
     return [path for _, path in sorted(found)]
 
 
@@ -72,7 +77,9 @@ def write_manifest(folder: Path) -> Path:
     """Record the size and SHA-256 of every file under `folder` (call once all processes have written theirs)."""
     folder = Path(folder)
     files = sorted(path for path in folder.rglob("*") if path.is_file() and path.name != MANIFEST_FILE)
-    manifest = {str(path.relative_to(folder)): {"bytes": path.stat().st_size, "sha256": _sha256(path)} for path in files}
+    manifest = {
+        str(path.relative_to(folder)): {"bytes": path.stat().st_size, "sha256": _sha256(path)} for path in files
+    }
     target = folder / MANIFEST_FILE
     target.write_text(json.dumps({"format": 1, "files": manifest}, indent=1))
     return target
@@ -100,8 +107,14 @@ def verify_manifest(folder: Path) -> None:
         raise CheckpointError(f"{path} is damaged (its 'files' entry is not a mapping).{hint}")
     root = folder.resolve()
     for name, expected in files.items():
-        if not isinstance(expected, dict) or not isinstance(expected.get("bytes"), int) or not isinstance(expected.get("sha256"), str):
-            raise CheckpointError(f"{path} is damaged (the entry of {name!r} is not {{'bytes': int, 'sha256': str}}).{hint}")
+        if (
+            not isinstance(expected, dict)
+            or not isinstance(expected.get("bytes"), int)
+            or not isinstance(expected.get("sha256"), str)
+        ):
+            raise CheckpointError(
+                f"{path} is damaged (the entry of {name!r} is not {{'bytes': int, 'sha256': str}}).{hint}"
+            )
         file = folder / name
         if Path(name).is_absolute() or ".." in Path(name).parts or not file.resolve().is_relative_to(root):
             raise CheckpointError(f"{path} names {name!r}, which is outside the checkpoint folder: refused.{hint}")
@@ -109,13 +122,22 @@ def verify_manifest(folder: Path) -> None:
             raise CheckpointError(f"{file} is missing from the checkpoint (or is not a regular file).{hint}")
         size = file.stat().st_size
         if size != expected["bytes"]:
-            raise CheckpointError(f"{file} has {size} bytes, {expected['bytes']} were written: it is truncated or damaged.{hint}")
+            raise CheckpointError(
+                f"{file} has {size} bytes, {expected['bytes']} were written: it is truncated or damaged.{hint}"
+            )
         if _sha256(file) != expected["sha256"]:
-            raise CheckpointError(f"{file} does not match the checksum recorded when it was written: it is damaged.{hint}")
-    unlisted = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != MANIFEST_FILE
-                      and str(p.relative_to(folder)) not in files)
+            raise CheckpointError(
+                f"{file} does not match the checksum recorded when it was written: it is damaged.{hint}"
+            )
+    unlisted = sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if (p.is_file() or p.is_symlink()) and p.name != MANIFEST_FILE and str(p.relative_to(folder)) not in files
+    )
     if unlisted:
-        raise CheckpointError(f"{folder} holds files its manifest does not list: {unlisted[:5]}. Remove them or resume from another checkpoint.{hint}")
+        raise CheckpointError(
+            f"{folder} holds files its manifest does not list: {unlisted[:5]}. Remove them or resume from another checkpoint.{hint}"
+        )
 
 
 def save_scheduler(folder: Path, scheduler) -> None:
@@ -149,10 +171,19 @@ def save_rng_state(folder: Path, rank: int) -> None:
             tensors[f"torch_cuda_{index}"] = state
     tensor_path, json_path = _rng_paths(folder, rank)
     save_file(tensors, str(tensor_path))
-    json_path.write_text(json.dumps({
-        "python": {"version": version, "state": list(python_state), "gauss": gauss},
-        "numpy": {"kind": kind, "position": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-    }))
+    json_path.write_text(
+        json.dumps(
+            {
+                "python": {"version": version, "state": list(python_state), "gauss": gauss},
+                "numpy": {
+                    "kind": kind,
+                    "position": int(position),
+                    "has_gauss": int(has_gauss),
+                    "cached_gaussian": float(cached_gaussian),
+                },
+            }
+        )
+    )
 
 
 def load_rng_state(folder: Path, rank: int) -> None:
@@ -166,16 +197,21 @@ def load_rng_state(folder: Path, rank: int) -> None:
         meta = json.loads(json_path.read_text())
         python, numpy_meta = meta["python"], meta["numpy"]
         random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
-        np.random.set_state((
-            numpy_meta["kind"], tensors["numpy_keys"].numpy().astype(np.uint32), numpy_meta["position"],
-            numpy_meta["has_gauss"], numpy_meta["cached_gaussian"],
-        ))
+        np.random.set_state(
+            (
+                numpy_meta["kind"],
+                tensors["numpy_keys"].numpy().astype(np.uint32),
+                numpy_meta["position"],
+                numpy_meta["has_gauss"],
+                numpy_meta["cached_gaussian"],
+            )
+        )
         torch.set_rng_state(tensors["torch_cpu"])
         cuda_keys = sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
         cuda_states = [tensors[key] for key in cuda_keys]
         if cuda_states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_states)
-    except Exception as error:  # noqa: BLE001 - any failure means the run cannot continue exactly: say which file
+    except Exception as error:
         raise CheckpointError(
             f"The random-generator state of process {rank} ({tensor_path.name}, {json_path.name} in {folder}) cannot be "
             f"restored ({type(error).__name__}: {error}); resuming without it would not reproduce the run.{hint}"

@@ -11,6 +11,7 @@ from transformers.utils import logging
 
 from .vocabularies import load_vocabulary
 
+
 logger = logging.get_logger(__name__)
 
 __all__ = ["PosSAMConfig", "SAM_VISION_VARIANTS", "CONVNEXT_LARGE_D_320_TEXT", "tiny_config"]
@@ -34,9 +35,24 @@ CONVNEXT_LARGE_D_320_TEXT = {
 
 # SAM ViT-B/L/H image encoders (segment-anything `build_sam.py`, transformers `convert_sam_to_hf.py`).
 SAM_VISION_VARIANTS = {
-    "vit-b": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "global_attn_indexes": [2, 5, 8, 11]},
-    "vit-l": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "global_attn_indexes": [5, 11, 17, 23]},
-    "vit-h": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16, "global_attn_indexes": [7, 15, 23, 31]},
+    "vit-b": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "global_attn_indexes": [2, 5, 8, 11],
+    },
+    "vit-l": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "global_attn_indexes": [5, 11, 17, 23],
+    },
+    "vit-h": {
+        "hidden_size": 1280,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 16,
+        "global_attn_indexes": [7, 15, 23, 31],
+    },
 }
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -155,7 +171,8 @@ class PosSAMConfig(PreTrainedConfig):
             logger.warning(
                 "Ignoring %s in the model config: MASE's weights live in the image processor "
                 "(PosSAMImageProcessor(mase_alpha=..., mase_beta=...), saved in preprocessor_config.json); set them "
-                "there and remove them from config.json.", moved,
+                "there and remove them from config.json.",
+                moved,
             )
         if isinstance(self.text_config, dict):
             # A partial dict means "convnext_large_d_320 with these changes", not "CLIPTextConfig defaults".
@@ -163,7 +180,14 @@ class PosSAMConfig(PreTrainedConfig):
         if self.training_vocabulary is None:
             self.training_vocabulary = list(load_vocabulary("coco_panoptic_133").names)
         self.clip_vision_model_kwargs = dict(self.clip_vision_model_kwargs or {})
-        for name in ("sam_image_mean", "sam_image_std", "clip_image_mean", "clip_image_std", "fpn_out_channels", "feature_strides"):
+        for name in (
+            "sam_image_mean",
+            "sam_image_std",
+            "clip_image_mean",
+            "clip_image_std",
+            "fpn_out_channels",
+            "feature_strides",
+        ):
             setattr(self, name, list(getattr(self, name)))
         super().__post_init__(**kwargs)
 
@@ -172,20 +196,28 @@ class PosSAMConfig(PreTrainedConfig):
         if len(self.fpn_out_channels) != 4 or len(self.feature_strides) != 4:
             raise ValueError("fpn_out_channels and feature_strides need 4 entries (strides 4, 8, 16, 32).")
         if list(self.feature_strides) != [4, 8, 16, 32]:
-            raise ValueError(f"PosSAM's FPN produces strides (4, 8, 16, 32), got feature_strides={self.feature_strides}.")
+            raise ValueError(
+                f"PosSAM's FPN produces strides (4, 8, 16, 32), got feature_strides={self.feature_strides}."
+            )
         patch_size = self.vision_config.patch_size
         if patch_size != 16:
-            raise ValueError(f"The FPN expects SAM features at stride 16 (patch_size 16), got patch_size={patch_size}.")
+            raise ValueError(
+                f"The FPN expects SAM features at stride 16 (patch_size 16), got patch_size={patch_size}."
+            )
         for name in ("feature_size", "mask_feature_size"):
             if getattr(self, name) % 32:
-                raise ValueError(f"{name}={getattr(self, name)} must be a multiple of 32 (Mask2Former's GroupNorm(32)).")
+                raise ValueError(
+                    f"{name}={getattr(self, name)} must be a multiple of 32 (Mask2Former's GroupNorm(32))."
+                )
         if self.text_config.projection_dim != self.clip_embed_dim:
             raise ValueError(
                 f"text_config.projection_dim ({self.text_config.projection_dim}) must equal clip_embed_dim "
                 f"({self.clip_embed_dim}): image and text embeddings share one space."
             )
         if self.clip_embed_dim % self.ldp_num_heads:
-            raise ValueError(f"clip_embed_dim={self.clip_embed_dim} must be divisible by ldp_num_heads={self.ldp_num_heads}.")
+            raise ValueError(
+                f"clip_embed_dim={self.clip_embed_dim} must be divisible by ldp_num_heads={self.ldp_num_heads}."
+            )
         if self.decoder_layers < 2:
             raise ValueError("decoder_layers counts the query prediction plus the transformer layers: use >= 2.")
 
@@ -197,28 +229,42 @@ def tiny_config(**overrides) -> PosSAMConfig:
     `SamVisionConfig`'s default `initializer_range=1e-10` would make a random SAM encoder output a constant, so the
     tiny encoder uses 0.02.
     """
-    defaults = dict(
-        vision_config=dict(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, image_size=128, patch_size=16,
-            output_channels=32, window_size=4, global_attn_indexes=[1], initializer_range=0.02,
-        ),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
-        clip_vision_model_name="convnext_atto",
-        clip_vision_model_kwargs={"head_hidden_size": 320},
-        clip_embed_dim=32,
-        fpn_out_channels=[32, 32, 64, 64],
-        feature_size=32,
-        mask_feature_size=32,
-        hidden_dim=32,
-        encoder_feedforward_dim=64,
-        encoder_layers=1,
-        decoder_layers=3,
-        num_attention_heads=2,
-        dim_feedforward=64,
-        num_queries=8,
-        iou_head_hidden_dim=32,
-        ldp_num_heads=2,
-        train_num_points=256,
-    )
+    defaults = {
+        "vision_config": {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "mlp_dim": 64,
+            "image_size": 128,
+            "patch_size": 16,
+            "output_channels": 32,
+            "window_size": 4,
+            "global_attn_indexes": [1],
+            "initializer_range": 0.02,
+        },
+        "text_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "projection_dim": 32,
+        },
+        "clip_vision_model_name": "convnext_atto",
+        "clip_vision_model_kwargs": {"head_hidden_size": 320},
+        "clip_embed_dim": 32,
+        "fpn_out_channels": [32, 32, 64, 64],
+        "feature_size": 32,
+        "mask_feature_size": 32,
+        "hidden_dim": 32,
+        "encoder_feedforward_dim": 64,
+        "encoder_layers": 1,
+        "decoder_layers": 3,
+        "num_attention_heads": 2,
+        "dim_feedforward": 64,
+        "num_queries": 8,
+        "iou_head_hidden_dim": 32,
+        "ldp_num_heads": 2,
+        "train_num_points": 256,
+    }
     defaults.update(overrides)
     return PosSAMConfig(**defaults)

@@ -22,6 +22,7 @@ from .modeling_possam import PosSAMForPanopticSegmentation
 from .processing_possam import PosSAMProcessor
 from .tokenization import clip_tokenizer_from_bpe
 
+
 LABELS = [
     {"name": "sky,clouds", "isthing": False},
     {"name": "grass,lawn", "isthing": False},
@@ -69,8 +70,10 @@ def main(argv: list[str] | None = None) -> None:
 
     trainable = sum(p.numel() for p in segmenter.model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in segmenter.model.parameters() if not p.requires_grad)
-    print(f"model: {'tiny random PosSAM' if args.model is None else args.model} "
-          f"({trainable / 1e6:.2f}M trainable, {frozen / 1e6:.2f}M frozen parameters)")
+    print(
+        f"model: {'tiny random PosSAM' if args.model is None else args.model} "
+        f"({trainable / 1e6:.2f}M trainable, {frozen / 1e6:.2f}M frozen parameters)"
+    )
     print(f"labels: {[label if isinstance(label, str) else label['name'] for label in LABELS]}")
     print(f"{args.subtask} segments: {len(results)}")
     print(f"{'label':<8} {'score':>7} {'area %':>7}")

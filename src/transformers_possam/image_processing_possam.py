@@ -20,6 +20,7 @@ from transformers.models.sam.image_processing_sam import SamImageProcessor, SamI
 
 from .postprocessing import PosSAMPostProcessingMixin, check_ensemble_weight
 
+
 __all__ = [
     "PosSAMImageProcessor",
     "PosSAMImageProcessorPil",
@@ -68,7 +69,9 @@ def _map_label(category: int, label_map: dict | None) -> int:
     if label_map is None:
         return int(category)
     if category not in label_map:
-        raise ValueError(f"Category id {category} is not in label_map ({len(label_map)} entries): add it or fix the annotation.")
+        raise ValueError(
+            f"Category id {category} is not in label_map ({len(label_map)} entries): add it or fix the annotation."
+        )
     return int(label_map[category])
 
 
@@ -100,7 +103,9 @@ def _segments_from_annotation(
         segment_ids, classes = [], []
         for segment in annotation["segments_info"]:
             if segment["id"] not in present and not allow_absent_segments:
-                raise ValueError(f"segments_info names segment id {segment['id']}, which does not occur in the panoptic PNG.")
+                raise ValueError(
+                    f"segments_info names segment id {segment['id']}, which does not occur in the panoptic PNG."
+                )
             if segment.get("iscrowd", 0):
                 continue
             category = int(segment["category_id"])
@@ -193,7 +198,9 @@ def _images_as_list(images: Any) -> list:
         raise ValueError("No image given (images is None): pass an image or a non-empty list of images.")
     items = list(images) if isinstance(images, (list, tuple)) else [images]
     if not items:
-        raise ValueError(f"No image given (an empty {type(images).__name__}): pass an image or a non-empty list of images.")
+        raise ValueError(
+            f"No image given (an empty {type(images).__name__}): pass an image or a non-empty list of images."
+        )
     flat = []
     for item in items:
         if isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4:
@@ -354,8 +361,12 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin):
         do_rescale = kwargs.get("do_rescale")
         do_rescale = self.do_rescale if do_rescale is None else do_rescale
         input_data_format = kwargs.pop("input_data_format", None)
-        image_list = [self._check_image(image, index, input_data_format, do_rescale) for index, image in enumerate(image_list)]
-        kwargs["input_data_format"] = ChannelDimension.FIRST  # every array is (C, H, W) now; PIL images carry their own
+        image_list = [
+            self._check_image(image, index, input_data_format, do_rescale) for index, image in enumerate(image_list)
+        ]
+        kwargs["input_data_format"] = (
+            ChannelDimension.FIRST
+        )  # every array is (C, H, W) now; PIL images carry their own
         return_tensors = kwargs.pop("return_tensors", "pt")
         data = super().preprocess(image_list, return_tensors=return_tensors, **kwargs)
         padded = self._padded_size()
@@ -367,7 +378,9 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin):
         if annotations is not None:
             annotation_list = list(annotations) if isinstance(annotations, (list, tuple)) else [annotations]
             if len(annotation_list) != len(image_list):
-                raise ValueError(f"Got {len(annotation_list)} annotations for {len(image_list)} images: give one per image.")
+                raise ValueError(
+                    f"Got {len(annotation_list)} annotations for {len(image_list)} images: give one per image."
+                )
             encoded = [
                 encode_panoptic_annotation(annotation, size, padded, label_map, ignore_index)
                 for annotation, size in zip(annotation_list, reshaped)

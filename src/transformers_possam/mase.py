@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+
 __all__ = ["mask_aware_selective_ensemble", "selectivity"]
 
 
@@ -58,7 +59,9 @@ def mask_aware_selective_ensemble(
         probabilities give 0 (never NaN or inf).
     """
     if ldp_probs.shape != clip_probs.shape:
-        raise ValueError(f"ldp_probs {tuple(ldp_probs.shape)} and clip_probs {tuple(clip_probs.shape)} must have one shape.")
+        raise ValueError(
+            f"ldp_probs {tuple(ldp_probs.shape)} and clip_probs {tuple(clip_probs.shape)} must have one shape."
+        )
     num_classes = ldp_probs.shape[-1]
     seen = seen_mask.to(device=ldp_probs.device, dtype=torch.bool)
     if seen.shape != (num_classes,):
@@ -67,15 +70,23 @@ def mask_aware_selective_ensemble(
     ldp_probs, clip_probs = ldp_probs.to(dtype), clip_probs.to(dtype)
 
     if iou_scores is None:
-        exponent = torch.where(seen, torch.tensor(alpha, dtype=dtype, device=seen.device), torch.tensor(beta, dtype=dtype, device=seen.device))
+        exponent = torch.where(
+            seen,
+            torch.tensor(alpha, dtype=dtype, device=seen.device),
+            torch.tensor(beta, dtype=dtype, device=seen.device),
+        )
     else:
         if iou_scores.shape != ldp_probs.shape[:-1]:
-            raise ValueError(f"iou_scores must have shape {tuple(ldp_probs.shape[:-1])}, got {tuple(iou_scores.shape)}.")
+            raise ValueError(
+                f"iou_scores must have shape {tuple(ldp_probs.shape[:-1])}, got {tuple(iou_scores.shape)}."
+            )
         iou = iou_scores.to(dtype).unsqueeze(-1)
         ldp_probs, clip_probs = ldp_probs * iou, clip_probs * iou
         se_ldp, se_clip = selectivity(ldp_probs), selectivity(clip_probs)
         total = se_clip + se_ldp
-        se_conf = torch.where(total > 0, se_clip / torch.where(total > 0, total, torch.ones_like(total)), torch.full_like(total, 0.5))
+        se_conf = torch.where(
+            total > 0, se_clip / torch.where(total > 0, total, torch.ones_like(total)), torch.full_like(total, 0.5)
+        )
         alpha_hat = (alpha * (1 + se_conf)).clamp(0, 1).unsqueeze(-1)
         beta_hat = (beta * (1 + se_conf)).clamp(0, 1).unsqueeze(-1)
         exponent = torch.where(seen, alpha_hat, beta_hat)

@@ -30,6 +30,7 @@ from functools import lru_cache
 import torch
 from torch.nn import functional as F
 
+
 __all__ = ["AxisResampling", "PanopticAssignment", "assign_panoptic", "axis_resampling", "resize_matrix"]
 
 # elements of the (cells, rows, cols, candidates) temporaries of one exact-evaluation chunk (16 MiB of float32)
@@ -130,7 +131,9 @@ class AxisResampling:
             if 1 < stride <= self.window and dim < values.dim() - 1:
                 # one reduction over whole blocks [first + c * stride, + stride), then the windows' overlap into the
                 # next block (reductions over a short innermost axis are slow: the last axis uses strided views only)
-                result = reduce_window(values.narrow(dim, first, count * stride).unflatten(dim, (count, stride)), dim=dim + 1)
+                result = reduce_window(
+                    values.narrow(dim, first, count * stride).unflatten(dim, (count, stride)), dim=dim + 1
+                )
                 offsets = range(stride, self.window)
             else:
                 result = every_stride(0).clone()  # never a view of `values`: callers modify the result in place
@@ -145,7 +148,9 @@ class AxisResampling:
 
 
 @lru_cache(maxsize=64)
-def axis_resampling(in_size: int, steps: tuple[tuple[int, int | None], ...], device: str = "cpu", cell_extent: int = 16) -> AxisResampling:
+def axis_resampling(
+    in_size: int, steps: tuple[tuple[int, int | None], ...], device: str = "cpu", cell_extent: int = 16
+) -> AxisResampling:
     """Cached `AxisResampling.build` (a batch usually shares one resize)."""
     return AxisResampling.build(in_size, list(steps), torch.device(device), cell_extent)
 
@@ -178,7 +183,9 @@ class PanopticAssignment:
         zero = torch.zeros((), dtype=lookup.dtype, device=lookup.device)
         cell_map = torch.where(self.cell_decided & self.cell_inside, lookup[self.cell_winner], zero)
         full = torch.empty(rows.size * cols.size + 1, dtype=lookup.dtype, device=lookup.device)  # + the padding slot
-        full[:-1].view(rows.size, cols.size).copy_(cell_map.index_select(0, rows.cell_of).index_select(1, cols.cell_of))
+        full[:-1].view(rows.size, cols.size).copy_(
+            cell_map.index_select(0, rows.cell_of).index_select(1, cols.cell_of)
+        )
         padded_lookup = torch.cat([lookup, zero[None]])  # winner K (padding) -> 0
         full[self.exact_pixels] = torch.where(self.exact_inside, padded_lookup[self.exact_winner], zero)
         return full[:-1].view(rows.size, cols.size)
@@ -187,16 +194,22 @@ class PanopticAssignment:
 def _exact_logits(logits, queries, cell_y, cell_x, rows: AxisResampling, cols: AxisResampling) -> torch.Tensor:
     """Interpolated logits `(N, max_rows, max_cols)` of `queries[n]` at every member pixel of cell `(cell_y[n], cell_x[n])`."""
     height, width = logits.shape[-2:]
-    row_offsets = (rows.cell_starts.index_select(0, cell_y)[:, None] + torch.arange(rows.window, device=logits.device)) * width
+    row_offsets = (
+        rows.cell_starts.index_select(0, cell_y)[:, None] + torch.arange(rows.window, device=logits.device)
+    ) * width
     col_offsets = cols.cell_starts.index_select(0, cell_x)[:, None] + torch.arange(cols.window, device=logits.device)
     flat_index = (queries * (height * width))[:, None, None] + row_offsets[:, :, None] + col_offsets[:, None, :]
     patches = torch.take(logits, flat_index)  # (N, wy, wx)
-    return rows.cell_weights.index_select(0, cell_y) @ patches @ cols.cell_weights.index_select(0, cell_x).transpose(1, 2)
+    return (
+        rows.cell_weights.index_select(0, cell_y) @ patches @ cols.cell_weights.index_select(0, cell_x).transpose(1, 2)
+    )
 
 
 def _member_mask(cell_y, cell_x, rows: AxisResampling, cols: AxisResampling) -> torch.Tensor:
     """`(N, max_rows, max_cols)` True on real member pixels (not the -1 padding)."""
-    return (rows.members.index_select(0, cell_y) >= 0)[:, :, None] & (cols.members.index_select(0, cell_x) >= 0)[:, None, :]
+    return (rows.members.index_select(0, cell_y) >= 0)[:, :, None] & (cols.members.index_select(0, cell_x) >= 0)[
+        :, None, :
+    ]
 
 
 def _chunks_by_count(candidates_per_cell: torch.Tensor, pixels_per_cell: int) -> list[tuple[torch.Tensor, int]]:
@@ -257,7 +270,9 @@ def assign_panoptic(
     # float32 sums of integer counts below 2**24 are exact
     decided_pixels = torch.where(cell_decided, pixels_per_cell, 0).flatten().float()
     assigned_area = torch.bincount(cell_winner.flatten(), weights=decided_pixels, minlength=num_queries)
-    segment_area = torch.bincount(cell_winner.flatten(), weights=decided_pixels * cell_inside.flatten(), minlength=num_queries)
+    segment_area = torch.bincount(
+        cell_winner.flatten(), weights=decided_pixels * cell_inside.flatten(), minlength=num_queries
+    )
 
     # exact decisions in the undecided cells, for their candidates only (ascending query order keeps argmax's tie rule)
     undecided_y, undecided_x = torch.nonzero(~cell_decided, as_tuple=True)
@@ -268,7 +283,9 @@ def assign_panoptic(
         cy, cx = undecided_y[chunk], undecided_x[chunk]
         # every cell of the chunk has exactly width_c candidates; nonzero lists them by cell, then ascending query
         queries = torch.nonzero(undecided_candidates[:, chunk].T)[:, 1].view(len(chunk), width_c)
-        values = _exact_logits(logits, queries.flatten(), cy.repeat_interleave(width_c), cx.repeat_interleave(width_c), rows, cols)
+        values = _exact_logits(
+            logits, queries.flatten(), cy.repeat_interleave(width_c), cx.repeat_interleave(width_c), rows, cols
+        )
         probs = values.sigmoid().view(len(chunk), width_c, *values.shape[1:])  # (n, C, mr, mc)
         weighted = probs * scores[queries][..., None, None]
         # argmax over the candidates with argmax's rule (first maximum): strict comparisons in ascending query order
@@ -287,12 +304,19 @@ def assign_panoptic(
         winner_chunks.append(winner.masked_fill_(padding, num_queries).flatten())
         inside_chunks.append(inside.masked_fill_(padding, False).flatten())
     if pixel_chunks:
-        exact_pixels, exact_winner, exact_inside = torch.cat(pixel_chunks), torch.cat(winner_chunks), torch.cat(inside_chunks)
+        exact_pixels, exact_winner, exact_inside = (
+            torch.cat(pixel_chunks),
+            torch.cat(winner_chunks),
+            torch.cat(inside_chunks),
+        )
     else:
         exact_pixels = exact_winner = torch.zeros(0, dtype=torch.long, device=device)
         exact_inside = torch.zeros(0, dtype=torch.bool, device=device)
     assigned_area = assigned_area + torch.bincount(exact_winner, minlength=num_queries + 1)[:num_queries]
-    segment_area = segment_area + torch.bincount(exact_winner, weights=exact_inside.float(), minlength=num_queries + 1)[:num_queries]
+    segment_area = (
+        segment_area
+        + torch.bincount(exact_winner, weights=exact_inside.float(), minlength=num_queries + 1)[:num_queries]
+    )
 
     # each query's own mask area lies between its whole-cell count and that plus its edge cells; it is counted
     # exactly (edge cells evaluated) only for the queries whose segment test those bounds leave open
@@ -303,7 +327,9 @@ def assign_panoptic(
     own_low = low_inside.flatten(1).float() @ cell_pixels
     own_high = own_low + edge.flatten(1).float() @ cell_pixels
     is_segment = (segment_area > 0) & (own_low > 0) & (assigned_area >= overlap_mask_area_threshold * own_high)
-    open_test = (segment_area > 0) & (own_high > 0) & ~is_segment & (assigned_area >= overlap_mask_area_threshold * own_low)
+    open_test = (
+        (segment_area > 0) & (own_high > 0) & ~is_segment & (assigned_area >= overlap_mask_area_threshold * own_low)
+    )
     own_area = own_low.clone()
     edge[~open_test] = False
     edge_query, edge_y, edge_x = torch.nonzero(edge, as_tuple=True)
@@ -311,7 +337,11 @@ def assign_panoptic(
     for begin in range(0, edge_query.numel(), pairs_per_chunk):
         part = slice(begin, begin + pairs_per_chunk)
         values = _exact_logits(logits, edge_query[part], edge_y[part], edge_x[part], rows, cols)
-        inside_count = ((values.sigmoid() >= mask_threshold) & _member_mask(edge_y[part], edge_x[part], rows, cols)).flatten(1).sum(1)
+        inside_count = (
+            ((values.sigmoid() >= mask_threshold) & _member_mask(edge_y[part], edge_x[part], rows, cols))
+            .flatten(1)
+            .sum(1)
+        )
         own_area = own_area.index_add(0, edge_query[part], inside_count.float())
     is_segment |= open_test & (own_area > 0) & (assigned_area >= overlap_mask_area_threshold * own_area)
 

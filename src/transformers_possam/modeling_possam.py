@@ -5,7 +5,6 @@ Data flows one way: pixels -> frozen SAM ViT -> PosSAMFPN -> Mask2Former pixel d
 class logits against CLIP text embeddings (`PosSAMForPanopticSegmentation`).
 """
 
-
 import difflib
 import inspect
 import numbers
@@ -36,14 +35,15 @@ from .modeling import (
     PosSAMFPN,
     PosSAMIoUHead,
     PosSAMLoss,
-    PosSAMMaskPredictor,
     PosSAMMaskedCrossAttention,
+    PosSAMMaskPredictor,
     PosSAMMultiscaleDeformableAttention,
     PosSAMVisionAttention,
     classify_embeddings,
     mask_pool,
 )
 from .modeling.clip import MAX_LOGIT_SCALE
+
 
 __all__ = [
     "PosSAMForPanopticSegmentation",
@@ -80,7 +80,11 @@ def _take_over(original: nn.Module, subclass: type[nn.Module], *args, **kwargs) 
 # output flags): accepted and, where PosSAM has no use for them, ignored.
 # Also accepted and ignored: what PosSAMProcessor returns besides the model inputs, so `model(**processor(...))` works
 # (as with SamModel), and `use_cache`, which generic code passes to any model.
-_TRANSFORMERS_KWARGS = frozenset(TransformersKwargs.__annotations__) | {"original_sizes", "reshaped_input_sizes", "use_cache"}
+_TRANSFORMERS_KWARGS = frozenset(TransformersKwargs.__annotations__) | {
+    "original_sizes",
+    "reshaped_input_sizes",
+    "use_cache",
+}
 # Names users bring from other segmentation models, with what PosSAM takes instead.
 _KEYWORD_HINTS = {
     "labels": "PosSAM trains on mask_labels (per image a (num_segments, H, W) binary mask tensor) and class_labels "
@@ -149,7 +153,9 @@ def _check_pixel_values(
             f"{shape}. PosSAMImageProcessor resizes and pads images to it."
         )
     if min(shape[2:]) < min_size:
-        raise ValueError(f"pixel_values must be at least {min_size}x{min_size} pixels, shape {expected}; got shape {shape}.")
+        raise ValueError(
+            f"pixel_values must be at least {min_size}x{min_size} pixels, shape {expected}; got shape {shape}."
+        )
     if shape[0] == 0:
         raise ValueError(f"pixel_values holds no image: shape {expected} needs batch_size >= 1, got shape {shape}.")
     if not pixel_values.is_floating_point():
@@ -176,7 +182,9 @@ def _check_binary_mask(name: str, mask, expected_shape: tuple[int, ...], layout:
     and 1; returned as bool. TypeError if it is not a tensor, ValueError otherwise.
     """
     if not torch.is_tensor(mask):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {layout} = {expected_shape}, got {type(mask).__name__}.")
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape {layout} = {expected_shape}, got {type(mask).__name__}."
+        )
     if tuple(mask.shape) != tuple(expected_shape):
         raise ValueError(f"{name} must have shape {layout} = {tuple(expected_shape)}, got {tuple(mask.shape)}.")
     if mask.dtype == torch.bool:
@@ -191,7 +199,9 @@ def _check_binary_mask(name: str, mask, expected_shape: tuple[int, ...], layout:
             is_binary = bool((low >= 0) & (high <= 1))  # one host sync
         if not is_binary:
             other = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
-            raise ValueError(f"{name} must be bool or hold only 0 and 1, got dtype {mask.dtype} with values like {other}.")
+            raise ValueError(
+                f"{name} must be bool or hold only 0 and 1, got dtype {mask.dtype} with values like {other}."
+            )
     return mask.bool()
 
 
@@ -202,9 +212,15 @@ def _require_config_file(pretrained_model_name_or_path, kwargs: dict) -> None:
     """
     from transformers.utils import CONFIG_NAME, cached_file
 
-    options = {key: kwargs[key] for key in ("cache_dir", "revision", "subfolder", "token", "local_files_only") if key in kwargs}
+    options = {
+        key: kwargs[key]
+        for key in ("cache_dir", "revision", "subfolder", "token", "local_files_only")
+        if key in kwargs
+    }
     try:
-        found = cached_file(pretrained_model_name_or_path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **options)
+        found = cached_file(
+            pretrained_model_name_or_path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **options
+        )
     except OSError:
         return  # not reachable (offline, no such repo): transformers' own loading reports that
     if found is None:
@@ -358,24 +374,39 @@ class PosSAMModel(PosSAMPreTrainedModel):
         # numbers as transformers' own modules.
         for layer in self.vision_encoder.layers:  # one head at a time: bounded relative-position bias memory
             if type(layer.attn) is SamVisionSdpaAttention:
-                layer.attn = _take_over(layer.attn, PosSAMVisionAttention, vision_config, window_size=layer.window_size)
+                layer.attn = _take_over(
+                    layer.attn, PosSAMVisionAttention, vision_config, window_size=layer.window_size
+                )
         self.fpn = PosSAMFPN(vision_config.output_channels, config.fpn_out_channels)
         self.pixel_decoder = Mask2FormerPixelDecoder(config, feature_channels=list(config.fpn_out_channels))
         for layer in self.pixel_decoder.encoder.layers:  # a fused embedding_bag sampler on CPU
             attention = layer.self_attn
             layer.self_attn = _take_over(
-                attention, PosSAMMultiscaleDeformableAttention, embed_dim=attention.d_model, num_heads=attention.n_heads,
-                n_levels=attention.n_levels, n_points=attention.n_points,
+                attention,
+                PosSAMMultiscaleDeformableAttention,
+                embed_dim=attention.d_model,
+                num_heads=attention.n_heads,
+                n_levels=attention.n_levels,
+                n_points=attention.n_points,
             )
         self.transformer_module = Mask2FormerTransformerModule(in_features=config.feature_size, config=config)
         decoder = self.transformer_module.decoder
         # inference mode without the intermediate layers' 1/4-resolution masks
         decoder.mask_predictor = _take_over(
-            decoder.mask_predictor, PosSAMMaskPredictor, hidden_size=config.hidden_dim, num_heads=config.num_attention_heads,
+            decoder.mask_predictor,
+            PosSAMMaskPredictor,
+            hidden_size=config.hidden_dim,
+            num_heads=config.num_attention_heads,
             mask_feature_size=config.mask_feature_size,
         )
         for layer in decoder.layers:  # attention weights only computed when output_attentions asks for them
-            layer.cross_attn = _take_over(layer.cross_attn, PosSAMMaskedCrossAttention, config.hidden_dim, config.num_attention_heads, config.dropout)
+            layer.cross_attn = _take_over(
+                layer.cross_attn,
+                PosSAMMaskedCrossAttention,
+                config.hidden_dim,
+                config.num_attention_heads,
+                config.dropout,
+            )
         self.iou_head = PosSAMIoUHead(config.hidden_dim, config.iou_head_hidden_dim, config.iou_head_depth)
         self.post_init()
         self.freeze_frozen_parts()
@@ -396,12 +427,16 @@ class PosSAMModel(PosSAMPreTrainedModel):
         vision_config = self.config.vision_config
         size = vision_config.image_size
         _check_pixel_values(
-            pixel_values, num_channels=vision_config.num_channels, dtype=self.vision_encoder.patch_embed.projection.weight.dtype,
+            pixel_values,
+            num_channels=vision_config.num_channels,
+            dtype=self.vision_encoder.patch_embed.projection.weight.dtype,
             image_size=(size, size),
         )
         if pixel_mask is not None:
             batch_size, _, height, width = pixel_values.shape
-            _check_binary_mask("pixel_mask", pixel_mask, (batch_size, height, width), "(batch_size, height, width) of pixel_values")
+            _check_binary_mask(
+                "pixel_mask", pixel_mask, (batch_size, height, width), "(batch_size, height, width) of pixel_values"
+            )
 
     def get_image_embeddings(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
         """
@@ -444,12 +479,16 @@ class PosSAMModel(PosSAMPreTrainedModel):
                 NaN / inf values; `pixel_mask` of another shape than `(B, S, S)` or with values other than 0 and 1.
         """
         _reject_unknown_kwargs(PosSAMModel.forward, kwargs)
-        _check_flags(output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=return_dict)
+        _check_flags(
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=return_dict
+        )
         if not isinstance(output_auxiliary_masks, bool):
             raise TypeError(f"output_auxiliary_masks must be True or False, got {output_auxiliary_masks!r}.")
         self._check_pixel_inputs(pixel_values, pixel_mask)
         _check_finite("pixel_values", pixel_values)
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
@@ -555,7 +594,9 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         """
         text_config = self.config.text_config
         if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
-            raise ValueError(f"input_ids must hold integer token ids (PosSAMProcessor gives int64), got dtype {input_ids.dtype}.")
+            raise ValueError(
+                f"input_ids must hold integer token ids (PosSAMProcessor gives int64), got dtype {input_ids.dtype}."
+            )
         if input_ids.shape[-1] > text_config.max_position_embeddings:
             raise ValueError(
                 f"input_ids has {input_ids.shape[-1]} tokens per prompt, more than the text tower's "
@@ -587,11 +628,17 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 `input_ids`' shape or not 0/1.
         """
         if not torch.is_tensor(input_ids):
-            raise TypeError(f"input_ids must be a torch.Tensor of token ids (num_prompts, seq_len), got {type(input_ids).__name__}.")
+            raise TypeError(
+                f"input_ids must be a torch.Tensor of token ids (num_prompts, seq_len), got {type(input_ids).__name__}."
+            )
         if input_ids.dim() != 2 or 0 in input_ids.shape:
-            raise ValueError(f"input_ids must have shape (num_prompts, seq_len) with both >= 1, got {tuple(input_ids.shape)}.")
+            raise ValueError(
+                f"input_ids must have shape (num_prompts, seq_len) with both >= 1, got {tuple(input_ids.shape)}."
+            )
         if attention_mask is not None:
-            _check_binary_mask("attention_mask", attention_mask, tuple(input_ids.shape), "(num_prompts, seq_len) of input_ids")
+            _check_binary_mask(
+                "attention_mask", attention_mask, tuple(input_ids.shape), "(num_prompts, seq_len) of input_ids"
+            )
         self._check_prompt_ids(input_ids)
         return self.clip.text_embeddings(input_ids.long(), attention_mask)  # the embedding lookup takes int64 / int32
 
@@ -610,12 +657,17 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         feature_info = getattr(vision_model, "feature_info", None)
         stride = feature_info[-1]["reduction"] if feature_info else 1
         _check_pixel_values(
-            pixel_values, num_channels=self.config.vision_config.num_channels, dtype=next(vision_model.parameters()).dtype,
-            image_size=None, min_size=stride,
+            pixel_values,
+            num_channels=self.config.vision_config.num_channels,
+            dtype=next(vision_model.parameters()).dtype,
+            image_size=None,
+            min_size=stride,
         )
         if pixel_mask is not None:
             batch_size, _, height, width = pixel_values.shape
-            _check_binary_mask("pixel_mask", pixel_mask, (batch_size, height, width), "(batch_size, height, width) of pixel_values")
+            _check_binary_mask(
+                "pixel_mask", pixel_mask, (batch_size, height, width), "(batch_size, height, width) of pixel_values"
+            )
         _check_finite("pixel_values", pixel_values)
         return self.clip.image_embeddings(self.to_clip_pixels(pixel_values, pixel_mask))
 
@@ -680,9 +732,15 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 "class names."
             )
         if attention_mask is not None:
-            layout = "(num_classes, num_synonyms, num_templates, seq_len)" if input_ids.dim() == 4 else "(num_classes, seq_len)"
+            layout = (
+                "(num_classes, num_synonyms, num_templates, seq_len)"
+                if input_ids.dim() == 4
+                else "(num_classes, seq_len)"
+            )
             _check_binary_mask("attention_mask", attention_mask, tuple(input_ids.shape), f"{layout} of input_ids")
-        if text_batch_size is not None and (isinstance(text_batch_size, bool) or not isinstance(text_batch_size, numbers.Integral)):
+        if text_batch_size is not None and (
+            isinstance(text_batch_size, bool) or not isinstance(text_batch_size, numbers.Integral)
+        ):
             raise TypeError(f"text_batch_size must be an int number of prompts or None, got {text_batch_size!r}.")
         if text_batch_size is not None and text_batch_size < 1:
             raise ValueError(f"text_batch_size must be a positive number of prompts or None, got {text_batch_size}.")
@@ -693,7 +751,11 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         synonym_mask = self._check_synonym_mask(synonym_mask, num_classes, num_synonyms, input_ids.device)
         real = synonym_mask.flatten()
         prompt_ids = input_ids.reshape(-1, num_templates, seq_len)[real].reshape(-1, seq_len)
-        prompt_mask = attention_mask.reshape(-1, num_templates, seq_len)[real].reshape(-1, seq_len) if attention_mask is not None else None
+        prompt_mask = (
+            attention_mask.reshape(-1, num_templates, seq_len)[real].reshape(-1, seq_len)
+            if attention_mask is not None
+            else None
+        )
         if prompt_mask is not None and prompt_mask.any():
             length = int(torch.nonzero(prompt_mask.any(0)).max()) + 1
             prompt_ids, prompt_mask = prompt_ids[:, :length], prompt_mask[:, :length]
@@ -703,12 +765,15 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         batch = int(text_batch_size or prompt_ids.shape[0])
         chunks = [
             self.clip.text_embeddings(
-                prompt_ids[start : start + batch], prompt_mask[start : start + batch] if prompt_mask is not None else None
+                prompt_ids[start : start + batch],
+                prompt_mask[start : start + batch] if prompt_mask is not None else None,
             ).float()
             for start in range(0, prompt_ids.shape[0], batch)
         ]
         prompt_embeddings = nn.functional.normalize(torch.cat(chunks), dim=-1)
-        synonym_embeddings = nn.functional.normalize(prompt_embeddings.view(-1, num_templates, prompt_embeddings.shape[-1]).mean(1), dim=-1)
+        synonym_embeddings = nn.functional.normalize(
+            prompt_embeddings.view(-1, num_templates, prompt_embeddings.shape[-1]).mean(1), dim=-1
+        )
         class_embeddings = synonym_embeddings.new_zeros(num_classes * num_synonyms, synonym_embeddings.shape[-1])
         class_embeddings[real] = synonym_embeddings
         class_embeddings = class_embeddings.view(num_classes, num_synonyms, -1)
@@ -725,7 +790,9 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         """
         if synonym_mask is None:
             return torch.ones(num_classes, num_synonyms, dtype=torch.bool, device=device)
-        synonym_mask = _check_binary_mask("synonym_mask", synonym_mask, (num_classes, num_synonyms), "(num_classes, num_synonyms)")
+        synonym_mask = _check_binary_mask(
+            "synonym_mask", synonym_mask, (num_classes, num_synonyms), "(num_classes, num_synonyms)"
+        )
         synonym_mask = synonym_mask.to(device)
         if not synonym_mask.any(dim=1).all():
             empty = torch.nonzero(~synonym_mask.any(dim=1)).flatten().tolist()
@@ -753,7 +820,9 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             embed_dim = self.config.clip_embed_dim
             expected = f"(num_classes, num_synonyms, {embed_dim}) or (num_classes, {embed_dim})"
             if not torch.is_tensor(class_embeddings):
-                raise TypeError(f"class_embeddings must be a torch.Tensor {expected}, got {type(class_embeddings).__name__}.")
+                raise TypeError(
+                    f"class_embeddings must be a torch.Tensor {expected}, got {type(class_embeddings).__name__}."
+                )
             if not class_embeddings.is_floating_point():
                 raise ValueError(
                     f"class_embeddings must be floating-point text embeddings {expected} (get_class_embeddings), got dtype "
@@ -765,11 +834,15 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             if class_embeddings.dim() != 3 or class_embeddings.shape[-1] != embed_dim:
                 raise ValueError(f"class_embeddings must be {expected}; got shape {given_shape}.")
             if class_embeddings.shape[0] == 0:
-                raise ValueError(f"class_embeddings holds no class: {expected} needs num_classes >= 1, got shape {given_shape}.")
+                raise ValueError(
+                    f"class_embeddings holds no class: {expected} needs num_classes >= 1, got shape {given_shape}."
+                )
             synonym_mask = self._check_synonym_mask(synonym_mask, *class_embeddings.shape[:2], class_embeddings.device)
             norms = class_embeddings.float().norm(dim=-1)
             # finite and non-zero at every real slot, decided with one host sync (this runs on every forward)
-            if _checking_values() and not bool(torch.isfinite(class_embeddings).all() & (norms[synonym_mask] > 0).all()):
+            if _checking_values() and not bool(
+                torch.isfinite(class_embeddings).all() & (norms[synonym_mask] > 0).all()
+            ):
                 _check_finite("class_embeddings", class_embeddings)
                 zero = torch.nonzero(synonym_mask & (norms == 0)).tolist()
                 raise ValueError(
@@ -788,7 +861,9 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
     # ----------------------------------------------------------------------------------------------------------------
     # Classification
     # ----------------------------------------------------------------------------------------------------------------
-    def ldp_class_logits(self, ldp_embeddings: torch.Tensor, class_embeddings: torch.Tensor, synonym_mask: torch.Tensor) -> torch.Tensor:
+    def ldp_class_logits(
+        self, ldp_embeddings: torch.Tensor, class_embeddings: torch.Tensor, synonym_mask: torch.Tensor
+    ) -> torch.Tensor:
         """In-vocabulary logits `(B, Q, K + 1)`: cos(G_ldp, G_text) / tau, max over synonyms, learned void last."""
         scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         class_logits = classify_embeddings(ldp_embeddings, class_embeddings, synonym_mask, scale)
@@ -797,7 +872,11 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         return torch.cat([class_logits, void_logits], dim=-1)
 
     def clip_class_logits(
-        self, clip_features: torch.Tensor, mask_logits: torch.Tensor, class_embeddings: torch.Tensor, synonym_mask: torch.Tensor
+        self,
+        clip_features: torch.Tensor,
+        mask_logits: torch.Tensor,
+        class_embeddings: torch.Tensor,
+        synonym_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Out-of-vocabulary branch: G_clip = CLIP head(mask-pooled F_clip) `(B, Q, D)` and its logits `(B, Q, K)`."""
         clip_embeddings = self.clip.embed_pooled_features(mask_pool(clip_features, mask_logits))
@@ -805,7 +884,9 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         return clip_embeddings, logits
 
     @staticmethod
-    def _check_labels(mask_labels, class_labels, pixel_values, num_classes) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _check_labels(
+        mask_labels, class_labels, pixel_values, num_classes
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """
         Validates the training targets and returns them with `class_labels` as int64 (any integer dtype is accepted).
         Masks must be bool or hold only 0 and 1: 0/255 masks would silently give a near-zero dice loss, NaN a NaN loss.
@@ -843,9 +924,13 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 )
             if masks.dtype != torch.bool and masks.numel():
                 if masks.is_complex():
-                    raise ValueError(f"Image {index}: mask_labels must be bool or 0/1 values, got dtype {masks.dtype}.")
+                    raise ValueError(
+                        f"Image {index}: mask_labels must be bool or 0/1 values, got dtype {masks.dtype}."
+                    )
                 # uint8 (the processor's dtype) cannot be negative: its max decides, without a full-size temporary
-                is_binary = bool(masks.max() <= 1) if masks.dtype == torch.uint8 else bool(((masks == 0) | (masks == 1)).all())
+                is_binary = (
+                    bool(masks.max() <= 1) if masks.dtype == torch.uint8 else bool(((masks == 0) | (masks == 1)).all())
+                )
                 if not is_binary:
                     binary = (masks == 0) | (masks == 1)  # False for NaN too
                     bad = masks[~binary]
@@ -854,7 +939,9 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                         f"(e.g. {bad.flatten()[:3].tolist()}); divide 0/255 masks by 255, binarize soft or resized masks."
                     )
             if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-                raise ValueError(f"Image {index}: class_labels must be integer class indices, got dtype {labels.dtype}.")
+                raise ValueError(
+                    f"Image {index}: class_labels must be integer class indices, got dtype {labels.dtype}."
+                )
             if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
                 raise ValueError(
                     f"Image {index}: class_labels must index the {num_classes} classes of the vocabulary, got values in "
@@ -910,14 +997,19 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         """
         _reject_unknown_kwargs(PosSAMForPanopticSegmentation.forward, kwargs)
         _check_flags(
-            output_auxiliary_logits=output_auxiliary_logits, return_clip_logits=return_clip_logits,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=return_dict,
+            output_auxiliary_logits=output_auxiliary_logits,
+            return_clip_logits=return_clip_logits,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=return_dict,
         )
         # shapes and dtypes before any work; finiteness is checked once, where the mask generator consumes the pixels
         self.model._check_pixel_inputs(pixel_values, pixel_mask)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return_clip_logits = (not self.training) if return_clip_logits is None else return_clip_logits
-        class_embeddings, synonym_mask = self._resolve_vocabulary(input_ids, attention_mask, synonym_mask, class_embeddings)
+        class_embeddings, synonym_mask = self._resolve_vocabulary(
+            input_ids, attention_mask, synonym_mask, class_embeddings
+        )
         num_classes = class_embeddings.shape[0]
         has_labels = mask_labels is not None or class_labels is not None
         if has_labels:
@@ -954,7 +1046,9 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
 
         clip_embeddings = clip_logits = None
         if return_clip_logits:
-            clip_embeddings, clip_logits = self.clip_class_logits(clip_features, per_layer_masks[last], class_embeddings, synonym_mask)
+            clip_embeddings, clip_logits = self.clip_class_logits(
+                clip_features, per_layer_masks[last], class_embeddings, synonym_mask
+            )
 
         loss = loss_dict = None
         if has_labels:

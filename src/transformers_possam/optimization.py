@@ -16,7 +16,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["SCHEDULES", "NORM_MODULE_TYPES", "Schedule", "group_of", "make_optimizer", "parameter_groups", "step_decay"]
+
+__all__ = [
+    "SCHEDULES",
+    "NORM_MODULE_TYPES",
+    "Schedule",
+    "group_of",
+    "make_optimizer",
+    "parameter_groups",
+    "step_decay",
+]
 
 # detectron2's / FC-CLIP's `norm_module_types` (timm's LayerNorm2d is an nn.LayerNorm subclass)
 NORM_MODULE_TYPES = (

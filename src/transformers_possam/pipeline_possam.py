@@ -18,6 +18,7 @@ from transformers.image_utils import load_image
 from .postprocessing import check_ensemble_weight, check_flag, check_threshold
 from .processing_possam import PosSAMProcessor, resolve_vocabulary, seen_class_mask
 
+
 __all__ = ["OpenVocabularyPanopticSegmentationPipeline", "TASK"]
 
 TASK = "open-vocabulary-panoptic-segmentation"
@@ -83,14 +84,20 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
         # every post-processing argument is checked here, before any forward pass (None: the default)
         if subtask is not None:
             if not isinstance(subtask, str):
-                raise TypeError(f"subtask must be a string, one of {SUBTASKS}, got {type(subtask).__name__} {subtask!r}.")
+                raise TypeError(
+                    f"subtask must be a string, one of {SUBTASKS}, got {type(subtask).__name__} {subtask!r}."
+                )
             if subtask not in SUBTASKS:
                 raise ValueError(f"Unknown subtask {subtask!r}: choose one of {SUBTASKS}.")
             postprocess["subtask"] = subtask
         for name, value in (("mase_alpha", mase_alpha), ("mase_beta", mase_beta)):
             if value is not None:
                 check_ensemble_weight(value, name)
-        for name, value in (("threshold", threshold), ("mask_threshold", mask_threshold), ("overlap_mask_area_threshold", overlap_mask_area_threshold)):
+        for name, value in (
+            ("threshold", threshold),
+            ("mask_threshold", mask_threshold),
+            ("overlap_mask_area_threshold", overlap_mask_area_threshold),
+        ):
             if value is not None:
                 check_threshold(value, name)  # TypeError for a non-number, ValueError outside [0, 1]
         if use_mase is not None:
@@ -124,7 +131,9 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
         if candidate_labels is None:
             raise ValueError("candidate_labels is required: a list of labels or a preset name such as 'ade20k'.")
         if images is None or (isinstance(images, (list, tuple)) and not images):
-            raise ValueError(f"No image given (images={images!r}): pass an image, a path / URL, or a non-empty list of them.")
+            raise ValueError(
+                f"No image given (images={images!r}): pass an image, a path / URL, or a non-empty list of them."
+            )
         return super().__call__(images, candidate_labels=candidate_labels, **kwargs)
 
     def preprocess(self, image, timeout=None):
@@ -149,12 +158,18 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
                 else:
                     image = load_image(source, timeout=timeout)
                 image = ImageOps.exif_transpose(image)  # decodes the file, so a broken one fails here, with its name
-            except Exception as error:  # PIL, the HTTP client and load_image raise several types; name the input in one error
+            except (
+                Exception
+            ) as error:  # PIL, the HTTP client and load_image raise several types; name the input in one error
                 raise ValueError(f"Could not read the image {source!r}: {error}") from error
         elif not isinstance(image, (Image.Image, np.ndarray)):
-            raise ValueError(f"Cannot segment a {type(image).__name__}: pass a PIL image, a numpy array, a path or a URL.")
+            raise ValueError(
+                f"Cannot segment a {type(image).__name__}: pass a PIL image, a numpy array, a path or a URL."
+            )
         elif isinstance(image, np.ndarray) and image.ndim == 4:
-            raise ValueError(f"Got a 4-D array {image.shape}, a batch: pass its images as a list, one result per image.")
+            raise ValueError(
+                f"Got a 4-D array {image.shape}, a batch: pass its images as a list, one result per image."
+            )
         inputs = self.image_processor(image, return_tensors="pt")
         return {
             "pixel_values": inputs["pixel_values"].to(self.dtype),
@@ -203,26 +218,43 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
         }
 
     def postprocess(
-        self, model_outputs, vocabulary, subtask="panoptic", threshold=0.0, mask_threshold=0.5, overlap_mask_area_threshold=0.8,
-        use_mase=True, mase_alpha=None, mase_beta=None,
+        self,
+        model_outputs,
+        vocabulary,
+        subtask="panoptic",
+        threshold=0.0,
+        mask_threshold=0.5,
+        overlap_mask_area_threshold=0.8,
+        use_mase=True,
+        mase_alpha=None,
+        mase_beta=None,
     ):
         _, _, seen = self.class_embeddings(vocabulary)
         outputs = _Outputs(model_outputs)
-        sizes = dict(
-            target_sizes=model_outputs["original_sizes"].tolist(), reshaped_input_sizes=model_outputs["reshaped_input_sizes"].tolist(),
-            mase_alpha=mase_alpha, mase_beta=mase_beta,
-        )
+        sizes = {
+            "target_sizes": model_outputs["original_sizes"].tolist(),
+            "reshaped_input_sizes": model_outputs["reshaped_input_sizes"].tolist(),
+            "mase_alpha": mase_alpha,
+            "mase_beta": mase_beta,
+        }
         names = vocabulary.display_names
         if subtask == "semantic":
-            (class_map,) = self.image_processor.post_process_semantic_segmentation(outputs, seen_mask=seen, use_mase=use_mase, **sizes)
+            (class_map,) = self.image_processor.post_process_semantic_segmentation(
+                outputs, seen_mask=seen, use_mase=use_mase, **sizes
+            )
             return [
                 {"score": None, "label": names[label], "mask": _to_pil(class_map == label)}
                 for label in torch.unique(class_map).tolist()
             ]
         if subtask == "instance":
             (result,) = self.image_processor.post_process_instance_segmentation(
-                outputs, threshold=threshold, seen_mask=seen, use_mase=use_mase, return_binary_maps=True,
-                thing_label_ids=[i for i, thing in enumerate(vocabulary.is_thing) if thing], **sizes
+                outputs,
+                threshold=threshold,
+                seen_mask=seen,
+                use_mase=use_mase,
+                return_binary_maps=True,
+                thing_label_ids=[i for i, thing in enumerate(vocabulary.is_thing) if thing],
+                **sizes,
             )
             return [
                 {"score": info["score"], "label": names[info["label_id"]], "mask": _to_pil(mask)}
@@ -239,7 +271,11 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             **sizes,
         )
         return [
-            {"score": info["score"], "label": names[info["label_id"]], "mask": _to_pil(result["segmentation"] == info["id"])}
+            {
+                "score": info["score"],
+                "label": names[info["label_id"]],
+                "mask": _to_pil(result["segmentation"] == info["id"]),
+            }
             for info in result["segments_info"]
         ]
 
@@ -260,5 +296,8 @@ def register_pipeline() -> None:
     from transformers.pipelines import PIPELINE_REGISTRY
 
     PIPELINE_REGISTRY.register_pipeline(
-        TASK, pipeline_class=OpenVocabularyPanopticSegmentationPipeline, pt_model=AutoModelForUniversalSegmentation, type="multimodal"
+        TASK,
+        pipeline_class=OpenVocabularyPanopticSegmentationPipeline,
+        pt_model=AutoModelForUniversalSegmentation,
+        type="multimodal",
     )

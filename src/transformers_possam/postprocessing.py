@@ -38,6 +38,7 @@ from torch.nn import functional as F
 from .mase import mask_aware_selective_ensemble
 from .mask_resampling import AxisResampling, assign_panoptic, axis_resampling, resize_matrix
 
+
 __all__ = ["PosSAMPostProcessingMixin", "class_scores", "check_ensemble_weight", "check_flag", "check_threshold"]
 
 # masks resized at once by the instance inference: at most this many ...
@@ -129,7 +130,9 @@ def _class_ids(ids, name: str, num_classes: int) -> list[int] | None:
         if not is_integer:
             raise TypeError(f"{name} must hold integer class ids, got a {ids.dtype} array.")
         if ids.ndim == 0:
-            raise TypeError(f"{name} must be a list of class ids (ints), e.g. [0, 3], got a single id {ids.item()}: wrap it in a list.")
+            raise TypeError(
+                f"{name} must be a list of class ids (ints), e.g. [0, 3], got a single id {ids.item()}: wrap it in a list."
+            )
         if ids.ndim > 1:
             raise ValueError(f"{name} must be a flat list of class ids, got shape {tuple(ids.shape)}.")
         values = ids.tolist()
@@ -139,7 +142,11 @@ def _class_ids(ids, name: str, num_classes: int) -> list[int] | None:
         values = list(ids)
     checked = []
     for value in values:
-        if torch.is_tensor(value) and value.dim() == 0 and not (value.is_floating_point() or value.dtype == torch.bool):
+        if (
+            torch.is_tensor(value)
+            and value.dim() == 0
+            and not (value.is_floating_point() or value.dtype == torch.bool)
+        ):
             value = value.item()
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} holds {_describe(value)}, which is not a class id: ids are ints from 0 to K - 1.")
@@ -171,7 +178,9 @@ def _seen_mask(seen_mask, num_classes: int, device) -> torch.Tensor | None:
     if not torch.is_tensor(seen_mask):
         raise TypeError(f"seen_mask must be a bool tensor of shape (K,), got {_describe(seen_mask)}.")
     if seen_mask.is_floating_point() or seen_mask.is_complex():
-        raise TypeError(f"seen_mask must be a bool tensor (True = class of the training vocabulary), got dtype {seen_mask.dtype}.")
+        raise TypeError(
+            f"seen_mask must be a bool tensor (True = class of the training vocabulary), got dtype {seen_mask.dtype}."
+        )
     if seen_mask.dim() != 1:
         raise ValueError(f"seen_mask must have shape (K,), one entry per class, got shape {tuple(seen_mask.shape)}.")
     if seen_mask.dtype != torch.bool:
@@ -235,7 +244,9 @@ def read_outputs(outputs, with_masks: bool = True) -> ModelPredictions:
             continue
         if not torch.is_tensor(value) or not value.is_floating_point():
             kind = f"a {value.dtype} tensor" if torch.is_tensor(value) else _describe(value)
-            raise TypeError(f"outputs.{name} must be a floating-point tensor of shape {OUTPUT_SHAPES[name]}, got {kind}.")
+            raise TypeError(
+                f"outputs.{name} must be a floating-point tensor of shape {OUTPUT_SHAPES[name]}, got {kind}."
+            )
         expected_dims = OUTPUT_SHAPES[name].count(",") + 1
         if value.dim() != expected_dims:
             raise ValueError(f"outputs.{name} must have shape {OUTPUT_SHAPES[name]}, got {tuple(value.shape)}.")
@@ -260,7 +271,9 @@ def read_outputs(outputs, with_masks: bool = True) -> ModelPredictions:
         )
     masks = tensors.get("masks_queries_logits")
     if masks is not None and 0 in masks.shape[-2:]:
-        raise ValueError(f"outputs.masks_queries_logits has shape {tuple(masks.shape)}: masks need at least 1 x 1 pixels.")
+        raise ValueError(
+            f"outputs.masks_queries_logits has shape {tuple(masks.shape)}: masks need at least 1 x 1 pixels."
+        )
     for name, value in tensors.items():
         # NaN would propagate to every score and mask it touches: refuse it rather than segment garbage
         if not bool(torch.isfinite(value).all()):
@@ -269,8 +282,10 @@ def read_outputs(outputs, with_masks: bool = True) -> ModelPredictions:
                 "precision, or corrupt weights?); post-processing needs finite logits."
             )
     iou = tensors.get("iou_scores")
-    if iou is not None and iou.numel() and not (0 <= float(iou.min()) and float(iou.max()) <= 1):
-        raise ValueError(f"outputs.iou_scores must be predicted IoUs in [0, 1], got values in [{float(iou.min())}, {float(iou.max())}].")
+    if iou is not None and iou.numel() and not (float(iou.min()) >= 0 and float(iou.max()) <= 1):
+        raise ValueError(
+            f"outputs.iou_scores must be predicted IoUs in [0, 1], got values in [{float(iou.min())}, {float(iou.max())}]."
+        )
     return ModelPredictions(class_logits, masks, clip_logits, iou)
 
 
@@ -301,13 +316,17 @@ def class_scores(
         if clip_logits is None:
             ensemble = ldp_probs
         else:
-            ensemble = mask_aware_selective_ensemble(ldp_probs, clip_logits.float().softmax(-1), None, seen_mask, alpha, beta)
+            ensemble = mask_aware_selective_ensemble(
+                ldp_probs, clip_logits.float().softmax(-1), None, seen_mask, alpha, beta
+            )
         return _fcclip_class_probabilities(ensemble, void_prob)
     iou = predictions.iou_scores.float() if predictions.iou_scores is not None else None
     if clip_logits is None:
         ensemble = ldp_probs * iou.unsqueeze(-1) if iou is not None else ldp_probs
     else:
-        ensemble = mask_aware_selective_ensemble(ldp_probs, clip_logits.float().softmax(-1), iou, seen_mask, alpha, beta)
+        ensemble = mask_aware_selective_ensemble(
+            ldp_probs, clip_logits.float().softmax(-1), iou, seen_mask, alpha, beta
+        )
     normalized = ensemble / ensemble.sum(-1, keepdim=True).clamp(min=torch.finfo(ensemble.dtype).tiny)
     is_void = void_prob > (normalized * (1 - void_prob).unsqueeze(-1)).amax(-1)
     return ensemble * (1 - void_prob).unsqueeze(-1), is_void
@@ -378,7 +397,9 @@ def _sizes(values, batch_size: int, name: str) -> list[tuple[int, int] | None]:
         return [None] * batch_size
     if torch.is_tensor(values) or isinstance(values, np.ndarray):
         if values.ndim != 2 or values.shape[-1] != 2:
-            raise ValueError(f"{name} must have shape (batch, 2), one (height, width) row per image, got shape {tuple(values.shape)}.")
+            raise ValueError(
+                f"{name} must have shape (batch, 2), one (height, width) row per image, got shape {tuple(values.shape)}."
+            )
         rows = values.tolist()
     elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
         rows = list(values)
@@ -390,9 +411,13 @@ def _sizes(values, batch_size: int, name: str) -> list[tuple[int, int] | None]:
         if torch.is_tensor(size) or isinstance(size, np.ndarray):
             size = size.tolist()
         if not isinstance(size, Sequence) or isinstance(size, (str, bytes)):
-            raise TypeError(f"{where} must be a (height, width) pair, got {_describe(size)}: {name} takes one pair per image, e.g. [(480, 640)].")
+            raise TypeError(
+                f"{where} must be a (height, width) pair, got {_describe(size)}: {name} takes one pair per image, e.g. [(480, 640)]."
+            )
         if len(size) != 2:
-            raise ValueError(f"{where} must be a (height, width) pair, got {len(size)} values: {_short_repr.repr(size)}.")
+            raise ValueError(
+                f"{where} must be a (height, width) pair, got {len(size)} values: {_short_repr.repr(size)}."
+            )
         sizes.append((_pixel_count(size[0], where), _pixel_count(size[1], where)))
     if len(sizes) != batch_size:
         raise ValueError(f"{name} needs one (height, width) per image: {batch_size} images, got {len(sizes)}.")
@@ -440,7 +465,9 @@ class PosSAMPostProcessingMixin:
         """`_resize_steps` per axis, as banded linear maps (rows, cols) for the panoptic assignment."""
         steps = self._resize_steps(reshaped_size, target_size)
         rows, cols = (
-            axis_resampling(mask_size[axis], tuple((size[axis], crop[axis] if crop else None) for size, crop in steps), str(device))
+            axis_resampling(
+                mask_size[axis], tuple((size[axis], crop[axis] if crop else None) for size, crop in steps), str(device)
+            )
             for axis in range(2)
         )
         return rows, cols
@@ -518,20 +545,26 @@ class PosSAMPostProcessingMixin:
         for index, mask_logits in enumerate(predictions.masks_queries_logits):
             query_scores, query_labels = scores[index].max(-1)
             keep = (~is_void[index]) & (query_scores > threshold)
-            rows, cols = self._resampling(tuple(mask_logits.shape[-2:]), reshaped[index], targets[index], mask_logits.device)
+            rows, cols = self._resampling(
+                tuple(mask_logits.shape[-2:]), reshaped[index], targets[index], mask_logits.device
+            )
             height, width = rows.size, cols.size
             if not keep.any():
                 results.append({"segmentation": torch.zeros(height, width, dtype=torch.int32), "segments_info": []})
                 continue
             kept_scores, kept_labels = query_scores[keep], query_labels[keep]
             kept_logits = mask_logits if bool(keep.all()) else mask_logits[keep]  # no copy when every query is kept
-            assignment = assign_panoptic(kept_logits.float().contiguous(), kept_scores, mask_threshold, rows, cols, overlap_mask_area_threshold)
+            assignment = assign_panoptic(
+                kept_logits.float().contiguous(), kept_scores, mask_threshold, rows, cols, overlap_mask_area_threshold
+            )
             count = kept_scores.shape[0]
             valid = assignment.is_segment
 
             segment_of_query = [0] * count
             segments_info, stuff_segment = [], {}
-            for query, (is_valid, label, score) in enumerate(zip(valid.tolist(), kept_labels.tolist(), kept_scores.tolist())):
+            for query, (is_valid, label, score) in enumerate(
+                zip(valid.tolist(), kept_labels.tolist(), kept_scores.tolist())
+            ):
                 if not is_valid:
                     continue
                 if label in fuse and label in stuff_segment:
@@ -539,7 +572,12 @@ class PosSAMPostProcessingMixin:
                     segment_of_query[query] = segment["id"]
                     segment["was_fused"] = True
                     continue
-                segment = {"id": len(segments_info) + 1, "label_id": label, "was_fused": False, "score": round(score, 6)}
+                segment = {
+                    "id": len(segments_info) + 1,
+                    "label_id": label,
+                    "was_fused": False,
+                    "score": round(score, 6),
+                }
                 segments_info.append(segment)
                 segment_of_query[query] = segment["id"]
                 if label in fuse:
@@ -581,11 +619,15 @@ class PosSAMPostProcessingMixin:
             for index, mask_logits in enumerate(predictions.masks_queries_logits)
         ]
 
-    def _semantic_labels(self, mask_logits: torch.Tensor, scores: torch.Tensor, reshaped_size, target_size) -> torch.Tensor:
+    def _semantic_labels(
+        self, mask_logits: torch.Tensor, scores: torch.Tensor, reshaped_size, target_size
+    ) -> torch.Tensor:
         """`(Q, h, w)` mask logits, `(Q, K)` scores -> `(H, W)` argmax_k sum_q scores[q, k] * sigmoid(resized logits)."""
         steps = self._resize_steps(reshaped_size, target_size)
         num_queries, height, width = mask_logits.shape
-        rows = resize_matrix(height, [(size[0], crop[0] if crop else None) for size, crop in steps], mask_logits.device)
+        rows = resize_matrix(
+            height, [(size[0], crop[0] if crop else None) for size, crop in steps], mask_logits.device
+        )
         column_steps = [(size[1], crop[1] if crop else None) for size, crop in steps]
         out_height = rows.shape[0]
         out_width = _resize_last_axis(mask_logits.new_zeros(1, 1, width), column_steps).shape[-1]
@@ -646,7 +688,16 @@ class PosSAMPostProcessingMixin:
         )
         thing_ids = _class_ids(thing_label_ids, "thing_label_ids", predictions.num_classes)
         return [
-            self._instances(mask_logits, scores[index], thing_ids, threshold, num_top_instances, reshaped[index], targets[index], return_binary_maps)
+            self._instances(
+                mask_logits,
+                scores[index],
+                thing_ids,
+                threshold,
+                num_top_instances,
+                reshaped[index],
+                targets[index],
+                return_binary_maps,
+            )
             for index, mask_logits in enumerate(predictions.masks_queries_logits)
         ]
 
@@ -705,7 +756,12 @@ class PosSAMPostProcessingMixin:
         order = torch.nonzero(keep).flatten()
         order = order[final_scores[order].argsort(descending=True)]  # pair indices, best first
         segments_info = [
-            {"id": rank + 1, "label_id": int(labels[pair]), "was_fused": False, "score": round(float(final_scores[pair]), 6)}
+            {
+                "id": rank + 1,
+                "label_id": int(labels[pair]),
+                "was_fused": False,
+                "score": round(float(final_scores[pair]), 6),
+            }
             for rank, pair in enumerate(order.tolist())
         ]
 
@@ -713,7 +769,9 @@ class PosSAMPostProcessingMixin:
         # one query share its mask, so painting each query once with its best rank, worst first, gives the same map
         device = mask_logits.device
         segmentation = torch.zeros(height, width, dtype=torch.int32, device=device)
-        binary_masks = torch.empty(len(order), height, width, dtype=torch.bool, device=device) if return_binary_maps else None
+        binary_masks = (
+            torch.empty(len(order), height, width, dtype=torch.bool, device=device) if return_binary_maps else None
+        )
         ranks_of_slot: dict[int, list[int]] = {}
         for rank, slot in enumerate(mask_of_pair[order].tolist()):
             ranks_of_slot.setdefault(slot, []).append(rank)

@@ -6,7 +6,6 @@ import difflib
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Union
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from .vocabularies import (
     thing_flag,
     type_hint,
 )
+
 
 __all__ = ["PosSAMProcessor", "VILD_TEMPLATES", "fill_templates", "resolve_vocabulary", "seen_class_mask"]
 
@@ -60,7 +60,7 @@ IGNORED_CATEGORY_KEYS = ("id", "color", "supercategory")
 # CLIP's text context: prompts longer than this are truncated by the tokenizer.
 CLIP_CONTEXT_LENGTH = 77
 # What `candidate_labels` may be (resolve_vocabulary checks the rest at run time).
-CandidateLabels = Union[str, Vocabulary, Iterable[Union[str, Mapping[str, object]]]]
+CandidateLabels = str | Vocabulary | Iterable[str | Mapping[str, object]]
 
 
 def resolve_vocabulary(candidate_labels: CandidateLabels, is_thing: Sequence[bool] | None = None) -> Vocabulary:
@@ -107,7 +107,9 @@ def resolve_vocabulary(candidate_labels: CandidateLabels, is_thing: Sequence[boo
         return candidate_labels
     if isinstance(candidate_labels, str):
         if is_thing is not None:
-            raise ValueError(f"is_thing cannot be combined with the preset {candidate_labels!r}, which fixes its flags.")
+            raise ValueError(
+                f"is_thing cannot be combined with the preset {candidate_labels!r}, which fixes its flags."
+            )
         return preset_vocabulary(candidate_labels, "candidate_labels")
     labels = label_entries(candidate_labels, "candidate_labels")
     names, flags = [], []
@@ -162,7 +164,9 @@ def label_entries(candidate_labels: object, argument: str) -> list:
     labels = list(candidate_labels)
     if not labels:
         once = " (an exhausted generator or iterator?)" if isinstance(candidate_labels, Iterator) else ""
-        raise ValueError(f"{argument} is empty{once}: give at least one label (or a preset such as 'coco' or 'ade20k').")
+        raise ValueError(
+            f"{argument} is empty{once}: give at least one label (or a preset such as 'coco' or 'ade20k')."
+        )
     return labels
 
 
@@ -176,7 +180,9 @@ def parse_label(label: object, where: str) -> tuple[str, bool | None]:
                 f"(COCO's {list(IGNORED_CATEGORY_KEYS)} are accepted and ignored), e.g. {{'name': 'sky', 'isthing': False}}."
             )
         if "name" not in label:
-            raise ValueError(f"{where} = {preview(label)} is a dict without 'name': use {{'name': 'sky', 'isthing': False}}.")
+            raise ValueError(
+                f"{where} = {preview(label)} is a dict without 'name': use {{'name': 'sky', 'isthing': False}}."
+            )
         name = normalize_class_name(label["name"], f"{where}['name']")
         flag = thing_flag(label["isthing"], f"{where}['isthing']") if "isthing" in label else None
         return name, flag
@@ -222,9 +228,13 @@ def seen_class_mask(vocabulary: CandidateLabels, training_vocabulary: CandidateL
         training_names = preset_vocabulary(training_vocabulary, "training_vocabulary").names
     else:
         entries = label_entries(training_vocabulary, "training_vocabulary")
-        training_names = [parse_label(entry, f"training_vocabulary[{index}]")[0] for index, entry in enumerate(entries)]
+        training_names = [
+            parse_label(entry, f"training_vocabulary[{index}]")[0] for index, entry in enumerate(entries)
+        ]
     training_synonyms = {synonym for name in training_names for synonym in split_synonyms(name)}
-    return torch.tensor([any(s in training_synonyms for s in synonyms) for synonyms in vocabulary.synonyms], dtype=torch.bool)
+    return torch.tensor(
+        [any(s in training_synonyms for s in synonyms) for synonyms in vocabulary.synonyms], dtype=torch.bool
+    )
 
 
 def fill_templates(synonym: str, templates: Sequence[str] = VILD_TEMPLATES) -> list[str]:
@@ -245,7 +255,9 @@ def _check_clip_tokenizer(tokenizer) -> None:
         return
     ids = tokenizer(_TOKENIZER_PROBE)["input_ids"]
     unknown = tokenizer.unk_token_id
-    words = [token for token in ids if token not in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)]
+    words = [
+        token for token in ids if token not in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    ]
     if len(tokenizer) < 1000 or (unknown is not None and unknown in words):
         raise ValueError(
             f"The tokenizer has {len(tokenizer)} tokens and does not know plain English words ({_TOKENIZER_PROBE!r} -> {ids}): "
@@ -272,7 +284,9 @@ class PosSAMProcessor(ProcessorMixin):
 
     templates = VILD_TEMPLATES
 
-    def __call__(self, images=None, candidate_labels=None, annotations=None, return_tensors="pt", **kwargs) -> BatchFeature:
+    def __call__(
+        self, images=None, candidate_labels=None, annotations=None, return_tensors="pt", **kwargs
+    ) -> BatchFeature:
         if images is None and candidate_labels is None:
             raise ValueError("Give images, candidate_labels, or both.")
         data = {}
@@ -321,7 +335,9 @@ class PosSAMProcessor(ProcessorMixin):
         slots = max(len(names) for names in synonyms)
         position_of = {synonym: position for position, synonym in enumerate(unique_synonyms)}
         # a class with fewer synonyms than S repeats its first one in the extra slots
-        slot_synonyms = [[names[slot] if slot < len(names) else names[0] for slot in range(slots)] for names in synonyms]
+        slot_synonyms = [
+            [names[slot] if slot < len(names) else names[0] for slot in range(slots)] for names in synonyms
+        ]
         first_rows = torch.tensor([[position_of[synonym] * num_templates for synonym in row] for row in slot_synonyms])
         rows = first_rows[..., None] + torch.arange(num_templates)  # (K, S, T): row of each prompt in `padded`
         synonym_mask = torch.tensor([[slot < len(names) for slot in range(slots)] for names in synonyms])
@@ -339,7 +355,9 @@ class PosSAMProcessor(ProcessorMixin):
         token_rows = self.tokenizer(prompts, truncation=True, max_length=CLIP_CONTEXT_LENGTH + 1)["input_ids"]
         truncated = [index for index, row in enumerate(token_rows) if len(row) > CLIP_CONTEXT_LENGTH]
         if truncated:
-            cut = self.tokenizer([prompts[index] for index in truncated], truncation=True, max_length=CLIP_CONTEXT_LENGTH)
+            cut = self.tokenizer(
+                [prompts[index] for index in truncated], truncation=True, max_length=CLIP_CONTEXT_LENGTH
+            )
             for index, row in zip(truncated, cut["input_ids"]):
                 token_rows[index] = row
         return [list(row) for row in token_rows], truncated
@@ -399,7 +417,9 @@ class PosSAMProcessor(ProcessorMixin):
         return self.image_processor.post_process_panoptic_segmentation(*args, **self._vocabulary_defaults(kwargs))
 
     def post_process_instance_segmentation(self, *args, **kwargs):
-        return self.image_processor.post_process_instance_segmentation(*args, **self._vocabulary_defaults(kwargs, True))
+        return self.image_processor.post_process_instance_segmentation(
+            *args, **self._vocabulary_defaults(kwargs, True)
+        )
 
     def post_process_semantic_segmentation(self, *args, **kwargs):
         kwargs = self._vocabulary_defaults(kwargs)

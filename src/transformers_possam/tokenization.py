@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+
 __all__ = ["clip_tokenizer_from_bpe", "default_bpe_path"]
 
 # CLIP's BPE: 49152 - 256 - 2 merges after the header line (OpenAI CLIP / open_clip SimpleTokenizer).

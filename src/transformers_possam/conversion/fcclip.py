@@ -22,6 +22,7 @@ import re
 
 from .io import load_weights_file
 
+
 __all__ = ["convert_fcclip_decoder", "FCCLIP_DROPPED_PREFIXES"]
 
 FCCLIP_DROPPED_PREFIXES = (
@@ -82,14 +83,16 @@ def convert_fcclip_decoder(state_dict: dict) -> tuple[dict, dict, list[str]]:
         if key.startswith(FCCLIP_DROPPED_PREFIXES):
             dropped.append(key)
         elif key.startswith("backbone.clip_model."):
-            clip[key[len("backbone.clip_model."):]] = value
+            clip[key[len("backbone.clip_model.") :]] = value
         elif key.startswith("sem_seg_head.pixel_decoder."):
-            new_key = _apply(_PIXEL_DECODER, key[len("sem_seg_head.pixel_decoder."):])
+            new_key = _apply(_PIXEL_DECODER, key[len("sem_seg_head.pixel_decoder.") :])
             if new_key is None:
-                raise ValueError(f"Unexpected FC-CLIP pixel-decoder key {key}: not an FC-CLIP / Mask2Former detectron2 checkpoint.")
+                raise ValueError(
+                    f"Unexpected FC-CLIP pixel-decoder key {key}: not an FC-CLIP / Mask2Former detectron2 checkpoint."
+                )
             decoder[f"pixel_decoder.{new_key}"] = value
         elif key.startswith("sem_seg_head.predictor."):
-            rest = key[len("sem_seg_head.predictor."):]
+            rest = key[len("sem_seg_head.predictor.") :]
             match = re.match(r"transformer_self_attention_layers\.(\d+)\.self_attn\.in_proj_(weight|bias)$", rest)
             if match:
                 layer, kind = match.groups()
@@ -98,7 +101,9 @@ def convert_fcclip_decoder(state_dict: dict) -> tuple[dict, dict, list[str]]:
                 continue
             new_key = _apply(_PREDICTOR, rest)
             if new_key is None:
-                raise ValueError(f"Unexpected FC-CLIP predictor key {key}: not an FC-CLIP / Mask2Former detectron2 checkpoint.")
+                raise ValueError(
+                    f"Unexpected FC-CLIP predictor key {key}: not an FC-CLIP / Mask2Former detectron2 checkpoint."
+                )
             decoder[f"transformer_module.{new_key}"] = value
         else:
             raise ValueError(f"Unexpected FC-CLIP key {key}: not an FC-CLIP / Mask2Former detectron2 checkpoint.")

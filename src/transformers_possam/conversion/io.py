@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+
 __all__ = ["load_weights_file"]
 
 
@@ -28,7 +29,16 @@ def load_weights_file(path, what: str = "checkpoint") -> dict:
             checkpoint = load_file(str(path))
         else:
             checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, SafetensorError) as error:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        AttributeError,
+        SafetensorError,
+    ) as error:
         raise ValueError(
             f"The {what} {path} cannot be read as safetensors or as a weights-only PyTorch file ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}). Only plain tensors are loaded, never pickled objects or code: "
@@ -36,6 +46,10 @@ def load_weights_file(path, what: str = "checkpoint") -> dict:
         ) from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
         checkpoint = checkpoint["model"]
-    if not isinstance(checkpoint, dict) or not all(isinstance(key, str) and torch.is_tensor(value) for key, value in checkpoint.items()):
-        raise ValueError(f"The {what} {path} does not hold a state dict (a mapping of names to tensors), got {type(checkpoint).__name__}.")
+    if not isinstance(checkpoint, dict) or not all(
+        isinstance(key, str) and torch.is_tensor(value) for key, value in checkpoint.items()
+    ):
+        raise ValueError(
+            f"The {what} {path} does not hold a state dict (a mapping of names to tensors), got {type(checkpoint).__name__}."
+        )
     return checkpoint

@@ -9,6 +9,7 @@ import torch
 
 from ..configuration_possam import CONVNEXT_LARGE_D_320_TEXT
 
+
 __all__ = ["convert_open_clip", "open_clip_to_possam_kwargs"]
 
 
@@ -50,12 +51,14 @@ def convert_open_clip(state_dict: dict) -> dict:
     converted: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key.startswith("visual.trunk."):
-            converted[f"vision_model.{key[len('visual.trunk.'):]}"] = value
+            converted[f"vision_model.{key[len('visual.trunk.') :]}"] = value
         elif key.startswith("visual.head.mlp.fc1."):
             converted[f"vision_model.head.pre_logits.fc.{key.rsplit('.', 1)[1]}"] = value
         elif key == "visual.head.mlp.fc2.weight":
             converted["vision_model.head.fc.weight"] = value
-            converted["vision_model.head.fc.bias"] = torch.zeros(value.shape[0], dtype=value.dtype)  # open_clip: no bias
+            converted["vision_model.head.fc.bias"] = torch.zeros(
+                value.shape[0], dtype=value.dtype
+            )  # open_clip: no bias
         elif key == "token_embedding.weight":
             converted["text_model.text_model.embeddings.token_embedding.weight"] = value
         elif key == "positional_embedding":
@@ -75,15 +78,20 @@ def convert_open_clip(state_dict: dict) -> dict:
                     converted[f"{prefix}self_attn.{name}.{kind}"] = chunk.contiguous()
             else:
                 mapped = {
-                    "attn.out_proj.": "self_attn.out_proj.", "ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.",
-                    "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2.",
+                    "attn.out_proj.": "self_attn.out_proj.",
+                    "ln_1.": "layer_norm1.",
+                    "ln_2.": "layer_norm2.",
+                    "mlp.c_fc.": "mlp.fc1.",
+                    "mlp.c_proj.": "mlp.fc2.",
                 }
                 for old, new in mapped.items():
                     if rest.startswith(old):
-                        converted[prefix + new + rest[len(old):]] = value
+                        converted[prefix + new + rest[len(old) :]] = value
                         break
                 else:
-                    raise ValueError(f"Unexpected open_clip text key {key}: not a ConvNeXt-CLIP checkpoint this converter knows.")
+                    raise ValueError(
+                        f"Unexpected open_clip text key {key}: not a ConvNeXt-CLIP checkpoint this converter knows."
+                    )
         elif key == "attn_mask":
             continue  # open_clip's causal-mask buffer; CLIPTextModel builds its own
         else:

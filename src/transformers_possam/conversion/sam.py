@@ -8,6 +8,7 @@ from transformers import SamVisionConfig
 
 from .io import load_weights_file
 
+
 __all__ = ["convert_sam_image_encoder", "infer_sam_vision_config", "SAM_KEY_MAP"]
 
 # original -> HF (transformers' convert_sam_to_hf.py); everything else keeps its name
@@ -26,7 +27,11 @@ SAM_KEY_MAP = [
 def _image_encoder_only(state_dict: dict) -> dict:
     """A full SAM checkpoint (`image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*`) -> the image encoder's keys."""
     if any(key.startswith("image_encoder.") for key in state_dict):
-        return {key[len("image_encoder."):]: value for key, value in state_dict.items() if key.startswith("image_encoder.")}
+        return {
+            key[len("image_encoder.") :]: value
+            for key, value in state_dict.items()
+            if key.startswith("image_encoder.")
+        }
     return dict(state_dict)
 
 
@@ -50,7 +55,9 @@ def infer_sam_vision_config(state_dict: dict) -> SamVisionConfig:
     grid = state_dict["pos_embed"].shape[1] if "pos_embed" in state_dict else None
     use_rel_pos = "blocks.0.attn.rel_pos_h" in state_dict
     if grid is None:  # (kept for clarity: pos_embed is required above)
-        raise ValueError("The checkpoint has no pos_embed: cannot tell SAM's image size (use_abs_pos=False is not supported).")
+        raise ValueError(
+            "The checkpoint has no pos_embed: cannot tell SAM's image size (use_abs_pos=False is not supported)."
+        )
     global_layers, window_size, head_dim = [], 0, None
     if use_rel_pos:
         for index in range(depth):

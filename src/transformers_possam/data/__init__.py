@@ -14,6 +14,7 @@ from .panoptic import (
 )
 from .synthetic import TOY_CATEGORIES, id2rgb, toy_panoptic_rows
 
+
 __all__ = [
     "BadSample",
     "CATEGORY_TABLE_FILE",

@@ -7,12 +7,18 @@ from PIL import Image
 
 from ..image_processing_possam import nearest_resize_ids
 
+
 __all__ = ["large_scale_jitter"]
 
 
 def large_scale_jitter(
-    image: Image.Image, segment_ids: np.ndarray, rng: np.random.Generator, target_size: int = 1024,
-    min_scale: float = 0.1, max_scale: float = 2.0, flip: bool = True,
+    image: Image.Image,
+    segment_ids: np.ndarray,
+    rng: np.random.Generator,
+    target_size: int = 1024,
+    min_scale: float = 0.1,
+    max_scale: float = 2.0,
+    flip: bool = True,
 ) -> tuple[Image.Image, np.ndarray]:
     """
     FC-CLIP's training augmentation (`coco_panoptic_new_baseline_dataset_mapper.py`: detectron2's `RandomFlip` ->

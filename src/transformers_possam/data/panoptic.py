@@ -11,6 +11,7 @@ from PIL import Image
 
 from ..image_processing_possam import rgb_to_id
 
+
 __all__ = [
     "BadSample",
     "CATEGORY_TABLE_FILE",
@@ -81,7 +82,11 @@ def decode_panoptic_sample(row: dict) -> tuple[Image.Image, np.ndarray, list[dic
     if ids.shape != (image.height, image.width):
         raise BadSample(f"sample {image_id}: panoptic PNG {ids.shape[::-1]} and image {image.size} differ in size")
     segments = list(row.get("segments_info") or [])
-    incomplete = [index for index, segment in enumerate(segments) if not isinstance(segment, dict) or not {"id", "category_id"} <= set(segment)]
+    incomplete = [
+        index
+        for index, segment in enumerate(segments)
+        if not isinstance(segment, dict) or not {"id", "category_id"} <= set(segment)
+    ]
     if incomplete:
         raise BadSample(f"sample {image_id}: segments_info entries {incomplete} lack 'id' or 'category_id'")
     listed = [segment["id"] for segment in segments]
@@ -110,7 +115,9 @@ def decode_semantic_label(row: dict, size: tuple[int, int]) -> np.ndarray | None
     if array.ndim != 2:
         raise BadSample(f"sample {image_id}: the semantic label PNG must have one channel, got shape {array.shape}")
     if array.shape != tuple(size):
-        raise BadSample(f"sample {image_id}: semantic label PNG {array.shape[::-1]} and image {tuple(size)[::-1]} differ in size")
+        raise BadSample(
+            f"sample {image_id}: semantic label PNG {array.shape[::-1]} and image {tuple(size)[::-1]} differ in size"
+        )
     return array.astype(np.int64)
 
 
@@ -142,9 +149,13 @@ def load_category_table(path: str | Path) -> list[dict]:
             raise ValueError(f"Category {index} of {path}: id {identifier} appears twice.")
         seen_ids.add(identifier)
         if not isinstance(name, str) or not name.strip(" ,"):
-            raise ValueError(f"Category {index} of {path}: 'name' must be a non-empty string of synonyms, got {name!r}.")
+            raise ValueError(
+                f"Category {index} of {path}: 'name' must be a non-empty string of synonyms, got {name!r}."
+            )
         if isthing not in (0, 1) or isinstance(isthing, float):  # True / False / 0 / 1, not "false" or 0.5
-            raise ValueError(f"Category {index} of {path}: 'isthing' must be 0 or 1 (or a JSON boolean), got {isthing!r}.")
+            raise ValueError(
+                f"Category {index} of {path}: 'isthing' must be 0 or 1 (or a JSON boolean), got {isthing!r}."
+            )
     return categories
 
 

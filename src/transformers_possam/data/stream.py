@@ -27,6 +27,7 @@ from .panoptic import (
 )
 from .synthetic import TOY_CATEGORIES, toy_panoptic_rows
 
+
 __all__ = [
     "StreamPosition",
     "PanopticTrainStream",
@@ -39,7 +40,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def load_panoptic_dataset(dataset_name: str | None, split: str = "train", streaming: bool = True, toy_size: int = 256, seed: int = 0):
+def load_panoptic_dataset(
+    dataset_name: str | None, split: str = "train", streaming: bool = True, toy_size: int = 256, seed: int = 0
+):
     """
     Returns (iterable dataset, category table):
     - `None`: the embedded toy set (`toy_size` images of the split, generated deterministically);
@@ -60,7 +63,9 @@ def load_panoptic_dataset(dataset_name: str | None, split: str = "train", stream
     path = Path(dataset_name)
     if path.is_dir():
         splits = sorted(
-            child.name for child in path.iterdir() if child.is_dir() and not child.name.startswith(".") and any(child.glob("*.parquet"))
+            child.name
+            for child in path.iterdir()
+            if child.is_dir() and not child.name.startswith(".") and any(child.glob("*.parquet"))
         )
         if splits and split not in splits:
             # never fall back to the root's shards here: they could be another split's (e.g. evaluating on train)
@@ -93,7 +98,10 @@ def shard_for_process(dataset, rank: int, world_size: int):
         logger.warning(
             "The dataset has %d shards, which does not divide over %d processes: every process will read every row "
             "(and keep 1 in %d). Re-shard it (training/prepare_panoptic_parquet.py --num_shards, default 64) to a "
-            "multiple of the process count.", num_shards, world_size, world_size,
+            "multiple of the process count.",
+            num_shards,
+            world_size,
+            world_size,
         )
     return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
 
@@ -109,7 +117,13 @@ class StreamPosition:
     bad_ids: list = field(default_factory=list)  # the last few bad image ids
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seen": self.seen, "bad": self.bad, "bad_ids": self.bad_ids[-20:]}
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seen": self.seen,
+            "bad": self.bad,
+            "bad_ids": self.bad_ids[-20:],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
@@ -127,9 +141,22 @@ class PanopticTrainStream:
     crop removed it, as FC-CLIP; `drop_cropped_segments=True` leaves those out) and `class_labels`.
     """
 
-    def __init__(self, dataset, image_processor, label_map: dict[int, int], seed: int = 0, rank: int = 0, augment: bool = True,
-                 shuffle_buffer: int = 256, max_bad_fraction: float = 0.01, min_seen: int = 100, target_size: int | None = None,
-                 drop_cropped_segments: bool = False, min_scale: float = 0.1, max_scale: float = 2.0):
+    def __init__(
+        self,
+        dataset,
+        image_processor,
+        label_map: dict[int, int],
+        seed: int = 0,
+        rank: int = 0,
+        augment: bool = True,
+        shuffle_buffer: int = 256,
+        max_bad_fraction: float = 0.01,
+        min_seen: int = 100,
+        target_size: int | None = None,
+        drop_cropped_segments: bool = False,
+        min_scale: float = 0.1,
+        max_scale: float = 2.0,
+    ):
         self.dataset = without_image_decoding(dataset)
         self.image_processor = image_processor
         self.label_map = label_map
@@ -138,7 +165,9 @@ class PanopticTrainStream:
         self.max_bad_fraction, self.min_seen = max_bad_fraction, min_seen
         self.drop_cropped_segments = drop_cropped_segments
         if not 0 < min_scale <= max_scale:
-            raise ValueError(f"The jitter's scales must satisfy 0 < min_scale <= max_scale, got {min_scale} and {max_scale}.")
+            raise ValueError(
+                f"The jitter's scales must satisfy 0 < min_scale <= max_scale, got {min_scale} and {max_scale}."
+            )
         self.min_scale, self.max_scale = min_scale, max_scale
         size = image_processor.size
         self.target_size = target_size or (size["longest_edge"] if isinstance(size, dict) else size.longest_edge)
@@ -174,7 +203,10 @@ class PanopticTrainStream:
                 encoded = self.image_processor(image)
             reshaped_size = tuple(int(v) for v in encoded["reshaped_input_sizes"][0])
             mask_labels, class_labels = encode_panoptic_annotation(
-                {"panoptic_map": ids, "segments_info": segments}, reshaped_size, self.padded_size, self.label_map,
+                {"panoptic_map": ids, "segments_info": segments},
+                reshaped_size,
+                self.padded_size,
+                self.label_map,
                 allow_absent_segments=True,  # checked against the uncropped PNG by decode_panoptic_sample
             )
         except ValueError as error:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+
 __all__ = ["TOY_CATEGORIES", "toy_panoptic_rows", "id2rgb"]
 
 # id, name (comma-separated synonyms), isthing, colour (RGB)
@@ -76,10 +77,15 @@ def toy_panoptic_rows(num_images: int, size: int = 128, seed: int = 0, split: st
             if not mask.any():  # fully occluded
                 continue
             ys, xs = np.nonzero(mask)
-            segments_info.append({
-                "id": segment["id"], "category_id": segment["category_id"], "iscrowd": 0, "area": int(mask.sum()),
-                "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
-            })
+            segments_info.append(
+                {
+                    "id": segment["id"],
+                    "category_id": segment["category_id"],
+                    "iscrowd": 0,
+                    "area": int(mask.sum()),
+                    "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
+                }
+            )
         yield {
             "image": Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)),
             "label": Image.fromarray(id2rgb(ids)),

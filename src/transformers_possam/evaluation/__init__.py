@@ -7,6 +7,7 @@ from .loop import PanopticEvaluator, evaluate_panoptic, vocabulary_embeddings
 from .panoptic import PanopticQualityAccumulator, pq_compute, rgb2id
 from .semantic import SemanticConfusion, panoptic_to_semantic
 
+
 PANOPTIC_QUALITY_METRIC_PATH = str(Path(__file__).parent / "panoptic_quality" / "panoptic_quality.py")
 
 

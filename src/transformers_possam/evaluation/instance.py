@@ -13,6 +13,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+
 __all__ = ["MaskAPAccumulator", "mask_ap"]
 
 MASK_AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[:6], in that order
@@ -32,11 +33,15 @@ def _mask_stack(masks: Any, name: str) -> np.ndarray | None:
     if array.size == 0 and array.ndim != 3:
         return None
     if array.ndim != 3:
-        raise ValueError(f"{name} must be (K, H, W) masks, got shape {array.shape} (a single mask needs a leading axis).")
+        raise ValueError(
+            f"{name} must be (K, H, W) masks, got shape {array.shape} (a single mask needs a leading axis)."
+        )
     if array.dtype != bool:
         # Soft masks (probabilities, logits) would be silently binarised by pycocotools' uint8 cast: refuse them.
         if not (np.issubdtype(array.dtype, np.number) and np.isin(array, (0, 1)).all()):
-            raise ValueError(f"{name} must be boolean (or hold only 0 and 1), got dtype {array.dtype}; threshold soft masks first.")
+            raise ValueError(
+                f"{name} must be boolean (or hold only 0 and 1), got dtype {array.dtype}; threshold soft masks first."
+            )
         array = array.astype(bool)
     return array
 
@@ -123,16 +128,24 @@ class MaskAPAccumulator:
         gt = _mask_stack(gt_masks, "gt_masks")
         num_gt = 0 if gt is None else len(gt)
         gt_labels = _vector(gt_labels, num_gt, "gt_labels", "gt_masks", integral=True)
-        crowd = np.zeros(num_gt, np.int64) if gt_iscrowd is None else _vector(gt_iscrowd, num_gt, "gt_iscrowd", "gt_masks", integral=True)
+        crowd = (
+            np.zeros(num_gt, np.int64)
+            if gt_iscrowd is None
+            else _vector(gt_iscrowd, num_gt, "gt_iscrowd", "gt_masks", integral=True)
+        )
         if not np.isin(crowd, (0, 1)).all():
             raise ValueError(f"gt_iscrowd must be 0 or 1, got {crowd.tolist()}.")
         predictions = {"pred_masks": pred_masks, "pred_labels": pred_labels, "pred_scores": pred_scores}
         missing = [name for name, value in predictions.items() if value is None]
         if missing:
-            raise ValueError(f"{', '.join(missing)} not given: pass [] (or a (0, H, W) stack) for an image without predictions.")
+            raise ValueError(
+                f"{', '.join(missing)} not given: pass [] (or a (0, H, W) stack) for an image without predictions."
+            )
         pred = _mask_stack(pred_masks, "pred_masks")
         if gt is not None and pred is not None and gt.shape[1:] != pred.shape[1:]:
-            raise ValueError(f"gt_masks are {gt.shape[1:]} (H, W) but pred_masks are {pred.shape[1:]}: one image, one size.")
+            raise ValueError(
+                f"gt_masks are {gt.shape[1:]} (H, W) but pred_masks are {pred.shape[1:]}: one image, one size."
+            )
         # An image without masks on either side has no size to record; it can influence no match, so (0, 0) is fine.
         height, width = next((stack.shape[1:] for stack in (gt, pred) if stack is not None), (0, 0))
         gt = gt if gt is not None else np.zeros((0, height, width), bool)
@@ -145,7 +158,9 @@ class MaskAPAccumulator:
         gt_rles = _encode_stack(gt)
         areas = mask_utils.area(gt_rles).tolist() if gt_rles else []
         for rle, label, is_crowd, area in zip(gt_rles, gt_labels.tolist(), crowd.tolist(), areas):
-            self.ground_truths.append({"image": image, "category_id": label, "iscrowd": is_crowd, "area": int(area), "segmentation": rle})
+            self.ground_truths.append(
+                {"image": image, "category_id": label, "iscrowd": is_crowd, "area": int(area), "segmentation": rle}
+            )
         for rle, label, score in zip(_encode_stack(pred), pred_labels.tolist(), pred_scores.tolist()):
             self.detections.append({"image": image, "category_id": label, "score": score, "segmentation": rle})
 
@@ -155,20 +170,26 @@ class MaskAPAccumulator:
             raise TypeError(f"Can only merge a MaskAPAccumulator, got {type(other).__name__}.")
         offset = len(self.image_sizes)
         self.image_sizes.extend(other.image_sizes)
-        self.ground_truths.extend(dict(copy.deepcopy(record), image=record["image"] + offset) for record in other.ground_truths)
-        self.detections.extend(dict(copy.deepcopy(record), image=record["image"] + offset) for record in other.detections)
+        self.ground_truths.extend(
+            dict(copy.deepcopy(record), image=record["image"] + offset) for record in other.ground_truths
+        )
+        self.detections.extend(
+            dict(copy.deepcopy(record), image=record["image"] + offset) for record in other.detections
+        )
         return self
 
     __iadd__ = merge
 
     def state(self) -> dict:
         """A picklable (and JSON-serialisable) copy of the accumulated images, for `from_states`."""
-        return copy.deepcopy({
-            "version": _STATE_VERSION,
-            "image_sizes": [list(size) for size in self.image_sizes],
-            "ground_truths": self.ground_truths,
-            "detections": self.detections,
-        })
+        return copy.deepcopy(
+            {
+                "version": _STATE_VERSION,
+                "image_sizes": [list(size) for size in self.image_sizes],
+                "ground_truths": self.ground_truths,
+                "detections": self.detections,
+            }
+        )
 
     @classmethod
     def from_states(cls, states: Iterable[Mapping]) -> MaskAPAccumulator:
@@ -183,7 +204,9 @@ class MaskAPAccumulator:
             part.image_sizes = [(int(h), int(w)) for h, w in state["image_sizes"]]
             part.ground_truths = list(state["ground_truths"])
             part.detections = list(state["detections"])
-            if any(not 0 <= record["image"] < len(part.image_sizes) for record in part.ground_truths + part.detections):
+            if any(
+                not 0 <= record["image"] < len(part.image_sizes) for record in part.ground_truths + part.detections
+            ):
                 raise ValueError(f"states[{index}] refers to an image it does not list.")
             combined.merge(part)
         return combined
@@ -204,7 +227,9 @@ class MaskAPAccumulator:
         if not self.ground_truths or not self.detections or not category_ids:
             return dict.fromkeys(MASK_AP_KEYS, 0.0)
         # Fresh dicts every call: COCO.loadRes and COCOeval write into the records they are given.
-        images = [{"id": image, "height": height, "width": width} for image, (height, width) in enumerate(self.image_sizes)]
+        images = [
+            {"id": image, "height": height, "width": width} for image, (height, width) in enumerate(self.image_sizes)
+        ]
         annotations = [
             {
                 "id": number,  # COCOeval takes annotation id 0 for "unmatched": number from 1
@@ -228,7 +253,11 @@ class MaskAPAccumulator:
         ]
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and the summary table
             coco_gt = COCO()
-            coco_gt.dataset = {"images": images, "annotations": annotations, "categories": [{"id": c} for c in category_ids]}
+            coco_gt.dataset = {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": c} for c in category_ids],
+            }
             coco_gt.createIndex()
             coco_dt = coco_gt.loadRes(detections)
             evaluator = COCOeval(coco_gt, coco_dt, iouType="segm")
@@ -239,7 +268,9 @@ class MaskAPAccumulator:
         return {key: max(float(value), 0.0) for key, value in zip(MASK_AP_KEYS, evaluator.stats[:6])}
 
 
-def mask_ap(ground_truths: list[dict], predictions: list[dict], category_ids: list[int] | None = None) -> dict[str, float]:
+def mask_ap(
+    ground_truths: list[dict], predictions: list[dict], category_ids: list[int] | None = None
+) -> dict[str, float]:
     """
     COCO mask AP over a set of images (a `MaskAPAccumulator` fed image by image).
 
@@ -257,8 +288,12 @@ def mask_ap(ground_truths: list[dict], predictions: list[dict], category_ids: li
     for index, (gt, pred) in enumerate(zip(ground_truths, predictions)):
         try:
             accumulator.update(
-                gt_masks=gt["masks"], gt_labels=gt["labels"], gt_iscrowd=gt.get("iscrowd"),
-                pred_masks=pred["masks"], pred_labels=pred["labels"], pred_scores=pred["scores"],
+                gt_masks=gt["masks"],
+                gt_labels=gt["labels"],
+                gt_iscrowd=gt.get("iscrowd"),
+                pred_masks=pred["masks"],
+                pred_labels=pred["labels"],
+                pred_scores=pred["scores"],
             )
         except ValueError as error:
             raise ValueError(f"Image {index} (ground_truths[{index}] / predictions[{index}]): {error}") from error

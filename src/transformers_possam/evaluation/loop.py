@@ -29,6 +29,7 @@ from .instance import MaskAPAccumulator
 from .panoptic import PanopticQualityAccumulator
 from .semantic import SemanticConfusion, panoptic_to_semantic
 
+
 __all__ = ["PanopticEvaluator", "evaluate_panoptic", "vocabulary_embeddings"]
 
 logger = logging.getLogger(__name__)
@@ -67,20 +68,34 @@ class PanopticEvaluator:
     """
 
     def __init__(
-        self, model, image_processor, categories: list[dict], class_embeddings: torch.Tensor | None = None,
-        synonym_mask: torch.Tensor | None = None, processor=None, batch_size: int = 4, use_mase: bool = True,
-        mase_alpha: float | None = None, mase_beta: float | None = None, max_bad_fraction: float = 0.01, min_seen: int = 100,
+        self,
+        model,
+        image_processor,
+        categories: list[dict],
+        class_embeddings: torch.Tensor | None = None,
+        synonym_mask: torch.Tensor | None = None,
+        processor=None,
+        batch_size: int = 4,
+        use_mase: bool = True,
+        mase_alpha: float | None = None,
+        mase_beta: float | None = None,
+        max_bad_fraction: float = 0.01,
+        min_seen: int = 100,
         compute_ap: bool = True,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.model, self.image_processor = model, image_processor
         self.categories = list(categories)
-        self.vocabulary = resolve_vocabulary([{"name": c["name"], "isthing": bool(c["isthing"])} for c in self.categories])
+        self.vocabulary = resolve_vocabulary(
+            [{"name": c["name"], "isthing": bool(c["isthing"])} for c in self.categories]
+        )
         self.label_map = {int(c["id"]): index for index, c in enumerate(self.categories)}
         if class_embeddings is None:
             if processor is None:
-                raise ValueError("Give class_embeddings and synonym_mask, or a processor to encode the categories' names.")
+                raise ValueError(
+                    "Give class_embeddings and synonym_mask, or a processor to encode the categories' names."
+                )
             class_embeddings, synonym_mask = vocabulary_embeddings(model, processor, self.categories)
         self.class_embeddings, self.synonym_mask = class_embeddings, synonym_mask
         self.seen = seen_class_mask(self.vocabulary, model.config.training_vocabulary)
@@ -103,7 +118,12 @@ class PanopticEvaluator:
         if unknown:
             raise BadSample(f"sample {row.get('image_id')}: category ids {unknown} are not in the category table")
         segments = [
-            dict(s, category_id=self.label_map[s["category_id"]], area=int((ids == s["id"]).sum()), iscrowd=int(s.get("iscrowd", 0)))
+            dict(
+                s,
+                category_id=self.label_map[s["category_id"]],
+                area=int((ids == s["id"]).sum()),
+                iscrowd=int(s.get("iscrowd", 0)),
+            )
             for s in segments
         ]
         semantic = decode_semantic_label(row, ids.shape)
@@ -125,13 +145,22 @@ class PanopticEvaluator:
                 semantic = panoptic_to_semantic(ids, segments, ignore_index=IGNORE)
             except (ValueError, KeyError) as error:
                 raise BadSample(f"sample {row.get('image_id')}: {error}") from error
-        return {"image": image, "ids": ids, "segments": segments, "semantic": semantic, "source": source, "image_id": row.get("image_id")}
+        return {
+            "image": image,
+            "ids": ids,
+            "segments": segments,
+            "semantic": semantic,
+            "source": source,
+            "image_id": row.get("image_id"),
+        }
 
     def _skip(self, row: dict, error: BadSample) -> None:
         self.counts["bad"] += 1
         self.counts["bad_ids"].append(row.get("image_id"))
         logger.warning("Skipping bad evaluation sample: %s", error)
-        check_bad_fraction(self.counts["seen"], self.counts["bad"], self.counts["bad_ids"], self.max_bad_fraction, self.min_seen)
+        check_bad_fraction(
+            self.counts["seen"], self.counts["bad"], self.counts["bad_ids"], self.max_bad_fraction, self.min_seen
+        )
 
     def process(self, rows: Iterable[dict]) -> None:
         batch: list[dict] = []
@@ -166,27 +195,44 @@ class PanopticEvaluator:
         finally:
             model.train(was_training)
         options = dict(
-            target_sizes=inputs["original_sizes"], reshaped_input_sizes=inputs["reshaped_input_sizes"], seen_mask=self.seen.to(device),
+            target_sizes=inputs["original_sizes"],
+            reshaped_input_sizes=inputs["reshaped_input_sizes"],
+            seen_mask=self.seen.to(device),
             **self.post_processing,
         )
         panoptic = processor.post_process_panoptic_segmentation(outputs, label_ids_to_fuse=self.stuff_ids, **options)
         semantic = processor.post_process_semantic_segmentation(outputs, **options)
         instances = (
-            processor.post_process_instance_segmentation(outputs, thing_label_ids=self.thing_ids, return_binary_maps=True, **options)
+            processor.post_process_instance_segmentation(
+                outputs, thing_label_ids=self.thing_ids, return_binary_maps=True, **options
+            )
             if self.compute_ap
             else [None] * len(batch)
         )
         for item, panoptic_result, class_map, instance_result in zip(batch, panoptic, semantic, instances):
             pred_segments = [{"id": s["id"], "category_id": s["label_id"]} for s in panoptic_result["segments_info"]]
-            self.panoptic.update(item["ids"], item["segments"], panoptic_result["segmentation"].numpy(), pred_segments, image_id=item["image_id"])
+            self.panoptic.update(
+                item["ids"],
+                item["segments"],
+                panoptic_result["segmentation"].numpy(),
+                pred_segments,
+                image_id=item["image_id"],
+            )
             self.confusion.update(class_map.numpy(), item["semantic"])
             if instance_result is not None:
                 thing_ids = set(self.thing_ids)
                 things = [s for s in item["segments"] if s["category_id"] in thing_ids]
-                gt_masks = np.stack([item["ids"] == s["id"] for s in things]) if things else np.zeros((0, *item["ids"].shape), bool)
+                gt_masks = (
+                    np.stack([item["ids"] == s["id"] for s in things])
+                    if things
+                    else np.zeros((0, *item["ids"].shape), bool)
+                )
                 self.mask_ap.update(
-                    gt_masks, [s["category_id"] for s in things], [s["iscrowd"] for s in things],
-                    instance_result["binary_masks"].numpy(), [s["label_id"] for s in instance_result["segments_info"]],
+                    gt_masks,
+                    [s["category_id"] for s in things],
+                    [s["iscrowd"] for s in things],
+                    instance_result["binary_masks"].numpy(),
+                    [s["label_id"] for s in instance_result["segments_info"]],
                     [s["score"] for s in instance_result["segments_info"]],
                 )
             self.counts["images"] += 1
@@ -216,8 +262,14 @@ class PanopticEvaluator:
         for other in states[1:]:
             if other["num_classes"] != first["num_classes"] or other["is_thing"] != first["is_thing"]:
                 raise ValueError("Evaluation states of different vocabularies cannot be merged.")
-        counts = {key: (sum((s["counts"][key] for s in states), []) if key == "bad_ids" else sum(s["counts"][key] for s in states))
-                  for key in first["counts"]}
+        counts = {
+            key: (
+                sum((s["counts"][key] for s in states), [])
+                if key == "bad_ids"
+                else sum(s["counts"][key] for s in states)
+            )
+            for key in first["counts"]
+        }
         return dict(
             first,
             panoptic=sum(s["panoptic"] for s in states),
@@ -243,11 +295,15 @@ class PanopticEvaluator:
         counts = state["counts"]
         sources = [SEMANTIC_SOURCES[key] for key in ("semantic_label", "panoptic") if counts[key]]
         if len(sources) == 2:
-            results["mIoU_ground_truth"] = f"mixed: {counts['semantic_label']} rows {sources[0]}, {counts['panoptic']} rows {sources[1]}"
+            results["mIoU_ground_truth"] = (
+                f"mixed: {counts['semantic_label']} rows {sources[0]}, {counts['panoptic']} rows {sources[1]}"
+            )
         else:
             results["mIoU_ground_truth"] = sources[0] if sources else "no image scored"
         results["mask_AP"] = (
-            MaskAPAccumulator.from_states([state["mask_ap"]]).compute(category_ids=state["thing_ids"]) if state["compute_ap"] else None
+            MaskAPAccumulator.from_states([state["mask_ap"]]).compute(category_ids=state["thing_ids"])
+            if state["compute_ap"]
+            else None
         )
         results["images"] = counts["images"]
         results["bad_samples"] = counts["bad"]
@@ -259,9 +315,18 @@ class PanopticEvaluator:
 
 
 def evaluate_panoptic(
-    model, image_processor, rows, categories: list[dict], class_embeddings: torch.Tensor, synonym_mask: torch.Tensor,
-    batch_size: int = 4, use_mase: bool = True, mase_alpha: float | None = None, mase_beta: float | None = None,
-    max_bad_fraction: float = 0.01, compute_ap: bool = True,
+    model,
+    image_processor,
+    rows,
+    categories: list[dict],
+    class_embeddings: torch.Tensor,
+    synonym_mask: torch.Tensor,
+    batch_size: int = 4,
+    use_mase: bool = True,
+    mase_alpha: float | None = None,
+    mase_beta: float | None = None,
+    max_bad_fraction: float = 0.01,
+    compute_ap: bool = True,
 ) -> dict:
     """
     Runs the model on every row (the dataset schema) in one process and returns `PanopticEvaluator.summarize`'s
@@ -269,8 +334,17 @@ def evaluate_panoptic(
     and skipped rows. `class_embeddings` / `synonym_mask` come from `model.get_class_embeddings` on `categories`.
     """
     evaluator = PanopticEvaluator(
-        model, image_processor, categories, class_embeddings, synonym_mask, batch_size=batch_size, use_mase=use_mase,
-        mase_alpha=mase_alpha, mase_beta=mase_beta, max_bad_fraction=max_bad_fraction, compute_ap=compute_ap,
+        model,
+        image_processor,
+        categories,
+        class_embeddings,
+        synonym_mask,
+        batch_size=batch_size,
+        use_mase=use_mase,
+        mase_alpha=mase_alpha,
+        mase_beta=mase_beta,
+        max_bad_fraction=max_bad_fraction,
+        compute_ap=compute_ap,
     )
     evaluator.process(rows)
     return evaluator.results()

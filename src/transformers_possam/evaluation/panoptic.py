@@ -11,6 +11,7 @@ from PIL import Image
 
 from ..image_processing_possam import rgb_to_id
 
+
 __all__ = ["PanopticQualityAccumulator", "pq_compute", "rgb2id", "OFFSET", "VOID"]
 
 OFFSET = 256 * 256 * 256
@@ -39,8 +40,15 @@ class PanopticQualityAccumulator:
     def _category(self, category_id: int) -> list[float]:
         return self.stats.setdefault(int(category_id), [0.0, 0, 0, 0])
 
-    def update(self, gt_ids: np.ndarray, gt_segments: Iterable[Mapping], pred_ids: np.ndarray, pred_segments: Iterable[Mapping],
-               categories: Mapping[int, Mapping] | None = None, image_id=None) -> None:
+    def update(
+        self,
+        gt_ids: np.ndarray,
+        gt_segments: Iterable[Mapping],
+        pred_ids: np.ndarray,
+        pred_segments: Iterable[Mapping],
+        categories: Mapping[int, Mapping] | None = None,
+        image_id=None,
+    ) -> None:
         """
         Args:
             gt_ids, pred_ids: `(H, W)` segment-id maps (or RGB panoptic PNG arrays), 0 = VOID.
@@ -51,7 +59,9 @@ class PanopticQualityAccumulator:
         """
         gt_ids, pred_ids = rgb2id(np.asarray(gt_ids)), rgb2id(np.asarray(pred_ids))
         if gt_ids.shape != pred_ids.shape:
-            raise ValueError(f"Image {image_id}: ground truth {gt_ids.shape} and prediction {pred_ids.shape} differ in size.")
+            raise ValueError(
+                f"Image {image_id}: ground truth {gt_ids.shape} and prediction {pred_ids.shape} differ in size."
+            )
         gt_segms = {int(s["id"]): dict(s) for s in gt_segments}
         pred_segms = {int(s["id"]): dict(s) for s in pred_segments}
 
@@ -61,13 +71,19 @@ class PanopticQualityAccumulator:
             if label not in pred_segms:
                 if label == VOID:
                     continue
-                raise KeyError(f"In the image with ID {image_id} segment with ID {label} is presented in PNG and not presented in JSON.")
+                raise KeyError(
+                    f"In the image with ID {image_id} segment with ID {label} is presented in PNG and not presented in JSON."
+                )
             pred_segms[label]["area"] = count
             unseen.discard(label)
             if categories is not None and pred_segms[label]["category_id"] not in categories:
-                raise KeyError(f"In the image with ID {image_id} segment with ID {label} has unknown category_id {pred_segms[label]['category_id']}.")
+                raise KeyError(
+                    f"In the image with ID {image_id} segment with ID {label} has unknown category_id {pred_segms[label]['category_id']}."
+                )
         if unseen:
-            raise KeyError(f"In the image with ID {image_id} the following segment IDs {sorted(unseen)} are presented in JSON and not presented in PNG.")
+            raise KeyError(
+                f"In the image with ID {image_id} the following segment IDs {sorted(unseen)} are presented in JSON and not presented in PNG."
+            )
 
         pairs, intersections = np.unique(gt_ids * OFFSET + pred_ids, return_counts=True)
         overlap = {(int(p // OFFSET), int(p % OFFSET)): int(c) for p, c in zip(pairs.tolist(), intersections.tolist())}
@@ -106,7 +122,7 @@ class PanopticQualityAccumulator:
                 continue
             self._category(pred["category_id"])[2] += 1
 
-    def merge(self, other: "PanopticQualityAccumulator") -> "PanopticQualityAccumulator":
+    def merge(self, other: PanopticQualityAccumulator) -> PanopticQualityAccumulator:
         for category, values in other.stats.items():
             stat = self._category(category)
             for index in range(4):
@@ -120,16 +136,18 @@ class PanopticQualityAccumulator:
         return np.array([self.stats.get(c, [0.0, 0, 0, 0]) for c in category_ids], dtype=np.float64).reshape(-1, 4)
 
     @classmethod
-    def from_array(cls, array, category_ids: list[int]) -> "PanopticQualityAccumulator":
+    def from_array(cls, array, category_ids: list[int]) -> PanopticQualityAccumulator:
         accumulator = cls()
         for category, (iou, tp, fp, fn) in zip(category_ids, np.asarray(array, dtype=np.float64).tolist()):
             if tp or fp or fn or iou:
                 accumulator.stats[int(category)] = [iou, int(tp), int(fp), int(fn)]
         return accumulator
 
-    def average(self, categories: Mapping[int, Mapping], isthing: bool | None = None, subset: Iterable[int] | None = None):
+    def average(
+        self, categories: Mapping[int, Mapping], isthing: bool | None = None, subset: Iterable[int] | None = None
+    ):
         """panopticapi's `pq_average`, with `n = 0` giving zeros instead of a ZeroDivisionError."""
-        subset = None if subset is None else set(int(c) for c in subset)
+        subset = None if subset is None else {int(c) for c in subset}
         pq = sq = rq = 0.0
         n = 0
         per_class = {}
@@ -164,20 +182,22 @@ class PanopticQualityAccumulator:
         results["Things"], _ = self.average(categories, isthing=True)
         results["Stuff"], _ = self.average(categories, isthing=False)
         if seen_category_ids is not None:
-            seen = set(int(c) for c in seen_category_ids)
+            seen = {int(c) for c in seen_category_ids}
             results["Seen"], _ = self.average(categories, subset=seen)
             results["Unseen"], _ = self.average(categories, subset=[c for c in categories if int(c) not in seen])
         return results
 
 
-def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: str | None = None, pred_folder: str | None = None) -> dict:
+def pq_compute(
+    gt_json_file: str, pred_json_file: str, gt_folder: str | None = None, pred_folder: str | None = None
+) -> dict:
     """
     Drop-in for panopticapi's `pq_compute` (same files, same result dict, same sanity errors), in one process and
     without its prints; categories with no segment in a split give PQ 0 with n = 0 instead of dividing by zero.
     """
-    with open(gt_json_file) as handle:
+    with open(gt_json_file, encoding="utf-8") as handle:
         gt_json = json.load(handle)
-    with open(pred_json_file) as handle:
+    with open(pred_json_file, encoding="utf-8") as handle:
         pred_json = json.load(handle)
     gt_folder = gt_folder if gt_folder is not None else gt_json_file.replace(".json", "")
     pred_folder = pred_folder if pred_folder is not None else pred_json_file.replace(".json", "")

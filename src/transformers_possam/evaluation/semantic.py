@@ -9,6 +9,7 @@ import numpy as np
 
 from .panoptic import rgb2id
 
+
 __all__ = ["SemanticConfusion", "panoptic_to_semantic"]
 
 
@@ -71,7 +72,9 @@ def panoptic_to_semantic(
         else:
             raise KeyError(f"Category id {category} (segment id {segment_id}) is not in label_map.")
         if class_index == ignore_index:
-            raise ValueError(f"Category id {category} (segment id {segment_id}) maps to class {class_index}, which is ignore_index.")
+            raise ValueError(
+                f"Category id {category} (segment id {segment_id}) maps to class {class_index}, which is ignore_index."
+            )
         class_of_present[position_of_id[segment_id]] = class_index
     return class_of_present[pixel_to_present.reshape(ids.shape)]
 

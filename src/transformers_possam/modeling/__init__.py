@@ -11,6 +11,7 @@ from .mask_predictor import PosSAMMaskPredictor
 from .masked_cross_attention import PosSAMMaskedCrossAttention
 from .sam_attention import PosSAMVisionAttention
 
+
 __all__ = [
     "LocalDiscriminativePooling",
     "PosSAMCLIP",

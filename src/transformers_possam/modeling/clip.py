@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+
 __all__ = ["PosSAMCLIP", "classify_embeddings", "MAX_LOGIT_SCALE"]
 
 # CLIP clamps exp(logit_scale) at 100; FC-CLIP applies the same clamp to its learned temperature.
@@ -28,9 +29,18 @@ class PosSAMCLIP(nn.Module):
     Everything here is frozen in PosSAM.
     """
 
-    def __init__(self, vision_model_name: str, vision_model_kwargs: dict, text_config: CLIPTextConfig, embed_dim: int, logit_scale_init: float):
+    def __init__(
+        self,
+        vision_model_name: str,
+        vision_model_kwargs: dict,
+        text_config: CLIPTextConfig,
+        embed_dim: int,
+        logit_scale_init: float,
+    ):
         super().__init__()
-        self.vision_model = timm.create_model(vision_model_name, pretrained=False, num_classes=embed_dim, **vision_model_kwargs)
+        self.vision_model = timm.create_model(
+            vision_model_name, pretrained=False, num_classes=embed_dim, **vision_model_kwargs
+        )
         self.text_model = CLIPTextModelWithProjection(text_config)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
 

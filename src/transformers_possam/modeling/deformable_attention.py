@@ -9,6 +9,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     multi_scale_deformable_attention,
 )
 
+
 __all__ = ["PosSAMMultiscaleDeformableAttention", "deformable_attention_embedding_bag"]
 
 # float32 holds every integer below 2**24 exactly: row indices up to that are computed in float32
@@ -16,7 +17,10 @@ _FLOAT32_EXACT_INTEGERS = 2**24
 
 
 def deformable_attention_embedding_bag(
-    value: torch.Tensor, spatial_shapes: list[tuple[int, int]], sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     """
     The same result as transformers' `multi_scale_deformable_attention` (bilinear `grid_sample`, zero padding,
@@ -41,7 +45,9 @@ def deformable_attention_embedding_bag(
     device = value.device
     track_gradients = torch.is_grad_enabled() and (sampling_locations.requires_grad or attention_weights.requires_grad)
     # bag entries per (image, query, head), in (level, corner, point) order
-    positions = torch.empty(batch_size, num_queries, num_heads, num_levels, 4, num_points, dtype=index_dtype, device=device)
+    positions = torch.empty(
+        batch_size, num_queries, num_heads, num_levels, 4, num_points, dtype=index_dtype, device=device
+    )
     weights = None if track_gradients else torch.empty_like(positions)
     level_weights = []
     image_offset = (torch.arange(batch_size, dtype=index_dtype, device=device) * num_values).view(batch_size, 1, 1, 1)
@@ -60,7 +66,12 @@ def deformable_attention_embedding_bag(
         column_0, column_1 = x0.clamp(0, width - 1), (x0 + 1).clamp_(0, width - 1)
         row_0 = y0.clamp(0, height - 1).mul_(width).add_(image_offset + level_start)
         row_1 = (y0 + 1).clamp_(0, height - 1).mul_(width).add_(image_offset + level_start)
-        corners = ((row_0, column_0, weight_y0, weight_x0), (row_0, column_1, weight_y0, weight_x1), (row_1, column_0, weight_y1, weight_x0), (row_1, column_1, weight_y1, weight_x1))
+        corners = (
+            (row_0, column_0, weight_y0, weight_x0),
+            (row_0, column_1, weight_y0, weight_x1),
+            (row_1, column_0, weight_y1, weight_x0),
+            (row_1, column_1, weight_y1, weight_x1),
+        )
         for corner, (row, column, weight_y, weight_x) in enumerate(corners):
             torch.add(row, column, out=positions[:, :, :, level, corner])
             if weights is not None:  # in place, no concatenation
@@ -72,7 +83,9 @@ def deformable_attention_embedding_bag(
         weights = torch.stack(level_weights, dim=3)
     # value viewed as (B * N * heads, head_dim): row of (image, position, head) = (image * N + position) * heads + head
     head = torch.arange(num_heads, dtype=index_dtype, device=device).view(1, 1, num_heads, 1, 1, 1)
-    rows = positions.mul_(num_heads).add_(head).to(torch.int64 if index_dtype == torch.float64 else torch.int32).view(-1)
+    rows = (
+        positions.mul_(num_heads).add_(head).to(torch.int64 if index_dtype == torch.float64 else torch.int32).view(-1)
+    )
     samples_per_bag = num_levels * 4 * num_points
     offsets = torch.arange(0, rows.numel(), samples_per_bag, dtype=rows.dtype, device=device)
     output = F.embedding_bag(
@@ -113,12 +126,20 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         if attention_mask is not None:
             value = value.masked_fill(attention_mask[..., None], 0.0)
         value = value.view(batch_size, num_values, self.n_heads, self.d_model // self.n_heads)
-        offsets = self.sampling_offsets(queries).view(batch_size, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
-        attention_weights = self.attention_weights(queries).view(batch_size, num_queries, self.n_heads, self.n_levels * self.n_points)
-        attention_weights = attention_weights.softmax(-1).view(batch_size, num_queries, self.n_heads, self.n_levels, self.n_points)
+        offsets = self.sampling_offsets(queries).view(
+            batch_size, num_queries, self.n_heads, self.n_levels, self.n_points, 2
+        )
+        attention_weights = self.attention_weights(queries).view(
+            batch_size, num_queries, self.n_heads, self.n_levels * self.n_points
+        )
+        attention_weights = attention_weights.softmax(-1).view(
+            batch_size, num_queries, self.n_heads, self.n_levels, self.n_points
+        )
         # offsets are in pixels of each level: normalize by (width, height)
         normalizer = torch.tensor([[w, h] for h, w in spatial_shapes_list], dtype=offsets.dtype, device=offsets.device)
-        sampling_locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        sampling_locations = (
+            reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        )
 
         sample = deformable_attention_embedding_bag if value.device.type == "cpu" else multi_scale_deformable_attention
         output = self.output_proj(sample(value, spatial_shapes_list, sampling_locations, attention_weights))

@@ -6,6 +6,7 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
+
 __all__ = ["PosSAMFPN"]
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerMLPPredictionHead
 
+
 __all__ = ["PosSAMIoUHead"]
 
 

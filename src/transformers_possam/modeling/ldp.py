@@ -7,6 +7,7 @@ from torch import nn
 
 from .mask_pooling import mask_pool
 
+
 __all__ = ["LocalDiscriminativePooling"]
 
 
@@ -45,7 +46,13 @@ class LocalDiscriminativePooling(nn.Module):
     """
 
     def __init__(
-        self, mask_feature_dim: int, clip_feature_dim: int, embed_dim: int, num_heads: int, num_layers: int, dropout: float = 0.0
+        self,
+        mask_feature_dim: int,
+        clip_feature_dim: int,
+        embed_dim: int,
+        num_heads: int,
+        num_layers: int,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.sam_projection = nn.Sequential(nn.LayerNorm(mask_feature_dim), nn.Linear(mask_feature_dim, embed_dim))
@@ -54,7 +61,9 @@ class LocalDiscriminativePooling(nn.Module):
         self.fusion_layers = nn.ModuleList([_FusionLayer(embed_dim, num_heads, dropout) for _ in range(num_layers)])
         self.norm = nn.LayerNorm(embed_dim)
 
-    def forward(self, mask_features: torch.Tensor, clip_features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, mask_features: torch.Tensor, clip_features: torch.Tensor, mask_logits: torch.Tensor
+    ) -> torch.Tensor:
         """
         Args:
             mask_features: F_masked, `(batch, mask_feature_dim, H/4, W/4)`.

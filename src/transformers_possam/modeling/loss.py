@@ -15,6 +15,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     sigmoid_cross_entropy_loss,
 )
 
+
 __all__ = ["PosSAMHungarianMatcher", "PosSAMLoss", "sample_binary_masks", "mask_iou_targets"]
 
 
@@ -91,11 +92,15 @@ class PosSAMHungarianMatcher(Mask2FormerHungarianMatcher):
     @torch.no_grad()
     def forward(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels):
         indices = []
-        for logits, masks, labels, targets in zip(class_queries_logits, masks_queries_logits, class_labels, mask_labels):
+        for logits, masks, labels, targets in zip(
+            class_queries_logits, masks_queries_logits, class_labels, mask_labels
+        ):
             cost_class = -logits.float().softmax(-1)[:, labels]
             points = torch.rand(self.num_points, 2, device=masks.device)
             target_points = sample_binary_masks(targets, points)
-            pred_points = sample_point(masks.float()[:, None], points.expand(masks.shape[0], -1, -1), align_corners=False).squeeze(1)
+            pred_points = sample_point(
+                masks.float()[:, None], points.expand(masks.shape[0], -1, -1), align_corners=False
+            ).squeeze(1)
             cost_matrix = (
                 self.cost_mask * pair_wise_sigmoid_cross_entropy_loss(pred_points, target_points)
                 + self.cost_class * cost_class
@@ -133,7 +138,10 @@ class PosSAMLoss(Mask2FormerLoss):
         self.num_labels = None
         self.iou_loss_on_unmatched = config.iou_loss_on_unmatched
         self.matcher = PosSAMHungarianMatcher(
-            cost_class=config.class_weight, cost_mask=config.mask_weight, cost_dice=config.dice_weight, num_points=self.num_points
+            cost_class=config.class_weight,
+            cost_mask=config.mask_weight,
+            cost_dice=config.dice_weight,
+            num_points=self.num_points,
         )
 
     def loss_labels(self, class_queries_logits, class_labels, indices):
@@ -141,7 +149,9 @@ class PosSAMLoss(Mask2FormerLoss):
         void_index = num_classes_with_void - 1
         class_weights = torch.ones(num_classes_with_void, device=class_queries_logits.device)
         class_weights[-1] = self.eos_coef
-        target_classes = torch.full((batch_size, num_queries), void_index, dtype=torch.int64, device=class_queries_logits.device)
+        target_classes = torch.full(
+            (batch_size, num_queries), void_index, dtype=torch.int64, device=class_queries_logits.device
+        )
         target_classes[self._get_predictions_permutation_indices(indices)] = torch.cat(
             [labels[target] for labels, (_, target) in zip(class_labels, indices)]
         ).to(class_queries_logits.device)
@@ -155,11 +165,18 @@ class PosSAMLoss(Mask2FormerLoss):
         pred_masks = masks_queries_logits[self._get_predictions_permutation_indices(indices)].float()[:, None]
         with torch.no_grad():
             point_coordinates = self.sample_points_using_uncertainty(
-                pred_masks, self.calculate_uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio
+                pred_masks,
+                self.calculate_uncertainty,
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
             )
             per_image = point_coordinates.split([len(source) for source, _ in indices])
             point_labels = torch.cat(
-                [sample_binary_masks(targets, coords) for targets, coords in zip(self._matched_targets(mask_labels, indices), per_image)]
+                [
+                    sample_binary_masks(targets, coords)
+                    for targets, coords in zip(self._matched_targets(mask_labels, indices), per_image)
+                ]
             )
         point_logits = sample_point(pred_masks, point_coordinates, align_corners=False).squeeze(1)
         return {
@@ -173,7 +190,8 @@ class PosSAMLoss(Mask2FormerLoss):
             pred_masks = masks_queries_logits[predictions_index].detach()
             per_image = pred_masks.split([len(source) for source, _ in indices])
             targets = [
-                mask_iou_targets(preds, masks) for preds, masks in zip(per_image, self._matched_targets(mask_labels, indices))
+                mask_iou_targets(preds, masks)
+                for preds, masks in zip(per_image, self._matched_targets(mask_labels, indices))
             ]
             iou_targets = torch.cat(targets) if targets else pred_masks.new_zeros(0)
         predicted = iou_logits.float().sigmoid()
@@ -210,7 +228,11 @@ class PosSAMLoss(Mask2FormerLoss):
             losses.update(self.loss_iou(iou_logits, masks_queries_logits, mask_labels, indices, num_masks))
         for layer_index, aux in enumerate(auxiliary_predictions or []):
             aux_losses = self.forward(
-                aux["masks_queries_logits"], aux["class_queries_logits"], mask_labels, class_labels, iou_logits=aux.get("iou_logits")
+                aux["masks_queries_logits"],
+                aux["class_queries_logits"],
+                mask_labels,
+                class_labels,
+                iou_logits=aux.get("iou_logits"),
             )
             losses.update({f"{key}_{layer_index}": value for key, value in aux_losses.items()})
         return losses

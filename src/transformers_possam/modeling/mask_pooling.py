@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+
 __all__ = ["mask_pool"]
 
 

@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerMaskPredictor
 
+
 __all__ = ["PosSAMMaskPredictor"]
 
 
@@ -34,7 +35,8 @@ class PosSAMMaskPredictor(Mask2FormerMaskPredictor):
     def attention_masks_only(self, mask_features: torch.Tensor, sizes: list[tuple[int, int]]):
         """Within the block, `forward` returns `(None, attention_mask)` from features resized once per size."""
         self._resized_features = {
-            tuple(size): F.interpolate(mask_features, size=tuple(size), mode="bilinear", align_corners=False) for size in sizes
+            tuple(size): F.interpolate(mask_features, size=tuple(size), mode="bilinear", align_corners=False)
+            for size in sizes
         }
         try:
             yield

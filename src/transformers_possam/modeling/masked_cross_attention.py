@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
+
 
 __all__ = ["PosSAMMaskedCrossAttention"]
 
@@ -19,9 +19,25 @@ class PosSAMMaskedCrossAttention(nn.MultiheadAttention):
 
     return_attention_weights = False
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         need_weights = need_weights and self.return_attention_weights
         return super().forward(
-            query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights, is_causal=is_causal,
+            query,
+            key,
+            value,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
         )

@@ -6,6 +6,7 @@ import torch
 from torch.nn import functional as F
 from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
+
 __all__ = ["PosSAMVisionAttention"]
 
 
@@ -24,7 +25,9 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
             return super().forward(hidden_states, output_attentions)  # the parent warns and returns None weights
         batch_size, height, width, _ = hidden_states.shape
         tokens = height * width
-        qkv = self.qkv(hidden_states).reshape(batch_size, tokens, 3, self.num_attention_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = (
+            self.qkv(hidden_states).reshape(batch_size, tokens, 3, self.num_attention_heads, -1).permute(2, 0, 3, 1, 4)
+        )
         query, key, value = qkv.unbind(0)  # (B, heads, tokens, head_dim)
         outputs = []
         for first in range(0, self.num_attention_heads, self.heads_per_chunk):
@@ -34,7 +37,11 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
             bias = None
             if self.use_rel_pos:
                 bias = self.get_decomposed_rel_pos(
-                    chunk_query.reshape(batch_size * chunk, tokens, -1), self.rel_pos_h, self.rel_pos_w, (height, width), (height, width)
+                    chunk_query.reshape(batch_size * chunk, tokens, -1),
+                    self.rel_pos_h,
+                    self.rel_pos_w,
+                    (height, width),
+                    (height, width),
                 ).reshape(batch_size, chunk, tokens, tokens)
             outputs.append(F.scaled_dot_product_attention(chunk_query, key[:, heads], value[:, heads], attn_mask=bias))
         attention = torch.cat(outputs, dim=1).view(batch_size, self.num_attention_heads, height, width, -1)

@@ -13,17 +13,17 @@ inside one class (ADE20K's stove does): the classifier takes each class's best s
 
 from __future__ import annotations
 
-import warnings
-
 import csv
 import numbers
 import unicodedata
+import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 
 import numpy as np
+
 
 __all__ = [
     "Vocabulary",
@@ -77,7 +77,9 @@ def normalize_class_name(name: object, where: str = "class name") -> str:
         )
     synonyms = [part.strip() for part in str(name).split(",")]
     if not any(synonyms):
-        raise ValueError(f"{where} = {preview(name)} is blank: it has no synonym; every class needs a name such as 'cat'.")
+        raise ValueError(
+            f"{where} = {preview(name)} is blank: it has no synonym; every class needs a name such as 'cat'."
+        )
     for position, synonym in enumerate(synonyms):
         if not synonym:
             raise ValueError(
@@ -112,7 +114,9 @@ def thing_flag(value: object, where: str = "isthing") -> bool:
     if isinstance(value, numbers.Integral):
         if value in (0, 1):
             return bool(value)
-        raise ValueError(f"{where} = {value!r}: use True (thing) or False (stuff); as integers only 1 and 0 are allowed.")
+        raise ValueError(
+            f"{where} = {value!r}: use True (thing) or False (stuff); as integers only 1 and 0 are allowed."
+        )
     raise TypeError(f"{where} = {preview(value)} has type {type(value).__name__}; use True (thing) or False (stuff).")
 
 
@@ -212,7 +216,7 @@ def check_distinct_classes(names: Sequence[str]) -> None:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_vocabulary(preset: str) -> Vocabulary:
     """Load a shipped vocabulary by preset name (``"coco_panoptic_133"`` or ``"ade20k_150"``)."""
     if preset not in VOCABULARY_PRESETS:
@@ -222,6 +226,4 @@ def load_vocabulary(preset: str) -> Vocabulary:
     rows.sort(key=lambda row: int(row["id"]))
     if [int(row["id"]) for row in rows] != list(range(len(rows))):
         raise ValueError(f"Vocabulary file of {preset!r} does not hold contiguous ids 0..N-1.")
-    return Vocabulary(
-        names=tuple(row["names"] for row in rows), is_thing=tuple(row["isthing"] == "1" for row in rows)
-    )
+    return Vocabulary(names=tuple(row["names"] for row in rows), is_thing=tuple(row["isthing"] == "1" for row in rows))

@@ -15,7 +15,10 @@ import numpy as np
 
 from transformers_possam.evaluation.panoptic import PanopticQualityAccumulator, rgb2id
 
-_DESCRIPTION = "Panoptic quality (PQ, SQ, RQ; All/Things/Stuff and per class; optional Seen/Unseen) with panopticapi's rules."
+
+_DESCRIPTION = (
+    "Panoptic quality (PQ, SQ, RQ; All/Things/Stuff and per class; optional Seen/Unseen) with panopticapi's rules."
+)
 _KWARGS_DESCRIPTION = """
 Args:
     predictions: per image `{"segmentation": (H, W) segment ids (0 = none) or an (H, W, 3) RGB panoptic PNG array,
@@ -65,7 +68,9 @@ class PanopticQuality(evaluate.Metric):
     def add_batch(self, *, predictions=None, references=None, **kwargs):
         """Adds a batch of images (their segments normalised to the stored form first); `compute` goes through here."""
         if predictions is not None:
-            predictions = [_normalized_image(image, f"predictions[{index}]") for index, image in enumerate(predictions)]
+            predictions = [
+                _normalized_image(image, f"predictions[{index}]") for index, image in enumerate(predictions)
+            ]
         if references is not None:
             references = [_normalized_image(image, f"references[{index}]") for index, image in enumerate(references)]
         return super().add_batch(predictions=predictions, references=references, **kwargs)
@@ -109,12 +114,16 @@ def _normalized_image(image: Any, where: str) -> dict:
     with exactly the stored keys (`None` for an absent `iscrowd` / `area`), raising errors that name `where`.
     """
     if not isinstance(image, Mapping) or "segmentation" not in image or "segments_info" not in image:
-        raise ValueError(f"{where} must be a dict with 'segmentation' and 'segments_info', got {type(image).__name__}.")
+        raise ValueError(
+            f"{where} must be a dict with 'segmentation' and 'segments_info', got {type(image).__name__}."
+        )
     ids = np.asarray(image["segmentation"])
     if ids.ndim == 3 and ids.shape[-1] == 3:  # an RGB panoptic PNG
         ids = rgb2id(ids)
     if ids.ndim != 2:
-        raise ValueError(f"{where}['segmentation'] must be (H, W) segment ids or (H, W, 3) RGB, got shape {ids.shape}.")
+        raise ValueError(
+            f"{where}['segmentation'] must be (H, W) segment ids or (H, W, 3) RGB, got shape {ids.shape}."
+        )
     if not (np.issubdtype(ids.dtype, np.integer) or ids.dtype == bool):
         raise ValueError(f"{where}['segmentation'] must hold integer segment ids, got dtype {ids.dtype}.")
     segments = image["segments_info"]
@@ -135,6 +144,8 @@ def _normalized_segment(segment: Any, where: str) -> dict:
     if category is None:
         raise ValueError(f"{where} has neither 'category_id' nor 'label_id'.")
     if "label_id" in segment and "category_id" in segment and int(segment["label_id"]) != int(segment["category_id"]):
-        raise ValueError(f"{where} has 'category_id' {segment['category_id']} and a different 'label_id' {segment['label_id']}.")
+        raise ValueError(
+            f"{where} has 'category_id' {segment['category_id']} and a different 'label_id' {segment['label_id']}."
+        )
     optional = {key: None if segment.get(key) is None else int(segment[key]) for key in ("iscrowd", "area")}
     return {"id": int(segment["id"]), "category_id": int(category), **optional}
