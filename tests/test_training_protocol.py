@@ -316,7 +316,7 @@ def test_parameter_groups_follow_fcclip_by_name():
         "model.transformer_module.queries_features.weight",  # query features (nn.Embedding)
         "model.transformer_module.queries_embedder.weight",  # query positions (nn.Embedding)
         "model.transformer_module.level_embed.weight",  # decoder level embeddings (nn.Embedding)
-        "void_embedding.weight",
+        "classifier.void_embedding.weight",
         "ldp.stream_embeddings.weight",
         "ldp.norm.weight",
         "ldp.norm.bias",  # LayerNorm
@@ -331,7 +331,7 @@ def test_parameter_groups_follow_fcclip_by_name():
         "ldp.sam_projection.1.weight",
         "ldp.sam_projection.1.bias",
         "model.iou_head.mlp.0.0.weight",
-        "logit_scale",  # a plain nn.Parameter, decayed like FC-CLIP's own class-head logit_scale
+        "classifier.logit_scale",  # a plain nn.Parameter, decayed like FC-CLIP's own class-head logit_scale
         "model.pixel_decoder.level_embed",  # a plain nn.Parameter in FC-CLIP's pixel decoder too
     ]
     for name in decayed:

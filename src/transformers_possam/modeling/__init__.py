@@ -1,6 +1,7 @@
 """PosSAM building blocks, one paper box per file."""
 
-from .clip import PosSAMCLIP, classify_embeddings
+from .classifier import PosSAMOpenVocabularyClassifier
+from .clip import PosSAMCLIP
 from .deformable_attention import PosSAMMultiscaleDeformableAttention, deformable_attention_embedding_bag
 from .fpn import PosSAMFPN
 from .iou_head import PosSAMIoUHead
@@ -22,8 +23,8 @@ __all__ = [
     "PosSAMMaskPredictor",
     "PosSAMMaskedCrossAttention",
     "PosSAMMultiscaleDeformableAttention",
+    "PosSAMOpenVocabularyClassifier",
     "PosSAMVisionAttention",
-    "classify_embeddings",
     "deformable_attention_embedding_bag",
     "mask_pool",
     "sample_binary_masks",
