@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import IterableDataset
-from panopticapi.utils import rgb2id
+from panopticapi.utils import id2rgb, rgb2id
 from PIL import Image
 
 from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, tiny_config
@@ -166,8 +166,6 @@ def test_zoomed_out_samples_stay_small_on_the_canvas():
     square = np.zeros((64, 64), np.int64)
     square[16:48, 16:48] = 5
     picture = Image.fromarray(np.full((64, 64, 3), 90, np.uint8))
-    from transformers_possam.data.synthetic import id2rgb
-
     row = {
         "image": picture,
         "label": Image.fromarray(id2rgb(square)),
