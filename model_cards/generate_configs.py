@@ -107,7 +107,7 @@ With the Auto classes:
 from transformers import AutoModelForUniversalSegmentation, AutoProcessor
 model = AutoModelForUniversalSegmentation.from_pretrained("<hub-user>/possam-{variant}")
 processor = AutoProcessor.from_pretrained("<hub-user>/possam-{variant}")
-inputs = processor(images=image, candidate_labels=["cat", "dog"])
+inputs = processor(images=image, candidate_labels=["cat", "dog"], return_tensors="pt")
 outputs = model(**{{k: inputs[k] for k in ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "synonym_mask")}})
 result = processor.post_process_panoptic_segmentation(outputs, target_sizes=inputs["original_sizes"],
     reshaped_input_sizes=inputs["reshaped_input_sizes"], candidate_labels=["cat", "dog"],

@@ -91,8 +91,8 @@ def test_unit_range_float_equals_the_uint8_picture_with_a_warning(backend, as_un
     # expected: a "already rescaled" warning and the uint8 picture's pixel values (before: a nearly black image)
     processor, rgb = tiny_processor(backend), picture()
     with pytest.warns(UserWarning, match=RESCALED_WARNING):
-        result = processor(as_unit_float(rgb))["pixel_values"]
-    torch.testing.assert_close(result, processor(rgb)["pixel_values"], atol=1e-5, rtol=0)
+        result = processor(as_unit_float(rgb), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(result, processor(rgb, return_tensors="pt")["pixel_values"], atol=1e-5, rtol=0)
 
 
 @BACKENDS
@@ -101,9 +101,11 @@ def test_unit_range_float_is_rescaled_once_when_resized(backend):
     # torchvision backend resizes uint8 in 8 bits), 60x80 -> 96x128
     processor, rgb = tiny_processor(backend), picture(60, 80)
     with pytest.warns(UserWarning, match=RESCALED_WARNING):
-        result = processor(rgb.astype(np.float32) / 255)["pixel_values"]
-    torch.testing.assert_close(result, processor(rgb.astype(np.float32))["pixel_values"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(result, processor(rgb)["pixel_values"], atol=ONE_LEVEL, rtol=0)
+        result = processor(rgb.astype(np.float32) / 255, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(
+        result, processor(rgb.astype(np.float32), return_tensors="pt")["pixel_values"], atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(result, processor(rgb, return_tensors="pt")["pixel_values"], atol=ONE_LEVEL, rtol=0)
 
 
 @BACKENDS
@@ -113,7 +115,7 @@ def test_fractional_float_on_0_255_scale_is_rescaled_without_warning(backend):
     rgb = picture().astype(np.float32) * (254 / 255) + 0.25  # fractional, inside [0, 255]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = processor(rgb)["pixel_values"]
+        result = processor(rgb, return_tensors="pt")["pixel_values"]
     assert not [w for w in caught if RESCALED_WARNING in str(w.message)]
     tolerance = 1e-5 if backend is PosSAMImageProcessor else ONE_LEVEL / 2
     torch.testing.assert_close(image_area(result), sam_normalized(processor, rgb), atol=tolerance, rtol=0)
@@ -128,8 +130,8 @@ def test_uint16_array_equals_pil_i16_and_the_16_bit_formula(backend):
     # backend works in 8 bits: within half a level)
     processor = tiny_processor(backend)
     gray16 = np.random.default_rng(1).integers(0, 65536, (HEIGHT, WIDTH), dtype=np.uint16)
-    from_pil = processor(Image.fromarray(gray16))["pixel_values"]
-    torch.testing.assert_close(processor(gray16)["pixel_values"], from_pil, atol=0, rtol=0)
+    from_pil = processor(Image.fromarray(gray16), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(processor(gray16, return_tensors="pt")["pixel_values"], from_pil, atol=0, rtol=0)
     reference = sam_normalized(processor, np.repeat(gray16[..., None] * (255 / 65535), 3, axis=-1))
     tolerance = 1e-5 if backend is PosSAMImageProcessor else ONE_LEVEL / 2
     torch.testing.assert_close(image_area(from_pil), reference, atol=tolerance, rtol=0)
@@ -193,7 +195,7 @@ def test_extreme_aspect_strip_keeps_one_pixel_on_the_short_side(backend, make_st
     # expected: longest side -> longest_edge, short side max(1, round(short * scale)), pixel_mask covering exactly
     # that area, the strip's colour inside it (before: SizeDict(height=0) ValueError from the resize)
     processor = tiny_processor(backend, longest_edge)
-    out = processor(make_strip())
+    out = processor(make_strip(), return_tensors="pt")
     scale = longest_edge / max(original)
     expected = tuple(max(1, int(side * scale + 0.5)) for side in original)
     assert min(expected) == 1
@@ -343,13 +345,13 @@ def test_documented_conversion_equals_the_uint8_picture(backend, image, referenc
     processor = tiny_processor(backend)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*" + RESCALED_WARNING)
-        result = processor(image)["pixel_values"]
-    torch.testing.assert_close(result, processor(reference)["pixel_values"], atol=1e-4, rtol=0)
+        result = processor(image, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(result, processor(reference, return_tensors="pt")["pixel_values"], atol=1e-4, rtol=0)
 
 
 def pictures_one_by_one(processor, *rgbs: np.ndarray) -> torch.Tensor:
     """Reference for batches: each picture through the processor alone, stacked."""
-    return torch.cat([processor(rgb)["pixel_values"] for rgb in rgbs])
+    return torch.cat([processor(rgb, return_tensors="pt")["pixel_values"] for rgb in rgbs])
 
 
 @BACKENDS
@@ -358,9 +360,14 @@ def test_4d_arrays_are_batches(backend):
     # flattened: both equal the pictures processed one by one
     processor, first, second = tiny_processor(backend), picture(seed=1), picture(seed=2)
     one_by_one = pictures_one_by_one(processor, first, second)
-    torch.testing.assert_close(processor(np.stack([first, second]))["pixel_values"], one_by_one, atol=0, rtol=0)
     torch.testing.assert_close(
-        processor([np.stack([first]), np.stack([second])])["pixel_values"], one_by_one, atol=0, rtol=0
+        processor(np.stack([first, second]), return_tensors="pt")["pixel_values"], one_by_one, atol=0, rtol=0
+    )
+    torch.testing.assert_close(
+        processor([np.stack([first]), np.stack([second])], return_tensors="pt")["pixel_values"],
+        one_by_one,
+        atol=0,
+        rtol=0,
     )
 
 
@@ -369,7 +376,7 @@ def test_batch_mixing_uint8_and_unit_float_gives_each_picture_its_result(backend
     # expected: the [0, 1] float picture is not rescaled twice because a uint8 one shares its batch
     processor, first, second = tiny_processor(backend), picture(seed=1), picture(seed=2)
     with pytest.warns(UserWarning, match=RESCALED_WARNING):
-        mixed = processor([first, second.astype(np.float32) / 255])["pixel_values"]
+        mixed = processor([first, second.astype(np.float32) / 255], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(mixed, pictures_one_by_one(processor, first, second), atol=1e-5, rtol=0)
 
 
@@ -383,12 +390,17 @@ def test_ambiguous_3x3x3_reads_channels_first_unless_told(backend):
     processor = tiny_processor(backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the ambiguity warning is checked below
-        default = processor(CUBE)["pixel_values"]
+        default = processor(CUBE, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(
-        default, processor(CUBE, input_data_format="channels_first")["pixel_values"], atol=0, rtol=0
+        default,
+        processor(CUBE, input_data_format="channels_first", return_tensors="pt")["pixel_values"],
+        atol=0,
+        rtol=0,
     )
-    channels_last = processor(CUBE, input_data_format="channels_last")["pixel_values"]
-    transposed = processor(np.moveaxis(CUBE, -1, 0), input_data_format="channels_first")["pixel_values"]
+    channels_last = processor(CUBE, input_data_format="channels_last", return_tensors="pt")["pixel_values"]
+    transposed = processor(np.moveaxis(CUBE, -1, 0), input_data_format="channels_first", return_tensors="pt")[
+        "pixel_values"
+    ]
     torch.testing.assert_close(channels_last, transposed, atol=0, rtol=0)
     assert not torch.equal(default, channels_last)
 
@@ -416,8 +428,12 @@ def possam_processor():
 def test_processor_unit_float_equals_uint8(possam_processor):
     # expected: the uint8 picture's pixel values, with the warning
     with pytest.warns(UserWarning, match=RESCALED_WARNING):
-        result = possam_processor(images=picture() / 255.0, candidate_labels=LABELS)["pixel_values"]
-    torch.testing.assert_close(result, possam_processor(images=picture())["pixel_values"], atol=1e-5, rtol=0)
+        result = possam_processor(images=picture() / 255.0, candidate_labels=LABELS, return_tensors="pt")[
+            "pixel_values"
+        ]
+    torch.testing.assert_close(
+        result, possam_processor(images=picture(), return_tensors="pt")["pixel_values"], atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize(

@@ -623,7 +623,7 @@ def test_processor_outputs_feed_the_model_directly(tmp_path):
         PosSAMForPanopticSegmentation.from_pretrained(folder).eval(),
         PosSAMProcessor.from_pretrained(folder),
     )
-    inputs = processor(images=PILImage.new("RGB", (60, 50)), candidate_labels=["cat", "sky"])
+    inputs = processor(images=PILImage.new("RGB", (60, 50)), candidate_labels=["cat", "sky"], return_tensors="pt")
     assert {"original_sizes", "reshaped_input_sizes"} <= set(inputs)
     with torch.no_grad():
         direct = model(**inputs)

@@ -534,6 +534,7 @@ def test_outputs_as_a_dict_or_half_precision(processor):
         ("semantic", {"use_mase": 0}, "use_mase must be True or False, got int 0"),
         ("instance", {"use_mase": None}, "use_mase must be True or False, got NoneType"),
         ("instance", {"return_binary_maps": "yes"}, "return_binary_maps must be True or False"),
+        ("semantic", {"return_segmentation_scores": 1}, "return_segmentation_scores must be True or False"),
     ],
 )
 def test_non_bool_flags(processor, subtask, kwargs, match):
@@ -568,6 +569,11 @@ def test_zero_queries(processor):
     assert run(processor, "instance", outputs)[0]["segments_info"] == []
     (labels,) = run(processor, "semantic", outputs)
     assert labels.shape == TARGET and labels.dtype == torch.int64 and not labels.any()
+    (with_scores,) = run(processor, "semantic", outputs, return_segmentation_scores=True)
+    assert torch.equal(with_scores.segmentation, labels)
+    assert (
+        with_scores.segmentation_scores.shape == (NUM_CLASSES, *TARGET) and not with_scores.segmentation_scores.any()
+    )
 
 
 def test_empty_batch(processor):

@@ -240,6 +240,17 @@ def test_semantic_equals_fcclip_order_dense(reshaped_size, target_size, monkeypa
     differ = labels != expected
     top2 = class_maps.topk(2, dim=0).values
     assert differ.float().mean() < 1e-3 and bool(((top2[0] - top2[1])[differ] < 1e-5).all())
+    # return_segmentation_scores: the same labels, and the K class maps they are the argmax of (Mask2Former's output)
+    (with_scores,) = processor.post_process_semantic_segmentation(
+        outputs,
+        target_sizes=target_size and [target_size],
+        reshaped_input_sizes=reshaped_size and [reshaped_size],
+        return_segmentation_scores=True,
+    )
+    assert torch.equal(with_scores.segmentation, labels)
+    assert with_scores.segmentation_scores.shape == (classes, *labels.shape)
+    torch.testing.assert_close(with_scores.segmentation_scores, class_maps, atol=1e-5, rtol=1e-5)
+    assert torch.equal(with_scores.segmentation_scores.argmax(0), labels)
     if reshaped_size is None and target_size is None:
         return  # nothing is resized: the order cannot matter
     # the order matters: sigmoid at mask resolution, then resize, labels other pixels

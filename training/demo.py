@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
     results = evaluate_panoptic(model, processor.image_processor, rows, vocabulary, class_embeddings, synonym_mask)
 
     with torch.no_grad():
-        inputs = processor(images=rows[0]["image"])
+        inputs = processor(images=rows[0]["image"], return_tensors="pt")
         outputs = model(
             pixel_values=inputs["pixel_values"],
             pixel_mask=inputs["pixel_mask"],

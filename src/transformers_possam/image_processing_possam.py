@@ -340,9 +340,15 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin):
         annotations (*optional*): one per image, a COCO panoptic `{"panoptic_map", "segments_info"}` dict or a
             two-channel (semantic, instance) map; gives `mask_labels` (uint8) and `class_labels`.
 
-        Returns `pixel_values` `(B, 3, 1024, 1024)`, `pixel_mask` `(B, 1024, 1024)` (1 on the image, 0 on padding),
-        `original_sizes`, `reshaped_input_sizes` (longest side 1024, at least 1 pixel on the other), and with
-        annotations `mask_labels` / `class_labels` (lists).
+        return_tensors (*optional*): `"pt"` for torch tensors (what the model takes), `"np"` for numpy arrays; the
+            default, None, returns per-image lists as transformers' image processors do (torch tensors from this
+            torchvision backend, numpy arrays from the PIL backend).
+
+        Returns `pixel_values` `(B, 3, 1024, 1024)`, `pixel_mask` `(B, 1024, 1024)` int64 (1 on the image, 0 on
+        padding), `original_sizes` and `reshaped_input_sizes` `(B, 2)` (longest side 1024, at least 1 pixel on the
+        other), each a list of B per-image entries when `return_tensors` is None; with annotations also
+        `mask_labels` / `class_labels`, lists of per-image torch tensors whatever `return_tensors` (their number of
+        segments differs between images).
 
         Raises `ValueError` for every unusable input, wrong types included, naming the image's index and the problem:
         no image, None, a path (the pipeline loads those), an unsupported dtype (bool, complex, object), NaN / inf,
@@ -362,14 +368,24 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin):
         kwargs["input_data_format"] = (
             ChannelDimension.FIRST
         )  # every array is (C, H, W) now; PIL images carry their own
-        return_tensors = kwargs.pop("return_tensors", "pt")
+        # transformers' convention: no tensor type unless asked for (lists of per-image arrays, as SAM returns them)
+        return_tensors = kwargs.pop("return_tensors", None)
         data = super().preprocess(image_list, return_tensors=return_tensors, **kwargs)
         padded = self._padded_size()
         reshaped = [tuple(int(v) for v in size) for size in data["reshaped_input_sizes"]]
-        pixel_mask = torch.zeros(len(reshaped), *padded, dtype=torch.int64)
-        for index, (height, width) in enumerate(reshaped):
-            pixel_mask[index, :height, :width] = 1
-        data["pixel_mask"] = pixel_mask
+        pixel_masks = []
+        for height, width in reshaped:
+            pixel_mask = np.zeros(padded, dtype=np.int64)
+            pixel_mask[:height, :width] = 1
+            pixel_masks.append(pixel_mask)
+        if return_tensors is not None:
+            data["pixel_mask"] = BatchFeature({"pixel_mask": np.stack(pixel_masks)}, tensor_type=return_tensors)[
+                "pixel_mask"
+            ]
+        else:
+            # like the pixel values of this backend: torch tensors (torchvision) or numpy arrays (PIL)
+            as_pixels = torch.from_numpy if torch.is_tensor(data["pixel_values"][0]) else np.asarray
+            data["pixel_mask"] = [as_pixels(pixel_mask) for pixel_mask in pixel_masks]
         if annotations is not None:
             annotation_list = list(annotations) if isinstance(annotations, (list, tuple)) else [annotations]
             if len(annotation_list) != len(image_list):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.nn import functional as F
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 
 from .mase import mask_aware_selective_ensemble
 from .mask_resampling import AxisResampling, assign_panoptic, axis_resampling, resize_matrix
@@ -596,7 +597,8 @@ class PosSAMPostProcessingMixin:
         reshaped_input_sizes: list[tuple[int, int]] | None = None,
         mase_alpha: float | None = None,
         mase_beta: float | None = None,
-    ) -> list[torch.Tensor]:
+        return_segmentation_scores: bool = False,
+    ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
         """
         FC-CLIP semantic inference, in FC-CLIP's order: each query's mask logits are resized to the output (cropped to
         `reshaped_input_sizes`, resized to `target_sizes`, as the panoptic masks), *then* passed through the sigmoid,
@@ -605,24 +607,51 @@ class PosSAMPostProcessingMixin:
 
         Memory stays bounded: the output is computed in bands of rows (`SEMANTIC_BAND_ELEMENTS` per temporary), each
         band's logits resized with the same bilinear weights as `F.interpolate`, so neither Q full-size masks nor K
-        full-size class maps ever exist. Returns per image an `(H, W)` int64 map of class ids (as transformers'
-        semantic post-processors); with no query at all every pixel gets class 0 (all class sums are 0).
+        full-size class maps ever exist (unless `return_segmentation_scores` asks for the K class maps: the result).
+
+        Returns per image an `(H, W)` int64 map of class ids (as transformers' semantic post-processors); with no
+        query at all every pixel gets class 0 (all class sums are 0). With `return_segmentation_scores=True`, per
+        image a [`SemanticSegmentationPostProcessorOutput`] (as Mask2Former's) with `segmentation`, the same
+        `(H, W)` map, and `segmentation_scores` `(K, H, W)` float32: each class's score at each pixel,
+        sum_q score[q, k] * sigmoid(resized mask logits of q), whose argmax over K is `segmentation`. (H, W) is the
+        target size, else the reshaped size, else the mask logits' size.
 
         Raises:
-            TypeError / ValueError: as `post_process_panoptic_segmentation`, for the arguments shared with it.
+            TypeError: `return_segmentation_scores` not a bool, and as `post_process_panoptic_segmentation` for the
+                arguments shared with it.
+            ValueError: as `post_process_panoptic_segmentation`, for the arguments shared with it.
         """
+        return_segmentation_scores = check_flag(return_segmentation_scores, "return_segmentation_scores")
         predictions, scores, _, targets, reshaped = self._prepare(
             outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, mase_alpha, mase_beta
         )
-        return [
-            self._semantic_labels(mask_logits.float(), scores[index], reshaped[index], targets[index]).cpu()
-            for index, mask_logits in enumerate(predictions.masks_queries_logits)
-        ]
+        results: list = []  # of tensors, or of SemanticSegmentationPostProcessorOutput
+        for index, mask_logits in enumerate(predictions.masks_queries_logits):
+            labels, class_maps = self._semantic_labels(
+                mask_logits.float(), scores[index], reshaped[index], targets[index], return_segmentation_scores
+            )
+            if class_maps is not None:
+                results.append(
+                    SemanticSegmentationPostProcessorOutput(
+                        data={"segmentation": labels.cpu(), "segmentation_scores": class_maps.cpu()}
+                    )
+                )
+            else:
+                results.append(labels.cpu())
+        return results
 
     def _semantic_labels(
-        self, mask_logits: torch.Tensor, scores: torch.Tensor, reshaped_size, target_size
-    ) -> torch.Tensor:
-        """`(Q, h, w)` mask logits, `(Q, K)` scores -> `(H, W)` argmax_k sum_q scores[q, k] * sigmoid(resized logits)."""
+        self,
+        mask_logits: torch.Tensor,
+        scores: torch.Tensor,
+        reshaped_size,
+        target_size,
+        return_class_maps: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        `(Q, h, w)` mask logits, `(Q, K)` scores -> `(H, W)` labels argmax_k sum_q scores[q, k] * sigmoid(resized
+        logits), and, with `return_class_maps`, those sums `(K, H, W)` (else None).
+        """
         steps = self._resize_steps(reshaped_size, target_size)
         num_queries, height, width = mask_logits.shape
         rows = resize_matrix(
@@ -632,6 +661,11 @@ class PosSAMPostProcessingMixin:
         out_height = rows.shape[0]
         out_width = _resize_last_axis(mask_logits.new_zeros(1, 1, width), column_steps).shape[-1]
         labels = torch.empty(out_height, out_width, dtype=torch.int64, device=mask_logits.device)
+        class_maps_out = (
+            torch.empty(scores.shape[-1], out_height, out_width, dtype=torch.float32, device=mask_logits.device)
+            if return_class_maps
+            else None
+        )
         # the column resize passes through the padded width before the crop: size bands by the widest step
         widest = max([out_width, width] + [size for size, _ in column_steps])
         band = max(1, SEMANTIC_BAND_ELEMENTS // (max(num_queries, scores.shape[-1], 1) * widest))
@@ -645,7 +679,9 @@ class PosSAMPostProcessingMixin:
             probabilities = _resize_last_axis(band_logits, column_steps).sigmoid()
             class_maps = torch.einsum("qk,qbw->kbw", scores, probabilities)
             labels[first : first + band] = class_maps.argmax(0)
-        return labels
+            if class_maps_out is not None:
+                class_maps_out[:, first : first + band] = class_maps
+        return labels, class_maps_out
 
     def post_process_instance_segmentation(
         self,

@@ -1,20 +1,30 @@
 """PosSAMProcessor: image processor + CLIP tokenizer; turns a vocabulary into prompt tokens (like OneFormerProcessor)."""
 
-from __future__ import annotations
-
+import difflib
+import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from transformers.image_processing_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
+from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
+from transformers.utils import TensorType
 
 # `resolve_vocabulary` and `seen_class_mask` live in the vocabulary layer; imported here, they stay part of this
 # module's API (`from transformers_possam.processing_possam import resolve_vocabulary`).
+from .image_processing_possam import PosSAMImageProcessorKwargs
 from .vocabularies import CandidateLabels, Vocabulary, preview, resolve_vocabulary, seen_class_mask, shared_synonyms
 
 
-__all__ = ["PosSAMProcessor", "VILD_TEMPLATES", "fill_templates", "resolve_vocabulary", "seen_class_mask"]
+__all__ = [
+    "PosSAMProcessor",
+    "PosSAMProcessorKwargs",
+    "VILD_TEMPLATES",
+    "fill_templates",
+    "resolve_vocabulary",
+    "seen_class_mask",
+]
 
 # FC-CLIP's 14 ViLD prompt templates (fcclip/fcclip.py::VILD_PROMPT); punctuation matters.
 VILD_TEMPLATES = (
@@ -67,72 +77,181 @@ def _check_clip_tokenizer(tokenizer) -> None:
         )
 
 
+class PosSAMProcessorKwargs(ProcessingKwargs, total=False):
+    r"""
+    Keyword arguments of [`PosSAMProcessor.__call__`], routed as transformers' processors route them:
+    `images_kwargs` (or the same names flat) go to the image processor ([`PosSAMImageProcessorKwargs`]),
+    `text_kwargs` (or flat `padding`, `max_length`, ...) to the tokenizer as it encodes the vocabulary (see
+    [`PosSAMProcessor.encode_vocabulary`] for the ones it honours), `common_kwargs` (`return_tensors`) to both.
+    """
+
+    images_kwargs: PosSAMImageProcessorKwargs
+
+
+# text_kwargs the vocabulary's tokenization honours (`PosSAMProcessor.encode_vocabulary`); any other is refused
+VOCABULARY_TEXT_KWARGS = ("padding", "max_length", "truncation", "pad_to_multiple_of", "padding_side")
+# Structured keyword groups of `_merge_kwargs`, and the modality inputs transformers' processors take that PosSAM lacks.
+STRUCTURED_KWARGS = ("text_kwargs", "images_kwargs", "common_kwargs")
+FOREIGN_INPUTS = {
+    "text": "PosSAM's text input is its vocabulary: pass class names as candidate_labels=['cat', 'sky,clouds'] (each "
+    "class is encoded into CLIP prompts, not tokenized as free text)",
+    "videos": "PosSAM segments images: pass frames as images",
+    "audio": "PosSAM has no audio input",
+    "audio_kwargs": "PosSAM has no audio input",
+    "videos_kwargs": "PosSAM segments images: pass image options in images_kwargs",
+}
+
+
 class PosSAMProcessor(ProcessorMixin):
     r"""
     Wraps a [`PosSAMImageProcessor`] and CLIP's tokenizer.
 
-    `processor(images, candidate_labels=...)` returns the image processor's outputs plus the tokenized vocabulary:
-    `input_ids` / `attention_mask` of shape `(K, S, T, L)` (K classes, S synonym slots, T = 14 ViLD templates, L
-    tokens) and `synonym_mask` `(K, S)`; a class with fewer synonyms than S repeats its first synonym in the padding
-    slots, which `synonym_mask` marks. Post-processing methods are forwarded to the image processor; given
-    `candidate_labels`, they also fill `label_ids_to_fuse` (the stuff classes) and, with `training_vocabulary`, the
-    seen-class mask for MASE.
+    `processor(images, candidate_labels=..., return_tensors="pt")` returns the image processor's outputs plus the
+    tokenized vocabulary: `input_ids` / `attention_mask` of shape `(K, S, T, L)` (K classes, S synonym slots, T = 14
+    ViLD templates, L tokens) and `synonym_mask` `(K, S)`; a class with fewer synonyms than S repeats its first synonym
+    in the padding slots, which `synonym_mask` marks. Post-processing methods are forwarded to the image processor;
+    given `candidate_labels`, they also fill `label_ids_to_fuse` (the stuff classes) and, with `training_vocabulary`,
+    the seen-class mask for MASE.
     """
+
+    valid_processor_kwargs = PosSAMProcessorKwargs
+    templates = VILD_TEMPLATES
 
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
         _check_clip_tokenizer(self.tokenizer)
 
-    templates = VILD_TEMPLATES
+    @property
+    def model_input_names(self) -> list[str]:
+        """
+        The keys `__call__` returns for images and a vocabulary: the image processor's, the sizes it returns (listed
+        as SAM's processor lists them; the model accepts and ignores them), the tokenizer's and `synonym_mask`.
+        """
+        return [
+            *self.image_processor.model_input_names,
+            "original_sizes",
+            "reshaped_input_sizes",
+            *self.tokenizer.model_input_names,
+            "synonym_mask",
+        ]
 
     def __call__(
-        self, images=None, candidate_labels=None, annotations=None, return_tensors="pt", **kwargs
+        self, images=None, candidate_labels=None, annotations=None, **kwargs: Unpack[PosSAMProcessorKwargs]
     ) -> BatchFeature:
+        r"""
+        images (*optional*): one image or a list, as [`PosSAMImageProcessor.preprocess`] takes them.
+        candidate_labels (*optional*): the vocabulary, anything [`resolve_vocabulary`] takes (a preset name such as
+            `"coco"`, or a list of labels `["cat", "sky,clouds", {"name": "road", "isthing": False}]`).
+        annotations (*optional*): one per image, as [`PosSAMImageProcessor.preprocess`] takes them (needs `images`).
+        kwargs: image-processor options (`do_normalize`, `label_map`, ...) and the vocabulary's tokenizer options
+            (`padding`, `max_length`, ...), flat or grouped as `images_kwargs` / `text_kwargs`; `return_tensors`
+            (`"pt"`, `"np"`; default None, transformers' convention: per-image lists and nested lists) applies to
+            both. See [`PosSAMProcessorKwargs`].
+
+        Returns the image processor's outputs (with images) and `input_ids`, `attention_mask` `(K, S, T, L)` and
+        `synonym_mask` `(K, S)` (with candidate_labels).
+
+        Raises:
+            TypeError: a keyword neither processor understands (e.g. `text`: the vocabulary is `candidate_labels`).
+            ValueError: neither images nor candidate_labels, annotations without images, the same option given
+                flat and in its group, and what the image processor / `encode_vocabulary` raise.
+        """
         if images is None and candidate_labels is None:
             raise ValueError("Give images, candidate_labels, or both.")
+        if annotations is not None and images is None:
+            raise ValueError("annotations were given without images: pass the image each annotation belongs to.")
+        self._check_keywords(kwargs)
+        output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         data = {}
         if images is not None:
-            data.update(self.image_processor(images, annotations=annotations, return_tensors=return_tensors, **kwargs))
+            data.update(self.image_processor(images, annotations=annotations, **output_kwargs["images_kwargs"]))
         if candidate_labels is not None:
-            data.update(self.encode_vocabulary(candidate_labels))
+            # `__call__` follows transformers' default (no tensors); `encode_vocabulary` alone returns tensors
+            text_kwargs = {"return_tensors": None, **output_kwargs["text_kwargs"]}
+            data.update(self.encode_vocabulary(candidate_labels, **text_kwargs))
         return BatchFeature(data=data)
 
-    def encode_vocabulary(self, candidate_labels: CandidateLabels) -> BatchFeature:
+    def _check_keywords(self, kwargs: Mapping[str, object]) -> None:
+        """
+        TypeError for a keyword neither sub-processor takes: transformers' `_merge_kwargs` would drop it with a
+        logged warning, and `text=` in particular would silently give no vocabulary.
+        """
+        known = set(STRUCTURED_KWARGS) | set(TextKwargs.__annotations__)
+        known |= set(getattr(self.image_processor, "valid_kwargs", ImagesKwargs).__annotations__)
+        for name in kwargs:
+            if name in FOREIGN_INPUTS:
+                raise TypeError(f"PosSAMProcessor takes no {name}=: {FOREIGN_INPUTS[name]}.")
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known | {"images", "candidate_labels", "annotations"}))
+                hint = f" Did you mean {' or '.join(close)}?" if close else ""
+                raise TypeError(
+                    f"PosSAMProcessor got the unknown keyword argument {name!r}: it takes images, candidate_labels, "
+                    f"annotations, the image processor's options and the tokenizer's (see PosSAMProcessorKwargs).{hint}"
+                )
+
+    def encode_vocabulary(
+        self, candidate_labels: CandidateLabels, return_tensors: str | TensorType | None = "pt", **text_kwargs
+    ) -> BatchFeature:
         """
         Tokenize every (class, synonym, template) prompt: `input_ids`, `attention_mask` `(K, S, T, L)` and
-        `synonym_mask` `(K, S)`.
+        `synonym_mask` `(K, S)`, as torch tensors by default (model inputs), numpy arrays for `return_tensors="np"`,
+        nested lists for None.
 
-        `candidate_labels` follows `resolve_vocabulary` (same `TypeError` / `ValueError`). Prompts are cut to CLIP's
-        77-token context: a label whose prompts are cut gets a `UserWarning` naming it, and two labels whose synonyms
-        then read as the same tokens in every template (identical embeddings) are a `ValueError` naming both.
+        `candidate_labels` follows `resolve_vocabulary` (same `TypeError` / `ValueError`). Prompts are cut to
+        `max_length` tokens, by default CLIP's 77-token context: a label whose prompts are cut gets a `UserWarning`
+        naming it (a `ValueError` with `truncation=False`), and two labels whose synonyms then read as the same tokens
+        in every template (identical embeddings) are a `ValueError` naming both.
+
+        `text_kwargs`, the tokenizer options that apply to prompts of one layout: `padding` (`"longest"`, the
+        default, or `True`: L is the longest prompt; `"max_length"`: L = `max_length`), `max_length` (1 to 77: CLIP
+        reads no more), `truncation` (True, the default, or False: refuse prompts longer than `max_length`),
+        `pad_to_multiple_of`, `padding_side` (`"right"` only: CLIP pools at the first end-of-text token, which
+        is also the padding token). Others raise `ValueError` (a `TypeError` for a value of the wrong type).
         """
+        padding, max_length, truncation, pad_to_multiple_of = _vocabulary_tokenization(text_kwargs)
         vocabulary = resolve_vocabulary(candidate_labels)
         synonyms = vocabulary.synonyms
         # each distinct synonym is tokenized once; padding slots and repeats reuse its rows
         unique_synonyms = list(dict.fromkeys(synonym for names in synonyms for synonym in names))
         num_templates = len(self.templates)
         prompts = [prompt for synonym in unique_synonyms for prompt in fill_templates(synonym, self.templates)]
-        token_rows, truncated = self._tokenize_within_context(prompts)
+        token_rows, truncated = self._tokenize_within_context(prompts, max_length)
         rows_of = {
             synonym: tuple(tuple(row) for row in token_rows[position * num_templates : (position + 1) * num_templates])
             for position, synonym in enumerate(unique_synonyms)
         }
         truncated_synonyms = {unique_synonyms[prompt_index // num_templates] for prompt_index in truncated}
-        self._check_tokens_distinct(vocabulary, rows_of, truncated_synonyms)
+        cut = (
+            f"CLIP reads at most {CLIP_CONTEXT_LENGTH} tokens"
+            if max_length == CLIP_CONTEXT_LENGTH
+            else f"max_length={max_length} keeps at most {max_length} tokens"
+        )
         if truncated_synonyms:
-            labels = [
+            labels = ", ".join(
                 f"label {index} ({preview(name)})"
                 for index, name in enumerate(vocabulary.names)
                 if truncated_synonyms.intersection(synonyms[index])
-            ]
+            )
+            if not truncation:
+                raise ValueError(
+                    f"{cut} and truncation=False, but the prompts of {labels} are longer: shorten these labels, or "
+                    "allow the cut (truncation=True)."
+                )
             warnings.warn(
-                f"CLIP reads at most {CLIP_CONTEXT_LENGTH} tokens, so the prompts of {', '.join(labels)} are cut short "
-                "(the end of the label or of the template is lost): shorten these labels.",
+                f"{cut}, so the prompts of {labels} are cut short (the end of the label or of the template is lost): "
+                "shorten these labels.",
                 UserWarning,
                 stacklevel=2,
             )
+        self._check_tokens_distinct(vocabulary, rows_of, truncated_synonyms, max_length)
 
-        padded = self.tokenizer.pad({"input_ids": token_rows}, padding="longest", return_tensors="pt")
+        padded = self.tokenizer.pad(
+            {"input_ids": token_rows},
+            padding=padding,
+            max_length=max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            return_tensors="pt",
+        )
         slots = max(len(names) for names in synonyms)
         position_of = {synonym: position for position, synonym in enumerate(unique_synonyms)}
         # a class with fewer synonyms than S repeats its first one in the extra slots
@@ -142,57 +261,53 @@ class PosSAMProcessor(ProcessorMixin):
         first_rows = torch.tensor([[position_of[synonym] * num_templates for synonym in row] for row in slot_synonyms])
         rows = first_rows[..., None] + torch.arange(num_templates)  # (K, S, T): row of each prompt in `padded`
         synonym_mask = torch.tensor([[slot < len(names) for slot in range(slots)] for names in synonyms])
-        return BatchFeature(
-            data={
-                "input_ids": padded["input_ids"][rows],
-                "attention_mask": padded["attention_mask"][rows],
-                "synonym_mask": synonym_mask,
-            }
-        )
+        data = {
+            "input_ids": padded["input_ids"][rows],
+            "attention_mask": padded["attention_mask"][rows],
+            "synonym_mask": synonym_mask,
+        }
+        if return_tensors is None:
+            return BatchFeature(data={name: value.tolist() for name, value in data.items()})
+        if TensorType(return_tensors) == TensorType.PYTORCH:
+            return BatchFeature(data=data)
+        return BatchFeature(data={name: value.numpy() for name, value in data.items()}, tensor_type=return_tensors)
 
-    def _tokenize_within_context(self, prompts: list[str]) -> tuple[list[list[int]], list[int]]:
-        """Token ids of each prompt cut to CLIP's context, and the indices of the prompts that were cut."""
-        # one token past the context shows which prompts the tokenizer has to cut, without a second full pass
-        token_rows = self.tokenizer(prompts, truncation=True, max_length=CLIP_CONTEXT_LENGTH + 1)["input_ids"]
-        truncated = [index for index, row in enumerate(token_rows) if len(row) > CLIP_CONTEXT_LENGTH]
+    def _tokenize_within_context(self, prompts: list[str], max_length: int) -> tuple[list[list[int]], list[int]]:
+        """Token ids of each prompt cut to `max_length`, and the indices of the prompts that were cut."""
+        # one token past the limit shows which prompts the tokenizer has to cut, without a second full pass
+        token_rows = self.tokenizer(prompts, truncation=True, max_length=max_length + 1)["input_ids"]
+        truncated = [index for index, row in enumerate(token_rows) if len(row) > max_length]
         if truncated:
-            cut = self.tokenizer(
-                [prompts[index] for index in truncated], truncation=True, max_length=CLIP_CONTEXT_LENGTH
-            )
+            cut = self.tokenizer([prompts[index] for index in truncated], truncation=True, max_length=max_length)
             for index, row in zip(truncated, cut["input_ids"]):
                 token_rows[index] = row
         return [list(row) for row in token_rows], truncated
 
     @staticmethod
-    def _check_tokens_distinct(vocabulary: Vocabulary, rows_of: dict, truncated_synonyms: set[str]) -> None:
+    def _check_tokens_distinct(
+        vocabulary: Vocabulary, rows_of: dict, truncated_synonyms: set[str], max_length: int = CLIP_CONTEXT_LENGTH
+    ) -> None:
         """`ValueError` when synonyms of two classes give the same tokens in every template (resolve_vocabulary
-        already rejects equal text; this catches what only the tokenizer sees, above all the 77-token cut)."""
+        already rejects equal text; this catches what only the tokenizer sees, above all the cut to `max_length`)."""
         synonyms = vocabulary.synonyms
         shared = shared_synonyms([[rows_of[synonym] for synonym in names] for names in synonyms])
         if not shared:
             return
         class_a, synonym_a, class_b, synonym_b = shared[0]
         first, second = synonyms[class_a][synonym_a], synonyms[class_b][synonym_b]
-        cause = (
-            f"after the cut to CLIP's {CLIP_CONTEXT_LENGTH}-token context"
-            if {first, second} & truncated_synonyms
-            else "in CLIP's tokenizer (which ignores case, spacing and some Unicode variants)"
-        )
+        if {first, second} & truncated_synonyms:
+            cause = (
+                f"after the cut to CLIP's {CLIP_CONTEXT_LENGTH}-token context"
+                if max_length == CLIP_CONTEXT_LENGTH
+                else f"after the cut to max_length={max_length} tokens"
+            )
+        else:
+            cause = "in CLIP's tokenizer (which ignores case, spacing and some Unicode variants)"
         raise ValueError(
             f"Duplicate tokens: label {class_a} ({preview(vocabulary.names[class_a])}) and label {class_b} "
             f"({preview(vocabulary.names[class_b])}) have synonyms {preview(first)} and {preview(second)} that read as the same "
             f"tokens {cause}, so those synonyms get identical text embeddings: shorten or reword one of them."
         )
-
-    @staticmethod
-    def vocabulary(candidate_labels: CandidateLabels) -> Vocabulary:
-        """`resolve_vocabulary(candidate_labels)` (its errors)."""
-        return resolve_vocabulary(candidate_labels)
-
-    @staticmethod
-    def seen_mask(candidate_labels: CandidateLabels, training_vocabulary: CandidateLabels) -> torch.Tensor:
-        """`seen_class_mask` of the resolved vocabulary (its errors)."""
-        return seen_class_mask(resolve_vocabulary(candidate_labels), training_vocabulary)
 
     def _vocabulary_defaults(self, kwargs: dict, for_instances: bool = False) -> dict:
         candidate_labels = kwargs.pop("candidate_labels", None)
@@ -226,3 +341,57 @@ class PosSAMProcessor(ProcessorMixin):
         kwargs = self._vocabulary_defaults(kwargs)
         kwargs.pop("label_ids_to_fuse", None)
         return self.image_processor.post_process_semantic_segmentation(*args, **kwargs)
+
+
+# Truncation strategies that cut a single sequence (the only kind a prompt is), and those that refuse to.
+TRUNCATING = (True, "longest_first", "only_first", TruncationStrategy.LONGEST_FIRST, TruncationStrategy.ONLY_FIRST)
+NOT_TRUNCATING = (False, "do_not_truncate", TruncationStrategy.DO_NOT_TRUNCATE)
+
+
+def _vocabulary_tokenization(text_kwargs: dict) -> tuple[str, int, bool, int | None]:
+    """
+    `(padding strategy, max_length, truncation, pad_to_multiple_of)` for `encode_vocabulary` from tokenizer options
+    (None entries mean the default); `TypeError` / `ValueError` for options the prompt layout cannot honour.
+    """
+    options = {name: value for name, value in text_kwargs.items() if value is not None}
+    unsupported = sorted(name for name in options if name not in VOCABULARY_TEXT_KWARGS)
+    if unsupported:
+        raise ValueError(
+            f"The tokenizer option(s) {unsupported} cannot be applied to the vocabulary's prompts (every class gets "
+            f"the same fixed templates): the supported ones are {list(VOCABULARY_TEXT_KWARGS)}."
+        )
+    padding = options.get("padding", "longest")
+    if padding is True or padding in ("longest", PaddingStrategy.LONGEST):
+        padding = "longest"
+    elif padding in ("max_length", PaddingStrategy.MAX_LENGTH):
+        padding = "max_length"
+    else:
+        raise ValueError(
+            f"padding={padding!r} cannot be used for the vocabulary: its prompts form one (K, S, T, L) array, so they "
+            "are padded to one length: padding='longest' (the default) or 'max_length'."
+        )
+    max_length = options.get("max_length", CLIP_CONTEXT_LENGTH)
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
+        raise TypeError(f"max_length must be an int, got {type(max_length).__name__} {max_length!r}.")
+    max_length = int(max_length)
+    if not 1 <= max_length <= CLIP_CONTEXT_LENGTH:
+        raise ValueError(
+            f"max_length={max_length} is outside 1..{CLIP_CONTEXT_LENGTH}: CLIP's text encoder reads at most "
+            f"{CLIP_CONTEXT_LENGTH} tokens."
+        )
+    truncation = options.get("truncation", True)
+    if truncation in TRUNCATING:
+        truncation = True
+    elif truncation in NOT_TRUNCATING:
+        truncation = False
+    else:
+        raise ValueError(
+            f"truncation={truncation!r} does not apply to the vocabulary's prompts (single sequences): pass True (the "
+            "default, cut at max_length) or False (refuse longer prompts)."
+        )
+    if options.get("padding_side", "right") != "right":
+        raise ValueError(
+            f"padding_side={options['padding_side']!r}: the vocabulary's prompts are padded on the right only, since "
+            "CLIP pools each prompt at its first end-of-text token, which is also the padding token."
+        )
+    return padding, max_length, truncation, options.get("pad_to_multiple_of")

@@ -34,7 +34,8 @@ def clip_tokenizer_from_bpe(bpe_path: str | Path | None = None, model_max_length
     `<|endoftext|>` where open_clip pads with 0, which CLIP's pooling at the first end-of-text token makes irrelevant.
     """
     path = Path(bpe_path) if bpe_path is not None else default_bpe_path()
-    lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")[1 : NUM_MERGES + 1]
+    with gzip.open(path, "rt", encoding="utf-8") as file:
+        lines = file.read().split("\n")[1 : NUM_MERGES + 1]
     merges = [tuple(line.split()) for line in lines]
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [symbol + "</w>" for symbol in symbols] + ["".join(merge) for merge in merges]

@@ -195,12 +195,12 @@ class PanopticTrainStream:
                 )
                 # FC-CLIP's mapper: the jittered sample is only normalized and padded (resizing it again would undo
                 # the zoom-out half of the jitter), and every non-crowd segment keeps its target, empty or not
-                encoded = self.image_processor(image, do_resize=False)
+                encoded = self.image_processor(image, do_resize=False, return_tensors="pt")
                 if self.drop_cropped_segments:
                     present = set(np.unique(ids).tolist())
                     segments = [s for s in segments if s["id"] in present]
             else:
-                encoded = self.image_processor(image)
+                encoded = self.image_processor(image, return_tensors="pt")
             reshaped_size = tuple(int(v) for v in encoded["reshaped_input_sizes"][0])
             mask_labels, class_labels = encode_panoptic_annotation(
                 {"panoptic_map": ids, "segments_info": segments},

@@ -179,7 +179,7 @@ class PanopticEvaluator:
     def _score(self, batch: list[dict]) -> None:
         model, processor = self.model, self.image_processor
         device = next(model.parameters()).device
-        inputs = processor([item["image"] for item in batch])
+        inputs = processor([item["image"] for item in batch], return_tensors="pt")
         was_training = model.training
         model.eval()
         try:
