@@ -31,8 +31,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# mypy on src/ with pyproject.toml's [tool.mypy] settings
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy src
+	$(VENV)/bin/mypy
 
 test: $(STAMP) transformers-tests lint
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) -m pytest -q -ra tests

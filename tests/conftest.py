@@ -1,3 +1,9 @@
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -10,8 +16,50 @@ from transformers_possam import (
 )
 
 
+# pytester: tests/test_slow_marker.py runs pytest on small generated test files
+pytest_plugins = ["pytester"]
+
 # Tests may share the 2 cores with other jobs: one intra-op thread is faster and steadier there.
 torch.set_num_threads(1)
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+# whether this session runs the `@pytest.mark.slow` tests, decided once in `pytest_configure`
+RUN_SLOW_KEY = pytest.StashKey[bool]()
+
+
+def run_slow_tests() -> bool:
+    """
+    Whether `RUN_SLOW` asks for the slow tests, read as transformers' `@slow` reads it
+    (`testing_utils.parse_flag_from_env`): unset is no; `1` / `yes` / `true` / `on` / `y` / `t` (any case) yes;
+    `0` / `no` / `false` / `off` / `n` / `f` no; anything else a usage error rather than a guess.
+    """
+    if "RUN_SLOW" not in os.environ:
+        return False  # without importing transformers' testing_utils (seconds), which reads the same default
+    try:
+        # transformers' testing_utils parses RUN_SLOW as it is imported, so a bad value fails the import too
+        from transformers.testing_utils import parse_flag_from_env
+
+        return bool(parse_flag_from_env("RUN_SLOW", default=False))
+    except ValueError as error:
+        raise pytest.UsageError(
+            f"RUN_SLOW={os.environ['RUN_SLOW']!r} is not a yes/no value ({error}): set RUN_SLOW=1 to run the slow "
+            "tests, or unset it (or RUN_SLOW=0) to skip them."
+        ) from None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[RUN_SLOW_KEY] = run_slow_tests()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.slow` tests are skipped unless RUN_SLOW is set to a yes value (see `run_slow_tests`)."""
+    if config.stash[RUN_SLOW_KEY]:
+        return
+    skip = pytest.mark.skip(reason="slow test: set RUN_SLOW=1 to run it")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
+
 
 IMAGE_SIZE = 128
 NUM_CLASSES = 5
@@ -64,21 +112,41 @@ def save_tiny_checkpoint(path, seed: int = 0, **image_processor_kwargs):
     return path
 
 
-def load_training_script(name: str):
+def load_script(relative_path: str) -> ModuleType:
     """
-    `training/<name>.py` as a module, loaded by path under a private name: putting `training/` on `sys.path` would
-    shadow packages (`training/evaluate.py` vs Hugging Face's `evaluate`) for every other test.
-    """
-    import importlib.util
-    import sys
-    from pathlib import Path
+    A script of this repository (`training/train.py`, `conversion/convert_possam_to_hf.py`, `benchmarks/gpu.py`) as a
+    module, loaded by path under a private name (`possam_<folder>_<name>`), once per session.
 
-    module_name = f"possam_training_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            module_name, Path(__file__).resolve().parents[1] / "training" / f"{name}.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
+    A script's folder is not a package: scripts import their siblings as top-level modules (`from common import ...`
+    in `benchmarks/`). The folder is therefore on `sys.path` only while the script loads, and the siblings it imported
+    are taken out of `sys.modules` again (the script keeps its references): a folder left on `sys.path` would shadow
+    packages for every other test (`training/evaluate.py` vs Hugging Face's `evaluate`, `benchmarks/training.py`).
+    """
+    path = REPOSITORY / relative_path
+    module_name = f"possam_{path.parent.name}_{path.stem}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} cannot be loaded as a Python module.")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.parent)
+    loaded_before = set(sys.modules)
+    sys.modules[module_name] = module
+    sys.path.insert(0, folder)
+    try:
         spec.loader.exec_module(module)
-    return sys.modules[module_name]
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    finally:
+        sys.path.remove(folder)
+        for name in set(sys.modules) - loaded_before:
+            if Path(getattr(sys.modules[name], "__file__", None) or "").parent == path.parent and name != module_name:
+                del sys.modules[name]
+    return module
+
+
+def load_training_script(name: str) -> ModuleType:
+    """`training/<name>.py` as a module (see `load_script`)."""
+    return load_script(f"training/{name}.py")

@@ -1,16 +1,12 @@
 """The benchmark suite's code paths on tiny inputs (figures themselves come from `benchmarks/run.py`)."""
 
-import sys
-from pathlib import Path
-
 import torch
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from .conftest import load_script
 
 
 def test_gpu_suite_runs_on_cpu_with_the_tiny_config():
-    import gpu
+    gpu = load_script("benchmarks/gpu.py")
 
     threads = torch.get_num_threads()
     try:
@@ -25,7 +21,7 @@ def test_gpu_suite_runs_on_cpu_with_the_tiny_config():
 
 
 def test_stage_timer_counts_and_restores():
-    from common import StageTimer
+    StageTimer = load_script("benchmarks/common.py").StageTimer
 
     module = torch.nn.Linear(3, 3)
     timer = StageTimer()
@@ -38,7 +34,7 @@ def test_stage_timer_counts_and_restores():
 
 
 def test_post_processing_benchmark_logits_keep_the_requested_queries():
-    from postprocess import model_like_outputs
+    model_like_outputs = load_script("benchmarks/postprocess.py").model_like_outputs
 
     from transformers_possam.postprocessing import class_scores
 
@@ -46,3 +42,16 @@ def test_post_processing_benchmark_logits_keep_the_requested_queries():
         scores, is_void = class_scores(model_like_outputs(2, objects))
         kept = (~is_void) & (scores.amax(-1) > 0)
         assert kept.sum(-1).tolist() == [objects, objects]
+
+
+def test_scripts_load_by_path_without_leaking_their_folder():
+    """Benchmark modules import their siblings as top-level modules (`from common import ...`): loading one must
+    leave neither `benchmarks/` on sys.path nor `common` in sys.modules, which would shadow names for other tests."""
+    import sys
+
+    path_before = list(sys.path)
+    gpu = load_script("benchmarks/gpu.py")
+    assert sys.path == path_before
+    assert "common" not in sys.modules and "gpu" not in sys.modules
+    assert gpu.__name__ == "possam_benchmarks_gpu" and gpu.summary.__module__ == "common"  # its sibling, kept
+    assert load_script("benchmarks/gpu.py") is gpu  # loaded once

@@ -173,3 +173,18 @@ def test_head_by_head_sam_attention_equals_transformers(window_size, tokens):
     ours.load_state_dict(reference.state_dict())
     hidden = torch.randn(*tokens, 48)
     torch.testing.assert_close(ours(hidden)[0], reference(hidden)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_weighted_total_weights_each_loss_by_its_base_name_and_refuses_an_empty_dict():
+    from transformers_possam import PosSAMConfig
+    from transformers_possam.modeling.loss import PosSAMLoss
+
+    config = PosSAMConfig(class_weight=2.0, mask_weight=5.0, dice_weight=3.0, iou_weight=7.0)
+    criterion = PosSAMLoss(config)
+    losses = {"loss_mask": torch.tensor(1.0), "loss_dice_0": torch.tensor(10.0), "loss_iou_12": torch.tensor(100.0)}
+    total = criterion.weighted_total(losses)
+    assert isinstance(total, torch.Tensor)
+    assert total.item() == 5.0 * 1.0 + 3.0 * 10.0 + 7.0 * 100.0
+    # an empty dict used to come back as the float 0.0, silently not a loss
+    with pytest.raises(ValueError, match="empty"):
+        criterion.weighted_total({})

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from transformers.models.sam.modeling_sam import SamVisionEncoder
@@ -150,7 +151,17 @@ def test_conversion_script_builds_a_verified_checkpoint_the_pipeline_loads(tmp_p
     from transformers import pipeline
 
     segmenter = pipeline("open-vocabulary-panoptic-segmentation", model=str(tmp_path / "possam"))
-    assert isinstance(segmenter(Image.new("RGB", (50, 40)), candidate_labels=["cat", "dog"]), list)
+    # the pipeline's model holds the converted SAM encoder: same features as segment_anything's
+    pixels = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            segmenter.model.model.vision_encoder(pixels).last_hidden_state, sam.eval()(pixels), atol=1e-5, rtol=1e-5
+        )
+    # and segments: semantic segments partition the image among the candidate labels
+    results = segmenter(Image.new("RGB", (50, 40)), candidate_labels=["cat", "dog"], subtask="semantic")
+    assert results and {segment["label"] for segment in results} <= {"cat", "dog"}
+    coverage = sum((np.asarray(segment["mask"]) == 255).astype(int) for segment in results)
+    assert coverage.shape == (40, 50) and (coverage == 1).all()
 
 
 def detectron2_name(hf_key):
@@ -277,13 +288,11 @@ def test_fcclip_decoder_checkpoint_maps_onto_the_decoder(tmp_path):
 
 
 def test_hf_sam_folder_is_accepted(tmp_path):
-    import sys
-    from pathlib import Path
-
     from transformers import SamConfig, SamModel
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conversion"))
-    from convert_possam_to_hf import load_sam
+    from .conftest import load_script
+
+    load_sam = load_script("conversion/convert_possam_to_hf.py").load_sam
 
     torch.manual_seed(0)
     vision = {

@@ -55,14 +55,16 @@ def test_large_scale_jitter_keeps_geometry_together():
     ids = np.zeros((60, 80), np.int64)
     ids[10:30, 20:50] = 7
     image = Image.fromarray(np.where(ids[..., None] == 7, 255, 0).astype(np.uint8).repeat(3, -1))
+    object_seen = 0
     for _ in range(20):
         out_image, out_ids = large_scale_jitter(image, ids, rng, target_size=64)
         assert out_image.size == out_ids.shape[::-1]
         assert max(out_ids.shape) <= 64
         bright = np.asarray(out_image)[..., 0] > 127
-        if (out_ids == 7).sum() > 20:
-            agreement = (bright == (out_ids == 7)).mean()
-            assert agreement > 0.95
+        # image and ids moved together: the bright pixels are the object's (interpolation blurs its edge only)
+        assert (bright == (out_ids == 7)).mean() > 0.95
+        object_seen += int((out_ids == 7).sum() > 20)
+    assert object_seen >= 10  # most crops hold the object, so the agreement is not only about empty background
 
 
 def test_category_table_round_trip(tmp_path):

@@ -101,7 +101,13 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     from transformers import pipeline
 
     segmenter = pipeline("open-vocabulary-panoptic-segmentation", model=str(resumed))
-    assert isinstance(segmenter(next(toy_panoptic_rows(1))["image"], candidate_labels=["ball", "sky"]), list)
+    loaded = segmenter.model.state_dict()
+    assert all(torch.equal(loaded[key], again[key]) for key in again)  # the trained weights, not a fresh model
+    picture = next(toy_panoptic_rows(1))["image"]
+    results = segmenter(picture, candidate_labels=["ball", "sky"], subtask="semantic")
+    assert results and {segment["label"] for segment in results} <= {"ball", "sky"}
+    coverage = sum((np.asarray(segment["mask"]) == 255).astype(int) for segment in results)
+    assert coverage.shape == (picture.height, picture.width) and (coverage == 1).all()  # a partition of the image
     # and training/evaluate.py scores it, writing metrics.json
     subprocess.run(
         [

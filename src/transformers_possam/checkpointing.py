@@ -16,6 +16,7 @@ import json
 import random
 import re
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -59,7 +60,12 @@ def _previous_hint(folder: Path) -> str:
     older = [path for path in list_checkpoints(folder.parent) if path.name != folder.name]
     match = CHECKPOINT_PATTERN.match(folder.name)
     if match:
-        older = [path for path in older if int(CHECKPOINT_PATTERN.match(path.name).group(1)) < int(match.group(1))]
+        step = int(match.group(1))
+        older = [
+            path
+            for path in older
+            if (older_match := CHECKPOINT_PATTERN.match(path.name)) and int(older_match.group(1)) < step
+        ]
     if older:
         return f" Resume from the previous checkpoint instead: --resume_from_checkpoint {older[-1]}"
     return " No earlier checkpoint of this run exists: start again from the model."
@@ -164,7 +170,10 @@ def save_rng_state(folder: Path, rank: int) -> None:
     from safetensors.torch import save_file
 
     version, python_state, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    # The global generator is always MT19937, whose legacy state is this tuple (never the dict numpy's stubs allow).
+    kind, keys, position, has_gauss, cached_gaussian = cast(
+        tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True)
+    )
     tensors = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
     if torch.cuda.is_available():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):

@@ -217,7 +217,7 @@ def _chunks_by_count(candidates_per_cell: torch.Tensor, pixels_per_cell: int) ->
     Cell indices grouped by their candidate count C (no padding to a chunk's widest cell), each group split so its
     (cells, C, rows, cols) temporaries stay under `_CHUNK_ELEMENTS`. Returns `[(cell indices, C)]`.
     """
-    chunks = []
+    chunks: list[tuple[torch.Tensor, int]] = []
     for count in torch.unique(candidates_per_cell).tolist():
         cells = torch.nonzero(candidates_per_cell == count)[:, 0]
         per_chunk = max(1, _CHUNK_ELEMENTS // (count * pixels_per_cell))

@@ -24,6 +24,7 @@ def load_weights_file(path, what: str = "checkpoint") -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    checkpoint: object
     try:
         if path.suffix == ".safetensors":
             checkpoint = load_file(str(path))

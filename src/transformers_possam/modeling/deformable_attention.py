@@ -79,7 +79,7 @@ def deformable_attention_embedding_bag(
         if track_gradients:
             level_weights.append(torch.stack([weight_y * weight_x for _, _, weight_y, weight_x in corners], dim=3))
         level_start += height * width
-    if track_gradients:
+    if weights is None:  # tracking gradients: the weights were kept per level instead of written in place
         weights = torch.stack(level_weights, dim=3)
     # value viewed as (B * N * heads, head_dim): row of (image, position, head) = (image * N + position) * heads + head
     head = torch.arange(num_heads, dtype=index_dtype, device=device).view(1, 1, num_heads, 1, 1, 1)

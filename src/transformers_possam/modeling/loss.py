@@ -168,7 +168,7 @@ class PosSAMLoss(Mask2FormerLoss):
                 pred_masks,
                 self.calculate_uncertainty,
                 self.num_points,
-                self.oversample_ratio,
+                self.oversample_ratio,  # type: ignore[arg-type]  # transformers annotates an int; its configs use 3.0
                 self.importance_sample_ratio,
             )
             per_image = point_coordinates.split([len(source) for source, _ in indices])
@@ -201,7 +201,8 @@ class PosSAMLoss(Mask2FormerLoss):
             return {"loss_iou": F.mse_loss(predicted, full_targets)}
         return {"loss_iou": ((predicted[predictions_index] - iou_targets.float()) ** 2).sum() / num_masks}
 
-    def forward(
+    # Mask2FormerLoss annotates `auxiliary_predictions` as one dict, but iterates it as a list of dicts, as this does
+    def forward(  # type: ignore[override]
         self,
         masks_queries_logits: torch.Tensor,
         class_queries_logits: torch.Tensor,
@@ -219,7 +220,8 @@ class PosSAMLoss(Mask2FormerLoss):
             iou_logits: `(B, Q)` IoU head logits.
         """
         indices = self.matcher(masks_queries_logits, class_queries_logits, mask_labels, class_labels)
-        num_masks = self.get_num_masks(class_labels, device=masks_queries_logits.device)
+        # transformers annotates `class_labels` as a Tensor; it takes (and sums the lengths of) a list of them
+        num_masks = self.get_num_masks(class_labels, device=masks_queries_logits.device)  # type: ignore[arg-type]
         losses = {
             **self.loss_masks(masks_queries_logits, mask_labels, indices, num_masks),
             **self.loss_labels(class_queries_logits, class_labels, indices),
@@ -239,8 +241,10 @@ class PosSAMLoss(Mask2FormerLoss):
 
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of the losses, each weighted by its base name's weight (`loss_dice_3` -> `loss_dice`)."""
-        total = 0.0
+        total: torch.Tensor | float = 0.0
         for key, value in losses.items():
             base = key.rsplit("_", 1)[0] if key.rsplit("_", 1)[-1].isdigit() else key
             total = total + self.weight_dict[base] * value
+        if not isinstance(total, torch.Tensor):
+            raise ValueError("`losses` is empty: there is nothing to weight (pass the dict `forward` returns).")
         return total

@@ -28,8 +28,13 @@ class PosSAMMaskPredictor(Mask2FormerMaskPredictor):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mask_feature_size: int):
-        super().__init__(hidden_size=hidden_size, num_heads=num_heads, mask_feature_size=mask_feature_size)
-        self._resized_features: dict[tuple[int, int], torch.Tensor] | None = None
+        # transformers annotates `mask_feature_size` as a Tensor; it is the channel count (an int) of its layers
+        super().__init__(
+            hidden_size=hidden_size,
+            num_heads=num_heads,
+            mask_feature_size=mask_feature_size,  # type: ignore[arg-type]
+        )
+        self._resized_features: dict[tuple[int, ...], torch.Tensor] | None = None
 
     @contextmanager
     def attention_masks_only(self, mask_features: torch.Tensor, sizes: list[tuple[int, int]]):

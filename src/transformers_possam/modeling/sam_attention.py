@@ -20,9 +20,13 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
 
     heads_per_chunk = 1
 
-    def forward(self, hidden_states: torch.Tensor, output_attentions=False) -> tuple[torch.Tensor, None]:
+    # transformers annotates the parent's return as a Tensor, but it returns `(attn_output, None)` as this does
+    def forward(  # type: ignore[override]
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, None]:
         if output_attentions:
-            return super().forward(hidden_states, output_attentions)  # the parent warns and returns None weights
+            # the parent warns and returns None weights
+            return super().forward(hidden_states, output_attentions)  # type: ignore[return-value]
         batch_size, height, width, _ = hidden_states.shape
         tokens = height * width
         qkv = (
