@@ -179,6 +179,19 @@ INTERNALS: dict[tuple[str, str], Expected] = {
     ("transformers.configuration_utils", "SubConfigSpec"): Expected("class", ("config_class",), ("init_kwargs",)),
     # tokenization.py
     ("transformers.convert_slow_tokenizer", "bytes_to_unicode"): Expected("function"),
+    # modeling_possam.py: old checkpoints' classifier keys renamed on load
+    ("transformers.conversion_mapping", "register_checkpoint_conversion_mapping"): Expected(
+        "function", ("model_type_or_class_name", "mapping", "overwrite")
+    ),
+    ("transformers.core_model_loading", "WeightRenaming"): Expected("class", ("source_patterns", "target_patterns")),
+    # postprocessing.py
+    ("transformers.image_processing_outputs", "SemanticSegmentationPostProcessorOutput"): Expected("class"),
+    # vocabulary / data / evaluation: panoptic PNG colours <-> segment ids
+    ("transformers.image_transforms", "rgb_to_id"): Expected("function", ("color",)),
+    ("transformers.image_transforms", "id_to_rgb"): Expected("function", ("id_map",)),
+    # processing_possam.py: tokenization options of text_kwargs
+    ("transformers.tokenization_utils_base", "PaddingStrategy"): Expected("enum"),
+    ("transformers.tokenization_utils_base", "TruncationStrategy"): Expected("enum"),
 }
 
 
