@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TARGETS = (1, 2, 3, 4, 5, 6)
 

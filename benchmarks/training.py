@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
-import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -14,12 +15,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _training_script() -> ModuleType:
+    """`training/train.py` loaded by path under a private name (`training/` on sys.path would shadow `evaluate`)."""
+    spec = importlib.util.spec_from_file_location("possam_training_train", ROOT / "training" / "train.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{ROOT / 'training' / 'train.py'} cannot be loaded as a Python module.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _loop_seconds(steps: int, folder: str) -> float:
-    sys.path.insert(0, str(ROOT / "training"))
-    try:
-        import train
-    finally:
-        sys.path.pop(0)
+    train = _training_script()
     start = time.perf_counter()
     train.main(
         [

@@ -10,7 +10,6 @@ sizes), and, with RUN_SLOW=1, the peak memory of large outputs measured in fresh
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -781,8 +780,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 GIB = 2**30
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="several minutes and up to 8 GB: RUN_SLOW=1")
+@pytest.mark.slow  # several minutes and up to 8 GB: runs with RUN_SLOW=1 (tests/conftest.py)
 @pytest.mark.parametrize(
     "subtask,side,binary_maps",
     [("semantic", 8192, False), ("instance", 8192, False), ("instance", 4096, True), ("instance", 8192, True)],
