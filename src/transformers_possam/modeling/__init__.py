@@ -1,6 +1,7 @@
 """PosSAM building blocks, one paper box per file."""
 
 from .clip import PosSAMCLIP, classify_embeddings
+from .decoder_layer import PosSAMMaskedAttentionDecoderLayer
 from .deformable_attention import PosSAMMultiscaleDeformableAttention, deformable_attention_embedding_bag
 from .fpn import PosSAMFPN
 from .iou_head import PosSAMIoUHead
@@ -20,6 +21,7 @@ __all__ = [
     "PosSAMIoUHead",
     "PosSAMLoss",
     "PosSAMMaskPredictor",
+    "PosSAMMaskedAttentionDecoderLayer",
     "PosSAMMaskedCrossAttention",
     "PosSAMMultiscaleDeformableAttention",
     "PosSAMVisionAttention",
