@@ -22,7 +22,11 @@ STAGES = {
     "CLIP image (ConvNeXt-L trunk)": [("clip", "dense_features")],
     "FPN + pixel decoder": [("model.fpn", "forward"), ("model.pixel_decoder", "forward")],
     "transformer decoder + IoU head": [("model.transformer_module", "forward"), ("model.iou_head", "forward")],
-    "LDP + classification": [("ldp", "forward"), ("", "ldp_class_logits"), ("", "clip_class_logits")],
+    "LDP + classification": [
+        ("ldp", "forward"),
+        ("classifier", "forward"),
+        ("classifier", "out_of_vocabulary_logits"),
+    ],
 }
 
 

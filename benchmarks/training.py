@@ -57,13 +57,14 @@ def _data_path_images_per_second(size: int, processor_size: int, count: int) -> 
     from transformers_possam import PosSAMImageProcessor
     from transformers_possam.data.stream import PanopticTrainStream
     from transformers_possam.data.synthetic import TOY_CATEGORIES
+    from transformers_possam.vocabularies import Vocabulary
 
     dataset = Dataset.from_list(_jpeg_rows(size, count))
     processor = PosSAMImageProcessor(
         size={"longest_edge": processor_size}, pad_size={"height": processor_size, "width": processor_size}
     )
     stream = PanopticTrainStream(
-        dataset, processor, {c["id"]: i for i, c in enumerate(TOY_CATEGORIES)}, shuffle_buffer=0
+        dataset, processor, Vocabulary.from_categories(TOY_CATEGORIES).label_map, shuffle_buffer=0
     )
     samples = iter(stream)
     next(samples)  # warm-up

@@ -10,8 +10,8 @@
 - `--clip_checkpoint`: an open_clip folder / Hub id with `open_clip_config.json` and `open_clip_pytorch_model.bin` or
   `open_clip_model.safetensors`; the architecture comes from the config (any timm ConvNeXt CLIP with an MLP head).
 - The tokenizer is built from open_clip's BPE file (no Hub access needed).
-- New modules (FPN, pixel decoder, transformer decoder, IoU head, LDP, void embedding, temperature) keep their fresh
-  initialization; the SAM encoder and the CLIP load strictly (any missing or unexpected key is an error).
+- New modules (FPN, pixel decoder, transformer decoder, IoU head, LDP, the classifier's void embedding and
+  temperature) keep their fresh initialization; the SAM encoder and the CLIP load strictly (any missing or unexpected key is an error).
 - `--verify` runs the reference implementations (segment-anything / open_clip) on random inputs and fails above
   1e-5 max abs difference (fp32).
 """
@@ -185,7 +185,7 @@ def main(argv=None) -> Path:
         model.model.load_state_dict(decoder, strict=False)  # strict over the decoder: checked just above
         print(
             f"decoder warm-started from {args.decoder_checkpoint}; dropped {len(dropped)} FC-CLIP keys "
-            "(class head, void, criterion); FPN, IoU head and LDP stay new",
+            "(class head, void, criterion); FPN, IoU head, LDP and classifier stay new",
             file=sys.stderr,
         )
 

@@ -1,8 +1,9 @@
 """
-Independent reference for the post-processing: a literal transcription of FC-CLIP's inference code.
+Independent reference for the post-processing and the classifiers: a literal transcription of FC-CLIP's inference code.
 
-Source: bytedance/fc-clip at commit 2b0bbe2 (2b0bbe213070d44da9182530fa2e826fef03f974), `fcclip/fcclip.py`, and
-detectron2's `detectron2/modeling/postprocessing.py::sem_seg_postprocess` (facebookresearch/detectron2 at 02b5c4e).
+Source: bytedance/fc-clip at commit 2b0bbe2 (2b0bbe213070d44da9182530fa2e826fef03f974), `fcclip/fcclip.py`, its
+classifiers (`fcclip/modeling/transformer_decoder/fcclip_transformer_decoder.py`, `fcclip/modeling/backbone/clip.py`)
+and detectron2's `detectron2/modeling/postprocessing.py::sem_seg_postprocess` (facebookresearch/detectron2 at 02b5c4e).
 Line ranges below refer to these files. Operation order and constants are FC-CLIP's, unchanged, also where a
 simpler formula would give the same numbers: the point is to compare our vectorized post-processors with the code
 that produced FC-CLIP's (and PosSAM's) published numbers. Only the plumbing differs:
@@ -38,6 +39,9 @@ __all__ = [
     "fcclip_ensemble_probs",
     "fcclip_inference",
     "fcclip_upsample_masks",
+    "get_classification_logits",
+    "mask_pooling",
+    "visual_prediction_forward_convnext",
     "instance_inference",
     "panoptic_inference",
     "sem_seg_postprocess",
@@ -108,6 +112,67 @@ def fcclip_ensemble_logits(*args, **kwargs) -> torch.Tensor:
     mask_cls_probs = fcclip_ensemble_probs(*args, **kwargs)
     mask_cls_results = torch.log(mask_cls_probs + 1e-8)  # L402
     return mask_cls_results
+
+
+def get_classification_logits(x, text_classifier, logit_scale, num_templates=None):
+    """
+    fcclip/modeling/transformer_decoder/fcclip_transformer_decoder.py L38-54 (commit 2b0bbe2), verbatim: both of
+    FC-CLIP's classifiers. `x` `(B, Q, C)` embeddings; `text_classifier` `(sum(num_templates) + 1, C)`: each class's
+    L2-normalized synonym embeddings one after the other, then the L2-normalized void embedding (fcclip/fcclip.py
+    L326); `logit_scale` the learnable log 1/tau; `num_templates[k]` the number of synonyms of class k. Returns
+    `(B, Q, K + 1)`, void last (the out-of-vocabulary branch drops it, fcclip/fcclip.py L367).
+    """
+    # x in shape of [B, *, C]
+    # text_classifier in shape of [num_classes, C]
+    # logit_scale is a learnable scalar https://github.com/mlfoundations/open_clip/blob/main/src/open_clip/model.py#L201
+    # return: [B, *, num_classes]
+    x = F.normalize(x, dim=-1)
+    logit_scale = torch.clamp(logit_scale.exp(), max=100)
+    pred_logits = logit_scale * x @ text_classifier.T  # B, *, N + 1
+    # max ensembel as in OpenSeg/ODISE
+    final_pred_logits = []
+    cur_idx = 0
+    for num_t in num_templates:
+        final_pred_logits.append(pred_logits[:, :, cur_idx : cur_idx + num_t].max(-1).values)
+        cur_idx += num_t
+    final_pred_logits.append(pred_logits[:, :, -1])  # the last classifier is for void
+    final_pred_logits = torch.stack(final_pred_logits, dim=-1)
+    return final_pred_logits
+
+
+def mask_pooling(x, mask):
+    """
+    fcclip/modeling/transformer_decoder/fcclip_transformer_decoder.py L57-83 (commit 2b0bbe2), `MaskPooling.forward`:
+    `x` `(B, C, H, W)` features, `mask` `(B, Q, H, W)` mask logits -> `(B, Q, C)` averages inside each mask (logit > 0).
+    fcclip/fcclip.py L356-357 first resizes the mask logits to the CLIP feature map (bilinear, align_corners=False).
+    """
+    if x.shape[-2:] != mask.shape[-2:]:
+        # reshape mask to x
+        mask = F.interpolate(mask, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        mask = mask.detach()
+        mask = (mask > 0).to(mask.dtype)
+        denorm = mask.sum(dim=(-1, -2), keepdim=True) + 1e-8
+
+    mask_pooled_x = torch.einsum(
+        "bchw,bqhw->bqc",
+        x,
+        mask / denorm,
+    )
+    return mask_pooled_x
+
+
+def visual_prediction_forward_convnext(clip_model, x):
+    """
+    fcclip/modeling/backbone/clip.py L147-152 (commit 2b0bbe2): open_clip's ConvNeXt head (`visual.trunk.head`,
+    then the projection `visual.head`) on mask-pooled features `(B, Q, C)`, each treated as a 1x1 map -> G_clip
+    `(B, Q, D)`. `clip_model` is the open_clip `CLIP` (FC-CLIP's `self.clip_model`).
+    """
+    batch, num_query, channel = x.shape
+    x = x.reshape(batch * num_query, channel, 1, 1)  # fake 2D input
+    x = clip_model.visual.trunk.head(x)
+    x = clip_model.visual.head(x)
+    return x.view(batch, num_query, x.shape[-1])  # B x num_queries x 640
 
 
 def fcclip_upsample_masks(mask_pred_results: torch.Tensor, padded_size: Sequence[int]) -> torch.Tensor:

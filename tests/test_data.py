@@ -3,6 +3,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from transformers.image_transforms import rgb_to_id
 
 from transformers_possam.data import (
     TOY_CATEGORIES,
@@ -13,7 +14,6 @@ from transformers_possam.data import (
     save_category_table,
     toy_panoptic_rows,
 )
-from transformers_possam.evaluation import rgb2id
 
 
 def test_toy_rows_are_deterministic_and_consistent():
@@ -72,4 +72,4 @@ def test_category_table_round_trip(tmp_path):
     assert [c["name"] for c in table] == [c["name"] for c in TOY_CATEGORIES]
     with pytest.raises(FileNotFoundError, match="categories.json"):
         load_category_table(tmp_path / "missing")
-    assert rgb2id(np.asarray(next(toy_panoptic_rows(1))["label"])).max() >= 3
+    assert rgb_to_id(np.asarray(next(toy_panoptic_rows(1))["label"])).max() >= 3

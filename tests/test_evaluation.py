@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from transformers.image_transforms import id_to_rgb
 
 from transformers_possam.evaluation import PanopticQualityAccumulator, SemanticConfusion, pq_compute
 
@@ -13,10 +14,6 @@ CATEGORIES = [
     {"id": 3, "name": "sky", "isthing": 0},
     {"id": 4, "name": "road", "isthing": 0},
 ]
-
-
-def id2rgb(ids):
-    return np.stack([ids % 256, (ids // 256) % 256, (ids // 65536) % 256], axis=-1).astype(np.uint8)
 
 
 def crafted_images():
@@ -72,7 +69,7 @@ def write_split(folder, name, images, which):
     annotations = []
     for index, image in enumerate(images):
         ids, segments = (image[0], image[1]) if which == "gt" else (image[2], image[3])
-        Image.fromarray(id2rgb(ids)).save(folder / name / f"{index}.png")
+        Image.fromarray(id_to_rgb(ids)).save(folder / name / f"{index}.png")
         annotations.append({"image_id": index, "file_name": f"{index}.png", "segments_info": segments})
     path = folder / f"{name}.json"
     path.write_text(json.dumps({"annotations": annotations, "categories": CATEGORIES}))

@@ -7,7 +7,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, AutoModel, AutoModelForUniversalSegmentation
 
 from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, PosSAMModel, tiny_config
-from transformers_possam.modeling import classify_embeddings
+from transformers_possam.modeling import PosSAMOpenVocabularyClassifier
 
 from .conftest import IMAGE_SIZE, NUM_CLASSES
 
@@ -169,7 +169,7 @@ def test_synonym_max_ignores_padding_slots():
     embeddings = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     classes = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.6, 0.8], [0.0, 1.0]]])
     mask = torch.tensor([[True, True], [True, False]])
-    logits = classify_embeddings(embeddings, classes, mask, torch.tensor(10.0))
+    logits = PosSAMOpenVocabularyClassifier.max_over_synonyms(embeddings, classes, mask, torch.tensor(10.0))
     # class 0 takes the best synonym (cos 1 for both inputs); class 1's padded slot (cos 1 with input 1) is ignored
     assert torch.allclose(logits, torch.tensor([[10.0, 6.0], [10.0, 8.0]]))
 

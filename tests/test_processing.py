@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.image_transforms import rgb_to_id
 
 from transformers_possam import (
     VILD_TEMPLATES,
@@ -11,7 +12,6 @@ from transformers_possam import (
     clip_tokenizer_from_bpe,
     load_vocabulary,
 )
-from transformers_possam.image_processing_possam import rgb_to_id
 from transformers_possam.processing_possam import resolve_vocabulary, seen_class_mask
 
 

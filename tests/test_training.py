@@ -167,7 +167,11 @@ def test_accelerate_launch_two_processes_see_disjoint_samples(tmp_path):
     # ... over the same optimizer groups: no weight decay on norms and embeddings
     assert states[0]["groups"] == states[1]["groups"]
     no_decay = {name for group in states[0]["groups"] if group["weight_decay"] == 0.0 for name in group["names"]}
-    assert {"void_embedding.weight", "model.transformer_module.queries_features.weight", "ldp.norm.weight"} <= no_decay
+    assert {
+        "classifier.void_embedding.weight",
+        "model.transformer_module.queries_features.weight",
+        "ldp.norm.weight",
+    } <= no_decay
     assert (tmp_path / "model.safetensors").exists()
     # the evaluation ran on both processes (rows 0, 2, 4 and 1, 3) and their statistics were gathered
     (history,) = [json.loads(line) for line in (tmp_path / "eval_history.jsonl").read_text().splitlines()]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import IterableDataset
-from panopticapi.utils import rgb2id
+from panopticapi.utils import id2rgb, rgb2id
 from PIL import Image
 
 from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, tiny_config
@@ -166,8 +166,6 @@ def test_zoomed_out_samples_stay_small_on_the_canvas():
     square = np.zeros((64, 64), np.int64)
     square[16:48, 16:48] = 5
     picture = Image.fromarray(np.full((64, 64, 3), 90, np.uint8))
-    from transformers_possam.data.synthetic import id2rgb
-
     row = {
         "image": picture,
         "label": Image.fromarray(id2rgb(square)),
@@ -316,7 +314,7 @@ def test_parameter_groups_follow_fcclip_by_name():
         "model.transformer_module.queries_features.weight",  # query features (nn.Embedding)
         "model.transformer_module.queries_embedder.weight",  # query positions (nn.Embedding)
         "model.transformer_module.level_embed.weight",  # decoder level embeddings (nn.Embedding)
-        "void_embedding.weight",
+        "classifier.void_embedding.weight",
         "ldp.stream_embeddings.weight",
         "ldp.norm.weight",
         "ldp.norm.bias",  # LayerNorm
@@ -331,7 +329,7 @@ def test_parameter_groups_follow_fcclip_by_name():
         "ldp.sam_projection.1.weight",
         "ldp.sam_projection.1.bias",
         "model.iou_head.mlp.0.0.weight",
-        "logit_scale",  # a plain nn.Parameter, decayed like FC-CLIP's own class-head logit_scale
+        "classifier.logit_scale",  # a plain nn.Parameter, decayed like FC-CLIP's own class-head logit_scale
         "model.pixel_decoder.level_embed",  # a plain nn.Parameter in FC-CLIP's pixel decoder too
     ]
     for name in decayed:

@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import train  # training/train.py: `make demo` runs this file as a script, so its folder is on sys.path
 from PIL import Image, ImageDraw
-
-
-sys.path.insert(0, str(Path(__file__).parent))
-import train
 
 from transformers_possam import PosSAMForPanopticSegmentation, PosSAMProcessor
 from transformers_possam.data import TOY_CATEGORIES, toy_panoptic_rows
 from transformers_possam.evaluation import evaluate_panoptic
+from transformers_possam.vocabularies import Vocabulary
 
 
 def draw_prediction(
@@ -92,13 +89,13 @@ def main(argv=None) -> dict:
 
     model = PosSAMForPanopticSegmentation.from_pretrained(model_dir).eval()
     processor = PosSAMProcessor.from_pretrained(model_dir)
-    labels = [{"name": c["name"], "isthing": bool(c["isthing"])} for c in TOY_CATEGORIES]
-    tokens = processor.encode_vocabulary(labels)
+    vocabulary = Vocabulary.from_categories(TOY_CATEGORIES)
+    tokens = processor.encode_vocabulary(vocabulary)
     class_embeddings, synonym_mask = model.get_class_embeddings(
         tokens["input_ids"], tokens["attention_mask"], tokens["synonym_mask"]
     )
     rows = list(toy_panoptic_rows(args.eval_images, seed=args.seed, split="validation"))
-    results = evaluate_panoptic(model, processor.image_processor, rows, TOY_CATEGORIES, class_embeddings, synonym_mask)
+    results = evaluate_panoptic(model, processor.image_processor, rows, vocabulary, class_embeddings, synonym_mask)
 
     with torch.no_grad():
         inputs = processor(images=rows[0]["image"])
@@ -112,10 +109,10 @@ def main(argv=None) -> dict:
         outputs,
         target_sizes=inputs["original_sizes"],
         reshaped_input_sizes=inputs["reshaped_input_sizes"],
-        candidate_labels=labels,
+        candidate_labels=vocabulary,
         training_vocabulary=model.config.training_vocabulary,
     )
-    names = [c["name"].split(",")[0] for c in TOY_CATEGORIES]
+    names = vocabulary.display_names
     output_dir.mkdir(parents=True, exist_ok=True)
     draw_prediction(rows[0]["image"], prediction["segmentation"].numpy(), prediction["segments_info"], names).save(
         output_dir / "prediction.png"

@@ -23,9 +23,6 @@ from pathlib import Path
 
 import torch
 
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from transformers_possam import PosSAMForPanopticSegmentation, PosSAMProcessor
 from transformers_possam.data.stream import load_panoptic_dataset
 from transformers_possam.evaluation import PanopticEvaluator

@@ -93,24 +93,26 @@ def features_for(with_semantic: bool) -> Features:
 
 
 def category_table(categories: list[dict], vocabulary: str | None) -> list[dict]:
-    """{"id", "name", "isthing"} per category of the JSON, named from the package's vocabulary when one is given."""
+    """
+    {"id", "name", "isthing"} per category of the JSON (checked by `Vocabulary.from_categories`), named from the
+    package's vocabulary (`--vocabulary`, matched by category id) when one is given.
+    """
     # imported here, after the inputs were checked: the package pulls in torch (seconds), and bad input should fail at once
-    from transformers_possam.vocabularies import load_vocabulary
+    from transformers_possam.vocabularies import PRESET_ALIASES, Vocabulary, load_vocabulary
 
-    table = [{"id": int(c["id"]), "name": c["name"], "isthing": int(c.get("isthing", 1))} for c in categories]
-    if vocabulary == "coco":
-        import csv
-        from importlib import resources
-
-        text = resources.files("transformers_possam.vocabularies").joinpath("coco_panoptic_133.tsv").read_text()
-        by_coco_id = {
-            int(r["coco_category_id_or_empty"]): r["names"] for r in csv.DictReader(text.splitlines(), delimiter="\t")
-        }
-        table = [dict(c, name=by_coco_id.get(c["id"], c["name"])) for c in table]
-    elif vocabulary == "ade20k":
-        names = load_vocabulary("ade20k_150").names
-        table = [dict(c, name=names[c["id"]] if 0 <= c["id"] < len(names) else c["name"]) for c in table]
-    return table
+    try:
+        table = Vocabulary.from_categories(categories, "the annotations JSON's categories")
+    except (TypeError, ValueError) as error:
+        raise PreparationError(str(error)) from None
+    if vocabulary is not None:
+        preset = load_vocabulary(PRESET_ALIASES[vocabulary])
+        names = dict(zip(preset.category_ids, preset.names))
+        table = Vocabulary(
+            names=tuple(names.get(identifier, name) for identifier, name in zip(table.category_ids, table.names)),
+            is_thing=table.is_thing,
+            category_ids=table.category_ids,
+        )
+    return table.to_categories()
 
 
 def load_annotations(path: Path) -> dict:

@@ -52,6 +52,7 @@ from transformers_possam.data.stream import (
 )
 from transformers_possam.evaluation import PanopticEvaluator, vocabulary_embeddings
 from transformers_possam.optimization import SCHEDULES, make_optimizer, parameter_groups, step_decay
+from transformers_possam.vocabularies import Vocabulary
 
 
 logger = logging.getLogger("possam.train")
@@ -279,11 +280,11 @@ def main(argv=None) -> dict:
         args.dataset_name, args.train_split, toy_size=args.toy_train_size, seed=args.seed
     )
     train_set = shard_for_process(train_set, accelerator.process_index, accelerator.num_processes)
-    label_map = {int(c["id"]): index for index, c in enumerate(categories)}
+    vocabulary = Vocabulary.from_categories(categories)
     stream = PanopticTrainStream(
         train_set,
         processor.image_processor,
-        label_map,
+        vocabulary.label_map,
         seed=args.seed,
         rank=accelerator.process_index,
         augment=not args.no_augmentation,
@@ -313,7 +314,7 @@ def main(argv=None) -> dict:
         )
 
     # The text tower is frozen: the vocabulary is encoded once.
-    class_embeddings, synonym_mask = vocabulary_embeddings(unwrapped, processor, categories)
+    class_embeddings, synonym_mask = vocabulary_embeddings(unwrapped, processor, vocabulary)
 
     step = 0
     if args.resume_from_checkpoint:

@@ -21,9 +21,10 @@ from .image_processing_possam import PosSAMImageProcessor
 from .modeling_possam import PosSAMForPanopticSegmentation
 from .processing_possam import PosSAMProcessor
 from .tokenization import clip_tokenizer_from_bpe
+from .vocabularies import resolve_vocabulary
 
 
-LABELS = [
+LABELS: list[str | dict[str, object]] = [
     {"name": "sky,clouds", "isthing": False},
     {"name": "grass,lawn", "isthing": False},
     "ball,red ball",
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         f"model: {'tiny random PosSAM' if args.model is None else args.model} "
         f"({trainable / 1e6:.2f}M trainable, {frozen / 1e6:.2f}M frozen parameters)"
     )
-    print(f"labels: {[label if isinstance(label, str) else label['name'] for label in LABELS]}")
+    print(f"labels: {list(resolve_vocabulary(LABELS).names)}")
     print(f"{args.subtask} segments: {len(results)}")
     print(f"{'label':<8} {'score':>7} {'area %':>7}")
     for segment in results:

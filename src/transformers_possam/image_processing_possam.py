@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import rgb_to_id
 from transformers.image_utils import ChannelDimension
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 from transformers.models.sam.image_processing_sam import SamImageProcessor, SamImageProcessorKwargs
@@ -27,7 +28,6 @@ __all__ = [
     "encode_panoptic_annotation",
     "nearest_indices",
     "nearest_resize_ids",
-    "rgb_to_id",
 ]
 
 
@@ -47,12 +47,6 @@ class PosSAMImageProcessorKwargs(SamImageProcessorKwargs, total=False):
     ignore_index: int
     mase_alpha: float
     mase_beta: float
-
-
-def rgb_to_id(color: np.ndarray) -> np.ndarray:
-    """COCO panoptic PNG colour -> segment id: R + 256 G + 256^2 B (panopticapi's `rgb2id`)."""
-    color = color.astype(np.int64)
-    return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
 
 
 def _as_array(image: Any, name: str) -> np.ndarray:
@@ -98,7 +92,8 @@ def _segments_from_annotation(
         if png is None:
             raise ValueError("A panoptic annotation dict needs its PNG under 'panoptic_map' (or 'png' / 'label').")
         array = _as_array(png, "panoptic_map")
-        ids = rgb_to_id(array[..., :3]) if array.ndim == 3 else array.astype(np.int64)
+        # int64 before the colour sum: transformers' rgb_to_id keeps dtypes other than uint8 (uint16 would overflow)
+        ids = rgb_to_id(array[..., :3].astype(np.int64)) if array.ndim == 3 else array.astype(np.int64)
         present = set(np.unique(ids).tolist())
         segment_ids, classes = [], []
         for segment in annotation["segments_info"]:

@@ -8,7 +8,7 @@ class logits against CLIP text embeddings (`PosSAMForPanopticSegmentation`).
 import difflib
 import inspect
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -19,6 +19,8 @@ from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 from transformers import PreTrainedModel, SamVisionConfig
 from transformers import initialization as init
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerMaskedAttentionDecoderLayer,
@@ -43,11 +45,9 @@ from .modeling import (
     PosSAMMaskedCrossAttention,
     PosSAMMaskPredictor,
     PosSAMMultiscaleDeformableAttention,
+    PosSAMOpenVocabularyClassifier,
     PosSAMVisionAttention,
-    classify_embeddings,
-    mask_pool,
 )
-from .modeling.clip import MAX_LOGIT_SCALE
 
 
 __all__ = [
@@ -376,7 +376,7 @@ class PosSAMPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, LocalDiscriminativePooling):
             init.normal_(module.stream_embeddings.weight, std=self.config.init_std)
-        elif isinstance(module, PosSAMForPanopticSegmentation):
+        elif isinstance(module, PosSAMOpenVocabularyClassifier):
             init.constant_(module.logit_scale, self.config.logit_scale_init)
             init.normal_(module.void_embedding.weight, std=self.config.init_std)
         else:
@@ -606,10 +606,11 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
     PosSAM for open-vocabulary panoptic / instance / semantic segmentation (paper §3.2-3.5).
 
     On top of [`PosSAMModel`]: the frozen CLIP (timm ConvNeXt image tower with its CLIP head, HF
-    `CLIPTextModelWithProjection` text tower), `LocalDiscriminativePooling` producing G_ldp, in-vocabulary logits
-    `cos(G_ldp, G_text) / tau` (learnable tau, learned void embedding, max over synonyms), and at inference the
-    out-of-vocabulary CLIP logits of mask-pooled dense CLIP features through CLIP's own head. MASE (paper Algorithm 1)
-    combines the two in post-processing.
+    `CLIPTextModelWithProjection` text tower), `LocalDiscriminativePooling` producing G_ldp, and
+    `PosSAMOpenVocabularyClassifier`: in-vocabulary logits `cos(G_ldp, G_text) / tau` (learnable tau, learned void
+    embedding, max over synonyms) and, at inference, the out-of-vocabulary CLIP logits of mask-pooled dense CLIP
+    features through CLIP's own head. MASE (paper Algorithm 1) combines the two in post-processing. The loss follows
+    `Mask2FormerForUniversalSegmentation`: `get_auxiliary_logits`, `get_loss_dict`, `get_loss`.
 
     The vocabulary is an input: tokenized prompts (`input_ids` of shape `(K, S, T, L)`: K classes, S synonym slots,
     T prompt templates, L tokens, with `synonym_mask` `(K, S)`; or `(K, L)` for one prompt per class) or precomputed
@@ -635,9 +636,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             num_layers=config.ldp_num_layers,
             dropout=config.dropout,
         )
-        self.void_embedding = nn.Embedding(1, config.clip_embed_dim)
-        # log(1 / tau) of the LDP logits, learned (FC-CLIP's in-vocabulary head does the same)
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        self.classifier = PosSAMOpenVocabularyClassifier(config.clip_embed_dim, config.logit_scale_init)
         self.criterion = PosSAMLoss(config)
         self.post_init()
         self.freeze_frozen_parts()
@@ -982,29 +981,59 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         return self.get_class_embeddings(input_ids, attention_mask, synonym_mask)
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Classification
+    # Training: Mask2FormerForUniversalSegmentation's split (loss parts, total, per-layer predictions)
     # ----------------------------------------------------------------------------------------------------------------
-    def ldp_class_logits(
-        self, ldp_embeddings: torch.Tensor, class_embeddings: torch.Tensor, synonym_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """In-vocabulary logits `(B, Q, K + 1)`: cos(G_ldp, G_text) / tau, max over synonyms, learned void last."""
-        scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-        class_logits = classify_embeddings(ldp_embeddings, class_embeddings, synonym_mask, scale)
-        void = nn.functional.normalize(self.void_embedding.weight, dim=-1)
-        void_logits = scale * (nn.functional.normalize(ldp_embeddings, dim=-1) @ void.to(ldp_embeddings.dtype).T)
-        return torch.cat([class_logits, void_logits], dim=-1)
-
-    def clip_class_logits(
+    def get_loss_dict(
         self,
-        clip_features: torch.Tensor,
-        mask_logits: torch.Tensor,
-        class_embeddings: torch.Tensor,
-        synonym_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Out-of-vocabulary branch: G_clip = CLIP head(mask-pooled F_clip) `(B, Q, D)` and its logits `(B, Q, K)`."""
-        clip_embeddings = self.clip.embed_pooled_features(mask_pool(clip_features, mask_logits))
-        logits = classify_embeddings(clip_embeddings, class_embeddings, synonym_mask, self.clip.logit_scale_value())
-        return clip_embeddings, logits
+        masks_queries_logits: torch.Tensor,
+        class_queries_logits: torch.Tensor,
+        mask_labels: list[torch.Tensor],
+        class_labels: list[torch.Tensor],
+        auxiliary_predictions: list[dict[str, torch.Tensor]] | None,
+        iou_logits: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """
+        The unweighted loss parts (`PosSAMLoss`): `loss_cross_entropy`, `loss_mask`, `loss_dice`, `loss_iou` of the
+        final layer and `_{i}` copies per entry of `auxiliary_predictions`. Unlike Mask2Former's, the parts are not
+        weighted in place: `outputs.loss_dict` reports them raw and `get_loss` weights them.
+
+        Args:
+            masks_queries_logits: `(B, Q, H/4, W/4)` final mask logits.
+            class_queries_logits: `(B, Q, K + 1)` final in-vocabulary logits, void last.
+            mask_labels, class_labels: per image `(N_i, H', W')` binary masks and `(N_i,)` class indices.
+            auxiliary_predictions: `get_auxiliary_logits`' list, or None for no deep supervision.
+            iou_logits: `(B, Q)` final IoU head logits.
+        """
+        # matcher and losses in float32 with autocast off, whatever the model's dtype (docs/design.md, "Losses")
+        with torch.autocast(device_type=masks_queries_logits.device.type, enabled=False):
+            return self.criterion(
+                masks_queries_logits=masks_queries_logits.float(),
+                class_queries_logits=class_queries_logits.float(),
+                mask_labels=mask_labels,
+                class_labels=class_labels,
+                auxiliary_predictions=auxiliary_predictions,
+                iou_logits=iou_logits.float(),
+            )
+
+    def get_loss(self, loss_dict: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss: `get_loss_dict`'s parts, each times its weight in `config` (0-dim tensor)."""
+        return self.criterion.weighted_total(loss_dict)
+
+    @staticmethod
+    def get_auxiliary_logits(
+        class_queries_logits: Sequence[torch.Tensor],
+        masks_queries_logits: Sequence[torch.Tensor],
+        iou_logits: Sequence[torch.Tensor],
+    ) -> list[dict[str, torch.Tensor]]:
+        """
+        Per decoder layer but the last (which gives the main outputs), its `class_queries_logits` `(B, Q, K + 1)`,
+        `masks_queries_logits` `(B, Q, H/4, W/4)` and `iou_logits` `(B, Q)`: the predictions of deep supervision.
+        Each argument holds one entry per layer (the learnable queries' prediction first).
+        """
+        return [
+            {"class_queries_logits": classes, "masks_queries_logits": masks, "iou_logits": iou}
+            for classes, masks, iou in zip(class_queries_logits[:-1], masks_queries_logits[:-1], iou_logits[:-1])
+        ]
 
     @staticmethod
     def _check_labels(
@@ -1155,37 +1184,31 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         ldp_embeddings, class_logits = {}, {}
         for layer in layers:
             ldp_embeddings[layer] = self.ldp(outputs.mask_features, clip_features, per_layer_masks[layer])
-            class_logits[layer] = self.ldp_class_logits(ldp_embeddings[layer], class_embeddings, synonym_mask)
+            class_logits[layer] = self.classifier(ldp_embeddings[layer], class_embeddings, synonym_mask)
         last = len(per_layer_masks) - 1
         auxiliary_logits = None
         if want_auxiliary:
-            auxiliary_logits = [
-                {
-                    "class_queries_logits": class_logits[layer],
-                    "masks_queries_logits": per_layer_masks[layer],
-                    "iou_logits": outputs.iou_logits[layer],
-                }
-                for layer in range(last)
-            ]
+            auxiliary_logits = self.get_auxiliary_logits(
+                [class_logits[layer] for layer in range(last + 1)], per_layer_masks, outputs.iou_logits
+            )
 
         clip_embeddings = clip_logits = None
         if return_clip_logits:
-            clip_embeddings, clip_logits = self.clip_class_logits(
-                clip_features, per_layer_masks[last], class_embeddings, synonym_mask
+            clip_embeddings, clip_logits = self.classifier.out_of_vocabulary_logits(
+                self.clip, clip_features, per_layer_masks[last], class_embeddings, synonym_mask
             )
 
         loss = loss_dict = None
         if has_labels:
-            with torch.autocast(device_type=pixel_values.device.type, enabled=False):
-                loss_dict = self.criterion(
-                    masks_queries_logits=per_layer_masks[last].float(),
-                    class_queries_logits=class_logits[last].float(),
-                    mask_labels=mask_labels,
-                    class_labels=class_labels,
-                    auxiliary_predictions=auxiliary_logits if self.config.use_auxiliary_loss else None,
-                    iou_logits=outputs.iou_logits[last].float(),
-                )
-                loss = self.criterion.weighted_total(loss_dict)
+            loss_dict = self.get_loss_dict(
+                masks_queries_logits=per_layer_masks[last],
+                class_queries_logits=class_logits[last],
+                mask_labels=mask_labels,
+                class_labels=class_labels,
+                auxiliary_predictions=auxiliary_logits if self.config.use_auxiliary_loss else None,
+                iou_logits=outputs.iou_logits[last],
+            )
+            loss = self.get_loss(loss_dict)
 
         output = PosSAMForPanopticSegmentationOutput(
             loss=loss,
@@ -1208,3 +1231,16 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
+
+
+# Checkpoints saved before the classifier became its own module hold its two parameters at the top level. transformers'
+# loader renames them on `from_pretrained` (anchored: CLIP's own `clip.logit_scale` stays as it is) and, like for its own
+# models, `save_pretrained` writes this original layout unless called with `save_original_format=False`; both layouts
+# load. Registered by class name: transformers applies no mapping to custom code unless it was registered explicitly.
+PRE_CLASSIFIER_KEY_RENAMINGS: list[WeightConverter | WeightRenaming] = [
+    WeightRenaming(source_patterns=r"^void_embedding\.", target_patterns="classifier.void_embedding."),
+    WeightRenaming(source_patterns=r"^logit_scale", target_patterns="classifier.logit_scale"),
+]
+register_checkpoint_conversion_mapping(
+    PosSAMForPanopticSegmentation.__name__, PRE_CLASSIFIER_KEY_RENAMINGS, overwrite=True
+)

@@ -85,12 +85,12 @@ def parameter_groups(
     AdamW parameter groups of the trainable parameters, by FC-CLIP's rules (`build_optimizer`, decided per module):
 
     - parameters of normalization modules (`NORM_MODULE_TYPES`) get `weight_decay_norm` (0);
-    - `nn.Embedding` weights (queries, query positions, the transformer decoder's level embeddings, the void
-      embedding, LDP's stream embeddings) get `weight_decay_embed` (0);
+    - `nn.Embedding` weights (queries, query positions, the transformer decoder's level embeddings, the classifier's
+      void embedding, LDP's stream embeddings) get `weight_decay_embed` (0);
     - relative / absolute position tables (SAM's `rel_pos_h`/`rel_pos_w`/`pos_embed`, Mask2Former's rule for Swin's
       tables) get no decay either;
-    - everything else, plain `nn.Parameter`s included (the pixel decoder's level embedding, the LDP temperature: FC-CLIP
-      decays its own), gets `weight_decay`;
+    - everything else, plain `nn.Parameter`s included (the pixel decoder's level embedding, the classifier's
+      temperature `classifier.logit_scale`: FC-CLIP decays its own), gets `weight_decay`;
     - parameters under `backbone_prefixes` (the SAM encoder, trainable only with `--train_encoders`) get
       `learning_rate * backbone_multiplier` (FC-CLIP's `BACKBONE_MULTIPLIER`).
 

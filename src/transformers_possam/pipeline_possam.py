@@ -16,7 +16,8 @@ from transformers import Pipeline
 from transformers.image_utils import load_image
 
 from .postprocessing import check_ensemble_weight, check_flag, check_threshold
-from .processing_possam import PosSAMProcessor, resolve_vocabulary, seen_class_mask
+from .processing_possam import PosSAMProcessor
+from .vocabularies import resolve_vocabulary
 
 
 __all__ = ["OpenVocabularyPanopticSegmentationPipeline", "TASK"]
@@ -193,7 +194,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
                 text_batch_size=self.text_batch_size,
             )
         self.text_encoding_calls += 1
-        seen = seen_class_mask(vocabulary, self.model.config.training_vocabulary).to(self.device)
+        seen = vocabulary.seen_mask(self.model.config.training_vocabulary).to(self.device)
         self._vocabulary_cache[key] = (embeddings, synonym_mask, seen)
         if len(self._vocabulary_cache) > VOCABULARY_CACHE_SIZE:
             self._vocabulary_cache.popitem(last=False)
@@ -253,7 +254,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
                 seen_mask=seen,
                 use_mase=use_mase,
                 return_binary_maps=True,
-                thing_label_ids=[i for i, thing in enumerate(vocabulary.is_thing) if thing],
+                thing_label_ids=vocabulary.thing_ids,
                 **sizes,
             )
             return [
@@ -265,7 +266,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             threshold=threshold,
             mask_threshold=mask_threshold,
             overlap_mask_area_threshold=overlap_mask_area_threshold,
-            label_ids_to_fuse=[i for i, thing in enumerate(vocabulary.is_thing) if not thing],
+            label_ids_to_fuse=vocabulary.stuff_ids,
             seen_mask=seen,
             use_mase=use_mase,
             **sizes,

@@ -7,9 +7,10 @@ Mapped (detectron2 -> transformers Mask2Former, as transformers' convert_mask2fo
       mask_embed, query_embed, query_feat, level_embed).
   backbone.clip_model.* (if the checkpoint stores the CLIP) -> clip.* through the open_clip converter.
 Left new (no counterpart in FC-CLIP): the FPN (FC-CLIP's pixel decoder read ConvNeXt-L features; PosSAM's FPN emits
-the same widths, 192/384/768/1536, so the decoder weights fit), the IoU head, the LDP, the void embedding and the
-LDP temperature. Dropped: FC-CLIP's in-vocabulary class head (predictor.class_embed, predictor._mask_pooling_proj,
-predictor.logit_scale, void_embedding — replaced by LDP), criterion.empty_weight, pixel_mean/std.
+the same widths, 192/384/768/1536, so the decoder weights fit), the IoU head, the LDP and the classifier
+(`classifier.void_embedding`, `classifier.logit_scale`: they score G_ldp, which FC-CLIP does not have). Dropped:
+FC-CLIP's in-vocabulary class head (predictor.class_embed, predictor._mask_pooling_proj, predictor.logit_scale,
+void_embedding — replaced by LDP and PosSAM's classifier), criterion.empty_weight, pixel_mean/std.
 
 An original PosSAM checkpoint, should one be released, is assumed to follow the same detectron2 layout with
 `backbone` = SAM ViT (image_encoder keys), an FPN under `sem_seg_head.fpn` and the LDP/IoU head under

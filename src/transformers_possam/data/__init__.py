@@ -12,7 +12,7 @@ from .panoptic import (
     save_category_table,
     without_image_decoding,
 )
-from .synthetic import TOY_CATEGORIES, id2rgb, toy_panoptic_rows
+from .synthetic import TOY_CATEGORIES, toy_panoptic_rows
 
 
 __all__ = [
@@ -23,7 +23,6 @@ __all__ = [
     "check_bad_fraction",
     "decode_panoptic_sample",
     "decode_semantic_label",
-    "id2rgb",
     "large_scale_jitter",
     "load_category_table",
     "save_category_table",

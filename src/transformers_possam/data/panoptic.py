@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-from ..image_processing_possam import rgb_to_id
+from transformers.image_transforms import rgb_to_id
 
 
 __all__ = [
@@ -78,7 +77,7 @@ def decode_panoptic_sample(row: dict) -> tuple[Image.Image, np.ndarray, list[dic
             raise BadSample(f"sample {image_id}: no {column!r} column value")
     image = _open_image(row["image"], "image", image_id).convert("RGB")
     label = _open_image(row["label"], "panoptic PNG", image_id)
-    ids = rgb_to_id(np.asarray(label.convert("RGB")))
+    ids = rgb_to_id(np.asarray(label.convert("RGB"))).astype(np.int64)  # transformers gives int32 for uint8 colours
     if ids.shape != (image.height, image.width):
         raise BadSample(f"sample {image_id}: panoptic PNG {ids.shape[::-1]} and image {image.size} differ in size")
     segments = list(row.get("segments_info") or [])

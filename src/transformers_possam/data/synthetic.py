@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageDraw
+from transformers.image_transforms import id_to_rgb
 
 
-__all__ = ["TOY_CATEGORIES", "toy_panoptic_rows", "id2rgb"]
+__all__ = ["TOY_CATEGORIES", "toy_panoptic_rows"]
 
 # id, name (comma-separated synonyms), isthing, colour (RGB)
 TOY_CATEGORIES = [
@@ -22,12 +23,6 @@ TOY_CATEGORIES = [
     {"id": 4, "name": "grass,lawn", "isthing": 0, "color": (50, 150, 60)},
     {"id": 5, "name": "sand,beach", "isthing": 0, "color": (200, 170, 120)},
 ]
-
-
-def id2rgb(ids: np.ndarray) -> np.ndarray:
-    """Segment ids -> panoptic PNG colours (panopticapi's `id2rgb`)."""
-    ids = ids.astype(np.int64)
-    return np.stack([ids % 256, (ids // 256) % 256, (ids // 65536) % 256], axis=-1).astype(np.uint8)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: int, box: tuple[float, float, float, float], fill) -> None:
@@ -88,7 +83,7 @@ def toy_panoptic_rows(num_images: int, size: int = 128, seed: int = 0, split: st
             )
         yield {
             "image": Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)),
-            "label": Image.fromarray(id2rgb(ids)),
+            "label": Image.fromarray(id_to_rgb(ids)),
             "image_id": f"toy_{split}_{index:05d}",
             "segments_info": segments_info,
         }

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from .instance import MaskAPAccumulator, mask_ap
 from .loop import PanopticEvaluator, evaluate_panoptic, vocabulary_embeddings
-from .panoptic import PanopticQualityAccumulator, pq_compute, rgb2id
+from .panoptic import PanopticQualityAccumulator, pq_compute, segment_id_map
 from .semantic import SemanticConfusion, panoptic_to_semantic
 
 
@@ -29,6 +29,6 @@ __all__ = [
     "mask_ap",
     "panoptic_to_semantic",
     "pq_compute",
-    "rgb2id",
+    "segment_id_map",
     "vocabulary_embeddings",
 ]

@@ -18,13 +18,13 @@ another size) are skipped and counted exactly as in training (`check_bad_fractio
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 
 from ..data.panoptic import BadSample, check_bad_fraction, decode_panoptic_sample, decode_semantic_label
-from ..processing_possam import resolve_vocabulary, seen_class_mask
+from ..vocabularies import CandidateLabels, Vocabulary
 from .instance import MaskAPAccumulator
 from .panoptic import PanopticQualityAccumulator
 from .semantic import SemanticConfusion, panoptic_to_semantic
@@ -45,9 +45,12 @@ SEMANTIC_SOURCES = {
 }
 
 
-def vocabulary_embeddings(model, processor, categories: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(class_embeddings, synonym_mask)` of a category table (`{"name", "isthing"}` in class-index order)."""
-    tokens = processor.encode_vocabulary([{"name": c["name"], "isthing": bool(c["isthing"])} for c in categories])
+def vocabulary_embeddings(model, processor, vocabulary: CandidateLabels) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    `(class_embeddings, synonym_mask)` of a vocabulary: a `Vocabulary`, a category table (`{"id", "name", "isthing"}`
+    in class-index order) or anything else `processor.encode_vocabulary` takes.
+    """
+    tokens = processor.encode_vocabulary(vocabulary)
     device = next(model.parameters()).device
     with torch.no_grad():
         return model.get_class_embeddings(
@@ -61,8 +64,9 @@ class PanopticEvaluator:
 
     `process(rows)` as often as wanted; `state()` is a picklable summary that `merge_states` sums across processes
     (e.g. after `accelerate.utils.gather_object`); `summarize(state)` gives the results dict. Class index i of the
-    vocabulary is `categories[i]` (`{"id", "name", "isthing"}`); `class_embeddings` / `synonym_mask` default to the
-    model's text tower on that vocabulary (`processor` needed then).
+    vocabulary is `categories[i]`: a category table (`{"id", "name", "isthing"}`, `Vocabulary.from_categories`) or a
+    `Vocabulary` whose `category_ids` are the dataset's. `class_embeddings` / `synonym_mask` default to the model's
+    text tower on that vocabulary (`processor` needed then).
 
     `mase_alpha` / `mase_beta` default to the image processor's (`preprocessor_config.json`).
     """
@@ -71,7 +75,7 @@ class PanopticEvaluator:
         self,
         model,
         image_processor,
-        categories: list[dict],
+        categories: Vocabulary | Iterable[Mapping[str, object]],
         class_embeddings: torch.Tensor | None = None,
         synonym_mask: torch.Tensor | None = None,
         processor=None,
@@ -86,27 +90,21 @@ class PanopticEvaluator:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.model, self.image_processor = model, image_processor
-        self.categories = list(categories)
-        self.vocabulary = resolve_vocabulary(
-            [{"name": c["name"], "isthing": bool(c["isthing"])} for c in self.categories]
-        )
-        self.label_map = {int(c["id"]): index for index, c in enumerate(self.categories)}
+        self.vocabulary = categories if isinstance(categories, Vocabulary) else Vocabulary.from_categories(categories)
+        self.label_map = self.vocabulary.label_map
         if class_embeddings is None:
             if processor is None:
                 raise ValueError(
                     "Give class_embeddings and synonym_mask, or a processor to encode the categories' names."
                 )
-            class_embeddings, synonym_mask = vocabulary_embeddings(model, processor, self.categories)
+            class_embeddings, synonym_mask = vocabulary_embeddings(model, processor, self.vocabulary)
         self.class_embeddings, self.synonym_mask = class_embeddings, synonym_mask
-        self.seen = seen_class_mask(self.vocabulary, model.config.training_vocabulary)
+        self.seen = self.vocabulary.seen_mask(model.config.training_vocabulary)
         self.batch_size, self.use_mase, self.compute_ap = batch_size, use_mase, compute_ap
         self.post_processing = {"use_mase": use_mase, "mase_alpha": mase_alpha, "mase_beta": mase_beta}
         self.max_bad_fraction, self.min_seen = max_bad_fraction, min_seen
-        num_classes = len(self.categories)
-        self.thing_ids = [index for index, thing in enumerate(self.vocabulary.is_thing) if thing]
-        self.stuff_ids = [index for index, thing in enumerate(self.vocabulary.is_thing) if not thing]
         self.panoptic = PanopticQualityAccumulator()
-        self.confusion = SemanticConfusion(num_classes, ignore_index=IGNORE)
+        self.confusion = SemanticConfusion(len(self.vocabulary), ignore_index=IGNORE)
         self.mask_ap = MaskAPAccumulator()
         self.counts = {"images": 0, "seen": 0, "bad": 0, "bad_ids": [], "semantic_label": 0, "panoptic": 0}
 
@@ -200,15 +198,18 @@ class PanopticEvaluator:
             seen_mask=self.seen.to(device),
             **self.post_processing,
         )
-        panoptic = processor.post_process_panoptic_segmentation(outputs, label_ids_to_fuse=self.stuff_ids, **options)
+        panoptic = processor.post_process_panoptic_segmentation(
+            outputs, label_ids_to_fuse=self.vocabulary.stuff_ids, **options
+        )
         semantic = processor.post_process_semantic_segmentation(outputs, **options)
         instances = (
             processor.post_process_instance_segmentation(
-                outputs, thing_label_ids=self.thing_ids, return_binary_maps=True, **options
+                outputs, thing_label_ids=self.vocabulary.thing_ids, return_binary_maps=True, **options
             )
             if self.compute_ap
             else [None] * len(batch)
         )
+        thing_ids = set(self.vocabulary.thing_ids)
         for item, panoptic_result, class_map, instance_result in zip(batch, panoptic, semantic, instances):
             pred_segments = [{"id": s["id"], "category_id": s["label_id"]} for s in panoptic_result["segments_info"]]
             self.panoptic.update(
@@ -220,7 +221,6 @@ class PanopticEvaluator:
             )
             self.confusion.update(class_map.numpy(), item["semantic"])
             if instance_result is not None:
-                thing_ids = set(self.thing_ids)
                 things = [s for s in item["segments"] if s["category_id"] in thing_ids]
                 gt_masks = (
                     np.stack([item["ids"] == s["id"] for s in things])
@@ -242,12 +242,10 @@ class PanopticEvaluator:
     def state(self) -> dict:
         """Picklable sufficient statistics of what was processed (sum them with `merge_states`)."""
         return {
-            "num_classes": len(self.categories),
-            "is_thing": list(self.vocabulary.is_thing),
+            "vocabulary": self.vocabulary,
             "seen": self.seen.tolist(),
-            "thing_ids": list(self.thing_ids),
             "compute_ap": self.compute_ap,
-            "panoptic": self.panoptic.to_array(list(range(len(self.categories)))),
+            "panoptic": self.panoptic.to_array(list(range(len(self.vocabulary)))),
             "confusion": self.confusion.matrix.copy(),
             "mask_ap": self.mask_ap.state(),
             "counts": {key: (list(value) if isinstance(value, list) else value) for key, value in self.counts.items()},
@@ -260,7 +258,7 @@ class PanopticEvaluator:
             raise ValueError("No evaluation state to merge.")
         first = states[0]
         for other in states[1:]:
-            if other["num_classes"] != first["num_classes"] or other["is_thing"] != first["is_thing"]:
+            if other["vocabulary"] != first["vocabulary"]:
                 raise ValueError("Evaluation states of different vocabularies cannot be merged.")
         counts = {
             key: (
@@ -285,11 +283,13 @@ class PanopticEvaluator:
         (`AP`, `AP50`, ... in [0, 1]; None when `compute_ap` was off), `mIoU`, `mIoU_ground_truth` (which semantic
         ground truth was used), `images` scored, `bad_samples` and `bad_sample_ids`.
         """
-        classes = list(range(state["num_classes"]))
-        table = {index: {"isthing": int(thing)} for index, thing in enumerate(state["is_thing"])}
+        vocabulary = state["vocabulary"]
+        classes = list(range(len(vocabulary)))
+        # panopticapi's category table, keyed by class index (the PQ splits read `isthing`)
+        table = dict(enumerate(vocabulary.to_categories()))
         accumulator = PanopticQualityAccumulator.from_array(state["panoptic"], classes)
         results = accumulator.summarize(table, seen_category_ids=[i for i, seen in enumerate(state["seen"]) if seen])
-        confusion = SemanticConfusion(state["num_classes"], ignore_index=IGNORE)
+        confusion = SemanticConfusion(len(vocabulary), ignore_index=IGNORE)
         confusion.matrix = state["confusion"]
         results["mIoU"] = confusion.compute()["mIoU"]
         counts = state["counts"]
@@ -301,7 +301,7 @@ class PanopticEvaluator:
         else:
             results["mIoU_ground_truth"] = sources[0] if sources else "no image scored"
         results["mask_AP"] = (
-            MaskAPAccumulator.from_states([state["mask_ap"]]).compute(category_ids=state["thing_ids"])
+            MaskAPAccumulator.from_states([state["mask_ap"]]).compute(category_ids=vocabulary.thing_ids)
             if state["compute_ap"]
             else None
         )
@@ -318,7 +318,7 @@ def evaluate_panoptic(
     model,
     image_processor,
     rows,
-    categories: list[dict],
+    categories: Vocabulary | Iterable[Mapping[str, object]],
     class_embeddings: torch.Tensor,
     synonym_mask: torch.Tensor,
     batch_size: int = 4,

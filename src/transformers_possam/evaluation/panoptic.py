@@ -8,19 +8,23 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 from PIL import Image
+from transformers.image_transforms import rgb_to_id
 
-from ..image_processing_possam import rgb_to_id
 
-
-__all__ = ["PanopticQualityAccumulator", "pq_compute", "rgb2id", "OFFSET", "VOID"]
+__all__ = ["PanopticQualityAccumulator", "pq_compute", "segment_id_map", "OFFSET", "VOID"]
 
 OFFSET = 256 * 256 * 256
 VOID = 0
 
 
-def rgb2id(color: np.ndarray) -> np.ndarray:
-    """Panoptic PNG colour -> int64 segment id (R + 256 G + 256^2 B); 2-D input already holds ids."""
-    return color.astype(np.int64) if color.ndim == 2 else rgb_to_id(color)
+def segment_id_map(array: np.ndarray) -> np.ndarray:
+    """
+    `(H, W)` int64 segment ids of an `(H, W)` id map, or of an `(H, W, 3)` panoptic PNG array (transformers'
+    `rgb_to_id`: R + 256 G + 256^2 B).
+    """
+    # int64 before the colour sum: transformers' rgb_to_id keeps other dtypes than uint8, and uint16 would overflow
+    ids = np.asarray(array).astype(np.int64)
+    return rgb_to_id(ids) if ids.ndim == 3 else ids
 
 
 class PanopticQualityAccumulator:
@@ -57,7 +61,7 @@ class PanopticQualityAccumulator:
             pred_segments: predicted segments_info (`id`, `category_id`); areas are recounted from `pred_ids`.
             categories: when given, predicted categories must be in it (panopticapi's check).
         """
-        gt_ids, pred_ids = rgb2id(np.asarray(gt_ids)), rgb2id(np.asarray(pred_ids))
+        gt_ids, pred_ids = segment_id_map(gt_ids), segment_id_map(pred_ids)
         if gt_ids.shape != pred_ids.shape:
             raise ValueError(
                 f"Image {image_id}: ground truth {gt_ids.shape} and prediction {pred_ids.shape} differ in size."

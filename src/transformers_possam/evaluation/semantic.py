@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from .panoptic import rgb2id
+from .panoptic import segment_id_map
 
 
 __all__ = ["SemanticConfusion", "panoptic_to_semantic"]
@@ -43,7 +43,7 @@ def panoptic_to_semantic(
     """
     ids = np.asarray(segment_ids)
     if ids.ndim == 3 and ids.shape[-1] == 3:
-        ids = rgb2id(ids)
+        ids = segment_id_map(ids)
     if ids.ndim != 2:
         raise ValueError(f"segment_ids must be (H, W) ids or an (H, W, 3) RGB panoptic PNG, got shape {ids.shape}.")
     if not np.issubdtype(ids.dtype, np.integer):

@@ -1,6 +1,7 @@
 """PosSAM building blocks, one paper box per file."""
 
-from .clip import PosSAMCLIP, classify_embeddings
+from .classifier import PosSAMOpenVocabularyClassifier
+from .clip import PosSAMCLIP
 from .decoder_layer import PosSAMMaskedAttentionDecoderLayer
 from .deformable_attention import PosSAMMultiscaleDeformableAttention, deformable_attention_embedding_bag
 from .fpn import PosSAMFPN
@@ -24,8 +25,8 @@ __all__ = [
     "PosSAMMaskedAttentionDecoderLayer",
     "PosSAMMaskedCrossAttention",
     "PosSAMMultiscaleDeformableAttention",
+    "PosSAMOpenVocabularyClassifier",
     "PosSAMVisionAttention",
-    "classify_embeddings",
     "deformable_attention_embedding_bag",
     "mask_pool",
     "sample_binary_masks",

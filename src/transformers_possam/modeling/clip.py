@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import inspect
-import math
 from typing import cast
 
 import timm
 import torch
 from timm.models.convnext import ConvNeXt
 from torch import nn
-from torch.nn import functional as F
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 
-__all__ = ["PosSAMCLIP", "classify_embeddings", "MAX_LOGIT_SCALE"]
+__all__ = ["PosSAMCLIP", "MAX_LOGIT_SCALE"]
 
-# CLIP clamps exp(logit_scale) at 100; FC-CLIP applies the same clamp to its learned temperature.
+# CLIP clamps exp(logit_scale) at 100; FC-CLIP (and PosSAMOpenVocabularyClassifier) clamp their learned temperature
+# the same way.
 MAX_LOGIT_SCALE = 100.0
 
 
@@ -97,29 +96,3 @@ class PosSAMCLIP(nn.Module):
 
     def logit_scale_value(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-
-
-def classify_embeddings(
-    embeddings: torch.Tensor, class_embeddings: torch.Tensor, synonym_mask: torch.Tensor, logit_scale: torch.Tensor
-) -> torch.Tensor:
-    """
-    Cosine-similarity logits with the max over each class's synonyms (FC-CLIP / OpenSeg "max ensemble").
-
-    Args:
-        embeddings: `(..., D)` mask embeddings (any norm).
-        class_embeddings: `(K, S, D)` L2-normalized text embeddings, S synonym slots per class.
-        synonym_mask: `(K, S)` bool, True where a slot holds a real synonym.
-        logit_scale: scalar multiplier (already exponentiated).
-
-    Returns:
-        `(..., K)` logits.
-    """
-    num_classes, num_synonyms, dim = class_embeddings.shape
-    embeddings = F.normalize(embeddings, dim=-1)
-    similarity = embeddings @ class_embeddings.reshape(-1, dim).to(embeddings.dtype).T
-    similarity = similarity.unflatten(-1, (num_classes, num_synonyms))
-    if num_synonyms > 1:
-        similarity = similarity.masked_fill(~synonym_mask, -math.inf).amax(-1)
-    else:
-        similarity = similarity.squeeze(-1)
-    return logit_scale * similarity

@@ -71,7 +71,8 @@ class LocalDiscriminativePooling(nn.Module):
             mask_logits: P_mask logits `(batch, num_queries, H/4, W/4)`.
 
         Returns:
-            G_ldp `(batch, num_queries, embed_dim)` (not L2-normalized).
+            G_ldp `(batch, num_queries, embed_dim)` (not L2-normalized), which `PosSAMOpenVocabularyClassifier`
+            scores against the text embeddings.
         """
         num_queries = mask_logits.shape[1]
         sam_tokens = self.sam_projection(mask_pool(mask_features, mask_logits)) + self.stream_embeddings.weight[0]

@@ -13,7 +13,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from transformers_possam.evaluation.panoptic import PanopticQualityAccumulator, rgb2id
+from transformers_possam.evaluation.panoptic import PanopticQualityAccumulator, segment_id_map
 
 
 _DESCRIPTION = (
@@ -119,7 +119,7 @@ def _normalized_image(image: Any, where: str) -> dict:
         )
     ids = np.asarray(image["segmentation"])
     if ids.ndim == 3 and ids.shape[-1] == 3:  # an RGB panoptic PNG
-        ids = rgb2id(ids)
+        ids = segment_id_map(ids)
     if ids.ndim != 2:
         raise ValueError(
             f"{where}['segmentation'] must be (H, W) segment ids or (H, W, 3) RGB, got shape {ids.shape}."
