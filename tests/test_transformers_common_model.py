@@ -77,7 +77,7 @@ class PosSAMModelTester:
 
     Training targets (`mask_labels`, `class_labels`) are added only with `with_labels=True` (the training tests): the
     loss samples random points (PointRend), so two forward passes with targets differ in `loss`, which the tuple/dict
-    equivalence test would compare. Mask2Former's tester leaves them out of the common inputs for the same reason.
+    equivalence test would compare. Mask2Former's tester leaves them out of its common inputs too.
     """
 
     def __init__(
@@ -210,10 +210,6 @@ class PosSAMCommonTestsMixin(ModelTesterMixin):
     def test_inputs_embeds(self):
         pass
 
-    @unittest.skip(reason="PosSAM does not use inputs_embeds (as Mask2Former)")
-    def test_inputs_embeds_matches_input_ids(self):
-        pass
-
     @unittest.skip(reason="PosSAM does not use token embeddings (as Mask2Former)")
     def test_resize_tokens_embeddings(self):
         pass
@@ -304,6 +300,35 @@ class PosSAMCommonTestsMixin(ModelTesterMixin):
             with torch.no_grad():
                 self.check_attentions(model(**inputs), config)
 
+    # whether the training tests pass targets (the loss needs them; see PosSAMModelTester)
+    trains_with_targets = False
+
+    def training_objective(self, outputs) -> torch.Tensor:
+        """A scalar to backpropagate from the model's outputs."""
+        raise NotImplementedError
+
+    def test_retain_grad_hidden_states_attentions(self):
+        # as Mask2Former's override: in training, gradients reach every trainable hidden state and the attentions
+        self.model_tester.with_labels = self.trains_with_targets
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        config.output_hidden_states = True
+        config.output_attentions = True
+        model = self.all_model_classes[0](config).train()
+        outputs = model(**inputs)
+        retained = {
+            "encoder_hidden_states": outputs.encoder_hidden_states[0],
+            "pixel_decoder_hidden_states": outputs.pixel_decoder_hidden_states[0],
+            "transformer_decoder_hidden_states": outputs.transformer_decoder_hidden_states[0],
+            "attentions": outputs.attentions[0],
+        }
+        for states in retained.values():
+            states.retain_grad()
+        self.training_objective(outputs).backward(retain_graph=True)
+        for name, states in retained.items():
+            self.assertIsNotNone(states.grad, name)
+        # the SAM ViT is frozen (paper §3.2): its states carry no gradient
+        self.assertFalse(any(states.requires_grad for states in outputs.vision_hidden_states))
+
 
 class PosSAMModelTest(PosSAMCommonTestsMixin, unittest.TestCase):
     all_model_classes = (PosSAMModel,)
@@ -314,9 +339,9 @@ class PosSAMModelTest(PosSAMCommonTestsMixin, unittest.TestCase):
         self.model_tester = PosSAMModelTester(self, with_vocabulary=False, is_training=False)
         super().setUp()
 
-    @unittest.skip(reason="PosSAMModel has no loss to train (the mixin skips Mask2FormerModel's the same way)")
-    def test_retain_grad_hidden_states_attentions(self):
-        pass
+    def training_objective(self, outputs) -> torch.Tensor:
+        # no loss: the final masks and IoU logits reach every trainable part of the mask generator
+        return outputs.masks_queries_logits[-1].sum() + outputs.iou_logits[-1].sum()
 
 
 class PosSAMForPanopticSegmentationTest(PosSAMCommonTestsMixin, unittest.TestCase):
@@ -326,6 +351,7 @@ class PosSAMForPanopticSegmentationTest(PosSAMCommonTestsMixin, unittest.TestCas
     skip_test_image_features_output_shape = True
     # the eager/SDPA test passes only the main input and these: the vocabulary comes as tokens
     additional_model_inputs = ["input_ids"]
+    trains_with_targets = True
 
     def setUp(self):
         self.model_tester = PosSAMModelTester(self)
@@ -347,29 +373,8 @@ class PosSAMForPanopticSegmentationTest(PosSAMCommonTestsMixin, unittest.TestCas
         self.model_tester.with_labels = True
         super().test_training_gradient_checkpointing_use_reentrant_true()
 
-    def test_retain_grad_hidden_states_attentions(self):
-        # as Mask2Former's override: in training, with targets, gradients reach every trainable hidden state
-        self.model_tester.with_labels = True
-        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
-        config.output_hidden_states = True
-        config.output_attentions = True
-        model = PosSAMForPanopticSegmentation(config).train()
-        outputs = model(**inputs)
-        encoder_hidden_states = outputs.encoder_hidden_states[0]
-        encoder_hidden_states.retain_grad()
-        pixel_decoder_hidden_states = outputs.pixel_decoder_hidden_states[0]
-        pixel_decoder_hidden_states.retain_grad()
-        transformer_decoder_hidden_states = outputs.transformer_decoder_hidden_states[0]
-        transformer_decoder_hidden_states.retain_grad()
-        attentions = outputs.attentions[0]
-        attentions.retain_grad()
-        outputs.loss.backward(retain_graph=True)
-        self.assertIsNotNone(encoder_hidden_states.grad)
-        self.assertIsNotNone(pixel_decoder_hidden_states.grad)
-        self.assertIsNotNone(transformer_decoder_hidden_states.grad)
-        self.assertIsNotNone(attentions.grad)
-        # the SAM ViT is frozen (paper §3.2): its states carry no gradient
-        self.assertFalse(any(states.requires_grad for states in outputs.vision_hidden_states))
+    def training_objective(self, outputs) -> torch.Tensor:
+        return outputs.loss
 
     def test_get_image_features_attentions(self):
         # replaces the mixin's check: the CLIP image tower is a ConvNeXt, it has no attention layers to return
