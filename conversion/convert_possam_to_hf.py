@@ -133,10 +133,16 @@ def verify(model, sam_original, clip_config, clip_state_dict) -> dict:
     ) / channel(config.sam_image_std)
     with torch.no_grad():
         differences["text_features"] = (
-            (model.get_text_features(ids) - reference_clip.encode_text(open_clip.tokenize(texts))).abs().max().item()
+            (model.get_text_features(ids).pooler_output - reference_clip.encode_text(open_clip.tokenize(texts)))
+            .abs()
+            .max()
+            .item()
         )
         differences["image_features"] = (
-            (model.get_image_features(sam_pixels) - reference_clip.encode_image(clip_pixels)).abs().max().item()
+            (model.get_image_features(sam_pixels).pooler_output - reference_clip.encode_image(clip_pixels))
+            .abs()
+            .max()
+            .item()
         )
     failed = {k: v for k, v in differences.items() if not v <= TOLERANCE}
     if failed:

@@ -78,13 +78,16 @@ def test_open_clip_convnext_converts_exactly():
     ) / torch.tensor(config.sam_image_std).view(1, 3, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(
-            model.get_text_features(ids),
+            model.get_text_features(ids).pooler_output,
             reference.encode_text(open_clip.get_tokenizer("convnext_large_d_320")(texts)),
             atol=1e-5,
             rtol=1e-5,
         )
         torch.testing.assert_close(
-            model.get_image_features(sam_pixels), reference.encode_image(clip_pixels), atol=1e-5, rtol=1e-5
+            model.get_image_features(sam_pixels).pooler_output,
+            reference.encode_image(clip_pixels),
+            atol=1e-5,
+            rtol=1e-5,
         )
     assert model.clip.logit_scale.item() == pytest.approx(reference.logit_scale.item())
 

@@ -177,7 +177,7 @@ def test_image_entry_points_check_pixel_values(model, pixels):
         image = small * channels(config.sam_image_std) + channels(config.sam_image_mean)
         clip_pixels = (image - channels(config.clip_image_mean)) / channels(config.clip_image_std)
         torch.testing.assert_close(
-            model.get_image_features(small), model.clip.vision_model(clip_pixels), atol=1e-5, rtol=1e-5
+            model.get_image_features(small).pooler_output, model.clip.vision_model(clip_pixels), atol=1e-5, rtol=1e-5
         )
 
 
@@ -430,6 +430,22 @@ def test_get_text_features_checks_its_arguments(model):
         model.get_text_features(prompts, torch.ones_like(prompts)[:4])
     with pytest.raises(TypeError, match="input_ids must be a torch.Tensor.*got list"):
         model.get_text_features(prompts.tolist())
+
+
+def test_feature_entry_points_reject_unknown_keywords_and_bad_flags(model, pixels):
+    """
+    `get_text_features` / `get_image_features` pass transformers' common kwargs to the CLIP towers: anything else is a
+    TypeError naming it, and the ConvNeXt image tower has no attentions to return (a ValueError, not a silent None).
+    """
+    prompts = make_vocabulary()[0][:, 0, 0]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'original_sizes'"):
+        model.get_text_features(prompts, original_sizes=torch.tensor([[128, 128]]))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'pixel_value'.*did you mean 'pixel_values'"):
+        model.get_image_features(pixels, pixel_value=pixels)
+    with pytest.raises(TypeError, match="output_hidden_states must be True, False or None, got 'yes'"):
+        model.get_image_features(pixels, output_hidden_states="yes")
+    with pytest.raises(ValueError, match="output_attentions=True: the CLIP image tower is a ConvNeXt"):
+        model.get_image_features(pixels, output_attentions=True)
 
 
 # ----- synonym_mask

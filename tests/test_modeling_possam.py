@@ -92,15 +92,22 @@ def test_inference_without_auxiliary_masks_gives_the_same_outputs(model, pixel_v
         assert masks is None and torch.equal(attention, expected)
 
 
-def test_cross_attention_weights_only_when_asked(config, pixel_values):
+def test_decoder_attentions_only_when_asked(config, pixel_values):
     torch.manual_seed(0)
     base = PosSAMModel(config).eval()
     with torch.no_grad():
         plain = base(pixel_values)
         with_attentions = base(pixel_values, output_attentions=True)
-    assert plain.decoder_attentions is None
-    cross_weights = [layer[1] for layer in with_attentions.decoder_attentions]
-    assert all(w is not None and w.shape[:2] == (pixel_values.shape[0], config.num_queries) for w in cross_weights)
+    assert plain.attentions is None
+    # Mask2Former's decoder returns each transformer layer's self-attention weights over the queries
+    assert len(with_attentions.attentions) == config.decoder_layers - 1
+    for weights in with_attentions.attentions:
+        assert weights.shape == (
+            pixel_values.shape[0],
+            config.num_attention_heads,
+            config.num_queries,
+            config.num_queries,
+        )
     torch.testing.assert_close(
         plain.masks_queries_logits[-1], with_attentions.masks_queries_logits[-1], atol=1e-5, rtol=1e-5
     )
@@ -116,7 +123,7 @@ def test_precomputed_class_embeddings_match_tokens(model, pixel_values, vocabula
         from_tokens.class_queries_logits, from_embeddings.class_queries_logits, atol=1e-5, rtol=1e-5
     )
     # template averaging: normalize each prompt, mean over templates, normalize again
-    prompts = torch.nn.functional.normalize(model.get_text_features(input_ids[2, 0]), dim=-1)
+    prompts = torch.nn.functional.normalize(model.get_text_features(input_ids[2, 0]).pooler_output, dim=-1)
     assert torch.allclose(class_embeddings[2, 0], torch.nn.functional.normalize(prompts.mean(0), dim=0), atol=1e-6)
 
 
@@ -147,7 +154,7 @@ def test_vocabulary_encoding_one_pass_real_synonyms_only(model, vocabulary):
     # the dropped columns were padding: encoding the full prompts gives the same embeddings
     with torch.no_grad():
         reference = torch.nn.functional.normalize(
-            model.get_text_features(input_ids[0, 0], attention_mask[0, 0]), dim=-1
+            model.get_text_features(input_ids[0, 0], attention_mask[0, 0]).pooler_output, dim=-1
         )
     torch.testing.assert_close(
         one_pass[0, 0], torch.nn.functional.normalize(reference.mean(0), dim=0), atol=1e-5, rtol=1e-5
@@ -278,7 +285,7 @@ def test_image_features_convert_sam_to_clip_normalization(model, config):
         1, 3, 1, 1
     )
     with torch.no_grad():
-        ours = model.get_image_features(sam)
+        ours = model.get_image_features(sam).pooler_output
         reference = model.clip.vision_model(clip)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
     assert ours.shape == (1, config.clip_embed_dim)
@@ -381,3 +388,137 @@ def test_model_card_folders_are_hub_ready(variant):
     processor = AutoProcessor.from_pretrained(folder)
     assert type(processor).__name__ == "PosSAMProcessor" and len(processor.tokenizer) == 49408
     assert type(AutoImageProcessor.from_pretrained(folder)).__name__ == "PosSAMImageProcessor"
+
+
+def _initialized_on_meta(config) -> PosSAMForPanopticSegmentation:
+    """Built on the meta device, materialized, then initialized by `init_weights` only (as missing checkpoint keys)."""
+    with torch.device("meta"):
+        model = PosSAMForPanopticSegmentation(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model
+
+
+CLIP_IMAGE_TOWERS = {
+    "convnext_layer_scale_default": ("convnext_atto", {"head_hidden_size": 320}),
+    "convnext_layer_scale_given": ("convnext_atto", {"head_hidden_size": 320, "ls_init_value": 0.5}),
+    "convnext_v2_grn_no_layer_scale": ("convnextv2_atto", {"head_hidden_size": 320}),
+}
+
+
+@pytest.mark.parametrize("tower", sorted(CLIP_IMAGE_TOWERS))
+def test_meta_device_init_gives_the_clip_image_tower_timms_layer_scales(tower):
+    """
+    timm fills ConvNeXt layer scales (`gamma`, `ls_init_value`) and ConvNeXt-V2's GRN only at construction; a model
+    built on "meta" (or loaded without those keys) must get the same values from `init_weights`, not leftover memory.
+    """
+    import timm
+
+    name, kwargs = CLIP_IMAGE_TOWERS[tower]
+    config = tiny_config(clip_vision_model_name=name, clip_vision_model_kwargs=kwargs)
+    model = _initialized_on_meta(config)
+    reference = timm.create_model(name, pretrained=False, num_classes=config.clip_embed_dim, **kwargs)
+    ours = dict(model.clip.vision_model.named_parameters())
+    timm_own = {n: p for n, p in reference.named_parameters() if n.endswith(("gamma", "grn.weight", "grn.bias"))}
+    assert timm_own, "the tower has no construction-time parameters to check"
+    for parameter_name, expected in timm_own.items():
+        assert torch.equal(ours[parameter_name], expected), parameter_name
+    for parameter_name, parameter in model.named_parameters():
+        assert torch.isfinite(parameter).all() and parameter.abs().max() < 1e3, parameter_name
+
+
+@pytest.mark.parametrize("built", ["constructed", "meta_then_init_weights"])
+def test_clip_text_tower_is_initialized_with_clips_scheme(built):
+    """
+    Each text-tower weight has the spread transformers' CLIP init gives it (e.g. q/k/v (hidden^-0.5)(2 layers)^-0.5,
+    not the generic 0.02), checked against a `CLIPTextModelWithProjection` built from the same text config.
+    """
+    from transformers import CLIPTextModelWithProjection
+
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(config) if built == "constructed" else _initialized_on_meta(config)
+    reference = dict(CLIPTextModelWithProjection(config.text_config).named_parameters())
+    for parameter_name, parameter in model.clip.text_model.named_parameters():
+        expected = reference[parameter_name]
+        if expected.numel() < 256 or expected.std() == 0:  # biases and norms: exact constants
+            torch.testing.assert_close(parameter, expected, msg=parameter_name)
+        else:
+            ratio = (parameter.std() / expected.std()).item()
+            assert 0.8 < ratio < 1.25, (parameter_name, ratio)
+
+
+@pytest.mark.parametrize("built", ["constructed", "meta_then_init_weights"])
+def test_mask2former_modules_get_mask2formers_init(built):
+    """
+    Mask2Former's `_init_weights` sets the deformable attention's sampling-offset grid (zero weight, a bias pointing
+    each head in its own direction) and zero attention weights; the query embeddings keep nn.Embedding's N(0, 1).
+    Compared with transformers' Mask2Former init applied to a fresh module of the same sizes.
+    """
+    from transformers.models.mask2former.modeling_mask2former import (
+        Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
+        Mask2FormerPreTrainedModel,
+    )
+
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(config) if built == "constructed" else _initialized_on_meta(config)
+    for layer in model.model.pixel_decoder.encoder.layers:
+        attention = layer.self_attn
+        expected = Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(
+            embed_dim=attention.d_model,
+            num_heads=attention.n_heads,
+            n_levels=attention.n_levels,
+            n_points=attention.n_points,
+        )
+        Mask2FormerPreTrainedModel._init_weights(model, expected)
+        for name in ("sampling_offsets.weight", "sampling_offsets.bias", "attention_weights.weight"):
+            torch.testing.assert_close(attention.get_parameter(name), expected.get_parameter(name), msg=name)
+        assert attention.sampling_offsets.bias.abs().max() > 0  # the grid, not a zero default
+    queries = model.model.transformer_module.queries_features.weight
+    assert 0.8 < queries.std().item() < 1.25
+    for layer in model.model.transformer_module.decoder.layers:
+        assert torch.equal(layer.cross_attn.in_proj_bias, torch.zeros_like(layer.cross_attn.in_proj_bias))
+
+
+def test_a_frozen_part_unfrozen_after_train_runs_in_train_mode(config, pixel_values):
+    """The frozen set stays in eval mode only while frozen, also when it is unfrozen after `model.train()`."""
+    torch.manual_seed(0)
+    model = PosSAMModel(config).train()
+    assert not model.vision_encoder.training
+    model.vision_encoder.requires_grad_(True)
+    model(pixel_values[:1])
+    assert model.vision_encoder.training
+    model.vision_encoder.requires_grad_(False)
+    model(pixel_values[:1])
+    assert not model.vision_encoder.training
+    model.eval()
+    assert not any(module.training for module in model.modules())
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_plain_gradients(config, pixel_values, vocabulary, use_reentrant):
+    """
+    Mask2Former's decoder hands its layers the level features in Python lists, which PyTorch's reentrant checkpoint
+    does not see as inputs: backward through two checkpointed layers failed. Both modes must reproduce the gradients
+    of the run without checkpointing, the pixel decoder's and FPN's included.
+    """
+    input_ids, synonym_mask = vocabulary
+    mask_labels, class_labels = random_labels(2, num_segments=(3, 2))
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(config).train()
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same sampled points in the loss
+        inputs = {"input_ids": input_ids, "synonym_mask": synonym_mask}
+        model(pixel_values, mask_labels=mask_labels, class_labels=class_labels, **inputs).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    checkpointed = gradients()
+    assert set(checkpointed) == set(plain)
+    assert any(name.startswith("model.pixel_decoder.") for name in plain)
+    for name, gradient in plain.items():
+        torch.testing.assert_close(checkpointed[name], gradient, atol=1e-6, rtol=1e-4, msg=name)

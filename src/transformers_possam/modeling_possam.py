@@ -8,16 +8,20 @@ class logits against CLIP text embeddings (`PosSAMForPanopticSegmentation`).
 import difflib
 import inspect
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, cast
 
 import torch
+from timm.layers.grn import GlobalResponseNorm
+from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 from transformers import PreTrainedModel, SamVisionConfig
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerMaskedAttentionDecoderLayer,
     Mask2FormerPixelDecoder,
@@ -28,7 +32,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 from transformers.models.sam.modeling_sam import SamVisionEncoder, SamVisionSdpaAttention
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_possam import PosSAMConfig
 from .modeling import (
@@ -37,6 +41,7 @@ from .modeling import (
     PosSAMFPN,
     PosSAMIoUHead,
     PosSAMLoss,
+    PosSAMMaskedAttentionDecoderLayer,
     PosSAMMaskedCrossAttention,
     PosSAMMaskPredictor,
     PosSAMMultiscaleDeformableAttention,
@@ -92,12 +97,18 @@ _KEYWORD_HINTS = {
 }
 
 
-def _reject_unknown_kwargs(function: Callable, kwargs: dict) -> None:
+# What the CLIP towers' `get_*_features` pass on: transformers' common kwargs only (the tower reads the output flags).
+_FEATURE_KWARGS = frozenset(TransformersKwargs.__annotations__)
+
+
+def _reject_unknown_kwargs(
+    function: Callable, kwargs: Mapping[str, Any], allowed: frozenset[str] = _TRANSFORMERS_KWARGS
+) -> None:
     """
     TypeError for a keyword that is neither an explicit parameter of `function` (those never reach its `**kwargs`)
-    nor one of transformers' common model kwargs; the message suggests the closest parameter name.
+    nor one of `allowed` (transformers' common model kwargs); the message suggests the closest parameter name.
     """
-    unknown = [name for name in kwargs if name not in _TRANSFORMERS_KWARGS]
+    unknown = [name for name in kwargs if name not in allowed]
     if not unknown:
         return
     name = unknown[0]
@@ -246,9 +257,20 @@ class PosSAMModelOutput(ModelOutput):
         (with `output_auxiliary_masks=False` only the last is computed; the others are None).
     query_states (`tuple(torch.FloatTensor)`): L tensors `(B, Q, hidden_dim)`, layer-normed decoder query states.
     iou_logits (`tuple(torch.FloatTensor)`): L tensors `(B, Q)`, IoU head logits (sigmoid = predicted IoU).
-    vision_hidden_states (`tuple(torch.FloatTensor)`, *optional*): SAM encoder hidden states (channels-last).
-    decoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*): raw decoder states `(Q, B, hidden_dim)` per layer.
-    decoder_attentions (`tuple(torch.FloatTensor)`, *optional*): decoder attention weights.
+
+    With `output_hidden_states` / `output_attentions` (or the config's flags), the states named as in SAM
+    (`vision_hidden_states`) and Mask2Former (the others):
+
+    vision_hidden_states (`tuple(torch.FloatTensor)`, *optional*): SAM ViT states `(B, H/16, W/16, hidden_size)`,
+        the patch embeddings and each layer's output (`vision_config.num_hidden_layers + 1`).
+    encoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*): the multi-scale backbone maps the pixel decoder
+        reads (Mask2Former's backbone features): here the FPN's 4 maps, strides 4, 8, 16, 32 (= `fpn_features`).
+    pixel_decoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*): the pixel decoder's 3 maps
+        `(B, feature_size, H/s, W/s)`, s = 32, 16, 8 (= `multi_scale_features`, as in Mask2Former).
+    transformer_decoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*): raw decoder states
+        `(Q, B, hidden_dim)`: the learnable queries and each transformer layer's output (`decoder_layers` tensors).
+    attentions (`tuple(torch.FloatTensor)`, *optional*): per transformer layer, its self-attention weights
+        `(B, num_attention_heads, Q, Q)` (Mask2Former's decoder keeps those; `decoder_layers - 1` tensors).
     """
 
     image_embeddings: torch.FloatTensor | None = None
@@ -259,8 +281,10 @@ class PosSAMModelOutput(ModelOutput):
     query_states: tuple[torch.FloatTensor, ...] | None = None
     iou_logits: tuple[torch.FloatTensor, ...] | None = None
     vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    pixel_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    transformer_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -281,11 +305,14 @@ class PosSAMForPanopticSegmentationOutput(ModelOutput):
         `masks_queries_logits` and `iou_logits` (for deep supervision).
     ldp_embeddings (`torch.FloatTensor` of shape `(B, Q, D)`): G_ldp.
     clip_embeddings (`torch.FloatTensor` of shape `(B, Q, D)`, *optional*): G_clip (with `clip_class_logits`).
-    class_embeddings (`torch.FloatTensor` of shape `(K, S, D)`): the L2-normalized text embeddings used.
-    synonym_mask (`torch.BoolTensor` of shape `(K, S)`): which synonym slots are real.
+    class_embeddings (`torch.FloatTensor` of shape `(K, S, D)`): the L2-normalized text embeddings used (slots that
+        the input `synonym_mask` marks as padding are not used). The synonym mask itself is an input, not returned.
     image_embeddings (`torch.FloatTensor` of shape `(B, 256, H/16, W/16)`): F_sam.
     mask_features (`torch.FloatTensor` of shape `(B, mask_feature_size, H/4, W/4)`): per-pixel mask features.
     clip_features (`torch.FloatTensor` of shape `(B, C_clip, H/32, W/32)`): F_clip, CLIP's dense features.
+    vision_hidden_states, encoder_hidden_states, pixel_decoder_hidden_states, transformer_decoder_hidden_states,
+    attentions (*optional*): the mask generator's states with `output_hidden_states` / `output_attentions`, as in
+        [`PosSAMModelOutput`] (Mask2Former's names; SAM's for the ViT).
     """
 
     loss: torch.FloatTensor | None = None
@@ -298,10 +325,14 @@ class PosSAMForPanopticSegmentationOutput(ModelOutput):
     ldp_embeddings: torch.FloatTensor | None = None
     clip_embeddings: torch.FloatTensor | None = None
     class_embeddings: torch.FloatTensor | None = None
-    synonym_mask: torch.BoolTensor | None = None
     image_embeddings: torch.FloatTensor | None = None
     mask_features: torch.FloatTensor | None = None
     clip_features: torch.FloatTensor | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    pixel_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    transformer_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class PosSAMPreTrainedModel(PreTrainedModel):
@@ -313,6 +344,18 @@ class PosSAMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """
+        False: transformers takes every model defined outside its package for remote code, and then (at weight
+        initialization) skips every module without parameters of its own, assuming remote code may write weights
+        without transformers' guarded init functions. That skipped exactly the modules whose `_init_weights` sets
+        their children: Mask2Former's deformable attention (its sampling-offset grid), decoder layers and transformer
+        module, CLIP's attention and MLP blocks, leaving them at a generic init. PosSAM's `_init_weights`, and the
+        Mask2Former / CLIP / SAM ones it dispatches to, use only the guarded functions (`transformers.initialization`).
+        """
+        return False
+
     def _init_weights(self, module: nn.Module):
         if isinstance(module, _MASK2FORMER_INIT_TYPES):
             Mask2FormerPreTrainedModel._init_weights(self, module)
@@ -322,6 +365,15 @@ class PosSAMPreTrainedModel(PreTrainedModel):
                     init.normal_(embedding.weight, mean=0.0, std=1.0)
         elif isinstance(module, PosSAMCLIP):
             init.constant_(module.logit_scale, self.config.clip_logit_scale_init)
+            # the CLIP text tower is a transformers CLIP model: its own `_init_weights` (CLIP's scheme) covers it
+        elif isinstance(module, ConvNeXtBlock):
+            # timm fills the layer scale at construction only (`ls_init_value`), never in its init functions; a block
+            # has one exactly when the CLIP image tower was built with a layer-scale value
+            if module.gamma is not None:
+                init.constant_(module.gamma, cast(PosSAMCLIP, self.clip).layer_scale_init_value)
+        elif isinstance(module, GlobalResponseNorm):  # ConvNeXt-V2 towers: timm creates it as zeros (an identity)
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, LocalDiscriminativePooling):
             init.normal_(module.stream_embeddings.weight, std=self.config.init_std)
         elif isinstance(module, PosSAMOpenVocabularyClassifier):
@@ -351,10 +403,19 @@ class PosSAMPreTrainedModel(PreTrainedModel):
     def train(self, mode: bool = True):
         """Like `nn.Module.train`, but fully frozen parts (SAM encoder, CLIP) always stay in eval mode."""
         super().train(mode)
-        for module in self._frozen_submodules():
-            if not any(parameter.requires_grad for parameter in module.parameters()):
-                module.eval()
+        self._set_frozen_parts_mode()
         return self
+
+    def _set_frozen_parts_mode(self) -> None:
+        """
+        Each part of the frozen set runs in eval mode while all its parameters are frozen (a frozen CLIP must not
+        apply dropout or stochastic depth), in the model's mode otherwise. Decided by `train()` and again at every
+        forward, so a part unfrozen after `model.train()` trains (and is gradient-checkpointed) without another call.
+        """
+        for module in self._frozen_submodules():
+            mode = self.training and any(parameter.requires_grad for parameter in module.parameters())
+            if module.training != mode:
+                module.train(mode)
 
 
 class PosSAMModel(PosSAMPreTrainedModel):
@@ -399,7 +460,10 @@ class PosSAMModel(PosSAMPreTrainedModel):
             num_heads=config.num_attention_heads,
             mask_feature_size=config.mask_feature_size,
         )
-        for layer in decoder.layers:  # attention weights only computed when output_attentions asks for them
+        for index, layer in enumerate(decoder.layers):
+            # gradient checkpointing in PyTorch's reentrant mode too: the layer's level reaches it as tensors
+            decoder.layers[index] = layer = _take_over(layer, PosSAMMaskedAttentionDecoderLayer, config)
+            # attention weights only computed when output_attentions asks for them
             layer.cross_attn = _take_over(
                 layer.cross_attn,
                 PosSAMMaskedCrossAttention,
@@ -492,6 +556,7 @@ class PosSAMModel(PosSAMPreTrainedModel):
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
+        self._set_frozen_parts_mode()
         vision_outputs = self.vision_encoder(pixel_values, output_hidden_states=output_hidden_states)
         image_embeddings = vision_outputs.last_hidden_state
         fpn_features = self.fpn(image_embeddings)
@@ -528,8 +593,10 @@ class PosSAMModel(PosSAMPreTrainedModel):
             query_states=query_states,
             iou_logits=iou_logits,
             vision_hidden_states=vision_outputs.hidden_states if output_hidden_states else None,
-            decoder_hidden_states=decoder_output.hidden_states,
-            decoder_attentions=decoder_output.attentions,
+            encoder_hidden_states=tuple(fpn_features) if output_hidden_states else None,
+            pixel_decoder_hidden_states=pixel_decoder_output.multi_scale_features if output_hidden_states else None,
+            transformer_decoder_hidden_states=decoder_output.hidden_states,
+            attentions=decoder_output.attentions,
         )
         return output if return_dict else output.to_tuple()
 
@@ -616,16 +683,27 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 "pools at it. Tokenize with PosSAMProcessor / the CLIP tokenizer (which append it)."
             )
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    @can_return_tuple
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling | tuple:
         """
-        Projected, unnormalized CLIP text embeddings `(N, D)` of token ids `(N, L)` (open_clip `encode_text`).
+        The CLIP text tower on token ids `(N, L)`, with transformers' convention for `get_text_features` (as
+        `CLIPModel`): a `BaseModelOutputWithPooling` whose `pooler_output` `(N, D)` holds the projected, unnormalized
+        text embeddings (open_clip's `encode_text`), `last_hidden_state` `(N, L, hidden_size)` the final-layer-normed
+        token states; `hidden_states` / `attentions` with `output_hidden_states` / `output_attentions` (or the text
+        config's flags). `return_dict=False` gives the tuple.
 
         Raises:
-            TypeError: `input_ids` or `attention_mask` is not a tensor.
+            TypeError: `input_ids` or `attention_mask` is not a tensor, or an unknown keyword argument.
             ValueError: `input_ids` not `(N, L)` with N, L >= 1, not integer ids of the vocabulary, longer than
                 `max_position_embeddings`, or a prompt without the end-of-text token; `attention_mask` not of
                 `input_ids`' shape or not 0/1.
         """
+        _reject_unknown_kwargs(PosSAMForPanopticSegmentation.get_text_features, kwargs, allowed=_FEATURE_KWARGS)
         if not torch.is_tensor(input_ids):
             raise TypeError(
                 f"input_ids must be a torch.Tensor of token ids (num_prompts, seq_len), got {type(input_ids).__name__}."
@@ -639,19 +717,51 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 "attention_mask", attention_mask, tuple(input_ids.shape), "(num_prompts, seq_len) of input_ids"
             )
         self._check_prompt_ids(input_ids)
-        return self.clip.text_embeddings(input_ids.long(), attention_mask)  # the embedding lookup takes int64 / int32
+        text_outputs = self.clip.text_model(
+            input_ids=input_ids.long(),  # the embedding lookup takes int64 / int32
+            attention_mask=attention_mask,
+            return_dict=True,
+            **kwargs,
+        )
+        return BaseModelOutputWithPooling(
+            last_hidden_state=text_outputs.last_hidden_state,
+            pooler_output=text_outputs.text_embeds,
+            hidden_states=text_outputs.hidden_states,
+            attentions=text_outputs.attentions,
+        )
 
-    def get_image_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling | tuple:
         """
-        Global CLIP image embeddings `(B, D)` of SAM-normalized pixels `(B, 3, H, W)` (the processor's output; any
-        size of at least CLIP's stride, 32): the model converts them to CLIP's normalization first, so this equals
-        open_clip's `encode_image` on the CLIP-normalized image. `pixel_mask` `(B, H, W)`, 0 on padding, optional.
+        The CLIP image tower on SAM-normalized pixels `(B, 3, H, W)` (the processor's output; any size of at least
+        CLIP's stride, 32), with transformers' convention for `get_image_features` (as `CLIPModel`): a
+        `BaseModelOutputWithPooling` whose `pooler_output` `(B, D)` holds the global CLIP image embeddings (the model
+        converts the pixels to CLIP's normalization first, so this equals open_clip's `encode_image` on the
+        CLIP-normalized image) and `last_hidden_state` the dense features F_clip `(B, C, H/32, W/32)`. With
+        `output_hidden_states` (or `config.output_hidden_states`): the stem's and each stage's output.
+        `pixel_mask` `(B, H, W)`, 0 on padding, optional. `return_dict=False` gives the tuple.
 
         Raises:
-            TypeError: `pixel_values` / `pixel_mask` not a tensor.
+            TypeError: `pixel_values` / `pixel_mask` not a tensor, a flag not a bool (or None), or an unknown keyword
+                argument.
             ValueError: `pixel_values` not `(B, 3, H, W)` floating point of the CLIP's dtype, empty, smaller than the
-                stride or not finite; `pixel_mask` not `(B, H, W)` or not 0/1.
+                stride or not finite; `pixel_mask` not `(B, H, W)` or not 0/1; `output_attentions=True` (the
+                ConvNeXt tower has no attention layers).
         """
+        _reject_unknown_kwargs(PosSAMForPanopticSegmentation.get_image_features, kwargs, allowed=_FEATURE_KWARGS)
+        output_hidden_states = kwargs.get("output_hidden_states")
+        output_attentions = kwargs.get("output_attentions")
+        _check_flags(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        if output_attentions:
+            raise ValueError(
+                "output_attentions=True: the CLIP image tower is a ConvNeXt, it has no attention layers (its stage "
+                "outputs come with output_hidden_states=True)."
+            )
         vision_model = self.clip.vision_model
         feature_info = getattr(vision_model, "feature_info", None)
         stride = feature_info[-1]["reduction"] if feature_info else 1
@@ -668,7 +778,20 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 "pixel_mask", pixel_mask, (batch_size, height, width), "(batch_size, height, width) of pixel_values"
             )
         _check_finite("pixel_values", pixel_values)
-        return self.clip.image_embeddings(self.to_clip_pixels(pixel_values, pixel_mask))
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        clip_pixels = self.to_clip_pixels(pixel_values, pixel_mask)
+        hidden_states = None
+        if output_hidden_states:
+            dense_features, hidden_states = self.clip.dense_features_and_hidden_states(clip_pixels)
+        else:
+            dense_features = self.clip.dense_features(clip_pixels)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=dense_features,
+            pooler_output=vision_model.forward_head(dense_features),
+            hidden_states=hidden_states,
+        )
 
     def to_clip_pixels(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
         """SAM-normalized -> CLIP-normalized pixels; padding (pixel_mask == 0) becomes 0, as FC-CLIP pads CLIP input."""
@@ -1045,6 +1168,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             mask_labels, class_labels = self._check_labels(mask_labels, class_labels, pixel_values, num_classes)
 
         want_auxiliary = bool(output_auxiliary_logits) or (has_labels and bool(self.config.use_auxiliary_loss))
+        self._set_frozen_parts_mode()
         # CLIP first: its large early-stage activations are freed before the mask generator's outputs exist
         clip_features = self.clip.dense_features(self.to_clip_pixels(pixel_values, pixel_mask))
         outputs: PosSAMModelOutput = self.model(
@@ -1097,10 +1221,14 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             ldp_embeddings=ldp_embeddings[last],
             clip_embeddings=clip_embeddings,
             class_embeddings=class_embeddings,
-            synonym_mask=synonym_mask,
             image_embeddings=outputs.image_embeddings,
             mask_features=outputs.mask_features,
             clip_features=clip_features,
+            vision_hidden_states=outputs.vision_hidden_states,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            pixel_decoder_hidden_states=outputs.pixel_decoder_hidden_states,
+            transformer_decoder_hidden_states=outputs.transformer_decoder_hidden_states,
+            attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 

@@ -2,6 +2,7 @@
 
 from .classifier import PosSAMOpenVocabularyClassifier
 from .clip import PosSAMCLIP
+from .decoder_layer import PosSAMMaskedAttentionDecoderLayer
 from .deformable_attention import PosSAMMultiscaleDeformableAttention, deformable_attention_embedding_bag
 from .fpn import PosSAMFPN
 from .iou_head import PosSAMIoUHead
@@ -21,6 +22,7 @@ __all__ = [
     "PosSAMIoUHead",
     "PosSAMLoss",
     "PosSAMMaskPredictor",
+    "PosSAMMaskedAttentionDecoderLayer",
     "PosSAMMaskedCrossAttention",
     "PosSAMMultiscaleDeformableAttention",
     "PosSAMOpenVocabularyClassifier",

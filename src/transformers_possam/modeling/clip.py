@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import cast
+
 import timm
 import torch
+from timm.models.convnext import ConvNeXt
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -27,6 +31,10 @@ class PosSAMCLIP(nn.Module):
     Everything here is frozen in PosSAM.
     """
 
+    # timm's ConvNeXt creates its layer scales (`ConvNeXtBlock.gamma`) filled with `ls_init_value` (1e-6 unless the
+    # model kwargs say otherwise; ConvNeXt-V2 variants pass None and have none) and never re-initializes them.
+    TIMM_LAYER_SCALE_INIT = inspect.signature(ConvNeXt).parameters["ls_init_value"].default
+
     def __init__(
         self,
         vision_model_name: str,
@@ -36,11 +44,16 @@ class PosSAMCLIP(nn.Module):
         logit_scale_init: float,
     ):
         super().__init__()
-        self.vision_model = timm.create_model(
-            vision_model_name, pretrained=False, num_classes=embed_dim, **vision_model_kwargs
+        self.vision_model = cast(
+            ConvNeXt,
+            timm.create_model(vision_model_name, pretrained=False, num_classes=embed_dim, **vision_model_kwargs),
         )
         self.text_model = CLIPTextModelWithProjection(text_config)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        # what timm filled the layer scales with, so `_init_weights` can do the same on a model built on "meta"
+        self.layer_scale_init_value: float | None = vision_model_kwargs.get(
+            "ls_init_value", self.TIMM_LAYER_SCALE_INIT
+        )
 
     @property
     def dense_feature_dim(self) -> int:
@@ -49,6 +62,20 @@ class PosSAMCLIP(nn.Module):
     def dense_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """CLIP-normalized `(B, 3, H, W)` -> F_clip `(B, C, H/32, W/32)`: the last stage, before CLIP's head."""
         return self.vision_model.forward_features(pixel_values)
+
+    def dense_features_and_hidden_states(
+        self, pixel_values: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """
+        `dense_features`, plus the hidden states: the stem's output and each stage's (`(B, C_i, H/s_i, W/s_i)`, as
+        transformers' ConvNext counts them). timm's `forward_features` is stem -> stages -> norm_pre; this runs the
+        same modules one stage at a time to keep each stage's output.
+        """
+        vision_model = self.vision_model
+        hidden_states = [vision_model.stem(pixel_values)]
+        for stage in vision_model.stages:
+            hidden_states.append(stage(hidden_states[-1]))
+        return vision_model.norm_pre(hidden_states[-1]), tuple(hidden_states)
 
     def embed_pooled_features(self, pooled: torch.Tensor) -> torch.Tensor:
         """
