@@ -184,6 +184,9 @@ INTERNALS: dict[tuple[str, str], Expected] = {
         "function", ("model_type_or_class_name", "mapping", "overwrite")
     ),
     ("transformers.core_model_loading", "WeightRenaming"): Expected("class", ("source_patterns", "target_patterns")),
+    # modeling_possam.py: get_text_features / get_image_features return CLIPModel's output type
+    ("transformers.modeling_outputs", "BaseModelOutputWithPooling"): Expected("class"),
+    ("transformers.utils", "can_return_tuple"): Expected("function", ("func",)),
     # postprocessing.py
     ("transformers.image_processing_outputs", "SemanticSegmentationPostProcessorOutput"): Expected("class"),
     # vocabulary / data / evaluation: panoptic PNG colours <-> segment ids
