@@ -41,7 +41,18 @@ MASK_LOGIT = 12.0
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("possam-tiny"))
+    """
+    The random tiny model, with its void embedding pointed away from its LDP embeddings: at random initialization the
+    learned void class wins every query (every mask would be dropped and the comparisons below would be vacuous).
+    """
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("possam-tiny"))
+    processor = PosSAMProcessor.from_pretrained(path)
+    model = PosSAMForPanopticSegmentation.from_pretrained(path).eval()
+    with torch.no_grad():
+        outputs = model(**processor(images=image(), candidate_labels=LABELS, return_tensors="pt"))
+        model.classifier.void_embedding.weight.copy_(-outputs.ldp_embeddings.mean((0, 1))[None])
+    model.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
