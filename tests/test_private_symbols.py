@@ -186,6 +186,8 @@ INTERNALS: dict[tuple[str, str], Expected] = {
     ("transformers.core_model_loading", "WeightRenaming"): Expected("class", ("source_patterns", "target_patterns")),
     # postprocessing.py
     ("transformers.image_processing_outputs", "SemanticSegmentationPostProcessorOutput"): Expected("class"),
+    # postprocessing.py, image_processing_possam.py: what SAM's image processors store as pad_size (read by attribute)
+    ("transformers.image_utils", "SizeDict"): Expected("class", ("height", "width")),
     # vocabulary / data / evaluation: panoptic PNG colours <-> segment ids
     ("transformers.image_transforms", "rgb_to_id"): Expected("function", ("color",)),
     ("transformers.image_transforms", "id_to_rgb"): Expected("function", ("id_map",)),
