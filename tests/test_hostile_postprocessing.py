@@ -229,6 +229,14 @@ def test_bad_sizes(processor, subtask, kwargs, error, match):
 
 
 @pytest.mark.parametrize("subtask", ["panoptic", "semantic", "instance"])
+def test_pad_size_without_height_and_width_is_refused_naming_it(subtask):
+    # SAM's pad_size also takes {"longest_edge": n}, which gives no padded height / width to crop the masks in
+    processor = PosSAMImageProcessor(pad_size={"longest_edge": PADDED})
+    with pytest.raises(ValueError, match="pad_size must give the padded input's height and width"):
+        run(processor, subtask, reshaped_input_sizes=[(48, 64)])
+
+
+@pytest.mark.parametrize("subtask", ["panoptic", "semantic", "instance"])
 def test_sizes_as_float_tensors_and_arrays_are_the_same_sizes(processor, subtask):
     # expected: the processor's own tensors (possibly float) and numpy arrays give the result of the int lists
     reference = run(processor, subtask, target_sizes=[(20, 30)], reshaped_input_sizes=[(48, 64)])

@@ -14,9 +14,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import pipeline
+from transformers import SamImageProcessor, pipeline
 
-from transformers_possam import PosSAMForPanopticSegmentation, PosSAMProcessor
+from transformers_possam import (
+    OpenVocabularyPanopticSegmentationPipeline,
+    PosSAMForPanopticSegmentation,
+    PosSAMModel,
+    PosSAMProcessor,
+)
 
 from .conftest import save_tiny_checkpoint
 
@@ -279,3 +284,20 @@ def test_pipeline_bad_inputs(segmenter, tmp_path):
         segmenter({"x": 1}, candidate_labels=["cat"])
     with pytest.raises(ValueError, match="candidate_labels is required"):
         segmenter(image())
+
+
+def test_pipeline_needs_possams_model_and_image_processor(segmenter):
+    # PosSAMModel has no classification head, SAM's image processor no PosSAM post-processing: refused when the
+    # pipeline is built, not at the first image
+    with pytest.raises(TypeError, match="needs a PosSAMForPanopticSegmentation, got a PosSAMModel"):
+        OpenVocabularyPanopticSegmentationPipeline(
+            model=PosSAMModel(segmenter.model.config),
+            image_processor=segmenter.image_processor,
+            tokenizer=segmenter.tokenizer,
+        )
+    with pytest.raises(
+        TypeError, match=r"needs a PosSAMImageProcessor \(or PosSAMImageProcessorPil\), got SamImageProcessor"
+    ):
+        OpenVocabularyPanopticSegmentationPipeline(
+            model=segmenter.model, image_processor=SamImageProcessor(), tokenizer=segmenter.tokenizer
+        )

@@ -189,6 +189,8 @@ INTERNALS: dict[tuple[str, str], Expected] = {
     ("transformers.utils", "can_return_tuple"): Expected("function", ("func",)),
     # postprocessing.py
     ("transformers.image_processing_outputs", "SemanticSegmentationPostProcessorOutput"): Expected("class"),
+    # postprocessing.py, image_processing_possam.py: what SAM's image processors store as pad_size (read by attribute)
+    ("transformers.image_utils", "SizeDict"): Expected("class", ("height", "width")),
     # vocabulary / data / evaluation: panoptic PNG colours <-> segment ids
     ("transformers.image_transforms", "rgb_to_id"): Expected("function", ("color",)),
     ("transformers.image_transforms", "id_to_rgb"): Expected("function", ("id_map",)),

@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from transformers import pipeline
+from transformers import SamVisionConfig, pipeline
 
 from .configuration_possam import tiny_config
 from .image_processing_possam import PosSAMImageProcessor
@@ -46,6 +46,8 @@ def synthetic_image(size: int = 320) -> Image.Image:
 def save_tiny_checkpoint(path: str, seed: int) -> None:
     torch.manual_seed(seed)
     config = tiny_config()
+    # PosSAMConfig.__post_init__ builds a SamVisionConfig from the dict its field type also allows
+    assert isinstance(config.vision_config, SamVisionConfig)
     size = config.vision_config.image_size
     PosSAMForPanopticSegmentation(config).save_pretrained(path)
     image_processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
@@ -65,7 +67,9 @@ def main(argv: list[str] | None = None) -> None:
         if model is None:
             save_tiny_checkpoint(folder, args.seed)
             model = folder
-        segmenter = pipeline("open-vocabulary-panoptic-segmentation", model=model)
+        # transformers' pipeline() overloads list only its built-in tasks, without the plain `task: str` form that
+        # tasks registered with PIPELINE_REGISTRY (this one, see pipeline_possam.register_pipeline) are called with
+        segmenter = pipeline("open-vocabulary-panoptic-segmentation", model=model)  # type: ignore[call-overload]
         image = args.image or synthetic_image()
         results = segmenter(image, candidate_labels=LABELS, subtask=args.subtask)
 

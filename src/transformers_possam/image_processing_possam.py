@@ -8,14 +8,14 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_transforms import rgb_to_id
-from transformers.image_utils import ChannelDimension
+from transformers.image_utils import ChannelDimension, SizeDict
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 from transformers.models.sam.image_processing_sam import SamImageProcessor, SamImageProcessorKwargs
 
@@ -137,7 +137,10 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     return np.minimum(positions.astype(np.int64), in_size - 1)
 
 
-def nearest_resize_ids(ids, size: tuple[int, int]):
+IdMap = TypeVar("IdMap", np.ndarray, torch.Tensor)
+
+
+def nearest_resize_ids(ids: IdMap, size: tuple[int, int]) -> IdMap:
     """
     Nearest-neighbour resize of an `(H, W)` id map (numpy or torch) to `size` by index gathering: exact for ids
     beyond float precision, and pixel-centred like the image resize (see `nearest_indices`).
@@ -145,7 +148,7 @@ def nearest_resize_ids(ids, size: tuple[int, int]):
     height, width = ids.shape[-2:]
     rows, cols = nearest_indices(height, size[0]), nearest_indices(width, size[1])
     if torch.is_tensor(ids):
-        rows, cols = torch.from_numpy(rows), torch.from_numpy(cols)
+        return ids[..., torch.from_numpy(rows)[:, None], torch.from_numpy(cols)[None, :]]
     return ids[..., rows[:, None], cols[None, :]]
 
 
@@ -162,8 +165,10 @@ def encode_panoptic_annotation(
     (nearest, pixel-centred: `nearest_resize_ids`) and padded bottom/right with background. A segment that vanishes
     at the new size is kept (empty mask): nothing is dropped silently; Mask2Former's losses handle empty targets.
     """
-    ids, segment_ids, classes = _segments_from_annotation(annotation, label_map, ignore_index, allow_absent_segments)
-    ids = torch.from_numpy(np.ascontiguousarray(ids))
+    id_array, segment_ids, classes = _segments_from_annotation(
+        annotation, label_map, ignore_index, allow_absent_segments
+    )
+    ids = torch.from_numpy(np.ascontiguousarray(id_array))
     resized = ids if tuple(ids.shape) == tuple(reshaped_size) else nearest_resize_ids(ids, reshaped_size)
     padded = torch.zeros(padded_size, dtype=torch.int64)
     padded[: reshaped_size[0], : reshaped_size[1]] = resized
@@ -196,7 +201,7 @@ def _images_as_list(images: Any) -> list:
         raise ValueError(
             f"No image given (an empty {type(images).__name__}): pass an image or a non-empty list of images."
         )
-    flat = []
+    flat: list[Any] = []  # images of any accepted kind; `_check_image` validates each
     for item in items:
         if isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4:
             flat.extend(item)
@@ -278,10 +283,10 @@ def _in_8bit_units(array: np.ndarray, index: int) -> np.ndarray:
     if array.dtype.kind == "u" and array.dtype.itemsize == 2:
         return array.astype(np.float32) * np.float32(255 / 65535)
     if array.dtype.kind in "iu":
-        low, high = int(array.min()), int(array.max())
-        if low < 0 or high > 255:
+        int_low, int_high = int(array.min()), int(array.max())
+        if int_low < 0 or int_high > 255:
             raise ValueError(
-                f"Image {index} has {array.dtype} pixels in [{low}, {high}]: integer images must lie in [0, 255]. Scale or "
+                f"Image {index} has {array.dtype} pixels in [{int_low}, {int_high}]: integer images must lie in [0, 255]. Scale or "
                 "clip it to 0..255, or pass 16-bit data as uint16 (0..65535)."
             )
         return array.astype(np.uint8)
@@ -306,8 +311,28 @@ def _composited_on_white(array: np.ndarray) -> np.ndarray:
     return array[:3] * alpha + 255 * (1 - alpha)
 
 
-class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin):
-    valid_kwargs = PosSAMImageProcessorKwargs
+if TYPE_CHECKING:
+    from transformers.image_processing_utils import BaseImageProcessor
+
+    class _SamBackend(BaseImageProcessor):
+        """
+        For the type checker only: what `_PosSAMPreprocessingMixin` uses from the SAM image processor it is combined
+        with (`SamImageProcessor` or `SamImageProcessorPil`, which share no base that declares these). At run time the
+        mixin's base is `object`, so its `super()` calls reach that SAM processor.
+        """
+
+        do_rescale: bool
+
+        @property
+        def backend(self) -> str: ...
+
+        def _get_preprocess_shape(self, old_shape: tuple[int, int], longest_edge: int) -> tuple[int, int]: ...
+
+else:
+    _SamBackend = object
+
+
+class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin, _SamBackend):
     model_input_names = ["pixel_values", "pixel_mask"]
     # The one home of MASE's alpha / beta: saved in preprocessor_config.json and read by every post-processing path
     # (and so by the pipeline and training/evaluate.py); a post-processing call may override them.
@@ -372,7 +397,7 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin):
         return_tensors = kwargs.pop("return_tensors", None)
         data = super().preprocess(image_list, return_tensors=return_tensors, **kwargs)
         padded = self._padded_size()
-        reshaped = [tuple(int(v) for v in size) for size in data["reshaped_input_sizes"]]
+        reshaped = [(int(height), int(width)) for height, width in data["reshaped_input_sizes"]]
         pixel_masks = []
         for height, width in reshaped:
             pixel_mask = np.zeros(padded, dtype=np.int64)
@@ -458,9 +483,19 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin):
         return np.ascontiguousarray(array)
 
 
+# transformers' SAM processors infer `pad_size` as `dict[str, int]` from their class default, but their __init__
+# (`_standardize_kwargs`) stores a `SizeDict` on every instance: the re-declarations below state what instances hold.
+
+
 class PosSAMImageProcessor(_PosSAMPreprocessingMixin, SamImageProcessor):
     """Torchvision-backend PosSAM image processor."""
+
+    valid_kwargs = PosSAMImageProcessorKwargs
+    pad_size: dict[str, int] | SizeDict  # type: ignore[assignment]  # SamImageProcessor's inferred type is too narrow
 
 
 class PosSAMImageProcessorPil(_PosSAMPreprocessingMixin, SamImageProcessorPil):
     """PIL/numpy-backend PosSAM image processor."""
+
+    valid_kwargs = PosSAMImageProcessorKwargs
+    pad_size: dict[str, int] | SizeDict  # type: ignore[assignment]  # SamImageProcessorPil's inferred type is too narrow

@@ -15,6 +15,8 @@ from PIL import Image, ImageOps
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
+from .image_processing_possam import PosSAMImageProcessor, PosSAMImageProcessorPil
+from .modeling_possam import PosSAMForPanopticSegmentation
 from .postprocessing import check_ensemble_weight, check_flag, check_threshold
 from .processing_possam import PosSAMProcessor
 from .vocabularies import resolve_vocabulary
@@ -43,14 +45,31 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
     synonym of each class. The text embeddings of a vocabulary are computed once and cached across calls.
     """
 
-    _load_processor = False
-    _load_image_processor = True
-    _load_tokenizer = True
-    _load_feature_extractor = False
+    # transformers' Pipeline documents these flags as True / None / False but sets them to None, so its inferred type
+    # (None) is too narrow for the booleans every pipeline assigns
+    _load_processor = False  # type: ignore[assignment]
+    _load_image_processor = True  # type: ignore[assignment]
+    _load_tokenizer = True  # type: ignore[assignment]
+    _load_feature_extractor = False  # type: ignore[assignment]
+
+    # Pipeline types these as any model / image processor (or None); this pipeline needs PosSAM's, checked in __init__
+    model: PosSAMForPanopticSegmentation
+    image_processor: PosSAMImageProcessor | PosSAMImageProcessorPil
+    processor: PosSAMProcessor
 
     def __init__(self, *args, text_batch_size: int | None = None, **kwargs):
         """`text_batch_size`: prompts per text-tower call when a new vocabulary is encoded (default: one pass)."""
         super().__init__(*args, **kwargs)
+        if not isinstance(self.model, PosSAMForPanopticSegmentation):
+            raise TypeError(
+                f"The {TASK} pipeline needs a PosSAMForPanopticSegmentation, got a {type(self.model).__name__}: load "
+                "a PosSAM checkpoint (AutoModelForUniversalSegmentation)."
+            )
+        if not isinstance(self.image_processor, (PosSAMImageProcessor, PosSAMImageProcessorPil)):
+            raise TypeError(
+                f"The {TASK} pipeline needs a PosSAMImageProcessor (or PosSAMImageProcessorPil), got "
+                f"{type(self.image_processor).__name__}: load the image processor saved with the PosSAM checkpoint."
+            )
         self.text_batch_size = text_batch_size
         self.processor = PosSAMProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer)
         self._vocabulary_cache: OrderedDict = OrderedDict()
@@ -75,7 +94,10 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
         a bool), `ValueError` for a wrong value (an unknown subtask, a threshold outside [0, 1], MASE weights outside
         [0, 1]).
         """
-        preprocess, forward, postprocess = {}, {}, {}
+        # keyword arguments of each step; the steps' signatures give their types
+        preprocess: dict[str, object] = {}
+        forward: dict[str, object] = {}
+        postprocess: dict[str, object] = {}
         if timeout is not None:
             preprocess["timeout"] = timeout
         if candidate_labels is not None:
@@ -117,7 +139,11 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             raise ValueError(f"Unknown arguments {sorted(kwargs)} for the {TASK} pipeline.")
         return preprocess, forward, postprocess
 
-    def __call__(self, images, candidate_labels=None, **kwargs):
+    # transformers' Pipeline declares `__call__(inputs, *args, ...)` and each step with arbitrary keyword parameters,
+    # but calls the steps only with the ones `_sanitize_parameters` returns; its own pipelines name their input and
+    # parameters as here (ZeroShotImageClassificationPipeline.__call__(image, candidate_labels, **kwargs),
+    # .preprocess(image, candidate_labels, ..., timeout)), which its annotations do not allow
+    def __call__(self, images, candidate_labels=None, **kwargs):  # type: ignore[override]
         """
         Args:
             images: an image or a list: PIL images, paths, URLs, numpy arrays.
@@ -137,7 +163,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             )
         return super().__call__(images, candidate_labels=candidate_labels, **kwargs)
 
-    def preprocess(self, image, timeout=None):
+    def preprocess(self, image, timeout=None):  # type: ignore[override]  # named step parameters, see __call__
         """
         One image (PIL, numpy array, local path, http(s) URL or base64 data) -> model inputs. Files and URLs are
         decoded in their own mode, 16-bit included, and converted by the image processor. Raises ValueError naming
@@ -200,7 +226,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             self._vocabulary_cache.popitem(last=False)
         return self._vocabulary_cache[key]
 
-    def _forward(self, model_inputs, vocabulary):
+    def _forward(self, model_inputs, vocabulary):  # type: ignore[override]  # named step parameters, see __call__
         embeddings, synonym_mask, _ = self.class_embeddings(vocabulary)
         outputs = self.model(
             pixel_values=model_inputs["pixel_values"],
@@ -218,7 +244,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             "reshaped_input_sizes": model_inputs["reshaped_input_sizes"],
         }
 
-    def postprocess(
+    def postprocess(  # type: ignore[override]  # named step parameters, see __call__
         self,
         model_outputs,
         vocabulary,

@@ -30,11 +30,13 @@ import numbers
 import reprlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
+from transformers.image_utils import SizeDict
 
 from .mase import mask_aware_selective_ensemble
 from .mask_resampling import AxisResampling, assign_panoptic, axis_resampling, resize_matrix
@@ -151,12 +153,13 @@ def _class_ids(ids, name: str, num_classes: int) -> list[int] | None:
             value = value.item()
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} holds {_describe(value)}, which is not a class id: ids are ints from 0 to K - 1.")
-        if not 0 <= value < num_classes:
+        class_id = int(value)
+        if not 0 <= class_id < num_classes:
             raise ValueError(
-                f"{name} holds class id {int(value)}, but the outputs have {num_classes} classes (ids 0 to {num_classes - 1}): "
+                f"{name} holds class id {class_id}, but the outputs have {num_classes} classes (ids 0 to {num_classes - 1}): "
                 "pass the ids of the vocabulary the model was run with."
             )
-        checked.append(int(value))
+        checked.append(class_id)
     return checked
 
 
@@ -406,7 +409,7 @@ def _sizes(values, batch_size: int, name: str) -> list[tuple[int, int] | None]:
         rows = list(values)
     else:
         raise TypeError(f"{name} must be a list of (height, width) pairs, one per image, got {_describe(values)}.")
-    sizes = []
+    sizes: list[tuple[int, int] | None] = []
     for position, size in enumerate(rows):
         where = f"{name}[{position}]"
         if torch.is_tensor(size) or isinstance(size, np.ndarray):
@@ -425,26 +428,51 @@ def _sizes(values, batch_size: int, name: str) -> list[tuple[int, int] | None]:
     return sizes
 
 
+class SegmentInfo(TypedDict):
+    """One entry of `post_process_panoptic_segmentation`'s `segments_info` (a plain dict at run time)."""
+
+    id: int
+    label_id: int
+    was_fused: bool
+    score: float
+
+
 class PosSAMPostProcessingMixin:
     """Post-processing methods of `PosSAMImageProcessor` and `PosSAMImageProcessorPil`."""
 
+    # set by the image processor this mixin is part of: SAM's padded input size (a SizeDict once the processor is
+    # built, a dict when assigned later) and PosSAM's default MASE weights
+    pad_size: dict[str, int] | SizeDict
+    mase_alpha: float
+    mase_beta: float
+
     def _padded_size(self) -> tuple[int, int]:
         pad = self.pad_size
-        return (pad["height"], pad["width"]) if isinstance(pad, dict) else (pad.height, pad.width)
+        height, width = (pad["height"], pad["width"]) if isinstance(pad, dict) else (pad.height, pad.width)
+        if height is None or width is None:
+            raise ValueError(
+                f"pad_size must give the padded input's height and width, e.g. {{'height': 1024, 'width': 1024}}, "
+                f"got {pad}."
+            )
+        return height, width
 
-    def _resize_steps(self, reshaped_size, target_size) -> list[tuple[tuple[int, int], tuple[int, int] | None]]:
+    def _resize_steps(
+        self, reshaped_size: tuple[int, int] | None, target_size: tuple[int, int] | None
+    ) -> list[tuple[tuple[int, int], tuple[int, int] | None]]:
         """
         The resize from 1/4 of the padded input to the output, as `[(resize_to, crop_to)]`: bilinear resize to the
         padded size and crop the padding away (when `reshaped_size` is known), then resize to `target_size`.
         """
-        steps = []
+        steps: list[tuple[tuple[int, int], tuple[int, int] | None]] = []
         if reshaped_size is not None:
-            steps.append((self._padded_size(), tuple(reshaped_size)))
+            steps.append((self._padded_size(), reshaped_size))
         if target_size is not None:
-            steps.append((tuple(target_size), None))
+            steps.append((target_size, None))
         return steps
 
-    def _masks_to_target(self, masks: torch.Tensor, reshaped_size, target_size) -> torch.Tensor:
+    def _masks_to_target(
+        self, masks: torch.Tensor, reshaped_size: tuple[int, int] | None, target_size: tuple[int, int] | None
+    ) -> torch.Tensor:
         """`(N, h, w)` logits at 1/4 of the padded input -> `(N, H, W)` after `_resize_steps`."""
         if masks.shape[0] == 0:
             size = target_size or reshaped_size or tuple(masks.shape[-2:])
@@ -456,13 +484,21 @@ class PosSAMPostProcessingMixin:
                 masks = masks[:, : crop_to[0], : crop_to[1]]
         return masks
 
-    def _masks_per_chunk(self, mask_size: tuple[int, int], reshaped_size, target_size) -> int:
+    def _masks_per_chunk(
+        self, mask_size: tuple[int, int], reshaped_size: tuple[int, int] | None, target_size: tuple[int, int] | None
+    ) -> int:
         """How many masks `_masks_to_target` may resize at once: `RESIZE_CHUNK`, fewer when a full-size map is large."""
         sizes = [mask_size] + [size for size, _ in self._resize_steps(reshaped_size, target_size)]
         largest = max(height * width for height, width in sizes)
         return max(1, min(RESIZE_CHUNK, RESIZE_ELEMENTS // largest))
 
-    def _resampling(self, mask_size, reshaped_size, target_size, device) -> tuple[AxisResampling, AxisResampling]:
+    def _resampling(
+        self,
+        mask_size: tuple[int, int],
+        reshaped_size: tuple[int, int] | None,
+        target_size: tuple[int, int] | None,
+        device: torch.device,
+    ) -> tuple[AxisResampling, AxisResampling]:
         """`_resize_steps` per axis, as banded linear maps (rows, cols) for the panoptic assignment."""
         steps = self._resize_steps(reshaped_size, target_size)
         rows, cols = (
@@ -479,7 +515,7 @@ class PosSAMPostProcessingMixin:
         (B, Q, K), is_void (B, Q), target sizes, reshaped sizes)` (sizes: one `(height, width)` or None per image).
         """
         predictions = read_outputs(outputs)
-        batch_size = predictions.masks_queries_logits.shape[0]
+        batch_size = predictions.class_queries_logits.shape[0]
         targets = _sizes(target_sizes, batch_size, "target_sizes")
         reshaped = _sizes(reshaped_input_sizes, batch_size, "reshaped_input_sizes")
         padded = self._padded_size()
@@ -562,7 +598,8 @@ class PosSAMPostProcessingMixin:
             valid = assignment.is_segment
 
             segment_of_query = [0] * count
-            segments_info, stuff_segment = [], {}
+            segments_info: list[SegmentInfo] = []
+            stuff_segment: dict[int, SegmentInfo] = {}
             for query, (is_valid, label, score) in enumerate(
                 zip(valid.tolist(), kept_labels.tolist(), kept_scores.tolist())
             ):
@@ -644,8 +681,8 @@ class PosSAMPostProcessingMixin:
         self,
         mask_logits: torch.Tensor,
         scores: torch.Tensor,
-        reshaped_size,
-        target_size,
+        reshaped_size: tuple[int, int] | None,
+        target_size: tuple[int, int] | None,
         return_class_maps: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
@@ -744,8 +781,8 @@ class PosSAMPostProcessingMixin:
         thing_ids: list[int] | None,
         threshold: float,
         num_top_instances: int,
-        reshaped_size,
-        target_size,
+        reshaped_size: tuple[int, int] | None,
+        target_size: tuple[int, int] | None,
         return_binary_maps: bool,
     ) -> dict:
         """One image of `post_process_instance_segmentation`: `(Q, h, w)` mask logits, `(Q, K)` class scores."""
@@ -762,7 +799,7 @@ class PosSAMPostProcessingMixin:
         # a query can hold several selected pairs (several top classes): its mask is resized once per pass
         unique_queries, mask_of_pair = torch.unique(queries, return_inverse=True)
         height, width = target_size or reshaped_size or tuple(mask_logits.shape[-2:])
-        chunk = self._masks_per_chunk(tuple(mask_logits.shape[-2:]), reshaped_size, target_size)
+        chunk = self._masks_per_chunk((mask_logits.shape[-2], mask_logits.shape[-1]), reshaped_size, target_size)
 
         def resized(slots: list[int]) -> torch.Tensor:
             """`(n, H, W)` float32 logits of the unique queries `slots`, resized to the output."""

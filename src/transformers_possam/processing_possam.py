@@ -85,7 +85,9 @@ class PosSAMProcessorKwargs(ProcessingKwargs, total=False):
     [`PosSAMProcessor.encode_vocabulary`] for the ones it honours), `common_kwargs` (`return_tensors`) to both.
     """
 
-    images_kwargs: PosSAMImageProcessorKwargs
+    # transformers' processors narrow the inherited `images_kwargs` to their image processor's kwargs (e.g.
+    # Emu3ProcessorKwargs.images_kwargs: Emu3ImageProcessorKwargs), which TypedDict rules (PEP 589) do not allow
+    images_kwargs: PosSAMImageProcessorKwargs  # type: ignore[misc]
 
 
 # text_kwargs the vocabulary's tokenization honours (`PosSAMProcessor.encode_vocabulary`); any other is refused
@@ -114,7 +116,8 @@ class PosSAMProcessor(ProcessorMixin):
     the seen-class mask for MASE.
     """
 
-    valid_processor_kwargs = PosSAMProcessorKwargs
+    # not a TypedDict subtype of ProcessingKwargs only because of the narrowed images_kwargs (see above)
+    valid_processor_kwargs = PosSAMProcessorKwargs  # type: ignore[assignment]
     templates = VILD_TEMPLATES
 
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):

@@ -36,9 +36,14 @@ def clip_tokenizer_from_bpe(bpe_path: str | Path | None = None, model_max_length
     path = Path(bpe_path) if bpe_path is not None else default_bpe_path()
     with gzip.open(path, "rt", encoding="utf-8") as file:
         lines = file.read().split("\n")[1 : NUM_MERGES + 1]
-    merges = [tuple(line.split()) for line in lines]
+    merges: list[tuple[str, str]] = []
+    for line in lines:
+        first, second = line.split()
+        merges.append((first, second))
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [symbol + "</w>" for symbol in symbols] + ["".join(merge) for merge in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    # CLIPTokenizer annotates `merges` as `str | list[str]`, but hands the list to tokenizers' BPE, which takes
+    # (first, second) pairs and refuses "first second" strings
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)  # type: ignore[arg-type]

@@ -41,14 +41,14 @@ def large_scale_jitter(
         the augmented image and id map (same geometry, each side <= `target_size`).
     """
     if flip and rng.random() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         segment_ids = segment_ids[:, ::-1]
     scale = rng.uniform(min_scale, max_scale)
     height, width = segment_ids.shape
     factor = min(scale * target_size / height, scale * target_size / width)
     # np.round (half to even) as detectron2; at least one pixel per side
     new_height, new_width = (max(1, int(v)) for v in np.round(np.multiply((height, width), factor)))
-    image = image.resize((new_width, new_height), Image.BILINEAR)
+    image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
     segment_ids = nearest_resize_ids(np.ascontiguousarray(segment_ids), (new_height, new_width))
     max_offset = np.maximum(np.subtract((new_height, new_width), target_size), 0)
     top, left = (int(v) for v in np.round(max_offset * rng.uniform(0.0, 1.0)))

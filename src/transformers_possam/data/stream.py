@@ -201,7 +201,8 @@ class PanopticTrainStream:
                     segments = [s for s in segments if s["id"] in present]
             else:
                 encoded = self.image_processor(image, return_tensors="pt")
-            reshaped_size = tuple(int(v) for v in encoded["reshaped_input_sizes"][0])
+            height, width = encoded["reshaped_input_sizes"][0]
+            reshaped_size = (int(height), int(width))
             mask_labels, class_labels = encode_panoptic_annotation(
                 {"panoptic_map": ids, "segments_info": segments},
                 reshaped_size,

@@ -7,6 +7,8 @@ class-coloured shapes that touch and overlap (later shapes occlude earlier ones)
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 from PIL import Image, ImageDraw
 from transformers.image_transforms import id_to_rgb
@@ -14,8 +16,17 @@ from transformers.image_transforms import id_to_rgb
 
 __all__ = ["TOY_CATEGORIES", "toy_panoptic_rows"]
 
-# id, name (comma-separated synonyms), isthing, colour (RGB)
-TOY_CATEGORIES = [
+
+class ToyCategory(TypedDict):
+    """A COCO-style category table entry: id, name (comma-separated synonyms), isthing, colour (RGB)."""
+
+    id: int
+    name: str
+    isthing: int
+    color: tuple[int, int, int]
+
+
+TOY_CATEGORIES: list[ToyCategory] = [
     {"id": 0, "name": "ball,sphere", "isthing": 1, "color": (220, 40, 40)},
     {"id": 1, "name": "box,crate", "isthing": 1, "color": (40, 60, 220)},
     {"id": 2, "name": "tent,pyramid", "isthing": 1, "color": (240, 200, 30)},
@@ -42,7 +53,7 @@ def toy_panoptic_rows(num_images: int, size: int = 128, seed: int = 0, split: st
         height = width = size
         ids = np.zeros((height, width), np.int64)
         image = np.zeros((height, width, 3), np.float32)
-        segments = []
+        segments: list[dict[str, int]] = []  # segments_info being built: {"id", "category_id"}
         horizon = int(rng.integers(height // 4, 3 * height // 4))
         ground = int(rng.choice([4, 5]))
         for category, rows in ((3, slice(0, horizon)), (ground, slice(horizon, height))):

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from typing import Literal, TypedDict
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..data.panoptic import BadSample, check_bad_fraction, decode_panoptic_sample, decode_semantic_label
 from ..vocabularies import CandidateLabels, Vocabulary
@@ -39,10 +41,34 @@ IGNORE = -1
 # unlabelled pixels in a dataset's semantic PNG (Mask2Former's ADE20K / COCO semantic annotations)
 SEMANTIC_PNG_IGNORE = 255
 
+# where an evaluated image's semantic ground truth comes from (the keys of SEMANTIC_SOURCES)
+GroundTruthSource = Literal["semantic_label", "panoptic"]
 SEMANTIC_SOURCES = {
     "semantic_label": "the dataset's semantic ground truth (semantic_label column)",
     "panoptic": "derived from the panoptic PNG, crowd pixels labelled by their category (panopticapi's rule)",
 }
+
+
+class EvaluationCounts(TypedDict):
+    """What `PanopticEvaluator` counts: rows processed, seen and skipped (with their ids), and ground-truth sources."""
+
+    images: int
+    seen: int
+    bad: int
+    bad_ids: list[object]  # the skipped rows' `image_id`, whatever type the dataset uses
+    semantic_label: int
+    panoptic: int
+
+
+class DecodedSample(TypedDict):
+    """One evaluation row, decoded and checked by `PanopticEvaluator._decode`."""
+
+    image: Image.Image
+    ids: np.ndarray  # (H, W) int64 panoptic segment ids
+    segments: list[dict]  # segments_info, category ids mapped to class indices, with area and iscrowd
+    semantic: np.ndarray  # (H, W) int64 class indices, IGNORE where unlabelled
+    source: GroundTruthSource
+    image_id: object
 
 
 def vocabulary_embeddings(model, processor, vocabulary: CandidateLabels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,10 +132,17 @@ class PanopticEvaluator:
         self.panoptic = PanopticQualityAccumulator()
         self.confusion = SemanticConfusion(len(self.vocabulary), ignore_index=IGNORE)
         self.mask_ap = MaskAPAccumulator()
-        self.counts = {"images": 0, "seen": 0, "bad": 0, "bad_ids": [], "semantic_label": 0, "panoptic": 0}
+        self.counts: EvaluationCounts = {
+            "images": 0,
+            "seen": 0,
+            "bad": 0,
+            "bad_ids": [],
+            "semantic_label": 0,
+            "panoptic": 0,
+        }
 
     # ----- per-row work
-    def _decode(self, row: dict) -> dict:
+    def _decode(self, row: dict) -> DecodedSample:
         """One row -> everything its scoring needs, or `BadSample`."""
         image, ids, segments = decode_panoptic_sample(row)
         unknown = sorted({s["category_id"] for s in segments if s["category_id"] not in self.label_map})
@@ -125,6 +158,7 @@ class PanopticEvaluator:
             for s in segments
         ]
         semantic = decode_semantic_label(row, ids.shape)
+        source: GroundTruthSource
         if semantic is not None:
             source = "semantic_label"
             known = np.isin(semantic, list(self.label_map)) | (semantic == SEMANTIC_PNG_IGNORE)
@@ -161,7 +195,7 @@ class PanopticEvaluator:
         )
 
     def process(self, rows: Iterable[dict]) -> None:
-        batch: list[dict] = []
+        batch: list[DecodedSample] = []
         for row in rows:
             self.counts["seen"] += 1
             try:
@@ -176,7 +210,7 @@ class PanopticEvaluator:
             self._score(batch)
 
     @torch.no_grad()
-    def _score(self, batch: list[dict]) -> None:
+    def _score(self, batch: list[DecodedSample]) -> None:
         model, processor = self.model, self.image_processor
         device = next(model.parameters()).device
         inputs = processor([item["image"] for item in batch], return_tensors="pt")
