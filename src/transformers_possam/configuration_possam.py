@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, TypeVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPTextConfig, PreTrainedConfig, SamVisionConfig
@@ -13,6 +14,8 @@ from .vocabularies import load_vocabulary
 
 
 logger = logging.get_logger(__name__)
+
+_SubConfigT = TypeVar("_SubConfigT", bound=PreTrainedConfig)
 
 __all__ = ["PosSAMConfig", "SAM_VISION_VARIANTS", "CONVNEXT_LARGE_D_320_TEXT", "tiny_config"]
 
@@ -103,12 +106,14 @@ class PosSAMConfig(PreTrainedConfig):
 
     model_type = "possam"
     sub_configs_defaults = {
-        "vision_config": SamVisionConfig,
+        "vision_config": SubConfigSpec(SamVisionConfig),
         "text_config": SubConfigSpec(CLIPTextConfig, init_kwargs=dict(CONVNEXT_LARGE_D_320_TEXT)),
     }
 
-    vision_config: dict | PreTrainedConfig | None = None
-    text_config: dict | PreTrainedConfig | None = None
+    # What may be passed in (as in CLIPConfig); `__post_init__` turns dicts and None into config objects, so read
+    # them through `sam_vision_config` / `clip_text_config` where the static type matters.
+    vision_config: dict | SamVisionConfig | None = None
+    text_config: dict | CLIPTextConfig | None = None
 
     clip_vision_model_name: str = "convnext_large_mlp"
     clip_vision_model_kwargs: dict | None = None
@@ -191,6 +196,16 @@ class PosSAMConfig(PreTrainedConfig):
             setattr(self, name, list(getattr(self, name)))
         super().__post_init__(**kwargs)
 
+    @property
+    def sam_vision_config(self) -> SamVisionConfig:
+        """`vision_config`, typed: a `SamVisionConfig` once the config is built (the field also takes a dict)."""
+        return _built_sub_config(self, "vision_config", SamVisionConfig)
+
+    @property
+    def clip_text_config(self) -> CLIPTextConfig:
+        """`text_config`, typed: a `CLIPTextConfig` once the config is built (the field also takes a dict)."""
+        return _built_sub_config(self, "text_config", CLIPTextConfig)
+
     def validate_architecture(self):
         """Checks that the sizes fit together; raises ValueError with what to change."""
         if len(self.fpn_out_channels) != 4 or len(self.feature_strides) != 4:
@@ -199,7 +214,7 @@ class PosSAMConfig(PreTrainedConfig):
             raise ValueError(
                 f"PosSAM's FPN produces strides (4, 8, 16, 32), got feature_strides={self.feature_strides}."
             )
-        patch_size = self.vision_config.patch_size
+        patch_size = self.sam_vision_config.patch_size
         if patch_size != 16:
             raise ValueError(
                 f"The FPN expects SAM features at stride 16 (patch_size 16), got patch_size={patch_size}."
@@ -209,9 +224,9 @@ class PosSAMConfig(PreTrainedConfig):
                 raise ValueError(
                     f"{name}={getattr(self, name)} must be a multiple of 32 (Mask2Former's GroupNorm(32))."
                 )
-        if self.text_config.projection_dim != self.clip_embed_dim:
+        if self.clip_text_config.projection_dim != self.clip_embed_dim:
             raise ValueError(
-                f"text_config.projection_dim ({self.text_config.projection_dim}) must equal clip_embed_dim "
+                f"text_config.projection_dim ({self.clip_text_config.projection_dim}) must equal clip_embed_dim "
                 f"({self.clip_embed_dim}): image and text embeddings share one space."
             )
         if self.clip_embed_dim % self.ldp_num_heads:
@@ -222,14 +237,25 @@ class PosSAMConfig(PreTrainedConfig):
             raise ValueError("decoder_layers counts the query prediction plus the transformer layers: use >= 2.")
 
 
-def tiny_config(**overrides) -> PosSAMConfig:
+def _built_sub_config(config: PosSAMConfig, name: str, config_class: type[_SubConfigT]) -> _SubConfigT:
+    """`config.<name>` as built by `__post_init__`; TypeError if it was replaced by something else afterwards."""
+    sub_config = getattr(config, name)
+    if not isinstance(sub_config, config_class):
+        raise TypeError(
+            f"PosSAMConfig.{name} must be a {config_class.__name__} once the config is built, got "
+            f"{type(sub_config).__name__}: pass a dict to PosSAMConfig({name}=...) instead of assigning one later."
+        )
+    return sub_config
+
+
+def tiny_config(**overrides: Any) -> PosSAMConfig:
     """
     A PosSAM small enough for CPU tests and the demo (128x128 input, ~5M parameters): a 2-layer SAM ViT, timm
     `convnext_atto` CLIP with an MLP head, a 2-layer text tower, 1 deformable encoder layer, 2 decoder layers, 8 queries.
     `SamVisionConfig`'s default `initializer_range=1e-10` would make a random SAM encoder output a constant, so the
     tiny encoder uses 0.02.
     """
-    defaults = {
+    defaults: dict[str, Any] = {
         "vision_config": {
             "hidden_size": 32,
             "num_hidden_layers": 2,

@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from transformers import SamVisionConfig, pipeline
+from transformers import pipeline
 
 from .configuration_possam import tiny_config
 from .image_processing_possam import PosSAMImageProcessor
@@ -46,9 +46,7 @@ def synthetic_image(size: int = 320) -> Image.Image:
 def save_tiny_checkpoint(path: str, seed: int) -> None:
     torch.manual_seed(seed)
     config = tiny_config()
-    # PosSAMConfig.__post_init__ builds a SamVisionConfig from the dict its field type also allows
-    assert isinstance(config.vision_config, SamVisionConfig)
-    size = config.vision_config.image_size
+    size = config.sam_vision_config.image_size
     PosSAMForPanopticSegmentation(config).save_pretrained(path)
     image_processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
     PosSAMProcessor(image_processor, clip_tokenizer_from_bpe()).save_pretrained(path)

@@ -11,13 +11,13 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
-from transformers import PreTrainedModel, SamVisionConfig
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming
@@ -50,6 +50,8 @@ from .modeling import (
 )
 
 
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
+
 __all__ = [
     "PosSAMForPanopticSegmentation",
     "PosSAMForPanopticSegmentationOutput",
@@ -68,7 +70,7 @@ _MASK2FORMER_INIT_TYPES = (
 )
 
 
-def _take_over(original: nn.Module, subclass: type[nn.Module], *args, **kwargs) -> nn.Module:
+def _take_over(original: nn.Module, subclass: type[_ModuleT], *args, **kwargs) -> _ModuleT:
     """`subclass(*args, **kwargs)` holding `original`'s parameters (built on the meta device: no random draws)."""
     with torch.device("meta"):
         replacement = subclass(*args, **kwargs)
@@ -273,18 +275,18 @@ class PosSAMModelOutput(ModelOutput):
         `(B, num_attention_heads, Q, Q)` (Mask2Former's decoder keeps those; `decoder_layers - 1` tensors).
     """
 
-    image_embeddings: torch.FloatTensor | None = None
-    fpn_features: tuple[torch.FloatTensor, ...] | None = None
-    multi_scale_features: tuple[torch.FloatTensor, ...] | None = None
-    mask_features: torch.FloatTensor | None = None
-    masks_queries_logits: tuple[torch.FloatTensor, ...] | None = None
-    query_states: tuple[torch.FloatTensor, ...] | None = None
-    iou_logits: tuple[torch.FloatTensor, ...] | None = None
-    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    pixel_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    transformer_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_embeddings: torch.Tensor | None = None
+    fpn_features: tuple[torch.Tensor, ...] | None = None
+    multi_scale_features: tuple[torch.Tensor, ...] | None = None
+    mask_features: torch.Tensor | None = None
+    masks_queries_logits: tuple[torch.Tensor | None, ...] | None = None
+    query_states: tuple[torch.Tensor, ...] | None = None
+    iou_logits: tuple[torch.Tensor, ...] | None = None
+    vision_hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    pixel_decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    transformer_decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -315,31 +317,33 @@ class PosSAMForPanopticSegmentationOutput(ModelOutput):
         [`PosSAMModelOutput`] (Mask2Former's names; SAM's for the ViT).
     """
 
-    loss: torch.FloatTensor | None = None
-    loss_dict: dict[str, torch.FloatTensor] | None = None
-    class_queries_logits: torch.FloatTensor | None = None
-    clip_class_logits: torch.FloatTensor | None = None
-    masks_queries_logits: torch.FloatTensor | None = None
-    iou_scores: torch.FloatTensor | None = None
-    auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
-    ldp_embeddings: torch.FloatTensor | None = None
-    clip_embeddings: torch.FloatTensor | None = None
-    class_embeddings: torch.FloatTensor | None = None
-    image_embeddings: torch.FloatTensor | None = None
-    mask_features: torch.FloatTensor | None = None
-    clip_features: torch.FloatTensor | None = None
-    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    pixel_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    transformer_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+    loss: torch.Tensor | None = None
+    loss_dict: dict[str, torch.Tensor] | None = None
+    class_queries_logits: torch.Tensor | None = None
+    clip_class_logits: torch.Tensor | None = None
+    masks_queries_logits: torch.Tensor | None = None
+    iou_scores: torch.Tensor | None = None
+    auxiliary_logits: list[dict[str, torch.Tensor]] | None = None
+    ldp_embeddings: torch.Tensor | None = None
+    clip_embeddings: torch.Tensor | None = None
+    class_embeddings: torch.Tensor | None = None
+    image_embeddings: torch.Tensor | None = None
+    mask_features: torch.Tensor | None = None
+    clip_features: torch.Tensor | None = None
+    vision_hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    pixel_decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    transformer_decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class PosSAMPreTrainedModel(PreTrainedModel):
     config: PosSAMConfig
     base_model_prefix = "model"
     main_input_name = "pixel_values"
-    input_modalities = ("image",)
+    # a tuple, as Mask2Former's, SAM's and CLIP's models declare it (the base class annotates `str | list[str]`,
+    # narrower than transformers' own models and its readers, which only test membership)
+    input_modalities = ("image",)  # type: ignore[assignment]
     _no_split_modules = ["SamVisionLayer", "Mask2FormerMaskedAttentionDecoderLayer", "CLIPEncoderLayer"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
@@ -358,7 +362,9 @@ class PosSAMPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module):
         if isinstance(module, _MASK2FORMER_INIT_TYPES):
-            Mask2FormerPreTrainedModel._init_weights(self, module)
+            # Mask2Former's own init scheme for the Mask2Former modules we reuse: called with our model as `self`,
+            # it reads only `self.config` fields PosSAMConfig shares with Mask2FormerConfig (init_std, init_xavier_std)
+            Mask2FormerPreTrainedModel._init_weights(self, module)  # type: ignore[arg-type]
             if isinstance(module, Mask2FormerTransformerModule):
                 # The original keeps nn.Embedding's N(0, 1) init for queries and level embeddings.
                 for embedding in (module.queries_embedder, module.queries_features, module.level_embed):
@@ -369,8 +375,9 @@ class PosSAMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ConvNeXtBlock):
             # timm fills the layer scale at construction only (`ls_init_value`), never in its init functions; a block
             # has one exactly when the CLIP image tower was built with a layer-scale value
-            if module.gamma is not None:
-                init.constant_(module.gamma, cast(PosSAMCLIP, self.clip).layer_scale_init_value)
+            layer_scale_init_value = cast(PosSAMCLIP, self.clip).layer_scale_init_value
+            if module.gamma is not None and layer_scale_init_value is not None:
+                init.constant_(module.gamma, layer_scale_init_value)
         elif isinstance(module, GlobalResponseNorm):  # ConvNeXt-V2 towers: timm creates it as zeros (an identity)
             init.zeros_(module.weight)
             init.zeros_(module.bias)
@@ -428,7 +435,7 @@ class PosSAMModel(PosSAMPreTrainedModel):
     def __init__(self, config: PosSAMConfig):
         super().__init__(config)
         config.validate_architecture()
-        vision_config: SamVisionConfig = config.vision_config
+        vision_config = config.sam_vision_config
         self.vision_encoder = SamVisionEncoder(vision_config)
         # Library submodules replaced by same-parameter subclasses that run faster / leaner (docs/design.md,
         # "Performance decisions"); each takes over the original's tensors, so construction draws the same random
@@ -439,9 +446,14 @@ class PosSAMModel(PosSAMPreTrainedModel):
                     layer.attn, PosSAMVisionAttention, vision_config, window_size=layer.window_size
                 )
         self.fpn = PosSAMFPN(vision_config.output_channels, config.fpn_out_channels)
-        self.pixel_decoder = Mask2FormerPixelDecoder(config, feature_channels=list(config.fpn_out_channels))
+        # PosSAMConfig stands in for a Mask2FormerConfig: it holds the fields these modules read (duck-typed until
+        # issue 15 item 3 gives PosSAM a real Mask2FormerConfig sub-config)
+        self.pixel_decoder = Mask2FormerPixelDecoder(
+            config,  # type: ignore[arg-type]
+            feature_channels=list(config.fpn_out_channels),
+        )
         for layer in self.pixel_decoder.encoder.layers:  # a fused embedding_bag sampler on CPU
-            attention = layer.self_attn
+            attention = cast(Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention, layer.self_attn)
             layer.self_attn = _take_over(
                 attention,
                 PosSAMMultiscaleDeformableAttention,
@@ -450,7 +462,11 @@ class PosSAMModel(PosSAMPreTrainedModel):
                 n_levels=attention.n_levels,
                 n_points=attention.n_points,
             )
-        self.transformer_module = Mask2FormerTransformerModule(in_features=config.feature_size, config=config)
+        # duck-typed PosSAMConfig, as for the pixel decoder (issue 15 item 3)
+        self.transformer_module = Mask2FormerTransformerModule(
+            in_features=config.feature_size,
+            config=config,  # type: ignore[arg-type]
+        )
         decoder = self.transformer_module.decoder
         # inference mode without the intermediate layers' 1/4-resolution masks
         decoder.mask_predictor = _take_over(
@@ -488,8 +504,9 @@ class PosSAMModel(PosSAMPreTrainedModel):
         `pixel_mask` is None or a `(B, S, S)` bool / 0-1 tensor. Shape and dtype checks only (O(1)) for `pixel_values`:
         its finiteness is checked where the pixels are consumed.
         """
-        vision_config = self.config.vision_config
-        size = vision_config.image_size
+        vision_config = self.config.sam_vision_config
+        # an int: SamVisionConfig itself computes `image_size // patch_size`, which a list or tuple would not survive
+        size = cast(int, vision_config.image_size)
         _check_pixel_values(
             pixel_values,
             num_channels=vision_config.num_channels,
@@ -569,13 +586,13 @@ class PosSAMModel(PosSAMPreTrainedModel):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
-        for layer in self.transformer_module.decoder.layers:
-            layer.cross_attn.return_attention_weights = bool(output_attentions)
+        for layer in self.transformer_module.decoder.layers:  # our subclasses, installed in __init__
+            cast(PosSAMMaskedCrossAttention, layer.cross_attn).return_attention_weights = bool(output_attentions)
         if output_auxiliary_masks:
             decoder_output = decode()
             masks_queries_logits = decoder_output.masks_queries_logits
         else:
-            predictor = self.transformer_module.decoder.mask_predictor
+            predictor = cast(PosSAMMaskPredictor, self.transformer_module.decoder.mask_predictor)  # set in __init__
             attention_sizes = [tuple(features.shape[-2:]) for features in pixel_decoder_output.multi_scale_features]
             with predictor.attention_masks_only(mask_features, attention_sizes):
                 decoder_output = decode()
@@ -623,8 +640,8 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         self.model = PosSAMModel(config)
         self.clip = PosSAMCLIP(
             config.clip_vision_model_name,
-            config.clip_vision_model_kwargs,
-            config.text_config,
+            config.clip_vision_model_kwargs or {},  # always a dict after PosSAMConfig.__post_init__
+            config.clip_text_config,
             config.clip_embed_dim,
             config.clip_logit_scale_init,
         )
@@ -658,7 +675,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         long, each with CLIP's end-of-text token (the text tower pools there: without it, it would silently pool the
         first token).
         """
-        text_config = self.config.text_config
+        text_config = self.config.clip_text_config
         if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
             raise ValueError(
                 f"input_ids must hold integer token ids (PosSAMProcessor gives int64), got dtype {input_ids.dtype}."
@@ -676,10 +693,13 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 f"input_ids must be token ids in [0, {text_config.vocab_size - 1}] (text_config.vocab_size="
                 f"{text_config.vocab_size}), got values in [{int(low)}, {int(high)}]."
             )
+        # one id: CLIP's text tower pools where `input_ids == eos_token_id` (CLIPTextConfig's annotation also allows
+        # a list, which that comparison could not use)
+        eos_token_id = cast(int, text_config.eos_token_id)
         # eos_token_id == 2 is transformers' legacy CLIP config, which pools at the largest id instead
-        if text_config.eos_token_id != 2 and not bool((input_ids == text_config.eos_token_id).any(-1).all()):
+        if eos_token_id != 2 and not bool((input_ids == eos_token_id).any(-1).all()):
             raise ValueError(
-                f"Every prompt in input_ids needs the end-of-text token {text_config.eos_token_id}: CLIP's text tower "
+                f"Every prompt in input_ids needs the end-of-text token {eos_token_id}: CLIP's text tower "
                 "pools at it. Tokenize with PosSAMProcessor / the CLIP tokenizer (which append it)."
             )
 
@@ -767,7 +787,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         stride = feature_info[-1]["reduction"] if feature_info else 1
         _check_pixel_values(
             pixel_values,
-            num_channels=self.config.vision_config.num_channels,
+            num_channels=self.config.sam_vision_config.num_channels,
             dtype=next(vision_model.parameters()).dtype,
             image_size=None,
             min_size=stride,
@@ -959,7 +979,8 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 raise ValueError(
                     f"class_embeddings holds no class: {expected} needs num_classes >= 1, got shape {given_shape}."
                 )
-            synonym_mask = self._check_synonym_mask(synonym_mask, *class_embeddings.shape[:2], class_embeddings.device)
+            num_classes, num_synonyms = class_embeddings.shape[:2]
+            synonym_mask = self._check_synonym_mask(synonym_mask, num_classes, num_synonyms, class_embeddings.device)
             norms = class_embeddings.float().norm(dim=-1)
             # finite and non-zero at every real slot, decided with one host sync (this runs on every forward)
             if _checking_values() and not bool(
@@ -1179,7 +1200,10 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             output_auxiliary_masks=want_auxiliary,
         )
 
-        per_layer_masks = outputs.masks_queries_logits
+        # PosSAMModel fills both (ModelOutput fields are optional by convention only); the masks read below are
+        # tensors: every layer's with output_auxiliary_masks=want_auxiliary, else the last one, the only one read
+        per_layer_masks = cast(tuple[torch.Tensor, ...], outputs.masks_queries_logits)
+        per_layer_iou_logits = cast(tuple[torch.Tensor, ...], outputs.iou_logits)
         layers = range(len(per_layer_masks)) if want_auxiliary else [len(per_layer_masks) - 1]
         ldp_embeddings, class_logits = {}, {}
         for layer in layers:
@@ -1189,7 +1213,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         auxiliary_logits = None
         if want_auxiliary:
             auxiliary_logits = self.get_auxiliary_logits(
-                [class_logits[layer] for layer in range(last + 1)], per_layer_masks, outputs.iou_logits
+                [class_logits[layer] for layer in range(last + 1)], per_layer_masks, per_layer_iou_logits
             )
 
         clip_embeddings = clip_logits = None
@@ -1199,14 +1223,14 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             )
 
         loss = loss_dict = None
-        if has_labels:
+        if mask_labels is not None and class_labels is not None:  # == has_labels, once _check_labels passed
             loss_dict = self.get_loss_dict(
                 masks_queries_logits=per_layer_masks[last],
                 class_queries_logits=class_logits[last],
                 mask_labels=mask_labels,
                 class_labels=class_labels,
                 auxiliary_predictions=auxiliary_logits if self.config.use_auxiliary_loss else None,
-                iou_logits=outputs.iou_logits[last],
+                iou_logits=per_layer_iou_logits[last],
             )
             loss = self.get_loss(loss_dict)
 
@@ -1216,7 +1240,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             class_queries_logits=class_logits[last],
             clip_class_logits=clip_logits,
             masks_queries_logits=per_layer_masks[last],
-            iou_scores=outputs.iou_logits[last].sigmoid(),
+            iou_scores=per_layer_iou_logits[last].sigmoid(),
             auxiliary_logits=auxiliary_logits if (output_auxiliary_logits or has_labels) else None,
             ldp_embeddings=ldp_embeddings[last],
             clip_embeddings=clip_embeddings,
