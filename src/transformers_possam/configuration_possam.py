@@ -1,7 +1,5 @@
 """PosSAM configuration."""
 
-from __future__ import annotations
-
 import math
 from typing import Any, TypeVar
 
@@ -82,8 +80,9 @@ class PosSAMConfig(PreTrainedConfig):
         clip_embed_dim (`int`): joint CLIP image/text embedding size (the image head's output, the text projection).
         clip_logit_scale_init (`float`): initial value of CLIP's own (frozen) log logit scale; converted weights
             overwrite it.
-        sam_image_mean, sam_image_std, clip_image_mean, clip_image_std (`list[float]`): normalizations on the 0-1
-            scale. Pixels arrive SAM-normalized; the model re-normalizes them for CLIP.
+        sam_image_mean, sam_image_std, clip_image_mean, clip_image_std (`list[float]` or `float`): normalizations on
+            the 0-1 scale, per channel (a float applies to every channel, as in transformers' image processors).
+            Pixels arrive SAM-normalized; the model re-normalizes them for CLIP.
         fpn_out_channels (`list[int]`): channels of the FPN outputs at strides 4, 8, 16, 32.
         feature_size, mask_feature_size, hidden_dim, encoder_feedforward_dim, activation_function, encoder_layers,
         decoder_layers, num_attention_heads, dropout, dim_feedforward, pre_norm, enforce_input_projection,
@@ -119,10 +118,10 @@ class PosSAMConfig(PreTrainedConfig):
     clip_vision_model_kwargs: dict | None = None
     clip_embed_dim: int = 768
     clip_logit_scale_init: float = math.log(1 / 0.07)
-    sam_image_mean: list[float] | tuple[float, ...] = tuple(IMAGENET_MEAN)
-    sam_image_std: list[float] | tuple[float, ...] = tuple(IMAGENET_STD)
-    clip_image_mean: list[float] | tuple[float, ...] = tuple(OPENAI_CLIP_MEAN)
-    clip_image_std: list[float] | tuple[float, ...] = tuple(OPENAI_CLIP_STD)
+    sam_image_mean: float | list[float] | tuple[float, ...] = tuple(IMAGENET_MEAN)
+    sam_image_std: float | list[float] | tuple[float, ...] = tuple(IMAGENET_STD)
+    clip_image_mean: float | list[float] | tuple[float, ...] = tuple(OPENAI_CLIP_MEAN)
+    clip_image_std: float | list[float] | tuple[float, ...] = tuple(OPENAI_CLIP_STD)
 
     fpn_out_channels: list[int] | tuple[int, ...] = (192, 384, 768, 1536)
 
@@ -185,14 +184,10 @@ class PosSAMConfig(PreTrainedConfig):
         if self.training_vocabulary is None:
             self.training_vocabulary = list(load_vocabulary("coco_panoptic_133").names)
         self.clip_vision_model_kwargs = dict(self.clip_vision_model_kwargs or {})
-        for name in (
-            "sam_image_mean",
-            "sam_image_std",
-            "clip_image_mean",
-            "clip_image_std",
-            "fpn_out_channels",
-            "feature_strides",
-        ):
+        for name in ("sam_image_mean", "sam_image_std", "clip_image_mean", "clip_image_std"):
+            value = getattr(self, name)
+            setattr(self, name, value if isinstance(value, (int, float)) else list(value))
+        for name in ("fpn_out_channels", "feature_strides"):
             setattr(self, name, list(getattr(self, name)))
         super().__post_init__(**kwargs)
 
