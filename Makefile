@@ -35,7 +35,7 @@ format: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: $(STAMP) transformers-tests lint
+test: $(STAMP) transformers-tests lint typecheck
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) -m pytest -q -ra tests
 
 demo: $(STAMP)
