@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import pipeline
+from transformers import SamImageProcessor, pipeline
 
 from transformers_possam import PosSAMImageProcessor, PosSAMProcessor, clip_tokenizer_from_bpe, postprocessing
 from transformers_possam.postprocessing import class_scores
@@ -52,7 +52,7 @@ def make_outputs(
 
 @pytest.fixture(scope="module")
 def processor() -> PosSAMImageProcessor:
-    return PosSAMImageProcessor(pad_size={"height": PADDED, "width": PADDED})
+    return PosSAMImageProcessor(size={"longest_edge": PADDED}, pad_size={"height": PADDED, "width": PADDED})
 
 
 def run(processor: PosSAMImageProcessor | PosSAMProcessor, subtask: str, outputs=None, **kwargs) -> list:
@@ -686,8 +686,10 @@ def test_bounded_instance_inference_equals_dense_definition(
     # duplicated queries (same mask, other classes) and queries holding several top classes exercise the painting order
     outputs = make_outputs(queries=24, classes=6, seed=5)
     outputs.masks_queries_logits[0, 12:18] = outputs.masks_queries_logits[0, :6]
+    # target alone: the padding is still cropped, by SAM's resize rule (transformers' own) for the target size
+    derived = target_size and SamImageProcessor()._get_preprocess_shape(target_size, PADDED)
     info, segmentation, binary = dense_instance_reference(
-        processor, outputs, target_size, reshaped_size, 30, thing_ids, threshold
+        processor, outputs, target_size, reshaped_size or derived, 30, thing_ids, threshold
     )
     (result,) = processor.post_process_instance_segmentation(
         outputs,

@@ -3,9 +3,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch.nn import functional as F
+from transformers import SamImageProcessor
 
 from transformers_possam import PosSAMImageProcessor
 from transformers_possam.postprocessing import class_scores
+
+
+def sam_reshaped_size(target_size, longest_edge):
+    """
+    The resized size SAM's preprocessing gives an image of `target_size` (transformers' own rule): what
+    post-processing derives when it gets `target_sizes` without `reshaped_input_sizes`. None stays None.
+    """
+    if target_size is None:
+        return None
+    return SamImageProcessor()._get_preprocess_shape(target_size, longest_edge)
 
 
 def make_outputs(mask_logits, class_logits, clip_logits=None, iou=None):
@@ -162,7 +173,7 @@ def blob_logits(queries, size, generator):
 
 def test_panoptic_matches_dense_upsampling_of_every_mask():
     """The cell-bound algorithm (mask_resampling) gives the dense result: same segments, same pixels."""
-    processor = PosSAMImageProcessor(pad_size={"height": 128, "width": 128})
+    processor = PosSAMImageProcessor(size={"longest_edge": 128}, pad_size={"height": 128, "width": 128})
     generator = torch.Generator().manual_seed(0)
     cases = [((96, 128), (96, 128)), ((96, 128), (61, 83)), ((96, 128), (200, 290)), (None, (77, 45)), (None, None)]
     for seed, (reshaped, target) in enumerate(cases):
@@ -172,7 +183,10 @@ def test_panoptic_matches_dense_upsampling_of_every_mask():
         class_logits[..., -1] -= 6.0  # mostly non-void
         clip_logits = torch.randn(1, queries, classes, generator=generator)
         outputs = make_outputs(mask_logits, class_logits, clip_logits, torch.rand(1, queries, generator=generator))
-        expected, labels, _ = dense_panoptic_reference(processor, outputs, target, reshaped)
+        # target alone: the padding is still cropped, by SAM's resize rule (longest side -> 128)
+        expected, labels, _ = dense_panoptic_reference(
+            processor, outputs, target, reshaped or sam_reshaped_size(target, 128)
+        )
         (result,) = processor.post_process_panoptic_segmentation(
             outputs, target_sizes=[target] if target else None, reshaped_input_sizes=[reshaped] if reshaped else None
         )
@@ -185,7 +199,7 @@ def test_panoptic_matches_dense_upsampling_of_every_mask():
 
 def test_panoptic_matches_dense_on_noise_logits():
     """Noise masks: almost every cell has several candidates, so nearly every pixel takes the exact path."""
-    processor = PosSAMImageProcessor(pad_size={"height": 64, "width": 64})
+    processor = PosSAMImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
     generator = torch.Generator().manual_seed(1)
     mask_logits = torch.randn(1, 30, 16, 16, generator=generator) * 2
     class_logits = torch.randn(1, 30, 6, generator=generator) * 3
@@ -214,7 +228,7 @@ def test_semantic_equals_fcclip_order_dense(reshaped_size, target_size, monkeypa
     from transformers_possam import postprocessing
 
     monkeypatch.setattr(postprocessing, "SEMANTIC_BAND_ELEMENTS", 12 * 64 * 3)  # a few rows per band
-    processor = PosSAMImageProcessor(pad_size={"height": 64, "width": 64})
+    processor = PosSAMImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
     generator = torch.Generator().manual_seed(3)
     queries, classes = 12, 40
     outputs = make_outputs(
@@ -228,6 +242,8 @@ def test_semantic_equals_fcclip_order_dense(reshaped_size, target_size, monkeypa
     )
     scores, _ = class_scores(outputs)
     masks = outputs.masks_queries_logits[0]
+    # target alone: the padding is still cropped, by SAM's resize rule (longest side -> 64)
+    reshaped_size = reshaped_size or sam_reshaped_size(target_size, 64)
     if reshaped_size is not None:
         masks = F.interpolate(masks[None], size=(64, 64), mode="bilinear", align_corners=False)[0][
             :, : reshaped_size[0], : reshaped_size[1]
@@ -261,7 +277,7 @@ def test_semantic_equals_fcclip_order_dense(reshaped_size, target_size, monkeypa
 
 
 def test_instance_matches_dense_reference():
-    processor = PosSAMImageProcessor(pad_size={"height": 64, "width": 64})
+    processor = PosSAMImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
     generator = torch.Generator().manual_seed(4)
     queries, classes = 20, 6
     outputs = make_outputs(
@@ -298,7 +314,7 @@ def test_instance_matches_dense_reference():
 
 def test_instance_inference_with_nothing_to_report():
     """No thing pair in the top 100, no thing class at all, or no query: empty results of the output size, no crash."""
-    processor = PosSAMImageProcessor(pad_size={"height": 64, "width": 64})
+    processor = PosSAMImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
     masks = torch.randn(1, 3, 16, 16)
     classes = torch.stack([confident(2, 3), confident(2, 3), confident(1, 3)])[None]  # classes 1, 2 are stuff here
     for outputs, things in [

@@ -492,6 +492,7 @@ class PosSAMImageProcessor(_PosSAMPreprocessingMixin, SamImageProcessor):
 
     valid_kwargs = PosSAMImageProcessorKwargs
     pad_size: dict[str, int] | SizeDict  # type: ignore[assignment]  # SamImageProcessor's inferred type is too narrow
+    size: dict[str, int] | SizeDict  # type: ignore[assignment]  # as pad_size
 
 
 class PosSAMImageProcessorPil(_PosSAMPreprocessingMixin, SamImageProcessorPil):
@@ -499,3 +500,4 @@ class PosSAMImageProcessorPil(_PosSAMPreprocessingMixin, SamImageProcessorPil):
 
     valid_kwargs = PosSAMImageProcessorKwargs
     pad_size: dict[str, int] | SizeDict  # type: ignore[assignment]  # SamImageProcessorPil's inferred type is too narrow
+    size: dict[str, int] | SizeDict  # type: ignore[assignment]  # as pad_size

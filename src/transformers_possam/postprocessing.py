@@ -16,6 +16,17 @@ as FC-CLIP), p_clip = softmax of the CLIP logits, p_void = softmax over all K + 
 
 Without CLIP logits, E = p_ldp (IoU-weighted when `use_mase`).
 
+Sizes. The masks cover the padded model input (`pad_size`). With `reshaped_input_sizes` (what the image processor
+returns) they are upsampled to the padded size, cropped to the resized image and resized to `target_sizes`. Given
+`target_sizes` alone (Mask2Former's and transformers' image-segmentation pipeline's habit), the crop is derived from
+the processor's own resize rule, as if each image had its target size: SAM's longest side -> `size["longest_edge"]`
+(`_get_preprocess_shape`) when `do_resize`, the image's size otherwise. That is exact when the target size is the
+original image size and the image was preprocessed with this processor's settings; a target of another aspect ratio
+than the image is read as an image of that size, and preprocessing options overridden at call time (`do_resize=`,
+`size=`) are not known here: pass `reshaped_input_sizes` then. A processor with `do_pad=False` feeds the resized image
+unpadded (the model only accepts that when it is already the padded size), so nothing is cropped. A `size` without
+`longest_edge`, or a derived size beyond `pad_size`, raises `ValueError` rather than guessing.
+
 Every argument is checked before any work: a value of the wrong type raises `TypeError`, a value of the right type
 that cannot be right (a threshold outside [0, 1], a size of 0 pixels, a class id the outputs do not have, outputs of
 two batch sizes, NaN logits) raises `ValueError`; each message names the argument and says what to pass instead.
@@ -30,7 +41,7 @@ import numbers
 import reprlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import torch
@@ -445,6 +456,17 @@ class PosSAMPostProcessingMixin:
     pad_size: dict[str, int] | SizeDict
     mase_alpha: float
     mase_beta: float
+    # SAM's resize rule, which `_derived_reshaped_size` replays: longest side -> size["longest_edge"] when do_resize,
+    # then bottom/right padding to pad_size when do_pad
+    size: dict[str, int] | SizeDict
+    do_resize: bool
+    do_pad: bool
+
+    if TYPE_CHECKING:
+
+        def _get_preprocess_shape(self, old_shape: tuple[int, int], longest_edge: int) -> tuple[int, int]:
+            """SAM's resized size of an image of `old_shape` (the image processor's method)."""
+            ...
 
     def _padded_size(self) -> tuple[int, int]:
         pad = self.pad_size
@@ -465,10 +487,48 @@ class PosSAMPostProcessingMixin:
         """
         steps: list[tuple[tuple[int, int], tuple[int, int] | None]] = []
         if reshaped_size is not None:
-            steps.append((self._padded_size(), reshaped_size))
+            if getattr(self, "do_pad", True):
+                steps.append((self._padded_size(), reshaped_size))
+            else:  # no padding: the model's input was the resized image itself, which the masks cover entirely
+                steps.append((reshaped_size, None))
         if target_size is not None:
             steps.append((target_size, None))
         return steps
+
+    def _derived_reshaped_size(self, target_size: tuple[int, int], position: int) -> tuple[int, int]:
+        """
+        The resized size inside the padding of an image of `target_size`, by this processor's own rule (the one its
+        preprocessing applies): SAM's longest side -> `size["longest_edge"]` (`_get_preprocess_shape`) when
+        `do_resize`, else the image's own size. Used when post-processing gets `target_sizes` without
+        `reshaped_input_sizes`, so that the padding is cropped away rather than stretched into the image.
+
+        Raises:
+            ValueError: `size` has no `longest_edge` (the rule is unknown), or the derived size does not fit
+                `pad_size` (the processor could not have produced that input).
+        """
+        longest_edge = None
+        if getattr(self, "do_resize", True):
+            size = self.size
+            longest_edge = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+            if not longest_edge:
+                raise ValueError(
+                    f"target_sizes[{position}] = {target_size} given without reshaped_input_sizes, but the image "
+                    f"processor's size {size} has no longest_edge, so the resized size inside the padding cannot be "
+                    "derived: pass reshaped_input_sizes as the image processor returned them."
+                )
+            reshaped = self._get_preprocess_shape(target_size, int(longest_edge))
+        else:
+            reshaped = target_size
+        padded = self._padded_size()
+        if getattr(self, "do_pad", True) and (reshaped[0] > padded[0] or reshaped[1] > padded[1]):
+            raise ValueError(
+                f"target_sizes[{position}] = {target_size} given without reshaped_input_sizes: this processor "
+                f"({'longest side -> ' + str(longest_edge) if getattr(self, 'do_resize', True) else 'do_resize=False'}) "
+                f"would resize such an image to "
+                f"{reshaped}, which does not fit its pad_size {padded}, so it cannot have produced the outputs: pass "
+                "reshaped_input_sizes as the image processor returned them."
+            )
+        return reshaped
 
     def _masks_to_target(
         self, masks: torch.Tensor, reshaped_size: tuple[int, int] | None, target_size: tuple[int, int] | None
@@ -519,6 +579,13 @@ class PosSAMPostProcessingMixin:
         targets = _sizes(target_sizes, batch_size, "target_sizes")
         reshaped = _sizes(reshaped_input_sizes, batch_size, "reshaped_input_sizes")
         padded = self._padded_size()
+        if reshaped_input_sizes is None:
+            # Mask2Former's habit: target sizes alone. The masks cover the padded input; resizing all of it to the
+            # target would stretch the padding into the picture, so the crop is derived from the resize rule
+            reshaped = [
+                None if target is None else self._derived_reshaped_size(target, position)
+                for position, target in enumerate(targets)
+            ]
         for position, size in enumerate(reshaped):
             # cropping "to" a size beyond the padding would silently keep the whole padded map
             if size is not None and (size[0] > padded[0] or size[1] > padded[1]):
@@ -554,7 +621,8 @@ class PosSAMPostProcessingMixin:
 
         1. keep the non-void queries whose score exceeds `threshold` (FC-CLIP uses 0.0);
         2. only the kept masks are upsampled, cropped to `reshaped_input_sizes` (the image inside the padding) and
-           resized to `target_sizes` (default: the cropped size);
+           resized to `target_sizes` (default: the cropped size); see "Sizes" in the module doc for `target_sizes`
+           without `reshaped_input_sizes`;
         3. each pixel goes to the kept query with the largest score * mask probability;
         4. a query becomes a segment when its pixels with probability >= `mask_threshold` are non-empty and cover at
            least `overlap_mask_area_threshold` of its own mask;
