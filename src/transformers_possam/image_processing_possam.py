@@ -26,6 +26,7 @@ __all__ = [
     "PosSAMImageProcessor",
     "PosSAMImageProcessorPil",
     "encode_panoptic_annotation",
+    "encode_segmentation_map",
     "nearest_indices",
     "nearest_resize_ids",
 ]
@@ -36,7 +37,12 @@ class PosSAMImageProcessorKwargs(SamImageProcessorKwargs, total=False):
     label_map (`dict[int, int]`, *optional*):
         Maps annotation category ids (e.g. COCO's 1..200) to class indices of the vocabulary. Default: identity.
     ignore_index (`int`, *optional*, defaults to 255):
-        Semantic value of unlabeled pixels in two-channel (semantic, instance) annotation maps.
+        Value of unlabeled pixels: in two-channel (semantic, instance) annotation maps, the semantic value; in
+        `segmentation_maps`, the map value (after `do_reduce_labels`), as Mask2Former's `ignore_index`. None: no
+        pixel is unlabeled (Mask2Former's default; PosSAM's is 255, the usual "void" of semantic maps).
+    do_reduce_labels (`bool`, *optional*, defaults to `False`):
+        As Mask2Former's: `segmentation_maps` values are decremented by 1 and 0 (background) becomes `ignore_index`
+        (ADE20k-style maps whose class 0 is "other").
     mase_alpha (`float`, *optional*, defaults to 0.4):
         CLIP's weight on classes seen in training, in MASE and in FC-CLIP's geometric ensemble (post-processing).
     mase_beta (`float`, *optional*, defaults to 0.8):
@@ -44,7 +50,8 @@ class PosSAMImageProcessorKwargs(SamImageProcessorKwargs, total=False):
     """
 
     label_map: dict
-    ignore_index: int
+    ignore_index: int | None
+    do_reduce_labels: bool
     mase_alpha: float
     mase_beta: float
 
@@ -70,7 +77,7 @@ def _map_label(category: int, label_map: dict | None) -> int:
 
 
 def _segments_from_annotation(
-    annotation: Any, label_map: dict | None, ignore_index: int, allow_absent_segments: bool = False
+    annotation: Any, label_map: dict | None, ignore_index: int | None, allow_absent_segments: bool = False
 ) -> tuple[np.ndarray, list[int], list[int]]:
     """
     One annotation -> (segment id map (H, W) int64, segment ids, class indices), crowd segments left out (FC-CLIP's
@@ -113,12 +120,15 @@ def _segments_from_annotation(
     if array.ndim != 3 or array.shape[-1] < 2:
         raise ValueError(
             f"An annotation map must have two channels (semantic class, instance id), got shape {array.shape}; for COCO "
-            "panoptic PNGs pass {'panoptic_map': png, 'segments_info': [...]}."
+            "panoptic PNGs pass {'panoptic_map': png, 'segments_info': [...]}; a 2-D map of class or instance ids is "
+            "a segmentation map: pass it as segmentation_maps= (with instance_id_to_semantic_id for instance ids), as "
+            "to Mask2Former's image processor."
         )
     semantic, instance = array[..., 0].astype(np.int64), array[..., 1].astype(np.int64)
     divisor = int(instance.max()) + 1
     combined = semantic * divisor + instance + 1
-    combined[semantic == ignore_index] = 0
+    if ignore_index is not None:
+        combined[semantic == ignore_index] = 0
     segment_ids = [int(v) for v in np.unique(combined) if v != 0]
     classes = [(v - 1) // divisor for v in segment_ids]
     classes = [_map_label(c, label_map) for c in classes]
@@ -157,7 +167,7 @@ def encode_panoptic_annotation(
     reshaped_size: tuple[int, int],
     padded_size: tuple[int, int],
     label_map: dict | None = None,
-    ignore_index: int = 255,
+    ignore_index: int | None = 255,
     allow_absent_segments: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
@@ -175,6 +185,143 @@ def encode_panoptic_annotation(
     if not segment_ids:
         return torch.zeros((0, *padded_size), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
     masks = torch.stack([(padded == segment_id) for segment_id in segment_ids]).to(torch.uint8)
+    return masks, torch.tensor(classes, dtype=torch.int64)
+
+
+def _segmentation_map_ids(segmentation_map: Any, index: int, image_size: tuple[int, int]) -> np.ndarray:
+    """
+    `segmentation_maps[index]` as an `(H, W)` int64 array of the image's size. Accepts a PIL image (modes "L", "I",
+    "P", "1", "I;16"...), a numpy array or a torch tensor, `(H, W)`, `(1, H, W)` or `(H, W, 1)`, of integers or bools.
+
+    Raises:
+        ValueError: another type, float values (ids are integers: a map read with `ToTensor()` is divided by 255),
+            more than one channel (a COCO panoptic RGB PNG goes to `annotations=`), another size than the image.
+    """
+    where = f"segmentation_maps[{index}]"
+    if isinstance(segmentation_map, Image.Image):
+        array = np.asarray(segmentation_map)
+    elif isinstance(segmentation_map, (np.ndarray, torch.Tensor)):
+        array = _array_from(segmentation_map)
+    else:
+        raise ValueError(
+            f"{where} is a {type(segmentation_map).__name__}: pass a 2-D map of ids as a PIL image, numpy array or "
+            "torch tensor."
+        )
+    if array.dtype.kind not in "iub":
+        raise ValueError(
+            f"{where} has dtype {array.dtype}: a segmentation map holds integer class or instance ids. Convert it with "
+            "np.asarray(..., dtype=np.int64) if its values are ids (a map read with ToTensor() was divided by 255: read "
+            "it with np.asarray(Image.open(path)) instead)."
+        )
+    if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+        array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:-1])
+    if array.ndim != 2:
+        raise ValueError(
+            f"{where} has shape {tuple(array.shape)}: a segmentation map is 2-D, one id per pixel. A COCO panoptic RGB "
+            "PNG goes to annotations={'panoptic_map': png, 'segments_info': [...]}, a two-channel (semantic, instance) "
+            "map to annotations=."
+        )
+    if tuple(array.shape) != tuple(image_size):
+        raise ValueError(
+            f"{where} has size {tuple(array.shape)} but image {index} is {tuple(image_size)} (height, width): each map "
+            "must label its image's pixels one to one."
+        )
+    return array.astype(np.int64)
+
+
+def _instance_mapping(instance_id_to_semantic_id: Any, index: int, num_images: int) -> dict[int, int] | None:
+    """Image `index`'s `{instance id: class id}` from one dict for all images or a list of one per image."""
+    if instance_id_to_semantic_id is None:
+        return None
+    if isinstance(instance_id_to_semantic_id, (list, tuple)):
+        if len(instance_id_to_semantic_id) != num_images:
+            raise ValueError(
+                f"instance_id_to_semantic_id is a list of {len(instance_id_to_semantic_id)} dicts for {num_images} "
+                "images: give one dict per image, or one dict for all."
+            )
+        mapping, where = instance_id_to_semantic_id[index], f"instance_id_to_semantic_id[{index}]"
+    else:
+        mapping, where = instance_id_to_semantic_id, "instance_id_to_semantic_id"
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{where} must be a dict {{instance id: class id}}, got {type(mapping).__name__}.")
+    checked = {}
+    for key, value in mapping.items():
+        for name, number in (("instance id", key), ("class id", value)):
+            if isinstance(number, (bool, np.bool_)) or not isinstance(number, (int, np.integer)):
+                raise ValueError(f"{where} maps {key!r} to {value!r}: each {name} must be an int.")
+        if value < 0:
+            raise ValueError(f"{where} maps instance {key} to class {value}: class ids are >= 0.")
+        checked[int(key)] = int(value)
+    return checked
+
+
+def encode_segmentation_map(
+    ids: np.ndarray,
+    reshaped_size: tuple[int, int],
+    padded_size: tuple[int, int],
+    instance_id_to_semantic_id: dict[int, int] | None = None,
+    ignore_index: int | None = 255,
+    do_reduce_labels: bool = False,
+    label_map: dict | None = None,
+    index: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    A 2-D segmentation map `(H, W)` (int64) -> `mask_labels` `(N, padH, padW)` uint8 and `class_labels` `(N,)`
+    int64, by Mask2Former's rule (`convert_segmentation_map_to_binary_masks`): with `do_reduce_labels` the values are
+    decremented and 0 becomes `ignore_index`; one mask per distinct value other than `ignore_index` (ascending), the
+    map being resized like the image first (nearest, pixel-centred: `nearest_resize_ids`, as Mask2Former resizes its
+    maps with nearest-exact), so a value that vanishes at the new size has no mask, as in Mask2Former; its class is
+    the value itself (a semantic map) or `instance_id_to_semantic_id[value]` (an instance map; with
+    `do_reduce_labels` looked up at value + 1 and decremented, as Mask2Former). `label_map`, when given, then maps the
+    classes. Padding (bottom / right) belongs to no mask.
+
+    Raises:
+        ValueError: `do_reduce_labels` without `ignore_index`, negative ids other than `ignore_index`, map values
+            missing from `instance_id_to_semantic_id`, a class that `label_map` lacks, a negative class.
+    """
+    where = f"segmentation_maps[{index}]"
+    if do_reduce_labels:
+        if ignore_index is None:
+            raise ValueError("do_reduce_labels=True needs an ignore_index (the value background 0 becomes).")
+        ids = np.where(ids == 0, ignore_index, ids - 1)
+    values = np.unique(ids)
+    labeled = values[values != ignore_index] if ignore_index is not None else values
+    if labeled.size and labeled[0] < 0:
+        reduced = " (after do_reduce_labels)" if do_reduce_labels else ""
+        raise ValueError(
+            f"{where} holds the negative id {int(labeled[0])}{reduced}: ids are >= 0; mark unlabeled pixels with "
+            f"ignore_index (now {ignore_index})."
+        )
+    if instance_id_to_semantic_id is not None:
+        offset = 1 if do_reduce_labels else 0
+        missing = [int(value) + offset for value in labeled if int(value) + offset not in instance_id_to_semantic_id]
+        if missing:
+            raise ValueError(
+                f"{where} holds instance ids {missing[:10]}{' ...' if len(missing) > 10 else ''} that "
+                f"instance_id_to_semantic_id does not map to a class: add them, or mark their pixels with ignore_index "
+                f"(now {ignore_index})."
+            )
+    resized = ids if tuple(ids.shape) == tuple(reshaped_size) else nearest_resize_ids(ids, reshaped_size)
+    present = np.unique(resized)
+    present = present[present != ignore_index] if ignore_index is not None else present
+    if instance_id_to_semantic_id is not None:
+        offset = 1 if do_reduce_labels else 0
+        classes = [instance_id_to_semantic_id[int(value) + offset] - offset for value in present]
+    else:
+        classes = [int(value) for value in present]
+    if any(class_id < 0 for class_id in classes):
+        raise ValueError(
+            f"{where}: instance_id_to_semantic_id maps an instance to class 0, which do_reduce_labels makes -1 "
+            "(background): map instances to classes >= 1 with do_reduce_labels, or leave it off."
+        )
+    classes = [_map_label(class_id, label_map) for class_id in classes]
+    if not len(present):
+        return torch.zeros((0, *padded_size), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+    resized_tensor = torch.from_numpy(np.ascontiguousarray(resized))
+    masks = torch.zeros((len(present), *padded_size), dtype=torch.uint8)
+    masks[:, : reshaped_size[0], : reshaped_size[1]] = (
+        resized_tensor[None] == torch.from_numpy(present)[:, None, None]
+    ).to(torch.uint8)
     return masks, torch.tensor(classes, dtype=torch.int64)
 
 
@@ -351,7 +498,9 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin, _SamBackend):
         height, width = super()._get_preprocess_shape(old_shape, longest_edge)
         return max(height, 1), max(width, 1)
 
-    def preprocess(self, images, annotations=None, **kwargs) -> BatchFeature:
+    def preprocess(
+        self, images, annotations=None, segmentation_maps=None, instance_id_to_semantic_id=None, **kwargs
+    ) -> BatchFeature:
         r"""
         images: one image or a list; a 4-D array / tensor is a batch (as in transformers). An image is a PIL image
             (any mode: grayscale, palette, RGBA, 16-bit and float modes become RGB) or a numpy array / torch tensor
@@ -364,6 +513,14 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin, _SamBackend):
             misread: pass such data as uint8. With `do_rescale=False` the values are used as given.
         annotations (*optional*): one per image, a COCO panoptic `{"panoptic_map", "segments_info"}` dict or a
             two-channel (semantic, instance) map; gives `mask_labels` (uint8) and `class_labels`.
+        segmentation_maps (*optional*): Mask2Former's form of labels: one 2-D map of integer ids per image (PIL
+            image, numpy array or torch tensor of the image's height and width). Without
+            `instance_id_to_semantic_id` a semantic map (each value is a class); with it an instance map. Gives
+            `mask_labels` / `class_labels` as Mask2Former's image processor does (see `encode_segmentation_map`;
+            `ignore_index`, default 255 here, and `do_reduce_labels` as there), resized and padded like the image.
+            Not together with `annotations`.
+        instance_id_to_semantic_id (*optional*): `{instance id: class id}`, one dict for all images or a list of
+            one per image, as Mask2Former's; every id of a map (other than `ignore_index`) must be in it.
 
         return_tensors (*optional*): `"pt"` for torch tensors (what the model takes), `"np"` for numpy arrays; the
             default, None, returns per-image lists as transformers' image processors do (torch tensors from this
@@ -381,6 +538,20 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin, _SamBackend):
         """
         label_map = kwargs.pop("label_map", None)
         ignore_index = kwargs.pop("ignore_index", 255)
+        do_reduce_labels = kwargs.pop("do_reduce_labels", False)
+        if segmentation_maps is not None and annotations is not None:
+            raise ValueError(
+                "Give annotations (COCO panoptic or two-channel maps) or segmentation_maps (2-D id maps), not both."
+            )
+        if instance_id_to_semantic_id is not None and segmentation_maps is None:
+            raise ValueError("instance_id_to_semantic_id was given without segmentation_maps: it maps their ids.")
+        if not isinstance(do_reduce_labels, (bool, np.bool_)):
+            raise ValueError(f"do_reduce_labels must be True or False, got {do_reduce_labels!r}.")
+        if ignore_index is not None and (
+            isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer))
+        ):
+            raise ValueError(f"ignore_index must be an int (or None: no unlabeled pixels), got {ignore_index!r}.")
+        ignore_index = None if ignore_index is None else int(ignore_index)
         for name in ("mase_alpha", "mase_beta"):  # post-processing settings: no effect on preprocessing
             kwargs.pop(name, None)
         image_list = _images_as_list(images)
@@ -420,6 +591,37 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin, _SamBackend):
             encoded = [
                 encode_panoptic_annotation(annotation, size, padded, label_map, ignore_index)
                 for annotation, size in zip(annotation_list, reshaped)
+            ]
+            data["mask_labels"] = [masks for masks, _ in encoded]
+            data["class_labels"] = [labels for _, labels in encoded]
+        if segmentation_maps is not None:
+            map_list = (
+                list(segmentation_maps)
+                if isinstance(segmentation_maps, (list, tuple))
+                or (
+                    isinstance(segmentation_maps, (np.ndarray, torch.Tensor))
+                    and segmentation_maps.ndim == 3
+                    and len(image_list) > 1
+                )
+                else [segmentation_maps]
+            )
+            if len(map_list) != len(image_list):
+                raise ValueError(
+                    f"Got {len(map_list)} segmentation maps for {len(image_list)} images: give one per image."
+                )
+            original_sizes = [(int(height), int(width)) for height, width in data["original_sizes"]]
+            encoded = [
+                encode_segmentation_map(
+                    _segmentation_map_ids(segmentation_map, index, original_sizes[index]),
+                    reshaped[index],
+                    padded,
+                    _instance_mapping(instance_id_to_semantic_id, index, len(image_list)),
+                    ignore_index,
+                    bool(do_reduce_labels),
+                    label_map,
+                    index,
+                )
+                for index, segmentation_map in enumerate(map_list)
             ]
             data["mask_labels"] = [masks for masks, _ in encoded]
             data["class_labels"] = [labels for _, labels in encoded]

@@ -139,13 +139,22 @@ class PosSAMProcessor(ProcessorMixin):
         ]
 
     def __call__(
-        self, images=None, candidate_labels=None, annotations=None, **kwargs: Unpack[PosSAMProcessorKwargs]
+        self,
+        images=None,
+        candidate_labels=None,
+        annotations=None,
+        segmentation_maps=None,
+        instance_id_to_semantic_id=None,
+        **kwargs: Unpack[PosSAMProcessorKwargs],
     ) -> BatchFeature:
         r"""
         images (*optional*): one image or a list, as [`PosSAMImageProcessor.preprocess`] takes them.
         candidate_labels (*optional*): the vocabulary, anything [`resolve_vocabulary`] takes (a preset name such as
             `"coco"`, or a list of labels `["cat", "sky,clouds", {"name": "road", "isthing": False}]`).
         annotations (*optional*): one per image, as [`PosSAMImageProcessor.preprocess`] takes them (needs `images`).
+        segmentation_maps, instance_id_to_semantic_id (*optional*): Mask2Former's form of labels, 2-D id maps, one
+            per image, as [`PosSAMImageProcessor.preprocess`] takes them (needs `images`): `mask_labels` and
+            `class_labels` as Mask2Former's image processor builds them (`ignore_index`, `do_reduce_labels` apply).
         kwargs: image-processor options (`do_normalize`, `label_map`, ...) and the vocabulary's tokenizer options
             (`padding`, `max_length`, ...), flat or grouped as `images_kwargs` / `text_kwargs`; `return_tensors`
             (`"pt"`, `"np"`; default None, transformers' convention: per-image lists and nested lists) applies to
@@ -163,11 +172,23 @@ class PosSAMProcessor(ProcessorMixin):
             raise ValueError("Give images, candidate_labels, or both.")
         if annotations is not None and images is None:
             raise ValueError("annotations were given without images: pass the image each annotation belongs to.")
+        if segmentation_maps is not None and images is None:
+            raise ValueError("segmentation_maps were given without images: pass the image each map belongs to.")
         self._check_keywords(kwargs)
         output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         data = {}
         if images is not None:
-            data.update(self.image_processor(images, annotations=annotations, **output_kwargs["images_kwargs"]))
+            labels = {
+                name: value
+                for name, value in (
+                    ("segmentation_maps", segmentation_maps),
+                    ("instance_id_to_semantic_id", instance_id_to_semantic_id),
+                )
+                if value is not None
+            }
+            data.update(
+                self.image_processor(images, annotations=annotations, **labels, **output_kwargs["images_kwargs"])
+            )
         if candidate_labels is not None:
             # `__call__` follows transformers' default (no tensors); `encode_vocabulary` alone returns tensors
             text_kwargs = {"return_tensors": None, **output_kwargs["text_kwargs"]}
@@ -185,7 +206,14 @@ class PosSAMProcessor(ProcessorMixin):
             if name in FOREIGN_INPUTS:
                 raise TypeError(f"PosSAMProcessor takes no {name}=: {FOREIGN_INPUTS[name]}.")
             if name not in known:
-                close = difflib.get_close_matches(name, sorted(known | {"images", "candidate_labels", "annotations"}))
+                inputs = {
+                    "images",
+                    "candidate_labels",
+                    "annotations",
+                    "segmentation_maps",
+                    "instance_id_to_semantic_id",
+                }
+                close = difflib.get_close_matches(name, sorted(known | inputs))
                 hint = f" Did you mean {' or '.join(close)}?" if close else ""
                 raise TypeError(
                     f"PosSAMProcessor got the unknown keyword argument {name!r}: it takes images, candidate_labels, "
