@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, DatasetDict, Features, Sequence, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 from transformers import get_scheduler
@@ -204,6 +204,26 @@ def test_label2id_column_of_the_example_names_the_classes(tmp_path):
     assert sorted(sample["class_labels"].tolist()) == [0, 0, 1]  # background left unlabeled
 
 
+def test_a_class_label_feature_names_the_classes(tmp_path):
+    """id2label from the dataset's features: a ClassLabel column whose names index the annotation's class ids."""
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    annotation = np.zeros((32, 32, 3), dtype=np.uint8)
+    annotation[:16] = (1, 1, 0)
+    features = Features(
+        {
+            "image": ImageFeature(),
+            "annotation": ImageFeature(),
+            "classes": Sequence(ClassLabel(names=["background", "cat"])),
+        }
+    )
+    rows = [{"image": png_bytes(image), "annotation": png_bytes(annotation), "classes": [0, 1]}]
+    folder = tmp_path / "classlabel"
+    Dataset.from_list(rows, features=features).save_to_disk(str(folder))
+    _, categories, source = load_panoptic_dataset(str(folder), "train", return_source=True)
+    assert [(c["id"], c["name"]) for c in categories] == [(0, "background"), (1, "cat")]
+    assert "ClassLabel feature 'classes'" in source
+
+
 def test_train_script_end_to_end_on_the_instance_format(tmp_path):
     folder = tmp_path / "instance"
     two_channel = coco_two_channel_dataset()
@@ -224,6 +244,21 @@ def test_train_script_end_to_end_on_the_instance_format(tmp_path):
     history = [json.loads(line) for line in (tmp_path / "run" / "eval_history.jsonl").read_text().splitlines()]
     assert history[-1]["failed"] is False and history[-1]["eval/images"] == 2.0
     assert (tmp_path / "run" / "model.safetensors").is_file()
+    # the trained model evaluates on the same format with training/evaluate.py's matching flags
+    results = load_training_script("evaluate").main(
+        [
+            "--model_name_or_path",
+            str(tmp_path / "run"),
+            "--dataset_name",
+            str(folder),
+            "--label_file",
+            str(coco_id2label_file(tmp_path)),
+            "--do_reduce_labels",
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ]
+    )
+    assert results["images"] == 2 and results["bad_samples"] == 0
 
 
 # ----- (b) COCO panoptic on the Hub (nielsr/coco-panoptic-val2017's schema, one split, no category table)
@@ -340,14 +375,24 @@ def test_transformers_schedules_match_get_scheduler():
     assert ours[0] == 0.0 and ours[5] == pytest.approx(1.0)
 
 
-def test_with_tracking_without_any_installed_tracker_is_refused(capsys):
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--with_tracking"], "no experiment tracker is installed"),
+        (["--with_tracking", "--report_to", "tensorboard"], "tensorboard is not installed"),
+        (["--report_to", "tensorboard"], "tensorboard is not installed"),  # our earlier way to turn tracking on
+    ],
+)
+def test_tracking_without_an_installed_tracker_is_refused(capsys, arguments, message):
+    from accelerate import PartialState
     from accelerate.tracking import filter_trackers
 
+    PartialState()
     if filter_trackers("all"):
         pytest.skip("a tracker is installed here: the refusal cannot be observed")
     with pytest.raises(SystemExit):
-        train.parse_args(["--with_tracking"])
-    assert "no experiment tracker is installed" in capsys.readouterr().err
+        train.parse_args(arguments)
+    assert message in capsys.readouterr().err
 
 
 class FakeHfApi:

@@ -7,8 +7,8 @@
 Datasets (`transformers_possam.data.stream.load_panoptic_dataset`): COCO panoptic rows (`image`, `label` = panoptic
 PNG, `segments_info`, as `nielsr/coco-panoptic-val2017`; categories from the dataset's `categories.json`, else the
 built-in COCO-133 table) or the instance-segmentation rows of transformers' `run_instance_segmentation_no_trainer.py`
-(`image`, `annotation` = PNG with channel 0 the class id and channel 1 the instance id; classes from `--label_file`
-or the `semantic_class_to_id` column), from the Hub, a `save_to_disk` folder or parquet shards. Flags are named as in
+(`image`, `annotation` = PNG with channel 0 the class id and channel 1 the instance id; classes from `--label_file`,
+the `semantic_class_to_id` column or a `ClassLabel` feature; `--do_reduce_labels` as the example), from the Hub, a `save_to_disk` folder or parquet shards. Flags are named as in
 `run_instance_segmentation_no_trainer.py` where they mean the same (`--max_train_steps`, `--num_warmup_steps`,
 `--lr_scheduler_type`, `--per_device_eval_batch_size`, `--with_tracking`, `--report_to`, `--push_to_hub`,
 `--hub_model_id`, `--hub_token`); this script's earlier names (`--max_steps`) remain aliases.
@@ -220,16 +220,19 @@ def parse_args(argv=None):
 
 def check_trackers(parser: argparse.ArgumentParser, report_to: str) -> None:
     """Refuse tracking with no installed tracker (accelerate would only warn and log nowhere)."""
+    from accelerate import PartialState
     from accelerate.tracking import filter_trackers
 
+    PartialState()  # accelerate's logger, which filter_trackers uses, needs it (Accelerator() reuses it)
     try:
         available = filter_trackers(report_to)
     except ValueError as error:
         parser.error(f"--report_to {report_to}: {error}")
     if not available:
+        missing = "no experiment tracker is installed" if report_to == "all" else f"{report_to} is not installed"
         parser.error(
-            f"--with_tracking / --report_to {report_to}: no experiment tracker is installed, so nothing would be "
-            "logged. Install one (pip install tensorboard, or wandb, comet_ml, clearml, ...) or drop --with_tracking."
+            f"--with_tracking / --report_to {report_to}: {missing}, so nothing would be logged. Install one "
+            "(pip install tensorboard, or wandb, comet_ml, clearml, ...) or drop --with_tracking / --report_to."
         )
 
 

@@ -84,13 +84,27 @@ def check_annotation_channels(dataset, where: str) -> None:
         pass  # an undecodable row: skipped and counted by the stream
 
 
+def class_label_features(features) -> dict[str, list[str]]:
+    """{column: class names} of the `ClassLabel` features (also inside a list / `Sequence`) of a dataset."""
+    from datasets import ClassLabel, Sequence
+
+    found: dict[str, list[str]] = {}
+    for column, feature in (features or {}).items():
+        inner = feature.feature if isinstance(feature, Sequence) else feature
+        inner = inner[0] if isinstance(inner, list) and len(inner) == 1 else inner
+        if isinstance(inner, ClassLabel):
+            found[column] = list(inner.names)
+    return found
+
+
 def dataset_categories(
     dataset, form: str, where: str, label_file: str | None, bundled_table: Path | None
 ) -> tuple[list[dict], str]:
     """
     (category table, where it came from) of a dataset of schema `form`, in this order: `label_file`; the dataset's own
     table (`bundled_table`, its `categories.json`); for the instance schema, the `semantic_class_to_id` (label2id)
-    column of its first row, as the instance-segmentation example reads it; for the COCO panoptic schema, the shipped
+    column of its first row, as the instance-segmentation example reads it, else its one `ClassLabel` feature (class
+    id i = `names[i]`); for the COCO panoptic schema, the shipped
     COCO-133 categories (COCO's ids), which is what a COCO panoptic dataset without its own table uses.
     """
     if label_file is not None:
@@ -104,6 +118,16 @@ def dataset_categories(
             source = f"the {LABEL2ID_COLUMN!r} column of {where}"
             mapping = {key: value for key, value in first[LABEL2ID_COLUMN].items() if value is not None}
             return categories_from_id2label(mapping, source), source
+        class_labels = class_label_features(getattr(dataset, "features", None))
+        if len(class_labels) == 1:
+            ((column, names),) = class_labels.items()
+            source = f"the ClassLabel feature {column!r} of {where}"
+            return categories_from_id2label(dict(enumerate(names)), source), source
+        if len(class_labels) > 1:
+            raise ValueError(
+                f"{where} has several ClassLabel features {sorted(class_labels)}: which one names the annotation's "
+                "class ids is ambiguous. Pass --label_file with the id2label of the annotation's first channel."
+            )
         raise ValueError(
             f"{where} (image + annotation) names no classes: pass --label_file with an id2label JSON "
             '({"0": "background", "1": "person", ...}, the ids of the annotation\'s first channel), add a '
