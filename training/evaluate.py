@@ -31,7 +31,19 @@ from transformers_possam.evaluation import PanopticEvaluator
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True)
-    parser.add_argument("--dataset_name", default=None, help="local parquet folder or Hub id; default: the toy set")
+    parser.add_argument(
+        "--dataset_name",
+        default=None,
+        help="Hub id, save_to_disk or parquet folder (schemas as training/train.py); default: the toy set",
+    )
+    parser.add_argument(
+        "--label_file",
+        default=None,
+        help="JSON category table (id2label, label2id or a list of {id, name, isthing}); as training/train.py",
+    )
+    parser.add_argument(
+        "--do_reduce_labels", action="store_true", help="instance-segmentation rows: as training/train.py"
+    )
     parser.add_argument("--split", default="validation")
     parser.add_argument("--output_dir", default="outputs/eval")
     parser.add_argument("--max_samples", type=int, default=None)
@@ -59,7 +71,9 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = PosSAMForPanopticSegmentation.from_pretrained(args.model_name_or_path).to(device).eval()
     processor = PosSAMProcessor.from_pretrained(args.model_name_or_path)
-    dataset, categories = load_panoptic_dataset(args.dataset_name, args.split)
+    dataset, categories = load_panoptic_dataset(
+        args.dataset_name, args.split, label_file=args.label_file, do_reduce_labels=args.do_reduce_labels
+    )
     evaluator = PanopticEvaluator(
         model,
         processor.image_processor,

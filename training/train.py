@@ -2,7 +2,16 @@
 """Fine-tune PosSAM on panoptic data with Accelerate (no Trainer).
 
     python training/train.py                                   # tiny model on the embedded toy set
-    accelerate launch training/train.py --model_name_or_path <possam checkpoint> --dataset_name <parquet folder | hub id>
+    accelerate launch training/train.py --model_name_or_path <possam checkpoint> --dataset_name <folder | hub id>
+
+Datasets (`transformers_possam.data.stream.load_panoptic_dataset`): COCO panoptic rows (`image`, `label` = panoptic
+PNG, `segments_info`, as `nielsr/coco-panoptic-val2017`; categories from the dataset's `categories.json`, else the
+built-in COCO-133 table) or the instance-segmentation rows of transformers' `run_instance_segmentation_no_trainer.py`
+(`image`, `annotation` = PNG with channel 0 the class id and channel 1 the instance id; classes from `--label_file`,
+the `semantic_class_to_id` column or a `ClassLabel` feature; `--do_reduce_labels` as the example), from the Hub, a `save_to_disk` folder or parquet shards. Flags are named as in
+`run_instance_segmentation_no_trainer.py` where they mean the same (`--max_train_steps`, `--num_warmup_steps`,
+`--lr_scheduler_type`, `--per_device_eval_batch_size`, `--with_tracking`, `--report_to`, `--push_to_hub`,
+`--hub_model_id`, `--hub_token`); this script's earlier names (`--max_steps`) remain aliases.
 
 The defaults are the paper's recipe (Appendix A; `transformers_possam.optimization`). Data streams through 🤗 datasets
 (`streaming=True`), one shard per process (`split_dataset_by_node`); batches are built per process (lists of uint8
@@ -25,7 +34,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, broadcast_object_list, gather_object, set_seed
+from huggingface_hub import HfApi
 from tqdm.auto import tqdm
+from transformers import SchedulerType, get_scheduler
 
 from transformers_possam import (
     PosSAMForPanopticSegmentation,
@@ -56,6 +67,15 @@ from transformers_possam.vocabularies import Vocabulary
 
 
 logger = logging.getLogger("possam.train")
+# transformers' schedules that run_instance_segmentation_no_trainer.py offers
+SCHEDULER_TYPES = (
+    SchedulerType.LINEAR,
+    SchedulerType.COSINE,
+    SchedulerType.COSINE_WITH_RESTARTS,
+    SchedulerType.POLYNOMIAL,
+    SchedulerType.CONSTANT,
+    SchedulerType.CONSTANT_WITH_WARMUP,
+)
 
 
 def parse_args(argv=None):
@@ -64,7 +84,23 @@ def parse_args(argv=None):
         "--model_name_or_path", default=None, help="PosSAM checkpoint (folder or Hub id); default: tiny demo model"
     )
     parser.add_argument(
-        "--dataset_name", default=None, help="Hub id or local parquet folder; default: the embedded toy set"
+        "--dataset_name",
+        default=None,
+        help="Hub id, save_to_disk folder or parquet folder, COCO panoptic (image, label, segments_info) or instance "
+        "segmentation (image, annotation) rows; default: the embedded toy set",
+    )
+    parser.add_argument(
+        "--label_file",
+        default=None,
+        help='JSON category table: id2label ({"0": "cat"}), label2id ({"cat": 0}) or a list of '
+        '{"id", "name", "isthing"}; default: the dataset\'s categories.json, its semantic_class_to_id column '
+        "(instance rows) or the built-in COCO-133 table (COCO panoptic rows)",
+    )
+    parser.add_argument(
+        "--do_reduce_labels",
+        action="store_true",
+        help="instance-segmentation rows: leave class 0 (background) unlabeled and shift the other ids down by one, "
+        "in the annotations and the label table alike (as run_instance_segmentation_no_trainer.py)",
     )
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--eval_split", default="validation")
@@ -76,7 +112,24 @@ def parse_args(argv=None):
         help="preset for --max_steps / --lr_drops: 'possam' = the paper's 250K steps, LR x 0.1 at 150K and "
         "200K (Appendix A); 'fcclip' = FC-CLIP's 368,750 steps, drops at 327,778 and 355,092",
     )
-    parser.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: the schedule's)")
+    parser.add_argument(
+        "--max_train_steps",
+        "--max_steps",
+        dest="max_steps",
+        type=int,
+        default=None,
+        help="optimizer steps (default: the schedule's)",
+    )
+    parser.add_argument(
+        "--lr_scheduler_type",
+        default="step",
+        choices=["step", *(kind.value for kind in SCHEDULER_TYPES)],
+        help="'step' (default): the --schedule's step decay (LR x 0.1 at --lr_drops); the others are transformers' "
+        "get_scheduler schedules over --max_train_steps, as in run_instance_segmentation_no_trainer.py",
+    )
+    parser.add_argument(
+        "--num_warmup_steps", type=int, default=0, help="linear warmup from 0 over this many optimizer steps"
+    )
     parser.add_argument("--per_device_train_batch_size", type=int, default=2, help="paper: 2 per GPU x 8 GPUs = 16")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
@@ -106,6 +159,7 @@ def parse_args(argv=None):
     parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
     parser.add_argument("--eval_steps", type=int, default=None)
     parser.add_argument("--max_eval_samples", type=int, default=64)
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=4, help="images per evaluation forward pass")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--no_augmentation", action="store_true", help="turn large-scale jitter off")
     parser.add_argument(
@@ -128,7 +182,18 @@ def parse_args(argv=None):
     parser.add_argument("--toy_train_size", type=int, default=512)
     parser.add_argument("--toy_eval_size", type=int, default=32)
     parser.add_argument("--record_sample_ids", action="store_true", help="write each process's sample ids (for tests)")
-    parser.add_argument("--report_to", default=None, help="accelerate trackers, e.g. 'tensorboard'")
+    parser.add_argument(
+        "--with_tracking", action="store_true", help="log to experiment trackers (accelerate; see --report_to)"
+    )
+    parser.add_argument(
+        "--report_to",
+        default=None,
+        help="trackers for accelerate's log_with: 'all' (the default with --with_tracking: every installed one), "
+        "'tensorboard', 'wandb', ... Given alone it turns tracking on, as before --with_tracking existed",
+    )
+    parser.add_argument("--push_to_hub", action="store_true", help="upload the model to the Hub (end and checkpoints)")
+    parser.add_argument("--hub_model_id", default=None, help="Hub repo to push to (default: output_dir's name)")
+    parser.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one)")
     args = parser.parse_args(argv)
     schedule = SCHEDULES[args.schedule]
     if args.max_steps is None:
@@ -139,7 +204,36 @@ def parse_args(argv=None):
         parser.error(f"--max_steps must be >= 1, got {args.max_steps}.")
     if any(not 0 < fraction <= 1 for fraction in args.lr_drops):
         parser.error(f"--lr_drops are fractions of --max_steps in (0, 1], got {args.lr_drops}.")
+    if not 0 <= args.num_warmup_steps <= args.max_steps:
+        parser.error(
+            f"--num_warmup_steps must be in [0, --max_train_steps = {args.max_steps}], got {args.num_warmup_steps}."
+        )
+    if args.per_device_eval_batch_size < 1:
+        parser.error(f"--per_device_eval_batch_size must be >= 1, got {args.per_device_eval_batch_size}.")
+    if args.with_tracking and args.report_to is None:
+        args.report_to = "all"
+    if args.report_to is not None:
+        args.with_tracking = True
+        check_trackers(parser, args.report_to)
     return args
+
+
+def check_trackers(parser: argparse.ArgumentParser, report_to: str) -> None:
+    """Refuse tracking with no installed tracker (accelerate would only warn and log nowhere)."""
+    from accelerate import PartialState
+    from accelerate.tracking import filter_trackers
+
+    PartialState()  # accelerate's logger, which filter_trackers uses, needs it (Accelerator() reuses it)
+    try:
+        available = filter_trackers(report_to)
+    except ValueError as error:
+        parser.error(f"--report_to {report_to}: {error}")
+    if not available:
+        missing = "no experiment tracker is installed" if report_to == "all" else f"{report_to} is not installed"
+        parser.error(
+            f"--with_tracking / --report_to {report_to}: {missing}, so nothing would be logged. Install one "
+            "(pip install tensorboard, or wandb, comet_ml, clearml, ...) or drop --with_tracking / --report_to."
+        )
 
 
 def build_model_and_processor(args):
@@ -168,7 +262,23 @@ def build_optimization(args, model):
         backbone_multiplier=args.backbone_lr_multiplier,
     )
     optimizer = make_optimizer(groups, args.learning_rate)
-    return groups, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, step_decay(args.max_steps, args.lr_drops))
+    if args.lr_scheduler_type != "step":
+        # transformers' schedules, as the instance-segmentation example builds them (one step per optimizer step)
+        scheduler = get_scheduler(
+            args.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=args.num_warmup_steps,
+            num_training_steps=args.max_steps,
+        )
+        return groups, optimizer, scheduler
+    decay = step_decay(args.max_steps, args.lr_drops)
+    warmup = args.num_warmup_steps
+
+    def warmed_up_step_decay(step: int) -> float:
+        # transformers' linear warmup (step / warmup below it), times the paper's step decay
+        return decay(step) * (step / warmup if step < warmup else 1.0)
+
+    return groups, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmed_up_step_decay)
 
 
 def find_checkpoint(output_dir: Path, spec: str) -> Path:
@@ -258,7 +368,7 @@ def main(argv=None) -> dict:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
+        log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
     )
@@ -270,15 +380,23 @@ def main(argv=None) -> dict:
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    hub = HubUploader.create(args, accelerator) if args.push_to_hub else None
 
     model, processor = build_model_and_processor(args)
     # ... then one stream of randomness per process: the loss's point sampling (and anything else drawn from the
     # global generators) differs between ranks, as in FC-CLIP's per-worker seeding. Saved and restored per process
     # by save_state / load_state.
     set_seed(args.seed, device_specific=True)
-    train_set, categories = load_panoptic_dataset(
-        args.dataset_name, args.train_split, toy_size=args.toy_train_size, seed=args.seed
+    train_set, categories, category_source = load_panoptic_dataset(
+        args.dataset_name,
+        args.train_split,
+        toy_size=args.toy_train_size,
+        seed=args.seed,
+        label_file=args.label_file,
+        return_source=True,
+        do_reduce_labels=args.do_reduce_labels,
     )
+    logger.info("%d classes from %s", len(categories), category_source)
     train_set = shard_for_process(train_set, accelerator.process_index, accelerator.num_processes)
     vocabulary = Vocabulary.from_categories(categories)
     stream = PanopticTrainStream(
@@ -292,6 +410,7 @@ def main(argv=None) -> dict:
         drop_cropped_segments=args.drop_cropped_segments,
         min_scale=args.min_scale,
         max_scale=args.max_scale,
+        category_source=category_source,
     )
 
     if args.record_sample_ids:
@@ -322,7 +441,7 @@ def main(argv=None) -> dict:
         step = resume(accelerator, checkpoint, stream, scheduler)
         logger.info("Resumed from %s at step %d", checkpoint, step)
 
-    if args.report_to:
+    if args.with_tracking:
         accelerator.init_trackers(
             "possam", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         )
@@ -361,6 +480,9 @@ def main(argv=None) -> dict:
         progress.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['train/lr']:.1e}", bad=int(bad))
         if args.checkpointing_steps and step % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, step, stream, scheduler, args.checkpoints_total_limit)
+            if hub is not None:  # as the example: the model so far, in output_dir, pushed at each checkpoint
+                save_model(accelerator, unwrapped, processor, output_dir)
+                hub.upload(accelerator, output_dir, f"Training in progress, step {step}")
         if args.eval_steps and step % args.eval_steps == 0:
             evaluation = run_evaluation(args, accelerator, unwrapped, processor)
             if accelerator.is_main_process:  # the evaluation history, one JSON line per evaluation
@@ -383,12 +505,54 @@ def main(argv=None) -> dict:
         (output_dir / f"sample_ids_{accelerator.process_index}.json").write_text(json.dumps(stream.record_ids))
     progress.close()
     logger.info("trained steps %d-%d", start_step, step)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
+    save_model(accelerator, unwrapped, processor, output_dir)
+    if hub is not None:
+        hub.upload(accelerator, output_dir, "End of training")
     accelerator.end_training()
     return metrics
+
+
+def save_model(accelerator, model, processor, output_dir: Path) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
+
+
+class HubUploader:
+    """
+    `--push_to_hub` as run_instance_segmentation_no_trainer.py does it: the main process creates the repo
+    (`--hub_model_id`, default the output folder's name) and uploads `output_dir` with `HfApi.upload_folder` after each
+    checkpoint and at the end, leaving out the resumable checkpoints (optimizer and RNG states, not the model).
+    """
+
+    IGNORE_PATTERNS = ["checkpoint-*", ".tmp-checkpoint-*", "checkpoint-*/**", ".tmp-checkpoint-*/**"]
+
+    def __init__(self, api: HfApi | None, repo_id: str | None, token: str | None):
+        self.api, self.repo_id, self.token = api, repo_id, token
+
+    @classmethod
+    def create(cls, args, accelerator) -> HubUploader:
+        api = repo_id = None
+        if accelerator.is_main_process:
+            api = HfApi()
+            repo_name = args.hub_model_id or Path(args.output_dir).absolute().name
+            repo_id = api.create_repo(repo_name, exist_ok=True, token=args.hub_token).repo_id
+        accelerator.wait_for_everyone()
+        return cls(api, repo_id, args.hub_token)
+
+    def upload(self, accelerator, folder: Path, message: str) -> None:
+        if accelerator.is_main_process and self.api is not None:
+            self.api.upload_folder(
+                repo_id=self.repo_id,
+                folder_path=str(folder),
+                commit_message=message,
+                repo_type="model",
+                token=self.token,
+                ignore_patterns=self.IGNORE_PATTERNS,
+            )
+        accelerator.wait_for_everyone()
 
 
 def run_evaluation(args, accelerator, model, processor) -> dict | None:
@@ -402,12 +566,22 @@ def run_evaluation(args, accelerator, model, processor) -> dict | None:
     state = None
     try:
         eval_set, categories = load_panoptic_dataset(
-            args.dataset_name, args.eval_split, toy_size=args.toy_eval_size, seed=args.seed
+            args.dataset_name,
+            args.eval_split,
+            toy_size=args.toy_eval_size,
+            seed=args.seed,
+            label_file=args.label_file,
+            do_reduce_labels=args.do_reduce_labels,
         )
         rank, world_size = accelerator.process_index, accelerator.num_processes
         rows = (row for index, row in zip(range(args.max_eval_samples), eval_set) if index % world_size == rank)
         evaluator = PanopticEvaluator(
-            model, processor.image_processor, categories, processor=processor, max_bad_fraction=args.max_bad_fraction
+            model,
+            processor.image_processor,
+            categories,
+            processor=processor,
+            max_bad_fraction=args.max_bad_fraction,
+            batch_size=args.per_device_eval_batch_size,
         )
         evaluator.process(rows)
         state = evaluator.state()
