@@ -11,7 +11,7 @@ from datasets import IterableDataset
 from safetensors.torch import load_file
 
 from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, tiny_config
-from transformers_possam.data import toy_panoptic_rows
+from transformers_possam.data import TOY_CATEGORIES, toy_panoptic_rows
 from transformers_possam.data.stream import PanopticTrainStream, TooManyBadSamples, collate_panoptic
 
 
@@ -95,6 +95,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     (resumed / ".tmp-checkpoint-5").mkdir()  # a half-written checkpoint must never be picked up
     run_training(resumed, "--resume_from_checkpoint", "latest")
     full, again = load_file(tmp_path / "full" / "model.safetensors"), load_file(resumed / "model.safetensors")
+    # the saved config names the classes trained on (the toy set's), which MASE's seen / unseen split reads
+    saved_vocabulary = json.loads((resumed / "config.json").read_text(encoding="utf-8"))["training_vocabulary"]
+    assert saved_vocabulary == [category["name"] for category in TOY_CATEGORIES]
     assert full.keys() == again.keys()
     assert all(torch.equal(full[key], again[key]) for key in full)
     # the saved model and processor load with the pipeline
