@@ -36,10 +36,10 @@ def substitutions(checkpoint: str, image: str) -> dict[str, str]:
     return table
 
 
-def code_blocks(language: str) -> list:
+def code_blocks(language: str, documents=DOCUMENTS) -> list:
     """pytest params `(document, line, code, skip reason or None)` for every block of `language`."""
     params = []
-    for document in DOCUMENTS:
+    for document in documents:
         text = document.read_text(encoding="utf-8")
         for match in FENCE.finditer(text):
             if match.group(1) != language:
@@ -47,7 +47,8 @@ def code_blocks(language: str) -> list:
             line = text.count("\n", 0, match.start()) + 1
             before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
             marker = SKIP_MARKER.search(before)
-            name = f"{document.relative_to(REPOSITORY)}:{line}"
+            shown = document.relative_to(REPOSITORY) if document.is_relative_to(REPOSITORY) else document.name
+            name = f"{shown}:{line}"
             params.append(pytest.param(document, line, match.group(2), marker and marker.group(1), id=name))
     return params
 
@@ -68,6 +69,15 @@ def local_image(tmp_path_factory):
 def test_every_document_has_code_blocks():
     documents = {params.values[0] for params in code_blocks("python")}
     assert documents == set(DOCUMENTS), "a README without python blocks: nothing would be checked"
+
+
+def test_skip_marker_is_read(tmp_path):
+    document = tmp_path / "doc.md"
+    document.write_text(
+        "# t\n\n<!-- snippet: skip (needs a GPU) -->\n```python\nimport nothing\n```\n\n```python\nx = 1\n```\n"
+    )
+    blocks = [params.values for params in code_blocks("python", [document])]
+    assert blocks == [(document, 4, "import nothing\n", "needs a GPU"), (document, 8, "x = 1\n", None)]
 
 
 @pytest.mark.parametrize("document, line, code, skip", code_blocks("python"))

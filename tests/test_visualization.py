@@ -314,3 +314,29 @@ def test_demo_prediction_panel_shows_input_prediction_and_ground_truth(monkeypat
     expected_input = np.asarray(row["image"]).repeat(scale, 0).repeat(scale, 1)
     np.testing.assert_array_equal(pictures[0][first_row : first_row + side], expected_input)
     assert not np.array_equal(pictures[1][first_row : first_row + side], expected_input)  # segments drawn
+
+
+def test_overlapping_pipeline_instances_higher_score_on_top():
+    grey = Image.new("RGB", (WIDTH, HEIGHT), (128, 128, 128))
+
+    def mask(rows, columns):
+        pixels = np.zeros((HEIGHT, WIDTH), np.uint8)
+        pixels[rows, columns] = 255
+        return Image.fromarray(pixels)
+
+    result = [  # as the pipeline returns them: by score, highest first
+        {"score": 0.9, "label": "person", "mask": mask(slice(10, 30), slice(10, 30))},
+        {"score": 0.5, "label": "car", "mask": mask(slice(0, HEIGHT), slice(0, WIDTH))},
+        {"score": 0.1, "label": "sky", "mask": mask(slice(12, 20), slice(12, 20))},  # under both: hidden
+    ]
+    alpha = 0.6
+    drawn = np.asarray(draw_segmentation(grey, result, NAMES, scale=1, alpha=alpha, show_tags=False))[:HEIGHT]
+    tint = {name: np.rint((1 - alpha) * 128 + alpha * np.array(PALETTE[NAMES.index(name)])) for name in NAMES}
+    np.testing.assert_allclose(drawn[20, 20], tint["person"], atol=1)  # inside the high-score instance
+    np.testing.assert_allclose(drawn[5, 50], tint["car"], atol=1)
+    entries = [name for name, _ in legend_entries(segments_from_result(result, NAMES))]
+    assert entries == ["person", "car", "sky"]  # what the result holds ...
+    drawn_full = draw_segmentation(grey, result, NAMES, scale=1)
+    legend = {tuple(colour) for colour in legend_region(drawn_full).reshape(-1, 3).tolist()}
+    assert PALETTE[NAMES.index("sky")] not in legend  # ... but a hidden instance is not listed in the picture
+    assert {PALETTE[0], PALETTE[1]} <= legend and drawn_full.width == WIDTH

@@ -233,6 +233,26 @@ def legend_entries(segments: Sequence[Segment]) -> list[tuple[str, tuple[int, in
     return sorted(entries.items(), key=lambda item: order[item[0]])
 
 
+def _visible_parts(segments: list[Segment]) -> list[Segment]:
+    """Overlapping segments (pipeline instances): higher scores are drawn on top, as instance post-processing paints
+    them; each segment keeps only its visible pixels, and segments hidden entirely are left out (of the legend too)."""
+    if not any(segment.score is not None for segment in segments):
+        order = list(range(len(segments)))
+    else:  # a stable sort: ties keep the result's order
+        order = sorted(
+            range(len(segments)), key=lambda index: -math.inf if (s := segments[index].score) is None else s
+        )
+    visible: list[Segment] = []
+    covered: np.ndarray | None = None
+    for index in reversed(order):  # from the top of the stack down
+        segment = segments[index]
+        mask = segment.mask if covered is None else segment.mask & ~covered
+        covered = segment.mask.copy() if covered is None else covered | segment.mask
+        if mask.any():
+            visible.append(Segment(mask, segment.label, segment.score, segment.label_id))
+    return visible[::-1]
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
@@ -326,6 +346,8 @@ def draw_segmentation(
 
     Returns:
         A PIL RGB image of `(W * scale, H * scale + legend height)`; the picture is its top `H * scale` rows.
+        Where segments overlap (the pipeline's instances), the higher score is drawn on top; segments hidden
+        entirely are neither drawn nor listed.
 
     Raises:
         ValueError: masks whose size differs from the image's, a class index without a label, a bad `alpha`/`scale`.
@@ -343,6 +365,7 @@ def draw_segmentation(
                 f"{height}x{width}: pass the image the result was computed for (post-process with "
                 "target_sizes=[(H, W)] of that image)."
             )
+    segments = _visible_parts(segments)
     if scale is None:
         scale = max(1, math.ceil(min_size / max(width, height)))
     if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
