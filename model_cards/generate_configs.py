@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard, ModelCardData
 
 from transformers_possam import (
     PosSAMConfig,
@@ -49,70 +50,105 @@ PAPER = {
     },
 }
 
-CARD = """---
-library_name: transformers
-pipeline_tag: image-segmentation
-license: apache-2.0
-tags:
-- possam
-- open-vocabulary
-- panoptic-segmentation
-- segment-anything
-- clip
-datasets:
-- coco
-model-index:
-- name: possam-{variant}
-  results:
-  - task:
-      type: image-segmentation
-      name: Open-vocabulary panoptic segmentation (trained on COCO, evaluated on ADE20K-150)
-    dataset:
-      type: ade20k
-      name: ADE20K (150 classes, panoptic)
-    metrics:
-    - {{type: pq, value: {pq}, name: PQ (reported by the paper, not measured here)}}
-    - {{type: sq, value: {sq}, name: SQ (reported by the paper)}}
-    - {{type: rq, value: {rq}, name: RQ (reported by the paper)}}
-    - {{type: map, value: {ap}, name: mask AP (reported by the paper)}}
-    - {{type: mean_iou, value: {miou}, name: mIoU (reported by the paper)}}
----
+CLIP_CHECKPOINT = "laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup"
+# The cards' example image (COCO val2017 #39769, two cats on a couch, as in transformers' docs); the README snippet test
+# substitutes it by a local file.
+EXAMPLE_IMAGE = "http://images.cocodataset.org/val2017/000000039769.jpg"
 
+
+def card_metadata(variant: str) -> ModelCardData:
+    """The card's YAML header, written by huggingface_hub itself so that `ModelCard.load` reads it back unchanged.
+
+    No `model-index`: the repo has no weights, so nothing can be evaluated; the paper's numbers are in the text,
+    marked as reported. `base_model` names the checkpoints the conversion starts from (SAM and open_clip CLIP);
+    `datasets` the Hub copy of COCO 2017 (the training images; the panoptic annotations come from cocodataset.org).
+    """
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        license="apache-2.0",
+        tags=["possam", "open-vocabulary", "panoptic-segmentation", "segment-anything", "clip"],
+        datasets=["rafaelpadilla/coco2017"],
+        base_model=[PAPER[variant]["sam"], CLIP_CHECKPOINT],
+    )
+
+
+CARD_TEXT = """
 # PosSAM-{name} (SAM ViT-{name} + ConvNeXt-L CLIP) — transformers-possam
 
 **Status: configuration and processor only. No trained PosSAM-{name} weights exist yet** (the authors released none);
-this folder becomes a Hub repo once weights are produced (see "Producing the weights"). The numbers below marked
-"paper" are the paper's, not measurements of this checkpoint.
+this folder becomes a Hub repo once weights are produced (see "Producing the weights"). Every number marked "reported"
+below is the paper's, not a measurement of this repository.
 
 PosSAM (*Panoptic Open-vocabulary Segment Anything*, Vibashan VS et al., 2024) segments any image into panoptic
-segments labelled from any list of class names: a frozen SAM ViT-{name} image encoder, an FPN, a Mask2Former pixel
-decoder and masked-attention decoder (250 queries) with an IoU head, and a frozen CLIP (open_clip
-`convnext_large_d_320`) whose mask-pooled features are fused with the mask features by Local Discriminative Pooling;
-Mask-Aware Selective Ensembling combines the in-vocabulary and CLIP predictions at inference.
+segments labelled from any list of class names: a frozen SAM ViT-{name} image encoder ([{sam}](https://huggingface.co/{sam})),
+an FPN, a Mask2Former pixel decoder and masked-attention decoder (250 queries) with an IoU head, and a frozen CLIP
+(open_clip `convnext_large_d_320`, [{clip}](https://huggingface.co/{clip})) whose mask-pooled features are fused with
+the mask features by Local Discriminative Pooling; Mask-Aware Selective Ensembling combines the in-vocabulary and
+CLIP predictions at inference.
 
 ## Usage
 
+With the package installed (`pip install transformers-possam`; it registers the task and the Auto classes):
+
 ```python
-import transformers_possam  # pip install transformers-possam; registers the task and the Auto classes
+import transformers_possam  # noqa: F401
 from transformers import pipeline
 
 segmenter = pipeline("open-vocabulary-panoptic-segmentation", model="<hub-user>/possam-{variant}")
-segments = segmenter("image.jpg", candidate_labels=["person,people", "car", {{"name": "road", "isthing": False}}])
-# or a preset vocabulary: candidate_labels="ade20k" / "coco"; subtask="semantic" / "instance"
+segments = segmenter(
+    "{image}",
+    candidate_labels=["cat", "remote control", {{"name": "couch", "isthing": False}}],
+    # or a preset vocabulary: candidate_labels="ade20k" / "coco"
+    subtask="panoptic",  # or "semantic", "instance"
+)
+# [{{"score": ..., "label": "cat", "mask": <PIL.Image mode=L>}}, ...]
 ```
 
-With the Auto classes:
+Without installing it, with plain transformers and timm (the repository carries its code; read it before trusting it):
 
 ```python
-from transformers import AutoModelForUniversalSegmentation, AutoProcessor
-model = AutoModelForUniversalSegmentation.from_pretrained("<hub-user>/possam-{variant}")
-processor = AutoProcessor.from_pretrained("<hub-user>/possam-{variant}")
-inputs = processor(images=image, candidate_labels=["cat", "dog"], return_tensors="pt")
-outputs = model(**{{k: inputs[k] for k in ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "synonym_mask")}})
-result = processor.post_process_panoptic_segmentation(outputs, target_sizes=inputs["original_sizes"],
-    reshaped_input_sizes=inputs["reshaped_input_sizes"], candidate_labels=["cat", "dog"],
-    training_vocabulary=model.config.training_vocabulary)
+from transformers import pipeline
+
+segmenter = pipeline("open-vocabulary-panoptic-segmentation", model="<hub-user>/possam-{variant}", trust_remote_code=True)
+segments = segmenter(
+    "{image}", candidate_labels=["cat", "remote control"]
+)
 ```
+
+Processor, model and post-processing, and a picture of the result:
+
+```python
+import torch
+import transformers_possam  # noqa: F401  (or pass trust_remote_code=True to from_pretrained)
+from transformers import AutoModelForUniversalSegmentation, AutoProcessor
+from transformers.image_utils import load_image
+from transformers_possam import draw_segmentation
+
+image = load_image("{image}")
+labels = ["cat", "remote control", {{"name": "couch", "isthing": False}}]
+model = AutoModelForUniversalSegmentation.from_pretrained("<hub-user>/possam-{variant}").eval()
+processor = AutoProcessor.from_pretrained("<hub-user>/possam-{variant}")
+inputs = processor(images=image, candidate_labels=labels, return_tensors="pt")
+with torch.no_grad():
+    outputs = model(
+        **{{key: inputs[key] for key in ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "synonym_mask")}}
+    )
+result = processor.post_process_panoptic_segmentation(
+    outputs,
+    target_sizes=inputs["original_sizes"],
+    reshaped_input_sizes=inputs["reshaped_input_sizes"],
+    candidate_labels=labels,
+    training_vocabulary=model.config.training_vocabulary,
+)[0]
+draw_segmentation(image, result, labels).save("segments.png")  # colours, contours, labels and a legend
+```
+
+## Reported results (from the paper, not measured here)
+
+The paper's Table 1 reports for PosSAM-{name} trained on COCO panoptic and evaluated zero-shot on ADE20K-150
+(panoptic): **PQ {pq}, SQ {sq}, RQ {rq}, mask AP {ap}, mIoU {miou}**. These are the authors' numbers for their own
+weights, which were not released; this repository has no weights and these numbers were not reproduced.
 
 ## Producing the weights
 
@@ -187,26 +223,28 @@ def main() -> None:
                 f"; CPU (2 cores, fp32, random weights): {overhead['ours']['median_s']:.1f} s per 1024x1024 image, "
                 f"forward and panoptic post-processing (`benchmarks/run.py` in the code repository)"
             )
-        (folder / "README.md").write_text(
-            CARD.format(
-                variant=variant,
-                name=paper["name"],
-                letter=variant[-1],
-                sam=paper["sam"],
-                pq=pq,
-                sq=sq,
-                rq=rq,
-                ap=ap,
-                miou=miou,
-                fps=paper["fps"],
-                frozen=paper["frozen"],
-                total=paper["total"],
-                our_frozen=f"{frozen / 1e6:.2f}M",
-                our_trainable=f"{trainable / 1e6:.2f}M",
-                our_total=f"{(frozen + trainable) / 1e6:.2f}M",
-                our_speed=our_speed,
-            )
+        text = CARD_TEXT.format(
+            variant=variant,
+            name=paper["name"],
+            letter=variant[-1],
+            sam=paper["sam"],
+            pq=pq,
+            sq=sq,
+            rq=rq,
+            ap=ap,
+            miou=miou,
+            fps=paper["fps"],
+            frozen=paper["frozen"],
+            total=paper["total"],
+            our_frozen=f"{frozen / 1e6:.2f}M",
+            our_trainable=f"{trainable / 1e6:.2f}M",
+            our_total=f"{(frozen + trainable) / 1e6:.2f}M",
+            our_speed=our_speed,
+            clip=CLIP_CHECKPOINT,
+            image=EXAMPLE_IMAGE,
         )
+        card = ModelCard(f"---\n{card_metadata(variant).to_yaml()}\n---\n{text}")
+        (folder / "README.md").write_text(card.content)
 
 
 if __name__ == "__main__":

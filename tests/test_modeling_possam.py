@@ -382,8 +382,7 @@ def test_model_card_folders_are_hub_ready(variant):
     text = (folder / "README.md").read_text()
     metadata = yaml.safe_load(text.split("---")[1])
     assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-segmentation"
-    metrics = metadata["model-index"][0]["results"][0]["metrics"]
-    assert all("reported by the paper" in m["name"] or "paper" in m["name"] for m in metrics)
+    assert "model-index" not in metadata  # no weights, so no evaluation results (tests/test_model_cards.py)
     assert "No trained" in text  # never claims weights that do not exist
     processor = AutoProcessor.from_pretrained(folder)
     assert type(processor).__name__ == "PosSAMProcessor" and len(processor.tokenizer) == 49408

@@ -2,7 +2,7 @@
 """`make demo`: train a tiny PosSAM on the embedded toy panoptic set on CPU, evaluate it on held-out images.
 
 Writes `outputs/demo/model/` (model + processor, loadable by the pipeline), `outputs/demo/metrics.json` and
-`outputs/demo/prediction.png` (a held-out image with its predicted segments and labels). The tiny model's SAM encoder
+`outputs/demo/prediction.png` (a held-out image | its predicted segments | its ground truth). The tiny model's SAM encoder
 is random, so the demo trains it too (`--train_encoders`); real checkpoints keep it frozen.
 """
 
@@ -16,34 +16,37 @@ from pathlib import Path
 import numpy as np
 import torch
 import train  # training/train.py: `make demo` runs this file as a script, so its folder is on sys.path
-from PIL import Image, ImageDraw
+from PIL import Image
+from transformers.image_transforms import rgb_to_id
 
 from transformers_possam import PosSAMForPanopticSegmentation, PosSAMProcessor
 from transformers_possam.data import TOY_CATEGORIES, toy_panoptic_rows
 from transformers_possam.evaluation import evaluate_panoptic
+from transformers_possam.visualization import draw_segmentation, side_by_side
 from transformers_possam.vocabularies import Vocabulary
 
 
-def draw_prediction(
-    image: Image.Image, segmentation: np.ndarray, segments_info: list[dict], names: list[str]
-) -> Image.Image:
-    rng = np.random.default_rng(0)
-    overlay = np.asarray(image, dtype=np.float32).copy()
-    for segment in segments_info:
-        mask = segmentation == segment["id"]
-        colour = rng.integers(40, 255, size=3)
-        overlay[mask] = 0.45 * overlay[mask] + 0.55 * colour
-    canvas = Image.fromarray(overlay.astype(np.uint8)).resize((image.width * 3, image.height * 3), Image.NEAREST)
-    draw = ImageDraw.Draw(canvas)
-    for segment in segments_info:
-        ys, xs = np.nonzero(segmentation == segment["id"])
-        if len(xs):
-            draw.text(
-                (3 * xs.mean() - 10, 3 * ys.mean() - 5),
-                f"{names[segment['label_id']]} {segment['score']:.2f}",
-                fill=(255, 255, 255),
-            )
-    return canvas
+def ground_truth_result(row: dict) -> dict:
+    """A toy row's panoptic ground truth in the form of `post_process_panoptic_segmentation`'s result (the toy
+    category ids are the class indices of `TOY_CATEGORIES`)."""
+    segment_ids = rgb_to_id(np.asarray(row["label"], dtype=np.int64))
+    segments_info = [{"id": info["id"], "label_id": info["category_id"]} for info in row["segments_info"]]
+    return {"segmentation": segment_ids, "segments_info": segments_info}
+
+
+def prediction_panel(image: Image.Image, prediction: dict, ground_truth: dict, names: list[str]) -> Image.Image:
+    """input | prediction | ground truth, side by side, with one colour per class in both pictures."""
+    pictures = [
+        draw_segmentation(
+            image,
+            {"segmentation": np.zeros(image.size[::-1], np.int64), "segments_info": []},
+            names,
+            show_legend=False,
+        ),
+        draw_segmentation(image, prediction, names),
+        draw_segmentation(image, ground_truth, names, show_scores=False),
+    ]
+    return side_by_side(pictures, ["input", "prediction", "ground truth"])
 
 
 def main(argv=None) -> dict:
@@ -114,7 +117,7 @@ def main(argv=None) -> dict:
     )
     names = vocabulary.display_names
     output_dir.mkdir(parents=True, exist_ok=True)
-    draw_prediction(rows[0]["image"], prediction["segmentation"].numpy(), prediction["segments_info"], names).save(
+    prediction_panel(rows[0]["image"], prediction, ground_truth_result(rows[0]), names).save(
         output_dir / "prediction.png"
     )
 

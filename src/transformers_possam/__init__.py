@@ -19,6 +19,7 @@ from .modeling_possam import (
 from .pipeline_possam import OpenVocabularyPanopticSegmentationPipeline, register_pipeline
 from .processing_possam import VILD_TEMPLATES, PosSAMProcessor
 from .tokenization import clip_tokenizer_from_bpe
+from .visualization import draw_segmentation, side_by_side
 from .vocabularies import Vocabulary, load_vocabulary
 
 
@@ -42,6 +43,7 @@ __all__ = [
     "PosSAMProcessor",
     "VILD_TEMPLATES",
     "clip_tokenizer_from_bpe",
+    "draw_segmentation",
     "mask_aware_selective_ensemble",
     "PosSAMConfig",
     "PosSAMForPanopticSegmentation",
@@ -51,5 +53,6 @@ __all__ = [
     "PosSAMPreTrainedModel",
     "Vocabulary",
     "load_vocabulary",
+    "side_by_side",
     "tiny_config",
 ]
