@@ -313,3 +313,24 @@ def test_readme_states_the_pipelines_default_thresholds():
         stated = re.search(rf"`{name}` \(default ([0-9.]+)\)", section)
         assert stated is not None, f"README's pipeline section does not state the default of {name}"
         assert float(stated.group(1)) == defaults[name].default
+
+
+def test_scores_are_at_most_the_predicted_iou_times_not_void():
+    """README's score scale: MASE's geometric mean of (LDP probability x IoU) and (CLIP probability x IoU) (paper
+    Algorithm 1), times 1 - p(void), is at most IoU x (1 - p(void)); the bound is computed here with torch alone."""
+    from transformers_possam.postprocessing import class_scores
+
+    generator = torch.Generator().manual_seed(0)
+    batch, queries, classes = 2, 50, 7
+    logits = 4 * torch.randn(batch, queries, classes + 1, generator=generator)
+    outputs = SimpleNamespace(
+        class_queries_logits=logits,
+        clip_class_logits=4 * torch.randn(batch, queries, classes, generator=generator),
+        masks_queries_logits=None,
+        iou_scores=torch.rand(batch, queries, generator=generator),
+    )
+    seen = torch.arange(classes) % 2 == 0
+    scores, _ = class_scores(outputs, seen_mask=seen, use_mase=True)
+    bound = outputs.iou_scores * (1 - logits.softmax(-1)[..., -1])
+    assert (scores.amax(-1) <= bound + 1e-6).all()
+    assert (scores.amax(-1) > 0.5 * bound).any()  # the bound is reached closely, not vacuous
