@@ -284,8 +284,14 @@ def test_input_errors_name_the_fix_before_any_forward_pass(controlled, calls, mo
         controlled([images[0], {"image": images[1], "candidate_labels": "cat"}], candidate_labels="dog")
     with pytest.raises(ValueError, match=r"images\[1\] has its own candidate_labels and candidate_labels\[1\]"):
         controlled([images[0], {"image": images[1], "candidate_labels": "cat"}], candidate_labels=[["a"], ["b"]])
-    with pytest.raises(ValueError, match=r"images\[0\] is a dict with the keys \['candidate_labels', 'picture'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"images\[0\] is a dict with the keys \['candidate_labels', 'picture'\]: a dict input is "
+        r"\{'image': image, 'candidate_labels': labels\} \(",
+    ):
         controlled([{"picture": images[0], "candidate_labels": "cat"}])
+    with pytest.raises(ValueError, match=r"images\[1\] is a dict with the keys \['picture'\]"):
+        controlled([images[0], {"picture": images[1]}], candidate_labels=[["a"], ["b"]])
     with pytest.raises(ValueError, match=r"candidate_labels is required"):
         controlled([{"image": images[0], "candidate_labels": "cat"}, images[1]])
     with pytest.raises(
@@ -299,6 +305,9 @@ def test_a_generator_of_dict_inputs_streams(controlled, calls):
     stream = ({"image": image(seed), "candidate_labels": labels} for seed, labels in enumerate(["cat", "car,bus"]))
     assert [labels_of(result) for result in controlled(stream)] == [["cat"], ["bus", "car"]]
     mixed = (item for item in [image(0), {"image": image(1)}])  # items without labels take the call's
+    # per-image lists also label dict inputs without labels of their own
+    results = controlled([image(0), {"image": image(1)}], candidate_labels=[["cat"], [{"name": "sky"}]])
+    assert [labels_of(result) for result in results] == [["cat"], ["sky"]]
     assert [labels_of(result) for result in controlled(mixed, candidate_labels="dog")] == [["dog"], ["dog"]]
 
 

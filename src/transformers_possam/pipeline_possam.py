@@ -446,8 +446,7 @@ def per_image_items(images, candidate_labels) -> list[dict]:
             vocabulary = resolve_vocabulary(labels)
         except (TypeError, ValueError) as error:  # the vocabulary layer names candidate_labels[j]: say whose list
             raise type(error)(f"In the label list of image {index} (candidate_labels[{index}]): {error}") from error
-        image = image["image"] if isinstance(image, Mapping) and "image" in image else image
-        items.append(input_item({"image": image, "candidate_labels": vocabulary}, None, f"images[{index}]"))
+        items.append(input_item(image, vocabulary, f"images[{index}]"))  # a dict input here has no labels of its own
     return items
 
 
@@ -463,7 +462,7 @@ def input_item(entry, shared: Vocabulary | None, where: str) -> dict:
     if unknown or "image" not in entry:
         raise ValueError(
             f"{where} is a dict with the keys {sorted(map(str, entry))}: a dict input is {{'image': image, "
-            "'candidate_labels': labels}} (candidate_labels optional when the call gives them), as in transformers' "
+            "'candidate_labels': labels} (candidate_labels optional when the call gives them), as in transformers' "
             "zero-shot pipelines."
         )
     own = entry.get("candidate_labels")
