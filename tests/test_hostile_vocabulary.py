@@ -81,9 +81,14 @@ BAD_VOCABULARIES = [
         "coco133", ValueError, r"'coco133' is not a preset", id="preset_typo_coco133->ValueError"
     ),  # already fine
     pytest.param("ade20", ValueError, r"'ade20' is not a preset", id="preset_typo_ade20->ValueError"),  # already fine
+    # issue 13: a plain string lists classes (transformers' zero-shot convention), so "cat" is now the one class
+    # ["cat"] (test_strings_list_classes below); "coco133" / "ade20" stay errors as misspelt presets, with both fixes
     pytest.param(
-        "cat", ValueError, r"'cat' is not a preset", id="single_label_string->ValueError_use_list"
-    ),  # already fine
+        "ade_20k", ValueError, r"'ade_20k' is not a preset .*looks like one.*\['ade_20k'\]", id="preset_typo_ade_20k"
+    ),
+    pytest.param("cat,,dog", ValueError, r"'cat,,dog' has an empty class \(part 1", id="string_empty_class"),
+    pytest.param("cat,dog,", ValueError, r"empty class \(part 2", id="string_trailing_comma"),
+    pytest.param(" , ", ValueError, r"names no class", id="string_only_commas"),
     pytest.param([], ValueError, r"empty", id="empty_list->ValueError"),  # already fine
     pytest.param(iter([]), ValueError, r"empty", id="exhausted_iterator->ValueError"),  # already fine
 ]
@@ -110,8 +115,8 @@ BAD_LABELS = [
     pytest.param(
         [{"name": ["cat", "kitty"]}],
         TypeError,
-        r"\['name'\] = \['cat', 'kitty'\].*join them with commas",
-        id="name_list->TypeError_join",
+        r"\['name'\] = \['cat', 'kitty'\].*'synonyms'",  # issue 13: the hint names the dict's 'synonyms' key
+        id="name_list->TypeError_use_synonyms_key",
     ),
     # already fine (index and value named, only the wording changed): the four below
     pytest.param(["cat", {"name": ""}], ValueError, r"1.*''.* is blank", id="name_empty->ValueError_blank"),
@@ -121,7 +126,7 @@ BAD_LABELS = [
     pytest.param(
         [{"name": "cat", "is_thing": False}],
         ValueError,
-        r"candidate_labels\[0\].*unknown key\(s\) \['is_thing'\].*\['name', 'isthing'\]",
+        r"candidate_labels\[0\].*unknown key\(s\) \['is_thing'\].*\['name', 'synonyms', 'isthing'\]",
         id="key_is_thing->ValueError",
     ),
     pytest.param(
@@ -184,11 +189,32 @@ BAD_LABELS = [
         r"candidate_labels\[0\] = b'cat' has type bytes.*Decode",
         id="entry_bytes->TypeError_decode",
     ),
+    # issue 13: a list is now one class's synonyms (ACCEPTED below); errors inside it name the synonym
     pytest.param(
-        [["cat", "kitty"]],
+        [["cat", ["kitty"]]],
         TypeError,
-        r"candidate_labels\[0\] = \['cat', 'kitty'\].*join them with commas",
-        id="nested_list->TypeError_join",
+        r"candidate_labels\[0\]\[1\] = \['kitty'\] has type list; a synonym is a str",
+        id="list_nested_twice->TypeError",
+    ),
+    pytest.param(
+        [["cat,kitty", "dog"]],
+        ValueError,
+        r"candidate_labels\[0\]\[0\] = 'cat,kitty' holds a comma.*\['cat', 'kitty'\]",
+        id="comma_inside_synonym_list->ValueError",
+    ),
+    pytest.param([[]], ValueError, r"candidate_labels\[0\] is an empty list of synonyms", id="empty_synonym_list"),
+    pytest.param([["cat", " "]], ValueError, r"candidate_labels\[0\]\[1\] = ' ' is blank", id="blank_synonym"),
+    pytest.param(
+        [{"name": "cat", "synonyms": "kitty"}],
+        TypeError,
+        r"\['synonyms'\] = 'kitty' has type str; synonyms are a list of str",
+        id="synonyms_str->TypeError",
+    ),
+    pytest.param(
+        [{"name": "cat", "synonyms": ["kitty", None]}],
+        TypeError,
+        r"\['synonyms'\]\[1\] = None has type NoneType",
+        id="synonyms_None_entry->TypeError",
     ),
     pytest.param(
         np.array(["cat", None], dtype=object),
@@ -297,12 +323,25 @@ def test_coco_category_dicts_are_accepted_as_they_are():
 
 ACCEPTED = [
     pytest.param(("cat", "dog"), ("cat", "dog"), (True, True), id="tuple->two_things"),
-    pytest.param((name for name in ["cat", "dog"]), ("cat", "dog"), (True, True), id="generator->read_once"),
-    pytest.param(np.array(["cat", "sky,clouds"]), ("cat", "sky,clouds"), (True, True), id="numpy_str_array"),
+    # issue 13: a list per class holds its synonyms (was a TypeError); a dict may add "synonyms" to its name
+    pytest.param([["cat", " kitty "], "dog"], ("cat,kitty", "dog"), (True, True), id="synonym_list->one_class"),
+    pytest.param([("cat", "kitty")], ("cat,kitty",), (True,), id="synonym_tuple->one_class"),
     pytest.param(
-        [" cat , kitty ", "dog\n"], ("cat,kitty", "dog"), (True, True), id="surrounding_whitespace->stripped"
+        [{"name": "sky", "synonyms": ["clouds"], "isthing": False}, "dog"],
+        ("sky,clouds", "dog"),
+        (False, True),
+        id="dict_synonyms->one_class",
     ),
-    pytest.param(["cat,cat"], ("cat,cat",), (True,), id="repeat_inside_one_class->kept"),
+    pytest.param(
+        [{"name": "sky,clouds", "isthing": False}], ("sky,clouds",), (False,), id="dict_name_with_commas->synonyms"
+    ),
+    # issue 13: a string lists classes, as transformers' zero-shot pipelines split candidate_labels
+    pytest.param("cat", ("cat",), (True,), id="string_one_class"),
+    pytest.param(" cat , dog ", ("cat", "dog"), (True, True), id="string->classes_stripped"),
+    pytest.param((name for name in ["cat", "dog"]), ("cat", "dog"), (True, True), id="generator->read_once"),
+    pytest.param(np.array(["cat", "sky"]), ("cat", "sky"), (True, True), id="numpy_str_array"),
+    pytest.param([" cat ", "dog\n"], ("cat", "dog"), (True, True), id="surrounding_whitespace->stripped"),
+    pytest.param([["cat", "cat"]], ("cat,cat",), (True,), id="repeat_inside_one_class->kept"),
     pytest.param(
         [
             {"name": "person", "isthing": 1},
@@ -315,7 +354,7 @@ ACCEPTED = [
         id="isthing_1_0_numpy_missing",
     ),
     pytest.param(
-        ["🐈,🐱", "قطة", "猫", "כלב"],
+        [["🐈", "🐱"], "قطة", "猫", "כלב"],
         ("🐈,🐱", "قطة", "猫", "כלב"),
         (True, True, True, True),
         id="emoji_RTL_CJK->kept",
@@ -326,14 +365,47 @@ ACCEPTED = [
 
 @pytest.mark.parametrize("candidate_labels, names, is_thing", ACCEPTED)
 def test_accepted_forms(candidate_labels, names, is_thing):
-    vocabulary = resolve_vocabulary(candidate_labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the explicit forms are read without a warning
+        vocabulary = resolve_vocabulary(candidate_labels)
     assert vocabulary.names == names and vocabulary.is_thing == is_thing
     assert all(type(name) is str for name in vocabulary.names)  # no numpy scalars leak into names
 
 
+# issue 13: a str label holding commas keeps FC-CLIP's meaning (synonyms of one class) but is no longer silent: a
+# UserWarning spells out the synonym forms and the two ways of writing separate classes
+COMMA_LABELS = [
+    pytest.param(
+        np.array(["cat", "sky,clouds"]), ("cat", "sky,clouds"), "candidate_labels\\[1\\] = 'sky,clouds'", id="numpy"
+    ),
+    pytest.param(
+        [" cat , kitty ", "dog\n"], ("cat,kitty", "dog"), "candidate_labels\\[0\\] = 'cat,kitty'", id="stripped"
+    ),
+    pytest.param(["cat,cat"], ("cat,cat",), "candidate_labels\\[0\\] = 'cat,cat'", id="repeat_inside_one_class"),
+    pytest.param(["🐈,🐱", "猫"], ("🐈,🐱", "猫"), "candidate_labels\\[0\\] = '🐈,🐱'", id="emoji"),
+]
+
+
+@pytest.mark.parametrize("candidate_labels, names, where", COMMA_LABELS)
+def test_comma_inside_a_str_label_warns_with_every_writing(candidate_labels, names, where):
+    with pytest.warns(
+        UserWarning, match=where + r" holds commas and is read as ONE class with the synonyms"
+    ) as caught:
+        vocabulary = resolve_vocabulary(candidate_labels)
+    assert vocabulary.names == names
+    message = str(caught[0].message)
+    synonyms = names[0].split(",") if "," in names[0] else names[1].split(",")
+    assert repr(synonyms) in message and "'synonyms'" in message  # the two explicit synonym forms
+    assert repr(",".join(synonyms)) in message  # the string form, for separate classes
+
+
 def test_preset_typo_names_the_closest_presets():
-    with pytest.raises(ValueError, match=r"'ade_20k' is not a preset .*Did you mean 'ade20k'.*\['cat'\]"):
+    # issue 13: a string is a class list unless it is a preset; one that looks like a misspelt preset is an error
+    # giving both writings (the preset, or a one-class list)
+    with pytest.raises(ValueError, match=r"'ade_20k' is not a preset .*write 'ade20k'.*pass a list: \['ade_20k'\]"):
         resolve_vocabulary("ade_20k")
+    # plain words close to a short alias are classes, not typos
+    assert resolve_vocabulary("made").names == ("made",) and resolve_vocabulary("cocoa").names == ("cocoa",)
 
 
 def test_presets_ignore_case_and_spaces():  # already fine: documented preset rule
@@ -352,6 +424,8 @@ def test_is_thing_argument():
         resolve_vocabulary(["cat"], is_thing=False)
     with pytest.raises(ValueError, match=r"is_thing cannot be combined with the preset 'coco'"):
         resolve_vocabulary("coco", is_thing=[True] * 133)
+    # issue 13: a string of classes takes is_thing like a list
+    assert resolve_vocabulary("cat, sky", is_thing=[True, False]).is_thing == (True, False)
     with pytest.raises(
         ValueError, match=r"candidate_labels\[1\] = \{'name': 'sky', 'isthing': False\} has its own 'isthing'"
     ):
@@ -435,7 +509,7 @@ def test_long_label_is_cut_with_a_warning(processor, tokenizer):
 def test_short_labels_give_no_warning(processor):  # already fine
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        processor.encode_vocabulary(["cat", "dog,puppy"])
+        processor.encode_vocabulary(["cat", ["dog", "puppy"]])  # issue 13: synonyms as a list ("dog,puppy" warns)
 
 
 def test_processor_call_reports_vocabulary_errors(processor):

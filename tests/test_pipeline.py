@@ -28,9 +28,9 @@ from .conftest import save_tiny_checkpoint
 
 # "lighthouse" is no COCO class: unseen by the tiny model (trained on COCO's vocabulary), so MASE weighs it apart.
 LABELS = [
-    "person,people",
+    ["person", "people"],  # synonyms as a list (issue 13: a comma inside a str label now warns)
     "car",
-    {"name": "sky,clouds", "isthing": False},
+    {"name": "sky", "synonyms": ["clouds"], "isthing": False},
     {"name": "road", "isthing": False},
     "lighthouse",
 ]
@@ -280,7 +280,9 @@ def test_pipeline_bad_inputs(segmenter, tmp_path):
     missing = str(tmp_path / "missing.png")
     with pytest.raises(ValueError, match="missing.png"):
         segmenter(missing, candidate_labels=["cat"])
-    with pytest.raises(ValueError, match="Cannot segment a dict"):
+    # issue 13: a dict is an input {"image", "candidate_labels"} (transformers' zero-shot form), so another dict is
+    # refused for its keys (it was "Cannot segment a dict")
+    with pytest.raises(ValueError, match=r"images is a dict with the keys \['x'\].*\{'image': image"):
         segmenter({"x": 1}, candidate_labels=["cat"])
     with pytest.raises(ValueError, match="candidate_labels is required"):
         segmenter(image())

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import types
+import warnings
 from collections import OrderedDict
+from collections.abc import Mapping
 from io import BytesIO
 
 import numpy as np
@@ -12,6 +15,7 @@ from huggingface_hub import (
     get_session,  # the Hub library's public HTTP session (its client is a dependency already)
 )
 from PIL import Image, ImageOps
+from torch.utils.data import Dataset
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
@@ -19,13 +23,15 @@ from .image_processing_possam import PosSAMImageProcessor, PosSAMImageProcessorP
 from .modeling_possam import PosSAMForPanopticSegmentation
 from .postprocessing import check_ensemble_weight, check_flag, check_threshold
 from .processing_possam import PosSAMProcessor
-from .vocabularies import resolve_vocabulary
+from .vocabularies import Vocabulary, preview, resolve_vocabulary
 
 
 __all__ = ["OpenVocabularyPanopticSegmentationPipeline", "TASK"]
 
 TASK = "open-vocabulary-panoptic-segmentation"
 SUBTASKS = ("panoptic", "semantic", "instance")
+# Keys of a dict input (transformers' zero-shot pipelines: `{"image": ..., "candidate_labels": ...}`).
+INPUT_KEYS = ("image", "candidate_labels")
 # Vocabularies whose text embeddings stay cached per pipeline (least recently used are evicted).
 VOCABULARY_CACHE_SIZE = 8
 
@@ -36,8 +42,11 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
 
     ```python
     segmenter = pipeline("open-vocabulary-panoptic-segmentation", model="path/to/possam")
-    segmenter("street.jpg", candidate_labels=["person,people", "car", {"name": "road", "isthing": False}])
+    segmenter("street.jpg", candidate_labels="person, car, road")  # 3 classes, as transformers' zero-shot pipelines
+    segmenter("street.jpg", candidate_labels=[["person", "people"], "car", {"name": "road", "isthing": False}])
     segmenter(images, candidate_labels="ade20k", subtask="semantic", batch_size=4)
+    segmenter([{"image": "a.jpg", "candidate_labels": ["cat"]}, {"image": "b.jpg", "candidate_labels": "coco"}])
+    segmenter(["a.jpg", "b.jpg"], candidate_labels=[["cat", "dog"], ["car"]])  # one label list per image
     ```
 
     Returns, per image, a list of `{"score": float | None, "label": str, "mask": PIL.Image (mode "L", 255 inside)}`,
@@ -101,9 +110,8 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
         if timeout is not None:
             preprocess["timeout"] = timeout
         if candidate_labels is not None:
-            vocabulary = resolve_vocabulary(candidate_labels)
-            forward["vocabulary"] = vocabulary
-            postprocess["vocabulary"] = vocabulary
+            # the call's vocabulary, resolved once; preprocess gives it to every input without its own labels
+            preprocess["vocabulary"] = resolve_vocabulary(candidate_labels)
         # every post-processing argument is checked here, before any forward pass (None: the default)
         if subtask is not None:
             if not isinstance(subtask, str):
@@ -146,29 +154,74 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
     def __call__(self, images, candidate_labels=None, **kwargs):  # type: ignore[override]
         """
         Args:
-            images: an image or a list: PIL images, paths, URLs, numpy arrays.
-            candidate_labels: list of labels (commas inside a label separate synonyms; dicts `{"name", "isthing"}`
-                mark stuff classes, which panoptic output fuses) or a preset (`"coco"`, `"ade20k"`).
+            images: an image (PIL image, path, URL, numpy array), a dict `{"image": image, "candidate_labels": labels}`
+                (labels for that image only), or a list / generator / dataset of either. A list gives a list of
+                results, one per input.
+            candidate_labels: the vocabulary (`resolve_vocabulary`): a preset (`"coco"`, `"ade20k"`), a string of
+                comma-separated classes (`"cat,dog"`: 2 classes, as transformers' zero-shot pipelines), or a list with
+                one label per class: a str, a list of synonyms (`["cat", "kitty"]`) or a dict
+                `{"name", "synonyms", "isthing"}` (`isthing=False` marks stuff classes, which panoptic output fuses).
+                With a list of images, a list of label lists (every element a list) is one vocabulary per image, as in
+                `zero-shot-object-detection`. Not needed when every input dict has its own.
             subtask: `"panoptic"` (default), `"semantic"` or `"instance"`.
-            threshold, mask_threshold, overlap_mask_area_threshold, use_mase: post-processing options.
+            threshold: keep the non-void queries whose score is above it (default 0.0, FC-CLIP's); scores are MASE's
+                class probabilities times the predicted IoU times (1 - p_void), see the README.
+            mask_threshold, overlap_mask_area_threshold, use_mase: post-processing options (defaults 0.5, 0.8, True).
             mase_alpha, mase_beta: CLIP's weight on seen / unseen classes; default: the image processor's
                 (`preprocessor_config.json`), the one place these are stored.
             batch_size: images per forward.
+
+        Raises:
+            ValueError: no image; no vocabulary for an input; labels given both in an input dict and as the argument;
+                per-image label lists whose count differs from the number of images; a dict input with other keys.
+            TypeError / ValueError: a malformed vocabulary (`resolve_vocabulary`), before any forward pass for lists.
         """
-        if candidate_labels is None:
-            raise ValueError("candidate_labels is required: a list of labels or a preset name such as 'ade20k'.")
         if images is None or (isinstance(images, (list, tuple)) and not images):
             raise ValueError(
-                f"No image given (images={images!r}): pass an image, a path / URL, or a non-empty list of them."
+                f"No image given (images={images!r}): pass an image, a path / URL, a dict {{'image': ..., "
+                "'candidate_labels': ...}, or a non-empty list of them."
+            )
+        if isinstance(images, (list, tuple)) and is_per_image_labels(candidate_labels):
+            items = per_image_items(images, candidate_labels)
+            return super().__call__(items, **kwargs)
+        if isinstance(images, (list, tuple)):
+            # every input checked before the first forward pass: a bad vocabulary of image 7 fails before image 0 runs
+            shared = resolve_vocabulary(candidate_labels) if candidate_labels is not None else None
+            items = [input_item(entry, shared, f"images[{index}]") for index, entry in enumerate(images)]
+            unlabelled = [index for index, item in enumerate(items) if item["candidate_labels"] is None]
+            if unlabelled:
+                raise ValueError(
+                    f"candidate_labels is required: images{unlabelled} have no labels; pass candidate_labels=... to "
+                    "the call, or give those inputs as {'image': ..., 'candidate_labels': ...}."
+                )
+            return super().__call__(items, **kwargs)
+        if isinstance(images, Mapping):
+            shared = resolve_vocabulary(candidate_labels) if candidate_labels is not None else None
+            item = input_item(images, shared, "images")
+            if item["candidate_labels"] is None:
+                raise ValueError(
+                    "candidate_labels is required: give it in the input dict ({'image': ..., 'candidate_labels': "
+                    "...}) or to the call."
+                )
+            return super().__call__(item, **kwargs)
+        if candidate_labels is None and not is_lazy_collection(images):
+            raise ValueError(
+                "candidate_labels is required: a list of labels, a string of comma-separated classes ('cat,dog'), "
+                "a preset name such as 'ade20k', or per input: {'image': ..., 'candidate_labels': ...}."
             )
         return super().__call__(images, candidate_labels=candidate_labels, **kwargs)
 
-    def preprocess(self, image, timeout=None):  # type: ignore[override]  # named step parameters, see __call__
+    def preprocess(self, inputs, vocabulary=None, timeout=None):  # type: ignore[override]  # see __call__
         """
-        One image (PIL, numpy array, local path, http(s) URL or base64 data) -> model inputs. Files and URLs are
-        decoded in their own mode, 16-bit included, and converted by the image processor. Raises ValueError naming
-        the input when it cannot be read or is not an image.
+        One input -> model inputs and its vocabulary. `inputs` is an image (PIL, numpy array, local path, http(s) URL
+        or base64 data) or a dict `{"image": image, "candidate_labels": labels}`; `vocabulary` is the call's
+        `candidate_labels`, for inputs without their own. Files and URLs are decoded in their own mode, 16-bit
+        included, and converted by the image processor. Raises ValueError naming the input when it cannot be read or
+        is not an image.
         """
+        item = input_item(inputs, vocabulary, "the input")
+        image = item["image"]
+        vocabulary = item["candidate_labels"]  # None here (an image preprocessed alone) is refused by _forward
         if isinstance(image, str):
             source = image
             try:
@@ -203,6 +256,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             "pixel_mask": inputs["pixel_mask"],
             "original_sizes": torch.as_tensor(inputs["original_sizes"]).reshape(1, 2),
             "reshaped_input_sizes": torch.as_tensor(inputs["reshaped_input_sizes"]).reshape(1, 2),
+            "vocabulary": vocabulary,
         }
 
     def class_embeddings(self, vocabulary):
@@ -226,11 +280,43 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             self._vocabulary_cache.popitem(last=False)
         return self._vocabulary_cache[key]
 
-    def _forward(self, model_inputs, vocabulary):  # type: ignore[override]  # named step parameters, see __call__
+    def _forward(self, model_inputs):  # type: ignore[override]  # named step parameters, see __call__
+        """
+        Model outputs of a batch. `model_inputs["vocabulary"]` is one `Vocabulary` (batch_size=1) or a list of them,
+        one per image (transformers' collation). Images sharing a vocabulary go through the model together; with
+        several vocabularies in one batch the class axes differ, so each output is then a list of per-image tensors
+        (transformers' pipeline iterator unbatches lists and tensors alike).
+        """
+        vocabularies = model_inputs["vocabulary"]
+        if vocabularies is None or (isinstance(vocabularies, list) and None in vocabularies):
+            raise ValueError(
+                "candidate_labels is required: pass candidate_labels=... to the call, or give each input as "
+                "{'image': ..., 'candidate_labels': ...}."
+            )
+        if isinstance(vocabularies, Vocabulary):
+            return self._forward_one_vocabulary(model_inputs, vocabularies, slice(None)) | {"vocabulary": vocabularies}
+        groups: dict[Vocabulary, list[int]] = {}
+        for index, vocabulary in enumerate(vocabularies):
+            groups.setdefault(vocabulary, []).append(index)
+        if len(groups) == 1:
+            (vocabulary,) = groups
+            return self._forward_one_vocabulary(model_inputs, vocabulary, slice(None)) | {"vocabulary": vocabularies}
+        per_image: list[dict] = [{} for _ in vocabularies]
+        for vocabulary, indices in groups.items():
+            outputs = self._forward_one_vocabulary(model_inputs, vocabulary, torch.tensor(indices))
+            for position, index in enumerate(indices):
+                per_image[index] = {
+                    key: value[position] if value is not None else None for key, value in outputs.items()
+                }
+        # "class_queries_logits" first: the iterator reads the batch size off the first value
+        return {key: [outputs[key] for outputs in per_image] for key in per_image[0]} | {"vocabulary": vocabularies}
+
+    def _forward_one_vocabulary(self, model_inputs, vocabulary, images) -> dict:
+        """Outputs for the images `images` (a slice or an index tensor) of a batch, all against `vocabulary`."""
         embeddings, synonym_mask, _ = self.class_embeddings(vocabulary)
         outputs = self.model(
-            pixel_values=model_inputs["pixel_values"],
-            pixel_mask=model_inputs["pixel_mask"],
+            pixel_values=model_inputs["pixel_values"][images],
+            pixel_mask=model_inputs["pixel_mask"][images],
             class_embeddings=embeddings,
             synonym_mask=synonym_mask,
             return_clip_logits=True,
@@ -240,14 +326,13 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             "clip_class_logits": outputs.clip_class_logits,
             "masks_queries_logits": outputs.masks_queries_logits,
             "iou_scores": outputs.iou_scores,
-            "original_sizes": model_inputs["original_sizes"],
-            "reshaped_input_sizes": model_inputs["reshaped_input_sizes"],
+            "original_sizes": model_inputs["original_sizes"][images],
+            "reshaped_input_sizes": model_inputs["reshaped_input_sizes"][images],
         }
 
     def postprocess(  # type: ignore[override]  # named step parameters, see __call__
         self,
         model_outputs,
-        vocabulary,
         subtask="panoptic",
         threshold=0.0,
         mask_threshold=0.5,
@@ -256,6 +341,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
         mase_alpha=None,
         mase_beta=None,
     ):
+        vocabulary = model_outputs["vocabulary"]
         _, _, seen = self.class_embeddings(vocabulary)
         outputs = _Outputs(model_outputs)
         sizes = {
@@ -305,6 +391,89 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             }
             for info in result["segments_info"]
         ]
+
+
+def is_lazy_collection(images) -> bool:
+    """Inputs transformers' Pipeline streams (a generator, a torch Dataset): their items may carry their labels."""
+    return isinstance(images, (types.GeneratorType, Dataset))
+
+
+def is_per_image_labels(candidate_labels) -> bool:
+    """
+    `candidate_labels` of a call on a list of images is one label list per image when it is a list / tuple whose every
+    element is a list / tuple / `Vocabulary` (`ZeroShotObjectDetectionPipeline.__call__`'s rule); a flat list, even one
+    with some synonym lists (`[["cat", "kitty"], "dog"]`), is one vocabulary for all images.
+    """
+    return (
+        isinstance(candidate_labels, (list, tuple))
+        and len(candidate_labels) > 0
+        and all(isinstance(labels, (list, tuple, Vocabulary)) for labels in candidate_labels)
+    )
+
+
+def per_image_items(images, candidate_labels) -> list[dict]:
+    """`[{"image", "candidate_labels": Vocabulary}]` of a list of images and one label list per image (checked)."""
+    if len(candidate_labels) != len(images):
+        raise ValueError(
+            f"Got {len(images)} images but {len(candidate_labels)} candidate label lists: with a list of images, a "
+            "candidate_labels whose every element is a list gives one label list per image (as in transformers' "
+            "zero-shot-object-detection). For one vocabulary shared by all images whose classes have synonyms, write "
+            "the classes as dicts ({'name': 'cat', 'synonyms': ['kitty']}) or any of them as a plain string."
+        )
+    if all(
+        isinstance(labels, (list, tuple)) and all(isinstance(label, str) for label in labels)
+        for labels in candidate_labels
+    ):
+        # lists of strings only: the shape of a shared vocabulary whose every class is a list of synonyms too
+        warnings.warn(
+            f"candidate_labels holds one list per image ({len(images)} images), so each list is read as the classes of "
+            f"its image (transformers' zero-shot-object-detection convention): image 0 gets the "
+            f"{len(candidate_labels[0])} classes {preview(list(candidate_labels[0]))}. If you meant one vocabulary for "
+            "all images whose classes are lists of synonyms, write those classes as {'name': 'cat', 'synonyms': "
+            "['kitty']}. To give per-image labels without this warning, pass [{'image': image, 'candidate_labels': "
+            "labels}, ...].",
+            UserWarning,
+            stacklevel=3,
+        )
+    items = []
+    for index, (image, labels) in enumerate(zip(images, candidate_labels)):
+        if isinstance(image, Mapping) and image.get("candidate_labels") is not None:
+            raise ValueError(
+                f"images[{index}] has its own candidate_labels and candidate_labels[{index}] gives it labels too: give "
+                "them once."
+            )
+        try:
+            vocabulary = resolve_vocabulary(labels)
+        except (TypeError, ValueError) as error:  # the vocabulary layer names candidate_labels[j]: say whose list
+            raise type(error)(f"In the label list of image {index} (candidate_labels[{index}]): {error}") from error
+        items.append(input_item(image, vocabulary, f"images[{index}]"))  # a dict input here has no labels of its own
+    return items
+
+
+def input_item(entry, shared: Vocabulary | None, where: str) -> dict:
+    """
+    `{"image": image, "candidate_labels": Vocabulary or None}` of one input: an image (labels: the call's `shared`
+    vocabulary) or a dict `{"image", "candidate_labels"}` (its own labels, resolved here; the call's when it has none).
+    ValueError for a dict with other keys or without "image", and for labels given in the dict and the call both.
+    """
+    if not isinstance(entry, Mapping):
+        return {"image": entry, "candidate_labels": shared}
+    unknown = [key for key in entry if key not in INPUT_KEYS]
+    if unknown or "image" not in entry:
+        raise ValueError(
+            f"{where} is a dict with the keys {sorted(map(str, entry))}: a dict input is {{'image': image, "
+            "'candidate_labels': labels} (candidate_labels optional when the call gives them), as in transformers' "
+            "zero-shot pipelines."
+        )
+    own = entry.get("candidate_labels")
+    if own is None:
+        return {"image": entry["image"], "candidate_labels": shared}
+    if shared is not None:
+        raise ValueError(
+            f"{where} has its own candidate_labels and the call gives candidate_labels too: give them once (per "
+            "input, or for the whole call)."
+        )
+    return {"image": entry["image"], "candidate_labels": resolve_vocabulary(own)}
 
 
 class _Outputs:

@@ -95,8 +95,8 @@ VOCABULARY_TEXT_KWARGS = ("padding", "max_length", "truncation", "pad_to_multipl
 # Structured keyword groups of `_merge_kwargs`, and the modality inputs transformers' processors take that PosSAM lacks.
 STRUCTURED_KWARGS = ("text_kwargs", "images_kwargs", "common_kwargs")
 FOREIGN_INPUTS = {
-    "text": "PosSAM's text input is its vocabulary: pass class names as candidate_labels=['cat', 'sky,clouds'] (each "
-    "class is encoded into CLIP prompts, not tokenized as free text)",
+    "text": "PosSAM's text input is its vocabulary: pass class names as candidate_labels=['cat', ['sky', 'clouds']] "
+    "(or 'cat,sky'; each class, with its synonyms, is encoded into CLIP prompts, not tokenized as free text)",
     "videos": "PosSAM segments images: pass frames as images",
     "audio": "PosSAM has no audio input",
     "audio_kwargs": "PosSAM has no audio input",
@@ -150,7 +150,8 @@ class PosSAMProcessor(ProcessorMixin):
         r"""
         images (*optional*): one image or a list, as [`PosSAMImageProcessor.preprocess`] takes them.
         candidate_labels (*optional*): the vocabulary, anything [`resolve_vocabulary`] takes (a preset name such as
-            `"coco"`, or a list of labels `["cat", "sky,clouds", {"name": "road", "isthing": False}]`).
+            `"coco"`, a string of classes `"cat,dog"`, or a list of labels
+            `["cat", ["sky", "clouds"], {"name": "road", "synonyms": ["street"], "isthing": False}]`).
         annotations (*optional*): one per image, as [`PosSAMImageProcessor.preprocess`] takes them (needs `images`).
         segmentation_maps, instance_id_to_semantic_id (*optional*): Mask2Former's form of labels, 2-D id maps, one
             per image, as [`PosSAMImageProcessor.preprocess`] takes them (needs `images`): `mask_labels` and

@@ -1,8 +1,10 @@
 """
 Class-name rules shared by every vocabulary.
 
-Each class is one string whose comma-separated parts are synonyms (FC-CLIP / OpenSeg prompt-engineered names), e.g.
-``"person,child,girl,..."``. The first synonym is the display name.
+Inside a `Vocabulary` (and in the shipped vocabulary files, FC-CLIP's category tables and a config's
+`training_vocabulary`), each class is one string whose comma-separated parts are synonyms (FC-CLIP / OpenSeg
+prompt-engineered names), e.g. ``"person,child,girl,..."``; the first synonym is the display name. How users write
+classes and synonyms (a string of classes, a list of synonyms per class, dicts) is `vocabulary.resolve_vocabulary`'s.
 
 `normalize_class_name`: a name is a `str`; commas separate synonyms; the whitespace around each synonym is stripped
 (FC-CLIP replaces ``", "`` by ``","`` before splitting, which is the same on every well-formed name); an empty synonym
@@ -48,7 +50,10 @@ def type_hint(value: object) -> str:
     if isinstance(value, (bytes, bytearray)):
         return " Decode it first (value.decode('utf-8'))."
     if isinstance(value, (list, tuple)):
-        return " To give synonyms, join them with commas in one string: 'cat,kitty'."
+        return (
+            " Synonyms of one class go in one flat list (['cat', 'kitty']) or in a dict's 'synonyms' "
+            "({'name': 'cat', 'synonyms': ['kitty']})."
+        )
     return ""
 
 

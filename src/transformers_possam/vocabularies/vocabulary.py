@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import difflib
 import numbers
+import re
 import warnings
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -52,7 +53,7 @@ PRESET_ALIASES = {
     "ade": "ade20k_150",
 }
 # Keys a dict label may hold; anything else (`is_thing`, `isThing`, `label`) is an error, not ignored.
-LABEL_KEYS = ("name", "isthing")
+LABEL_KEYS = ("name", "synonyms", "isthing")
 # Keys of COCO / detectron2 category dicts, accepted so their category lists can be passed as they are. A label list
 # ignores them (class ids are positions in the list); `Vocabulary.from_categories` keeps `id` as the category id.
 IGNORED_CATEGORY_KEYS = ("id", "color", "supercategory")
@@ -204,8 +205,9 @@ class Vocabulary:
         return len(self.names)
 
 
-# What `candidate_labels` may be (resolve_vocabulary checks the rest at run time).
-CandidateLabels: TypeAlias = str | Vocabulary | Iterable[str | Mapping[str, object]]
+# What `candidate_labels` may be (resolve_vocabulary checks the rest at run time): a preset name or a string of
+# comma-separated classes, a Vocabulary, or an ordered collection of labels (a str, a list of synonyms, a dict).
+CandidateLabels: TypeAlias = str | Vocabulary | Iterable[str | Sequence[str] | Mapping[str, object]]
 
 
 def category_id(value: object, where: str) -> int:
@@ -292,15 +294,28 @@ def resolve_vocabulary(candidate_labels: CandidateLabels, is_thing: Sequence[boo
     """
     The `Vocabulary` that `candidate_labels` describes; class ids are positions in it.
 
-    Accepted forms:
+    Accepted forms (the reasons are in docs/design.md, "Zero-shot label forms"):
 
-    - a preset name (`str`, case and surrounding spaces ignored): `"coco"`, `"coco_panoptic"`, `"coco_panoptic_133"`,
-      `"ade20k"`, `"ade"`, `"ade20k_150"`. Any other string is a `ValueError` (with the closest presets), never a
-      one-class vocabulary: a single label goes in a list, `["cat"]`.
+    - a `str`:
+      - a preset name (case and surrounding spaces ignored): `"coco"`, `"coco_panoptic"`, `"coco_panoptic_133"`,
+        `"ade20k"`, `"ade"`, `"ade20k_150"`;
+      - otherwise comma-separated **classes**, as transformers' zero-shot pipelines read `candidate_labels`
+        (`"cat, dog"` -> 2 classes `["cat", "dog"]`; `"cat"` -> 1 class). An empty class (`"cat,,dog"`, `"cat,"`)
+        is a `ValueError` (transformers' zero-shot-classification drops it silently). A single name that looks like
+        a misspelt preset (`"coco133"`, `"ade_20k"`: a preset's letters, or digits / underscores close to a preset
+        name) is a `ValueError` naming both writings (the preset, or `["coco133"]` for a class of that name).
     - a `Vocabulary` (returned as is).
-    - an ordered collection of labels: a list, tuple, 1-D numpy array, generator or other iterator (read once).
-      Each label is a `str` of comma-separated synonyms (`"person,people"`) or a dict `{"name": str, "isthing": bool}`
-      (`isthing` optional). Unmarked classes count as things (never fused).
+    - an ordered collection of labels, one per class: a list, tuple, 1-D numpy array, generator or other iterator (read
+      once). Each label is
+      - a `str`: one class. A comma inside it keeps FC-CLIP's meaning, synonyms of one class
+        (`"person,people"`), with a `UserWarning` saying how to write each meaning, because transformers' users
+        expect separate classes there;
+      - a list / tuple of `str`: the synonyms of one class, the first one its display name (`["cat", "kitty"]`); a
+        synonym holding a comma is a `ValueError`;
+      - a dict `{"name": str, "synonyms": [str, ...], "isthing": bool}` (`synonyms`, `isthing` optional). Its `name`
+        may hold comma-joined synonyms, the form of FC-CLIP's and COCO's category tables (no warning: a dict is one
+        class); COCO's `id`, `color`, `supercategory` are accepted and ignored.
+      Unmarked classes count as things (never fused).
 
     Label rules: synonyms are stripped of surrounding whitespace (`" cat , kitty "` -> `"cat,kitty"`, FC-CLIP's
     `", "` rule generalized); a synonym may repeat inside one class (harmless: each class scores its best synonym).
@@ -311,19 +326,20 @@ def resolve_vocabulary(candidate_labels: CandidateLabels, is_thing: Sequence[boo
 
     Args:
         candidate_labels: see above.
-        is_thing: optional thing/stuff flag per label, for a list of labels without `isthing` keys.
+        is_thing: optional thing/stuff flag per class, for labels without `isthing` keys.
 
     Raises:
         TypeError: a wrong type: `None`, a bare dict (wrap it in a list), a set (unordered: class ids would be
-            arbitrary), bytes, a multi-dimensional array, a non-iterable; a label that is neither `str` nor dict
-            (None, a number, bytes, a nested list); a non-`str` `name`; an `isthing` that is not a bool or 0/1
-            (e.g. `"false"`, None, 1.0); `is_thing` not a list.
-        ValueError: an unknown preset; an empty vocabulary; a dict without `name` or with another key (e.g.
-            `is_thing`); a blank name (`""`, `"  "`, `",,"`); an empty synonym (`"cat,,dog"`, `"cat,"`); a control
-            character inside a synonym (line break, tab); two labels CLIP reads alike (case, spacing and Unicode
-            composition ignored: `"cat"` / `"Cat"`) or one synonym in two labels (`"cat"` / `"cat,kitty"`), whose
-            message contains "Duplicate"; an integer flag other than 0 / 1; `is_thing` of the wrong length or given
-            with a preset, a `Vocabulary` or dicts that already hold `isthing`.
+            arbitrary), bytes, a multi-dimensional array, a non-iterable; a label that is neither `str`, list / tuple
+            of `str` nor dict (None, a number, bytes, a list nested twice); a non-`str` `name` or synonym; `synonyms`
+            not a list; an `isthing` that is not a bool or 0/1 (e.g. `"false"`, None, 1.0); `is_thing` not a list.
+        ValueError: an unknown-looking preset; an empty vocabulary; a dict without `name` or with another key (e.g.
+            `is_thing`); a blank name (`""`, `"  "`, `",,"`); an empty synonym (`"cat,,dog"`, `"cat,"`) or class; a
+            comma inside a synonym of a synonym list; a control character inside a synonym (line break, tab); two
+            labels CLIP reads alike (case, spacing and Unicode composition ignored: `"cat"` / `"Cat"`) or one synonym
+            in two labels (`"cat"` / `"cat,kitty"`), whose message contains "Duplicate"; an integer flag other than
+            0 / 1; `is_thing` of the wrong length or given with a preset, a `Vocabulary` or labels that already hold
+            `isthing`.
     Every message names the entry (`candidate_labels[index] = value`) and says what to pass instead.
     """
     if isinstance(candidate_labels, Vocabulary):
@@ -331,21 +347,70 @@ def resolve_vocabulary(candidate_labels: CandidateLabels, is_thing: Sequence[boo
             raise ValueError("is_thing cannot be combined with a Vocabulary, which already holds its flags.")
         return candidate_labels
     if isinstance(candidate_labels, str):
-        if is_thing is not None:
-            raise ValueError(
-                f"is_thing cannot be combined with the preset {candidate_labels!r}, which fixes its flags."
-            )
-        return preset_vocabulary(candidate_labels, "candidate_labels")
-    labels = label_entries(candidate_labels, "candidate_labels")
+        preset = PRESET_ALIASES.get(candidate_labels.strip().lower())
+        if preset is not None:
+            if is_thing is not None:
+                raise ValueError(
+                    f"is_thing cannot be combined with the preset {candidate_labels!r}, which fixes its flags."
+                )
+            return load_vocabulary(preset)
+        labels: list = split_class_string(candidate_labels, "candidate_labels")
+    else:
+        labels = label_entries(candidate_labels, "candidate_labels")
     names: list[str] = []
     flags: list[bool | None] = []
     for index, label in enumerate(labels):
-        name, flag = parse_label(label, f"candidate_labels[{index}]")
+        name, flag = parse_label(label, f"candidate_labels[{index}]", warn_commas=True)
         names.append(name)
         flags.append(flag)
     if is_thing is not None:
         return Vocabulary(names=tuple(names), is_thing=tuple(override_thing_flags(flags, is_thing, labels)))
     return Vocabulary(names=tuple(names), is_thing=tuple(True if flag is None else flag for flag in flags))
+
+
+def split_class_string(text: str, argument: str) -> list[str]:
+    """
+    A string of comma-separated classes -> one name per class, each stripped (transformers' zero-shot reading:
+    `ZeroShotClassificationArgumentHandler._parse_labels`, `ZeroShotObjectDetectionPipeline.preprocess`). An empty
+    class and a single name that looks like a misspelt preset are `ValueError`s (see `resolve_vocabulary`).
+    """
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise ValueError(
+            f"{argument}={preview(text)} names no class: pass classes separated by commas ('cat,dog'), a list "
+            "(['cat', 'dog']) or a preset such as 'coco' or 'ade20k'."
+        )
+    if len(parts) == 1:
+        close = misspelt_presets(text)
+        if close:
+            raise ValueError(
+                f"{argument}={preview(text)} is not a preset ({sorted(PRESET_ALIASES)}) but looks like one: for the "
+                f"preset, write {' or '.join(repr(name) for name in close)}; for one class named {text.strip()!r}, "
+                f"pass a list: [{text.strip()!r}]."
+            )
+    for position, part in enumerate(parts):
+        if not part:
+            raise ValueError(
+                f"{argument}={preview(text)} has an empty class (part {position} between commas): in a string, commas "
+                "separate classes ('cat,dog' is 2 classes, as in transformers' zero-shot pipelines); remove the stray "
+                "comma."
+            )
+    return parts
+
+
+def misspelt_presets(text: str) -> list[str]:
+    """
+    The preset aliases a single class name probably misspells: the same letters (`"coco133"`, `"COCO-panoptic"`), or
+    a name with digits or underscores close to an alias (`"ade_20k"`). Plain words (`"made"`, `"cocoa"`) are classes.
+    """
+    key = text.strip().lower()
+    letters = re.sub(r"[^a-z]", "", key)
+    same_letters = [alias for alias in PRESET_ALIASES if re.sub(r"[^a-z]", "", alias) == letters]
+    if same_letters:
+        return same_letters[:3]
+    if re.search(r"[\d_]", key):
+        return difflib.get_close_matches(key, PRESET_ALIASES, n=3, cutoff=0.6)
+    return []
 
 
 def seen_class_mask(vocabulary: CandidateLabels, training_vocabulary: CandidateLabels) -> torch.Tensor:
@@ -362,8 +427,8 @@ def preset_vocabulary(preset: str, argument: str) -> Vocabulary:
     suggestion = f" Did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
     raise ValueError(
         f"{argument}={preview(preset)} is not a preset ({sorted(PRESET_ALIASES)}).{suggestion} For your own "
-        "classes pass a list, even for one class: ['cat'] (inside one label, commas separate synonyms: "
-        "['person,people', 'car'])."
+        "classes pass a list of class names: ['person', 'car'] (synonyms of a class as a list: [['person', 'people'], "
+        "'car'])."
     )
 
 
@@ -401,27 +466,79 @@ def label_entries(candidate_labels: object, argument: str) -> list:
     return labels
 
 
-def parse_label(label: object, where: str) -> tuple[str, bool | None]:
-    """`(canonical name, isthing or None when unmarked)` of one label; errors name `where` and the value."""
+def parse_label(label: object, where: str, warn_commas: bool = False) -> tuple[str, bool | None]:
+    """
+    `(canonical name, isthing or None when unmarked)` of one label (forms: `resolve_vocabulary`); errors name `where`
+    and the value. `warn_commas`: warn that a comma inside a `str` label is read as FC-CLIP's synonyms (user labels);
+    stored forms (a config's `training_vocabulary`, category tables) hold comma-joined synonyms by definition.
+    """
     if isinstance(label, Mapping):
         unknown = [key for key in label if key not in LABEL_KEYS and key not in IGNORED_CATEGORY_KEYS]
         if unknown:
             raise ValueError(
                 f"{where} = {preview(label)} has the unknown key(s) {unknown}: a dict label holds {list(LABEL_KEYS)} "
-                f"(COCO's {list(IGNORED_CATEGORY_KEYS)} are accepted and ignored), e.g. {{'name': 'sky', 'isthing': False}}."
+                f"(COCO's {list(IGNORED_CATEGORY_KEYS)} are accepted and ignored), e.g. "
+                "{'name': 'cat', 'synonyms': ['kitty'], 'isthing': True}."
             )
         if "name" not in label:
             raise ValueError(
                 f"{where} = {preview(label)} is a dict without 'name': use {{'name': 'sky', 'isthing': False}}."
             )
         name = normalize_class_name(label["name"], f"{where}['name']")
+        if "synonyms" in label:
+            name = ",".join([name, *synonym_list(label["synonyms"], f"{where}['synonyms']")])
         flag = thing_flag(label["isthing"], f"{where}['isthing']") if "isthing" in label else None
         return name, flag
     if isinstance(label, str):
-        return normalize_class_name(label, where), None
+        name = normalize_class_name(label, where)
+        if warn_commas and "," in name:
+            warn_comma_label(name, where)
+        return name, None
+    if isinstance(label, (list, tuple)):
+        return ",".join(synonym_list(label, where)), None
     raise TypeError(
-        f"{where} = {preview(label)} has type {type(label).__name__}; a label is a str ('person,people': commas separate "
-        f"synonyms) or a dict {{'name': str, 'isthing': bool}}.{type_hint(label)}"
+        f"{where} = {preview(label)} has type {type(label).__name__}; a label is a str ('cat'), a list of synonyms "
+        f"(['cat', 'kitty']) or a dict {{'name': str, 'synonyms': [str], 'isthing': bool}}.{type_hint(label)}"
+    )
+
+
+def synonym_list(synonyms: object, where: str) -> list[str]:
+    """The synonyms of an explicit list (`["cat", "kitty"]`): each a `str`, not blank, without a comma."""
+    if isinstance(synonyms, str) or not isinstance(synonyms, (list, tuple)):
+        raise TypeError(
+            f"{where} = {preview(synonyms)} has type {type(synonyms).__name__}; synonyms are a list of str, e.g. "
+            "['cat', 'kitty']."
+        )
+    if not synonyms:
+        raise ValueError(f"{where} is an empty list of synonyms: give at least one name, e.g. ['cat', 'kitty'].")
+    names = []
+    for position, synonym in enumerate(synonyms):
+        entry = f"{where}[{position}]"
+        if not isinstance(synonym, str):
+            raise TypeError(
+                f"{entry} = {preview(synonym)} has type {type(synonym).__name__}; a synonym is a str.{type_hint(synonym)}"
+            )
+        if "," in synonym:
+            parts = [part.strip() for part in synonym.split(",")]
+            raise ValueError(
+                f"{entry} = {preview(synonym)} holds a comma, but in a list of synonyms each entry is one synonym: "
+                f"write {parts!r} for synonyms of this class, or list separate classes as separate labels."
+            )
+        names.append(normalize_class_name(synonym, entry))
+    return names
+
+
+def warn_comma_label(name: str, where: str) -> None:
+    """The warning for a `str` label holding commas: read as synonyms (FC-CLIP), with every writing spelled out."""
+    synonyms = name.split(",")
+    warnings.warn(
+        f"{where} = {preview(name)} holds commas and is read as ONE class with the synonyms {synonyms!r} (FC-CLIP's "
+        f"convention). To say so explicitly (and silence this warning) write that class as {synonyms!r} or "
+        f"{{'name': {synonyms[0]!r}, 'synonyms': {synonyms[1:]!r}}}. If you meant {len(synonyms)} classes, give "
+        f"them as separate labels ({synonyms!r} as the whole label list) or as one string {name!r} (commas in a "
+        "string separate classes, as in transformers' zero-shot pipelines).",
+        UserWarning,
+        stacklevel=4,
     )
 
 
