@@ -26,7 +26,7 @@ DOCUMENTS = [REPOSITORY / "README.md", *sorted(REPOSITORY.glob("model_cards/*/RE
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
 SKIP_MARKER = re.compile(r"<!--\s*snippet:\s*skip\s*\((.+?)\)\s*-->")
 CHECKPOINT_IDS = ["path/or/hub-id", "<hub-user>/possam-vit-b", "<hub-user>/possam-vit-l", "<hub-user>/possam-vit-h"]
-IMAGES = ["http://images.cocodataset.org/val2017/000000039769.jpg", "street.jpg", "image.jpg"]
+IMAGES = ["http://images.cocodataset.org/val2017/000000039769.jpg", "street.jpg", "image.jpg", "a.jpg", "b.jpg"]
 
 
 def substitutions(checkpoint: str, image: str) -> dict[str, str]:

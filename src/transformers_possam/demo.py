@@ -24,12 +24,12 @@ from .tokenization import clip_tokenizer_from_bpe
 from .vocabularies import resolve_vocabulary
 
 
-LABELS: list[str | dict[str, object]] = [
+LABELS: list[str | list[str] | dict[str, object]] = [
     {"name": "sky,clouds", "isthing": False},
     {"name": "grass,lawn", "isthing": False},
-    "ball,red ball",
-    "house,building",
-    "tree,trees",
+    ["ball", "red ball"],
+    ["house", "building"],
+    ["tree", "trees"],
 ]
 
 
