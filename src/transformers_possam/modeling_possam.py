@@ -1033,8 +1033,9 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         synonym_mask = embeddings.norm(dim=-1) > 0
         if not bool(synonym_mask.any(dim=1).all()):
             raise ValueError(
-                "No vocabulary given (input_ids or class_embeddings) and this model has no default vocabulary: its "
-                "default_class_embeddings were never computed. Pass a vocabulary, or compute the embeddings of "
+                "PosSAM classifies masks against a vocabulary: pass input_ids (from PosSAMProcessor) or "
+                "class_embeddings (from get_class_embeddings). This model has no default vocabulary to use instead "
+                "(its default_class_embeddings were never computed): compute the embeddings of "
                 "config.training_vocabulary once with `model.set_default_vocabulary(PosSAMProcessor.from_pretrained("
                 "path))` and save the model (`model.save_pretrained(path)`)."
             )
