@@ -193,6 +193,9 @@ def main(argv=None) -> Path:
     size = sam_config.image_size
     image_processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
     processor = PosSAMProcessor(image_processor, clip_tokenizer_from_bpe())
+    # the default vocabulary (config.training_vocabulary, = id2label): transformers' image-segmentation pipeline and the
+    # Hub widget segment with it; the checkpoint also carries its code for trust_remote_code (PosSAMConfig.save_pretrained)
+    model.set_default_vocabulary(processor)
     output_dir = Path(args.output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)

@@ -1,10 +1,18 @@
 """transformers-possam: PosSAM (Panoptic Open-vocabulary Segment Anything) for Hugging Face Transformers.
 
 Importing the package registers PosSAM with transformers' Auto classes (`AutoConfig`, `AutoModel`,
-`AutoModelForUniversalSegmentation`).
+`AutoModelForUniversalSegmentation`, `AutoModelForImageSegmentation`, `AutoImageProcessor`, `AutoProcessor`) and its
+pipeline task ("open-vocabulary-panoptic-segmentation").
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForUniversalSegmentation, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageSegmentation,
+    AutoModelForUniversalSegmentation,
+    AutoProcessor,
+)
 
 from .configuration_possam import PosSAMConfig, tiny_config
 from .image_processing_possam import PosSAMImageProcessor, PosSAMImageProcessorPil
@@ -28,6 +36,8 @@ __version__ = "0.1.0"
 AutoConfig.register(PosSAMConfig.model_type, PosSAMConfig, exist_ok=True)
 AutoModel.register(PosSAMConfig, PosSAMModel, exist_ok=True)
 AutoModelForUniversalSegmentation.register(PosSAMConfig, PosSAMForPanopticSegmentation, exist_ok=True)
+# transformers' image-segmentation pipeline loads its model with AutoModelForImageSegmentation
+AutoModelForImageSegmentation.register(PosSAMConfig, PosSAMForPanopticSegmentation, exist_ok=True)
 AutoImageProcessor.register(
     PosSAMConfig,
     image_processor_classes={"torchvision": PosSAMImageProcessor, "pil": PosSAMImageProcessorPil},

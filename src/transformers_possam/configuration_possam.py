@@ -1,6 +1,8 @@
 """PosSAM configuration."""
 
+import copy
 import math
+import os
 from typing import Any, TypeVar
 
 from huggingface_hub.dataclasses import strict
@@ -8,14 +10,22 @@ from transformers import CLIPTextConfig, PreTrainedConfig, SamVisionConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
-from .vocabularies import load_vocabulary
+from .remote_code_hooks import IS_INSTALLED_PACKAGE, export_code
+from .vocabularies import load_vocabulary, split_synonyms
 
 
 logger = logging.get_logger(__name__)
 
+
 _SubConfigT = TypeVar("_SubConfigT", bound=PreTrainedConfig)
 
-__all__ = ["PosSAMConfig", "SAM_VISION_VARIANTS", "CONVNEXT_LARGE_D_320_TEXT", "tiny_config"]
+__all__ = [
+    "PosSAMConfig",
+    "SAM_VISION_VARIANTS",
+    "CONVNEXT_LARGE_D_320_TEXT",
+    "default_vocabulary_shape",
+    "tiny_config",
+]
 
 # open_clip `convnext_large_d_320` text tower (model_configs json: width 768, heads 12, layers 16, embed_dim 768),
 # written as a CLIPTextConfig. open_clip uses exact GELU, HF CLIP's default is quick_gelu.
@@ -100,7 +110,10 @@ class PosSAMConfig(PreTrainedConfig):
         iou_loss_on_unmatched (`bool`): also train the IoU head to predict 0 for unmatched queries (the paper trains
             it on matched pairs only: default False).
         training_vocabulary (`list[str]`): class names (comma-separated synonyms) the model was trained on; used to
-            derive the seen-class mask of a test vocabulary. Default COCO panoptic 133.
+            derive the seen-class mask of a test vocabulary, and the model's default vocabulary (the classes of
+            `id2label` / `label2id`, label k = the first synonym of class k, which forward and transformers'
+            image-segmentation pipeline use when given no vocabulary). Default COCO panoptic 133; an `id2label` or
+            `num_labels` given alone defines it instead.
     """
 
     model_type = "possam"
@@ -181,8 +194,7 @@ class PosSAMConfig(PreTrainedConfig):
         if isinstance(self.text_config, dict):
             # A partial dict means "convnext_large_d_320 with these changes", not "CLIPTextConfig defaults".
             self.text_config = {**CONVNEXT_LARGE_D_320_TEXT, **self.text_config}
-        if self.training_vocabulary is None:
-            self.training_vocabulary = list(load_vocabulary("coco_panoptic_133").names)
+        self._set_labels(kwargs.get("num_labels"))
         self.clip_vision_model_kwargs = dict(self.clip_vision_model_kwargs or {})
         for name in ("sam_image_mean", "sam_image_std", "clip_image_mean", "clip_image_std"):
             value = getattr(self, name)
@@ -190,6 +202,58 @@ class PosSAMConfig(PreTrainedConfig):
         for name in ("fpn_out_channels", "feature_strides"):
             setattr(self, name, list(getattr(self, name)))
         super().__post_init__(**kwargs)
+
+    def _set_labels(self, num_labels: int | None) -> None:
+        """
+        `training_vocabulary` and `id2label` / `label2id` are two views of one list, the model's default vocabulary:
+        label k is the first synonym of `training_vocabulary[k]`. Either may be given (an `id2label` or `num_labels`
+        alone defines the vocabulary, as for transformers' classifiers); both given must agree. Neither: COCO-133.
+        """
+        given_labels = None
+        if self.id2label is not None:
+            given_labels = {int(index): label for index, label in self.id2label.items()}
+        if self.training_vocabulary is None:
+            if given_labels is not None:
+                self.training_vocabulary = [given_labels[index] for index in sorted(given_labels)]
+            elif num_labels is not None:
+                self.training_vocabulary = [f"LABEL_{index}" for index in range(num_labels)]
+            else:
+                self.training_vocabulary = list(load_vocabulary("coco_panoptic_133").names)
+        labels = {index: split_synonyms(name)[0] for index, name in enumerate(self.training_vocabulary)}
+        if given_labels is not None and given_labels != labels:
+            raise ValueError(
+                "PosSAMConfig: id2label must name the classes of training_vocabulary (label k = the first synonym of "
+                f"training_vocabulary[k]); got id2label {_preview(given_labels)} for training vocabulary "
+                f"{_preview(labels)}. Give one of the two, or both in agreement."
+            )
+        self.id2label = labels
+        self.label2id = {label: index for index, label in labels.items()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """
+        `PreTrainedConfig.save_pretrained`, and the checkpoint's code for `trust_remote_code=True`: the package's
+        modules, flattened (`remote_code.export_remote_code`), with `auto_map` and `custom_pipelines` in
+        `config.json`. A model's `save_pretrained` / `push_to_hub` saves its config through here.
+        """
+        remote_code = export_code(save_directory)
+        if remote_code is not None:
+            self.auto_map = copy.deepcopy(remote_code.AUTO_MAP)
+            self.__dict__["custom_pipelines"] = copy.deepcopy(remote_code.CUSTOM_PIPELINES)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    @property
+    def custom_pipelines(self) -> dict:
+        """
+        The pipelines `config.json` declares for remote code (transformers' `pipeline()` reads this attribute).
+        Empty when this class is the installed package's: a declared task makes `pipeline()` demand
+        `trust_remote_code=True` for it, while the installed package registers the task itself.
+        """
+        return {} if IS_INSTALLED_PACKAGE else self.__dict__.get("custom_pipelines", {})
+
+    @custom_pipelines.setter
+    def custom_pipelines(self, value: dict) -> None:
+        # kept in __dict__, which `to_dict` (and so config.json) serializes
+        self.__dict__["custom_pipelines"] = value
 
     @property
     def sam_vision_config(self) -> SamVisionConfig:
@@ -230,6 +294,17 @@ class PosSAMConfig(PreTrainedConfig):
             )
         if self.decoder_layers < 2:
             raise ValueError("decoder_layers counts the query prediction plus the transformer layers: use >= 2.")
+
+
+def _preview(labels: dict[int, str], count: int = 4) -> str:
+    shown = ", ".join(f"{index}: {label!r}" for index, label in list(labels.items())[:count])
+    return f"{{{shown}{', ...' if len(labels) > count else ''}}} ({len(labels)} labels)"
+
+
+def default_vocabulary_shape(config: PosSAMConfig) -> tuple[int, int]:
+    """(classes, synonym slots) of the default vocabulary `config.training_vocabulary`, as the processor splits it."""
+    synonyms = [split_synonyms(name) for name in config.training_vocabulary or ()]
+    return len(synonyms), max((len(names) for names in synonyms), default=0)
 
 
 def _built_sub_config(config: PosSAMConfig, name: str, config_class: type[_SubConfigT]) -> _SubConfigT:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,6 +21,7 @@ from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPi
 from transformers.models.sam.image_processing_sam import SamImageProcessor, SamImageProcessorKwargs
 
 from .postprocessing import PosSAMPostProcessingMixin, check_ensemble_weight
+from .remote_code_hooks import saving_checkpoint, write_json_with_auto_map
 
 
 __all__ = [
@@ -485,6 +487,20 @@ class _PosSAMPreprocessingMixin(PosSAMPostProcessingMixin, _SamBackend):
     # (and so by the pipeline and training/evaluate.py); a post-processing call may override them.
     mase_alpha = 0.4
     mase_beta = 0.8
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Saved by `save_pretrained`, the file also gets `auto_map` and the checkpoint its code (remote_code.py)."""
+        write_json_with_auto_map(self, json_file_path, ("AutoImageProcessor",), super().to_json_file)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
+        with saving_checkpoint():
+            return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_dict(cls, image_processor_dict: dict[str, Any], **kwargs: Any):
+        """`ImageProcessingMixin.from_dict`, leaving out `auto_map`: where the code is, not a setting (to_json_file)."""
+        image_processor_dict = {key: value for key, value in image_processor_dict.items() if key != "auto_map"}
+        return super().from_dict(image_processor_dict, **kwargs)
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

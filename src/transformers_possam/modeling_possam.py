@@ -34,7 +34,7 @@ from transformers.models.sam.modeling_sam import SamVisionEncoder, SamVisionSdpa
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
-from .configuration_possam import PosSAMConfig
+from .configuration_possam import PosSAMConfig, default_vocabulary_shape
 from .modeling import (
     LocalDiscriminativePooling,
     PosSAMCLIP,
@@ -48,6 +48,7 @@ from .modeling import (
     PosSAMOpenVocabularyClassifier,
     PosSAMVisionAttention,
 )
+from .vocabularies import Vocabulary
 
 
 _ModuleT = TypeVar("_ModuleT", bound=nn.Module)
@@ -383,6 +384,10 @@ class PosSAMPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, LocalDiscriminativePooling):
             init.normal_(module.stream_embeddings.weight, std=self.config.init_std)
+        elif isinstance(module, PosSAMForPanopticSegmentation):
+            # the default vocabulary's embeddings are computed from text (set_default_vocabulary), never initialized:
+            # zeros mark them as not computed
+            init.zeros_(module.default_class_embeddings)
         elif isinstance(module, PosSAMOpenVocabularyClassifier):
             init.constant_(module.logit_scale, self.config.logit_scale_init)
             init.normal_(module.void_embedding.weight, std=self.config.init_std)
@@ -635,6 +640,11 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
     vocabulary is encoded once and reused across images.
     """
 
+    # buffer (registered in __init__): the default vocabulary's embeddings (K, S, D), zero at padding slots
+    default_class_embeddings: torch.Tensor
+    # checkpoints saved before the default vocabulary existed load without it (forward then asks for a vocabulary)
+    _keys_to_ignore_on_load_missing = [r"^default_class_embeddings$"]
+
     def __init__(self, config: PosSAMConfig):
         super().__init__(config)
         self.model = PosSAMModel(config)
@@ -654,6 +664,14 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             dropout=config.dropout,
         )
         self.classifier = PosSAMOpenVocabularyClassifier(config.clip_embed_dim, config.logit_scale_init)
+        # The default vocabulary (config.training_vocabulary, whose names are config.id2label): its text embeddings,
+        # used when forward gets no vocabulary (transformers' image-segmentation pipeline, the Hub widget). Zeros
+        # until `set_default_vocabulary` computes them; saved with the weights. Slots past a class's synonyms stay
+        # zero, which is how the synonym mask is read back (a real text embedding is never the zero vector).
+        num_classes, num_synonyms = default_vocabulary_shape(config)
+        self.register_buffer(
+            "default_class_embeddings", torch.zeros(num_classes, num_synonyms, config.clip_embed_dim), persistent=True
+        )
         self.criterion = PosSAMLoss(config)
         self.post_init()
         self.freeze_frozen_parts()
@@ -995,11 +1013,64 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             class_embeddings = nn.functional.normalize(class_embeddings.float(), dim=-1)
             return class_embeddings, synonym_mask
         if input_ids is None:
-            raise ValueError(
-                "PosSAM classifies masks against a vocabulary: pass input_ids (from PosSAMProcessor) or class_embeddings "
-                "(from get_class_embeddings)."
-            )
+            if attention_mask is not None or synonym_mask is not None:
+                raise ValueError(
+                    "attention_mask / synonym_mask were given without input_ids: pass the tokenized vocabulary "
+                    "(input_ids) with them, or none of them to use the default vocabulary."
+                )
+            return self.default_vocabulary()
         return self.get_class_embeddings(input_ids, attention_mask, synonym_mask)
+
+    def default_vocabulary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        `(class_embeddings (K, S, D) float32, synonym_mask (K, S) bool)` of the default vocabulary,
+        `config.training_vocabulary` (class k is `config.id2label[k]`), stored by `set_default_vocabulary`.
+
+        Raises:
+            ValueError: the embeddings were never computed (a checkpoint saved without them).
+        """
+        embeddings = self.default_class_embeddings.float()
+        synonym_mask = embeddings.norm(dim=-1) > 0
+        if not bool(synonym_mask.any(dim=1).all()):
+            raise ValueError(
+                "PosSAM classifies masks against a vocabulary: pass input_ids (from PosSAMProcessor) or "
+                "class_embeddings (from get_class_embeddings). This model has no default vocabulary to use instead "
+                "(its default_class_embeddings were never computed): compute the embeddings of "
+                "config.training_vocabulary once with `model.set_default_vocabulary(PosSAMProcessor.from_pretrained("
+                "path))` and save the model (`model.save_pretrained(path)`)."
+            )
+        # padding slots hold the class's first synonym, as get_class_embeddings returns them
+        first_synonym = embeddings[:, 0]
+        return torch.where(synonym_mask[..., None], embeddings, first_synonym[:, None]), synonym_mask
+
+    @torch.no_grad()
+    def set_default_vocabulary(self, processor, text_batch_size: int | None = None) -> None:
+        """
+        Computes and stores the text embeddings of `config.training_vocabulary` (prompts from `processor`, a
+        `PosSAMProcessor`, with its templates and tokenizer), the vocabulary forward uses when it is given none.
+        `save_pretrained` then saves them with the weights (`default_class_embeddings`).
+        """
+        names = tuple(self.config.training_vocabulary or ())
+        # thing/stuff flags do not change the text embeddings
+        vocabulary = Vocabulary(names=names, is_thing=(True,) * len(names))
+        tokens = processor.encode_vocabulary(vocabulary)
+        device = self.default_class_embeddings.device
+        embeddings, synonym_mask = self.get_class_embeddings(
+            tokens["input_ids"].to(device),
+            tokens["attention_mask"].to(device),
+            tokens["synonym_mask"].to(device),
+            text_batch_size=text_batch_size,
+        )
+        if embeddings.shape != self.default_class_embeddings.shape:
+            raise ValueError(
+                f"The processor encodes config.training_vocabulary as {tuple(embeddings.shape)} embeddings, but the "
+                f"model holds {tuple(self.default_class_embeddings.shape)} (classes, synonyms, dimension): the "
+                "processor does not split the class names into synonyms as the config does."
+            )
+        if not bool(synonym_mask[:, 0].all()):
+            raise ValueError("Every class of config.training_vocabulary needs its first synonym in slot 0.")
+        embeddings = embeddings * synonym_mask[..., None]
+        self.default_class_embeddings.copy_(embeddings.to(self.default_class_embeddings.dtype))
 
     # ----------------------------------------------------------------------------------------------------------------
     # Training: Mask2FormerForUniversalSegmentation's split (loss parts, total, per-layer predictions)

@@ -69,12 +69,12 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
     def __init__(self, *args, text_batch_size: int | None = None, **kwargs):
         """`text_batch_size`: prompts per text-tower call when a new vocabulary is encoded (default: one pass)."""
         super().__init__(*args, **kwargs)
-        if not isinstance(self.model, PosSAMForPanopticSegmentation):
+        if not _is_a(self.model, PosSAMForPanopticSegmentation):
             raise TypeError(
                 f"The {TASK} pipeline needs a PosSAMForPanopticSegmentation, got a {type(self.model).__name__}: load "
                 "a PosSAM checkpoint (AutoModelForUniversalSegmentation)."
             )
-        if not isinstance(self.image_processor, (PosSAMImageProcessor, PosSAMImageProcessorPil)):
+        if not _is_a(self.image_processor, PosSAMImageProcessor, PosSAMImageProcessorPil):
             raise TypeError(
                 f"The {TASK} pipeline needs a PosSAMImageProcessor (or PosSAMImageProcessorPil), got "
                 f"{type(self.image_processor).__name__}: load the image processor saved with the PosSAM checkpoint."
@@ -476,6 +476,16 @@ def input_item(entry, shared: Vocabulary | None, where: str) -> dict:
     return {"image": entry["image"], "candidate_labels": resolve_vocabulary(own)}
 
 
+def _is_a(obj: object, *classes: type) -> bool:
+    """
+    isinstance by class name: loaded with `trust_remote_code=True` from a local folder, the pipeline, the model and the
+    image processor each come from their own copy of the checkpoint's modules (transformers keys the copy by the hash
+    of the entry module and its imports), so the model's class is another copy of the same class.
+    """
+    names = {cls.__name__ for cls in classes}
+    return any(base.__name__ in names for base in type(obj).__mro__)
+
+
 class _Outputs:
     """Attribute view of the pipeline's model outputs for the post-processors."""
 
@@ -487,6 +497,28 @@ def _to_pil(mask: torch.Tensor) -> Image.Image:
     return Image.fromarray(mask.to(torch.uint8).mul(255).cpu().numpy(), mode="L")
 
 
+NO_DEFAULT_CHECKPOINT = (
+    f"pipeline({TASK!r}) needs a model: PosSAM has no default checkpoint. Pass model=<a local folder or Hub id of a "
+    "PosSAM checkpoint>. To make one: conversion/convert_possam_to_hf.py (SAM + FC-CLIP + open_clip weights), "
+    "training/train.py, or for a quick test a random tiny model: "
+    "`PosSAMForPanopticSegmentation(tiny_config()).save_pretrained(path)` with "
+    "`PosSAMProcessor(PosSAMImageProcessor(...), clip_tokenizer_from_bpe()).save_pretrained(path)`."
+)
+
+
+class _NoDefaultCheckpoint(dict):
+    """
+    The task's `default` entry: transformers' `pipeline()` reads `default["model"]` when given no model (a task
+    registered without a default fails there with a bare `KeyError: 'default'`); this one says what to do instead.
+    """
+
+    def __contains__(self, key: object) -> bool:
+        return key == "model"
+
+    def __getitem__(self, key: object):
+        raise ValueError(NO_DEFAULT_CHECKPOINT)
+
+
 def register_pipeline() -> None:
     from transformers import AutoModelForUniversalSegmentation
     from transformers.pipelines import PIPELINE_REGISTRY
@@ -495,5 +527,11 @@ def register_pipeline() -> None:
         TASK,
         pipeline_class=OpenVocabularyPanopticSegmentationPipeline,
         pt_model=AutoModelForUniversalSegmentation,
+        default=_NoDefaultCheckpoint(),
         type="multimodal",
     )
+    # `Pipeline.save_pretrained` of a registered pipeline copies its module and that module's relative imports as
+    # they are, which this nested package cannot load from; the model's `save_pretrained` (which the pipeline's calls)
+    # writes the flattened code and `custom_pipelines` instead (remote_code.py).
+    if "_registered_impl" in vars(OpenVocabularyPanopticSegmentationPipeline):
+        delattr(OpenVocabularyPanopticSegmentationPipeline, "_registered_impl")

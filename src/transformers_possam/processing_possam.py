@@ -2,8 +2,10 @@
 
 import difflib
 import numbers
+import os
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from transformers.image_processing_utils import BatchFeature
@@ -14,6 +16,7 @@ from transformers.utils import TensorType
 # `resolve_vocabulary` and `seen_class_mask` live in the vocabulary layer; imported here, they stay part of this
 # module's API (`from transformers_possam.processing_possam import resolve_vocabulary`).
 from .image_processing_possam import PosSAMImageProcessorKwargs
+from .remote_code_hooks import saving_checkpoint, write_json_with_auto_map
 from .vocabularies import CandidateLabels, Vocabulary, preview, resolve_vocabulary, seen_class_mask, shared_synonyms
 
 
@@ -220,6 +223,14 @@ class PosSAMProcessor(ProcessorMixin):
                     f"PosSAMProcessor got the unknown keyword argument {name!r}: it takes images, candidate_labels, "
                     f"annotations, the image processor's options and the tokenizer's (see PosSAMProcessorKwargs).{hint}"
                 )
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Saved by `save_pretrained`, the file also gets `auto_map` and the checkpoint its code (remote_code.py)."""
+        write_json_with_auto_map(self, json_file_path, ("AutoProcessor", "AutoImageProcessor"), super().to_json_file)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
+        with saving_checkpoint():
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
     def encode_vocabulary(
         self, candidate_labels: CandidateLabels, return_tensors: str | TensorType | None = "pt", **text_kwargs
