@@ -98,6 +98,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     # the saved config names the classes trained on (the toy set's), which MASE's seen / unseen split reads
     saved_vocabulary = json.loads((resumed / "config.json").read_text(encoding="utf-8"))["training_vocabulary"]
     assert saved_vocabulary == [category["name"] for category in TOY_CATEGORIES]
+    saved_labels = json.loads((resumed / "config.json").read_text(encoding="utf-8"))["id2label"]
+    assert saved_labels == {
+        str(index): category["name"].split(",")[0] for index, category in enumerate(TOY_CATEGORIES)
+    }
     assert full.keys() == again.keys()
     assert all(torch.equal(full[key], again[key]) for key in full)
     # the saved model and processor load with the pipeline
@@ -110,6 +114,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     loaded = revert_weight_conversion(segmenter.model, segmenter.model.state_dict())
     assert loaded.keys() == again.keys()
     assert all(torch.equal(loaded[key], again[key]) for key in again)
+    # the default vocabulary (used when forward gets none) is the toy one, computed: one real embedding per class
+    defaults = segmenter.model.default_class_embeddings
+    assert defaults.shape[0] == len(TOY_CATEGORIES) and bool((defaults[:, 0].norm(dim=-1) > 0).all())
     picture = next(toy_panoptic_rows(1))["image"]
     results = segmenter(picture, candidate_labels=["ball", "sky"], subtask="semantic")
     assert results and {segment["label"] for segment in results} <= {"ball", "sky"}

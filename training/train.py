@@ -399,8 +399,11 @@ def main(argv=None) -> dict:
     logger.info("%d classes from %s", len(categories), category_source)
     train_set = shard_for_process(train_set, accelerator.process_index, accelerator.num_processes)
     vocabulary = Vocabulary.from_categories(categories)
-    # The saved model records what it was trained on: MASE's seen / unseen split (evaluation, pipeline) reads it.
-    model.config.training_vocabulary = list(vocabulary.names)
+    # The saved model records what it was trained on: MASE's seen / unseen split (evaluation, pipeline) reads it,
+    # and its default vocabulary (id2label, the text embeddings forward uses when given none) follows.
+    model.config.set_training_vocabulary(list(vocabulary.names))
+    model.to(accelerator.device)
+    model.set_default_vocabulary(processor)
     stream = PanopticTrainStream(
         train_set,
         processor.image_processor,

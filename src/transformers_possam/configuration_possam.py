@@ -229,6 +229,16 @@ class PosSAMConfig(PreTrainedConfig):
         self.id2label = labels
         self.label2id = {label: index for index, label in labels.items()}
 
+    def set_training_vocabulary(self, names: list[str]) -> None:
+        """
+        Records the classes a model was (fine-)tuned on: `training_vocabulary` (MASE's seen / unseen split reads it)
+        and its views `id2label` / `label2id`, together. The model's default text embeddings follow with
+        `PosSAMForPanopticSegmentation.set_default_vocabulary`.
+        """
+        self.training_vocabulary = list(names)
+        self.id2label = None
+        self._set_labels(None)
+
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """
         `PreTrainedConfig.save_pretrained`, and the checkpoint's code for `trust_remote_code=True`: the package's

@@ -1048,9 +1048,15 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         """
         Computes and stores the text embeddings of `config.training_vocabulary` (prompts from `processor`, a
         `PosSAMProcessor`, with its templates and tokenizer), the vocabulary forward uses when it is given none.
-        `save_pretrained` then saves them with the weights (`default_class_embeddings`).
+        `save_pretrained` then saves them with the weights (`default_class_embeddings`, re-shaped here when the
+        training vocabulary changed; call it before wrapping the model for distributed training).
         """
         names = tuple(self.config.training_vocabulary or ())
+        num_classes, num_synonyms = default_vocabulary_shape(self.config)
+        if self.default_class_embeddings.shape[:2] != (num_classes, num_synonyms):
+            # the training vocabulary changed (`config.set_training_vocabulary`): a buffer of its shape
+            buffer = self.default_class_embeddings
+            self.default_class_embeddings = buffer.new_zeros(num_classes, num_synonyms, buffer.shape[-1])
         # thing/stuff flags do not change the text embeddings
         vocabulary = Vocabulary(names=names, is_thing=(True,) * len(names))
         tokens = processor.encode_vocabulary(vocabulary)
