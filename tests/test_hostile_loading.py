@@ -22,7 +22,9 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from transformers_possam.checkpointing import CheckpointError, write_manifest
+from transformers_possam.data import TOY_CATEGORIES
 from transformers_possam.data.stream import StreamPosition
+from transformers_possam.vocabularies import Vocabulary
 
 from .conftest import load_training_script
 
@@ -94,7 +96,8 @@ def resume_in_process(checkpoint: Path) -> tuple[int, Accelerator]:
     """train.py's own resume, in this process, into the model / optimizer / scheduler train.py would build."""
     args = train.parse_args(["--output_dir", str(checkpoint.parent), *TRAIN_ARGS])
     accelerator = Accelerator()
-    model, _ = train.build_model_and_processor(args)
+    model, processor = train.build_model_and_processor(args)
+    train.record_training_vocabulary(model, processor, Vocabulary.from_categories(TOY_CATEGORIES), accelerator.device)
     _, optimizer, scheduler = train.build_optimization(args, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     stream = SimpleNamespace(position=StreamPosition())

@@ -251,6 +251,17 @@ def build_model_and_processor(args):
     return model, processor
 
 
+def record_training_vocabulary(model, processor, vocabulary: Vocabulary, device) -> None:
+    """
+    The saved model records what it was trained on: MASE's seen / unseen split (evaluation, pipeline) reads
+    `training_vocabulary`, and its default vocabulary (`id2label`, the text embeddings forward uses when given none)
+    follows. Called before the model is wrapped (the default embeddings change shape with the vocabulary).
+    """
+    model.config.set_training_vocabulary(list(vocabulary.names))
+    model.to(device)
+    model.set_default_vocabulary(processor)
+
+
 def build_optimization(args, model):
     """(parameter groups, AdamW, step-decay scheduler) of the recipe in `args` (the scheduler is not prepared)."""
     groups = parameter_groups(
@@ -399,11 +410,7 @@ def main(argv=None) -> dict:
     logger.info("%d classes from %s", len(categories), category_source)
     train_set = shard_for_process(train_set, accelerator.process_index, accelerator.num_processes)
     vocabulary = Vocabulary.from_categories(categories)
-    # The saved model records what it was trained on: MASE's seen / unseen split (evaluation, pipeline) reads it,
-    # and its default vocabulary (id2label, the text embeddings forward uses when given none) follows.
-    model.config.set_training_vocabulary(list(vocabulary.names))
-    model.to(accelerator.device)
-    model.set_default_vocabulary(processor)
+    record_training_vocabulary(model, processor, vocabulary, accelerator.device)
     stream = PanopticTrainStream(
         train_set,
         processor.image_processor,
