@@ -61,7 +61,7 @@ from transformers_possam.data.stream import (
     load_panoptic_dataset,
     shard_for_process,
 )
-from transformers_possam.evaluation import PanopticEvaluator, vocabulary_embeddings
+from transformers_possam.evaluation import PanopticEvaluator
 from transformers_possam.optimization import SCHEDULES, make_optimizer, parameter_groups, step_decay
 from transformers_possam.vocabularies import Vocabulary
 
@@ -444,8 +444,8 @@ def main(argv=None) -> dict:
             )
         )
 
-    # The text tower is frozen: the vocabulary is encoded once.
-    class_embeddings, synonym_mask = vocabulary_embeddings(unwrapped, processor, vocabulary)
+    # The text tower is frozen: the vocabulary was encoded once, by record_training_vocabulary.
+    class_embeddings, synonym_mask = unwrapped.default_vocabulary()
 
     step = 0
     if args.resume_from_checkpoint:
