@@ -1,7 +1,9 @@
 """Writes model_cards/possam-vit-{b,l,h}/: config.json, processor (image processor + CLIP tokenizer files) and README.md.
 
 Each folder is a ready Hub repo apart from the weights (`conversion/convert_possam_to_hf.py` and training produce
-them). Run: `python model_cards/generate_configs.py`.
+them). Run: `python model_cards/generate_configs.py`. Saving the config also writes the checkpoint's code for
+`trust_remote_code=True` (the package's modules, flattened: `remote_code.py`); those files are generated from `src/`
+and git-ignored, so the repository keeps one copy of the code.
 """
 
 import json
@@ -114,6 +116,21 @@ segmenter = pipeline("open-vocabulary-panoptic-segmentation", model="<hub-user>/
 segments = segmenter(
     "{image}", candidate_labels=["cat", "remote control"]
 )
+```
+
+transformers' standard `image-segmentation` pipeline (this card's `pipeline_tag`) labels segments with the
+checkpoint's default vocabulary, its training classes (COCO-133), listed in `config.id2label`. Pass `threshold=0.0`:
+that pipeline's default of 0.9 is meant for Mask2Former's scores, and PosSAM's (class probability times predicted
+mask IoU) rarely exceed 0.5, so the default returns nothing (with a warning saying so). Add `trust_remote_code=True`
+without the package:
+
+```python
+import transformers_possam  # noqa: F401
+from transformers import pipeline
+
+segmenter = pipeline("image-segmentation", model="<hub-user>/possam-{variant}", threshold=0.0)
+segments = segmenter("{image}")  # subtask="panoptic" (default here), "instance" or "semantic"
+# [{{"score": ..., "label": "cat", "mask": <PIL.Image mode=L>}}, ...]
 ```
 
 Processor, model and post-processing, and a picture of the result:

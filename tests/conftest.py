@@ -99,16 +99,23 @@ def vocabulary():
     return make_vocabulary()
 
 
-def save_tiny_checkpoint(path, seed: int = 0, **image_processor_kwargs):
-    """A random tiny model with its processor (sized to the model, plus `image_processor_kwargs`) saved in `path`."""
+def save_tiny_checkpoint(path, seed: int = 0, default_vocabulary: bool = False, **image_processor_kwargs):
+    """
+    A random tiny model with its processor (sized to the model, plus `image_processor_kwargs`) saved in `path`; with
+    `default_vocabulary`, also the default vocabulary's text embeddings, as the conversion script stores them.
+    """
     torch.manual_seed(seed)
     config = tiny_config()
     size = config.vision_config.image_size
-    PosSAMForPanopticSegmentation(config).save_pretrained(path)
+    model = PosSAMForPanopticSegmentation(config)
     image_processor = PosSAMImageProcessor(
         size={"longest_edge": size}, pad_size={"height": size, "width": size}, **image_processor_kwargs
     )
-    PosSAMProcessor(image_processor, clip_tokenizer_from_bpe()).save_pretrained(path)
+    processor = PosSAMProcessor(image_processor, clip_tokenizer_from_bpe())
+    if default_vocabulary:
+        model.set_default_vocabulary(processor)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
     return path
 
 

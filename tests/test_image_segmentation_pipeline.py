@@ -5,6 +5,7 @@ item 2); `pipeline("open-vocabulary-panoptic-segmentation")` without a model say
 """
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +37,7 @@ def image(seed: int, height: int, width: int) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = save_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "possam-tiny")
-    model = PosSAMForPanopticSegmentation.from_pretrained(path)
-    model.set_default_vocabulary(PosSAMProcessor.from_pretrained(path))
-    model.save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "possam-tiny", default_vocabulary=True)
 
 
 def test_default_id2label_is_coco_133():
@@ -134,3 +131,71 @@ def test_image_segmentation_pipeline_on_a_padded_image(checkpoint):
 def test_open_vocabulary_pipeline_without_model_says_there_is_no_default():
     with pytest.raises(ValueError, match="no default checkpoint"):
         pipeline("open-vocabulary-panoptic-segmentation")
+
+
+def test_instance_subtask_accepts_what_the_pipeline_passes(checkpoint, caplog):
+    """
+    transformers' pipeline passes `mask_threshold` and `overlap_mask_area_threshold` to every post-processor
+    (`subtask="instance"` raised TypeError before). `mask_threshold` binarizes the instance masks; the overlap
+    threshold cannot apply to overlapping instances, and a warning says so rather than dropping it silently.
+    """
+    picture = image(0, 128, 128)
+    segmenter = pipeline("image-segmentation", model=str(checkpoint))
+    logging.Logger.warning_once.cache_clear()  # transformers' once-per-process warnings: this test needs its own
+    with caplog.at_level("WARNING"):
+        found = segmenter(picture, subtask="instance", threshold=0.0, mask_threshold=0.5)
+    assert "overlap_mask_area_threshold has no effect" in caplog.text
+    # the reference: the instance post-processor called directly with its documented defaults (FC-CLIP: logits > 0)
+    model = PosSAMForPanopticSegmentation.from_pretrained(checkpoint).eval()
+    processor = PosSAMProcessor.from_pretrained(checkpoint)
+    names = tuple(model.config.training_vocabulary)
+    tokens = processor.encode_vocabulary(Vocabulary(names=names, is_thing=(True,) * len(names)))
+    inputs = processor(images=picture, return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"], **tokens)
+    (expected,) = processor.image_processor.post_process_instance_segmentation(
+        outputs, target_sizes=[(128, 128)], reshaped_input_sizes=[(128, 128)]
+    )
+    assert expected["segments_info"], "positive control: instances are found"
+    first_names = [name.split(",")[0] for name in names]
+    assert [segment["label"] for segment in found] == [
+        first_names[info["label_id"]] for info in expected["segments_info"]
+    ]
+    for segment, info in zip(found, expected["segments_info"]):
+        np.testing.assert_array_equal(
+            np.asarray(segment["mask"]) > 0, (expected["segmentation"] == info["id"]).numpy()
+        )
+
+
+def test_instance_mask_threshold_is_applied(checkpoint):
+    """A higher `mask_threshold` gives each instance a subset of its pixels; 1.0 leaves no pixel, so no instance."""
+    segmenter = pipeline("image-segmentation", model=str(checkpoint))
+    picture = image(0, 128, 128)
+    loose = segmenter(picture, subtask="instance", threshold=0.0, mask_threshold=0.5)
+    strict = segmenter(picture, subtask="instance", threshold=0.0, mask_threshold=0.9)
+    assert loose
+    assert sum((np.asarray(s["mask"]) > 0).sum() for s in strict) < sum(
+        (np.asarray(s["mask"]) > 0).sum() for s in loose
+    )
+    assert segmenter(picture, subtask="instance", threshold=0.0, mask_threshold=1.0) == []
+    with pytest.raises(ValueError, match="mask_threshold must be in"):
+        segmenter(picture, subtask="instance", mask_threshold=1.5)
+
+
+@pytest.mark.parametrize("subtask", ["panoptic", "instance"])
+def test_the_pipelines_default_threshold_warns_when_it_removes_everything(checkpoint, caplog, subtask):
+    """
+    transformers' pipeline defaults to threshold=0.9; PosSAM's IoU-weighted scores stay well below it, so the call
+    returns nothing. That must not look like an empty image: a warning names the threshold, the best score and the
+    fix (threshold=0.0). With threshold=0.0 nothing is removed and nothing is said.
+    """
+    segmenter = pipeline("image-segmentation", model=str(checkpoint))
+    picture = image(0, 128, 128)
+    with caplog.at_level("WARNING"):
+        assert segmenter(picture, subtask=subtask) == []
+    assert "threshold=0.9 removed every segment" in caplog.text
+    assert "pass threshold=0.0" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert segmenter(picture, subtask=subtask, threshold=0.0, overlap_mask_area_threshold=0.0)
+    assert "removed every segment" not in caplog.text

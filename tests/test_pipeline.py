@@ -8,6 +8,7 @@ The open-vocabulary segmentation pipeline, checked two ways:
   post-processing), so the pipeline's glue (cached text embeddings, seen mask, sizes, stuff ids) changes nothing.
 """
 
+import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -167,6 +168,24 @@ def test_pipeline_thresholds_reach_post_processing(controlled):
     # a threshold above every score leaves nothing
     assert controlled(image(96, 128), candidate_labels=LABELS, subtask="instance", threshold=1.0) == []
     assert controlled(image(96, 128), candidate_labels=LABELS, threshold=1.0) == []
+    # mask_threshold reaches the instance post-processor too (the masks' sigmoid(12) < 1: no pixel reaches 1.0)
+    assert controlled(image(96, 128), candidate_labels=LABELS, subtask="instance", mask_threshold=1.0) == []
+    assert controlled(image(96, 128), candidate_labels=LABELS, subtask="instance", mask_threshold=0.99)
+
+
+def test_pipeline_thresholds_without_effect_are_said_to_have_none(controlled, caplog):
+    """
+    Semantic maps have no segments to threshold, instances no contested pixels: such arguments are not dropped
+    silently, a warning names them (and the result is the one without them).
+    """
+    plain = controlled(image(96, 128), candidate_labels=LABELS, subtask="semantic")
+    logging.Logger.warning_once.cache_clear()  # transformers' once-per-process warnings: this test needs its own
+    with caplog.at_level("WARNING"):
+        thresholded = controlled(image(96, 128), candidate_labels=LABELS, subtask="semantic", threshold=0.5)
+        controlled(image(96, 128), candidate_labels=LABELS, subtask="instance", overlap_mask_area_threshold=0.5)
+    assert "threshold: no effect on semantic segmentation" in caplog.text
+    assert "overlap_mask_area_threshold has no effect on instance segmentation" in caplog.text
+    assert segments(thresholded, (128, 96)) == segments(plain, (128, 96))
 
 
 @pytest.mark.parametrize(

@@ -155,6 +155,7 @@ INTERNALS: dict[tuple[str, str], Expected] = {
     ("transformers.utils", "ModelOutput"): Expected("class"),
     ("transformers.utils", "TransformersKwargs"): Expected("typeddict"),
     ("transformers.utils", "cached_file"): Expected("function", ("path_or_repo_id", "filename")),
+    ("transformers.dynamic_module_utils", "custom_object_save"): Expected("function", ("obj", "folder")),
     # reached through cached_file(..., _raise_exceptions_for_missing_entries=False, cache_dir=..., ...)
     ("transformers.utils.hub", "cached_files"): Expected(
         "function",

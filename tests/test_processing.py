@@ -179,6 +179,35 @@ def test_processor_round_trip(tokenizer, tmp_path):
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
 
 
+def test_processor_saved_after_encoding_a_vocabulary_loads_and_encodes_the_same(tokenizer, tmp_path):
+    """
+    The conversion script's order: encode a vocabulary (`set_default_vocabulary`), then save the processor. The
+    truncating tokenizer call used to stay in the fast tokenizer's backend, reach tokenizer.json and come back as
+    `stride=0, max_length=78` defaults, so the reloaded processor refused every vocabulary.
+    """
+    labels = ["cat", ["dog", "puppy"]]
+    reference = PosSAMProcessor(PosSAMImageProcessor(), clip_tokenizer_from_bpe()).encode_vocabulary(labels)
+    processor = PosSAMProcessor(PosSAMImageProcessor(), tokenizer)
+    processor.encode_vocabulary(labels)
+    assert tokenizer.backend_tokenizer.truncation is None  # left as found
+    processor.save_pretrained(tmp_path)
+    loaded = PosSAMProcessor.from_pretrained(tmp_path)
+    assert torch.equal(loaded(candidate_labels=labels, return_tensors="pt")["input_ids"], reference["input_ids"])
+
+    # a tokenizer.json saved with a truncation state by other code (or by this package before the fix) still works
+    tokenizer.backend_tokenizer.enable_truncation(max_length=78)
+    try:
+        processor.save_pretrained(tmp_path / "with-state")
+    finally:
+        tokenizer.backend_tokenizer.no_truncation()
+    loaded = PosSAMProcessor.from_pretrained(tmp_path / "with-state")
+    assert loaded.tokenizer.init_kwargs["max_length"] == 78  # positive control: the state came back as a default
+    assert torch.equal(loaded(candidate_labels=labels, return_tensors="pt")["input_ids"], reference["input_ids"])
+    # ... while a max_length given by the caller still applies
+    cut = loaded(candidate_labels=labels, max_length=20, padding="max_length", return_tensors="pt")
+    assert cut["input_ids"].shape[-1] == 20
+
+
 def small_processor(tokenizer, **image_processor_kwargs):
     image_processor = PosSAMImageProcessor(
         size={"longest_edge": 32}, pad_size={"height": 32, "width": 32}, **image_processor_kwargs

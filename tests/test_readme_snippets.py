@@ -55,7 +55,7 @@ def code_blocks(language: str, documents=DOCUMENTS) -> list:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return str(save_tiny_checkpoint(tmp_path_factory.mktemp("readme-checkpoint")))
+    return str(save_tiny_checkpoint(tmp_path_factory.mktemp("readme-checkpoint"), default_vocabulary=True))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import AutoModel, pipeline
 from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
-from transformers_possam import PosSAMForPanopticSegmentation, PosSAMModel, PosSAMProcessor
+from transformers_possam import PosSAMForPanopticSegmentation, PosSAMModel
 from transformers_possam.pipeline_possam import OpenVocabularyPanopticSegmentationPipeline
 from transformers_possam.remote_code import AUTO_MAP
 
@@ -80,11 +80,7 @@ def run_without_package(code: str, tmp_path: Path) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """The tiny checkpoint (`save_tiny_checkpoint`) with its default vocabulary stored."""
-    path = save_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "possam-tiny")
-    model = PosSAMForPanopticSegmentation.from_pretrained(path)
-    model.set_default_vocabulary(PosSAMProcessor.from_pretrained(path))
-    model.save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "possam-tiny", default_vocabulary=True)
 
 
 def test_checkpoint_declares_its_code(checkpoint):
@@ -239,3 +235,48 @@ def test_saved_config_round_trips(checkpoint):
         model.default_class_embeddings,
         PosSAMForPanopticSegmentation.from_pretrained(checkpoint).default_class_embeddings,
     )
+
+
+def test_a_remote_code_copy_saved_again_keeps_its_pipeline(checkpoint, tmp_path):
+    """
+    A model loaded with trust_remote_code=True and saved again (the usual fine-tune-and-push path without the
+    package) still carries every module its config.json names, the pipeline's included, and the new folder runs the
+    pipeline without the package. (transformers copies only the saved objects' modules and their relative imports;
+    before, the re-saved folder declared `custom_pipelines` but lacked pipeline_possam.py.)
+    """
+    resaved = tmp_path / "resaved"
+    saved = run_without_package(
+        f"""
+        from transformers import AutoModelForUniversalSegmentation, AutoProcessor
+        path = {str(checkpoint)!r}
+        AutoModelForUniversalSegmentation.from_pretrained(path, trust_remote_code=True).save_pretrained({str(resaved)!r})
+        AutoProcessor.from_pretrained(path, trust_remote_code=True).save_pretrained({str(resaved)!r})
+        """,
+        tmp_path,
+    )
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    config = json.loads((resaved / "config.json").read_text())
+    assert config["custom_pipelines"][TASK]["impl"].split(".")[0] == "pipeline_possam"
+    pipeline_module = resaved / "pipeline_possam.py"
+    assert pipeline_module.is_file()
+    for file in map(Path, get_relative_import_files(pipeline_module)):
+        assert file.is_file(), f"the pipeline needs {file.name}, which the re-saved folder lacks"
+
+    output = tmp_path / "labels.json"
+    ran = run_without_package(
+        f"""
+        import json
+        import numpy as np
+        from PIL import Image
+        from transformers import pipeline
+        image = Image.fromarray((np.random.RandomState(0).rand(128, 128, 3) * 255).astype("uint8"))
+        segmenter = pipeline({TASK!r}, model={str(resaved)!r}, trust_remote_code=True)
+        segments = segmenter(image, candidate_labels={CANDIDATE_LABELS!r}, threshold=0.0)
+        json.dump([segment["label"] for segment in segments], open({str(output)!r}, "w"))
+        """,
+        tmp_path,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    expected = pipeline(TASK, model=str(checkpoint))(image(), candidate_labels=CANDIDATE_LABELS, threshold=0.0)
+    assert expected, "positive control: the tiny model finds segments in this image"
+    assert json.loads(output.read_text()) == [segment["label"] for segment in expected]

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from transformers import Pipeline
 from transformers.image_utils import load_image
+from transformers.utils import logging
 
 from .image_processing_possam import PosSAMImageProcessor, PosSAMImageProcessorPil
 from .modeling_possam import PosSAMForPanopticSegmentation
@@ -30,6 +31,8 @@ __all__ = ["OpenVocabularyPanopticSegmentationPipeline", "TASK"]
 
 TASK = "open-vocabulary-panoptic-segmentation"
 SUBTASKS = ("panoptic", "semantic", "instance")
+
+logger = logging.get_logger(__name__)
 # Keys of a dict input (transformers' zero-shot pipelines: `{"image": ..., "candidate_labels": ...}`).
 INPUT_KEYS = ("image", "candidate_labels")
 # Vocabularies whose text embeddings stay cached per pipeline (least recently used are evicted).
@@ -166,7 +169,12 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             subtask: `"panoptic"` (default), `"semantic"` or `"instance"`.
             threshold: keep the non-void queries whose score is above it (default 0.0, FC-CLIP's); scores are MASE's
                 class probabilities times the predicted IoU times (1 - p_void), see the README.
-            mask_threshold, overlap_mask_area_threshold, use_mase: post-processing options (defaults 0.5, 0.8, True).
+            mask_threshold: a pixel belongs to a mask when its probability reaches it (default 0.5; panoptic and
+                instance).
+            overlap_mask_area_threshold: a panoptic segment must keep this fraction of its own mask (default 0.8).
+                Instances may overlap and semantic maps have no segments, so there (as every threshold in semantic
+                segmentation) it has no effect, and a warning says so.
+            use_mase: MASE (default True) or FC-CLIP's fixed geometric ensemble.
             mase_alpha, mase_beta: CLIP's weight on seen / unseen classes; default: the image processor's
                 (`preprocessor_config.json`), the one place these are stored.
             batch_size: images per forward.
@@ -334,9 +342,9 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
         self,
         model_outputs,
         subtask="panoptic",
-        threshold=0.0,
-        mask_threshold=0.5,
-        overlap_mask_area_threshold=0.8,
+        threshold=None,
+        mask_threshold=None,
+        overlap_mask_area_threshold=None,
         use_mase=True,
         mase_alpha=None,
         mase_beta=None,
@@ -351,7 +359,23 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             "mase_beta": mase_beta,
         }
         names = vocabulary.display_names
+        # the post-processors' defaults apply to what the caller left out (None)
+        thresholds = {
+            name: value
+            for name, value in (
+                ("threshold", threshold),
+                ("mask_threshold", mask_threshold),
+                ("overlap_mask_area_threshold", overlap_mask_area_threshold),
+            )
+            if value is not None
+        }
         if subtask == "semantic":
+            if thresholds:
+                logger.warning_once(
+                    f"{', '.join(sorted(thresholds))}: no effect on semantic segmentation, which gives every pixel "
+                    "its best class (there are no segments to threshold); they apply to the panoptic and instance "
+                    "subtasks."
+                )
             (class_map,) = self.image_processor.post_process_semantic_segmentation(
                 outputs, seen_mask=seen, use_mase=use_mase, **sizes
             )
@@ -362,7 +386,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
         if subtask == "instance":
             (result,) = self.image_processor.post_process_instance_segmentation(
                 outputs,
-                threshold=threshold,
+                **thresholds,
                 seen_mask=seen,
                 use_mase=use_mase,
                 return_binary_maps=True,
@@ -375,9 +399,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
             ]
         (result,) = self.image_processor.post_process_panoptic_segmentation(
             outputs,
-            threshold=threshold,
-            mask_threshold=mask_threshold,
-            overlap_mask_area_threshold=overlap_mask_area_threshold,
+            **thresholds,
             label_ids_to_fuse=vocabulary.stuff_ids,
             seen_mask=seen,
             use_mase=use_mase,

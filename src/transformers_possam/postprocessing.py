@@ -48,12 +48,15 @@ import torch
 from torch.nn import functional as F
 from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_utils import SizeDict
+from transformers.utils import logging
 
 from .mase import mask_aware_selective_ensemble
 from .mask_resampling import AxisResampling, assign_panoptic, axis_resampling, resize_matrix
 
 
 __all__ = ["PosSAMPostProcessingMixin", "class_scores", "check_ensemble_weight", "check_flag", "check_threshold"]
+
+logger = logging.get_logger(__name__)
 
 # masks resized at once by the instance inference: at most this many ...
 RESIZE_CHUNK = 16
@@ -114,6 +117,30 @@ def check_flag(value, name: str) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {_describe(value)}.")
+
+
+def _warn_if_threshold_removed_everything(method: str, threshold: float, best_score: float) -> None:
+    """
+    Says so when `threshold` alone left an image without segments although some scored above 0: PosSAM's scores are
+    MASE class probabilities weighted by the predicted IoU and rarely pass 0.5, while transformers'
+    `pipeline("image-segmentation")` passes `threshold=0.9` unless told otherwise, so an empty result would otherwise
+    look like "nothing in the image".
+    """
+    logger.warning(
+        f"{method}: threshold={threshold:g} removed every segment of an image (its best score is {best_score:.3g}). "
+        "PosSAM's scores are class probabilities weighted by the predicted mask IoU and rarely exceed 0.5; "
+        "FC-CLIP's and this processor's default is threshold=0.0. transformers' image-segmentation pipeline passes "
+        "threshold=0.9 unless you pass threshold=0.0 to pipeline(...) or to the call."
+    )
+
+
+def _instance_mask_logit(mask_threshold: float) -> float:
+    """The logit x with sigmoid(x) = `mask_threshold`: a pixel is in an instance mask when its logit exceeds it."""
+    if mask_threshold <= 0.0:
+        return -math.inf
+    if mask_threshold >= 1.0:
+        return math.inf
+    return math.log(mask_threshold / (1.0 - mask_threshold))  # 0.0 exactly for 0.5: FC-CLIP's `logits > 0`
 
 
 def _check_positive_int(value, name: str) -> int:
@@ -655,6 +682,11 @@ class PosSAMPostProcessingMixin:
             )
             height, width = rows.size, cols.size
             if not keep.any():
+                candidates = query_scores[~is_void[index]]
+                if threshold > 0 and bool((candidates > 0).any()):
+                    _warn_if_threshold_removed_everything(
+                        "post_process_panoptic_segmentation", threshold, float(candidates.max())
+                    )
                 results.append({"segmentation": torch.zeros(height, width, dtype=torch.int32), "segments_info": []})
                 continue
             kept_scores, kept_labels = query_scores[keep], query_labels[keep]
@@ -793,6 +825,8 @@ class PosSAMPostProcessingMixin:
         outputs,
         target_sizes: list[tuple[int, int]] | None = None,
         threshold: float = 0.0,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float | None = None,
         num_top_instances: int = 100,
         thing_label_ids: Iterable[int] | None = None,
         seen_mask: torch.Tensor | None = None,
@@ -805,8 +839,11 @@ class PosSAMPostProcessingMixin:
         """
         FC-CLIP instance inference: the top `num_top_instances` (query, class) pairs over the whole Q x K score matrix
         (all of them when there are fewer), then only those of `thing_label_ids` (when given: FC-CLIP's panoptic-on
-        branch; an empty list keeps none), binary masks = resized logits > 0, score = class score * mean mask
-        probability inside the mask, kept above `threshold` (a pair with an empty mask scores 0). Returns per image
+        branch; an empty list keeps none), binary masks = pixels whose probability exceeds `mask_threshold` (FC-CLIP:
+        logits > 0, i.e. 0.5), score = class score * mean mask probability inside the mask, kept above `threshold` (a
+        pair with an empty mask scores 0). `overlap_mask_area_threshold` is accepted because transformers'
+        image-segmentation pipeline passes it to every post-processor, and has no effect here (instances may overlap:
+        nothing competes for pixels); a value other than None logs a warning saying so. Returns per image
         `{"segmentation": (H, W) int32 (0 = none; higher scores painted last), "segments_info": [{"id", "label_id",
         "was_fused", "score"}]}` and, with `return_binary_maps`, `"binary_masks"` `(N, H, W)` bool in
         `segments_info` order (no instance: `segments_info` is empty and `binary_masks` has shape `(0, H, W)`).
@@ -822,6 +859,14 @@ class PosSAMPostProcessingMixin:
                 `post_process_panoptic_segmentation`.
         """
         threshold = check_threshold(threshold, "threshold")
+        mask_logit = _instance_mask_logit(check_threshold(mask_threshold, "mask_threshold"))
+        if overlap_mask_area_threshold is not None:
+            check_threshold(overlap_mask_area_threshold, "overlap_mask_area_threshold")
+            logger.warning_once(
+                "post_process_instance_segmentation: overlap_mask_area_threshold has no effect on instance "
+                "segmentation (instances may overlap, so no pixel is contested; Mask2Former's processor ignores it "
+                "too). It is used by post_process_panoptic_segmentation."
+            )
         num_top_instances = _check_positive_int(num_top_instances, "num_top_instances")
         return_binary_maps = check_flag(return_binary_maps, "return_binary_maps")
         predictions, scores, _, targets, reshaped = self._prepare(
@@ -834,6 +879,7 @@ class PosSAMPostProcessingMixin:
                 scores[index],
                 thing_ids,
                 threshold,
+                mask_logit,
                 num_top_instances,
                 reshaped[index],
                 targets[index],
@@ -848,6 +894,7 @@ class PosSAMPostProcessingMixin:
         scores: torch.Tensor,
         thing_ids: list[int] | None,
         threshold: float,
+        mask_logit: float,
         num_top_instances: int,
         reshaped_size: tuple[int, int] | None,
         target_size: tuple[int, int] | None,
@@ -879,7 +926,7 @@ class PosSAMPostProcessingMixin:
         mask_scores, mask_areas, kept_binaries = [], [], []
         for first in range(0, len(unique_queries), chunk):
             logits = resized(list(range(first, min(first + chunk, len(unique_queries)))))
-            binary = logits > 0
+            binary = logits > mask_logit
             area = _count_true(binary)
             # sigmoid(x) * binary in place (`resized` returns a new tensor): x * 1 == x and x * 0 == 0 exactly
             inside_sum = logits.sigmoid_().masked_fill_(~binary, 0).flatten(1).sum(-1)
@@ -894,6 +941,12 @@ class PosSAMPostProcessingMixin:
             mask_score, mask_area = top_scores.new_zeros(0), torch.zeros(0, dtype=torch.long, device=scores.device)
         final_scores = top_scores * mask_score[mask_of_pair]
         keep = (final_scores > threshold) & (mask_area[mask_of_pair] > 0)
+        if threshold > 0 and not bool(keep.any()):
+            scored = final_scores[(final_scores > 0) & (mask_area[mask_of_pair] > 0)]
+            if scored.numel():
+                _warn_if_threshold_removed_everything(
+                    "post_process_instance_segmentation", threshold, float(scored.max())
+                )
         order = torch.nonzero(keep).flatten()
         order = order[final_scores[order].argsort(descending=True)]  # pair indices, best first
         segments_info = [
@@ -927,7 +980,7 @@ class PosSAMPostProcessingMixin:
             # resized again, a chunk at a time, rather than N full-size masks held since pass 1
             for first in range(0, len(slots_worst_first), chunk):
                 part = slots_worst_first[first : first + chunk]
-                yield from zip(part, resized(part) > 0)  # the float maps are freed by the comparison
+                yield from zip(part, resized(part) > mask_logit)  # the float maps are freed by the comparison
 
         for slot, binary in painted_binaries():
             segmentation.masked_fill_(binary, ranks_of_slot[slot][0] + 1)

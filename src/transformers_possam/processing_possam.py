@@ -94,6 +94,8 @@ class PosSAMProcessorKwargs(ProcessingKwargs, total=False):
 
 
 # text_kwargs the vocabulary's tokenization honours (`PosSAMProcessor.encode_vocabulary`); any other is refused
+# What a fast tokenizer's saved truncation state adds to its init kwargs (see `__call__`).
+TRUNCATION_STATE = ("stride", "max_length")
 VOCABULARY_TEXT_KWARGS = ("padding", "max_length", "truncation", "pad_to_multiple_of", "padding_side")
 # Structured keyword groups of `_merge_kwargs`, and the modality inputs transformers' processors take that PosSAM lacks.
 STRUCTURED_KWARGS = ("text_kwargs", "images_kwargs", "common_kwargs")
@@ -179,7 +181,13 @@ class PosSAMProcessor(ProcessorMixin):
         if segmentation_maps is not None and images is None:
             raise ValueError("segmentation_maps were given without images: pass the image each map belongs to.")
         self._check_keywords(kwargs)
-        output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        # A fast tokenizer loaded from a tokenizer.json that was saved after a truncating call carries that call's
+        # truncation state as init defaults (`stride`, `max_length`; transformers' TokenizersBackend): not a choice
+        # about the vocabulary's prompts, whose layout is CLIP's fixed context, so only call options set them.
+        tokenizer_defaults = {
+            name: value for name, value in self.tokenizer.init_kwargs.items() if name not in TRUNCATION_STATE
+        }
+        output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=tokenizer_defaults, **kwargs)
         data = {}
         if images is not None:
             labels = {
@@ -317,13 +325,24 @@ class PosSAMProcessor(ProcessorMixin):
 
     def _tokenize_within_context(self, prompts: list[str], max_length: int) -> tuple[list[list[int]], list[int]]:
         """Token ids of each prompt cut to `max_length`, and the indices of the prompts that were cut."""
-        # one token past the limit shows which prompts the tokenizer has to cut, without a second full pass
-        token_rows = self.tokenizer(prompts, truncation=True, max_length=max_length + 1)["input_ids"]
-        truncated = [index for index, row in enumerate(token_rows) if len(row) > max_length]
-        if truncated:
-            cut = self.tokenizer([prompts[index] for index in truncated], truncation=True, max_length=max_length)
-            for index, row in zip(truncated, cut["input_ids"]):
-                token_rows[index] = row
+        # A truncating call leaves its setting in a fast tokenizer's backend, which `save_pretrained` writes to
+        # tokenizer.json and loading turns into init defaults (max_length=78 here): the tokenizer is left as found.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        state = backend.truncation if backend is not None else None
+        try:
+            # one token past the limit shows which prompts the tokenizer has to cut, without a second full pass
+            token_rows = self.tokenizer(prompts, truncation=True, max_length=max_length + 1)["input_ids"]
+            truncated = [index for index, row in enumerate(token_rows) if len(row) > max_length]
+            if truncated:
+                cut = self.tokenizer([prompts[index] for index in truncated], truncation=True, max_length=max_length)
+                for index, row in zip(truncated, cut["input_ids"]):
+                    token_rows[index] = row
+        finally:
+            if backend is not None:
+                if state is None:
+                    backend.no_truncation()
+                else:
+                    backend.enable_truncation(**state)
         return [list(row) for row in token_rows], truncated
 
     @staticmethod

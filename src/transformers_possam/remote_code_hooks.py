@@ -1,9 +1,10 @@
 """
 The save-time hooks that make a checkpoint carry its code (see `remote_code.py`).
 
-This module is itself part of the exported code: in a checkpoint's flat copy (loaded with `trust_remote_code=True`)
-the hooks do nothing, since transformers' own `custom_object_save` copies the flat modules again when such a copy is
-saved. Only the installed package, which has the nested sources, exports them.
+This module is itself part of the exported code. Only the installed package, which has the nested sources, exports
+them. In a checkpoint's flat copy (loaded with `trust_remote_code=True`), transformers' own `custom_object_save`
+copies the saved objects' modules, and what they import relatively, again when such a copy is saved; the hooks add
+the one module that closure lacks, the pipeline's, which `custom_pipelines` in `config.json` names.
 """
 
 from __future__ import annotations
@@ -30,11 +31,28 @@ def export_code(save_directory: str | os.PathLike) -> Any:
     `AUTO_MAP`, `CUSTOM_PIPELINES`); a checkpoint's copy: None.
     """
     if not IS_INSTALLED_PACKAGE:
+        _copy_pipeline_module(save_directory)
         return None
     # imported by name: the exporter reads the package's sources, and is not part of the exported code
     remote_code = importlib.import_module(f"{PACKAGE}.remote_code")
     remote_code.export_remote_code(save_directory)
     return remote_code
+
+
+def _copy_pipeline_module(save_directory: str | os.PathLike) -> None:
+    """
+    A checkpoint's copy saved again (loaded with `trust_remote_code=True`, then `save_pretrained`): copies the
+    pipeline module, and the modules it imports relatively, next to the config. Nothing the model or the processors
+    need imports the pipeline, so transformers' copy of their modules would leave out the file `custom_pipelines`
+    names. The relative import below also makes transformers' loader fetch the pipeline module together with this
+    one, so it is there to copy.
+    """
+    from transformers.dynamic_module_utils import custom_object_save
+
+    from .pipeline_possam import OpenVocabularyPanopticSegmentationPipeline
+
+    Path(save_directory).mkdir(parents=True, exist_ok=True)
+    custom_object_save(OpenVocabularyPanopticSegmentationPipeline, save_directory)
 
 
 _SAVING_CHECKPOINT: ContextVar[bool] = ContextVar("possam_saving_checkpoint", default=False)
