@@ -27,7 +27,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.pipelines.zero_shot_classification import ZeroShotClassificationArgumentHandler
 from transformers.pipelines.zero_shot_object_detection import ZeroShotObjectDetectionPipeline
 
-from transformers_possam import OpenVocabularyPanopticSegmentationPipeline
+from transformers_possam import OpenVocabularyPanopticSegmentationPipeline, PosSAMImageProcessor
 from transformers_possam.vocabularies import resolve_vocabulary
 
 from .conftest import save_tiny_checkpoint
@@ -317,8 +317,11 @@ def test_a_generator_of_dict_inputs_streams(controlled, calls):
 def test_readme_states_the_pipelines_default_thresholds():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Usage: the pipeline", 1)[1].split("\n## ", 1)[0]
-    defaults = inspect.signature(OpenVocabularyPanopticSegmentationPipeline.postprocess).parameters
+    # the pipeline leaves what the caller did not give to the post-processor, whose defaults are the ones in force
+    pipeline_defaults = inspect.signature(OpenVocabularyPanopticSegmentationPipeline.postprocess).parameters
+    defaults = inspect.signature(PosSAMImageProcessor.post_process_panoptic_segmentation).parameters
     for name in ("threshold", "mask_threshold", "overlap_mask_area_threshold"):
+        assert pipeline_defaults[name].default is None
         stated = re.search(rf"`{name}` \(default ([0-9.]+)\)", section)
         assert stated is not None, f"README's pipeline section does not state the default of {name}"
         assert float(stated.group(1)) == defaults[name].default
