@@ -83,9 +83,10 @@ def deformable_attention_embedding_bag(
         weights = torch.stack(level_weights, dim=3)
     # value viewed as (B * N * heads, head_dim): row of (image, position, head) = (image * N + position) * heads + head
     head = torch.arange(num_heads, dtype=index_dtype, device=device).view(1, 1, num_heads, 1, 1, 1)
-    rows = (
-        positions.mul_(num_heads).add_(head).to(torch.int64 if index_dtype == torch.float64 else torch.int32).view(-1)
-    )
+    # int32 rows halve the index memory; int64 beyond float32's exact range, and when exporting (the ONNX exporter's
+    # embedding_bag concatenates the offsets with an int64 size, which onnxruntime refuses for int32 offsets)
+    wide = index_dtype == torch.float64 or torch.compiler.is_exporting()
+    rows = positions.mul_(num_heads).add_(head).to(torch.int64 if wide else torch.int32).view(-1)
     samples_per_bag = num_levels * 4 * num_points
     offsets = torch.arange(0, rows.numel(), samples_per_bag, dtype=rows.dtype, device=device)
     output = F.embedding_bag(
