@@ -175,6 +175,52 @@ def test_head_by_head_sam_attention_equals_transformers(window_size, tokens):
     torch.testing.assert_close(ours(hidden)[0], reference(hidden)[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("window_size", "tokens"), [(0, (2, 8, 8)), (4, (6, 4, 4)), (0, (1, 6, 10))]
+)  # global; windowed; a non-square grid
+def test_all_heads_relative_position_attention_equals_transformers_bias(window_size, tokens):
+    """
+    The all-heads path (CUDA) against transformers' own math: SDPA with `get_decomposed_rel_pos`'s bias for every
+    head, on the same q, k, v (from the reference layer's qkv projection); gradients too.
+    """
+    from transformers import SamVisionConfig
+    from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
+
+    from transformers_possam.modeling.sam_attention import relative_position_attention
+
+    config = SamVisionConfig(hidden_size=48, num_attention_heads=3, image_size=160, patch_size=16)
+    torch.manual_seed(0)
+    reference = SamVisionSdpaAttention(config, window_size=window_size).eval()
+    torch.nn.init.normal_(reference.rel_pos_h, std=0.5)
+    torch.nn.init.normal_(reference.rel_pos_w, std=0.5)
+    batch_size, height, width = tokens
+    hidden = torch.randn(batch_size, height, width, 48)
+    qkv = reference.qkv(hidden).reshape(batch_size, height * width, 3, 3, -1).permute(2, 0, 3, 1, 4)
+    query, key, value = (part.detach().requires_grad_() for part in qkv.unbind(0))
+    bias = reference.get_decomposed_rel_pos(
+        query.reshape(batch_size * 3, height * width, -1),
+        reference.rel_pos_h,
+        reference.rel_pos_w,
+        (height, width),
+        (height, width),
+    ).reshape(batch_size, 3, height * width, height * width)
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+    found = relative_position_attention(
+        query,
+        key,
+        value,
+        reference.get_rel_pos(height, height, reference.rel_pos_h),
+        reference.get_rel_pos(width, width, reference.rel_pos_w),
+        (height, width),
+    )
+    torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (query, key, value, reference.rel_pos_h), grad)
+    found_grads = torch.autograd.grad(found, (query, key, value, reference.rel_pos_h), grad)
+    for ours, theirs in zip(found_grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
 def test_weighted_total_weights_each_loss_by_its_base_name_and_refuses_an_empty_dict():
     from transformers_possam import PosSAMConfig
     from transformers_possam.modeling.loss import PosSAMLoss
