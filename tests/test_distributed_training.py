@@ -283,6 +283,7 @@ def clipping_worker(rank: int, world_size: int, port: int, out_dir: str) -> None
         "clipped": clipped,
         "weights": {names[id(p)]: state[names[id(p)]].clone() for p in trained},
         "local_sizes": {names[id(p)]: p.numel() for p in trained},
+        "state_keys": sorted(state),
     }
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -302,6 +303,8 @@ def test_clip_is_fcclips_global_norm_clip_under_ddp_and_fsdp(tmp_path):
                 torch.testing.assert_close(result[kind]["clipped"][name], gradient, rtol=1e-4, atol=1e-9, msg=name)
             for name, weight in reference["weights"].items():
                 torch.testing.assert_close(result[kind]["weights"][name], weight, rtol=1e-5, atol=1e-7, msg=name)
+    # the full state dict (what save_model saves) holds every weight, the ignored modules' included
+    assert ranks[0]["fsdp"]["state_keys"] == sorted(PosSAMForPanopticSegmentation(tiny_config()).state_dict())
     # FSDP really split the trained weights between the processes (the classifier, ignored, is whole on both), and a
     # process's own norm is not the global one
     sizes = {name: weight.numel() for name, weight in reference["weights"].items()}
