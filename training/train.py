@@ -25,9 +25,11 @@ a manifest of checksums checked on resume; nothing in them is unpickled beyond `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -61,7 +63,8 @@ from transformers_possam.data.stream import (
     load_panoptic_dataset,
     shard_for_process,
 )
-from transformers_possam.evaluation import PanopticEvaluator
+from transformers_possam.evaluation import PanopticEvaluator, vocabulary_embeddings
+from transformers_possam.evaluation.loop import ALL_DONE, FAILED
 from transformers_possam.optimization import SCHEDULES, make_optimizer, parameter_groups, step_decay
 from transformers_possam.vocabularies import Vocabulary
 
@@ -411,6 +414,15 @@ def main(argv=None) -> dict:
     train_set = shard_for_process(train_set, accelerator.process_index, accelerator.num_processes)
     vocabulary = Vocabulary.from_categories(categories)
     record_training_vocabulary(model, processor, vocabulary, accelerator.device)
+    # Everything the frozen text tower computes is taken here, before prepare: FSDP / DeepSpeed ZeRO-3 shard the
+    # weights of the wrapped model, so the text tower cannot run outside the wrapper's forward afterwards (and FSDP's
+    # mixed precision casts buffers). The vocabulary was encoded once, by record_training_vocabulary.
+    class_embeddings, synonym_mask = model.default_vocabulary()
+    evaluation_vocabulary = (
+        EvaluationVocabulary.compute(args, model, processor, vocabulary, class_embeddings, synonym_mask)
+        if args.eval_steps
+        else None
+    )
     stream = PanopticTrainStream(
         train_set,
         processor.image_processor,
@@ -428,9 +440,12 @@ def main(argv=None) -> dict:
     if args.record_sample_ids:
         stream.record_ids = []
     groups, optimizer, scheduler = build_optimization(args, model)
-    trainable = [parameter for group in groups for parameter in group["params"]]
+    configure_deepspeed(accelerator, args.max_grad_norm, args.per_device_train_batch_size)
+    replicated_trained = configure_fsdp(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    # pixels in the frozen SAM encoder's dtype: bf16 under DeepSpeed's bf16, which casts the whole model and runs no
+    # autocast; float32 otherwise (DDP / FSDP mixed precision: autocast casts inside)
+    pixel_dtype = accelerator.unwrap_model(model).model.vision_encoder.patch_embed.projection.weight.dtype
     if args.record_sample_ids:  # for tests: each process's point-sampling generator state and its optimizer groups
         state = torch.random.get_rng_state()
         (output_dir / f"rng_{accelerator.process_index}.json").write_text(
@@ -443,9 +458,6 @@ def main(argv=None) -> dict:
                 }
             )
         )
-
-    # The text tower is frozen: the vocabulary was encoded once, by record_training_vocabulary.
-    class_embeddings, synonym_mask = unwrapped.default_vocabulary()
 
     step = 0
     if args.resume_from_checkpoint:
@@ -468,7 +480,7 @@ def main(argv=None) -> dict:
             batch = collate_panoptic([next(samples) for _ in range(args.per_device_train_batch_size)])
             with accelerator.accumulate(model):
                 outputs = model(
-                    pixel_values=batch["pixel_values"].to(accelerator.device),
+                    pixel_values=batch["pixel_values"].to(accelerator.device, pixel_dtype),
                     pixel_mask=batch["pixel_mask"].to(accelerator.device),
                     class_embeddings=class_embeddings,
                     synonym_mask=synonym_mask,
@@ -476,8 +488,10 @@ def main(argv=None) -> dict:
                     class_labels=[c.to(accelerator.device) for c in batch["class_labels"]],
                 )
                 accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    average_gradients(accelerator, replicated_trained)
+                    if args.max_grad_norm:
+                        clip_gradients(accelerator, model, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
         scheduler.step()
@@ -493,10 +507,10 @@ def main(argv=None) -> dict:
         if args.checkpointing_steps and step % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, step, stream, scheduler, args.checkpoints_total_limit)
             if hub is not None:  # as the example: the model so far, in output_dir, pushed at each checkpoint
-                save_model(accelerator, unwrapped, processor, output_dir)
+                save_model(accelerator, model, processor, output_dir)
                 hub.upload(accelerator, output_dir, f"Training in progress, step {step}")
         if args.eval_steps and step % args.eval_steps == 0:
-            evaluation = run_evaluation(args, accelerator, unwrapped, processor)
+            evaluation = run_evaluation(args, accelerator, model, processor, evaluation_vocabulary)
             if accelerator.is_main_process:  # the evaluation history, one JSON line per evaluation
                 with open(output_dir / "eval_history.jsonl", "a", encoding="utf-8") as history:
                     history.write(
@@ -517,7 +531,7 @@ def main(argv=None) -> dict:
         (output_dir / f"sample_ids_{accelerator.process_index}.json").write_text(json.dumps(stream.record_ids))
     progress.close()
     logger.info("trained steps %d-%d", start_step, step)
-    save_model(accelerator, unwrapped, processor, output_dir)
+    save_model(accelerator, model, processor, output_dir)
     if hub is not None:
         hub.upload(accelerator, output_dir, "End of training")
     accelerator.end_training()
@@ -525,11 +539,112 @@ def main(argv=None) -> dict:
 
 
 def save_model(accelerator, model, processor, output_dir: Path) -> None:
+    """
+    `save_pretrained` of the prepared `model` (weights, config, remote code, training vocabulary) and the processor
+    into `output_dir`. The weights come from `accelerator.get_state_dict`, which every process calls: under FSDP /
+    DeepSpeed ZeRO-3 it gathers the shards into one full state dict (on the main process), under DDP it is the model's
+    own. Only the main process writes (a shared filesystem, or node 0's disk, across machines).
+    """
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        model.save_pretrained(output_dir)
+        accelerator.unwrap_model(model).save_pretrained(
+            output_dir, state_dict=state_dict, is_main_process=accelerator.is_main_process
+        )
         processor.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
+
+
+def configure_deepspeed(accelerator, max_grad_norm: float, per_device_train_batch_size: int) -> None:
+    """
+    Fills the DeepSpeed config (a no-op under any other setup) before `prepare`:
+
+    - `gradient_clipping` from `--max_grad_norm`. DeepSpeed clips inside its own step, by the global gradient norm
+      over all processes, and `accelerator.clip_grad_norm_` clips nothing; accelerate fills an "auto" value with 1.0
+      (100 times FC-CLIP's 0.01) and an absent one means no clipping, both silently. A config that sets another
+      value is refused rather than one of the two silently winning.
+    - `train_micro_batch_size_per_gpu` from `--per_device_train_batch_size` when "auto" or absent: accelerate infers it
+      from a prepared DataLoader only, and refuses to prepare without one otherwise.
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = float(max_grad_norm) if max_grad_norm else 0.0  # DeepSpeed's 0: no clipping
+    given = config.get("gradient_clipping", "auto")
+    if given == "auto":
+        config["gradient_clipping"] = wanted
+    elif float(given) != wanted:
+        raise ValueError(
+            f"The DeepSpeed config sets gradient_clipping = {given}, but --max_grad_norm is {max_grad_norm}: "
+            "DeepSpeed clips inside its own step, so only one of them can be applied. Set gradient_clipping to "
+            f'"auto" (or remove it) to use --max_grad_norm, or pass --max_grad_norm {given}.'
+        )
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = per_device_train_batch_size
+
+
+def clip_gradients(accelerator, model, max_grad_norm: float) -> torch.Tensor | None:
+    """
+    FC-CLIP's FULL_MODEL clip: the gradients of all trained parameters scaled together so that their global L2 norm
+    (one vector over every parameter and every process's shard) is at most `max_grad_norm`; returns the norm before
+    clipping. Given the prepared model's own `parameters()`, accelerate turns this into FSDP's global-norm clip
+    (`FullyShardedDataParallel.clip_grad_norm_`, or the DTensor-aware one of FSDP2); any other list would clip each
+    process's shard by its local norm. DDP: gradients are already averaged, so the local norm is the global one; frozen
+    parameters have no gradient and do not count. DeepSpeed: its engine clips (`configure_deepspeed`), this
+    only returns the norm.
+    """
+    return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+
+
+def configure_fsdp(accelerator, model) -> list[torch.nn.Parameter]:
+    """
+    Under FSDP (a no-op returning [] otherwise), before `prepare`; returns the trained parameters FSDP leaves to us.
+
+    training/accelerate_configs/fsdp.yaml keeps the frozen SAM encoder and CLIP, and the classifier (its temperature
+    is a 0-d parameter, which FSDP cannot shard), out of FSDP (`fsdp_ignored_modules`): they stay whole on every
+    process, and FSDP neither shards nor averages their gradients. The classifier's gradients (and the encoders',
+    with --train_encoders) are therefore averaged here, by `average_gradients` at every optimizer step, as DDP would.
+
+    FSDP's bf16 policy casts the root module's floating inputs to bf16, but the ignored frozen encoders keep float32
+    weights, which the model checks its pixels against: inputs stay float32 here, and autocast (which accelerate
+    turns on with mixed precision) runs the encoders in bf16 all the same.
+    """
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return []
+    plugin = accelerator.state.fsdp_plugin
+    policy = plugin.mixed_precision_policy
+    if policy is not None:
+        # FSDP1's MixedPrecision casts the root's inputs (cast_root_forward_inputs), FSDP2's policy every module's
+        names = {field.name for field in dataclasses.fields(policy)}
+        plugin.mixed_precision_policy = dataclasses.replace(
+            policy, **{name: False for name in ("cast_root_forward_inputs", "cast_forward_inputs") if name in names}
+        )
+    pattern = plugin.ignored_modules
+    if not isinstance(pattern, str) or not pattern:
+        return []
+    matcher = re.compile(pattern)
+    trained: dict[int, torch.nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if matcher.fullmatch(name):
+            trained.update({id(p): p for p in module.parameters() if p.requires_grad})
+    return list(trained.values())
+
+
+def average_gradients(accelerator, parameters: list[torch.nn.Parameter]) -> None:
+    """
+    Replaces the gradients of `parameters` (replicated on every process, outside DDP / FSDP: `configure_fsdp`) by
+    their mean over all processes, in one all-reduce. A parameter without a gradient counts as a zero gradient.
+    """
+    if not parameters or accelerator.num_processes == 1:
+        return
+    gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([gradient.reshape(-1) for gradient in gradients])
+    torch.distributed.all_reduce(flat)  # SUM: gloo has no AVG
+    flat /= accelerator.num_processes
+    offset = 0
+    for parameter, gradient in zip(parameters, gradients):
+        parameter.grad = flat[offset : offset + gradient.numel()].view_as(gradient).clone()
+        offset += gradient.numel()
 
 
 class HubUploader:
@@ -567,17 +682,73 @@ class HubUploader:
         accelerator.wait_for_everyone()
 
 
-def run_evaluation(args, accelerator, model, processor) -> dict | None:
+class EvaluationVocabulary:
+    """
+    The evaluation split's categories and their text embeddings, computed before `prepare` (the text tower of a
+    sharded model cannot run outside the wrapper's forward), or the error that prevented it: every evaluation then
+    fails with it, logged, and training goes on.
+    """
+
+    def __init__(self, categories=None, class_embeddings=None, synonym_mask=None, error: Exception | None = None):
+        self.categories, self.class_embeddings, self.synonym_mask, self.error = (
+            categories,
+            class_embeddings,
+            synonym_mask,
+            error,
+        )
+
+    @classmethod
+    def compute(cls, args, model, processor, training_vocabulary, class_embeddings, synonym_mask):
+        try:
+            _, categories = load_panoptic_dataset(
+                args.dataset_name,
+                args.eval_split,
+                toy_size=args.toy_eval_size,
+                seed=args.seed,
+                label_file=args.label_file,
+                do_reduce_labels=args.do_reduce_labels,
+            )
+            if Vocabulary.from_categories(categories).names != training_vocabulary.names:
+                class_embeddings, synonym_mask = vocabulary_embeddings(model, processor, categories)
+            return cls(categories, class_embeddings, synonym_mask)
+        except Exception as error:
+            logger.exception("Evaluation cannot be prepared; training continues, every evaluation will fail")
+            return cls(error=error)
+
+
+class ProcessAgreement:
+    """
+    `PanopticEvaluator.process`'s `any_process`: the maximum of a status code over all processes (through
+    `accelerator.gather`). Remembers whether the processes reached a final decision (all done, or someone failed),
+    after which no process may call it again.
+    """
+
+    def __init__(self, accelerator):
+        self.accelerator, self.decided = accelerator, False
+
+    def __call__(self, status: int) -> int:
+        statuses = self.accelerator.gather(torch.tensor([status], device=self.accelerator.device))
+        decision = int(statuses.max())
+        self.decided = decision in (ALL_DONE, FAILED)
+        return decision
+
+
+def run_evaluation(args, accelerator, model, processor, vocabulary: EvaluationVocabulary) -> dict | None:
     """
     PQ / SQ / RQ (All, Things, Stuff, Seen, Unseen), mask AP and mIoU on the first `--max_eval_samples` rows of the
     evaluation split, the rows spread over all processes (row i on process i % world size) and the statistics summed.
+    Every process runs the prepared (possibly sharded) `model` the same number of times: a process out of rows runs
+    padding batches until all are done (`PanopticEvaluator.process`).
 
     Never costs training progress: bad rows are skipped and counted (as in training), and any failure on any process
     (too many bad rows, a missing split, ...) is logged and gives `None` on every process; training goes on.
     """
     state = None
+    agreement = ProcessAgreement(accelerator)
     try:
-        eval_set, categories = load_panoptic_dataset(
+        if vocabulary.error is not None:
+            raise RuntimeError(f"the evaluation could not be prepared: {vocabulary.error}") from vocabulary.error
+        eval_set, _ = load_panoptic_dataset(
             args.dataset_name,
             args.eval_split,
             toy_size=args.toy_eval_size,
@@ -590,15 +761,18 @@ def run_evaluation(args, accelerator, model, processor) -> dict | None:
         evaluator = PanopticEvaluator(
             model,
             processor.image_processor,
-            categories,
-            processor=processor,
+            vocabulary.categories,
+            class_embeddings=vocabulary.class_embeddings,
+            synonym_mask=vocabulary.synonym_mask,
             max_bad_fraction=args.max_bad_fraction,
             batch_size=args.per_device_eval_batch_size,
         )
-        evaluator.process(rows)
+        evaluator.process(rows, any_process=agreement)
         state = evaluator.state()
     except Exception:
         logger.exception("Evaluation failed on process %d; training continues", accelerator.process_index)
+        if not agreement.decided:  # the others wait for this process's word before their next forward pass
+            agreement(FAILED)
     states = gather_object([state])  # every process gets here, failed or not: no process waits forever
     if any(item is None for item in states):
         logger.error(

@@ -18,8 +18,8 @@ another size) are skipped and counted exactly as in training (`check_bad_fractio
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from typing import Literal, TypedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import torch
@@ -43,6 +43,13 @@ SEMANTIC_PNG_IGNORE = 255
 
 # where an evaluated image's semantic ground truth comes from (the keys of SEMANTIC_SOURCES)
 GroundTruthSource = Literal["semantic_label", "panoptic"]
+# what a process tells the others before each forward pass of a lockstep evaluation (`PanopticEvaluator.process`);
+# ordered so that the maximum over processes is the decision: stop (someone failed) > forward again > all done
+ALL_DONE, HAS_BATCH, FAILED = 0, 1, 2
+
+# the image of a padding forward pass (`process` with `any_process`): any valid image, its outputs are dropped
+PADDING_IMAGE = Image.new("RGB", (32, 32))
+
 SEMANTIC_SOURCES = {
     "semantic_label": "the dataset's semantic ground truth (semantic_label column)",
     "panoptic": "derived from the panoptic PNG, crowd pixels labelled by their category (panopticapi's rule)",
@@ -71,6 +78,17 @@ class DecodedSample(TypedDict):
     image_id: object
 
 
+def underlying_model(model: torch.nn.Module) -> Any:
+    """
+    The model inside distributed wrappers (DDP, FSDP1, a DeepSpeed engine: each keeps it as `.module`), whose `config`
+    the evaluator reads; forward passes still go through the wrapper.
+    """
+    inner: Any = model
+    while not hasattr(inner, "config") and isinstance(getattr(inner, "module", None), torch.nn.Module):
+        inner = inner.module
+    return inner
+
+
 def vocabulary_embeddings(model, processor, vocabulary: CandidateLabels) -> tuple[torch.Tensor, torch.Tensor]:
     """
     `(class_embeddings, synonym_mask)` of a vocabulary: a `Vocabulary`, a category table (`{"id", "name", "isthing"}`
@@ -95,6 +113,10 @@ class PanopticEvaluator:
     text tower on that vocabulary (`processor` needed then).
 
     `mase_alpha` / `mase_beta` default to the image processor's (`preprocessor_config.json`).
+
+    `model` may be a distributed wrapper (DDP, FSDP, a DeepSpeed engine): forward passes go through it, the config is
+    read from the model inside. Give `class_embeddings` then (the text tower of a sharded model cannot run outside
+    its forward), and `process(rows, any_process=...)` so that every process runs the same number of forward passes.
     """
 
     def __init__(
@@ -125,7 +147,7 @@ class PanopticEvaluator:
                 )
             class_embeddings, synonym_mask = vocabulary_embeddings(model, processor, self.vocabulary)
         self.class_embeddings, self.synonym_mask = class_embeddings, synonym_mask
-        self.seen = self.vocabulary.seen_mask(model.config.training_vocabulary)
+        self.seen = self.vocabulary.seen_mask(underlying_model(model).config.training_vocabulary)
         self.batch_size, self.use_mase, self.compute_ap = batch_size, use_mase, compute_ap
         self.post_processing = {"use_mase": use_mase, "mase_alpha": mase_alpha, "mase_beta": mase_beta}
         self.max_bad_fraction, self.min_seen = max_bad_fraction, min_seen
@@ -194,7 +216,8 @@ class PanopticEvaluator:
             self.counts["seen"], self.counts["bad"], self.counts["bad_ids"], self.max_bad_fraction, self.min_seen
         )
 
-    def process(self, rows: Iterable[dict]) -> None:
+    def _batches(self, rows: Iterable[dict]) -> Iterator[list[DecodedSample]]:
+        """Decoded rows in batches of `batch_size` (the last one may be shorter); bad rows skipped and counted."""
         batch: list[DecodedSample] = []
         for row in rows:
             self.counts["seen"] += 1
@@ -204,28 +227,78 @@ class PanopticEvaluator:
                 self._skip(row, error)
                 continue
             if len(batch) == self.batch_size:
-                self._score(batch)
+                yield batch
                 batch = []
         if batch:
-            self._score(batch)
+            yield batch
+
+    def process(self, rows: Iterable[dict], any_process: Callable[[int], int] | None = None) -> None:
+        """
+        Scores `rows` (dataset rows, see the module doc) in batches of `batch_size`.
+
+        `any_process`, for evaluation spread over processes through a distributed model: the maximum of an int over
+        all processes (with accelerate: `lambda code: int(accelerator.gather(torch.tensor([code],
+        device=accelerator.device)).max())`). With it, every process runs the model the same number of times: before
+        each forward pass the processes agree whether any of them still has a batch, and one that has none runs a
+        padding batch (one blank image) whose outputs are dropped. Under FSDP or DeepSpeed ZeRO-3 every forward pass
+        gathers parameters from all processes, and DDP broadcasts buffers: a process running fewer forward passes
+        would leave the others waiting forever. A failure on one process (too many bad rows, an error while scoring)
+        stops all of them at the next agreement: that process raises its error, the others a `RuntimeError`.
+        """
+        batches = self._batches(rows)
+        if any_process is None:
+            for whole_batch in batches:
+                self._score(whole_batch)
+            return
+        failure: Exception | None = None
+        while True:
+            batch: list[DecodedSample] | None = None
+            if failure is None:
+                try:
+                    batch = next(batches, None)
+                except Exception as error:  # reported to the others below, then raised here
+                    failure = error
+            status = FAILED if failure is not None else HAS_BATCH if batch is not None else ALL_DONE
+            decision = any_process(status)
+            if decision == FAILED:
+                if failure is not None:
+                    raise failure
+                raise RuntimeError("The evaluation failed on another process; this process stops as well.")
+            if decision == ALL_DONE:
+                return
+            try:
+                if batch is None:
+                    self._forward([PADDING_IMAGE])  # outputs dropped: only keeps the processes in step
+                else:
+                    self._score(batch)
+            except Exception as error:
+                failure = error
 
     @torch.no_grad()
-    def _score(self, batch: list[DecodedSample]) -> None:
+    def _forward(self, images: list[Image.Image]) -> tuple[dict, object]:
+        """(image processor inputs, model outputs) of `images`, the model in eval mode."""
         model, processor = self.model, self.image_processor
-        device = next(model.parameters()).device
-        inputs = processor([item["image"] for item in batch], return_tensors="pt")
+        first_parameter = next(model.parameters())
+        inputs = processor(images, return_tensors="pt")
         was_training = model.training
         model.eval()
         try:
             outputs = model(
-                pixel_values=inputs["pixel_values"].to(device, next(model.parameters()).dtype),
-                pixel_mask=inputs["pixel_mask"].to(device),
+                pixel_values=inputs["pixel_values"].to(first_parameter.device, first_parameter.dtype),
+                pixel_mask=inputs["pixel_mask"].to(first_parameter.device),
                 class_embeddings=self.class_embeddings,
                 synonym_mask=self.synonym_mask,
                 return_clip_logits=True,
             )
         finally:
             model.train(was_training)
+        return inputs, outputs
+
+    @torch.no_grad()
+    def _score(self, batch: list[DecodedSample]) -> None:
+        processor = self.image_processor
+        device = next(self.model.parameters()).device
+        inputs, outputs = self._forward([item["image"] for item in batch])
         options = dict(
             target_sizes=inputs["original_sizes"],
             reshaped_input_sizes=inputs["reshaped_input_sizes"],
