@@ -253,8 +253,11 @@ def test_prepare_parquet_from_coco_format_and_stream_it(tmp_path):
 
 def test_stream_resumed_at_the_end_of_an_epoch_continues_and_all_bad_epochs_stop():
     rows = list(toy_panoptic_rows(3))
+    first = toy_stream(rows, augment=False)
+    samples = iter(first)
+    [next(samples) for _ in range(3)]
     stream = toy_stream(rows, augment=False)
-    stream.position.consumed = 3  # checkpoint taken right after the last row of epoch 0
+    stream.load_state_dict(first.state_dict())  # checkpoint taken right after the last row of epoch 0
     stream.record_ids = []
     next(iter(stream))
     assert stream.position.epoch == 1 and stream.record_ids == ["toy_train_00000"]
