@@ -162,3 +162,11 @@ def test_positions_that_cannot_resume_exactly_are_refused():
     stream.load_state_dict(two_workers.state_dict())
     with pytest.raises(ValueError, match="same --dataloader_num_workers"):
         next(stream.batches(batch_size=1, num_workers=0))
+
+
+def test_starting_the_workers_leaves_the_training_processs_random_stream_alone():
+    # the loss's point sampling draws from it: a loader started at a resume must not shift it
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    next(stream_of(toy_dataset(8, 2)).batches(batch_size=1, num_workers=2))
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -661,6 +661,10 @@ class PanopticTrainStream:
                 num_workers=num_workers,
                 collate_fn=_identity,
                 prefetch_factor=prefetch_factor,
+                # the workers' base seed from a generator of their own: drawn from the global one, as by default, it
+                # would shift the training process's random stream (the loss's point sampling) whenever a loader
+                # starts, so a resumed run would sample other points than an uninterrupted one
+                generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank),
             )
             items = iter(loader)
         for item in items:
