@@ -10,9 +10,11 @@ Target 8: the training input pipeline (issue 14).
 
 from __future__ import annotations
 
+import gc
 import io
 import itertools
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -59,23 +61,44 @@ def _stream(dataset, size: int, **kwargs):
     return PanopticTrainStream(dataset, processor, Vocabulary.from_categories(TOY_CATEGORIES).label_map, **kwargs)
 
 
-def data_path_images_per_second(num_workers: int, batches: int = 16, batch_size: int = 2) -> tuple[float, float]:
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # of the children that ended (the workers, once shut down)
+    return usage.ru_utime + usage.ru_stime
+
+
+def data_path(num_workers: int, batches: int = 16, batch_size: int = 2) -> dict:
     """
-    Steady-state samples/s of `stream.batches` (the first batch, with the workers' start, is not timed), and this
-    process's CPU seconds per sample (the whole data path when `num_workers` is 0).
+    Steady-state samples/s of `stream.batches` (the first batch, with the workers' start, is not timed); the training
+    process's CPU seconds per sample (the whole data path when `num_workers` is 0) and the workers' (their whole
+    life, start and prefetched batches included, over the timed samples). Torch runs 1 thread in the training process
+    here, as in each DataLoader worker.
     """
+    import torch
     from datasets import Dataset
 
     dataset = Dataset.from_list(_cropped_rows(32)).to_iterable_dataset(num_shards=8)
     stream = _stream(dataset, 1024, shuffle_buffer=16, max_bad_fraction=0.0)
-    iterator = stream.batches(batch_size, num_workers)
-    next(iterator)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in range(batches):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        children_start = _children_cpu_seconds()
+        iterator = stream.batches(batch_size, num_workers)
         next(iterator)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    del iterator
-    return batches * batch_size / seconds, cpu_seconds / (batches * batch_size)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(batches):
+            next(iterator)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        del iterator
+        gc.collect()  # shuts the workers down, so that their CPU time is counted
+        time.sleep(1)
+    finally:
+        torch.set_num_threads(threads)
+    samples = batches * batch_size
+    return {
+        "images_per_second": samples / seconds,
+        "training_process_cpu_seconds_per_image": cpu_seconds / samples,
+        "workers_cpu_seconds_per_image": (_children_cpu_seconds() - children_start) / samples,
+    }
 
 
 def _synthetic_parquet(folder: Path, rows: int, num_shards: int = 4) -> None:
@@ -129,20 +152,18 @@ def run() -> list[dict]:
     rows = []
     for num_workers in sorted({0, 1, 2, cores}):
         load_before = os.getloadavg()[0]
-        images_per_second, cpu_seconds = data_path_images_per_second(num_workers)
+        measured = data_path(num_workers)
         rows.append(
             {
                 "target": 8,
                 "figure": (
                     f"data path, {'in the training process' if num_workers == 0 else f'{num_workers} DataLoader worker(s)'}: "
                     f"640x480 JPEG + PNG decode, large-scale jitter, labels, collation, 1024x1024 canvas, batch 2 "
-                    f"({cores} CPU cores)"
+                    f"({cores} CPU cores, 1 torch thread per process)"
                 ),
                 "num_workers": num_workers,
                 "cpu_count": cores,
-                "images_per_second": images_per_second,
-                # the training process's CPU time per image: the whole data path's cost when it reads in-process
-                "training_process_cpu_seconds_per_image": cpu_seconds,
+                **measured,
                 # the machine is shared: its load (1-minute average) says how much of the cores the figure had
                 "load_average": [load_before, os.getloadavg()[0]],
                 "goal": "reported (more workers, more images/s, up to the cores)",

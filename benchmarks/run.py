@@ -101,8 +101,10 @@ def table_row(row: dict) -> str:
                 f"{row['ratio']:.0f}x faster | {row['goal']} | {result} |"
             )
         return (
-            f"| 8 | {row['figure']} | {row['images_per_second']:.1f} images/s | load {row['load_average'][0]:.1f} | | "
-            f"{row['goal']} | {result} |"
+            f"| 8 | {row['figure']} | {row['images_per_second']:.1f} images/s | CPU per image: training process "
+            f"{1e3 * row['training_process_cpu_seconds_per_image']:.0f} ms, workers "
+            f"{1e3 * row['workers_cpu_seconds_per_image']:.0f} ms; load {row['load_average'][0]:.1f} | | {row['goal']} | "
+            f"{result} |"
         )
     if "steps_per_second" in row:
         return (
