@@ -66,7 +66,7 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def data_path(num_workers: int, batches: int = 16, batch_size: int = 2) -> dict:
+def data_path(num_workers: int, batches: int = 40, batch_size: int = 2) -> dict:
     """
     Steady-state samples/s of `stream.batches` (the first batch, with the workers' start, is not timed); the training
     process's CPU seconds per sample (the whole data path when `num_workers` is 0) and the workers' (their whole

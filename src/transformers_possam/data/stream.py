@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from ..image_processing_possam import encode_panoptic_annotation
 from .augmentation import large_scale_jitter
@@ -738,10 +739,14 @@ def preview_ids(label_map: dict[int, int], limit: int = 12) -> str:
 
 
 def collate_panoptic(samples: list[dict]) -> dict:
-    """Stack pixels; keep per-image `mask_labels` / `class_labels` as lists (their lengths differ)."""
+    """
+    Stack pixels; keep per-image `mask_labels` / `class_labels` as lists (their lengths differ). The stacking is
+    torch's `default_collate`: in a DataLoader worker it stacks straight into shared memory, sparing the copy that
+    sending the batch would make (about 40 MB per batch of 2 at 1024x1024).
+    """
     return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "pixel_mask": torch.stack([s["pixel_mask"] for s in samples]),
+        "pixel_values": default_collate([s["pixel_values"] for s in samples]),
+        "pixel_mask": default_collate([s["pixel_mask"] for s in samples]),
         "mask_labels": [s["mask_labels"] for s in samples],
         "class_labels": [s["class_labels"] for s in samples],
     }
