@@ -16,7 +16,8 @@ the `semantic_class_to_id` column or a `ClassLabel` feature; `--do_reduce_labels
 The defaults are the paper's recipe (Appendix A; `transformers_possam.optimization`). Data streams through 🤗 datasets
 (`streaming=True`), whole shards per process, read by `--dataloader_num_workers` DataLoader workers (or in the training
 process) that build each process's batches (lists of uint8 masks), so no batch dispatching is involved; the stream's
-position is resumed without re-reading the consumed rows (`transformers_possam.data.stream`). The scheduler steps once per optimizer step. Checkpoints
+position is resumed without re-reading the consumed rows (`transformers_possam.data.stream`). The scheduler steps once
+per optimizer step. Checkpoints
 (`output_dir/checkpoint-{step}`) hold model, optimizer, scheduler, RNG states and each process's stream position, with
 a manifest of checksums checked on resume; nothing in them is unpickled beyond `torch.load(weights_only=True)`
 (`transformers_possam.checkpointing`). A checkpoint is written under a temporary name and renamed when complete, so
@@ -327,7 +328,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, stream, scheduler,
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
     rank = accelerator.process_index
-    (temporary / f"stream_{rank}.json").write_text(json.dumps(stream.state_dict()))
+    (temporary / f"stream_{rank}.json").write_text(json.dumps(stream.position.state_dict()))
     save_rng_state(temporary, rank)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -376,7 +377,9 @@ def resume(accelerator, checkpoint: Path, stream, scheduler) -> int:
     load_rng_state(checkpoint, accelerator.process_index)
     try:
         step = int(json.loads((checkpoint / "step.json").read_text())["step"])
-        stream.load_state_dict(json.loads((checkpoint / f"stream_{accelerator.process_index}.json").read_text()))
+        stream.position.load_state_dict(
+            json.loads((checkpoint / f"stream_{accelerator.process_index}.json").read_text())
+        )
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"The step or stream position of {checkpoint} cannot be read ({error}).") from None
     return step

@@ -397,6 +397,11 @@ class _WorkerBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         if info is None or info.num_workers != len(self.readers):
             raise RuntimeError("_WorkerBatches runs in a DataLoader with one worker per reader.")
+        import fsspec.asyn  # type: ignore[import-untyped]
+
+        # as 🤗 datasets does in its own DataLoader workers: fsspec's event loop (Hub / remote files) does not survive
+        # the fork and would hang the worker
+        fsspec.asyn.reset_lock()
         # workers give items in turns 0, 1, ...: worker w is reader first + w, so the first item is the next reader's
         reader = (self.first + info.id) % len(self.readers)
         yield from self.stream._reader_batches(
