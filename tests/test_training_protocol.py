@@ -134,7 +134,7 @@ def test_stream_sample_is_fcclip_mapper_output_on_real_coco():
         row = rows[index % 2]
         image, _, segments = decode_panoptic_sample(row)
         # the stream's per-sample generator, drawn in the order flip, scale, crop offset
-        generator = np.random.default_rng([7, 0, 0, index])
+        generator = np.random.default_rng([7, 0, 0, 0, index])  # (seed, epoch, rank, shard, row of the shard)
         flip_draw, scale, crop_unit = generator.random(), generator.uniform(0.1, 2.0), generator.uniform(0.0, 1.0)
         panoptic_rgb = np.asarray(Image.open(__import__("io").BytesIO(row["label"]["bytes"])).convert("RGB"))
         ref_image, ref_ids, (height, width) = detectron2_lsj(

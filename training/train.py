@@ -14,8 +14,10 @@ the `semantic_class_to_id` column or a `ClassLabel` feature; `--do_reduce_labels
 `--hub_model_id`, `--hub_token`); this script's earlier names (`--max_steps`) remain aliases.
 
 The defaults are the paper's recipe (Appendix A; `transformers_possam.optimization`). Data streams through 🤗 datasets
-(`streaming=True`), one shard per process (`split_dataset_by_node`); batches are built per process (lists of uint8
-masks), so no batch dispatching is involved. The scheduler steps once per optimizer step. Checkpoints
+(`streaming=True`), whole shards per process, read by `--dataloader_num_workers` DataLoader workers (or in the training
+process) that build each process's batches (lists of uint8 masks), so no batch dispatching is involved; the stream's
+position is resumed without re-reading the consumed rows (`transformers_possam.data.stream`). The scheduler steps once
+per optimizer step. Checkpoints
 (`output_dir/checkpoint-{step}`) hold model, optimizer, scheduler, RNG states and each process's stream position, with
 a manifest of checksums checked on resume; nothing in them is unpickled beyond `torch.load(weights_only=True)`
 (`transformers_possam.checkpointing`). A checkpoint is written under a temporary name and renamed when complete, so
@@ -59,9 +61,7 @@ from transformers_possam.checkpointing import (
 )
 from transformers_possam.data.stream import (
     PanopticTrainStream,
-    collate_panoptic,
     load_panoptic_dataset,
-    shard_for_process,
 )
 from transformers_possam.evaluation import PanopticEvaluator, vocabulary_embeddings
 from transformers_possam.evaluation.loop import ALL_DONE, FAILED
@@ -134,6 +134,13 @@ def parse_args(argv=None):
         "--num_warmup_steps", type=int, default=0, help="linear warmup from 0 over this many optimizer steps"
     )
     parser.add_argument("--per_device_train_batch_size", type=int, default=2, help="paper: 2 per GPU x 8 GPUs = 16")
+    parser.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="DataLoader worker processes per training process that read, decode, jitter and collate samples (0: in "
+        "the training process). Resume with the same number: it fixes the sample order.",
+    )
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--weight_decay", type=float, default=0.05)
@@ -213,6 +220,10 @@ def parse_args(argv=None):
         )
     if args.per_device_eval_batch_size < 1:
         parser.error(f"--per_device_eval_batch_size must be >= 1, got {args.per_device_eval_batch_size}.")
+    if args.dataloader_num_workers < 0:
+        parser.error(
+            f"--dataloader_num_workers must be >= 0 (0: read in the training process), got {args.dataloader_num_workers}."
+        )
     if args.with_tracking and args.report_to is None:
         args.report_to = "all"
     if args.report_to is not None:
@@ -411,7 +422,6 @@ def main(argv=None) -> dict:
         do_reduce_labels=args.do_reduce_labels,
     )
     logger.info("%d classes from %s", len(categories), category_source)
-    train_set = shard_for_process(train_set, accelerator.process_index, accelerator.num_processes)
     vocabulary = Vocabulary.from_categories(categories)
     record_training_vocabulary(model, processor, vocabulary, accelerator.device)
     # Everything the frozen text tower computes is taken here, before prepare: FSDP / DeepSpeed ZeRO-3 shard the
@@ -429,6 +439,7 @@ def main(argv=None) -> dict:
         vocabulary.label_map,
         seed=args.seed,
         rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
         augment=not args.no_augmentation,
         max_bad_fraction=args.max_bad_fraction,
         drop_cropped_segments=args.drop_cropped_segments,
@@ -469,7 +480,7 @@ def main(argv=None) -> dict:
         accelerator.init_trackers(
             "possam", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         )
-    samples = iter(stream)
+    batches = stream.batches(args.per_device_train_batch_size, args.dataloader_num_workers)
     model.train()
     start_step, metrics = step, {}
     progress = tqdm(
@@ -477,7 +488,7 @@ def main(argv=None) -> dict:
     )
     while step < args.max_steps:
         for _ in range(args.gradient_accumulation_steps):
-            batch = collate_panoptic([next(samples) for _ in range(args.per_device_train_batch_size)])
+            batch = next(batches)
             with accelerator.accumulate(model):
                 outputs = model(
                     pixel_values=batch["pixel_values"].to(accelerator.device, pixel_dtype),

@@ -6,14 +6,15 @@ known position (epoch, samples consumed) sees exactly the samples an uninterrupt
 
 from __future__ import annotations
 
-import itertools
+import copy
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from ..image_processing_possam import encode_panoptic_annotation
 from .augmentation import large_scale_jitter
@@ -281,39 +282,157 @@ class UnknownCategory(ValueError):
     """A sample's class / category id that the run's category table does not name: the table is wrong, not the row."""
 
 
+# rows per window when the stream does not shuffle (`shuffle_buffer=0`): only how often the reading state is recorded
+UNSHUFFLED_WINDOW = 64
+STATE_FORMAT = 2  # 1: (epoch, rows consumed), resumed by re-reading them (before issue 14)
+
+
 @dataclass
-class StreamPosition:
-    """Where a process is in its shard of the stream; saved with checkpoints."""
+class ReaderPosition:
+    """
+    Where one reader (the in-process one, or one DataLoader worker) is in its part of the process's shard, and its
+    bad-row counts. A reader's epoch is a list of units (a shard, or every `stride`-th row of one) read in windows of
+    `shuffle_buffer` rows: `source_state` (the unit dataset's own `state_dict()` before the window) lets a resumed
+    reader seek to the window without reading the rows before it; `offset` rows of the window were taken.
+    """
 
     epoch: int = 0
-    consumed: int = 0  # rows of the current epoch taken from the stream, bad ones included
+    unit: int = 0  # index into the reader's units of this epoch
+    window: int = 0  # index of the window inside the unit
+    window_row: int = 0  # rows of the unit's shard read before the window (kept by the stride or not)
+    source_state: dict | None = None  # the unit dataset's `state_dict()` before the window's first row
+    offset: int = 0  # rows of the window taken, bad ones included
+    produced: bool = False  # whether this epoch gave a usable sample yet
     seen: int = 0  # rows seen in total
     bad: int = 0  # rows skipped as bad in total
     bad_ids: list = field(default_factory=list)  # the last few bad image ids
 
     def state_dict(self) -> dict:
+        state = asdict(self)
+        state["source_state"] = copy.deepcopy(self.source_state)
+        state["bad_ids"] = list(self.bad_ids[-20:])
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict) -> ReaderPosition:
+        return cls(**copy.deepcopy(state))
+
+
+@dataclass
+class StreamPosition:
+    """
+    Where a process is in its shard of the stream; saved with checkpoints. `readers[k]` is reader k's resume point:
+    right after the last batch it gave, with `skip_bad_reports[k]` bad-row reports it gave after that batch (replayed
+    silently on resume); `next_reader` gives the next batch (DataLoader workers take turns in order). `seen`, `bad`
+    and `bad_ids` count every reader's rows up to its latest report.
+    """
+
+    readers: list[ReaderPosition] = field(default_factory=list)
+    skip_bad_reports: list[int] = field(default_factory=list)
+    next_reader: int = 0
+    counts: list[dict] = field(default_factory=list)  # each reader's latest {seen, bad, bad_ids}
+
+    @property
+    def seen(self) -> int:
+        return sum(count["seen"] for count in self.counts)
+
+    @property
+    def bad(self) -> int:
+        return sum(count["bad"] for count in self.counts)
+
+    @property
+    def bad_ids(self) -> list:
+        return [image_id for count in self.counts for image_id in count["bad_ids"]]
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the slowest reader is in."""
+        return min((reader.epoch for reader in self.readers), default=0)
+
+    def reset(self, num_readers: int) -> None:
+        self.readers = [ReaderPosition() for _ in range(num_readers)]
+        self.skip_bad_reports = [0] * num_readers
+        self.next_reader = 0
+        self.counts = [reader_counts(reader) for reader in self.readers]
+
+    def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch,
-            "consumed": self.consumed,
-            "seen": self.seen,
-            "bad": self.bad,
-            "bad_ids": self.bad_ids[-20:],
+            "format": STATE_FORMAT,
+            "readers": [reader.state_dict() for reader in self.readers],
+            "skip_bad_reports": list(self.skip_bad_reports),
+            "next_reader": self.next_reader,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(
+                "This stream position was saved by an older version of the training stream (it re-read the consumed "
+                "rows, in another order); it cannot be resumed exactly here. Resume with the version that wrote it, "
+                "or start a new run."
+            )
+        self.readers = [ReaderPosition.from_state(reader) for reader in state["readers"]]
+        self.skip_bad_reports = [int(skip) for skip in state["skip_bad_reports"]]
+        self.next_reader = int(state["next_reader"])
+        self.counts = [reader_counts(reader) for reader in self.readers]
+
+
+def reader_counts(reader: ReaderPosition) -> dict:
+    return {"seen": reader.seen, "bad": reader.bad, "bad_ids": list(reader.bad_ids[-5:])}
+
+
+def _identity(item):
+    return item
+
+
+class _WorkerBatches(torch.utils.data.IterableDataset):
+    """What each DataLoader worker runs: its reader's batches (and bad-row reports), from its saved position."""
+
+    def __init__(self, stream: PanopticTrainStream, batch_size: int, position: StreamPosition):
+        self.stream, self.batch_size = stream, batch_size
+        self.readers = [reader.state_dict() for reader in position.readers]
+        self.skip_bad_reports = list(position.skip_bad_reports)
+        self.first = position.next_reader
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        if info is None or info.num_workers != len(self.readers):
+            raise RuntimeError("_WorkerBatches runs in a DataLoader with one worker per reader.")
+        import fsspec.asyn  # type: ignore[import-untyped]
+
+        # as 🤗 datasets does in its own DataLoader workers: fsspec's event loop (Hub / remote files) does not survive
+        # the fork and would hang the worker
+        fsspec.asyn.reset_lock()
+        # workers give items in turns 0, 1, ...: worker w is reader first + w, so the first item is the next reader's
+        reader = (self.first + info.id) % len(self.readers)
+        yield from self.stream._reader_batches(
+            reader,
+            len(self.readers),
+            ReaderPosition.from_state(self.readers[reader]),
+            self.batch_size,
+            self.skip_bad_reports[reader],
+        )
 
 
 class PanopticTrainStream:
     """
-    An endless iterator of processed training samples from one process's shard of a dataset.
+    An endless iterator of processed training samples from one process's shard of a dataset (`iter(stream)`), or of
+    collated batches read by DataLoader workers (`stream.batches(batch_size, num_workers)`).
 
     Each sample: decode and check (bad ones are skipped with a warning naming the image id and counted; more than
     `max_bad_fraction` bad among the rows seen, once `min_seen` rows were seen, stops with `TooManyBadSamples`),
     large-scale jitter (FC-CLIP's), then normalization and padding only (`augment=False`: the image processor's
     resize, as at inference); uint8 `mask_labels` for every non-crowd segment of `segments_info` (empty where the
     crop removed it, as FC-CLIP; `drop_cropped_segments=True` leaves those out) and `class_labels`.
+
+    Reading: process `rank` of `world_size` takes the shards `rank, rank + world_size, ...` of `dataset` (every
+    `world_size`-th row of every shard when the shard count does not divide, with a warning). Each epoch the process's
+    shards are permuted (seeded by seed, epoch, rank) and dealt to the readers in turn (every reader takes every
+    k-th row of every shard when there are fewer shards than readers); each shard is read in windows of
+    `shuffle_buffer` rows, each window permuted (seeded by seed, epoch, rank, shard, window). `shuffle_buffer=0`:
+    shards and rows in order. The sample of row i of shard s in epoch e is augmented with a generator seeded by (seed,
+    e, rank, s, i), so a sample does not depend on the number of readers. A position is (epoch, unit, window, offset)
+    plus the shard dataset's own `state_dict()` at the window's start: resuming reads one window, never the rows
+    before it.
     """
 
     def __init__(
@@ -332,12 +451,20 @@ class PanopticTrainStream:
         min_scale: float = 0.1,
         max_scale: float = 2.0,
         category_source: str = "the category table",
+        world_size: int = 1,
     ):
+        from datasets import IterableDataset
+
+        if not isinstance(dataset, IterableDataset):  # a map-style Dataset, read in order as one shard
+            dataset = dataset.to_iterable_dataset(num_shards=1)
         self.dataset = without_image_decoding(dataset)
+        self.num_shards = self.dataset.num_shards
         self.image_processor = image_processor
         self.label_map = label_map
         self.category_source = category_source
-        self.seed, self.rank, self.augment = seed, rank, augment
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not a process of world_size {world_size}.")
+        self.seed, self.rank, self.world_size, self.augment = seed, rank, world_size, augment
         self.shuffle_buffer = shuffle_buffer
         self.max_bad_fraction, self.min_seen = max_bad_fraction, min_seen
         self.drop_cropped_segments = drop_cropped_segments
@@ -354,14 +481,216 @@ class PanopticTrainStream:
                 f"target_size {self.target_size} exceeds the image processor's pad_size {self.padded_size}: jittered "
                 "samples are padded, never resized, so the canvas must hold them."
             )
+        if world_size > 1 and self.num_shards % world_size != 0:
+            logger.warning(
+                "The dataset has %d shards, which does not divide over %d processes: every process will read every "
+                "row (and keep 1 in %d). Re-shard it (training/prepare_panoptic_parquet.py --num_shards, default 64) "
+                "to a multiple of the process count.",
+                self.num_shards,
+                world_size,
+                world_size,
+            )
         self.position = StreamPosition()
         self.record_ids: list | None = None  # set to [] to record the image id of every sample produced
 
-    def _epoch_rows(self, epoch: int) -> Iterator[dict]:
-        dataset = self.dataset
-        if self.shuffle_buffer and hasattr(dataset, "shuffle"):
-            dataset = dataset.shuffle(seed=self.seed + epoch, buffer_size=self.shuffle_buffer)
-        return iter(dataset)
+    # --- reading ---------------------------------------------------------------------------------------------------
+
+    def process_units(self) -> list[tuple[int, int, int]]:
+        """This process's units (shard, stride, phase): the rows i of shard `shard` with i % stride == phase."""
+        if self.world_size > 1 and self.num_shards % self.world_size == 0:
+            return [(shard, 1, 0) for shard in range(self.rank, self.num_shards, self.world_size)]
+        return [(shard, self.world_size, self.rank) for shard in range(self.num_shards)]
+
+    def reader_units(self, epoch: int, reader: int, num_readers: int) -> list[tuple[int, int, int]]:
+        """Reader `reader`'s units in `epoch`: over the readers, disjoint and together exactly `process_units()`."""
+        units = self.process_units()
+        if self.shuffle_buffer:
+            order = np.random.default_rng([self.seed, epoch, self.rank]).permutation(len(units))
+            units = [units[i] for i in order]
+        if len(units) >= num_readers:
+            return units[reader::num_readers]
+        # fewer shards than readers: each reader takes every num_readers-th row of every unit
+        return [(shard, stride * num_readers, phase + stride * reader) for shard, stride, phase in units]
+
+    def _read(self, position: ReaderPosition, reader: int, num_readers: int) -> Iterator[tuple[dict | None, object]]:
+        """
+        Reader `reader`'s rows from `position` on, endlessly: (sample, image id) per usable row, (None, image id) per
+        bad row (counted in `position`, which follows every row).
+        """
+        window_size = self.shuffle_buffer or UNSHUFFLED_WINDOW
+        while True:
+            units = self.reader_units(position.epoch, reader, num_readers)
+            while position.unit < len(units):
+                shard, stride, phase = units[position.unit]
+                source = self.dataset.shard(num_shards=self.num_shards, index=shard, contiguous=True)
+                if position.source_state is not None:
+                    source.load_state_dict(position.source_state)
+                # `iter(batch_size=1)`, not `iter(source)`: in a DataLoader worker the latter would split the one shard
+                # over the workers again
+                rows = source.iter(batch_size=1)
+                row_index = position.window_row
+                while True:
+                    window = []
+                    for batch in rows:
+                        index, row_index = row_index, row_index + 1
+                        if index % stride == phase:
+                            window.append((index, {column: values[0] for column, values in batch.items()}))
+                            if len(window) == window_size:
+                                break
+                    if not window:
+                        break
+                    order = (
+                        np.random.default_rng(
+                            [self.seed, position.epoch, self.rank, shard, position.window]
+                        ).permutation(len(window))
+                        if self.shuffle_buffer
+                        else range(len(window))
+                    )
+                    for taken in range(position.offset, len(window)):
+                        index, row = window[order[taken]]
+                        position.offset = taken + 1
+                        position.seen += 1
+                        rng = np.random.default_rng([self.seed, position.epoch, self.rank, shard, index])
+                        try:
+                            sample = self._process(row, rng)
+                        except BadSample as error:
+                            position.bad += 1
+                            position.bad_ids = [*position.bad_ids[-19:], row.get("image_id")]
+                            logger.warning("Skipping bad sample: %s", error)
+                            yield None, row.get("image_id")
+                            continue
+                        position.produced = True
+                        yield sample, row.get("image_id")
+                    position.window, position.offset = position.window + 1, 0
+                    position.window_row, position.source_state = row_index, source.state_dict()
+                position.unit, position.window, position.window_row, position.source_state = (
+                    position.unit + 1,
+                    0,
+                    0,
+                    None,
+                )
+            if not position.produced:
+                # an empty shard, or one whose every sample is bad, would otherwise loop over epochs forever
+                raise RuntimeError(
+                    f"A whole epoch of reader {reader} of {num_readers} (process {self.rank}) gave no usable sample "
+                    f"({position.bad} bad rows in total): give every process (and every --dataloader_num_workers "
+                    "worker: one shard each at least) valid samples."
+                )
+            position.epoch, position.unit, position.produced = position.epoch + 1, 0, False
+
+    def _reader_batches(
+        self, reader: int, num_readers: int, position: ReaderPosition, batch_size: int, skip_bad_reports: int
+    ) -> Iterator[dict]:
+        """
+        Reader `reader`'s collated batches of `batch_size` samples, and a report per bad row (`batch` None) so that
+        the training process counts bad rows even of a reader that gives no batch. Each item carries its resume point:
+        the position after the reader's last batch and how many reports came after it (`skip_bad_reports` of them
+        are given again, silently, when resuming from such a point).
+        """
+        start, reports, samples, ids = position.state_dict(), 0, [], []
+        for sample, image_id in self._read(position, reader, num_readers):
+            if sample is None:
+                if skip_bad_reports:
+                    skip_bad_reports -= 1
+                    continue
+                reports += 1
+                yield {
+                    "reader": reader,
+                    "batch": None,
+                    "ids": [],
+                    "resume": {"position": start, "skip_bad_reports": reports},
+                    "counts": reader_counts(position),
+                }
+                continue
+            samples.append(sample)
+            ids.append(image_id)
+            if len(samples) == batch_size:
+                start, reports = position.state_dict(), 0
+                yield {
+                    "reader": reader,
+                    "batch": collate_panoptic(samples),
+                    "ids": ids,
+                    "resume": {"position": start, "skip_bad_reports": 0},
+                    "counts": reader_counts(position),
+                }
+                samples, ids = [], []
+
+    def _prepare_readers(self, num_readers: int) -> None:
+        if not self.position.readers:
+            self.position.reset(num_readers)
+        elif len(self.position.readers) != num_readers:
+            raise ValueError(
+                f"The stream position was saved with {len(self.position.readers)} reader(s) "
+                f"(--dataloader_num_workers {len(self.position.readers)}, or 0 for 1) and is resumed with "
+                f"{num_readers}: the sample order depends on it. Resume with the same --dataloader_num_workers."
+            )
+
+    def __iter__(self) -> Iterator[dict]:
+        """Samples, read in this process (one reader)."""
+        self._prepare_readers(1)
+        position = self.position.readers[0]
+        skip = self.position.skip_bad_reports[0]
+        for sample, image_id in self._read(position, 0, 1):
+            self.position.counts[0] = reader_counts(position)
+            if sample is None:
+                if skip:
+                    skip -= 1
+                    continue
+                self._check_bad_fraction()
+                continue
+            if self.record_ids is not None:
+                self.record_ids.append(image_id)
+            yield sample
+
+    def batches(self, batch_size: int, num_workers: int = 0, prefetch_factor: int = 2) -> Iterator[dict]:
+        """
+        Endless collated batches (`collate_panoptic`) of `batch_size` samples. `num_workers` 0: read in this process;
+        else by as many DataLoader workers (one reader each; they take turns, in order, so the batch order is fixed by
+        the seed and the position). `self.position` follows the batches taken, ready for `state_dict()`.
+        """
+        num_readers = max(1, num_workers)
+        self._prepare_readers(num_readers)
+        position = self.position
+        if num_workers == 0:
+            reader = position.next_reader  # 0
+            items: Iterator[dict] = self._reader_batches(
+                reader,
+                1,
+                ReaderPosition.from_state(position.readers[reader].state_dict()),
+                batch_size,
+                position.skip_bad_reports[reader],
+            )
+        else:
+            loader = torch.utils.data.DataLoader(
+                _WorkerBatches(self, batch_size, position),
+                batch_size=None,
+                num_workers=num_workers,
+                collate_fn=_identity,
+                prefetch_factor=prefetch_factor,
+                # the workers' base seed from a generator of their own: drawn from the global one, as by default, it
+                # would shift the training process's random stream (the loss's point sampling) whenever a loader
+                # starts, so a resumed run would sample other points than an uninterrupted one
+                generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank),
+            )
+            items = iter(loader)
+        for item in items:
+            reader = item["reader"]
+            position.counts[reader] = item["counts"]
+            position.next_reader = (reader + 1) % num_readers
+            position.readers[reader] = ReaderPosition.from_state(item["resume"]["position"])
+            position.skip_bad_reports[reader] = item["resume"]["skip_bad_reports"]
+            if item["batch"] is None:
+                self._check_bad_fraction()
+                continue
+            if self.record_ids is not None:
+                self.record_ids.extend(item["ids"])
+            yield item["batch"]
+
+    def state_dict(self) -> dict:
+        return self.position.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position.load_state_dict(state)
 
     def _process(self, row: dict, rng: np.random.Generator) -> dict:
         image, ids, segments = decode_panoptic_sample(row)
@@ -404,36 +733,6 @@ class PanopticTrainStream:
             "class_labels": class_labels,
         }
 
-    def __iter__(self) -> Iterator[dict]:
-        while True:
-            rows = itertools.islice(self._epoch_rows(self.position.epoch), self.position.consumed, None)
-            produced, resumed_mid_epoch = False, self.position.consumed > 0
-            for row in rows:
-                index = self.position.consumed
-                self.position.consumed += 1
-                self.position.seen += 1
-                rng = np.random.default_rng([self.seed, self.position.epoch, self.rank, index])
-                try:
-                    sample = self._process(row, rng)
-                except BadSample as error:
-                    self.position.bad += 1
-                    self.position.bad_ids.append(row.get("image_id"))
-                    logger.warning("Skipping bad sample: %s", error)
-                    self._check_bad_fraction()
-                    continue
-                produced = True
-                if self.record_ids is not None:
-                    self.record_ids.append(row.get("image_id"))
-                yield sample
-            if not produced and not resumed_mid_epoch:
-                # an empty shard, or one whose every sample is bad, would otherwise loop over epochs forever
-                raise RuntimeError(
-                    f"A whole epoch of this process's shard gave no usable sample ({self.position.consumed} rows, "
-                    f"{self.position.bad} bad in total): give every process at least one valid sample."
-                )
-            self.position.epoch += 1
-            self.position.consumed = 0
-
     def _check_bad_fraction(self) -> None:
         position = self.position
         check_bad_fraction(position.seen, position.bad, position.bad_ids, self.max_bad_fraction, self.min_seen)
@@ -445,10 +744,14 @@ def preview_ids(label_map: dict[int, int], limit: int = 12) -> str:
 
 
 def collate_panoptic(samples: list[dict]) -> dict:
-    """Stack pixels; keep per-image `mask_labels` / `class_labels` as lists (their lengths differ)."""
+    """
+    Stack pixels; keep per-image `mask_labels` / `class_labels` as lists (their lengths differ). The stacking is
+    torch's `default_collate`: in a DataLoader worker it stacks straight into shared memory, sparing the copy that
+    sending the batch would make (about 40 MB per batch of 2 at 1024x1024).
+    """
     return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "pixel_mask": torch.stack([s["pixel_mask"] for s in samples]),
+        "pixel_values": default_collate([s["pixel_values"] for s in samples]),
+        "pixel_mask": default_collate([s["pixel_mask"] for s in samples]),
         "mask_labels": [s["mask_labels"] for s in samples],
         "class_labels": [s["class_labels"] for s in samples],
     }
