@@ -379,15 +379,19 @@ def test_default_schedule_is_the_papers():
 
 
 def test_uneven_shards_warn(caplog):
+    """A shard count the processes do not divide makes every process read every row: the stream warns, naming the fix."""
     from datasets import Dataset
 
-    from transformers_possam.data.stream import shard_for_process
+    from transformers_possam import PosSAMImageProcessor
+    from transformers_possam.data import toy_panoptic_rows
+    from transformers_possam.data.stream import PanopticTrainStream
 
-    dataset = Dataset.from_list([{"x": i} for i in range(12)])
+    dataset = Dataset.from_list(list(toy_panoptic_rows(12)))
+    image_processor = PosSAMImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
+    labels = {i: i for i in range(6)}
     with caplog.at_level("WARNING"):
-        shard_for_process(dataset.to_iterable_dataset(num_shards=4), 0, 2)
+        PanopticTrainStream(dataset.to_iterable_dataset(num_shards=4), image_processor, labels, rank=0, world_size=2)
     assert not caplog.records
     with caplog.at_level("WARNING"):
-        part = shard_for_process(dataset.to_iterable_dataset(num_shards=3), 1, 2)
+        PanopticTrainStream(dataset.to_iterable_dataset(num_shards=3), image_processor, labels, rank=1, world_size=2)
     assert "3 shards, which does not divide over 2 processes" in caplog.text and "--num_shards" in caplog.text
-    assert [row["x"] for row in part] == [1, 3, 5, 7, 9, 11]  # every row read, one in two kept

@@ -41,7 +41,6 @@ __all__ = [
     "PanopticTrainStream",
     "load_panoptic_dataset",
     "collate_panoptic",
-    "shard_for_process",
     "TooManyBadSamples",
     "UnknownCategory",
     "dataset_format",
@@ -255,27 +254,6 @@ def hub_category_table(dataset_name: str) -> Path | None:
             f"Cannot tell whether {dataset_name} ships a {CATEGORY_TABLE_FILE} (the Hub cannot be reached and none is "
             f"cached: {error}). Pass --label_file with its category table."
         ) from None
-
-
-def shard_for_process(dataset, rank: int, world_size: int):
-    """
-    This process's part of a streamed dataset (`datasets.distributed.split_dataset_by_node`). When the shard count
-    divides by the number of processes each reads whole shards; otherwise every process reads every row and keeps one
-    in `world_size`, which is slower by that factor: warn, naming the fix.
-    """
-    from datasets.distributed import split_dataset_by_node
-
-    num_shards = getattr(dataset, "n_shards", None)
-    if world_size > 1 and num_shards is not None and num_shards % world_size != 0:
-        logger.warning(
-            "The dataset has %d shards, which does not divide over %d processes: every process will read every row "
-            "(and keep 1 in %d). Re-shard it (training/prepare_panoptic_parquet.py --num_shards, default 64) to a "
-            "multiple of the process count.",
-            num_shards,
-            world_size,
-            world_size,
-        )
-    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
 
 
 class UnknownCategory(ValueError):
