@@ -62,6 +62,7 @@ from transformers_possam.data.stream import (
     shard_for_process,
 )
 from transformers_possam.evaluation import PanopticEvaluator
+from transformers_possam.modeling.loss import accumulation_loss_normalizers
 from transformers_possam.optimization import SCHEDULES, make_optimizer, parameter_groups, step_decay
 from transformers_possam.vocabularies import Vocabulary
 
@@ -464,9 +465,22 @@ def main(argv=None) -> dict:
         total=args.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True
     )
     while step < args.max_steps:
-        for _ in range(args.gradient_accumulation_steps):
-            batch = collate_panoptic([next(samples) for _ in range(args.per_device_train_batch_size)])
-            with accelerator.accumulate(model):
+        # One optimizer step = one window of gradient_accumulation_steps micro-batches, drawn first: the loss is
+        # normalized by the whole window's mask count and class-weight sum (accumulation_loss_normalizers), so the
+        # accumulated gradients are those of one batch of all the window's images, whatever each micro-batch holds.
+        window = [
+            collate_panoptic([next(samples) for _ in range(args.per_device_train_batch_size)])
+            for _ in range(args.gradient_accumulation_steps)
+        ]
+        loss_normalizers = accumulation_loss_normalizers(
+            [batch["class_labels"] for batch in window],
+            num_queries=unwrapped.config.num_queries,
+            no_object_weight=unwrapped.config.no_object_weight,
+            device=accelerator.device,
+        )
+        window_loss = torch.zeros((), device=accelerator.device)
+        for batch in window:
+            with accelerator.accumulate(model):  # syncs, steps and zeroes only at the window's last micro-batch
                 outputs = model(
                     pixel_values=batch["pixel_values"].to(accelerator.device),
                     pixel_mask=batch["pixel_mask"].to(accelerator.device),
@@ -474,15 +488,17 @@ def main(argv=None) -> dict:
                     synonym_mask=synonym_mask,
                     mask_labels=[m.to(accelerator.device) for m in batch["mask_labels"]],
                     class_labels=[c.to(accelerator.device) for c in batch["class_labels"]],
+                    loss_normalizers=loss_normalizers,
                 )
-                accelerator.backward(outputs.loss)
+                accelerator.backward(outputs.loss)  # divided by gradient_accumulation_steps, as the normalizers expect
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
+            window_loss += outputs.loss.detach() / args.gradient_accumulation_steps  # = the whole window's loss
         scheduler.step()
         step += 1
-        loss = accelerator.reduce(outputs.loss.detach(), reduction="mean").item()
+        loss = accelerator.reduce(window_loss, reduction="mean").item()
         bad = accelerator.reduce(
             torch.tensor(float(stream.position.bad), device=accelerator.device), reduction="sum"
         ).item()
