@@ -11,7 +11,9 @@ noisy), PASS/FAIL printed per target:
 4. vocabulary cache: a repeated pipeline call spends <= 1% in the text tower; a new vocabulary is one text pass;
 5. memory: B inference peak RSS <= 2x fp32 weights; training-step memory flat from 10 to 100 segments;
 6. training throughput (tiny config) and the data path alone (reported).
-7. `--suite gpu` (an accelerator): B/L/H, bf16/fp32, batch 1/8, images/s and peak memory, torch.compile on B.
+   One PosSAM-B training step at 1024x1024, batch 2 (CPU, fp32): seconds per step and peak RSS (reported).
+7. `--suite gpu` (an accelerator): B/L/H, bf16/fp32, batch 1/8, images/s and peak memory, torch.compile on B; B/L/H
+   bf16 training at batch 2: images/s, peak memory per GPU and GPU-days of the paper's 250K x 16 schedule.
 8. input pipeline: the data path at COCO-like size in the training process and by 1, 2, N DataLoader workers; resume
    at row 45,000 of a 50,000-row parquet from the stream's state vs re-reading the consumed rows.
 All models have random weights (no Hub access); timings do not depend on the weights' values.
@@ -70,6 +72,8 @@ def table_row(row: dict) -> str:
         if "error" in row:
             return f"| 7 | {row['figure']} | failed: {row['error'][:80]} | | | {row['goal']} | |"
         paper = f"paper (A100): {row['paper_fps_a100']} FPS" if row.get("paper_fps_a100") else ""
+        if row.get("training"):
+            paper = f"paper schedule (250K x 16 images): {row['gpu_days_paper_schedule']:.1f} GPU-days on one device"
         return (
             f"| 7 | {row['figure']} | {row['images_per_second']:.2f} images/s ({memory}) | {paper} | | {row['goal']} | "
             f"{result if row['pass'] is not None else ''} |"
@@ -106,6 +110,11 @@ def table_row(row: dict) -> str:
             f"{1e3 * row['workers_cpu_seconds_per_image']:.0f} ms; load {row['load_average'][0]:.1f} | | {row['goal']} | "
             f"{result} |"
         )
+    if "seconds_per_step" in row:
+        return (
+            f"| 6 | {row['figure']} | {row['seconds_per_step']:.1f} s/step | peak RSS "
+            f"{row['peak_rss_bytes'] / 2**30:.1f} GiB | | {row['goal']} | {result} |"
+        )
     if "steps_per_second" in row:
         return (
             f"| 6 | {row['figure']} | {row['steps_per_second']:.2f} steps/s ({row['images_per_second']:.1f} images/s) | "
@@ -141,6 +150,7 @@ def main(argv=None) -> dict:
 
         args.targets = []
         rows += gpu.run(args.device, tuple(args.variants), repeats=max(args.repeats, 5))
+        rows += gpu.run_training(args.device, tuple(args.variants), batch_size=2, repeats=max(args.repeats, 5))
     else:
         torch.set_num_threads(2)
 

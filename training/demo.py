@@ -58,6 +58,12 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--min_scale", type=float, default=0.5, help="jitter's smallest scale (the real recipe: 0.1 at 1024 px)"
     )
+    parser.add_argument(
+        "--mixed_precision",
+        default="no",
+        choices=["no", "bf16"],
+        help="train.py's --mixed_precision: 'bf16' trains under autocast (evaluation stays in float32)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     output_dir = Path(args.output_dir)
@@ -86,6 +92,8 @@ def main(argv=None) -> dict:
             # the toy images are 128 px, not 1024: FC-CLIP's smallest scale 0.1 would shrink them to 13 px
             "--min_scale",
             str(args.min_scale),
+            "--mixed_precision",
+            args.mixed_precision,
         ]
     )
     train_seconds = time.time() - start
@@ -132,6 +140,7 @@ def main(argv=None) -> dict:
         "eval_images": len(rows),
         "train_steps": args.max_steps,
         "train_seconds": round(train_seconds, 1),
+        "mixed_precision": args.mixed_precision,
         "per_class_pq": {names[int(k)]: 100 * v["pq"] for k, v in results["per_class"].items()},
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -65,6 +65,7 @@ from transformers_possam.data.stream import (
 )
 from transformers_possam.evaluation import PanopticEvaluator, vocabulary_embeddings
 from transformers_possam.evaluation.loop import ALL_DONE, FAILED
+from transformers_possam.modeling.loss import accumulation_loss_normalizers
 from transformers_possam.optimization import SCHEDULES, make_optimizer, parameter_groups, step_decay
 from transformers_possam.vocabularies import Vocabulary
 
@@ -453,6 +454,7 @@ def main(argv=None) -> dict:
     groups, optimizer, scheduler = build_optimization(args, model)
     configure_deepspeed(accelerator, args.max_grad_norm, args.per_device_train_batch_size)
     replicated_trained = configure_fsdp(accelerator, model)
+    model_config = model.config  # read before prepare: the wrapper hides it
     model, optimizer = accelerator.prepare(model, optimizer)
     # pixels in the frozen SAM encoder's dtype: bf16 under DeepSpeed's bf16, which casts the whole model and runs no
     # autocast; float32 otherwise (DDP / FSDP mixed precision: autocast casts inside)
@@ -487,9 +489,19 @@ def main(argv=None) -> dict:
         total=args.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True
     )
     while step < args.max_steps:
-        for _ in range(args.gradient_accumulation_steps):
-            batch = next(batches)
-            with accelerator.accumulate(model):
+        # One optimizer step = one window of gradient_accumulation_steps micro-batches, drawn first: the loss is
+        # normalized by the whole window's mask count and class-weight sum (accumulation_loss_normalizers), so the
+        # accumulated gradients are those of one batch of all the window's images, whatever each micro-batch holds.
+        window = [next(batches) for _ in range(args.gradient_accumulation_steps)]
+        loss_normalizers = accumulation_loss_normalizers(
+            [batch["class_labels"] for batch in window],
+            num_queries=model_config.num_queries,
+            no_object_weight=model_config.no_object_weight,
+            device=accelerator.device,
+        )
+        window_loss = torch.zeros((), device=accelerator.device)
+        for batch in window:
+            with accelerator.accumulate(model):  # syncs, steps and zeroes only at the window's last micro-batch
                 outputs = model(
                     pixel_values=batch["pixel_values"].to(accelerator.device, pixel_dtype),
                     pixel_mask=batch["pixel_mask"].to(accelerator.device),
@@ -497,17 +509,19 @@ def main(argv=None) -> dict:
                     synonym_mask=synonym_mask,
                     mask_labels=[m.to(accelerator.device) for m in batch["mask_labels"]],
                     class_labels=[c.to(accelerator.device) for c in batch["class_labels"]],
+                    loss_normalizers=loss_normalizers,
                 )
-                accelerator.backward(outputs.loss)
+                accelerator.backward(outputs.loss)  # divided by gradient_accumulation_steps, as the normalizers expect
                 if accelerator.sync_gradients:
                     average_gradients(accelerator, replicated_trained)
                     if args.max_grad_norm:
                         clip_gradients(accelerator, model, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
+            window_loss += outputs.loss.detach() / args.gradient_accumulation_steps  # = the whole window's loss
         scheduler.step()
         step += 1
-        loss = accelerator.reduce(outputs.loss.detach(), reduction="mean").item()
+        loss = accelerator.reduce(window_loss, reduction="mean").item()
         bad = accelerator.reduce(
             torch.tensor(float(stream.position.bad), device=accelerator.device), reduction="sum"
         ).item()

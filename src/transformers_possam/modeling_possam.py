@@ -48,6 +48,7 @@ from .modeling import (
     PosSAMOpenVocabularyClassifier,
     PosSAMVisionAttention,
 )
+from .modeling.loss import LossNormalizers
 from .vocabularies import Vocabulary
 
 
@@ -1089,6 +1090,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         class_labels: list[torch.Tensor],
         auxiliary_predictions: list[dict[str, torch.Tensor]] | None,
         iou_logits: torch.Tensor,
+        loss_normalizers: LossNormalizers | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         The unweighted loss parts (`PosSAMLoss`): `loss_cross_entropy`, `loss_mask`, `loss_dice`, `loss_iou` of the
@@ -1101,6 +1103,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             mask_labels, class_labels: per image `(N_i, H', W')` binary masks and `(N_i,)` class indices.
             auxiliary_predictions: `get_auxiliary_logits`' list, or None for no deep supervision.
             iou_logits: `(B, Q)` final IoU head logits.
+            loss_normalizers: the denominators of the averages (see `forward`); default: this batch's own.
         """
         # matcher and losses in float32 with autocast off, whatever the model's dtype (docs/design.md, "Losses")
         with torch.autocast(device_type=masks_queries_logits.device.type, enabled=False):
@@ -1111,6 +1114,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 class_labels=class_labels,
                 auxiliary_predictions=auxiliary_predictions,
                 iou_logits=iou_logits.float(),
+                loss_normalizers=loss_normalizers,
             )
 
     def get_loss(self, loss_dict: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -1215,6 +1219,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        loss_normalizers: LossNormalizers | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PosSAMForPanopticSegmentationOutput | tuple:
         r"""
@@ -1234,6 +1239,11 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 is zeroed in the CLIP input.
             output_auxiliary_logits (`bool`, *optional*): return per-layer predictions (always computed for the loss).
             return_clip_logits (`bool`, *optional*): compute the CLIP branch; default: in eval mode only.
+            loss_normalizers (`LossNormalizers`, *optional*): the denominators of the loss's averages (number of
+                masks, class-weight sum, images x queries) for a whole gradient-accumulation window, from
+                `transformers_possam.modeling.accumulation_loss_normalizers`, so that G accumulated micro-batches give
+                the gradients of one batch of all their images (training/train.py passes them). Default: this
+                batch's own, as Mask2Former.
             kwargs: transformers' common model kwargs (`TransformersKwargs`, e.g. `num_items_in_batch` from
                 `Trainer`), accepted and unused. There is no `labels`: pass `mask_labels` and `class_labels`.
 
@@ -1308,6 +1318,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 class_labels=class_labels,
                 auxiliary_predictions=auxiliary_logits if self.config.use_auxiliary_loss else None,
                 iou_logits=per_layer_iou_logits[last],
+                loss_normalizers=loss_normalizers,
             )
             loss = self.get_loss(loss_dict)
 

@@ -136,12 +136,30 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         attention_weights = attention_weights.softmax(-1).view(
             batch_size, num_queries, self.n_heads, self.n_levels, self.n_points
         )
-        # offsets are in pixels of each level: normalize by (width, height)
-        normalizer = torch.tensor([[w, h] for h, w in spatial_shapes_list], dtype=offsets.dtype, device=offsets.device)
-        sampling_locations = (
-            reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        )
+        device_type = value.device.type
+        sample = deformable_attention_embedding_bag if device_type == "cpu" else multi_scale_deformable_attention
+        if torch.is_autocast_enabled(device_type):
+            # FC-CLIP's MSDeformAttnFunction is `custom_fwd(cast_inputs=torch.float32)`: under mixed precision the
+            # sampling (locations, bilinear weights, weighted sums) runs in float32 with autocast off; the
+            # projections around it stay in the autocast dtype. In bf16 (8-bit mantissa) a location in [0, 1] would
+            # be off by up to a pixel at 256 px per level.
+            with torch.autocast(device_type, enabled=False):
+                sampling_locations = self.sampling_locations(
+                    reference_points.float(), offsets.float(), spatial_shapes_list
+                )
+                sampled = sample(value.float(), spatial_shapes_list, sampling_locations, attention_weights.float())
+        else:
+            sampling_locations = self.sampling_locations(reference_points, offsets, spatial_shapes_list)
+            sampled = sample(value, spatial_shapes_list, sampling_locations, attention_weights)
+        return self.output_proj(sampled), attention_weights
 
-        sample = deformable_attention_embedding_bag if value.device.type == "cpu" else multi_scale_deformable_attention
-        output = self.output_proj(sample(value, spatial_shapes_list, sampling_locations, attention_weights))
-        return output, attention_weights
+    @staticmethod
+    def sampling_locations(
+        reference_points: torch.Tensor, offsets: torch.Tensor, spatial_shapes_list: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """
+        Normalized (x, y) sampling locations `(B, Q, heads, levels, points, 2)`: the `(B, Q, levels, 2)` reference
+        points plus the `(B, Q, heads, levels, points, 2)` offsets, which are in pixels of each level.
+        """
+        normalizer = torch.tensor([[w, h] for h, w in spatial_shapes_list], dtype=offsets.dtype, device=offsets.device)
+        return reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]

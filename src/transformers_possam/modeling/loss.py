@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch.nn import functional as F
@@ -16,7 +19,88 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 
-__all__ = ["PosSAMHungarianMatcher", "PosSAMLoss", "sample_binary_masks", "mask_iou_targets"]
+__all__ = [
+    "LossNormalizers",
+    "PosSAMHungarianMatcher",
+    "PosSAMLoss",
+    "accumulation_loss_normalizers",
+    "mask_iou_targets",
+    "sample_binary_masks",
+]
+
+
+def _sum_over_processes(value: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(`value` summed over the processes of the default process group, number of processes); as is without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        value = value.clone()
+        torch.distributed.all_reduce(value)  # SUM
+        return value, torch.distributed.get_world_size()
+    return value, 1
+
+
+@dataclass(frozen=True)
+class LossNormalizers:
+    """
+    The denominators of `PosSAMLoss`'s averages, given explicitly (`PosSAMForPanopticSegmentation.forward(...,
+    loss_normalizers=...)`) instead of taken from the batch at hand. Built by `accumulation_loss_normalizers` for a
+    gradient-accumulation window, they make G micro-batches give the gradients of one batch of all their images.
+    The same values serve the final and every auxiliary layer: each layer's matching assigns min(N_i, Q) queries.
+
+    Attributes:
+        num_masks (`torch.Tensor`, 0-dim): divides the summed mask BCE, dice and (matched-only) IoU losses.
+        class_weight_sum (`torch.Tensor`, 0-dim): divides the summed weighted class cross-entropy (the denominator of
+            `F.cross_entropy(..., weight=...)`'s mean: 1 per matched query, `no_object_weight` per unmatched one).
+        num_predictions (`torch.Tensor`, 0-dim): divides the summed IoU squared error over all queries
+            (`config.iou_loss_on_unmatched`; the denominator of `F.mse_loss`'s mean, images x Q).
+    """
+
+    num_masks: torch.Tensor
+    class_weight_sum: torch.Tensor
+    num_predictions: torch.Tensor
+
+
+def accumulation_loss_normalizers(
+    window_class_labels: Sequence[Sequence[torch.Tensor]],
+    num_queries: int,
+    no_object_weight: float,
+    device: torch.device | str | None = None,
+) -> LossNormalizers:
+    """
+    The loss denominators of a gradient-accumulation window, so that G micro-batches accumulated give the gradients
+    of one batch holding all their images, whatever each micro-batch's number of masks.
+
+    Per batch, Mask2Former / FC-CLIP divide the mask losses by the batch's number of target masks summed over
+    processes and divided by their number (at least 1), and the class cross-entropy by the batch's class-weight sum
+    on this process. Here both are taken over the whole window (all G micro-batches) and divided by G, because
+    accelerate's `backward` divides each micro-batch's loss by G: sum over micro-batches of (loss_g / (total / G)) / G
+    = (sum of the window's losses) / total. With G = 1 they are the per-batch values (`num_masks` without
+    transformers' `get_num_masks` division by the world size twice: it averages, then divides again).
+
+    Every process must call this at the same point (the mask count is summed over the default process group).
+
+    Args:
+        window_class_labels: per micro-batch of the window, per image, its `(N_i,)` class labels (only the counts
+            are read).
+        num_queries: Q, `config.num_queries`.
+        no_object_weight: the cross-entropy weight of unmatched queries, `config.no_object_weight`.
+        device: where the normalizers live (the model's device: the mask count is all-reduced there).
+
+    Returns:
+        `LossNormalizers` of 0-dim float32 tensors.
+    """
+    num_micro_batches = len(window_class_labels)
+    if num_micro_batches == 0 or any(len(batch) == 0 for batch in window_class_labels):
+        raise ValueError("window_class_labels needs at least one micro-batch, each of at least one image.")
+    counts = [len(labels) for batch in window_class_labels for labels in batch]
+    total_masks, world_size = _sum_over_processes(torch.tensor(float(sum(counts)), device=device))
+    # Hungarian matching assigns min(N_i, Q) queries per image (linear_sum_assignment on a Q x N_i cost matrix)
+    matched = [min(count, num_queries) for count in counts]
+    class_weight_sum = sum(m + no_object_weight * (num_queries - m) for m in matched)
+    return LossNormalizers(
+        num_masks=torch.clamp(total_masks / world_size, min=1) / num_micro_batches,
+        class_weight_sum=torch.tensor(class_weight_sum / num_micro_batches, device=device),
+        num_predictions=torch.tensor(len(counts) * num_queries / num_micro_batches, device=device),
+    )
 
 
 def sample_binary_masks(masks: torch.Tensor, point_coordinates: torch.Tensor) -> torch.Tensor:
@@ -144,7 +228,21 @@ class PosSAMLoss(Mask2FormerLoss):
             num_points=self.num_points,
         )
 
-    def loss_labels(self, class_queries_logits, class_labels, indices):
+    # transformers annotates `class_labels` as a Tensor; it takes (and sums the lengths of) a list of them
+    def get_num_masks(  # type: ignore[override]
+        self, class_labels: Sequence[torch.Tensor], device: torch.device
+    ) -> torch.Tensor:
+        """
+        Mask2Former's normalizer: the number of target masks summed over processes divided by their number, at least
+        1. (transformers' version averages over processes with accelerate's `reduce`, then divides by the number of
+        processes again.)
+        """
+        total, world_size = _sum_over_processes(
+            torch.tensor(float(sum(len(labels) for labels in class_labels)), device=device)
+        )
+        return torch.clamp(total / world_size, min=1)
+
+    def loss_labels(self, class_queries_logits, class_labels, indices, class_weight_sum=None):
         batch_size, num_queries, num_classes_with_void = class_queries_logits.shape
         void_index = num_classes_with_void - 1
         class_weights = torch.ones(num_classes_with_void, device=class_queries_logits.device)
@@ -155,8 +253,11 @@ class PosSAMLoss(Mask2FormerLoss):
         target_classes[self._get_predictions_permutation_indices(indices)] = torch.cat(
             [labels[target] for labels, (_, target) in zip(class_labels, indices)]
         ).to(class_queries_logits.device)
-        loss = F.cross_entropy(class_queries_logits.float().transpose(1, 2), target_classes, weight=class_weights)
-        return {"loss_cross_entropy": loss}
+        logits = class_queries_logits.float().transpose(1, 2)
+        if class_weight_sum is None:  # the batch's own weight sum
+            return {"loss_cross_entropy": F.cross_entropy(logits, target_classes, weight=class_weights)}
+        summed = F.cross_entropy(logits, target_classes, weight=class_weights, reduction="sum")
+        return {"loss_cross_entropy": summed / class_weight_sum}
 
     def _matched_targets(self, mask_labels, indices):
         return [masks[target] for masks, (_, target) in zip(mask_labels, indices)]
@@ -184,7 +285,7 @@ class PosSAMLoss(Mask2FormerLoss):
             "loss_dice": dice_loss(point_logits, point_labels, num_masks),
         }
 
-    def loss_iou(self, iou_logits, masks_queries_logits, mask_labels, indices, num_masks):
+    def loss_iou(self, iou_logits, masks_queries_logits, mask_labels, indices, num_masks, num_predictions=None):
         predictions_index = self._get_predictions_permutation_indices(indices)
         with torch.no_grad():
             pred_masks = masks_queries_logits[predictions_index].detach()
@@ -198,7 +299,9 @@ class PosSAMLoss(Mask2FormerLoss):
         if self.iou_loss_on_unmatched:
             full_targets = torch.zeros_like(predicted)
             full_targets[predictions_index] = iou_targets.float()
-            return {"loss_iou": F.mse_loss(predicted, full_targets)}
+            if num_predictions is None:  # the batch's own images x queries
+                return {"loss_iou": F.mse_loss(predicted, full_targets)}
+            return {"loss_iou": F.mse_loss(predicted, full_targets, reduction="sum") / num_predictions}
         return {"loss_iou": ((predicted[predictions_index] - iou_targets.float()) ** 2).sum() / num_masks}
 
     # Mask2FormerLoss annotates `auxiliary_predictions` as one dict, but iterates it as a list of dicts, as this does
@@ -210,6 +313,7 @@ class PosSAMLoss(Mask2FormerLoss):
         class_labels: list[torch.Tensor],
         auxiliary_predictions: list[dict[str, torch.Tensor]] | None = None,
         iou_logits: torch.Tensor | None = None,
+        loss_normalizers: LossNormalizers | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         Args:
@@ -218,16 +322,24 @@ class PosSAMLoss(Mask2FormerLoss):
             class_labels: per image `(N_i,)` indices into the K classes;
             auxiliary_predictions: per earlier decoder layer, a dict with the same three predictions;
             iou_logits: `(B, Q)` IoU head logits.
+            loss_normalizers: the denominators of the averages (`accumulation_loss_normalizers`: those of a whole
+                gradient-accumulation window); default: this batch's own (Mask2Former's).
         """
         indices = self.matcher(masks_queries_logits, class_queries_logits, mask_labels, class_labels)
-        # transformers annotates `class_labels` as a Tensor; it takes (and sums the lengths of) a list of them
-        num_masks = self.get_num_masks(class_labels, device=masks_queries_logits.device)  # type: ignore[arg-type]
+        class_weight_sum = num_predictions = None
+        if loss_normalizers is None:
+            num_masks = self.get_num_masks(class_labels, device=masks_queries_logits.device)
+        else:
+            num_masks = loss_normalizers.num_masks
+            class_weight_sum, num_predictions = loss_normalizers.class_weight_sum, loss_normalizers.num_predictions
         losses = {
             **self.loss_masks(masks_queries_logits, mask_labels, indices, num_masks),
-            **self.loss_labels(class_queries_logits, class_labels, indices),
+            **self.loss_labels(class_queries_logits, class_labels, indices, class_weight_sum),
         }
         if iou_logits is not None:
-            losses.update(self.loss_iou(iou_logits, masks_queries_logits, mask_labels, indices, num_masks))
+            losses.update(
+                self.loss_iou(iou_logits, masks_queries_logits, mask_labels, indices, num_masks, num_predictions)
+            )
         for layer_index, aux in enumerate(auxiliary_predictions or []):
             aux_losses = self.forward(
                 aux["masks_queries_logits"],
@@ -235,6 +347,7 @@ class PosSAMLoss(Mask2FormerLoss):
                 mask_labels,
                 class_labels,
                 iou_logits=aux.get("iou_logits"),
+                loss_normalizers=loss_normalizers,
             )
             losses.update({f"{key}_{layer_index}": value for key, value in aux_losses.items()})
         return losses

@@ -1,0 +1,132 @@
+"""
+bf16 training (issue 14, item 6): under autocast the pixel decoder's multi-scale deformable attention samples in
+float32, as FC-CLIP forces it (`MSDeformAttnFunction` is `custom_fwd(cast_inputs=torch.float32)`), and a whole
+training step runs; the benchmark's bf16 training step (GPU suite) runs on CPU with the tiny config.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+from transformers_possam import PosSAMForPanopticSegmentation, tiny_config
+from transformers_possam.modeling import PosSAMMultiscaleDeformableAttention
+from transformers_possam.modeling import deformable_attention as deformable_module
+
+from .conftest import load_script
+
+
+SHAPES = [(6, 10), (12, 20), (24, 40)]
+
+
+def deformable_inputs(seed=0):
+    """A randomized 3-level module (offsets of several pixels) and its inputs."""
+    torch.manual_seed(seed)
+    module = PosSAMMultiscaleDeformableAttention(embed_dim=32, num_heads=4, n_levels=3, n_points=4)
+    for parameter in module.parameters():  # the default init gives a fixed offset grid: move the samples around
+        torch.nn.init.normal_(parameter, std=0.5)
+    tokens = torch.randn(2, sum(h * w for h, w in SHAPES), 32)
+    kwargs = {
+        "encoder_hidden_states": tokens,
+        "position_embeddings": torch.randn_like(tokens),
+        "reference_points": torch.rand(2, tokens.shape[1], 3, 2),
+        "spatial_shapes_list": SHAPES,
+    }
+    return module, tokens, kwargs
+
+
+def test_deformable_attention_samples_in_float32_under_bf16_autocast():
+    module, tokens, kwargs = deformable_inputs()
+    calls = []
+    sampler = deformable_module.deformable_attention_embedding_bag
+
+    def spy(value, spatial_shapes, sampling_locations, attention_weights):
+        output = sampler(value, spatial_shapes, sampling_locations, attention_weights)
+        calls.append(
+            {
+                "autocast": torch.is_autocast_enabled("cpu"),
+                "inputs": (value.detach(), sampling_locations.detach(), attention_weights.detach()),
+                "output": output.detach(),
+            }
+        )
+        return output
+
+    offsets = []
+    handle = module.sampling_offsets.register_forward_hook(lambda _, __, output: offsets.append(output.detach()))
+    with mock.patch.object(deformable_module, "deformable_attention_embedding_bag", spy):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            module(tokens, **kwargs)
+    handle.remove()
+    (call,) = calls
+    value, locations, weights = call["inputs"]
+    assert offsets[0].dtype == torch.bfloat16  # the projections do run in bf16 (autocast is on) ...
+    # ... but the sampler gets float32 inputs and runs with autocast off
+    assert (value.dtype, locations.dtype, weights.dtype) == (torch.float32,) * 3
+    assert not call["autocast"]
+    # locations computed in float32 from the bf16 offsets (Deformable DETR: reference + offset / (w, h) per level)
+    normalizer = torch.tensor([[w, h] for h, w in SHAPES], dtype=torch.float32)
+    expected_locations = (
+        kwargs["reference_points"][:, :, None, :, None, :]
+        + offsets[0].float().view(locations.shape) / normalizer[None, None, None, :, None, :]
+    )
+    torch.testing.assert_close(locations, expected_locations, rtol=1e-6, atol=1e-7)
+    # the sampled values are transformers' float32 grid_sample version's on those inputs
+    reference = multi_scale_deformable_attention(value, SHAPES, locations, weights)
+    assert call["output"].dtype == torch.float32
+    torch.testing.assert_close(call["output"], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_deformable_attention_without_autocast_keeps_the_model_dtype():
+    """A model cast to bf16 outside autocast (inference) is not cast: custom_fwd only acts under autocast."""
+    module, tokens, kwargs = deformable_inputs()
+    module = module.to(torch.bfloat16)
+    kwargs = {key: value.bfloat16() if torch.is_tensor(value) else value for key, value in kwargs.items()}
+    output, _ = module(tokens.bfloat16(), **kwargs)
+    assert output.dtype == torch.bfloat16
+
+
+def test_a_bf16_autocast_training_step_has_float32_losses_and_gradients():
+    """A tiny model's training step under CPU bf16 autocast (as accelerate's --mixed_precision bf16): the loss parts
+    are float32 (matcher and losses run with autocast off) and finite, and every trainable parameter gets a gradient."""
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(tiny_config()).train()
+    generator = torch.Generator().manual_seed(0)
+    masks = (torch.rand(2, 4, 128, 128, generator=generator) > 0.5).to(torch.uint8)
+    class_embeddings = torch.nn.functional.normalize(torch.randn(5, 1, 32, generator=generator), dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(
+            torch.randn(2, 3, 128, 128, generator=generator),
+            class_embeddings=class_embeddings,
+            mask_labels=list(masks),
+            class_labels=[torch.tensor([0, 1, 2, 3]), torch.tensor([4, 0, 1, 2])],
+        )
+    assert outputs.class_queries_logits.dtype == torch.bfloat16  # autocast was in effect
+    assert all(value.dtype == torch.float32 and torch.isfinite(value) for value in outputs.loss_dict.values())
+    outputs.loss.backward()
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    missing = [name for name, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing[:5]
+
+
+@pytest.mark.parametrize("variant", ["tiny"])
+def test_gpu_suite_bf16_training_figure_runs_on_cpu(variant):
+    """The GPU suite's B/L/H bf16 training figure, its code path on CPU with the tiny config (no GPU here)."""
+    gpu = load_script("benchmarks/gpu.py")
+    rows = gpu.run_training("cpu", (variant,), batch_size=2, repeats=1)
+    (row,) = rows
+    assert row["target"] == 7 and row["batch"] == 2 and row["dtype"] == "bfloat16" and row["training"]
+    assert row["images_per_second"] > 0
+    # the paper's schedule: 250K iterations x 16 images, at this rate on one device
+    assert row["gpu_days_paper_schedule"] == pytest.approx(250_000 * 16 / row["images_per_second"] / 86_400)
+
+
+def test_full_size_training_step_benchmark_runs_on_the_tiny_config():
+    """benchmarks/training.py's full-size step figure, its code path (subprocess, JSON, row) on the tiny config."""
+    training = load_script("benchmarks/training.py")
+    row = training.full_size_step_row(batch_size=2, steps=2, variant="tiny")
+    assert row["target"] == 6 and row["seconds_per_step"] > 0 and row["peak_rss_bytes"] > 0
+    assert row["measured"]["batch"] == 2 and len(row["measured"]["losses"]) == 2
+    assert all(loss == loss and loss > 0 for loss in row["measured"]["losses"])  # finite and positive
