@@ -185,17 +185,17 @@ def run_train(tmp_path, name, *flags, normalized=True, record=None):
         captured["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         return groups, optimizer, captured["scheduler"]
 
-    collate = train.collate_panoptic
+    normalizers = train.accumulation_loss_normalizers
 
-    def recording_collate(samples):
-        batch = collate(samples)
+    def recording_normalizers(class_labels_of_micro_batches, **kwargs):
+        # the window's micro-batches, as train.py draws them: the segment count of each image of each
         if record is not None:
-            record.append([len(labels) for labels in batch["class_labels"]])
-        return batch
+            record.extend([len(labels) for labels in batch] for batch in class_labels_of_micro_batches)
+        return normalizers(class_labels_of_micro_batches, **kwargs)
 
     patches = [
         mock.patch.object(train, "build_optimization", build_with_sgd),
-        mock.patch.object(train, "collate_panoptic", recording_collate),
+        mock.patch.object(train, "accumulation_loss_normalizers", recording_normalizers),
         mock.patch.object(torch, "rand", batch_invariant_rand),
     ]
     if not normalized:  # positive control: each micro-batch normalized by itself (the behaviour before the fix)
@@ -220,7 +220,7 @@ def run_train(tmp_path, name, *flags, normalized=True, record=None):
                 "0",
                 "--record_sample_ids",
                 "--seed",
-                "2",  # the toy stream's first two images then hold 3 and 6 segments
+                "3",  # the toy stream's first two images then hold 6 and 3 segments
                 *flags,
             ]
         )
