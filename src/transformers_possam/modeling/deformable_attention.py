@@ -44,12 +44,17 @@ def deformable_attention_embedding_bag(
     index_dtype = torch.float32 if batch_size * num_values * num_heads < _FLOAT32_EXACT_INTEGERS else torch.float64
     device = value.device
     track_gradients = torch.is_grad_enabled() and (sampling_locations.requires_grad or attention_weights.requires_grad)
-    # bag entries per (image, query, head), in (level, corner, point) order
-    positions = torch.empty(
-        batch_size, num_queries, num_heads, num_levels, 4, num_points, dtype=index_dtype, device=device
+    # Bag entries per (image, query, head), in (level, corner, point) order. Eager inference writes them in place into
+    # preallocated buffers; with gradients (autograd needs the weights as values) or under torch.compile (`out=` into
+    # a view breaks the graph; the compiler fuses the stacking anyway) they are stacked per level instead.
+    in_place = not (track_gradients or torch.compiler.is_compiling())
+    positions = (
+        torch.empty(batch_size, num_queries, num_heads, num_levels, 4, num_points, dtype=index_dtype, device=device)
+        if in_place
+        else None
     )
-    weights = None if track_gradients else torch.empty_like(positions)
-    level_weights = []
+    weights = torch.empty_like(positions) if positions is not None else None
+    level_positions, level_weights = [], []
     image_offset = (torch.arange(batch_size, dtype=index_dtype, device=device) * num_values).view(batch_size, 1, 1, 1)
     level_start = 0
     for level, (height, width) in enumerate(spatial_shapes):
@@ -72,15 +77,16 @@ def deformable_attention_embedding_bag(
             (row_1, column_0, weight_y1, weight_x0),
             (row_1, column_1, weight_y1, weight_x1),
         )
-        for corner, (row, column, weight_y, weight_x) in enumerate(corners):
-            torch.add(row, column, out=positions[:, :, :, level, corner])
-            if weights is not None:  # in place, no concatenation
+        if positions is not None and weights is not None:  # in place, no concatenation
+            for corner, (row, column, weight_y, weight_x) in enumerate(corners):
+                torch.add(row, column, out=positions[:, :, :, level, corner])
                 torch.mul(weight_y, weight_x, out=weights[:, :, :, level, corner])
-        if track_gradients:
+        else:
+            level_positions.append(torch.stack([row + column for row, column, _, _ in corners], dim=3))
             level_weights.append(torch.stack([weight_y * weight_x for _, _, weight_y, weight_x in corners], dim=3))
         level_start += height * width
-    if weights is None:  # tracking gradients: the weights were kept per level instead of written in place
-        weights = torch.stack(level_weights, dim=3)
+    if positions is None or weights is None:
+        positions, weights = torch.stack(level_positions, dim=3), torch.stack(level_weights, dim=3)
     # value viewed as (B * N * heads, head_dim): row of (image, position, head) = (image * N + position) * heads + head
     head = torch.arange(num_heads, dtype=index_dtype, device=device).view(1, 1, num_heads, 1, 1, 1)
     # int32 rows halve the index memory; int64 beyond float32's exact range, and when exporting (the ONNX exporter's
