@@ -55,20 +55,24 @@ def _measure(model, processor, pixel_values, class_embeddings, device, repeats: 
         processor.post_process_panoptic_segmentation(outputs, target_sizes=[size] * batch)
 
     with torch.inference_mode():
-        for _ in range(2):
-            step()
-        _synchronize(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
-    timing = summary(times)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        timing, peak = time_steps(step, device, repeats)
     return {"seconds": timing, "images_per_second": batch / timing["median_s"], "peak_memory_bytes": peak}
+
+
+def time_steps(step, device: torch.device, repeats: int) -> tuple[dict, int | None]:
+    """`step()` twice to warm up, then `repeats` timed calls: (`summary` of the times, peak CUDA memory or None)."""
+    for _ in range(2):
+        step()
+    _synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return summary(times), (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
 
 
 def run(
@@ -197,23 +201,12 @@ def run_training(
             with torch.device(device):
                 model = PosSAMForPanopticSegmentation(config)
             step = make_training_step(model, batch_size, device, autocast_dtype=torch.bfloat16)
-            for _ in range(2):
-                step()
-            _synchronize(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                step()
-                _synchronize(device)
-                times.append(time.perf_counter() - start)
-            timing = summary(times)
+            timing, peak = time_steps(step, device, repeats)
             images_per_second = batch_size / timing["median_s"]
             row.update(
                 seconds=timing,
                 images_per_second=images_per_second,
-                peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                peak_memory_bytes=peak,
                 gpu_days_paper_schedule=gpu_days(images_per_second),
             )
             del model, step

@@ -206,7 +206,8 @@ def reference_step(train) -> dict:
     return {"norm": float(norm), "clipped": clipped, "weights": {names[id(p)]: p.detach().clone() for p in trained}}
 
 
-def clipping_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def join_process_group_environment(rank: int, world_size: int, port: int) -> None:
+    """The environment torchrun gives a CPU process of a `world_size`-process group on this host (gloo)."""
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -217,6 +218,10 @@ def clipping_worker(rank: int, world_size: int, port: int, out_dir: str) -> None
         ACCELERATE_USE_CPU="1",
         OMP_NUM_THREADS="1",
     )
+
+
+def clipping_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    join_process_group_environment(rank, world_size, port)
     import re
 
     from accelerate import Accelerator
@@ -361,16 +366,7 @@ def coco_model_and_vocabulary():
 
 
 def evaluation_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        ACCELERATE_USE_CPU="1",
-        OMP_NUM_THREADS="1",
-    )
+    join_process_group_environment(rank, world_size, port)
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 

@@ -82,8 +82,8 @@ def test_default_vocabulary_equals_the_explicit_one(checkpoint):
     torch.testing.assert_close(default.clip_class_logits, explicit.clip_class_logits)
 
 
-def reference_segments(checkpoint: Path, picture: Image.Image, threshold: float, overlap: float):
-    """The model run by hand: explicit vocabulary, post-processing given the image's padded and original sizes."""
+def run_by_hand(checkpoint: Path, picture: Image.Image):
+    """The model run by hand with its training vocabulary given explicitly: (outputs, processor, inputs, names)."""
     model = PosSAMForPanopticSegmentation.from_pretrained(checkpoint).eval()
     processor = PosSAMProcessor.from_pretrained(checkpoint)
     names = tuple(model.config.training_vocabulary)
@@ -91,6 +91,12 @@ def reference_segments(checkpoint: Path, picture: Image.Image, threshold: float,
     inputs = processor(images=picture, return_tensors="pt")
     with torch.no_grad():
         outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"], **tokens)
+    return outputs, processor, inputs, names
+
+
+def reference_segments(checkpoint: Path, picture: Image.Image, threshold: float, overlap: float):
+    """The model run by hand: explicit vocabulary, post-processing given the image's padded and original sizes."""
+    outputs, processor, inputs, names = run_by_hand(checkpoint, picture)
     (result,) = processor.image_processor.post_process_panoptic_segmentation(
         outputs,
         threshold=threshold,
@@ -146,13 +152,7 @@ def test_instance_subtask_accepts_what_the_pipeline_passes(checkpoint, caplog):
         found = segmenter(picture, subtask="instance", threshold=0.0, mask_threshold=0.5)
     assert "overlap_mask_area_threshold has no effect" in caplog.text
     # the reference: the instance post-processor called directly with its documented defaults (FC-CLIP: logits > 0)
-    model = PosSAMForPanopticSegmentation.from_pretrained(checkpoint).eval()
-    processor = PosSAMProcessor.from_pretrained(checkpoint)
-    names = tuple(model.config.training_vocabulary)
-    tokens = processor.encode_vocabulary(Vocabulary(names=names, is_thing=(True,) * len(names)))
-    inputs = processor(images=picture, return_tensors="pt")
-    with torch.no_grad():
-        outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"], **tokens)
+    outputs, processor, _, names = run_by_hand(checkpoint, picture)
     (expected,) = processor.image_processor.post_process_instance_segmentation(
         outputs, target_sizes=[(128, 128)], reshaped_input_sizes=[(128, 128)]
     )

@@ -707,6 +707,18 @@ class HubUploader:
         accelerator.wait_for_everyone()
 
 
+def load_evaluation_split(args):
+    """`(rows, categories)` of `--eval_split` as `load_panoptic_dataset` reads it (the rows stream: read anew per call)."""
+    return load_panoptic_dataset(
+        args.dataset_name,
+        args.eval_split,
+        toy_size=args.toy_eval_size,
+        seed=args.seed,
+        label_file=args.label_file,
+        do_reduce_labels=args.do_reduce_labels,
+    )
+
+
 class EvaluationVocabulary:
     """
     The evaluation split's categories and their text embeddings, computed before `prepare` (the text tower of a
@@ -725,14 +737,7 @@ class EvaluationVocabulary:
     @classmethod
     def compute(cls, args, model, processor, training_vocabulary, class_embeddings, synonym_mask):
         try:
-            _, categories = load_panoptic_dataset(
-                args.dataset_name,
-                args.eval_split,
-                toy_size=args.toy_eval_size,
-                seed=args.seed,
-                label_file=args.label_file,
-                do_reduce_labels=args.do_reduce_labels,
-            )
+            _, categories = load_evaluation_split(args)
             if Vocabulary.from_categories(categories).names != training_vocabulary.names:
                 class_embeddings, synonym_mask = vocabulary_embeddings(model, processor, categories)
             return cls(categories, class_embeddings, synonym_mask)
@@ -773,14 +778,7 @@ def run_evaluation(args, accelerator, model, processor, vocabulary: EvaluationVo
     try:
         if vocabulary.error is not None:
             raise RuntimeError(f"the evaluation could not be prepared: {vocabulary.error}") from vocabulary.error
-        eval_set, _ = load_panoptic_dataset(
-            args.dataset_name,
-            args.eval_split,
-            toy_size=args.toy_eval_size,
-            seed=args.seed,
-            label_file=args.label_file,
-            do_reduce_labels=args.do_reduce_labels,
-        )
+        eval_set, _ = load_evaluation_split(args)
         rank, world_size = accelerator.process_index, accelerator.num_processes
         rows = (row for index, row in zip(range(args.max_eval_samples), eval_set) if index % world_size == rank)
         evaluator = PanopticEvaluator(
