@@ -326,3 +326,20 @@ def test_mask_count_is_summed_over_processes_as_mask2former():
         # the class weights stay per process (FC-CLIP's cross-entropy is per-process): min(N, 8) + 0.1 (8 - min)
         counts = (rank + 2, 3 * rank + 1)
         assert class_weight_sum == pytest.approx(sum(n + 0.1 * (8 - n) for n in counts) / 2)
+
+
+def test_forward_refuses_loss_normalizers_it_cannot_use():
+    """A careless caller: a dict instead of LossNormalizers (TypeError naming the builder), normalizers without
+    labels, where no loss is computed (ValueError rather than silently ignoring them)."""
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(tiny_config()).eval()
+    size = model.config.vision_config.image_size
+    pixel_values = torch.randn(1, 3, size, size)
+    class_embeddings = torch.randn(3, model.config.clip_embed_dim)
+    normalizers = accumulation_loss_normalizers(
+        [[torch.tensor([0, 1])]], num_queries=model.config.num_queries, no_object_weight=0.1
+    )
+    with pytest.raises(TypeError, match="accumulation_loss_normalizers"):
+        model(pixel_values=pixel_values, class_embeddings=class_embeddings, loss_normalizers={"num_masks": 2})
+    with pytest.raises(ValueError, match="with mask_labels and class_labels"):
+        model(pixel_values=pixel_values, class_embeddings=class_embeddings, loss_normalizers=normalizers)

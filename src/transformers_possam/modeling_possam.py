@@ -1274,6 +1274,17 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         has_labels = mask_labels is not None or class_labels is not None
         if has_labels:
             mask_labels, class_labels = self._check_labels(mask_labels, class_labels, pixel_values, num_classes)
+        if loss_normalizers is not None:
+            if not isinstance(loss_normalizers, LossNormalizers):
+                raise TypeError(
+                    "loss_normalizers must be a LossNormalizers (from "
+                    f"transformers_possam.modeling.accumulation_loss_normalizers), got {type(loss_normalizers).__name__}."
+                )
+            if not has_labels:
+                raise ValueError(
+                    "loss_normalizers only apply to the loss: pass them with mask_labels and class_labels, or leave "
+                    "them out."
+                )
 
         want_auxiliary = bool(output_auxiliary_logits) or (has_labels and bool(self.config.use_auxiliary_loss))
         self._set_frozen_parts_mode()
