@@ -49,6 +49,7 @@ from .modeling import (
     PosSAMVisionAttention,
 )
 from .modeling.loss import LossNormalizers
+from .value_checks import require
 from .vocabularies import Vocabulary
 
 
@@ -129,6 +130,8 @@ def _checking_values() -> bool:
     """
     False while torch.compile / torch.export / TorchScript trace the model: checks that read tensor values (NaN, id
     ranges, 0/1 masks) are data-dependent branches that would break the graph, so only shape / dtype checks run then.
+    Otherwise the value checks run through `value_checks.require`: a detailed ValueError at once on CPU, a
+    `torch._assert_async` without host synchronization on CUDA (`value_checks.value_checks` chooses).
     """
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
@@ -187,8 +190,8 @@ def _check_pixel_values(
 
 def _check_finite(name: str, values: torch.Tensor) -> None:
     """ValueError if `values` holds NaN or +-inf (one pass): they would spread through every output silently."""
-    if _checking_values() and not bool(torch.isfinite(values).all()):
-        raise ValueError(f"{name} contains NaN or infinite values.")
+    if _checking_values():
+        require(torch.isfinite(values).all(), f"{name} contains NaN or infinite values.")
 
 
 def _check_binary_mask(name: str, mask, expected_shape: tuple[int, ...], layout: str) -> torch.Tensor:
@@ -208,15 +211,18 @@ def _check_binary_mask(name: str, mask, expected_shape: tuple[int, ...], layout:
         raise ValueError(f"{name} must be bool or hold only 0 and 1, got dtype {mask.dtype}.")
     if mask.numel() and _checking_values():
         if mask.is_floating_point():
-            is_binary = bool(((mask == 0) | (mask == 1)).all())  # NaN and 0.5 are neither
+            is_binary = ((mask == 0) | (mask == 1)).all()  # NaN and 0.5 are neither
         else:  # integers: the extremes decide, without a full-size temporary
             low, high = torch.aminmax(mask)
-            is_binary = bool((low >= 0) & (high <= 1))  # one host sync
-        if not is_binary:
+            is_binary = (low >= 0) & (high <= 1)
+
+        def error() -> ValueError:
             other = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
-            raise ValueError(
+            return ValueError(
                 f"{name} must be bool or hold only 0 and 1, got dtype {mask.dtype} with values like {other}."
             )
+
+        require(is_binary, f"{name} must be bool or hold only 0 and 1 (dtype {mask.dtype}).", error)
     return mask.bool()
 
 
@@ -955,9 +961,20 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             "synonym_mask", synonym_mask, (num_classes, num_synonyms), "(num_classes, num_synonyms)"
         )
         synonym_mask = synonym_mask.to(device)
-        if _checking_values() and not bool(synonym_mask.any(dim=1).all()):
-            empty = torch.nonzero(~synonym_mask.any(dim=1)).flatten().tolist()
-            raise ValueError(f"Classes {empty} have no synonym in synonym_mask: every class needs at least one name.")
+        if _checking_values():
+            has_synonym = synonym_mask.any(dim=1)
+
+            def error() -> ValueError:
+                empty = torch.nonzero(~has_synonym).flatten().tolist()
+                return ValueError(
+                    f"Classes {empty} have no synonym in synonym_mask: every class needs at least one name."
+                )
+
+            require(
+                has_synonym.all(),
+                "A class has no synonym in synonym_mask: every class needs at least one name.",
+                error,
+            )
         return synonym_mask
 
     def _resolve_vocabulary(
@@ -1001,15 +1018,23 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             num_classes, num_synonyms = class_embeddings.shape[:2]
             synonym_mask = self._check_synonym_mask(synonym_mask, num_classes, num_synonyms, class_embeddings.device)
             norms = class_embeddings.float().norm(dim=-1)
-            # finite and non-zero at every real slot, decided with one host sync (this runs on every forward)
-            if _checking_values() and not bool(
-                torch.isfinite(class_embeddings).all() & (norms[synonym_mask] > 0).all()
-            ):
-                _check_finite("class_embeddings", class_embeddings)
-                zero = torch.nonzero(synonym_mask & (norms == 0)).tolist()
-                raise ValueError(
-                    f"class_embeddings has all-zero vectors at real synonym slots (class, synonym) {zero[:5]}: they have "
-                    "no direction to classify against."
+            # finite and non-zero at every real slot, decided at once (this runs on every forward): one host sync in
+            # eager checks, none in asynchronous ones (fixed shapes: padding slots count as non-zero)
+            if _checking_values():
+                given = class_embeddings
+
+                def error() -> ValueError:
+                    _check_finite("class_embeddings", given)
+                    zero = torch.nonzero(synonym_mask & (norms == 0)).tolist()
+                    return ValueError(
+                        f"class_embeddings has all-zero vectors at real synonym slots (class, synonym) {zero[:5]}: "
+                        "they have no direction to classify against."
+                    )
+
+                require(
+                    torch.isfinite(class_embeddings).all() & torch.where(synonym_mask, norms > 0, True).all(),
+                    "class_embeddings contains NaN or infinite values, or an all-zero vector at a real synonym slot.",
+                    error,
                 )
             class_embeddings = nn.functional.normalize(class_embeddings.float(), dim=-1)
             return class_embeddings, synonym_mask
@@ -1032,13 +1057,14 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         """
         embeddings = self.default_class_embeddings.float()
         synonym_mask = embeddings.norm(dim=-1) > 0
-        if _checking_values() and not bool(synonym_mask.any(dim=1).all()):
-            raise ValueError(
+        if _checking_values():
+            require(
+                synonym_mask.any(dim=1).all(),
                 "PosSAM classifies masks against a vocabulary: pass input_ids (from PosSAMProcessor) or "
                 "class_embeddings (from get_class_embeddings). This model has no default vocabulary to use instead "
                 "(its default_class_embeddings were never computed): compute the embeddings of "
                 "config.training_vocabulary once with `model.set_default_vocabulary(PosSAMProcessor.from_pretrained("
-                "path))` and save the model (`model.save_pretrained(path)`)."
+                "path))` and save the model (`model.save_pretrained(path)`).",
             )
         # padding slots hold the class's first synonym, as get_class_embeddings returns them
         first_synonym = embeddings[:, 0]

@@ -52,6 +52,7 @@ from transformers.utils import logging
 
 from .mase import mask_aware_selective_ensemble
 from .mask_resampling import AxisResampling, assign_panoptic, axis_resampling, resize_matrix
+from .value_checks import require
 
 
 __all__ = ["PosSAMPostProcessingMixin", "class_scores", "check_ensemble_weight", "check_flag", "check_threshold"]
@@ -226,8 +227,7 @@ def _seen_mask(seen_mask, num_classes: int, device) -> torch.Tensor | None:
     if seen_mask.dim() != 1:
         raise ValueError(f"seen_mask must have shape (K,), one entry per class, got shape {tuple(seen_mask.shape)}.")
     if seen_mask.dtype != torch.bool:
-        if bool(((seen_mask != 0) & (seen_mask != 1)).any()):
-            raise ValueError("seen_mask must hold only True / False (or 1 / 0).")
+        require(((seen_mask == 0) | (seen_mask == 1)).all(), "seen_mask must hold only True / False (or 1 / 0).")
         seen_mask = seen_mask != 0
     if seen_mask.shape[0] != num_classes:
         raise ValueError(
@@ -235,7 +235,21 @@ def _seen_mask(seen_mask, num_classes: int, device) -> torch.Tensor | None:
             f"have {num_classes} classes (class_queries_logits has {num_classes + 1} columns, void last): post-process "
             "with the vocabulary the model was run with."
         )
-    return seen_mask.to(device)
+    return _to_device(seen_mask, device)
+
+
+def _to_device(values: torch.Tensor, device) -> torch.Tensor:
+    """
+    `values` on `device`. From host memory to an accelerator without waiting: a blocking host-to-device copy
+    synchronizes the stream (it waits for every queued kernel), while an asynchronous one from pageable memory is
+    staged at once, so `values` may be freed right after.
+    """
+    return values.to(device, non_blocking=values.device.type == "cpu" and torch.device(device).type != "cpu")
+
+
+def _fetch_to_host(values: torch.Tensor) -> np.ndarray:
+    """The one device-to-host transfer of the sync-free panoptic path (a host synchronization on an accelerator)."""
+    return values.cpu().numpy()
 
 
 @dataclass
@@ -317,16 +331,22 @@ def read_outputs(outputs, with_masks: bool = True) -> ModelPredictions:
             f"outputs.masks_queries_logits has shape {tuple(masks.shape)}: masks need at least 1 x 1 pixels."
         )
     for name, value in tensors.items():
-        # NaN would propagate to every score and mask it touches: refuse it rather than segment garbage
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(
-                f"outputs.{name} contains NaN or infinite values: the model's output is invalid (an overflow in half "
-                "precision, or corrupt weights?); post-processing needs finite logits."
-            )
+        # NaN would propagate to every score and mask it touches: refuse it rather than segment garbage (eagerly on
+        # CPU; as an asynchronous device assert on CUDA, see `value_checks`)
+        require(
+            torch.isfinite(value).all(),
+            f"outputs.{name} contains NaN or infinite values: the model's output is invalid (an overflow in half "
+            "precision, or corrupt weights?); post-processing needs finite logits.",
+        )
     iou = tensors.get("iou_scores")
-    if iou is not None and iou.numel() and not (float(iou.min()) >= 0 and float(iou.max()) <= 1):
-        raise ValueError(
-            f"outputs.iou_scores must be predicted IoUs in [0, 1], got values in [{float(iou.min())}, {float(iou.max())}]."
+    if iou is not None and iou.numel():
+        low, high = torch.aminmax(iou)
+        require(
+            (low >= 0) & (high <= 1),
+            "outputs.iou_scores must be predicted IoUs in [0, 1].",
+            lambda: ValueError(
+                f"outputs.iou_scores must be predicted IoUs in [0, 1], got values in [{float(low)}, {float(high)}]."
+            ),
         )
     return ModelPredictions(class_logits, masks, clip_logits, iou)
 
@@ -642,6 +662,7 @@ class PosSAMPostProcessingMixin:
         reshaped_input_sizes: list[tuple[int, int]] | None = None,
         mase_alpha: float | None = None,
         mase_beta: float | None = None,
+        dense_assignment: bool | None = None,
     ) -> list[dict]:
         """
         Mask2Former / FC-CLIP panoptic inference, vectorized over queries and pixels:
@@ -656,6 +677,17 @@ class PosSAMPostProcessingMixin:
         5. segments of a class in `label_ids_to_fuse` (the stuff classes; `PosSAMProcessor` fills them from the
            vocabulary) share one id.
 
+        Two implementations give the same segmentation (up to float rounding where two scores, or a probability and
+        `mask_threshold`, are within about 1e-6), chosen by `dense_assignment`:
+
+        - `False` (the default on CPU): the cell-bound assignment of `mask_resampling`, which upsamples only the
+          kept masks' undecided cells; it reads values on the host (which queries are kept, which cells are
+          undecided), cheap on CPU;
+        - `True` (the default on other devices): every query's mask upsampled a chunk at a time on the device with
+          fixed shapes (non-kept queries masked out rather than indexed away), segment ids and fusion computed there
+          too, and the finished results of the whole batch fetched in one device-to-host transfer: no other host
+          synchronization, so the GPU's queue never drains in between.
+
         Returns per image `{"segmentation": (H, W) int32 segment ids (0 = no segment), "segments_info": [{"id",
         "label_id", "was_fused", "score"}]}`.
 
@@ -669,10 +701,19 @@ class PosSAMPostProcessingMixin:
         threshold = check_threshold(threshold, "threshold")
         mask_threshold = check_threshold(mask_threshold, "mask_threshold")
         overlap_mask_area_threshold = check_threshold(overlap_mask_area_threshold, "overlap_mask_area_threshold")
+        if dense_assignment is not None:
+            dense_assignment = check_flag(dense_assignment, "dense_assignment")
         predictions, scores, is_void, targets, reshaped = self._prepare(
             outputs, target_sizes, reshaped_input_sizes, seen_mask, use_mase, mase_alpha, mase_beta
         )
         fuse = set(_class_ids(label_ids_to_fuse, "label_ids_to_fuse", predictions.num_classes) or ())
+        masks = predictions.masks_queries_logits
+        if dense_assignment is None:
+            dense_assignment = masks.device.type != "cpu"
+        if dense_assignment:
+            return self._panoptic_dense(
+                masks, scores, is_void, fuse, threshold, mask_threshold, overlap_mask_area_threshold, targets, reshaped
+            )
         results = []
         for index, mask_logits in enumerate(predictions.masks_queries_logits):
             query_scores, query_labels = scores[index].max(-1)
@@ -724,6 +765,163 @@ class PosSAMPostProcessingMixin:
             segmentation = assignment.label_map(lookup, rows, cols)
             results.append({"segmentation": segmentation.cpu(), "segments_info": segments_info})
         return results
+
+    def _panoptic_dense(
+        self,
+        masks: torch.Tensor,
+        scores: torch.Tensor,
+        is_void: torch.Tensor,
+        fuse: set[int],
+        threshold: float,
+        mask_threshold: float,
+        overlap_mask_area_threshold: float,
+        targets: list[tuple[int, int] | None],
+        reshaped: list[tuple[int, int] | None],
+    ) -> list[dict]:
+        """
+        `post_process_panoptic_segmentation` without host synchronization: `(B, Q, h, w)` mask logits, `(B, Q, K)`
+        scores, `(B, Q)` void flags. Every shape depends on the arguments only; the results of all images travel to
+        the host in one int32 buffer (scores as their float32 bits), from which `segments_info` is built.
+        """
+        device = masks.device
+        num_queries, num_classes = scores.shape[1:]
+        is_fuse_label = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        is_fuse_label[_to_device(torch.tensor(sorted(fuse), dtype=torch.long), device)] = True
+        parts, layouts = [], []
+        for index, mask_logits in enumerate(masks):
+            query_scores, query_labels = scores[index].max(-1)
+            keep = (~is_void[index]) & (query_scores > threshold)
+            segmentation, segment_of_query = self._dense_segments(
+                mask_logits,
+                query_scores,
+                query_labels,
+                keep,
+                is_fuse_label,
+                mask_threshold,
+                overlap_mask_area_threshold,
+                reshaped[index],
+                targets[index],
+            )
+            # for the warning of a threshold that removed everything: was anything kept, the best non-void score
+            candidates = torch.where(is_void[index], 0.0, query_scores)
+            best_candidate = torch.cat([candidates, candidates.new_zeros(1)]).amax()  # 0 when there is no query
+            flags = torch.stack([keep.any().int(), best_candidate.float().view(torch.int32)])
+            parts += [
+                segmentation.flatten(),
+                segment_of_query,
+                query_labels.int(),
+                query_scores.float().view(torch.int32),
+                flags,
+            ]
+            layouts.append(tuple(segmentation.shape))
+        host = _fetch_to_host(torch.cat(parts))  # the one transfer (a host synchronization on a GPU)
+
+        results, offset = [], 0
+        for height, width in layouts:
+            pieces = []
+            for length in (height * width, num_queries, num_queries, num_queries, 2):
+                pieces.append(host[offset : offset + length])
+                offset += length
+            host_map, host_segment_of_query, host_labels, host_score_bits, host_flags = pieces
+            host_scores = host_score_bits.view(np.float32)
+            if not host_flags[0] and threshold > 0:
+                best = float(host_flags[1:].view(np.float32)[0])
+                if best > 0:
+                    _warn_if_threshold_removed_everything("post_process_panoptic_segmentation", threshold, best)
+            segments_info: list[SegmentInfo] = []
+            by_id: dict[int, SegmentInfo] = {}
+            for query in range(num_queries):  # ids were given in query order: the first query of an id opens it
+                segment_id = int(host_segment_of_query[query])
+                if segment_id == 0:
+                    continue
+                if segment_id in by_id:
+                    by_id[segment_id]["was_fused"] = True
+                    continue
+                by_id[segment_id] = {
+                    "id": segment_id,
+                    "label_id": int(host_labels[query]),
+                    "was_fused": False,
+                    "score": round(float(host_scores[query]), 6),
+                }
+                segments_info.append(by_id[segment_id])
+            results.append(
+                {"segmentation": torch.from_numpy(host_map.reshape(height, width)), "segments_info": segments_info}
+            )
+        return results
+
+    def _dense_segments(
+        self,
+        mask_logits: torch.Tensor,
+        query_scores: torch.Tensor,
+        query_labels: torch.Tensor,
+        keep: torch.Tensor,
+        is_fuse_label: torch.Tensor,
+        mask_threshold: float,
+        overlap_mask_area_threshold: float,
+        reshaped_size: tuple[int, int] | None,
+        target_size: tuple[int, int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        One image of the sync-free panoptic inference: `(Q, h, w)` mask logits, `(Q,)` best class scores and labels,
+        `(Q,)` kept queries, `(K,)` stuff classes to fuse. Returns `((H, W) int32 segment ids, (Q,) int32 segment id
+        of each query (0: no segment))`.
+        """
+        num_queries = mask_logits.shape[0]
+        if num_queries == 0:  # no query, no segment: an empty map of the output size
+            empty = self._masks_to_target(mask_logits.float(), reshaped_size, target_size)
+            return torch.zeros(empty.shape[-2:], dtype=torch.int32, device=mask_logits.device), keep.int()
+        chunk = self._masks_per_chunk((mask_logits.shape[-2], mask_logits.shape[-1]), reshaped_size, target_size)
+        # the running argmax over queries of score * probability (non-kept queries at -1: below every kept one, so
+        # they never win while any query is kept); strict comparisons keep argmax's first-maximum rule
+        best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (value, query, probability) per pixel
+        own_areas = []
+        for first in range(0, num_queries, chunk):
+            probabilities = self._masks_to_target(
+                mask_logits[first : first + chunk].float(), reshaped_size, target_size
+            ).sigmoid_()
+            part = slice(first, first + chunk)
+            weighted = torch.where(
+                keep[part, None, None], probabilities * query_scores[part, None, None].float(), -1.0
+            )
+            value, query = weighted.max(0)
+            probability = probabilities.gather(0, query[None])[0]
+            own_areas.append((probabilities >= mask_threshold).flatten(1).sum(-1))
+            if best is None:
+                best = (value, query, probability)
+            else:
+                better = value > best[0]
+                best = (
+                    torch.where(better, value, best[0]),
+                    torch.where(better, query + first, best[1]),
+                    torch.where(better, probability, best[2]),
+                )
+        assert best is not None  # num_queries >= 1
+        _, best_query, best_probability = best
+        won = keep[best_query]  # False everywhere when no query is kept
+        inside = won & (best_probability >= mask_threshold)
+        # pixel counts per query with a fixed-size scatter (bincount sizes its output from the data: a sync on CUDA)
+        flat_query = best_query.flatten()
+        assigned_area = torch.zeros(num_queries, dtype=torch.long, device=keep.device)
+        assigned_area.scatter_add_(0, flat_query, won.flatten().long())
+        segment_area = torch.zeros_like(assigned_area).scatter_add_(0, flat_query, inside.flatten().long())
+        own_area = torch.cat(own_areas)
+        is_segment = (
+            keep & (segment_area > 0) & (own_area > 0) & (assigned_area >= overlap_mask_area_threshold * own_area)
+        )
+        # segment ids in query order; a segment of a fused (stuff) class joins the first segment of its class
+        same_class = is_segment[None, :] & (query_labels[None, :] == query_labels[:, None])  # [query, other query]
+        order = torch.arange(num_queries, device=keep.device)
+        joins_earlier = (
+            is_segment & is_fuse_label[query_labels] & (same_class & (order[None, :] < order[:, None])).any(1)
+        )
+        opens = is_segment & ~joins_earlier
+        opened_id = torch.cumsum(opens.int(), 0, dtype=torch.int32)
+        first_of_class = same_class.int().argmax(1)  # the first segment of the query's class (itself if it opens)
+        segment_of_query = torch.where(
+            opens, opened_id, torch.where(joins_earlier, opened_id[first_of_class], 0)
+        ).int()
+        segmentation = torch.where(inside, segment_of_query[best_query], 0).int()
+        return segmentation, segment_of_query
 
     def post_process_semantic_segmentation(
         self,

@@ -1,0 +1,372 @@
+"""
+No host synchronization in the forward, MASE and the panoptic post-processing's device path (issue 15, item 4).
+
+On a GPU, reading a tensor's value on the host (`.item()`, `bool(t)`, `.tolist()`, an op whose output size depends on
+the data: `nonzero`, boolean-mask indexing, `unique`, `masked_select`, `bincount`, `repeat_interleave` without its
+size) waits for every queued kernel. On CPU the same calls are visible to PyTorch's dispatcher: `HostSyncRecorder`
+records them (and the host reads that never reach the dispatcher on CPU tensors: `.tolist()`, `.numpy()`, `.cpu()`),
+so these tests prove on CPU what `torch.cuda.set_sync_debug_mode("error")` would on a GPU, with the value checks in
+the mode CUDA gets by default (`value_checks("async")`).
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, postprocessing, tiny_config
+from transformers_possam.mase import mask_aware_selective_ensemble
+from transformers_possam.value_checks import resolved_mode, value_checks
+
+from .test_fcclip_parity import PADDED_SIZE, STUFF_IDS, common_kwargs, make_synthetic_outputs
+
+
+# aten ops that read values on the host, or whose output shape depends on the values (computed on the host)
+SYNCING_OPS = (
+    "aten::_local_scalar_dense",  # .item(), bool(t), int(t), float(t), f"{t:.2f}"
+    "aten::is_nonzero",
+    "aten::item",
+    "aten::nonzero",
+    "aten::unique",
+    "aten::_unique",
+    "aten::masked_select",
+    "aten::bincount",  # sizes its output from the largest value
+    "aten::equal",
+    "aten::allclose",
+)
+# Tensor methods that copy to the host without reaching the dispatcher on a CPU tensor
+HOST_READS = {"tolist", "numpy", "cpu", "__array__"}
+
+
+class HostSyncRecorder:
+    """Records host synchronizations (name -> count, and where the first of each happened)."""
+
+    def __init__(self):
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.where: dict[str, str] = {}
+        self.paused = False
+        recorder = self
+
+        class Dispatch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = func.name()
+                syncs = name.startswith(SYNCING_OPS)
+                if name.startswith(("aten::index.Tensor", "aten::index_put")):  # boolean masks -> nonzero
+                    syncs = any(
+                        torch.is_tensor(index) and index.dtype in (torch.bool, torch.uint8) for index in args[1]
+                    )
+                if name.startswith("aten::repeat_interleave") and kwargs.get("output_size") is None:
+                    syncs = True
+                if syncs:
+                    recorder.record(name)
+                return func(*args, **kwargs)
+
+        class Functions(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", None) in HOST_READS:
+                    recorder.record(f"Tensor.{func.__name__}")
+                return func(*args, **(kwargs or {}))
+
+        self._modes = (Functions(), Dispatch())
+
+    def record(self, name: str) -> None:
+        if self.paused:
+            return
+        self.counts[name] += 1
+        self.where.setdefault(name, "".join(traceback.format_stack(limit=12)[:-3]))
+
+    def __enter__(self):
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+    def report(self) -> str:
+        return "\n".join(f"{name} x{count}, first at:\n{self.where[name]}" for name, count in self.counts.items())
+
+
+def test_the_recorder_sees_each_kind_of_sync():
+    """The recorder must catch what it is meant to catch, else the tests below could not fail."""
+    values = torch.tensor([0.0, 1.0, 2.0])
+    attempts = {
+        "aten::_local_scalar_dense": [
+            lambda: values[1].item(),
+            lambda: bool(values[1] > 0),
+            lambda: int(values[1]),
+            lambda: float(values.sum()),
+        ],
+        "aten::nonzero": [lambda: torch.nonzero(values), lambda: values.nonzero()],
+        "aten::index.Tensor": [lambda: values[values > 0]],
+        "aten::index_put_": [lambda: values.clone().__setitem__(values > 0, 0.0)],
+        "aten::_unique2": [lambda: torch.unique(values)],
+        "aten::masked_select": [lambda: values.masked_select(values > 0)],
+        "aten::bincount": [lambda: torch.bincount(values.long())],
+        "aten::repeat_interleave.Tensor": [lambda: values.repeat_interleave(torch.tensor([1, 2, 0]))],
+        "Tensor.tolist": [lambda: values.tolist()],
+        "Tensor.numpy": [lambda: values.numpy()],
+        "Tensor.cpu": [lambda: values.cpu()],
+    }
+    for expected, calls in attempts.items():
+        for call in calls:
+            with HostSyncRecorder() as recorder:
+                call()
+            assert any(name.startswith(expected) for name in recorder.counts), (expected, recorder.counts)
+    with HostSyncRecorder() as recorder:  # fixed-shape device work: nothing recorded
+        torch._assert_async((values >= 0).all(), "negative")
+        torch.where(values > 0, values, 0.0).argmax().add(1)
+        torch.zeros(3, dtype=torch.long).scatter_add_(0, values.long(), torch.ones(3, dtype=torch.long))
+    assert not recorder.counts, recorder.report()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the forward
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return PosSAMForPanopticSegmentation(tiny_config()).eval()
+
+
+def model_inputs(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    size = model.config.vision_config.image_size
+    synonym_mask = torch.rand(5, 2, generator=generator) > 0.4
+    synonym_mask[:, 0] = True
+    pixel_mask = torch.ones(2, size, size)
+    pixel_mask[1, :, size // 2 :] = 0  # float 0/1: its values are checked
+    return {
+        "pixel_values": torch.randn(2, 3, size, size, generator=generator),
+        "pixel_mask": pixel_mask,
+        "class_embeddings": torch.randn(5, 2, model.config.clip_embed_dim, generator=generator),
+        "synonym_mask": synonym_mask.int(),  # 0/1 integers: checked too
+    }
+
+
+def test_forward_with_precomputed_vocabulary_makes_no_host_sync(model):
+    inputs = model_inputs(model)
+    with torch.no_grad(), value_checks("async"), HostSyncRecorder() as recorder:
+        outputs = model(**inputs)
+    assert not recorder.counts, recorder.report()
+    with torch.no_grad():  # the asynchronous checks change nothing in the results (the recorder: rounding)
+        expected = model(**inputs)
+    for name in ("class_queries_logits", "masks_queries_logits", "clip_class_logits", "iou_scores"):
+        torch.testing.assert_close(outputs[name], expected[name])
+
+
+def test_forward_with_default_vocabulary_makes_no_host_sync(model):
+    generator = torch.Generator().manual_seed(3)
+    buffer = model.default_class_embeddings
+    saved = buffer.clone()
+    try:
+        buffer.copy_(torch.randn(buffer.shape, generator=generator))
+        buffer[1, 1:] = 0  # a padding synonym slot
+        inputs = model_inputs(model)
+        with torch.no_grad(), value_checks("async"), HostSyncRecorder() as recorder:
+            model(pixel_values=inputs["pixel_values"])
+        assert not recorder.counts, recorder.report()
+    finally:
+        buffer.copy_(saved)
+
+
+def test_eager_checks_are_the_default_on_cpu_and_async_ones_on_cuda(model):
+    assert resolved_mode(torch.device("cpu")) == "eager"
+    assert resolved_mode(torch.device("cuda", 0)) == "async"
+    assert resolved_mode(torch.device("mps")) == "eager"  # no asynchronous assert kernel there
+    with value_checks("eager"):
+        assert resolved_mode(torch.device("cuda")) == "eager"
+    with value_checks("async"):
+        assert resolved_mode(torch.device("cpu")) == "async"
+    assert resolved_mode(torch.device("cpu")) == "eager"  # restored on exit
+    with pytest.raises(ValueError, match="value_checks mode must be one of"):
+        with value_checks("lazy"):  # type: ignore[arg-type]
+            pass
+    # by default (CPU: eager) a bad input reads on the host and says what is wrong; with the forward's eager
+    # checks the detailed message, with the asynchronous ones (on CPU: raised at once) the short one
+    inputs = model_inputs(model)
+    inputs["pixel_values"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="pixel_values contains NaN or infinite values"):
+        model(**inputs)
+    with value_checks("async"), pytest.raises(RuntimeError, match="pixel_values contains NaN or infinite values"):
+        model(**inputs)
+    inputs = model_inputs(model)
+    inputs["synonym_mask"][3] = 0
+    with pytest.raises(ValueError, match=r"Classes \[3\] have no synonym"):
+        model(**inputs)
+    with value_checks("async"), pytest.raises(RuntimeError, match="A class has no synonym"):
+        model(**inputs)
+    inputs = model_inputs(model)
+    inputs["class_embeddings"][2, 0] = 0
+    with pytest.raises(ValueError, match=r"all-zero vectors at real synonym slots \(class, synonym\) \[\[2, 0\]\]"):
+        model(**inputs)
+    with value_checks("async"), pytest.raises(RuntimeError, match="all-zero vector at a real synonym slot"):
+        model(**inputs)
+    inputs = model_inputs(model)
+    inputs["pixel_mask"][0, 0, 0] = 0.5
+    with pytest.raises(ValueError, match=r"pixel_mask must be bool or hold only 0 and 1.*values like \[0.5\]"):
+        model(**inputs)
+    with value_checks("async"), pytest.raises(RuntimeError, match="pixel_mask must be bool or hold only 0 and 1"):
+        model(**inputs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MASE and the panoptic post-processing
+
+
+def test_mase_makes_no_host_sync():
+    generator = torch.Generator().manual_seed(0)
+    ldp = torch.rand(2, 20, 12, generator=generator).softmax(-1)
+    clip = torch.rand(2, 20, 12, generator=generator).softmax(-1)
+    seen = torch.rand(12, generator=generator) > 0.5
+    for iou in (torch.rand(2, 20, generator=generator), None):
+        with HostSyncRecorder() as recorder:
+            mask_aware_selective_ensemble(ldp, clip, iou, seen, 0.4, 0.8)
+        assert not recorder.counts, recorder.report()
+
+
+def coco_like_outputs(batch=2, queries=100, classes=133, objects=25, size=256, seed=0):
+    """
+    Model-shaped outputs at COCO panoptic's size: 133 classes, masks at 1/4 of SAM's 1024 x 1024 input, `objects`
+    confident queries with blob masks (smooth borders, overlapping), the rest confidently void.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    class_logits = torch.randn(batch, queries, classes + 1, generator=generator)
+    class_logits[:, objects:, -1] += 8.0
+    labels = torch.randint(0, classes, (batch, objects), generator=generator)
+    labels[:, : objects // 2] = torch.randint(80, 84, (batch, objects // 2), generator=generator)  # repeated stuff
+    class_logits[:, :objects].scatter_add_(-1, labels[..., None], torch.full((batch, objects, 1), 8.0))
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    centres = torch.rand(batch, queries, 2, generator=generator) * size * 0.75
+    radii = 8 + torch.rand(batch, queries, 1, 1, generator=generator) * 70
+    distance = ((ys - centres[..., 0, None, None]) ** 2 + (xs - centres[..., 1, None, None]) ** 2).sqrt()
+    noise = torch.randn(batch, queries, size // 8, size // 8, generator=generator)
+    noise = torch.nn.functional.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False)
+    return SimpleNamespace(
+        class_queries_logits=class_logits,
+        clip_class_logits=torch.randn(batch, queries, classes, generator=generator) + 3 * (class_logits[..., :-1] > 5),
+        masks_queries_logits=(radii - distance) / 4 + noise,
+        iou_scores=torch.rand(batch, queries, generator=generator),
+    )
+
+
+@pytest.fixture()
+def counted_fetches(monkeypatch):
+    """The device-to-host transfers of the dense path; the recorder (when one is active) pauses during each."""
+    fetches = []
+    original = postprocessing._fetch_to_host
+
+    def fetch(values):
+        recorder = fetches[0] if fetches and isinstance(fetches[0], HostSyncRecorder) else None
+        if recorder is not None:
+            recorder.paused = True
+        try:
+            fetches.append(values.shape)
+            return original(values)
+        finally:
+            if recorder is not None:
+                recorder.paused = False
+
+    monkeypatch.setattr(postprocessing, "_fetch_to_host", fetch)
+    return fetches
+
+
+COCO_SIZES = {"target_sizes": [(480, 640), (427, 640)], "reshaped_input_sizes": [(768, 1024), (683, 1024)]}
+
+
+def test_panoptic_dense_path_makes_one_transfer_and_no_other_sync(counted_fetches):
+    processor = PosSAMImageProcessor()
+    outputs = coco_like_outputs(queries=40, objects=12)
+    arguments = dict(label_ids_to_fuse=list(range(80, 133)), seen_mask=[True] * 100 + [False] * 33, **COCO_SIZES)
+    recorder = HostSyncRecorder()
+    counted_fetches.append(recorder)
+    with value_checks("async"), recorder:
+        results = processor.post_process_panoptic_segmentation(outputs, dense_assignment=True, **arguments)
+    assert not recorder.counts, recorder.report()
+    assert len(counted_fetches) == 2  # the recorder, then exactly one transfer for the whole batch
+    assert [result["segmentation"].shape for result in results] == [(480, 640), (427, 640)]
+    assert all(result["segments_info"] for result in results)
+    # the CPU path (the cell-bound assignment) reads values on the host: the recorder sees it
+    with value_checks("async"), HostSyncRecorder() as recorder:
+        processor.post_process_panoptic_segmentation(outputs, dense_assignment=False, **arguments)
+    assert recorder.counts
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.1, 0.99])
+def test_dense_and_cell_bound_paths_agree_on_coco_sized_outputs(threshold):
+    processor = PosSAMImageProcessor()
+    outputs = coco_like_outputs()
+    for fuse in ([], list(range(80, 133))):
+        arguments = dict(threshold=threshold, label_ids_to_fuse=fuse, **COCO_SIZES)
+        sparse = processor.post_process_panoptic_segmentation(outputs, dense_assignment=False, **arguments)
+        dense = processor.post_process_panoptic_segmentation(outputs, dense_assignment=True, **arguments)
+        for ours, theirs in zip(dense, sparse, strict=True):
+            assert ours["segments_info"] == theirs["segments_info"]
+            assert ours["segmentation"].dtype == torch.int32
+            assert torch.equal(ours["segmentation"], theirs["segmentation"])
+        if threshold == 0.0:
+            assert sum(len(result["segments_info"]) for result in dense) >= 6
+            if fuse:
+                assert any(info["was_fused"] for result in dense for info in result["segments_info"])
+
+
+def test_dense_path_is_the_default_off_cpu(monkeypatch):
+    """Not on a CPU tensor: the dense path; asked for explicitly, either."""
+    processor = PosSAMImageProcessor(size={"longest_edge": 128}, pad_size={"height": 128, "width": 128})
+    outputs = make_synthetic_outputs()
+    calls = []
+    original = postprocessing.PosSAMPostProcessingMixin._panoptic_dense
+
+    def recording(self, *args, **kwargs):
+        calls.append(True)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(postprocessing.PosSAMPostProcessingMixin, "_panoptic_dense", recording)
+    processor.post_process_panoptic_segmentation(outputs, **common_kwargs())
+    assert calls == []  # CPU: the cell-bound path
+    processor.post_process_panoptic_segmentation(outputs, dense_assignment=True, **common_kwargs())
+    assert calls == [True]
+    with pytest.raises(TypeError, match="dense_assignment must be True or False"):
+        processor.post_process_panoptic_segmentation(outputs, dense_assignment="yes", **common_kwargs())
+
+
+def test_dense_path_warns_when_the_threshold_removed_everything(caplog):
+    processor = PosSAMImageProcessor(
+        size={"longest_edge": PADDED_SIZE[0]}, pad_size=dict(zip(("height", "width"), PADDED_SIZE))
+    )
+    outputs = make_synthetic_outputs()
+    for dense in (False, True):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            results = processor.post_process_panoptic_segmentation(
+                outputs, threshold=1.0, dense_assignment=dense, label_ids_to_fuse=list(STUFF_IDS), **common_kwargs()
+            )
+        assert all(result["segments_info"] == [] for result in results)
+        assert all(np.all(result["segmentation"].numpy() == 0) for result in results)
+        assert "removed every segment" in caplog.text
+
+
+def test_dense_path_with_no_query():
+    processor = PosSAMImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
+    outputs = SimpleNamespace(
+        masks_queries_logits=torch.zeros(1, 0, 16, 16),
+        class_queries_logits=torch.zeros(1, 0, 4),
+        clip_class_logits=None,
+        iou_scores=None,
+    )
+    for dense in (False, True):
+        (result,) = processor.post_process_panoptic_segmentation(
+            outputs, target_sizes=[(30, 20)], dense_assignment=dense
+        )
+        assert result["segments_info"] == [] and result["segmentation"].shape == (30, 20)
+        assert not result["segmentation"].any()
