@@ -391,9 +391,11 @@ def match_segments(reference_map, reference_ids, our_map, our_ids) -> dict[int, 
     return matching
 
 
-def test_panoptic_parity(processor, outputs, reference):
+@pytest.mark.parametrize("dense_assignment", [False, True])  # the CPU path and the sync-free (GPU) path
+def test_panoptic_parity(processor, outputs, reference, dense_assignment):
     ours = processor.post_process_panoptic_segmentation(
         outputs,
+        dense_assignment=dense_assignment,
         label_ids_to_fuse=list(STUFF_IDS),
         threshold=0.0,
         overlap_mask_area_threshold=0.8,

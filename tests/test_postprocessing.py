@@ -35,7 +35,8 @@ def confident(label, num_classes, strength=10.0):
     return logits
 
 
-def test_panoptic_crop_resize_fusion_and_invariants():
+@pytest.mark.parametrize("dense_assignment", [False, True])
+def test_panoptic_crop_resize_fusion_and_invariants(dense_assignment):
     processor = PosSAMImageProcessor()
     # original image 100 x 200 -> reshaped 512 x 1024 inside the 1024 x 1024 padding -> masks at 256 x 256
     low = torch.full((1, 4, 256, 256), -10.0)
@@ -46,7 +47,7 @@ def test_panoptic_crop_resize_fusion_and_invariants():
     classes = torch.stack([confident(0, 3), confident(0, 3), confident(1, 3), confident(2, 3)])[None]
     outputs = make_outputs(low, classes)
     (thing,) = processor.post_process_panoptic_segmentation(
-        outputs, target_sizes=[(100, 200)], reshaped_input_sizes=[(512, 1024)]
+        outputs, target_sizes=[(100, 200)], reshaped_input_sizes=[(512, 1024)], dense_assignment=dense_assignment
     )
     segmentation, info = thing["segmentation"], thing["segments_info"]
     assert segmentation.shape == (100, 200) and segmentation.dtype == torch.int32
@@ -60,32 +61,40 @@ def test_panoptic_crop_resize_fusion_and_invariants():
 
     # label 0 as stuff: both queries fuse into one segment
     (stuff,) = processor.post_process_panoptic_segmentation(
-        outputs, target_sizes=[(100, 200)], reshaped_input_sizes=[(512, 1024)], label_ids_to_fuse=[0]
+        outputs,
+        target_sizes=[(100, 200)],
+        reshaped_input_sizes=[(512, 1024)],
+        label_ids_to_fuse=[0],
+        dense_assignment=dense_assignment,
     )
     assert [(s["label_id"], s["was_fused"]) for s in stuff["segments_info"]] == [(0, True), (1, False)]
     assert (stuff["segmentation"][5:45, 5:195] == stuff["segments_info"][0]["id"]).all()
 
 
-def test_void_queries_and_empty_results():
+@pytest.mark.parametrize("dense_assignment", [False, True])
+def test_void_queries_and_empty_results(dense_assignment):
     processor = PosSAMImageProcessor()
     masks = torch.randn(2, 3, 16, 16)
     void = torch.full((3, 4), -10.0)
     void[:, -1] = 10.0  # every query void
     outputs = make_outputs(masks, torch.stack([void, void]))
-    results = processor.post_process_panoptic_segmentation(outputs, target_sizes=[(30, 40), (50, 20)])
+    results = processor.post_process_panoptic_segmentation(
+        outputs, target_sizes=[(30, 40), (50, 20)], dense_assignment=dense_assignment
+    )
     for result, size in zip(results, [(30, 40), (50, 20)]):
         assert result["segments_info"] == [] and result["segmentation"].shape == size
         assert (result["segmentation"] == 0).all()
 
 
-def test_overlap_threshold_drops_mostly_hidden_masks():
+@pytest.mark.parametrize("dense_assignment", [False, True])
+def test_overlap_threshold_drops_mostly_hidden_masks(dense_assignment):
     processor = PosSAMImageProcessor()
     masks = torch.full((1, 2, 32, 32), -10.0)
     masks[0, 0] = 10.0  # whole image, lower score
     masks[0, 1, :, :24] = 10.0  # covers 75% of the image, higher score
     classes = torch.stack([confident(0, 2, 2.0), confident(1, 2, 10.0)])[None]
     (result,) = processor.post_process_panoptic_segmentation(
-        make_outputs(masks, classes), overlap_mask_area_threshold=0.8
+        make_outputs(masks, classes), overlap_mask_area_threshold=0.8, dense_assignment=dense_assignment
     )
     assert [s["label_id"] for s in result["segments_info"]] == [1]  # query 0 keeps only 25% of its mask
 
@@ -171,8 +180,12 @@ def blob_logits(queries, size, generator):
     )
 
 
-def test_panoptic_matches_dense_upsampling_of_every_mask():
-    """The cell-bound algorithm (mask_resampling) gives the dense result: same segments, same pixels."""
+@pytest.mark.parametrize("dense_assignment", [False, True])
+def test_panoptic_matches_dense_upsampling_of_every_mask(dense_assignment):
+    """
+    Both panoptic paths, the cell-bound algorithm (mask_resampling, CPU) and the sync-free chunked one (GPU), give
+    the result of the definition: same segments, same pixels.
+    """
     processor = PosSAMImageProcessor(size={"longest_edge": 128}, pad_size={"height": 128, "width": 128})
     generator = torch.Generator().manual_seed(0)
     cases = [((96, 128), (96, 128)), ((96, 128), (61, 83)), ((96, 128), (200, 290)), (None, (77, 45)), (None, None)]
@@ -188,7 +201,10 @@ def test_panoptic_matches_dense_upsampling_of_every_mask():
             processor, outputs, target, reshaped or sam_reshaped_size(target, 128)
         )
         (result,) = processor.post_process_panoptic_segmentation(
-            outputs, target_sizes=[target] if target else None, reshaped_input_sizes=[reshaped] if reshaped else None
+            outputs,
+            target_sizes=[target] if target else None,
+            reshaped_input_sizes=[reshaped] if reshaped else None,
+            dense_assignment=dense_assignment,
         )
         assert result["segmentation"].shape == expected.shape
         assert [s["label_id"] for s in result["segments_info"]] == labels and len(labels) > 3
@@ -197,7 +213,8 @@ def test_panoptic_matches_dense_upsampling_of_every_mask():
         )
 
 
-def test_panoptic_matches_dense_on_noise_logits():
+@pytest.mark.parametrize("dense_assignment", [False, True])
+def test_panoptic_matches_dense_on_noise_logits(dense_assignment):
     """Noise masks: almost every cell has several candidates, so nearly every pixel takes the exact path."""
     processor = PosSAMImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
     generator = torch.Generator().manual_seed(1)
@@ -210,7 +227,11 @@ def test_panoptic_matches_dense_on_noise_logits():
     for overlap in (0.0, 0.3):
         expected, labels, _ = dense_panoptic_reference(processor, outputs, (90, 70), (48, 64), overlap=overlap)
         (result,) = processor.post_process_panoptic_segmentation(
-            outputs, target_sizes=[(90, 70)], reshaped_input_sizes=[(48, 64)], overlap_mask_area_threshold=overlap
+            outputs,
+            target_sizes=[(90, 70)],
+            reshaped_input_sizes=[(48, 64)],
+            overlap_mask_area_threshold=overlap,
+            dense_assignment=dense_assignment,
         )
         assert [s["label_id"] for s in result["segments_info"]] == labels and len(labels) >= 3
         assert torch.equal(result["segmentation"], expected)

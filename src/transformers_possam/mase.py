@@ -70,10 +70,11 @@ def mask_aware_selective_ensemble(
     ldp_probs, clip_probs = ldp_probs.to(dtype), clip_probs.to(dtype)
 
     if iou_scores is None:
+        # filled on the device (torch.tensor(alpha, device=...) would be a blocking host-to-device copy)
         exponent = torch.where(
             seen,
-            torch.tensor(alpha, dtype=dtype, device=seen.device),
-            torch.tensor(beta, dtype=dtype, device=seen.device),
+            torch.full((), alpha, dtype=dtype, device=seen.device),
+            torch.full((), beta, dtype=dtype, device=seen.device),
         )
     else:
         if iou_scores.shape != ldp_probs.shape[:-1]:
