@@ -511,7 +511,9 @@ class PosSAMModel(PosSAMPreTrainedModel):
             output_auxiliary_masks (`bool`, defaults to True): compute every decoder layer's 1/4-resolution masks
                 (needed by the auxiliary losses). With False only the last layer's are computed, the intermediate
                 layers build their attention masks at attention resolution (`PosSAMMaskPredictor`), and the earlier
-                entries of `masks_queries_logits` are None. The final masks are the same either way.
+                entries of `masks_queries_logits` are None. The final masks are the same either way. With
+                `config.use_fast_paths=False` (transformers' mask predictor) every layer's masks are still computed
+                and the intermediate ones dropped: the same outputs, without the saving.
             kwargs: transformers' common model kwargs (`TransformersKwargs`, e.g. `num_items_in_batch`), accepted and
                 unused.
 
