@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from torch import nn
 from transformers import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import (
@@ -32,6 +33,7 @@ from transformers_possam.modeling import (
     PosSAMMaskPredictor,
     PosSAMMultiscaleDeformableAttention,
     PosSAMVisionAttention,
+    install_fast_paths,
 )
 
 
@@ -111,6 +113,24 @@ def test_the_flag_installs_all_four_replacements_or_none():
     assert SamVisionSdpaAttention not in module_types(fast)
 
 
+def test_install_fast_paths_on_a_stock_model_and_twice():
+    """The function alone turns the stock model into the fast one; a second call replaces nothing."""
+    fast, reference = model_pair(PosSAMModel, "tiny")
+    install_fast_paths(reference.vision_encoder, reference.pixel_decoder, reference.transformer_module)
+    assert [type(module) for module in reference.modules()] == [type(module) for module in fast.modules()]
+    modules = list(fast.modules())
+    install_fast_paths(fast.vision_encoder, fast.pixel_decoder, fast.transformer_module)
+    assert all(after is before for after, before in zip(fast.modules(), modules))
+    pixel_values = pixels(fast.config)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reference.eval()(pixel_values).masks_queries_logits[-1],
+            fast.eval()(pixel_values).masks_queries_logits[-1],
+            rtol=0,
+            atol=0,
+        )
+
+
 def test_eager_sam_attention_stays_eager_with_fast_paths():
     """`attn_implementation="eager"` asks for transformers' eager attention: the fast path replaces only SDPA's."""
     model = PosSAMModel._from_config(tiny_config(), attn_implementation="eager")
@@ -121,7 +141,7 @@ def test_eager_sam_attention_stays_eager_with_fast_paths():
 
 def test_the_flag_is_a_validated_config_field():
     assert PosSAMConfig().use_fast_paths is True
-    with pytest.raises(Exception, match="use_fast_paths"):
+    with pytest.raises(StrictDataclassFieldValidationError, match="use_fast_paths"):
         PosSAMConfig(use_fast_paths="no")  # a string would count as true: refused by the strict config
     assert tiny_config(use_fast_paths=False).to_dict()["use_fast_paths"] is False
 
@@ -246,8 +266,25 @@ def test_gradients_equal_with_fast_paths_on_and_off(name):
 # State passed explicitly
 # ----------------------------------------------------------------------------------------------------------------------
 def module_state(model) -> dict[str, dict[str, object]]:
-    """Every module's attributes (`vars`), parameters and buffers as tensor identities, the rest as they are."""
-    return {name: dict(vars(module)) for name, module in model.named_modules()}
+    """
+    Every module's attributes (`vars`); a dict-valued one (`_parameters`, `_buffers`, `_modules`, the hook tables)
+    copied one level down, so an entry added, removed or replaced in it shows too.
+    """
+    return {
+        name: {key: dict(value) if isinstance(value, dict) else value for key, value in vars(module).items()}
+        for name, module in model.named_modules()
+    }
+
+
+def same(found, expected) -> bool:
+    """The same object, or an equal plain value; dicts entry by entry."""
+    if isinstance(expected, dict):
+        return (
+            isinstance(found, dict)
+            and found.keys() == expected.keys()
+            and all(same(found[key], value) for key, value in expected.items())
+        )
+    return found is expected or (not torch.is_tensor(expected) and found == expected)
 
 
 @pytest.mark.parametrize("use_fast_paths", [True, False])
@@ -260,8 +297,7 @@ def test_a_forward_leaves_every_module_as_it_was(use_fast_paths):
     torch.manual_seed(0)
     model = PosSAMModel(tiny_config(use_fast_paths=use_fast_paths)).eval()
     pixel_values = pixels(model.config)
-    before = module_state(model)
-    snapshot = {name: dict(attributes) for name, attributes in before.items()}
+    snapshot = module_state(model)
     with torch.no_grad():
         model(pixel_values, output_attentions=True, output_auxiliary_masks=False)
         model(pixel_values, output_attentions=True)
@@ -270,7 +306,7 @@ def test_a_forward_leaves_every_module_as_it_was(use_fast_paths):
     for name, attributes in snapshot.items():
         assert after[name].keys() == attributes.keys(), name
         for attribute, value in attributes.items():
-            assert after[name][attribute] is value or after[name][attribute] == value, f"{name}.{attribute}"
+            assert same(after[name][attribute], value), f"{name}.{attribute}"
 
 
 def test_cross_attention_weights_only_when_a_caller_asks():
