@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest-xdist processes for `make test` (each test runs single-threaded, tests/conftest.py): one per core here
+TEST_WORKERS ?= 2
 
 .PHONY: test demo pipeline-demo venv clean transformers-tests lint format typecheck
 
@@ -36,7 +38,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: $(STAMP) transformers-tests lint typecheck
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) -m pytest -q -ra tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) training/demo.py

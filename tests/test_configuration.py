@@ -65,3 +65,26 @@ def test_sub_config_replaced_by_a_dict_after_construction_is_refused_by_the_acce
     config.vision_config = {"hidden_size": 32}  # -> allowed by the field's type (construction takes dicts) ...
     with pytest.raises(TypeError, match=r"vision_config must be a SamVisionConfig.*pass a dict to PosSAMConfig"):
         config.sam_vision_config  # ... but the typed accessor says how to do it instead
+
+
+def test_config_dict_written_before_the_fast_path_switch_loads_with_fast_paths_on():
+    """
+    A config dict as saved before issue 15 item 3 (no `use_fast_paths`, the Mask2Former fields flat) loads with the
+    fast paths on (what it ran then), and its Mask2Former fields reach a real `Mask2FormerConfig`.
+    """
+    from transformers import Mask2FormerConfig
+
+    old = tiny_config(num_queries=5, dim_feedforward=48, init_xavier_std=0.5).to_dict()
+    del old["use_fast_paths"]
+    config = PosSAMConfig.from_dict(old)
+    assert config.use_fast_paths is True
+    derived = config.mask2former_config
+    assert type(derived) is Mask2FormerConfig
+    assert (derived.num_queries, derived.dim_feedforward, derived.init_xavier_std) == (5, 48, 0.5)
+    assert (derived.hidden_dim, derived.decoder_layers, derived.feature_size) == (32, 3, 32)
+    # saved again: the flat fields and the flag, no second copy of the Mask2Former fields
+    saved = config.to_dict()
+    assert "mask2former_config" not in saved and saved["use_fast_paths"] is True
+    assert {key: saved[key] for key in old if key != "transformers_version"} == {
+        key: value for key, value in old.items() if key != "transformers_version"
+    }

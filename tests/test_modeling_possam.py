@@ -87,8 +87,7 @@ def test_inference_without_auxiliary_masks_gives_the_same_outputs(model, pixel_v
     states = full.query_states[1].transpose(0, 1)
     for size in [tuple(f.shape[-2:]) for f in full.multi_scale_features]:
         _, expected = predictor(states, full.mask_features, size)
-        with predictor.attention_masks_only(full.mask_features, [size]):
-            masks, attention = predictor(states, full.mask_features, size)
+        masks, attention = predictor(states, predictor.attention_mask_features(full.mask_features, [size]), size)
         assert masks is None and torch.equal(attention, expected)
 
 

@@ -6,7 +6,7 @@ import os
 from typing import Any, TypeVar
 
 from huggingface_hub.dataclasses import strict
-from transformers import CLIPTextConfig, PreTrainedConfig, SamVisionConfig
+from transformers import CLIPTextConfig, Mask2FormerConfig, PreTrainedConfig, SamVisionConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
@@ -23,6 +23,7 @@ __all__ = [
     "PosSAMConfig",
     "SAM_VISION_VARIANTS",
     "CONVNEXT_LARGE_D_320_TEXT",
+    "MASK2FORMER_FIELDS",
     "default_vocabulary_shape",
     "tiny_config",
 ]
@@ -66,6 +67,36 @@ SAM_VISION_VARIANTS = {
     },
 }
 
+# The Mask2Former hyper-parameters PosSAMConfig holds, flat, under Mask2FormerConfig's names: the single source of
+# truth, from which `PosSAMConfig.mask2former_config` builds the Mask2FormerConfig the reused modules are given.
+MASK2FORMER_FIELDS = (
+    "feature_size",
+    "mask_feature_size",
+    "hidden_dim",
+    "encoder_feedforward_dim",
+    "activation_function",
+    "encoder_layers",
+    "decoder_layers",
+    "num_attention_heads",
+    "dropout",
+    "dim_feedforward",
+    "pre_norm",
+    "enforce_input_projection",
+    "common_stride",
+    "num_queries",
+    "feature_strides",
+    "init_std",
+    "init_xavier_std",
+    "no_object_weight",
+    "class_weight",
+    "mask_weight",
+    "dice_weight",
+    "train_num_points",
+    "oversample_ratio",
+    "importance_sample_ratio",
+    "use_auxiliary_loss",
+)
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -98,7 +129,8 @@ class PosSAMConfig(PreTrainedConfig):
         decoder_layers, num_attention_heads, dropout, dim_feedforward, pre_norm, enforce_input_projection,
         common_stride, num_queries, feature_strides, init_std, init_xavier_std: Mask2Former pixel decoder and
             masked-attention decoder, with `Mask2FormerConfig`'s meaning (`decoder_layers=10` is 9 transformer layers
-            plus the prediction from the learnable queries).
+            plus the prediction from the learnable queries). They are the only copy: the Mask2Former modules are built
+            from `mask2former_config`, a `Mask2FormerConfig` derived from them (`MASK2FORMER_FIELDS`), never saved.
         iou_head_hidden_dim, iou_head_depth (`int`): the MLP of the IoU head.
         ldp_num_heads, ldp_num_layers (`int`): self-attention fusion of the Local Discriminative Pooling module
             (which works at `clip_embed_dim`).
@@ -114,6 +146,14 @@ class PosSAMConfig(PreTrainedConfig):
             `id2label` / `label2id`, label k = the first synonym of class k, which forward and transformers'
             image-segmentation pipeline use when given no vocabulary). Default COCO panoptic 133; an `id2label` or
             `num_labels` given alone defines it instead.
+        use_fast_paths (`bool`, defaults to True): run the mask generator with PosSAM's four same-parameter
+            replacements of transformers modules (`modeling.fast_paths.install_fast_paths`: SAM attention head by
+            head on CPU / all heads fused elsewhere, an `embedding_bag` deformable-attention sampler on CPU, attention
+            masks at attention resolution when the intermediate masks are not output, masked cross-attention without
+            its unused weights). False: transformers' own modules (`SamVisionSdpaAttention` / `SamVisionAttention`,
+            `Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`, `Mask2FormerMaskPredictor`,
+            `nn.MultiheadAttention`), the reference the fast paths are tested against. Same weights and state-dict
+            keys either way, same outputs up to float rounding.
     """
 
     model_type = "possam"
@@ -177,6 +217,8 @@ class PosSAMConfig(PreTrainedConfig):
     iou_loss_on_unmatched: bool = False
 
     training_vocabulary: list[str] | None = None
+
+    use_fast_paths: bool = True
 
     attribute_map = {"hidden_size": "hidden_dim", "num_hidden_layers": "decoder_layers"}
 
@@ -274,6 +316,17 @@ class PosSAMConfig(PreTrainedConfig):
     def clip_text_config(self) -> CLIPTextConfig:
         """`text_config`, typed: a `CLIPTextConfig` once the config is built (the field also takes a dict)."""
         return _built_sub_config(self, "text_config", CLIPTextConfig)
+
+    @property
+    def mask2former_config(self) -> Mask2FormerConfig:
+        """
+        The `Mask2FormerConfig` of the reused Mask2Former modules (pixel decoder, transformer module, their weight
+        init): the fields of `MASK2FORMER_FIELDS`, taken from this config each time it is read (a new object, never
+        serialized: `config.json` keeps the flat fields, so there is one copy of each hyper-parameter). Its other
+        fields (the Swin `backbone_config`, `num_labels`, output flags) are `Mask2FormerConfig`'s defaults, which the
+        reused modules do not read (`PosSAMModel` passes their output flags explicitly).
+        """
+        return Mask2FormerConfig(**{name: getattr(self, name) for name in MASK2FORMER_FIELDS})
 
     def validate_architecture(self):
         """Checks that the sizes fit together; raises ValueError with what to change."""

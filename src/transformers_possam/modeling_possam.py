@@ -10,8 +10,7 @@ import inspect
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import torch
 from timm.layers.grn import GlobalResponseNorm
@@ -30,7 +29,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPreTrainedModel,
     Mask2FormerTransformerModule,
 )
-from transformers.models.sam.modeling_sam import SamVisionEncoder, SamVisionSdpaAttention
+from transformers.models.sam.modeling_sam import SamVisionEncoder
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
@@ -42,18 +41,14 @@ from .modeling import (
     PosSAMIoUHead,
     PosSAMLoss,
     PosSAMMaskedAttentionDecoderLayer,
-    PosSAMMaskedCrossAttention,
     PosSAMMaskPredictor,
-    PosSAMMultiscaleDeformableAttention,
     PosSAMOpenVocabularyClassifier,
-    PosSAMVisionAttention,
 )
+from .modeling.fast_paths import install_fast_paths, take_over
 from .modeling.loss import LossNormalizers
 from .value_checks import require
 from .vocabularies import Vocabulary
 
-
-_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
 
 __all__ = [
     "PosSAMForPanopticSegmentation",
@@ -71,14 +66,6 @@ _MASK2FORMER_INIT_TYPES = (
     Mask2FormerPixelDecoder,
     Mask2FormerPredictionBlock,
 )
-
-
-def _take_over(original: nn.Module, subclass: type[_ModuleT], *args, **kwargs) -> _ModuleT:
-    """`subclass(*args, **kwargs)` holding `original`'s parameters (built on the meta device: no random draws)."""
-    with torch.device("meta"):
-        replacement = subclass(*args, **kwargs)
-    replacement.load_state_dict(original.state_dict(), assign=True)
-    return replacement
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -370,9 +357,9 @@ class PosSAMPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module):
         if isinstance(module, _MASK2FORMER_INIT_TYPES):
-            # Mask2Former's own init scheme for the Mask2Former modules we reuse: called with our model as `self`,
-            # it reads only `self.config` fields PosSAMConfig shares with Mask2FormerConfig (init_std, init_xavier_std)
-            Mask2FormerPreTrainedModel._init_weights(self, module)  # type: ignore[arg-type]
+            # Mask2Former's own init scheme for the Mask2Former modules we reuse, by a Mask2FormerPreTrainedModel of
+            # the config they were built from (a parameterless module: building it costs well under a millisecond)
+            Mask2FormerPreTrainedModel(self.config.mask2former_config)._init_weights(module)
             if isinstance(module, Mask2FormerTransformerModule):
                 # The original keeps nn.Embedding's N(0, 1) init for queries and level embeddings.
                 for embedding in (module.queries_embedder, module.queries_features, module.level_embed):
@@ -449,56 +436,25 @@ class PosSAMModel(PosSAMPreTrainedModel):
         config.validate_architecture()
         vision_config = config.sam_vision_config
         self.vision_encoder = SamVisionEncoder(vision_config)
-        # Library submodules replaced by same-parameter subclasses that run faster / leaner (docs/design.md,
-        # "Performance decisions"); each takes over the original's tensors, so construction draws the same random
-        # numbers as transformers' own modules.
-        for layer in self.vision_encoder.layers:  # one head at a time: bounded relative-position bias memory
-            if type(layer.attn) is SamVisionSdpaAttention:
-                layer.attn = _take_over(
-                    layer.attn, PosSAMVisionAttention, vision_config, window_size=layer.window_size
-                )
         self.fpn = PosSAMFPN(vision_config.output_channels, config.fpn_out_channels)
-        # PosSAMConfig stands in for a Mask2FormerConfig: it holds the fields these modules read (duck-typed until
-        # issue 15 item 3 gives PosSAM a real Mask2FormerConfig sub-config)
+        # Mask2Former's modules get a real Mask2FormerConfig, derived from PosSAMConfig's fields (the only copy)
+        mask2former_config = config.mask2former_config
         self.pixel_decoder = Mask2FormerPixelDecoder(
-            config,  # type: ignore[arg-type]
-            feature_channels=list(config.fpn_out_channels),
+            mask2former_config, feature_channels=list(config.fpn_out_channels)
         )
-        for layer in self.pixel_decoder.encoder.layers:  # a fused embedding_bag sampler on CPU
-            attention = cast(Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention, layer.self_attn)
-            layer.self_attn = _take_over(
-                attention,
-                PosSAMMultiscaleDeformableAttention,
-                embed_dim=attention.d_model,
-                num_heads=attention.n_heads,
-                n_levels=attention.n_levels,
-                n_points=attention.n_points,
-            )
-        # duck-typed PosSAMConfig, as for the pixel decoder (issue 15 item 3)
         self.transformer_module = Mask2FormerTransformerModule(
-            in_features=config.feature_size,
-            config=config,  # type: ignore[arg-type]
+            in_features=mask2former_config.feature_size, config=mask2former_config
         )
         decoder = self.transformer_module.decoder
-        # inference mode without the intermediate layers' 1/4-resolution masks
-        decoder.mask_predictor = _take_over(
-            decoder.mask_predictor,
-            PosSAMMaskPredictor,
-            hidden_size=config.hidden_dim,
-            num_heads=config.num_attention_heads,
-            mask_feature_size=config.mask_feature_size,
-        )
         for index, layer in enumerate(decoder.layers):
-            # gradient checkpointing in PyTorch's reentrant mode too: the layer's level reaches it as tensors
-            decoder.layers[index] = layer = _take_over(layer, PosSAMMaskedAttentionDecoderLayer, config)
-            # attention weights only computed when output_attentions asks for them
-            layer.cross_attn = _take_over(
-                layer.cross_attn,
-                PosSAMMaskedCrossAttention,
-                config.hidden_dim,
-                config.num_attention_heads,
-                config.dropout,
-            )
+            # gradient checkpointing in PyTorch's reentrant mode too: the layer's level reaches it as tensors (a
+            # correctness fix, not a fast path: installed whatever `use_fast_paths` says)
+            decoder.layers[index] = take_over(layer, PosSAMMaskedAttentionDecoderLayer, mask2former_config)
+        if config.use_fast_paths:
+            # same-parameter replacements of four library modules, faster or leaner (docs/design.md, "Performance
+            # decisions"); each takes over the original's tensors, so construction draws the same random numbers
+            # as with transformers' own modules
+            install_fast_paths(self.vision_encoder, self.pixel_decoder, self.transformer_module)
         self.iou_head = PosSAMIoUHead(config.hidden_dim, config.iou_head_hidden_dim, config.iou_head_depth)
         self.post_init()
         self.freeze_frozen_parts()
@@ -561,7 +517,9 @@ class PosSAMModel(PosSAMPreTrainedModel):
             output_auxiliary_masks (`bool`, defaults to True): compute every decoder layer's 1/4-resolution masks
                 (needed by the auxiliary losses). With False only the last layer's are computed, the intermediate
                 layers build their attention masks at attention resolution (`PosSAMMaskPredictor`), and the earlier
-                entries of `masks_queries_logits` are None. The final masks are the same either way.
+                entries of `masks_queries_logits` are None. The final masks are the same either way. With
+                `config.use_fast_paths=False` (transformers' mask predictor) every layer's masks are still computed
+                and the intermediate ones dropped: the same outputs, without the saving.
             kwargs: transformers' common model kwargs (`TransformersKwargs`, e.g. `num_items_in_batch`), accepted and
                 unused.
 
@@ -589,27 +547,39 @@ class PosSAMModel(PosSAMPreTrainedModel):
         vision_outputs = self.vision_encoder(pixel_values, output_hidden_states=output_hidden_states)
         image_embeddings = vision_outputs.last_hidden_state
         fpn_features = self.fpn(image_embeddings)
-        pixel_decoder_output = self.pixel_decoder(fpn_features, return_dict=True)
+        # the pixel decoder's own attentions and states are not outputs of PosSAM: not computed
+        pixel_decoder_output = self.pixel_decoder(
+            fpn_features, output_attentions=False, output_hidden_states=False, return_dict=True
+        )
         mask_features = pixel_decoder_output.mask_features
-        decode = partial(
-            self.transformer_module,
-            multi_scale_features=pixel_decoder_output.multi_scale_features,
-            mask_features=mask_features,
+        multi_scale_features = pixel_decoder_output.multi_scale_features
+        predictor = self.transformer_module.decoder.mask_predictor
+        # Without auxiliary masks, PosSAM's predictor (a fast path) builds the intermediate layers' attention masks
+        # from features resized once per attention size: the request is the argument itself (the decoder hands its
+        # mask-feature argument to the predictor only), no module is told anything.
+        attention_masks_only = not output_auxiliary_masks and isinstance(predictor, PosSAMMaskPredictor)
+        decoder_output = self.transformer_module(
+            multi_scale_features=multi_scale_features,
+            mask_features=(
+                PosSAMMaskPredictor.attention_mask_features(
+                    mask_features, [features.shape[-2:] for features in multi_scale_features]
+                )
+                if attention_masks_only
+                else mask_features
+            ),
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
-        for layer in self.transformer_module.decoder.layers:  # our subclasses, installed in __init__
-            cast(PosSAMMaskedCrossAttention, layer.cross_attn).return_attention_weights = bool(output_attentions)
-        if output_auxiliary_masks:
-            decoder_output = decode()
-            masks_queries_logits = decoder_output.masks_queries_logits
-        else:
-            predictor = cast(PosSAMMaskPredictor, self.transformer_module.decoder.mask_predictor)  # set in __init__
-            attention_sizes = [tuple(features.shape[-2:]) for features in pixel_decoder_output.multi_scale_features]
-            with predictor.attention_masks_only(mask_features, attention_sizes):
-                decoder_output = decode()
-            final_masks = predictor.predict_masks(decoder_output.intermediate_hidden_states[-1], mask_features)
-            masks_queries_logits = decoder_output.masks_queries_logits[:-1] + (final_masks,)
+        masks_queries_logits = decoder_output.masks_queries_logits
+        if attention_masks_only:
+            final_masks = cast(PosSAMMaskPredictor, predictor).predict_masks(
+                decoder_output.intermediate_hidden_states[-1], mask_features
+            )
+            masks_queries_logits = masks_queries_logits[:-1] + (final_masks,)
+        elif not output_auxiliary_masks:
+            # transformers' predictor (use_fast_paths=False) computed every layer's masks: the same outputs as the
+            # fast path, the intermediate ones left out
+            masks_queries_logits = (None,) * (len(masks_queries_logits) - 1) + masks_queries_logits[-1:]
         query_states = tuple(states.transpose(0, 1) for states in decoder_output.intermediate_hidden_states)
         iou_logits = tuple(self.iou_head(states) for states in query_states)
 

@@ -4,17 +4,19 @@ from .classifier import PosSAMOpenVocabularyClassifier
 from .clip import PosSAMCLIP
 from .decoder_layer import PosSAMMaskedAttentionDecoderLayer
 from .deformable_attention import PosSAMMultiscaleDeformableAttention, deformable_attention_embedding_bag
+from .fast_paths import install_fast_paths
 from .fpn import PosSAMFPN
 from .iou_head import PosSAMIoUHead
 from .ldp import LocalDiscriminativePooling
 from .loss import PosSAMHungarianMatcher, PosSAMLoss, sample_binary_masks
 from .mask_pooling import mask_pool
-from .mask_predictor import PosSAMMaskPredictor
+from .mask_predictor import AttentionMaskFeatures, PosSAMMaskPredictor
 from .masked_cross_attention import PosSAMMaskedCrossAttention
 from .sam_attention import PosSAMVisionAttention
 
 
 __all__ = [
+    "AttentionMaskFeatures",
     "LocalDiscriminativePooling",
     "PosSAMCLIP",
     "PosSAMFPN",
@@ -28,6 +30,7 @@ __all__ = [
     "PosSAMOpenVocabularyClassifier",
     "PosSAMVisionAttention",
     "deformable_attention_embedding_bag",
+    "install_fast_paths",
     "mask_pool",
     "sample_binary_masks",
 ]

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerMaskedAttentionDecoderLayer
 
 
@@ -28,7 +29,7 @@ class PosSAMMaskedAttentionDecoderLayer(Mask2FormerMaskedAttentionDecoderLayer):
     the checkpoint then sees as inputs. Called with tensors directly, the hook leaves the arguments as they are.
     """
 
-    def __init__(self, config):
+    def __init__(self, config: Mask2FormerConfig):
         super().__init__(config)
         self.register_forward_pre_hook(self._take_level_out_of_lists, with_kwargs=True)
 

@@ -3,14 +3,29 @@ intermediate decoder layers."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerMaskPredictor
 
 
-__all__ = ["PosSAMMaskPredictor"]
+__all__ = ["AttentionMaskFeatures", "PosSAMMaskPredictor"]
+
+
+@dataclass(frozen=True)
+class AttentionMaskFeatures:
+    """
+    F_mask resized once to each attention resolution of the masked-attention decoder: `by_size[(h, w)]` is
+    `(B, C, h, w)`. Given to the decoder in place of the `(B, C, H/4, W/4)` mask features, it asks
+    `PosSAMMaskPredictor` for attention masks only (`PosSAMMaskPredictor.attention_mask_features` builds it). The
+    decoders of Mask2Former hand their `pixel_embeddings` argument to the mask predictor and to nothing else, so this
+    request travels as an argument through transformers' unmodified `Mask2FormerTransformerModule` and
+    `Mask2FormerMaskedAttentionDecoder`: no module holds it between calls.
+    """
+
+    by_size: dict[tuple[int, int], torch.Tensor]
 
 
 class PosSAMMaskPredictor(Mask2FormerMaskPredictor):
@@ -22,9 +37,10 @@ class PosSAMMaskPredictor(Mask2FormerMaskPredictor):
 
         resize(einsum(E_q, F_mask)) == einsum(E_q, resize(F_mask))     (up to float rounding).
 
-    Inside `attention_masks_only(...)` (inference without per-layer outputs), intermediate layers use the resized
-    features, computed once per resolution: Q x C x (h x w) at the attention resolution instead of Q x C x H/4 x W/4
-    per layer, and they return `None` for their 1/4-resolution masks. `predict_masks` gives the final layer's masks.
+    Called with `AttentionMaskFeatures` in place of F_mask (inference without per-layer outputs), a layer uses the
+    features resized once per resolution: Q x C x (h x w) at the attention resolution instead of Q x C x H/4 x W/4
+    per layer, and it returns `None` for its 1/4-resolution masks. `predict_masks` gives the final layer's masks.
+    Called with a tensor, it is `Mask2FormerMaskPredictor`.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mask_feature_size: int):
@@ -34,29 +50,42 @@ class PosSAMMaskPredictor(Mask2FormerMaskPredictor):
             num_heads=num_heads,
             mask_feature_size=mask_feature_size,  # type: ignore[arg-type]
         )
-        self._resized_features: dict[tuple[int, ...], torch.Tensor] | None = None
 
-    @contextmanager
-    def attention_masks_only(self, mask_features: torch.Tensor, sizes: list[tuple[int, int]]):
-        """Within the block, `forward` returns `(None, attention_mask)` from features resized once per size."""
-        self._resized_features = {
-            tuple(size): F.interpolate(mask_features, size=tuple(size), mode="bilinear", align_corners=False)
-            for size in sizes
-        }
-        try:
-            yield
-        finally:
-            self._resized_features = None
+    @staticmethod
+    def attention_mask_features(
+        mask_features: torch.Tensor, sizes: Sequence[tuple[int, int]]
+    ) -> AttentionMaskFeatures:
+        """F_mask `(B, C, H, W)` resized bilinearly (as Mask2Former resizes masks) to each `(h, w)` of `sizes`."""
+        return AttentionMaskFeatures(
+            {
+                (int(height), int(width)): F.interpolate(
+                    mask_features, size=(int(height), int(width)), mode="bilinear", align_corners=False
+                )
+                for height, width in sizes
+            }
+        )
 
     def predict_masks(self, query_states: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
         """Layer-normed query states `(Q, B, C)` and F_mask `(B, C, h, w)` -> mask logits `(B, Q, h, w)`."""
         return torch.einsum("bqc,bchw->bqhw", self.mask_embedder(query_states.transpose(0, 1)), mask_features)
 
-    def forward(self, outputs: torch.Tensor, pixel_embeddings: torch.Tensor, attention_mask_target_size=None):
-        if self._resized_features is None:
-            return super().forward(outputs, pixel_embeddings, attention_mask_target_size)
-        resized = self._resized_features[tuple(attention_mask_target_size)]
-        masks = self.predict_masks(outputs, resized)
+    def forward(  # type: ignore[override]
+        self,
+        outputs: torch.Tensor,
+        pixel_embeddings: torch.Tensor | AttentionMaskFeatures,
+        attention_mask_target_size: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """
+        `outputs` `(Q, B, C)` layer-normed query states. `pixel_embeddings` F_mask `(B, C, H/4, W/4)`: returns
+        Mask2Former's `(masks (B, Q, H/4, W/4), attention_mask (B * heads, Q, h * w))`; `AttentionMaskFeatures`:
+        `(None, attention_mask)`, the same attention mask (up to rounding) without the 1/4-resolution masks.
+        """
+        if not isinstance(pixel_embeddings, AttentionMaskFeatures):
+            return super().forward(outputs, pixel_embeddings, attention_mask_target_size)  # type: ignore[arg-type]
+        if attention_mask_target_size is None:
+            raise ValueError("Attention masks from AttentionMaskFeatures need attention_mask_target_size (h, w).")
+        height, width = attention_mask_target_size
+        masks = self.predict_masks(outputs, pixel_embeddings.by_size[(int(height), int(width))])
         # the parent's rule (sigmoid < 0.5, per head), thresholded before the per-head copy: bool, not float, copies
         blocked = masks.flatten(2).sigmoid() < 0.5
         return None, blocked.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)

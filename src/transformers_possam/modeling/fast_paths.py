@@ -1,0 +1,107 @@
+"""
+PosSAM's fast paths: four same-parameter replacements of transformers modules inside the mask generator, installed
+together by `install_fast_paths` when `PosSAMConfig.use_fast_paths` is True (docs/design.md, "Performance
+decisions"). Each replacement is a subclass with the original's parameters and state-dict keys and the same math; with
+the flag False the model runs transformers' own modules, the reference `tests/test_fast_paths.py` compares against.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+from torch import nn
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerPixelDecoder,
+    Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
+    Mask2FormerTransformerModule,
+)
+from transformers.models.sam.modeling_sam import SamVisionEncoder, SamVisionSdpaAttention
+
+from .deformable_attention import PosSAMMultiscaleDeformableAttention
+from .mask_predictor import PosSAMMaskPredictor
+from .masked_cross_attention import PosSAMMaskedCrossAttention
+from .sam_attention import PosSAMVisionAttention
+
+
+__all__ = ["install_fast_paths", "take_over"]
+
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
+
+
+def take_over(original: nn.Module, subclass: type[_ModuleT], *args, **kwargs) -> _ModuleT:
+    """
+    `subclass(*args, **kwargs)` holding `original`'s parameters and buffers (the same tensor objects: built on the
+    meta device, so no random draws and no copy), for a subclass with the original's state-dict keys.
+    """
+    with torch.device("meta"):
+        replacement = subclass(*args, **kwargs)
+    replacement.load_state_dict(original.state_dict(), assign=True)
+    replacement.train(original.training)
+    return replacement
+
+
+def install_fast_paths(
+    vision_encoder: SamVisionEncoder,
+    pixel_decoder: Mask2FormerPixelDecoder,
+    transformer_module: Mask2FormerTransformerModule,
+) -> None:
+    """
+    Replaces, in place, the four transformers modules of the mask generator that PosSAM runs faster or leaner:
+
+    1. SAM's `SamVisionSdpaAttention` -> `PosSAMVisionAttention`: the decomposed relative-position bias head by head
+       on CPU (bounded memory), all heads in one fused attention call elsewhere. `SamVisionAttention` (the eager
+       implementation, `attn_implementation="eager"`) is left as it is.
+    2. The pixel decoder's `Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention` ->
+       `PosSAMMultiscaleDeformableAttention`: an `embedding_bag` sampler on CPU.
+    3. The decoder's `Mask2FormerMaskPredictor` -> `PosSAMMaskPredictor`: given `AttentionMaskFeatures` (what
+       `PosSAMModel` passes when the intermediate layers' masks are not output), attention masks at attention
+       resolution, without the 1/4-resolution masks; with F_mask itself, the parent's computation.
+    4. Each decoder layer's cross-attention `nn.MultiheadAttention` -> `PosSAMMaskedCrossAttention`: no attention
+       weights unless a caller asks (the decoder never returns them).
+
+    Each replacement holds the original's tensors (`take_over`): parameters, state-dict keys and the random draws of
+    construction are those of transformers' modules. Modules already replaced are left as they are, so a second call
+    changes nothing.
+    """
+    for vision_layer in vision_encoder.layers:
+        # exactly the SDPA class: the eager `SamVisionAttention`, or a module already replaced, stays
+        if type(vision_layer.attn) is SamVisionSdpaAttention:
+            vision_layer.attn = take_over(
+                vision_layer.attn, PosSAMVisionAttention, vision_encoder.config, window_size=vision_layer.window_size
+            )
+    for encoder_layer in pixel_decoder.encoder.layers:
+        attention = encoder_layer.self_attn
+        if isinstance(attention, Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention) and not isinstance(
+            attention, PosSAMMultiscaleDeformableAttention
+        ):
+            encoder_layer.self_attn = take_over(
+                attention,
+                PosSAMMultiscaleDeformableAttention,
+                embed_dim=attention.d_model,
+                num_heads=attention.n_heads,
+                n_levels=attention.n_levels,
+                n_points=attention.n_points,
+            )
+    transformer_decoder = transformer_module.decoder
+    predictor = transformer_decoder.mask_predictor
+    if not isinstance(predictor, PosSAMMaskPredictor):
+        transformer_decoder.mask_predictor = take_over(
+            predictor,
+            PosSAMMaskPredictor,
+            hidden_size=predictor.hidden_size,
+            num_heads=predictor.num_heads,
+            mask_feature_size=transformer_decoder.mask_feature_size,
+        )
+    for decoder_layer in transformer_decoder.layers:
+        cross_attention = decoder_layer.cross_attn
+        if isinstance(cross_attention, nn.MultiheadAttention) and not isinstance(
+            cross_attention, PosSAMMaskedCrossAttention
+        ):
+            decoder_layer.cross_attn = take_over(
+                cross_attention,
+                PosSAMMaskedCrossAttention,
+                cross_attention.embed_dim,
+                cross_attention.num_heads,
+                cross_attention.dropout,
+            )

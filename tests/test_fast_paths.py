@@ -1,0 +1,404 @@
+"""
+The fast paths behind one switch (issue 15, item 3): `PosSAMConfig.use_fast_paths` installs PosSAM's four
+same-parameter replacements (SAM attention, deformable attention, mask predictor, masked cross-attention) through
+`install_fast_paths`; False runs transformers' own modules, the independent reference here. Also: the state of a
+forward is passed as arguments (no module changes during a forward), and the reused Mask2Former modules are built from
+a real `Mask2FormerConfig` derived from PosSAMConfig's flat fields, which old `config.json` files still hold.
+
+Tolerances (float32): outputs within `rtol=1e-5` (atol 1e-5 for values near 0, e.g. logits crossing zero). The fast
+paths change the order of float operations only (an `embedding_bag` sum instead of `grid_sample`, SDPA head by head,
+resize-then-project for attention masks), so the differences are rounding, about 1e-6 relative. Gradients: `rtol=1e-4`
+and `atol=1e-6` times the largest gradient (measured: 5e-6 relative, 2e-7 of the largest gradient at most).
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
+from torch import nn
+from transformers import Mask2FormerConfig
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerMaskPredictor,
+    Mask2FormerPixelDecoder,
+    Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
+    Mask2FormerTransformerModule,
+)
+from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSdpaAttention
+
+from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, PosSAMModel, tiny_config
+from transformers_possam.modeling import (
+    PosSAMMaskedCrossAttention,
+    PosSAMMaskPredictor,
+    PosSAMMultiscaleDeformableAttention,
+    PosSAMVisionAttention,
+    install_fast_paths,
+)
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+MODEL_CARDS = REPOSITORY / "model_cards"
+OUTPUT_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+GRADIENT_RTOL, GRADIENT_ATOL = 1e-4, 1e-6
+
+# the tiny config, and one with several windowed and global SAM layers (window 3 on an 8 x 8 token grid: padded
+# windows) and three levels of decoder layers
+CONFIGS = {
+    "tiny": {},
+    "windowed_and_global": {
+        "vision_config": {
+            "hidden_size": 32,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "mlp_dim": 64,
+            "image_size": 128,
+            "patch_size": 16,
+            "output_channels": 32,
+            "window_size": 3,
+            "global_attn_indexes": [1, 3],
+            "initializer_range": 0.02,
+        },
+        "decoder_layers": 5,
+        "num_queries": 6,
+    },
+}
+
+
+def model_pair(model_class, name: str, **overrides):
+    """The same weights with fast paths on and off (the second loads the first's state dict)."""
+    torch.manual_seed(0)
+    fast = model_class(tiny_config(**CONFIGS[name], **overrides))
+    reference = model_class(tiny_config(**CONFIGS[name], **overrides, use_fast_paths=False))
+    reference.load_state_dict(fast.state_dict())
+    return fast, reference
+
+
+def pixels(config, batch_size=2, seed=1):
+    size = config.vision_config.image_size
+    return torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def class_embeddings(config, num_classes=5, seed=2):
+    embeddings = torch.randn(num_classes, config.clip_embed_dim, generator=torch.Generator().manual_seed(seed))
+    return nn.functional.normalize(embeddings, dim=-1)
+
+
+def module_types(model) -> set[type]:
+    return {type(module) for module in model.modules()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One switch
+# ----------------------------------------------------------------------------------------------------------------------
+def test_the_flag_installs_all_four_replacements_or_none():
+    fast, reference = model_pair(PosSAMModel, "tiny")
+    ours = {
+        PosSAMVisionAttention,
+        PosSAMMultiscaleDeformableAttention,
+        PosSAMMaskPredictor,
+        PosSAMMaskedCrossAttention,
+    }
+    assert ours <= module_types(fast)
+    assert not ours & module_types(reference)
+    # transformers' own modules, exactly (not subclasses of them)
+    stock = module_types(reference)
+    for module_class in (
+        SamVisionSdpaAttention,
+        Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
+        Mask2FormerMaskPredictor,
+        nn.MultiheadAttention,
+    ):
+        assert module_class in stock
+    assert SamVisionSdpaAttention not in module_types(fast)
+
+
+def test_install_fast_paths_on_a_stock_model_and_twice():
+    """The function alone turns the stock model into the fast one; a second call replaces nothing."""
+    fast, reference = model_pair(PosSAMModel, "tiny")
+    install_fast_paths(reference.vision_encoder, reference.pixel_decoder, reference.transformer_module)
+    assert [type(module) for module in reference.modules()] == [type(module) for module in fast.modules()]
+    modules = list(fast.modules())
+    install_fast_paths(fast.vision_encoder, fast.pixel_decoder, fast.transformer_module)
+    assert all(after is before for after, before in zip(fast.modules(), modules))
+    pixel_values = pixels(fast.config)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reference.eval()(pixel_values).masks_queries_logits[-1],
+            fast.eval()(pixel_values).masks_queries_logits[-1],
+            rtol=0,
+            atol=0,
+        )
+
+
+def test_eager_sam_attention_stays_eager_with_fast_paths():
+    """`attn_implementation="eager"` asks for transformers' eager attention: the fast path replaces only SDPA's."""
+    model = PosSAMModel._from_config(tiny_config(), attn_implementation="eager")
+    attention_types = {type(layer.attn) for layer in model.vision_encoder.layers}
+    assert attention_types == {SamVisionAttention}
+    assert PosSAMMaskPredictor in module_types(model)  # the other three are installed
+
+
+def test_the_flag_is_a_validated_config_field():
+    assert PosSAMConfig().use_fast_paths is True
+    with pytest.raises(StrictDataclassFieldValidationError, match="use_fast_paths"):
+        PosSAMConfig(use_fast_paths="no")  # a string would count as true: refused by the strict config
+    assert tiny_config(use_fast_paths=False).to_dict()["use_fast_paths"] is False
+
+
+def test_same_state_dict_keys_and_checkpoints_load_either_way(tmp_path):
+    fast, reference = model_pair(PosSAMForPanopticSegmentation, "tiny")
+    assert list(fast.state_dict()) == list(reference.state_dict())
+    assert {k: v.shape for k, v in fast.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()
+    }
+    # saved with fast paths, loaded without (and back), nothing missing or unexpected, the same tensors
+    fast.save_pretrained(tmp_path / "fast")
+    loaded, info = PosSAMForPanopticSegmentation.from_pretrained(
+        tmp_path / "fast", use_fast_paths=False, output_loading_info=True
+    )
+    assert not loaded.config.use_fast_paths and PosSAMMaskPredictor not in module_types(loaded)
+    assert not any(info.values()), info
+    reference.save_pretrained(tmp_path / "reference")
+    back, info = PosSAMForPanopticSegmentation.from_pretrained(
+        tmp_path / "reference", use_fast_paths=True, output_loading_info=True
+    )
+    assert PosSAMMaskPredictor in module_types(back) and not any(info.values()), info
+    for key, tensor in fast.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+        assert torch.equal(back.state_dict()[key], tensor), key
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Whole model: fast paths on vs off
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_whole_model_outputs_equal_with_fast_paths_on_and_off(name):
+    fast, reference = model_pair(PosSAMForPanopticSegmentation, name)
+    fast.eval(), reference.eval()
+    inputs = {"pixel_values": pixels(fast.config), "class_embeddings": class_embeddings(fast.config)}
+    with torch.no_grad():
+        found = fast(**inputs, output_auxiliary_logits=True)
+        expected = reference(**inputs, output_auxiliary_logits=True)
+    for output in ("masks_queries_logits", "class_queries_logits", "clip_class_logits", "iou_scores"):
+        torch.testing.assert_close(getattr(found, output), getattr(expected, output), **OUTPUT_TOLERANCE, msg=output)
+    assert len(found.auxiliary_logits) == fast.config.decoder_layers - 1
+    for found_layer, expected_layer in zip(found.auxiliary_logits, expected.auxiliary_logits):
+        for output, value in expected_layer.items():
+            torch.testing.assert_close(found_layer[output], value, **OUTPUT_TOLERANCE, msg=output)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_mask_generator_equal_without_auxiliary_masks_and_with_attentions(name):
+    fast, reference = model_pair(PosSAMModel, name)
+    fast.eval(), reference.eval()
+    pixel_values = pixels(fast.config)
+    with torch.no_grad():
+        found = fast(pixel_values, output_auxiliary_masks=False, output_attentions=True)
+        expected = reference(pixel_values, output_auxiliary_masks=False, output_attentions=True)
+        full = reference(pixel_values)
+    # the same contract either way: only the final masks, the intermediate entries None
+    for outputs in (found, expected):
+        assert all(masks is None for masks in outputs.masks_queries_logits[:-1])
+    torch.testing.assert_close(found.masks_queries_logits[-1], expected.masks_queries_logits[-1], **OUTPUT_TOLERANCE)
+    torch.testing.assert_close(expected.masks_queries_logits[-1], full.masks_queries_logits[-1], rtol=0, atol=0)
+    for output in ("iou_logits", "query_states", "attentions"):
+        assert len(getattr(found, output)) == len(getattr(expected, output)) > 0
+        for found_value, expected_value in zip(getattr(found, output), getattr(expected, output)):
+            torch.testing.assert_close(found_value, expected_value, **OUTPUT_TOLERANCE, msg=output)
+    # Mask2Former's decoder returns each transformer layer's self-attention weights (B, heads, Q, Q)
+    config = fast.config
+    assert found.attentions[0].shape == (2, config.num_attention_heads, config.num_queries, config.num_queries)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_gradients_equal_with_fast_paths_on_and_off(name):
+    """Training mode with targets: the loss and the gradient of every trainable parameter."""
+    fast, reference = model_pair(PosSAMForPanopticSegmentation, name)
+    # Mask2Former's init puts every deformable sample exactly on a pixel centre (integer offsets, zero weights), where
+    # bilinear interpolation has no derivative: grid_sample and the embedding_bag sampler then take one-sided
+    # derivatives that may differ by rounding which side of the kink a location lands. Trained offsets are off the
+    # grid: move them there, by the same amount in both models.
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for parameter_name, parameter in fast.named_parameters():
+            if ".sampling_offsets." in parameter_name:
+                parameter.add_(torch.rand(parameter.shape, generator=generator) * 0.2 + 0.1)
+    reference.load_state_dict(fast.state_dict())
+    fast.train(), reference.train()
+    config = fast.config
+    size = config.vision_config.image_size
+    left = torch.zeros(size, size, dtype=torch.uint8)
+    left[:, : size // 3] = 1
+    labels = {
+        "mask_labels": [torch.stack([left, 1 - left]), torch.stack([left.T.contiguous()])],
+        "class_labels": [torch.tensor([0, 3]), torch.tensor([2])],
+    }
+    inputs = {"pixel_values": pixels(config), "class_embeddings": class_embeddings(config), **labels}
+    losses = {}
+    for model in (fast, reference):
+        torch.manual_seed(3)  # the loss samples its points at random (PointRend): the same points for both
+        losses[model] = model(**inputs).loss
+        losses[model].backward()
+    torch.testing.assert_close(losses[fast], losses[reference], **OUTPUT_TOLERANCE)
+    trainable = [(n, p) for n, p in fast.named_parameters() if p.requires_grad]
+    reference_parameters = dict(reference.named_parameters())
+    assert trainable and all(reference_parameters[n].requires_grad for n, _ in trainable)
+    # gradients that are 0 in exact arithmetic (a bias before a GroupNorm, a key bias under softmax) come out as
+    # rounding noise of either sign: absolute tolerance relative to the largest gradient
+    scale = max(float(p.grad.abs().max()) for p in reference.parameters() if p.grad is not None)
+    with_gradient = 0
+    for parameter_name, parameter in trainable:
+        expected = reference_parameters[parameter_name].grad
+        assert (parameter.grad is None) == (expected is None), parameter_name
+        if expected is not None:
+            torch.testing.assert_close(
+                parameter.grad, expected, rtol=GRADIENT_RTOL, atol=GRADIENT_ATOL * scale, msg=parameter_name
+            )
+            with_gradient += 1
+    # the pixel decoder's deformable attention and the decoder's cross-attention are among them
+    names = [n for n, p in trainable if p.grad is not None]
+    assert any(".self_attn.sampling_offsets." in n for n in names) and any(".cross_attn." in n for n in names)
+    assert with_gradient > 0.9 * len(trainable)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# State passed explicitly
+# ----------------------------------------------------------------------------------------------------------------------
+def module_state(model) -> dict[str, dict[str, object]]:
+    """
+    Every module's attributes (`vars`); a dict-valued one (`_parameters`, `_buffers`, `_modules`, the hook tables)
+    copied one level down, so an entry added, removed or replaced in it shows too.
+    """
+    return {
+        name: {key: dict(value) if isinstance(value, dict) else value for key, value in vars(module).items()}
+        for name, module in model.named_modules()
+    }
+
+
+def same(found, expected) -> bool:
+    """The same object, or an equal plain value; dicts entry by entry."""
+    if isinstance(expected, dict):
+        return (
+            isinstance(found, dict)
+            and found.keys() == expected.keys()
+            and all(same(found[key], value) for key, value in expected.items())
+        )
+    return found is expected or (not torch.is_tensor(expected) and found == expected)
+
+
+@pytest.mark.parametrize("use_fast_paths", [True, False])
+def test_a_forward_leaves_every_module_as_it_was(use_fast_paths):
+    """
+    Before issue 15 item 3, `PosSAMModel.forward` set `return_attention_weights` on each decoder layer's
+    cross-attention and never reset it: after one forward with `output_attentions=True`, every later forward computed
+    the attention weights. Now what a forward asks for is passed as arguments: no module attribute changes.
+    """
+    torch.manual_seed(0)
+    model = PosSAMModel(tiny_config(use_fast_paths=use_fast_paths)).eval()
+    pixel_values = pixels(model.config)
+    snapshot = module_state(model)
+    with torch.no_grad():
+        model(pixel_values, output_attentions=True, output_auxiliary_masks=False)
+        model(pixel_values, output_attentions=True)
+    after = module_state(model)
+    assert after.keys() == snapshot.keys()
+    for name, attributes in snapshot.items():
+        assert after[name].keys() == attributes.keys(), name
+        for attribute, value in attributes.items():
+            assert same(after[name][attribute], value), f"{name}.{attribute}"
+
+
+def test_cross_attention_weights_only_when_a_caller_asks():
+    """The fast cross-attention computes no weights by default (the decoder drops them), and does when asked."""
+    torch.manual_seed(0)
+    attention = PosSAMMaskedCrossAttention(16, 2).eval()
+    reference = nn.MultiheadAttention(16, 2).eval()
+    reference.load_state_dict(attention.state_dict())
+    query, key = torch.randn(3, 2, 16), torch.randn(5, 2, 16)
+    mask = torch.zeros(4, 3, 5, dtype=torch.bool)
+    mask[:, :, 0] = True
+    output, weights = attention(query, key, key, attn_mask=mask)
+    expected, expected_weights = reference(
+        query, key, key, attn_mask=mask
+    )  # nn.MultiheadAttention: weights by default
+    assert weights is None
+    torch.testing.assert_close(output, expected)
+    output, weights = attention(query, key, key, attn_mask=mask, need_weights=True)
+    torch.testing.assert_close(weights, expected_weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A real Mask2FormerConfig, derived from the flat fields old config.json files hold
+# ----------------------------------------------------------------------------------------------------------------------
+# FC-CLIP / Mask2Former's decoder as PosSAM-B/L/H use it (paper §4.1, FC-CLIP's config), written out independently of
+# PosSAMConfig's defaults
+PAPER_DECODER = {
+    "feature_size": 256,
+    "mask_feature_size": 256,
+    "hidden_dim": 256,
+    "encoder_feedforward_dim": 1024,
+    "encoder_layers": 6,
+    "decoder_layers": 10,
+    "num_attention_heads": 8,
+    "dim_feedforward": 2048,
+    "num_queries": 250,
+    "dropout": 0.0,
+    "pre_norm": False,
+}
+
+
+@pytest.mark.parametrize("variant", ["possam-vit-b", "possam-vit-l", "possam-vit-h"])
+def test_old_config_json_loads_unchanged_and_gives_a_real_mask2former_config(variant):
+    """The model cards' config.json files were written before this change (no `use_fast_paths`, flat fields)."""
+    saved = json.loads((MODEL_CARDS / variant / "config.json").read_text())
+    assert "use_fast_paths" not in saved and "mask2former_config" not in saved
+    config = PosSAMConfig.from_pretrained(MODEL_CARDS / variant)
+    assert config.use_fast_paths is True
+    mask2former_config = config.mask2former_config
+    assert type(mask2former_config) is Mask2FormerConfig
+    for field, value in PAPER_DECODER.items():
+        assert getattr(mask2former_config, field) == saved[field] == value, field
+    # one copy of each hyper-parameter: the derived config is not saved, the flat fields are, as before
+    round_trip = config.to_dict()
+    assert "mask2former_config" not in round_trip
+    assert {key: round_trip[key] for key in PAPER_DECODER} == {key: saved[key] for key in PAPER_DECODER}
+    # and it follows the flat fields (it is derived when read, never a stale copy)
+    config.num_queries = 100
+    assert config.mask2former_config.num_queries == 100
+
+
+@pytest.mark.parametrize("variant", ["possam-vit-b", "possam-vit-h"])
+def test_full_size_decoder_is_transformers_mask2former_decoder(variant):
+    """
+    The pixel decoder and transformer module of a full-size PosSAM (built on the meta device) have exactly the
+    parameters of transformers' Mask2Former modules built from a Mask2FormerConfig written out by hand.
+    """
+    config = PosSAMConfig.from_pretrained(MODEL_CARDS / variant)
+    with torch.device("meta"):
+        model = PosSAMModel(config)
+        expected_config = Mask2FormerConfig(**PAPER_DECODER)
+        pixel_decoder = Mask2FormerPixelDecoder(expected_config, feature_channels=[192, 384, 768, 1536])
+        transformer_module = Mask2FormerTransformerModule(in_features=256, config=expected_config)
+
+    def shapes(module):
+        return {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+
+    assert shapes(model.pixel_decoder) == shapes(pixel_decoder)
+    assert shapes(model.transformer_module) == shapes(transformer_module)
+    # the modules hold a real Mask2FormerConfig, not PosSAMConfig standing in for one
+    assert type(model.pixel_decoder.config) is Mask2FormerConfig
+    assert type(model.transformer_module.decoder.config) is Mask2FormerConfig
+    assert all(type(layer.config) is Mask2FormerConfig for layer in model.transformer_module.decoder.layers)
+
+
+def test_mask2former_init_reads_the_derived_config():
+    """`init_xavier_std` reaches Mask2Former's init of the decoder layers (xavier_uniform with that gain)."""
+    torch.manual_seed(0)
+    small = PosSAMModel(tiny_config(init_xavier_std=0.01))
+    large = PosSAMModel(tiny_config(init_xavier_std=1.0))
+    weight = small.transformer_module.decoder.layers[0].fc1.weight
+    fan_in, fan_out = weight.shape[1], weight.shape[0]
+    bound = 0.01 * (6 / (fan_in + fan_out)) ** 0.5  # xavier_uniform's bound with gain 0.01
+    assert weight.abs().max() <= bound
+    assert large.transformer_module.decoder.layers[0].fc1.weight.abs().max() > 10 * bound
