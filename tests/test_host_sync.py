@@ -370,3 +370,23 @@ def test_dense_path_with_no_query():
         )
         assert result["segments_info"] == [] and result["segmentation"].shape == (30, 20)
         assert not result["segmentation"].any()
+
+
+def test_dense_and_cell_bound_paths_agree_on_model_outputs(model):
+    """The tiny model's own outputs (soft, overlapping masks), post-processed end to end by both paths."""
+    size = model.config.vision_config.image_size
+    processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
+    with torch.no_grad():
+        outputs = model(**model_inputs(model, seed=5))
+    arguments = {
+        "target_sizes": [(90, 120), (200, 150)],
+        "reshaped_input_sizes": [(96, 128), (128, 96)],
+        "label_ids_to_fuse": [3, 4],
+        "seen_mask": [True, True, False, True, False],
+    }
+    sparse = processor.post_process_panoptic_segmentation(outputs, dense_assignment=False, **arguments)
+    dense = processor.post_process_panoptic_segmentation(outputs, dense_assignment=True, **arguments)
+    assert sum(len(result["segments_info"]) for result in sparse) >= 2
+    for ours, theirs in zip(dense, sparse, strict=True):
+        assert ours["segments_info"] == theirs["segments_info"]
+        assert torch.equal(ours["segmentation"], theirs["segmentation"])
