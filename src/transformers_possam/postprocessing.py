@@ -692,11 +692,12 @@ class PosSAMPostProcessingMixin:
         "label_id", "was_fused", "score"}]}`.
 
         Raises:
-            TypeError: a threshold that is not a number, `use_mase` not a bool, `label_ids_to_fuse` not a list of
-                ints, sizes / `seen_mask` / `outputs` of the wrong type.
+            TypeError: a threshold that is not a number, `use_mase` not a bool, `dense_assignment` neither a bool nor
+                None, `label_ids_to_fuse` not a list of ints, sizes / `seen_mask` / `outputs` of the wrong type.
             ValueError: a threshold outside [0, 1] or NaN, a class id outside the outputs' K classes, a `seen_mask`
                 of another length than K, sizes < 1 or of another count than the batch, a reshaped size beyond the
-                padding, outputs that disagree on the batch or contain NaN.
+                padding, outputs that disagree on the batch or contain NaN (on CUDA by default an asynchronous device
+                assert instead, see `value_checks`).
         """
         threshold = check_threshold(threshold, "threshold")
         mask_threshold = check_threshold(mask_threshold, "mask_threshold")
