@@ -27,6 +27,7 @@ from .modeling_possam import (
 from .pipeline_possam import OpenVocabularyPanopticSegmentationPipeline, register_pipeline
 from .processing_possam import VILD_TEMPLATES, PosSAMProcessor
 from .tokenization import clip_tokenizer_from_bpe
+from .value_checks import value_checks
 from .visualization import draw_segmentation, side_by_side
 from .vocabularies import Vocabulary, load_vocabulary
 
@@ -65,4 +66,5 @@ __all__ = [
     "load_vocabulary",
     "side_by_side",
     "tiny_config",
+    "value_checks",
 ]

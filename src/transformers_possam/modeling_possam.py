@@ -528,6 +528,9 @@ class PosSAMModel(PosSAMPreTrainedModel):
                 argument.
             ValueError: `pixel_values` of another rank, channel count, size, dtype than described, an empty batch,
                 NaN / inf values; `pixel_mask` of another shape than `(B, S, S)` or with values other than 0 and 1.
+            RuntimeError: on CUDA, the value checks (NaN / inf, 0/1 masks) are asynchronous device asserts by default
+                (no host synchronization): a failing one surfaces later as a device-side assert, without the message.
+                Run under `transformers_possam.value_checks("eager")` for the ValueError above (`value_checks.py`).
         """
         _reject_unknown_kwargs(PosSAMModel.forward, kwargs)
         _check_flags(
@@ -1250,6 +1253,8 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             ValueError: any input of another shape, dtype or value range than described above (each message names
                 the argument and what was expected), neither or both of `input_ids` / `class_embeddings`, NaN / inf in
                 `pixel_values` or `class_embeddings`, and invalid training labels.
+            RuntimeError: on CUDA, the value checks are asynchronous device asserts by default (no host
+                synchronization), surfacing later without the message; `value_checks("eager")` gives the ValueError.
         """
         _reject_unknown_kwargs(PosSAMForPanopticSegmentation.forward, kwargs)
         _check_flags(
