@@ -55,3 +55,60 @@ def test_scripts_load_by_path_without_leaking_their_folder():
     assert "common" not in sys.modules and "gpu" not in sys.modules
     assert gpu.__name__ == "possam_benchmarks_gpu" and gpu.summary.__module__ == "common"  # its sibling, kept
     assert load_script("benchmarks/gpu.py") is gpu  # loaded once
+
+
+def test_bf16_and_efficiency_targets_run_on_the_tiny_config():
+    """Targets 9 and 10 (benchmarks/precision.py): their code path on the tiny config, a small matmul."""
+    from transformers_possam import PosSAMForPanopticSegmentation, tiny_config
+
+    precision = load_script("benchmarks/precision.py")
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(tiny_config()).eval()
+    rows = precision.run(2, model=model, matmul_size=256, name="tiny")
+    assert [(row["target"], row.get("dtype")) for row in rows] == [(9, None), (10, "float32"), (10, "bfloat16")]
+    speed, *efficiency = rows
+    assert speed["ours"]["repeats"] == speed["reference"]["repeats"] == 2
+    assert speed["ratio"] == speed["reference"]["median_s"] / speed["ours"]["median_s"]
+    assert 0 < speed["mask_logit_relative_error"] < 0.5  # bf16 differs from fp32, but not wildly
+    assert next(model.parameters()).dtype == torch.float32  # the fp32 model was not cast in place
+    for row in efficiency:
+        # FLOPs counted by FlopCounterMode: at least the SAM encoder's patch embedding conv (2 * C * k^2 * out * tokens)
+        patch = model.model.vision_encoder.patch_embed.projection
+        tokens = (model.config.vision_config.image_size // patch.kernel_size[0]) ** 2
+        assert row["flops"] >= 2 * patch.in_channels * patch.kernel_size[0] ** 2 * patch.out_channels * tokens
+        assert row["achieved_flops_per_second"] == row["flops"] / row["seconds"]["median_s"]
+        assert row["ratio"] == row["achieved_flops_per_second"] / row["matmul_flops_per_second"]
+        assert row["matmul_flops_per_second"] == 2 * 256**3 / row["matmul_seconds"]["median_s"]
+
+
+def test_flop_counter_counts_a_matmul():
+    precision = load_script("benchmarks/precision.py")
+    left, right = torch.randn(8, 16), torch.randn(16, 4)
+    assert precision.count_flops(lambda: left @ right) == 2 * 8 * 16 * 4
+
+
+def test_onnxruntime_target_runs_on_the_tiny_config():
+    """Target 11 (benchmarks/onnx_cpu.py): export, onnxruntime and PyTorch timings, in its subprocess."""
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    onnx_cpu = load_script("benchmarks/onnx_cpu.py")
+    (row,) = onnx_cpu.run("tiny", repeats=1, threads=1, timeout=600)
+    assert "error" not in row, row.get("error")
+    assert row["target"] == 11 and row["measured"]["size"] == 128
+    assert row["ratio"] == row["reference"]["median_s"] / row["ours"]["median_s"]
+    assert row["measured"]["max_relative_difference"] <= 1e-4  # issue 15's bound for the ONNX outputs
+
+
+def test_run_table_rows_of_the_new_targets():
+    run = load_script("benchmarks/run.py")
+    timing = {"median_s": 2.0, "min_s": 2.0, "max_s": 2.0, "repeats": 1}
+    speed = {"target": 9, "figure": "f", "ours": timing, "reference": timing, "ratio": 3.1}
+    speed.update(mask_logit_relative_error=0.05, goal="g", **{"pass": True})
+    assert run.table_row(speed).startswith("| 9 | f | bf16 2.00 s | fp32 2.00 s | 3.10x faster |")
+    efficiency = {"target": 10, "figure": "f", "achieved_flops_per_second": 1e12, "flops": 2e12, "seconds": timing}
+    efficiency.update(matmul_flops_per_second=2e12, ratio=0.5, goal="g", **{"pass": False})
+    assert run.table_row(efficiency).endswith("| 0.50x | g | FAIL |")
+    failed = {"target": 11, "figure": "f", "error": "MemoryError", "goal": "reported", "pass": None}
+    assert "failed: MemoryError" in run.table_row(failed)

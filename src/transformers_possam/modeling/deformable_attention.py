@@ -154,6 +154,16 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
                     reference_points.float(), offsets.float(), spatial_shapes_list
                 )
                 sampled = sample(value.float(), spatial_shapes_list, sampling_locations, attention_weights.float())
+        elif offsets.dtype in (torch.bfloat16, torch.float16):
+            # the whole model in a reduced precision (`from_pretrained(..., dtype=torch.bfloat16)`): the sampling in
+            # float32 as under autocast (bf16 locations would be off by up to a pixel), back to the model's dtype for
+            # the output projection
+            sampling_locations = self.sampling_locations(
+                reference_points.float(), offsets.float(), spatial_shapes_list
+            )
+            sampled = sample(value.float(), spatial_shapes_list, sampling_locations, attention_weights.float()).to(
+                value.dtype
+            )
         else:
             sampling_locations = self.sampling_locations(reference_points, offsets, spatial_shapes_list)
             sampled = sample(value, spatial_shapes_list, sampling_locations, attention_weights)
