@@ -20,7 +20,7 @@ import time
 import torch
 from common import full_size_model, random_vocabulary, summary, test_image
 from overhead import _prepare
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 
 MATMUL_SIZE = 4096
@@ -43,8 +43,17 @@ def matmul_seconds(dtype: torch.dtype, size: int = MATMUL_SIZE) -> float:
 
 
 def count_flops(step) -> int:
-    """FLOPs of `step()` as torch's FlopCounterMode counts them (matmuls, convolutions, attention)."""
-    with FlopCounterMode(display=False) as counter:
+    """
+    FLOPs of `step()` as torch's FlopCounterMode counts them (matmuls, convolutions, attention). Its table has SDPA's
+    CUDA kernels but not the CPU flash kernel that `scaled_dot_product_attention` runs here: counted with the same
+    formula (two matmuls, 4 * B * heads * L_q * L_k * d).
+    """
+
+    def cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_attention_flops}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         step()
     return counter.get_total_flops()
 

@@ -1,5 +1,6 @@
 """The benchmark suite's code paths on tiny inputs (figures themselves come from `benchmarks/run.py`)."""
 
+import pytest
 import torch
 
 from .conftest import load_script
@@ -10,7 +11,7 @@ def test_gpu_suite_runs_on_cpu_with_the_tiny_config():
 
     threads = torch.get_num_threads()
     try:
-        rows = gpu.run("cpu", ("tiny",), repeats=1, batches=(1, 2), dtypes=("float32",), compile_b=False)
+        rows = gpu.run("cpu", ("tiny",), repeats=1, batches=(1, 2), dtypes=("float32",), compile_models=False)
     finally:
         torch.set_num_threads(threads)
     assert [(row["batch"], row["dtype"], row["compiled"]) for row in rows] == [
@@ -18,6 +19,30 @@ def test_gpu_suite_runs_on_cpu_with_the_tiny_config():
         (2, "float32", False),
     ]
     assert all(row["images_per_second"] > 0 and row["target"] == 7 for row in rows)
+
+
+@pytest.mark.slow  # inductor compiles the tiny model: 6.5 min on the shared 2-core machine (load 4)
+def test_gpu_suite_compiled_rows_run_on_cpu_with_the_tiny_config():
+    """The matrix's compiled rows (torch.compile of the whole model forward), their code path on CPU."""
+    gpu = load_script("benchmarks/gpu.py")
+    threads = torch.get_num_threads()
+    try:
+        rows = gpu.run("cpu", ("tiny",), repeats=1, batches=(1,), dtypes=("float32",))
+    finally:
+        torch.set_num_threads(threads)
+    assert [(row["compiled"], row["figure"].rsplit(", ", 1)[1]) for row in rows] == [
+        (False, "eager"),
+        (True, "torch.compile"),
+    ]
+    assert all("error" not in row and row["images_per_second"] > 0 for row in rows), [r.get("error") for r in rows]
+
+
+def test_gpu_suite_goals_are_the_issues():
+    """Issue 15's H100 goals: B bf16 batch 1 >= 25 eager, >= 60 compiled; H bf16 batch 8 >= 40 either way."""
+    gpu = load_script("benchmarks/gpu.py")
+    assert gpu.goal("vit-b", "bfloat16", 1, False) == 25 and gpu.goal("vit-b", "bfloat16", 1, True) == 60
+    assert gpu.goal("vit-h", "bfloat16", 8, False) == gpu.goal("vit-h", "bfloat16", 8, True) == 40
+    assert gpu.goal("vit-b", "float32", 1, False) is None and gpu.goal("vit-l", "bfloat16", 8, True) is None
 
 
 def test_stage_timer_counts_and_restores():
@@ -85,12 +110,14 @@ def test_flop_counter_counts_a_matmul():
     precision = load_script("benchmarks/precision.py")
     left, right = torch.randn(8, 16), torch.randn(16, 4)
     assert precision.count_flops(lambda: left @ right) == 2 * 8 * 16 * 4
+    # SDPA on CPU (the flash kernel torch's table lacks): q k^T and p v, 2 * 2 * B * heads * L * L * d
+    query = torch.randn(2, 3, 10, 8)
+    flops = precision.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(query, query, query))
+    assert flops == 4 * 2 * 3 * 10 * 10 * 8
 
 
 def test_onnxruntime_target_runs_on_the_tiny_config():
     """Target 11 (benchmarks/onnx_cpu.py): export, onnxruntime and PyTorch timings, in its subprocess."""
-    import pytest
-
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     onnx_cpu = load_script("benchmarks/onnx_cpu.py")
