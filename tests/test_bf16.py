@@ -206,3 +206,36 @@ def test_full_size_training_step_benchmark_runs_on_the_tiny_config():
     assert row["target"] == 6 and row["seconds_per_step"] > 0 and row["peak_rss_bytes"] > 0
     assert row["measured"]["batch"] == 2 and len(row["measured"]["losses"]) == 2
     assert all(loss == loss and loss > 0 for loss in row["measured"]["losses"])  # finite and positive
+
+
+def test_the_cpu_sampler_exports_with_a_dynamic_batch_at_full_size_token_counts():
+    """
+    torch.export of the CPU sampler with a dynamic batch when batch * N * heads can reach float32's exact-integer
+    range within the batch bound (PosSAM-B at 1024x1024: N = 21504 values, 8 heads, so batch < 97.5): the index dtype
+    must not put a guard on the batch size (it did: the B export failed with "batch < 2048/21"). Outputs equal
+    transformers' grid_sample version.
+    """
+    shapes = [(128, 128), (64, 64), (32, 32)]  # N = 21504, as PosSAM-B's pixel decoder at 1024x1024
+    num_values, heads, head_dim = sum(h * w for h, w in shapes), 8, 4
+
+    class Sampler(torch.nn.Module):
+        def forward(self, value, sampling_locations, attention_weights):
+            return deformable_module.deformable_attention_embedding_bag(
+                value, shapes, sampling_locations, attention_weights
+            )
+
+    generator = torch.Generator().manual_seed(0)
+    value = torch.randn(2, num_values, heads, head_dim, generator=generator)
+    locations = torch.rand(2, 5, heads, 3, 2, 2, generator=generator)
+    weights = torch.rand(2, 5, heads, 3, 2, generator=generator)
+    batch = torch.export.Dim("batch", max=1024)
+    program = torch.export.export(
+        Sampler(), (value, locations, weights), dynamic_shapes=({0: batch}, {0: batch}, {0: batch}), strict=False
+    )
+    inputs = (value[:1], locations[:1], weights[:1])
+    torch.testing.assert_close(
+        program.module()(*inputs),
+        multi_scale_deformable_attention(*inputs[:1], shapes, *inputs[1:]),
+        rtol=1e-5,
+        atol=1e-5,
+    )

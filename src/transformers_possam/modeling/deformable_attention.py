@@ -41,7 +41,12 @@ def deformable_attention_embedding_bag(
     """
     batch_size, num_values, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    index_dtype = torch.float32 if batch_size * num_values * num_heads < _FLOAT32_EXACT_INTEGERS else torch.float64
+    if torch.compiler.is_exporting():
+        # no guard on the (dynamic) batch size: `batch * N * heads < 2**24` cannot be expressed as an export
+        # constraint (PosSAM-B at 1024x1024 failed with "batch < 2048/21"), so exported graphs index in float64
+        index_dtype = torch.float64
+    else:
+        index_dtype = torch.float32 if batch_size * num_values * num_heads < _FLOAT32_EXACT_INTEGERS else torch.float64
     device = value.device
     track_gradients = torch.is_grad_enabled() and (sampling_locations.requires_grad or attention_weights.requires_grad)
     # Bag entries per (image, query, head), in (level, corner, point) order. Eager inference writes them in place into
