@@ -88,6 +88,82 @@ def test_deformable_attention_without_autocast_keeps_the_model_dtype():
     assert output.dtype == torch.bfloat16
 
 
+def test_a_bf16_model_samples_at_float32_locations():
+    """
+    A model cast to bf16 (no autocast, `from_pretrained(..., dtype=torch.bfloat16)`): the sampler gets float32 locations
+    computed from the bf16 offsets in float32 (bf16 locations in [0, 1] would be off by up to a pixel at 256 px), float32
+    values and weights, and its float32 result is transformers' grid_sample version's on those inputs.
+    """
+    module, tokens, kwargs = deformable_inputs()
+    module = module.to(torch.bfloat16)
+    kwargs = {key: value.bfloat16() if torch.is_tensor(value) else value for key, value in kwargs.items()}
+    calls = []
+    sampler = deformable_module.deformable_attention_embedding_bag
+
+    def spy(value, spatial_shapes, sampling_locations, attention_weights):
+        output = sampler(value, spatial_shapes, sampling_locations, attention_weights)
+        calls.append(((value, sampling_locations, attention_weights), output))
+        return output
+
+    offsets = []
+    handle = module.sampling_offsets.register_forward_hook(lambda _, __, output: offsets.append(output.detach()))
+    with torch.inference_mode(), mock.patch.object(deformable_module, "deformable_attention_embedding_bag", spy):
+        output, _ = module(tokens.bfloat16(), **kwargs)
+    handle.remove()
+    ((inputs, sampled),) = calls
+    value, locations, weights = inputs
+    assert (value.dtype, locations.dtype, weights.dtype) == (torch.float32,) * 3
+    normalizer = torch.tensor([[w, h] for h, w in SHAPES], dtype=torch.float32)
+    expected_locations = (
+        kwargs["reference_points"].float()[:, :, None, :, None, :]
+        + offsets[0].float().view(locations.shape) / normalizer[None, None, None, :, None, :]
+    )
+    torch.testing.assert_close(locations, expected_locations, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        sampled, multi_scale_deformable_attention(value, SHAPES, locations, weights), rtol=1e-5, atol=1e-5
+    )
+    assert output.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("window_size", "batch_size", "grid"), [(0, 1, 16), (4, 1, 12)])  # global; windowed
+def test_bf16_sam_attention_on_cpu_is_as_close_to_float32_as_transformers_bf16(window_size, batch_size, grid):
+    """
+    SAM attention with bf16 weights on CPU (the in-place bias path) against transformers' `SamVisionSdpaAttention` in
+    float32 with the same weights: its relative error is at most 1.5x that of transformers' own layer in bf16 (and
+    below 3%), and the in-place path is the one that ran.
+    """
+    from transformers import SamVisionConfig
+    from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
+
+    from transformers_possam.modeling import PosSAMVisionAttention, sam_attention
+
+    config = SamVisionConfig(hidden_size=96, num_attention_heads=4, image_size=grid * 16, patch_size=16)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    reference = SamVisionSdpaAttention(config, window_size=window_size).eval()
+    torch.nn.init.normal_(reference.rel_pos_h, std=0.5)
+    torch.nn.init.normal_(reference.rel_pos_w, std=0.5)
+    ours = PosSAMVisionAttention(config, window_size=window_size).eval()
+    ours.load_state_dict(reference.state_dict())
+    size = window_size or grid
+    hidden = torch.randn(batch_size, size, size, 96)
+    with torch.inference_mode():
+        expected = reference(hidden)[0]
+        theirs_bf16 = reference.to(torch.bfloat16)(hidden.bfloat16())[0].float()
+        with mock.patch.object(
+            sam_attention,
+            "relative_position_attention_in_place",
+            wraps=sam_attention.relative_position_attention_in_place,
+        ) as spy:
+            found = ours.to(torch.bfloat16)(hidden.bfloat16())[0]
+    assert spy.called and found.dtype == torch.bfloat16
+
+    def relative_error(tensor):
+        return ((tensor.float() - expected).norm() / expected.norm()).item()
+
+    assert relative_error(found) <= max(1.5 * relative_error(theirs_bf16), 1e-3) and relative_error(found) < 0.03
+
+
 def test_a_bf16_autocast_training_step_has_float32_losses_and_gradients():
     """A tiny model's training step under CPU bf16 autocast (as accelerate's --mixed_precision bf16): the loss parts
     are float32 (matcher and losses run with autocast off) and finite, and every trainable parameter gets a gradient."""
@@ -130,3 +206,36 @@ def test_full_size_training_step_benchmark_runs_on_the_tiny_config():
     assert row["target"] == 6 and row["seconds_per_step"] > 0 and row["peak_rss_bytes"] > 0
     assert row["measured"]["batch"] == 2 and len(row["measured"]["losses"]) == 2
     assert all(loss == loss and loss > 0 for loss in row["measured"]["losses"])  # finite and positive
+
+
+def test_the_cpu_sampler_exports_with_a_dynamic_batch_at_full_size_token_counts():
+    """
+    torch.export of the CPU sampler with a dynamic batch when batch * N * heads can reach float32's exact-integer
+    range within the batch bound (PosSAM-B at 1024x1024: N = 21504 values, 8 heads, so batch < 97.5): the index dtype
+    must not put a guard on the batch size (it did: the B export failed with "batch < 2048/21"). Outputs equal
+    transformers' grid_sample version.
+    """
+    shapes = [(128, 128), (64, 64), (32, 32)]  # N = 21504, as PosSAM-B's pixel decoder at 1024x1024
+    num_values, heads, head_dim = sum(h * w for h, w in shapes), 8, 4
+
+    class Sampler(torch.nn.Module):
+        def forward(self, value, sampling_locations, attention_weights):
+            return deformable_module.deformable_attention_embedding_bag(
+                value, shapes, sampling_locations, attention_weights
+            )
+
+    generator = torch.Generator().manual_seed(0)
+    value = torch.randn(2, num_values, heads, head_dim, generator=generator)
+    locations = torch.rand(2, 5, heads, 3, 2, 2, generator=generator)
+    weights = torch.rand(2, 5, heads, 3, 2, generator=generator)
+    batch = torch.export.Dim("batch", max=1024)
+    program = torch.export.export(
+        Sampler(), (value, locations, weights), dynamic_shapes=({0: batch}, {0: batch}, {0: batch}), strict=False
+    )
+    inputs = (value[:1], locations[:1], weights[:1])
+    torch.testing.assert_close(
+        program.module()(*inputs),
+        multi_scale_deformable_attention(*inputs[:1], shapes, *inputs[1:]),
+        rtol=1e-5,
+        atol=1e-5,
+    )

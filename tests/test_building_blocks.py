@@ -175,18 +175,22 @@ def test_head_by_head_sam_attention_equals_transformers(window_size, tokens):
     torch.testing.assert_close(ours(hidden)[0], reference(hidden)[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("function_name", ["relative_position_attention", "relative_position_attention_in_place"])
 @pytest.mark.parametrize(
     ("window_size", "tokens"), [(0, (2, 8, 8)), (4, (6, 4, 4)), (0, (1, 6, 10))]
 )  # global; windowed; a non-square grid
-def test_all_heads_relative_position_attention_equals_transformers_bias(window_size, tokens):
+def test_all_heads_relative_position_attention_equals_transformers_bias(window_size, tokens, function_name):
     """
-    The all-heads path (CUDA) against transformers' own math: SDPA with `get_decomposed_rel_pos`'s bias for every
-    head, on the same q, k, v (from the reference layer's qkv projection); gradients too.
+    The all-heads paths (CUDA: extended q/k in SDPA; CPU in reduced precision: in-place bias on the scores) against
+    transformers' own math: SDPA with `get_decomposed_rel_pos`'s bias for every head, on the same q, k, v (from the
+    reference layer's qkv projection); gradients too.
     """
     from transformers import SamVisionConfig
     from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
-    from transformers_possam.modeling.sam_attention import relative_position_attention
+    from transformers_possam.modeling import sam_attention
+
+    relative_position_attention = getattr(sam_attention, function_name)
 
     config = SamVisionConfig(hidden_size=48, num_attention_heads=3, image_size=160, patch_size=16)
     torch.manual_seed(0)

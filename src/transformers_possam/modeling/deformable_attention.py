@@ -41,7 +41,12 @@ def deformable_attention_embedding_bag(
     """
     batch_size, num_values, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    index_dtype = torch.float32 if batch_size * num_values * num_heads < _FLOAT32_EXACT_INTEGERS else torch.float64
+    if torch.compiler.is_exporting():
+        # no guard on the (dynamic) batch size: `batch * N * heads < 2**24` cannot be expressed as an export
+        # constraint (PosSAM-B at 1024x1024 failed with "batch < 2048/21"), so exported graphs index in float64
+        index_dtype = torch.float64
+    else:
+        index_dtype = torch.float32 if batch_size * num_values * num_heads < _FLOAT32_EXACT_INTEGERS else torch.float64
     device = value.device
     track_gradients = torch.is_grad_enabled() and (sampling_locations.requires_grad or attention_weights.requires_grad)
     # Bag entries per (image, query, head), in (level, corner, point) order. Eager inference writes them in place into
@@ -154,6 +159,16 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
                     reference_points.float(), offsets.float(), spatial_shapes_list
                 )
                 sampled = sample(value.float(), spatial_shapes_list, sampling_locations, attention_weights.float())
+        elif offsets.dtype in (torch.bfloat16, torch.float16):
+            # the whole model in a reduced precision (`from_pretrained(..., dtype=torch.bfloat16)`): the sampling in
+            # float32 as under autocast (bf16 locations would be off by up to a pixel), back to the model's dtype for
+            # the output projection
+            sampling_locations = self.sampling_locations(
+                reference_points.float(), offsets.float(), spatial_shapes_list
+            )
+            sampled = sample(value.float(), spatial_shapes_list, sampling_locations, attention_weights.float()).to(
+                value.dtype
+            )
         else:
             sampling_locations = self.sampling_locations(reference_points, offsets, spatial_shapes_list)
             sampled = sample(value, spatial_shapes_list, sampling_locations, attention_weights)
