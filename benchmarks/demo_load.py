@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -33,14 +34,19 @@ def run_demo(threads: int, output_dir: Path, demo_args: list[str], environment: 
     env = {**environment, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, str(DEMO), "--fresh", "--output_dir", str(output_dir), *demo_args]
     load_before = os.getloadavg()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     completed = subprocess.run(command, env=env, cwd=REPOSITORY, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
     metrics = json.loads((output_dir / "metrics.json").read_text())
     return {
         "wall_seconds": round(wall, 1),
+        # CPU seconds of the demo (all its threads): with one thread, cpu / wall is the share of a core it was given
+        "cpu_seconds": round(cpu, 1),
         "train_seconds": metrics["train_seconds"],
         "PQ": round(metrics["PQ"], 2),
         "load_before": [round(value, 2) for value in load_before],
@@ -98,7 +104,7 @@ def main(argv=None) -> dict:
                     runs.append(result)
                     print(
                         f"round {round_index} threads {threads} {condition:5s}: {result['wall_seconds']:7.1f} s wall, "
-                        f"{result['train_seconds']:7.1f} s training+setup, PQ {result['PQ']:.1f}, load average "
+                        f"{result['cpu_seconds']:7.1f} s CPU, {result['train_seconds']:7.1f} s training+setup, PQ {result['PQ']:.1f}, load average "
                         f"{result['load_before']} -> {result['load_after']}",
                         flush=True,
                     )

@@ -112,3 +112,47 @@ def test_one_thread_unless_omp_num_threads_says_otherwise(demo, monkeypatch):
     assert "OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}" in demo_recipe  # make demo: one thread unless the user sets it
     with pytest.raises(SystemExit):
         demo.main(["--threads", "0"])
+
+
+def test_load_benchmark_runs_each_thread_count_quiet_and_beside_one_busy_process(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPOSITORY / "benchmarks"))
+    import demo_load
+
+    started = []
+    real_competitor = demo_load.competitor
+
+    def competitor():
+        started.append(real_competitor())
+        return started[-1]
+
+    calls = []
+
+    def run_demo(threads, output_dir, demo_args, environment):
+        busy = [process for process in started if process.poll() is None]
+        calls.append((threads, len(busy), demo_args))
+        wall = 30.0 + 10 * len(busy) + threads
+        return {"wall_seconds": wall, "cpu_seconds": wall, "train_seconds": wall - 5, "PQ": 70.0} | {
+            "load_before": [0.0] * 3,
+            "load_after": [0.0] * 3,
+        }
+
+    monkeypatch.setattr(demo_load, "competitor", competitor)
+    monkeypatch.setattr(demo_load, "run_demo", run_demo)
+    result = demo_load.main(
+        ["--threads", "1", "2", "--rounds", "2", "--max_steps", "5", "--json", str(tmp_path / "r.json")]
+    )
+    # quiet and busy alternate which goes first; exactly one competing process during the busy runs
+    assert [(threads, busy) for threads, busy, _ in calls] == [
+        (1, 0),
+        (1, 1),
+        (2, 0),
+        (2, 1),
+        (1, 1),
+        (1, 0),
+        (2, 1),
+        (2, 0),
+    ]
+    assert all(arguments == ["--max_steps", "5"] for _, _, arguments in calls)
+    assert len(started) == 4 and all(process.poll() is not None for process in started)  # all stopped
+    assert result["summary"][1] == {"quiet_seconds": 31.0, "busy_seconds": 41.0, "busy_over_quiet": round(41 / 31, 2)}
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["2"]["busy_seconds"] == 42.0
