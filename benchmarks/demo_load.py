@@ -48,7 +48,7 @@ def run_demo(threads: int, output_dir: Path, demo_args: list[str], environment: 
         # CPU seconds of the demo (all its threads): with one thread, cpu / wall is the share of a core it was given
         "cpu_seconds": round(cpu, 1),
         "train_seconds": metrics["train_seconds"],
-        "PQ": round(metrics["PQ"], 2),
+        **{key: round(metrics[key], 2) for key in ("PQ", "SQ", "RQ", "PQ_things", "PQ_stuff", "mIoU", "mask_AP")},
         "load_before": [round(value, 2) for value in load_before],
         "load_after": [round(value, 2) for value in os.getloadavg()],
     }
