@@ -41,7 +41,7 @@ test: $(STAMP) transformers-tests lint typecheck
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VPY) training/demo.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VPY) training/demo.py
 
 pipeline-demo: $(STAMP)
 	$(VPY) -m transformers_possam.demo
