@@ -99,6 +99,22 @@ def vocabulary():
     return make_vocabulary()
 
 
+def sam_attention_pair(sam_config, window_size: int):
+    """transformers' `SamVisionSdpaAttention` (the reference, relative-position tables drawn large enough to matter)
+    and `PosSAMVisionAttention` holding the same weights."""
+    from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
+
+    from transformers_possam.modeling import PosSAMVisionAttention
+
+    torch.manual_seed(0)
+    reference = SamVisionSdpaAttention(sam_config, window_size=window_size).eval()
+    torch.nn.init.normal_(reference.rel_pos_h, std=0.5)
+    torch.nn.init.normal_(reference.rel_pos_w, std=0.5)
+    ours = PosSAMVisionAttention(sam_config, window_size=window_size).eval()
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
 def save_tiny_checkpoint(path, seed: int = 0, default_vocabulary: bool = False, **image_processor_kwargs):
     """
     A random tiny model with its processor (sized to the model, plus `image_processor_kwargs`) saved in `path`; with

@@ -16,7 +16,7 @@ from transformers_possam import PosSAMForPanopticSegmentation, tiny_config
 from transformers_possam.modeling import PosSAMMultiscaleDeformableAttention
 from transformers_possam.modeling import deformable_attention as deformable_module
 
-from .conftest import load_script
+from .conftest import load_script, sam_attention_pair
 
 
 SHAPES = [(6, 10), (12, 20), (24, 40)]
@@ -133,18 +133,12 @@ def test_bf16_sam_attention_on_cpu_is_as_close_to_float32_as_transformers_bf16(w
     below 3%), and the in-place path is the one that ran.
     """
     from transformers import SamVisionConfig
-    from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
-    from transformers_possam.modeling import PosSAMVisionAttention, sam_attention
+    from transformers_possam.modeling import sam_attention
 
     config = SamVisionConfig(hidden_size=96, num_attention_heads=4, image_size=grid * 16, patch_size=16)
     config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    reference = SamVisionSdpaAttention(config, window_size=window_size).eval()
-    torch.nn.init.normal_(reference.rel_pos_h, std=0.5)
-    torch.nn.init.normal_(reference.rel_pos_w, std=0.5)
-    ours = PosSAMVisionAttention(config, window_size=window_size).eval()
-    ours.load_state_dict(reference.state_dict())
+    reference, ours = sam_attention_pair(config, window_size)
     size = window_size or grid
     hidden = torch.randn(batch_size, size, size, 96)
     with torch.inference_mode():

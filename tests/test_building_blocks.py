@@ -7,6 +7,8 @@ from transformers_possam.modeling import LocalDiscriminativePooling, PosSAMFPN, 
 from transformers_possam.modeling.loss import PosSAMHungarianMatcher, mask_iou_targets
 from transformers_possam.vocabularies import load_vocabulary, split_synonyms
 
+from .conftest import sam_attention_pair
+
 
 def test_sample_binary_masks_equals_grid_sample_on_float_masks():
     generator = torch.Generator().manual_seed(0)
@@ -160,17 +162,9 @@ def test_deformable_attention_module_equals_mask2former_module():
 )  # global; windowed (images x windows)
 def test_head_by_head_sam_attention_equals_transformers(window_size, tokens):
     from transformers import SamVisionConfig
-    from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
-
-    from transformers_possam.modeling import PosSAMVisionAttention
 
     config = SamVisionConfig(hidden_size=48, num_attention_heads=3, image_size=128, patch_size=16)
-    torch.manual_seed(0)
-    reference = SamVisionSdpaAttention(config, window_size=window_size).eval()
-    torch.nn.init.normal_(reference.rel_pos_h, std=0.5)
-    torch.nn.init.normal_(reference.rel_pos_w, std=0.5)
-    ours = PosSAMVisionAttention(config, window_size=window_size).eval()
-    ours.load_state_dict(reference.state_dict())
+    reference, ours = sam_attention_pair(config, window_size)
     hidden = torch.randn(*tokens, 48)
     torch.testing.assert_close(ours(hidden)[0], reference(hidden)[0], atol=1e-5, rtol=1e-5)
 

@@ -79,13 +79,7 @@ def relative_position_attention_in_place(
     building and reading a second score-sized tensor. The softmax reads bf16 and accumulates in float32 (PyTorch's CPU
     softmax for reduced-precision inputs).
 
-    Args:
-        query, key, value: `(B, heads, H * W, d)`.
-        relative_height, relative_width: `(H, H, d)`, `(W, W, d)`: `get_rel_pos` of the layer's tables.
-        size: `(H, W)`, the token grid.
-
-    Returns:
-        `(B, heads, H * W, d)`.
+    Arguments and result as `relative_position_attention`.
     """
     batch_size, num_heads, tokens, head_dim = query.shape
     height, width = size
