@@ -128,9 +128,9 @@ def test_a_bf16_model_samples_at_float32_locations():
 @pytest.mark.parametrize(("window_size", "batch_size", "grid"), [(0, 1, 16), (4, 1, 12)])  # global; windowed
 def test_bf16_sam_attention_on_cpu_is_as_close_to_float32_as_transformers_bf16(window_size, batch_size, grid):
     """
-    SAM attention with bf16 weights on CPU (the in-place bias path) against transformers' `SamVisionSdpaAttention` in
+    SAM attention with bf16 weights on CPU (the blocked path) against transformers' `SamVisionSdpaAttention` in
     float32 with the same weights: its relative error is at most 1.5x that of transformers' own layer in bf16 (and
-    below 3%), and the in-place path is the one that ran.
+    below 3%), and the blocked path is the one that ran.
     """
     from transformers import SamVisionConfig
 
@@ -146,8 +146,8 @@ def test_bf16_sam_attention_on_cpu_is_as_close_to_float32_as_transformers_bf16(w
         theirs_bf16 = reference.to(torch.bfloat16)(hidden.bfloat16())[0].float()
         with mock.patch.object(
             sam_attention,
-            "relative_position_attention_in_place",
-            wraps=sam_attention.relative_position_attention_in_place,
+            "relative_position_attention_blocked",
+            wraps=sam_attention.relative_position_attention_blocked,
         ) as spy:
             found = ours.to(torch.bfloat16)(hidden.bfloat16())[0]
     assert spy.called and found.dtype == torch.bfloat16

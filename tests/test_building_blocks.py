@@ -169,13 +169,13 @@ def test_head_by_head_sam_attention_equals_transformers(window_size, tokens):
     torch.testing.assert_close(ours(hidden)[0], reference(hidden)[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("function_name", ["relative_position_attention", "relative_position_attention_in_place"])
+@pytest.mark.parametrize("function_name", ["relative_position_attention", "relative_position_attention_blocked"])
 @pytest.mark.parametrize(
     ("window_size", "tokens"), [(0, (2, 8, 8)), (4, (6, 4, 4)), (0, (1, 6, 10))]
 )  # global; windowed; a non-square grid
 def test_all_heads_relative_position_attention_equals_transformers_bias(window_size, tokens, function_name):
     """
-    The all-heads paths (CUDA: extended q/k in SDPA; CPU in reduced precision: in-place bias on the scores) against
+    The all-heads paths (CUDA: extended q/k in SDPA; CPU: scores and in-place bias in blocks) against
     transformers' own math: SDPA with `get_decomposed_rel_pos`'s bias for every head, on the same q, k, v (from the
     reference layer's qkv projection); gradients too.
     """
@@ -210,6 +210,60 @@ def test_all_heads_relative_position_attention_equals_transformers_bias(window_s
         reference.get_rel_pos(height, height, reference.rel_pos_h),
         reference.get_rel_pos(width, width, reference.rel_pos_w),
         (height, width),
+    )
+    torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (query, key, value, reference.rel_pos_h), grad)
+    found_grads = torch.autograd.grad(found, (query, key, value, reference.rel_pos_h), grad)
+    for ours, theirs in zip(found_grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "score_block_bytes"),
+    [
+        ((1, 6, 10), 60 * 4),  # a global layer one query row per block
+        ((1, 6, 10), 7 * 60 * 4),  # 7 rows per block: the last block is short (60 = 8 x 7 + 4)
+        ((4, 4, 4), 2 * 16 * 16 * 4),  # windowed: 2 of 4 x 3 window-heads per block
+        ((5, 4, 4), 4 * 16 * 16 * 4),  # 15 window-heads by 4: the last block is short
+        ((2, 8, 8), 2**30),  # everything in one block
+    ],
+)
+def test_blocked_relative_position_attention_equals_transformers_bias_for_any_block_size(tokens, score_block_bytes):
+    """
+    `relative_position_attention_blocked` splits the scores by query rows (global layers) or by whole sequences
+    (windowed ones): for block sizes that do and do not divide the work, it equals SDPA with transformers'
+    `get_decomposed_rel_pos` bias, values and gradients.
+    """
+    from transformers import SamVisionConfig
+    from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
+
+    from transformers_possam.modeling.sam_attention import relative_position_attention_blocked
+
+    config = SamVisionConfig(hidden_size=48, num_attention_heads=3, image_size=160, patch_size=16)
+    torch.manual_seed(0)
+    reference = SamVisionSdpaAttention(config, window_size=0).eval()
+    torch.nn.init.normal_(reference.rel_pos_h, std=0.5)
+    torch.nn.init.normal_(reference.rel_pos_w, std=0.5)
+    batch_size, height, width = tokens
+    qkv = torch.randn(3, batch_size, 3, height * width, 16)
+    query, key, value = (part.requires_grad_() for part in qkv.clone().unbind(0))
+    bias = reference.get_decomposed_rel_pos(
+        query.reshape(batch_size * 3, height * width, -1),
+        reference.rel_pos_h,
+        reference.rel_pos_w,
+        (height, width),
+        (height, width),
+    ).reshape(batch_size, 3, height * width, height * width)
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+    found = relative_position_attention_blocked(
+        query,
+        key,
+        value,
+        reference.get_rel_pos(height, height, reference.rel_pos_h),
+        reference.get_rel_pos(width, width, reference.rel_pos_w),
+        (height, width),
+        score_block_bytes=score_block_bytes,
     )
     torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(expected)

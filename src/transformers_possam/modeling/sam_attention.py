@@ -1,6 +1,6 @@
 """
 SAM's attention with its decomposed relative-position bias, without materializing the bias for all heads at once:
-head by head on CPU, all heads in one fused attention call elsewhere (CUDA).
+in cache-sized blocks of scores on CPU, all heads in one fused attention call elsewhere (CUDA).
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from torch.nn import functional as F
 from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
 
-__all__ = ["PosSAMVisionAttention", "relative_position_attention", "relative_position_attention_in_place"]
+__all__ = ["PosSAMVisionAttention", "relative_position_attention", "relative_position_attention_blocked"]
 
-# bytes of attention scores one chunk of heads may hold on the low-precision CPU path: one head of a global layer at
-# 1024x1024 input in bf16 (4096 x 4096 x 2 bytes); a windowed layer's 12 heads (25 windows x 196 x 196) fit at once
-_SCORE_CHUNK_BYTES = 32 * 2**20
+# bytes of attention scores one step of the CPU path holds: small enough to stay in this class of CPU's L2 / L3 and
+# in glibc's heap (no fresh pages), large enough that each step's matmuls are efficient (4 MB was best of 1-16 MB for
+# float32 and bf16 on a 2-core EPYC, docs/design.md)
+_SCORE_BLOCK_BYTES = 4 * 2**20
 
 
 def relative_position_attention(
@@ -31,7 +32,7 @@ def relative_position_attention(
     is q_i . R_h[h_i, h_j] + q_i . R_w[w_i, w_j], a dot product of [rel_h(i, :), rel_w(i, :)] with the one-hot
     [e(h_j), e(w_j)], so it is appended to q and k as H + W extra channels (scale 1, q pre-scaled). Exact up to
     rounding; SDPA's fused kernels then apply (flash / memory-efficient on CUDA). Costs (d + H + W) / d of the
-    score matmul's FLOPs, which on CPU makes it slower than head by head with the bias.
+    score matmul's FLOPs, which on CPU makes it slower than `relative_position_attention_blocked`.
 
     Args:
         query, key, value: `(B, heads, H * W, d)`.
@@ -63,37 +64,79 @@ def relative_position_attention(
     return F.scaled_dot_product_attention(extended_query, extended_key, value, scale=1.0)
 
 
-def relative_position_attention_in_place(
+def relative_position_attention_blocked(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     relative_height: torch.Tensor,
     relative_width: torch.Tensor,
     size: tuple[int, int],
+    score_block_bytes: int = _SCORE_BLOCK_BYTES,
 ) -> torch.Tensor:
     """
-    The same softmax(q k^T / sqrt(d) + rel_h + rel_w) v as `relative_position_attention`, as two batched matmuls with
-    the decomposed bias added in place into the scores through broadcasting views: no `(tokens, tokens)` bias tensor,
-    no extra channels. On CPU in bf16 this beats SDPA with a materialized bias per head (oneDNN's bf16 matmuls run near
-    their peak, the flash kernel with a mask does not): the bias costs two in-place passes over the scores instead of
-    building and reading a second score-sized tensor. The softmax reads bf16 and accumulates in float32 (PyTorch's CPU
-    softmax for reduced-precision inputs).
+    The same softmax(q k^T / sqrt(d) + rel_h + rel_w) v as `relative_position_attention`, in blocks of scores that
+    stay in cache: for each block of query rows (a global layer at 1024x1024: 256 rows x 4096 keys in float32) or of
+    whole sequences (a windowed layer: several windows x heads of 196 x 196), one matmul for the scores, the
+    decomposed bias added in place through broadcasting views, an in-place softmax and a second matmul. No
+    `(tokens, tokens)` tensor exists at any time, neither scores nor bias: on CPU, where fresh large tensors cost
+    page faults and their traffic leaves the caches, this is 1.5x (float32) to 2x (bf16) faster than SDPA with a
+    materialized bias head by head (docs/design.md). Differentiable (training through it keeps autograd's usual
+    memory: one score block per step). A reduced-precision softmax reads bf16 / fp16 and accumulates in float32
+    (PyTorch's CPU softmax).
 
-    Arguments and result as `relative_position_attention`.
+    Args:
+        query, key, value: `(B, heads, H * W, d)`.
+        relative_height, relative_width: `(H, H, d)`, `(W, W, d)`: `get_rel_pos` of the layer's tables.
+        size: `(H, W)`, the token grid.
+        score_block_bytes: the most bytes of scores one step holds.
+
+    Returns:
+        `(B, heads, H * W, d)`.
     """
     batch_size, num_heads, tokens, head_dim = query.shape
     height, width = size
-    flat_query = query.reshape(batch_size * num_heads, tokens, head_dim)
-    grid_query = flat_query.view(batch_size * num_heads, height, width, head_dim)
-    rel_h = torch.einsum("bhwc,hkc->bhwk", grid_query, relative_height)
-    rel_w = torch.einsum("bhwc,wkc->bhwk", grid_query, relative_width)
-    scores = torch.matmul(
-        flat_query * head_dim**-0.5, key.reshape(batch_size * num_heads, tokens, head_dim).transpose(1, 2)
-    )
-    grid_scores = scores.view(batch_size * num_heads, height, width, height, width)
-    grid_scores.add_(rel_h[:, :, :, :, None]).add_(rel_w[:, :, :, None, :])
-    probabilities = scores.softmax(dim=-1)
-    output = torch.matmul(probabilities, value.reshape(batch_size * num_heads, tokens, head_dim))
+    sequences = batch_size * num_heads
+    flat_query = query.reshape(sequences, tokens, head_dim)
+    grid_query = flat_query.view(sequences, height, width, head_dim)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", grid_query, relative_height).reshape(sequences, tokens, height)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", grid_query, relative_width).reshape(sequences, tokens, width)
+    bias_by_matmul = height + width < head_dim
+    if bias_by_matmul:
+        # small grids (windowed layers, 14 x 14): broadcast adds over a 14-wide last dimension run far below memory
+        # speed (bf16: 3x slower than this), so the bias goes in as one more matmul into the scores,
+        # [rel_h(i, :), rel_w(i, :)] @ [e(h_j); e(w_j)], at (H + W) / d of the score matmul's FLOPs
+        bias_factors = torch.cat([rel_h, rel_w], dim=-1)
+        key_rows = torch.arange(tokens, device=query.device)
+        key_one_hot = torch.cat(
+            [
+                F.one_hot(key_rows // width, height).T,
+                F.one_hot(key_rows % width, width).T,
+            ]
+        ).to(query.dtype)  # (H + W, tokens)
+    scaled_query = flat_query * head_dim**-0.5
+    # contiguous once: a matmul would otherwise copy the transposed key and the strided value at every block
+    key_transposed = key.reshape(sequences, tokens, head_dim).transpose(1, 2).contiguous()
+    flat_value = value.reshape(sequences, tokens, head_dim).contiguous()
+    row_bytes = tokens * query.element_size()
+    rows_per_block = max(1, min(tokens, score_block_bytes // row_bytes))
+    sequences_per_block = max(1, score_block_bytes // (row_bytes * tokens)) if rows_per_block == tokens else 1
+    sequence_outputs = []
+    for first_sequence in range(0, sequences, sequences_per_block):
+        block_sequences = slice(first_sequence, first_sequence + sequences_per_block)
+        row_outputs = []
+        for first_row in range(0, tokens, rows_per_block):
+            block_rows = slice(first_row, first_row + rows_per_block)
+            scores = torch.matmul(scaled_query[block_sequences, block_rows], key_transposed[block_sequences])
+            if bias_by_matmul:
+                factors = bias_factors[block_sequences, block_rows]
+                scores.baddbmm_(factors, key_one_hot.expand(factors.shape[0], -1, -1))
+            else:
+                grid_scores = scores.view(scores.shape[0], scores.shape[1], height, width)
+                grid_scores.add_(rel_h[block_sequences, block_rows, :, None])
+                grid_scores.add_(rel_w[block_sequences, block_rows, None, :])
+            row_outputs.append(torch.matmul(scores.softmax(dim=-1), flat_value[block_sequences]))
+        sequence_outputs.append(torch.cat(row_outputs, dim=1) if len(row_outputs) > 1 else row_outputs[0])
+    output = torch.cat(sequence_outputs) if len(sequence_outputs) > 1 else sequence_outputs[0]
     return output.view(batch_size, num_heads, tokens, head_dim)
 
 
@@ -102,16 +145,12 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
     `SamVisionSdpaAttention` (same parameters and state-dict keys, same math). transformers' version materializes the
     decomposed relative-position bias for every head at once: in a global-attention layer at 1024x1024 input that is
     12 x 4096 x 4096 floats (0.8 GB for ViT-B, 1.6 GB peak inside SDPA). Here:
-    - on CPU in float32, heads go `heads_per_chunk` at a time (one by default): the bias is bounded to 67 MB, and
-      every layer (windowed ones too) runs faster than with transformers' version;
-    - on CPU in a reduced precision (bf16 / fp16 weights), `relative_position_attention_in_place` on chunks of heads
-      whose scores fit in 32 MB (one head of a global layer, all heads of a windowed one): a global layer at
-      1024x1024 in bf16 runs about 1.3x faster than SDPA with the bias head by head (benchmarks, docs/design.md);
+    - on CPU, `relative_position_attention_blocked`: scores and bias in cache-sized blocks, never a
+      `(tokens, tokens)` tensor; a global layer at 1024x1024 runs 1.5x (float32) to 2x (bf16) faster than SDPA with
+      the bias head by head, windowed layers a little faster (docs/design.md);
     - on other devices, all heads at once through `relative_position_attention` (no bias tensor at all): head by
-      head would be bound by kernel launches on a GPU.
+      head, or block by block, would be bound by kernel launches on a GPU.
     """
-
-    heads_per_chunk = 1
 
     # transformers annotates the parent's return as a Tensor, but it returns `(attn_output, None)` as this does
     def forward(  # type: ignore[override]
@@ -126,28 +165,15 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
             self.qkv(hidden_states).reshape(batch_size, tokens, 3, self.num_attention_heads, -1).permute(2, 0, 3, 1, 4)
         )
         query, key, value = qkv.unbind(0)  # (B, heads, tokens, head_dim)
-        on_cpu = hidden_states.device.type == "cpu"
-        if self.use_rel_pos and on_cpu and query.dtype != torch.float32:
-            relative_height = self.get_rel_pos(height, height, self.rel_pos_h)
-            relative_width = self.get_rel_pos(width, width, self.rel_pos_w)
-            score_bytes = batch_size * tokens * tokens * query.element_size()
-            heads_per_chunk = max(1, _SCORE_CHUNK_BYTES // score_bytes)
-            attention = torch.cat(
-                [
-                    relative_position_attention_in_place(
-                        query[:, first : first + heads_per_chunk],
-                        key[:, first : first + heads_per_chunk],
-                        value[:, first : first + heads_per_chunk],
-                        relative_height,
-                        relative_width,
-                        (height, width),
-                    )
-                    for first in range(0, self.num_attention_heads, heads_per_chunk)
-                ],
-                dim=1,
+        if not self.use_rel_pos:
+            attention = F.scaled_dot_product_attention(query, key, value)
+        else:
+            attend = (
+                relative_position_attention_blocked
+                if hidden_states.device.type == "cpu"
+                else relative_position_attention
             )
-        elif self.use_rel_pos and not on_cpu:
-            attention = relative_position_attention(
+            attention = attend(
                 query,
                 key,
                 value,
@@ -155,24 +181,5 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
                 self.get_rel_pos(width, width, self.rel_pos_w),
                 (height, width),
             )
-        elif not self.use_rel_pos:
-            attention = F.scaled_dot_product_attention(query, key, value)
-        else:
-            outputs = []
-            for first in range(0, self.num_attention_heads, self.heads_per_chunk):
-                heads = slice(first, first + self.heads_per_chunk)
-                chunk_query = query[:, heads]
-                chunk = chunk_query.shape[1]
-                bias = self.get_decomposed_rel_pos(
-                    chunk_query.reshape(batch_size * chunk, tokens, -1),
-                    self.rel_pos_h,
-                    self.rel_pos_w,
-                    (height, width),
-                    (height, width),
-                ).reshape(batch_size, chunk, tokens, tokens)
-                outputs.append(
-                    F.scaled_dot_product_attention(chunk_query, key[:, heads], value[:, heads], attn_mask=bias)
-                )
-            attention = torch.cat(outputs, dim=1)
         attention = attention.view(batch_size, self.num_attention_heads, height, width, -1)
         return self.proj(attention.permute(0, 2, 3, 1, 4).reshape(batch_size, height, width, -1)), None
