@@ -1,13 +1,14 @@
 """
-The fast paths behind one switch (issue 15, item 3): `PosSAMConfig.use_fast_paths` installs PosSAM's four
-same-parameter replacements (SAM attention, deformable attention, mask predictor, masked cross-attention) through
+The fast paths behind one switch (issue 15, item 3): `PosSAMConfig.use_fast_paths` installs PosSAM's same-parameter
+replacements (SAM attention, the pixel decoder's encoder, its layers and deformable attention, mask predictor, masked
+cross-attention) through
 `install_fast_paths`; False runs transformers' own modules, the independent reference here. Also: the state of a
 forward is passed as arguments (no module changes during a forward), and the reused Mask2Former modules are built from
 a real `Mask2FormerConfig` derived from PosSAMConfig's flat fields, which old `config.json` files still hold.
 
 Tolerances (float32): outputs within `rtol=1e-5` (atol 1e-5 for values near 0, e.g. logits crossing zero). The fast
-paths change the order of float operations only (an `embedding_bag` sum instead of `grid_sample`, SDPA head by head,
-resize-then-project for attention masks), so the differences are rounding, about 1e-6 relative. Gradients: `rtol=1e-4`
+paths change the order of float operations only (an `embedding_bag` sum instead of `grid_sample`, SAM attention in
+blocks, resize-then-project for attention masks), so the differences are rounding, about 1e-6 relative. Gradients: `rtol=1e-4`
 and `atol=1e-6` times the largest gradient (measured: 5e-6 relative, 2e-7 of the largest gradient at most).
 """
 
@@ -22,7 +23,9 @@ from transformers import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerMaskPredictor,
     Mask2FormerPixelDecoder,
+    Mask2FormerPixelDecoderEncoderLayer,
     Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
+    Mask2FormerPixelDecoderEncoderOnly,
     Mask2FormerTransformerModule,
 )
 from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSdpaAttention
@@ -32,8 +35,11 @@ from transformers_possam.modeling import (
     PosSAMMaskedCrossAttention,
     PosSAMMaskPredictor,
     PosSAMMultiscaleDeformableAttention,
+    PosSAMPixelDecoderEncoder,
+    PosSAMPixelDecoderEncoderLayer,
     PosSAMVisionAttention,
     install_fast_paths,
+    softmax_over_a_short_last_dimension,
 )
 
 
@@ -95,6 +101,8 @@ def test_the_flag_installs_all_four_replacements_or_none():
     fast, reference = model_pair(PosSAMModel, "tiny")
     ours = {
         PosSAMVisionAttention,
+        PosSAMPixelDecoderEncoder,
+        PosSAMPixelDecoderEncoderLayer,
         PosSAMMultiscaleDeformableAttention,
         PosSAMMaskPredictor,
         PosSAMMaskedCrossAttention,
@@ -105,6 +113,8 @@ def test_the_flag_installs_all_four_replacements_or_none():
     stock = module_types(reference)
     for module_class in (
         SamVisionSdpaAttention,
+        Mask2FormerPixelDecoderEncoderOnly,
+        Mask2FormerPixelDecoderEncoderLayer,
         Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
         Mask2FormerMaskPredictor,
         nn.MultiheadAttention,
@@ -188,11 +198,12 @@ def test_whole_model_outputs_equal_with_fast_paths_on_and_off(name):
             torch.testing.assert_close(found_layer[output], value, **OUTPUT_TOLERANCE, msg=output)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])  # one image: the attention masks are (Q, h * w), shared by the heads
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_mask_generator_equal_without_auxiliary_masks_and_with_attentions(name):
+def test_mask_generator_equal_without_auxiliary_masks_and_with_attentions(name, batch_size):
     fast, reference = model_pair(PosSAMModel, name)
     fast.eval(), reference.eval()
-    pixel_values = pixels(fast.config)
+    pixel_values = pixels(fast.config, batch_size=batch_size)
     with torch.no_grad():
         found = fast(pixel_values, output_auxiliary_masks=False, output_attentions=True)
         expected = reference(pixel_values, output_auxiliary_masks=False, output_attentions=True)
@@ -208,7 +219,12 @@ def test_mask_generator_equal_without_auxiliary_masks_and_with_attentions(name):
             torch.testing.assert_close(found_value, expected_value, **OUTPUT_TOLERANCE, msg=output)
     # Mask2Former's decoder returns each transformer layer's self-attention weights (B, heads, Q, Q)
     config = fast.config
-    assert found.attentions[0].shape == (2, config.num_attention_heads, config.num_queries, config.num_queries)
+    assert found.attentions[0].shape == (
+        batch_size,
+        config.num_attention_heads,
+        config.num_queries,
+        config.num_queries,
+    )
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -402,3 +418,40 @@ def test_mask2former_init_reads_the_derived_config():
     bound = 0.01 * (6 / (fan_in + fan_out)) ** 0.5  # xavier_uniform's bound with gain 0.01
     assert weight.abs().max() <= bound
     assert large.transformer_module.decoder.layers[0].fc1.weight.abs().max() > 10 * bound
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pixel decoder's encoder: same values, channel-major storage; the short softmax
+# ----------------------------------------------------------------------------------------------------------------------
+def test_pixel_decoder_encoder_output_is_stock_values_stored_channel_major():
+    """transformers' pixel decoder reads `transpose(1, 2).view(B, C, h, w)` of the encoder's output: with ours that
+    map is channel-major (NCHW-strided), the values are the stock encoder's."""
+    fast, reference = model_pair(PosSAMModel, "tiny")
+    fast.eval(), reference.eval()
+    captured = {}
+    for name, model in (("fast", fast), ("reference", reference)):
+        model.pixel_decoder.encoder.register_forward_hook(
+            lambda module, args, output, name=name: captured.__setitem__(name, output.last_hidden_state)
+        )
+        with torch.no_grad():
+            model(pixels(model.config))
+    found, expected = captured["fast"], captured["reference"]
+    torch.testing.assert_close(found, expected, **OUTPUT_TOLERANCE)
+    assert found.shape == expected.shape and found.transpose(1, 2).is_contiguous()
+    assert expected.is_contiguous()  # the stock layout: token-major
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_softmax_equals_torch_softmax_values_and_gradients(dtype):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, 8, 12, generator=generator) * 30  # large logits: exp overflows without the max shift
+    logits[0, 0, 0] = torch.tensor([1e4] * 6 + [-1e4] * 6)
+    logits = logits.to(dtype).requires_grad_()
+    found = softmax_over_a_short_last_dimension(logits)
+    expected = torch.softmax(logits, dim=-1)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 4e-3}
+    torch.testing.assert_close(found, expected, **tolerance)
+    grad = torch.randn(found.shape, generator=generator).to(dtype)
+    (found_grad,) = torch.autograd.grad(found, logits, grad)
+    (expected_grad,) = torch.autograd.grad(expected, logits, grad)
+    torch.testing.assert_close(found_grad, expected_grad, **tolerance)

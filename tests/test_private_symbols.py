@@ -121,6 +121,23 @@ INTERNALS: dict[tuple[str, str], Expected] = {
             )
         },
     ),
+    # modeling/pixel_decoder_encoder.py (the encoder's output: a BaseModelOutput whose last_hidden_state is replaced)
+    (MASK2FORMER, "Mask2FormerPixelDecoderEncoderOnly"): Expected(
+        "class",
+        ("config",),
+        methods={
+            "forward": (
+                "inputs_embeds",
+                "attention_mask",
+                "position_embeddings",
+                "spatial_shapes_list",
+                "level_start_index",
+                "valid_ratios",
+            )
+        },
+    ),
+    (MASK2FORMER, "Mask2FormerPixelDecoderEncoderLayer"): Expected("class", ("config",)),
+    ("transformers.modeling_outputs", "BaseModelOutput"): Expected("class"),
     (MASK2FORMER, "multi_scale_deformable_attention"): Expected(
         "function", ("value", "value_spatial_shapes", "sampling_locations", "attention_weights")
     ),

@@ -3,7 +3,11 @@
 from .classifier import PosSAMOpenVocabularyClassifier
 from .clip import PosSAMCLIP
 from .decoder_layer import PosSAMMaskedAttentionDecoderLayer
-from .deformable_attention import PosSAMMultiscaleDeformableAttention, deformable_attention_embedding_bag
+from .deformable_attention import (
+    PosSAMMultiscaleDeformableAttention,
+    deformable_attention_embedding_bag,
+    softmax_over_a_short_last_dimension,
+)
 from .fast_paths import install_fast_paths
 from .fpn import PosSAMFPN
 from .iou_head import PosSAMIoUHead
@@ -12,6 +16,7 @@ from .loss import PosSAMHungarianMatcher, PosSAMLoss, sample_binary_masks
 from .mask_pooling import mask_pool
 from .mask_predictor import AttentionMaskFeatures, PosSAMMaskPredictor
 from .masked_cross_attention import PosSAMMaskedCrossAttention
+from .pixel_decoder_encoder import PosSAMPixelDecoderEncoder, PosSAMPixelDecoderEncoderLayer
 from .sam_attention import PosSAMVisionAttention
 
 
@@ -28,9 +33,12 @@ __all__ = [
     "PosSAMMaskedCrossAttention",
     "PosSAMMultiscaleDeformableAttention",
     "PosSAMOpenVocabularyClassifier",
+    "PosSAMPixelDecoderEncoder",
+    "PosSAMPixelDecoderEncoderLayer",
     "PosSAMVisionAttention",
     "deformable_attention_embedding_bag",
     "install_fast_paths",
     "mask_pool",
     "sample_binary_masks",
+    "softmax_over_a_short_last_dimension",
 ]

@@ -10,10 +10,26 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 
-__all__ = ["PosSAMMultiscaleDeformableAttention", "deformable_attention_embedding_bag"]
+__all__ = [
+    "PosSAMMultiscaleDeformableAttention",
+    "deformable_attention_embedding_bag",
+    "softmax_over_a_short_last_dimension",
+]
 
 # float32 holds every integer below 2**24 exactly: row indices up to that are computed in float32
 _FLOAT32_EXACT_INTEGERS = 2**24
+
+
+def softmax_over_a_short_last_dimension(logits: torch.Tensor) -> torch.Tensor:
+    """
+    `logits.softmax(-1)` as exp(x - max) / sum, in three reductions and elementwise passes. PyTorch's CPU softmax
+    kernel vectorizes along the softmax dimension, which here holds levels x points = 12 values: at 1024x1024 input
+    (21504 queries x 8 heads) it takes 19 ms in float32, this 3 ms (docs/design.md). Same value up to rounding, any
+    device, differentiable.
+    """
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    exponentials = shifted.exp()
+    return exponentials / exponentials.sum(dim=-1, keepdim=True)
 
 
 def deformable_attention_embedding_bag(
@@ -144,7 +160,7 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         attention_weights = self.attention_weights(queries).view(
             batch_size, num_queries, self.n_heads, self.n_levels * self.n_points
         )
-        attention_weights = attention_weights.softmax(-1).view(
+        attention_weights = softmax_over_a_short_last_dimension(attention_weights).view(
             batch_size, num_queries, self.n_heads, self.n_levels, self.n_points
         )
         device_type = value.device.type

@@ -1,5 +1,5 @@
 """
-PosSAM's fast paths: four same-parameter replacements of transformers modules inside the mask generator, installed
+PosSAM's fast paths: same-parameter replacements of transformers modules inside the mask generator, installed
 together by `install_fast_paths` when `PosSAMConfig.use_fast_paths` is True (docs/design.md, "Performance
 decisions"). Each replacement is a subclass with the original's parameters and state-dict keys and the same math; with
 the flag False the model runs transformers' own modules, the reference `tests/test_fast_paths.py` compares against.
@@ -13,7 +13,9 @@ import torch
 from torch import nn
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoder,
+    Mask2FormerPixelDecoderEncoderLayer,
     Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
+    Mask2FormerPixelDecoderEncoderOnly,
     Mask2FormerTransformerModule,
 )
 from transformers.models.sam.modeling_sam import SamVisionEncoder, SamVisionSdpaAttention
@@ -21,6 +23,7 @@ from transformers.models.sam.modeling_sam import SamVisionEncoder, SamVisionSdpa
 from .deformable_attention import PosSAMMultiscaleDeformableAttention
 from .mask_predictor import PosSAMMaskPredictor
 from .masked_cross_attention import PosSAMMaskedCrossAttention
+from .pixel_decoder_encoder import PosSAMPixelDecoderEncoder, PosSAMPixelDecoderEncoderLayer
 from .sam_attention import PosSAMVisionAttention
 
 
@@ -47,16 +50,20 @@ def install_fast_paths(
     transformer_module: Mask2FormerTransformerModule,
 ) -> None:
     """
-    Replaces, in place, the four transformers modules of the mask generator that PosSAM runs faster or leaner:
+    Replaces, in place, the transformers modules of the mask generator that PosSAM runs faster or leaner:
 
-    1. SAM's `SamVisionSdpaAttention` -> `PosSAMVisionAttention`: the decomposed relative-position bias head by head
-       on CPU (bounded memory), all heads in one fused attention call elsewhere. `SamVisionAttention` (the eager
-       implementation, `attn_implementation="eager"`) is left as it is.
-    2. The pixel decoder's `Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention` ->
-       `PosSAMMultiscaleDeformableAttention`: an `embedding_bag` sampler on CPU.
+    1. SAM's `SamVisionSdpaAttention` -> `PosSAMVisionAttention`: the decomposed relative-position bias in
+       cache-sized blocks of scores on CPU (no `(tokens, tokens)` tensor), all heads in one fused attention call
+       elsewhere. `SamVisionAttention` (the eager implementation, `attn_implementation="eager"`) is left as it is.
+    2. The pixel decoder's `Mask2FormerPixelDecoderEncoderOnly` -> `PosSAMPixelDecoderEncoder` (its output stored
+       channel-major, which the pixel decoder's FPN resizes 9x faster on CPU), each of its
+       `Mask2FormerPixelDecoderEncoderLayer`s -> `PosSAMPixelDecoderEncoderLayer` (ReLU in place), and their
+       `Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention` -> `PosSAMMultiscaleDeformableAttention`: an
+       `embedding_bag` sampler on CPU.
     3. The decoder's `Mask2FormerMaskPredictor` -> `PosSAMMaskPredictor`: given `AttentionMaskFeatures` (what
        `PosSAMModel` passes when the intermediate layers' masks are not output), attention masks at attention
-       resolution, without the 1/4-resolution masks; with F_mask itself, the parent's computation.
+       resolution, without the 1/4-resolution masks (for one image, one mask shared by the heads); with F_mask
+       itself, the parent's computation.
     4. Each decoder layer's cross-attention `nn.MultiheadAttention` -> `PosSAMMaskedCrossAttention`: no attention
        weights unless a caller asks (the decoder never returns them).
 
@@ -70,7 +77,14 @@ def install_fast_paths(
             vision_layer.attn = take_over(
                 vision_layer.attn, PosSAMVisionAttention, vision_encoder.config, window_size=vision_layer.window_size
             )
-    for encoder_layer in pixel_decoder.encoder.layers:
+    if type(pixel_decoder.encoder) is Mask2FormerPixelDecoderEncoderOnly:
+        pixel_decoder.encoder = take_over(pixel_decoder.encoder, PosSAMPixelDecoderEncoder, pixel_decoder.config)
+    encoder_layers = pixel_decoder.encoder.layers
+    for index, encoder_layer in enumerate(encoder_layers):
+        if type(encoder_layer) is Mask2FormerPixelDecoderEncoderLayer:
+            encoder_layer = encoder_layers[index] = take_over(
+                encoder_layer, PosSAMPixelDecoderEncoderLayer, pixel_decoder.config
+            )
         attention = encoder_layer.self_attn
         if isinstance(attention, Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention) and not isinstance(
             attention, PosSAMMultiscaleDeformableAttention

@@ -106,13 +106,9 @@ def relative_position_attention_blocked(
         # speed (bf16: 3x slower than this), so the bias goes in as one more matmul into the scores,
         # [rel_h(i, :), rel_w(i, :)] @ [e(h_j); e(w_j)], at (H + W) / d of the score matmul's FLOPs
         bias_factors = torch.cat([rel_h, rel_w], dim=-1)
-        key_rows = torch.arange(tokens, device=query.device)
-        key_one_hot = torch.cat(
-            [
-                F.one_hot(key_rows // width, height).T,
-                F.one_hot(key_rows % width, width).T,
-            ]
-        ).to(query.dtype)  # (H + W, tokens)
+        row_of_key = torch.eye(height, dtype=query.dtype, device=query.device).repeat_interleave(width, dim=0)
+        column_of_key = torch.eye(width, dtype=query.dtype, device=query.device).repeat(height, 1)
+        key_one_hot = torch.cat([row_of_key, column_of_key], dim=1).T  # (H + W, tokens): key j = h_j * W + w_j
     scaled_query = flat_query * head_dim**-0.5
     # contiguous once: a matmul would otherwise copy the transposed key and the strided value at every block
     key_transposed = key.reshape(sequences, tokens, head_dim).transpose(1, 2).contiguous()
@@ -148,8 +144,9 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
     - on CPU, `relative_position_attention_blocked`: scores and bias in cache-sized blocks, never a
       `(tokens, tokens)` tensor; a global layer at 1024x1024 runs 1.5x (float32) to 2x (bf16) faster than SDPA with
       the bias head by head, windowed layers a little faster (docs/design.md);
-    - on other devices, all heads at once through `relative_position_attention` (no bias tensor at all): head by
-      head, or block by block, would be bound by kernel launches on a GPU.
+    - on other devices, and in traced graphs (`torch.compile`, `torch.export`), all heads at once through
+      `relative_position_attention` (no bias tensor at all): head by head, or block by block, would be bound by
+      kernel launches on a GPU, and a loop over batch x heads cannot be traced with a dynamic batch size.
     """
 
     # transformers annotates the parent's return as a Tensor, but it returns `(attn_output, None)` as this does
@@ -168,11 +165,11 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
         if not self.use_rel_pos:
             attention = F.scaled_dot_product_attention(query, key, value)
         else:
-            attend = (
-                relative_position_attention_blocked
-                if hidden_states.device.type == "cpu"
-                else relative_position_attention
-            )
+            # the blocked loop runs over batch x heads, which tracing would have to unroll (and export cannot, with
+            # a dynamic batch size): traced graphs take the all-heads form, as on GPU
+            tracing = torch.compiler.is_exporting() or torch.compiler.is_compiling()
+            on_cpu = hidden_states.device.type == "cpu"
+            attend = relative_position_attention_blocked if on_cpu and not tracing else relative_position_attention
             attention = attend(
                 query,
                 key,
