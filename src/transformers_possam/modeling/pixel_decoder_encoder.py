@@ -17,9 +17,9 @@ from transformers.models.mask2former.modeling_mask2former import (
 __all__ = ["PosSAMPixelDecoderEncoder", "PosSAMPixelDecoderEncoderLayer"]
 
 
-def relu_in_place(hidden_states: torch.Tensor, inplace: bool = True) -> torch.Tensor:
+def relu_in_place(input: torch.Tensor, inplace: bool = True) -> torch.Tensor:
     """`F.relu`, in place unless asked otherwise (the signature of `F.relu`, which the layer's attribute holds)."""
-    return F.relu(hidden_states, inplace=inplace)
+    return F.relu(input, inplace=inplace)
 
 
 class PosSAMPixelDecoderEncoderLayer(Mask2FormerPixelDecoderEncoderLayer):
