@@ -32,6 +32,7 @@ from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSd
 
 from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, PosSAMModel, tiny_config
 from transformers_possam.modeling import (
+    InPlaceGELU,
     PosSAMMaskedCrossAttention,
     PosSAMMaskPredictor,
     PosSAMMultiscaleDeformableAttention,
@@ -39,6 +40,7 @@ from transformers_possam.modeling import (
     PosSAMPixelDecoderEncoderLayer,
     PosSAMVisionAttention,
     install_fast_paths,
+    install_in_place_gelu,
     softmax_over_a_short_last_dimension,
 )
 
@@ -101,6 +103,7 @@ def test_the_flag_installs_all_four_replacements_or_none():
     fast, reference = model_pair(PosSAMModel, "tiny")
     ours = {
         PosSAMVisionAttention,
+        InPlaceGELU,
         PosSAMPixelDecoderEncoder,
         PosSAMPixelDecoderEncoderLayer,
         PosSAMMultiscaleDeformableAttention,
@@ -455,3 +458,45 @@ def test_short_softmax_equals_torch_softmax_values_and_gradients(dtype):
     (found_grad,) = torch.autograd.grad(found, logits, grad)
     (expected_grad,) = torch.autograd.grad(expected, logits, grad)
     torch.testing.assert_close(found_grad, expected_grad, **tolerance)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GELU in place in the frozen encoders' MLPs
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_in_place_gelu_is_gelu_in_place_without_autograd_and_out_of_place_with_it(approximate):
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(3, 7, 16, generator=generator) * 4
+    expected = nn.functional.gelu(values, approximate=approximate)
+    activation = InPlaceGELU(approximate)
+    with torch.no_grad():
+        written = values.clone()
+        found = activation(written)
+    torch.testing.assert_close(found, expected, rtol=0, atol=0)
+    assert found.data_ptr() == written.data_ptr()  # overwrote its input
+    tracked = values.clone().requires_grad_()
+    found = activation(tracked)
+    assert found.data_ptr() != tracked.data_ptr()
+    torch.testing.assert_close(tracked, values, rtol=0, atol=0)  # the input is left as it was
+    grad = torch.randn(found.shape, generator=generator)
+    (found_grad,) = torch.autograd.grad(found, tracked, grad)
+    reference = values.clone().requires_grad_()
+    (expected_grad,) = torch.autograd.grad(nn.functional.gelu(reference, approximate=approximate), reference, grad)
+    torch.testing.assert_close(found_grad, expected_grad, rtol=0, atol=0)
+
+
+def test_in_place_gelu_replaces_exactly_sam_and_convnext_mlp_activations():
+    """Whole model with fast paths: every SAM MLP and every ConvNeXt block MLP runs InPlaceGELU, nothing else does
+    (the CLIP text tower's quick-GELU, the CLIP head); without fast paths, none. Outputs: the whole-model tests."""
+    from timm.layers import Mlp
+    from transformers.models.sam.modeling_sam import SamMLPBlock
+
+    fast, reference = model_pair(PosSAMForPanopticSegmentation, "tiny")
+    in_place = [name for name, module in fast.named_modules() if isinstance(module, InPlaceGELU)]
+    mlps = [name for name, module in fast.named_modules() if isinstance(module, (SamMLPBlock, Mlp))]
+    assert in_place == [f"{name}.act" for name in mlps]
+    assert any(name.startswith("model.vision_encoder.") for name in in_place)
+    assert any(name.startswith("clip.vision_model.stages.") for name in in_place)
+    assert not any(isinstance(module, InPlaceGELU) for module in reference.modules())
+    install_in_place_gelu(fast)  # a second call changes nothing
+    assert [name for name, module in fast.named_modules() if isinstance(module, InPlaceGELU)] == in_place

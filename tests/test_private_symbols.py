@@ -159,6 +159,9 @@ INTERNALS: dict[tuple[str, str], Expected] = {
         "class", ("config",), methods={"_init_weights": ("module",)}
     ),
     (SAM, "SamVisionEncoder"): Expected("class", ("config",), methods={"forward": ("pixel_values",)}),
+    # modeling/activations.py: SAM's MLP `lin1 -> act -> lin2`, its `act` a GELUActivation holding `act` = F.gelu
+    (SAM, "SamMLPBlock"): Expected("class", ("config",)),
+    ("transformers.activations", "GELUActivation"): Expected("class", ("use_gelu_python",)),
     # modeling/sam_attention.py
     (SAM, "SamVisionSdpaAttention"): Expected(
         "class",

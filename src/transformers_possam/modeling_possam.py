@@ -44,6 +44,7 @@ from .modeling import (
     PosSAMMaskPredictor,
     PosSAMOpenVocabularyClassifier,
 )
+from .modeling.activations import install_in_place_gelu
 from .modeling.fast_paths import install_fast_paths, take_over
 from .modeling.loss import LossNormalizers
 from .value_checks import require
@@ -635,6 +636,9 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             config.clip_embed_dim,
             config.clip_logit_scale_init,
         )
+        if config.use_fast_paths:
+            # the ConvNeXt blocks' GELU in place, as in SAM's MLPs (`install_fast_paths`); parameter-free
+            install_in_place_gelu(self.clip.vision_model)
         self.ldp = LocalDiscriminativePooling(
             mask_feature_dim=config.mask_feature_size,
             clip_feature_dim=self.clip.dense_feature_dim,

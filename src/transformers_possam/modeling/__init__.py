@@ -1,5 +1,6 @@
 """PosSAM building blocks, one paper box per file."""
 
+from .activations import InPlaceGELU, install_in_place_gelu
 from .classifier import PosSAMOpenVocabularyClassifier
 from .clip import PosSAMCLIP
 from .decoder_layer import PosSAMMaskedAttentionDecoderLayer
@@ -22,6 +23,7 @@ from .sam_attention import PosSAMVisionAttention
 
 __all__ = [
     "AttentionMaskFeatures",
+    "InPlaceGELU",
     "LocalDiscriminativePooling",
     "PosSAMCLIP",
     "PosSAMFPN",
@@ -38,6 +40,7 @@ __all__ = [
     "PosSAMVisionAttention",
     "deformable_attention_embedding_bag",
     "install_fast_paths",
+    "install_in_place_gelu",
     "mask_pool",
     "sample_binary_masks",
     "softmax_over_a_short_last_dimension",

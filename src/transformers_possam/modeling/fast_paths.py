@@ -20,6 +20,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 from transformers.models.sam.modeling_sam import SamVisionEncoder, SamVisionSdpaAttention
 
+from .activations import install_in_place_gelu
 from .deformable_attention import PosSAMMultiscaleDeformableAttention
 from .mask_predictor import PosSAMMaskPredictor
 from .masked_cross_attention import PosSAMMaskedCrossAttention
@@ -55,6 +56,8 @@ def install_fast_paths(
     1. SAM's `SamVisionSdpaAttention` -> `PosSAMVisionAttention`: the decomposed relative-position bias in
        cache-sized blocks of scores on CPU (no `(tokens, tokens)` tensor), all heads in one fused attention call
        elsewhere. `SamVisionAttention` (the eager implementation, `attn_implementation="eager"`) is left as it is.
+       Its MLPs' GELU -> `InPlaceGELU` (in place on the first linear layer's output when autograd does not track
+       it); `PosSAMForPanopticSegmentation` does the same in the CLIP image tower.
     2. The pixel decoder's `Mask2FormerPixelDecoderEncoderOnly` -> `PosSAMPixelDecoderEncoder` (its output stored
        channel-major, which the pixel decoder's FPN resizes 9x faster on CPU), each of its
        `Mask2FormerPixelDecoderEncoderLayer`s -> `PosSAMPixelDecoderEncoderLayer` (ReLU in place), and their
@@ -71,6 +74,7 @@ def install_fast_paths(
     construction are those of transformers' modules. Modules already replaced are left as they are, so a second call
     changes nothing.
     """
+    install_in_place_gelu(vision_encoder)
     for vision_layer in vision_encoder.layers:
         # exactly the SDPA class: the eager `SamVisionAttention`, or a module already replaced, stays
         if type(vision_layer.attn) is SamVisionSdpaAttention:
