@@ -127,6 +127,21 @@ def test_embedding_bag_deformable_attention_matches_grid_sample_version():
         )
 
 
+def test_sampling_locations_are_transformers_formula_bit_for_bit():
+    """`reference + offsets / (w, h)` of Mask2Former's deformable attention, batch 2, three non-square levels, the
+    same divisions in the same dtype: equal, not close."""
+    from transformers_possam.modeling import PosSAMMultiscaleDeformableAttention
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(12, 20), (6, 10), (3, 5)]
+    reference_points = torch.rand(2, 9, 3, 2, generator=generator)
+    offsets = torch.randn(2, 9, 4, 3, 5, 2, generator=generator) * 7
+    normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32)
+    expected = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    found = PosSAMMultiscaleDeformableAttention.sampling_locations(reference_points, offsets, shapes)
+    assert found.shape == expected.shape and torch.equal(found, expected)
+
+
 def test_deformable_attention_module_equals_mask2former_module():
     from transformers.models.mask2former.modeling_mask2former import (
         Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,

@@ -146,14 +146,16 @@ class PosSAMConfig(PreTrainedConfig):
             `id2label` / `label2id`, label k = the first synonym of class k, which forward and transformers'
             image-segmentation pipeline use when given no vocabulary). Default COCO panoptic 133; an `id2label` or
             `num_labels` given alone defines it instead.
-        use_fast_paths (`bool`, defaults to True): run the mask generator with PosSAM's four same-parameter
-            replacements of transformers modules (`modeling.fast_paths.install_fast_paths`: SAM attention head by
-            head on CPU / all heads fused elsewhere, an `embedding_bag` deformable-attention sampler on CPU, attention
-            masks at attention resolution when the intermediate masks are not output, masked cross-attention without
-            its unused weights). False: transformers' own modules (`SamVisionSdpaAttention` / `SamVisionAttention`,
+        use_fast_paths (`bool`, defaults to True): run the model with PosSAM's same-parameter replacements of
+            transformers modules (`modeling.fast_paths.install_fast_paths`: SAM attention in cache-sized blocks on
+            CPU / all heads fused elsewhere, the pixel decoder's encoder with a channel-major output and in-place
+            ReLU, an `embedding_bag` deformable-attention sampler on CPU, attention masks at attention resolution when
+            the intermediate masks are not output, masked cross-attention without its unused weights; GELU in place
+            in the SAM and ConvNeXt MLPs). False: transformers' and timm's own modules (`SamVisionSdpaAttention` /
+            `SamVisionAttention`, `Mask2FormerPixelDecoderEncoderOnly` and its layers,
             `Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`, `Mask2FormerMaskPredictor`,
-            `nn.MultiheadAttention`), the reference the fast paths are tested against. Same weights and state-dict
-            keys either way, same outputs up to float rounding.
+            `nn.MultiheadAttention`, the MLPs' GELU), the reference the fast paths are tested against. Same weights
+            and state-dict keys either way, same outputs up to float rounding.
     """
 
     model_type = "possam"

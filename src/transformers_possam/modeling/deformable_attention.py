@@ -198,5 +198,15 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         Normalized (x, y) sampling locations `(B, Q, heads, levels, points, 2)`: the `(B, Q, levels, 2)` reference
         points plus the `(B, Q, heads, levels, points, 2)` offsets, which are in pixels of each level.
         """
+        batch_size, num_queries, num_heads, num_levels, num_points, _ = offsets.shape
         normalizer = torch.tensor([[w, h] for h, w in spatial_shapes_list], dtype=offsets.dtype, device=offsets.device)
-        return reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        # transformers' `reference + offsets / normalizer`, the same divisions, with the (levels, points, xy) pattern
+        # of both operands spelled out as one 24-wide last dimension: broadcasting over a 2-wide last dimension (and
+        # a 4-wide one) ran 9x slower on CPU (47 vs 5 ms per layer at 1024x1024)
+        pattern = num_levels * num_points * 2
+        per_offset = normalizer[:, None, :].expand(num_levels, num_points, 2).reshape(pattern)
+        reference = reference_points[:, :, None, :, None, :].expand(-1, -1, 1, -1, num_points, -1)
+        locations = reference.reshape(batch_size, num_queries, 1, pattern) + offsets.reshape(
+            batch_size, num_queries, num_heads, pattern
+        ) / per_offset
+        return locations.view(offsets.shape)
