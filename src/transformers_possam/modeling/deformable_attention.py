@@ -206,7 +206,8 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         pattern = num_levels * num_points * 2
         per_offset = normalizer[:, None, :].expand(num_levels, num_points, 2).reshape(pattern)
         reference = reference_points[:, :, None, :, None, :].expand(-1, -1, 1, -1, num_points, -1)
-        locations = reference.reshape(batch_size, num_queries, 1, pattern) + offsets.reshape(
-            batch_size, num_queries, num_heads, pattern
-        ) / per_offset
+        locations = (
+            reference.reshape(batch_size, num_queries, 1, pattern)
+            + offsets.reshape(batch_size, num_queries, num_heads, pattern) / per_offset
+        )
         return locations.view(offsets.shape)
