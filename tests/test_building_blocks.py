@@ -248,7 +248,8 @@ def test_blocked_relative_position_attention_equals_transformers_bias_for_any_bl
     """
     `relative_position_attention_blocked` splits the scores by query rows (global layers) or by whole sequences
     (windowed ones): for block sizes that do and do not divide the work, it equals SDPA with transformers'
-    `get_decomposed_rel_pos` bias, values and gradients.
+    `get_decomposed_rel_pos` bias, values and gradients; without autograd (one reused score buffer, outputs written
+    in place) the same values.
     """
     from transformers import SamVisionConfig
     from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
@@ -281,6 +282,17 @@ def test_blocked_relative_position_attention_equals_transformers_bias_for_any_bl
         score_block_bytes=score_block_bytes,
     )
     torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        found_without_autograd = relative_position_attention_blocked(
+            query,
+            key,
+            value,
+            reference.get_rel_pos(height, height, reference.rel_pos_h),
+            reference.get_rel_pos(width, width, reference.rel_pos_w),
+            (height, width),
+            score_block_bytes=score_block_bytes,
+        )
+    torch.testing.assert_close(found_without_autograd, expected, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, (query, key, value, reference.rel_pos_h), grad)
     found_grads = torch.autograd.grad(found, (query, key, value, reference.rel_pos_h), grad)
