@@ -43,8 +43,8 @@ __all__ = [
 # elements of the (cells, rows, cols, candidates) temporaries of one exact-evaluation chunk (16 MiB of float32)
 _CHUNK_ELEMENTS = 2**22
 # low-resolution logits whose cell bounds are computed at once (4 MiB of float32): copied into one reused buffer, so
-# that the max and the min pass and the windows' overlap read them from the cache instead of memory (three strided
-# passes over all masks took three times as long)
+# that the max and the min pass read them from the cache instead of memory (strided passes over all masks, the max,
+# the min and each window overlap, took about three times as long)
 _BOUND_CHUNK_ELEMENTS = 2**20
 
 
