@@ -42,10 +42,11 @@ __all__ = [
 
 # elements of the (cells, rows, cols, candidates) temporaries of one exact-evaluation chunk (16 MiB of float32)
 _CHUNK_ELEMENTS = 2**22
-# low-resolution logits whose cell bounds are computed at once (4 MiB of float32): copied into one reused buffer, so
+# low-resolution logits whose cell bounds are computed at once (8 MiB of float32): copied into one reused buffer, so
 # that the max and the min pass read them from the cache instead of memory (strided passes over all masks, the max,
-# the min and each window overlap, took about three times as long)
-_BOUND_CHUNK_ELEMENTS = 2**20
+# the min and each window overlap, took about three times as long). Not smaller: each chunk's ops are parallel
+# regions, whose barriers cost most when another process shares the cores.
+_BOUND_CHUNK_ELEMENTS = 2**21
 
 
 def resize_matrix(in_size: int, steps, device) -> torch.Tensor:
