@@ -31,10 +31,22 @@ import torch
 from torch.nn import functional as F
 
 
-__all__ = ["AxisResampling", "PanopticAssignment", "assign_panoptic", "axis_resampling", "resize_matrix"]
+__all__ = [
+    "AxisResampling",
+    "PanopticAssignment",
+    "assign_panoptic",
+    "axis_resampling",
+    "cell_bounds",
+    "resize_matrix",
+]
 
 # elements of the (cells, rows, cols, candidates) temporaries of one exact-evaluation chunk (16 MiB of float32)
 _CHUNK_ELEMENTS = 2**22
+# low-resolution logits whose cell bounds are computed at once (8 MiB of float32): copied into one reused buffer, so
+# that the max and the min pass read them from the cache instead of memory (strided passes over all masks, the max,
+# the min and each window overlap, took about three times as long). Not smaller: each chunk's ops are parallel
+# regions, whose barriers cost most when another process shares the cores.
+_BOUND_CHUNK_ELEMENTS = 2**21
 
 
 def resize_matrix(in_size: int, steps, device) -> torch.Tensor:
@@ -115,36 +127,65 @@ class AxisResampling:
         regular_cells = int(torch.cumprod(regular, 0).sum())
         return cls(window, cell_starts, cell_of, members, counts, cell_weights, group, regular_cells)
 
-    def window_reduce(self, values: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
-        """Min or max of `values` over each cell's window along `dim` (the low-resolution axis -> the cell axis)."""
-        combine = torch.maximum if reduce == "max" else torch.minimum
+    def window_reduce(
+        self, values: torch.Tensor, dim: int, reduce: str, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """
+        Min or max of `values` over each cell's window along `dim` (the low-resolution axis -> the cell axis), written
+        into `out` when given (a tensor, or a view, of the result's shape). Along any axis but the innermost: the
+        windows are reduced through a strided view whose reduced axis is not the contiguous one (a reduction over a
+        short innermost axis is slow).
+        """
         reduce_window = torch.amax if reduce == "max" else torch.amin
-        first = int(self.cell_starts[0])
-        parts = []
-        if self.regular_cells:
-            count, stride = self.regular_cells, self.stride
-
-            def every_stride(offset: int) -> torch.Tensor:  # entries first + offset + c * stride: a view, no copy
-                view = values.narrow(dim, first + offset, (count - 1) * stride + 1)
-                return view[(slice(None),) * dim + (slice(None, None, stride),)]
-
-            if 1 < stride <= self.window and dim < values.dim() - 1:
-                # one reduction over whole blocks [first + c * stride, + stride), then the windows' overlap into the
-                # next block (reductions over a short innermost axis are slow: the last axis uses strided views only)
-                result = reduce_window(
-                    values.narrow(dim, first, count * stride).unflatten(dim, (count, stride)), dim=dim + 1
-                )
-                offsets = range(stride, self.window)
-            else:
-                result = every_stride(0).clone()  # never a view of `values`: callers modify the result in place
-                offsets = range(1, self.window)
-            for offset in offsets:
-                result = combine(result, every_stride(offset))
-            parts.append(result)
+        if out is None:
+            shape = list(values.shape)
+            shape[dim] = self.cell_starts.shape[0]
+            out = values.new_empty(shape)
+        count = self.regular_cells
+        if count:
+            # the evenly spaced windows as one (..., count, ..., window) view of `values` (no copy), one reduction
+            first = int(self.cell_starts[0])
+            windows = values.narrow(dim, first, (count - 1) * self.stride + self.window).unfold(
+                dim, self.window, self.stride
+            )
+            reduce_window(windows, dim=-1, out=out.narrow(dim, 0, count))
         # the few irregular cells (clamped at the border, or skipped starts): one narrow + reduction each
-        for start in self.cell_starts[self.regular_cells :].tolist():
-            parts.append(reduce_window(values.narrow(dim, start, self.window), dim=dim, keepdim=True))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+        for index, start in enumerate(self.cell_starts[count:].tolist(), start=count):
+            reduce_window(values.narrow(dim, start, self.window), dim=dim, keepdim=True, out=out.narrow(dim, index, 1))
+        return out
+
+
+def cell_bounds(logits: torch.Tensor, rows: AxisResampling, cols: AxisResampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    `(K, h, w)` low-resolution logits -> `(low, high)`, each `(K, cells_y, cells_x)`: the min and max of each query's
+    logits over each cell's window (`rows.window` x `cols.window` entries from the cell's starts), which bound the
+    interpolated logit of every output pixel of the cell.
+
+    A few queries at a time (`_BOUND_CHUNK_ELEMENTS` of the rows the cells read), copied into one buffer reused for
+    every chunk (fresh large allocations are page-faulted in, which costs more than the reductions). The column
+    reduction runs on the transposed (queries, w, cells_y) row bounds: reductions along the innermost axis are slow.
+    """
+    num_queries, _, width = logits.shape
+    cells_y, cells_x = rows.cell_starts.shape[0], cols.cell_starts.shape[0]
+    low = logits.new_empty(num_queries, cells_y, cells_x)
+    high = logits.new_empty(num_queries, cells_y, cells_x)
+    # the rows the cells read: up to the end of the last window (the masks' padding below the image is never read)
+    used_rows = int(rows.cell_starts[-1]) + rows.window
+    chunk = max(1, min(num_queries, _BOUND_CHUNK_ELEMENTS // (used_rows * width)))
+    buffer = logits.new_empty(chunk, used_rows, width)
+    row_bounds = logits.new_empty(chunk, cells_y, width)
+    row_bounds_t = logits.new_empty(chunk, width, cells_y)
+    cell_bounds_t = logits.new_empty(chunk, cells_x, cells_y)
+    for first in range(0, num_queries, chunk):
+        count = min(chunk, num_queries - first)
+        part = buffer[:count].copy_(logits[first : first + count, :used_rows])
+        for reduce, bounds in (("max", high), ("min", low)):
+            # (reductions write contiguous buffers: a strided output makes them iterate in a slow order)
+            rows.window_reduce(part, 1, reduce, out=row_bounds[:count])
+            transposed = row_bounds_t[:count].copy_(row_bounds[:count].transpose(1, 2))  # (n, w, cells_y)
+            cols.window_reduce(transposed, 1, reduce, out=cell_bounds_t[:count])
+            bounds[first : first + count] = cell_bounds_t[:count].transpose(1, 2)
+    return low, high
 
 
 @lru_cache(maxsize=64)
@@ -183,8 +224,10 @@ class PanopticAssignment:
         zero = torch.zeros((), dtype=lookup.dtype, device=lookup.device)
         cell_map = torch.where(self.cell_decided & self.cell_inside, lookup[self.cell_winner], zero)
         full = torch.empty(rows.size * cols.size + 1, dtype=lookup.dtype, device=lookup.device)  # + the padding slot
-        full[:-1].view(rows.size, cols.size).copy_(
-            cell_map.index_select(0, rows.cell_of).index_select(1, cols.cell_of)
+        # columns first (cells_y x W gathered entries), then whole rows: gathering the columns of the tall map costs
+        # several times more
+        torch.index_select(
+            cell_map.index_select(1, cols.cell_of), 0, rows.cell_of, out=full[:-1].view(rows.size, cols.size)
         )
         padded_lookup = torch.cat([lookup, zero[None]])  # winner K (padding) -> 0
         full[self.exact_pixels] = torch.where(self.exact_inside, padded_lookup[self.exact_winner], zero)
@@ -253,8 +296,7 @@ def assign_panoptic(
     """
     num_queries = logits.shape[0]
     device = logits.device
-    cell_window_max = cols.window_reduce(rows.window_reduce(logits, 1, "max"), 2, "max")  # (K, cy, cx)
-    cell_window_min = cols.window_reduce(rows.window_reduce(logits, 1, "min"), 2, "min")
+    cell_window_min, cell_window_max = cell_bounds(logits, rows, cols)  # (K, cy, cx)
     # (in place where possible: these (K, cells) passes dominate the cost)
     prob_high, prob_low = cell_window_max.sigmoid_(), cell_window_min.sigmoid_()
     best_lower, cell_winner = (prob_low * scores[:, None, None]).max(0)  # the best lower bound's query is a candidate
