@@ -89,6 +89,33 @@ def test_onnx_in_onnxruntime_equals_pytorch(model, tmp_path):
             assert relative <= 1e-4, f"{name}: relative error {relative:.2e}"
 
 
+def test_mask_pooling_of_an_empty_mask_in_onnxruntime_is_zero_as_in_pytorch(tmp_path):
+    """
+    An empty mask pools to zeros (FC-CLIP divides by `area + 1e-8`). The ONNX export's graph optimizer dropped that
+    `+ 1e-8`, so onnxruntime divided 0 by 0 and every class logit of the image became NaN (seen on random tiny
+    models); `mask_pool` divides by `area.clamp_min(1)`, the same values for integer areas.
+    """
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from transformers_possam.modeling import mask_pool
+
+    class Pooling(torch.nn.Module):
+        def forward(self, features, mask_logits):
+            return mask_pool(features, mask_logits)
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 4, 4, 4, generator=generator)
+    mask_logits = torch.randn(1, 3, 8, 8, generator=generator)
+    mask_logits[0, 1] = -1.0  # empty after binarization
+    expected = mask_pool(features, mask_logits)
+    assert torch.equal(expected[0, 1], torch.zeros(4)) and expected[0, 0].abs().sum() > 0
+    program = torch.onnx.export(Pooling(), (features, mask_logits), dynamo=True)
+    program.save(str(tmp_path / "pooling.onnx"))
+    session = onnxruntime.InferenceSession(str(tmp_path / "pooling.onnx"), providers=["CPUExecutionProvider"])
+    (found,) = session.run(None, {"features": features.numpy(), "mask_logits": mask_logits.numpy()})
+    np.testing.assert_allclose(found, expected.numpy(), rtol=1e-6, atol=1e-7)
+
+
 def test_export_refuses_what_it_cannot_export(model):
     embeddings, synonym_mask = vocabulary(model, 3, 2, 0)
     picture = pixels(model, 1, 0)

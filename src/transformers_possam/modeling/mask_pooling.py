@@ -25,7 +25,10 @@ def mask_pool(features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor
         if mask_logits.shape[-2:] != features.shape[-2:]:
             mask_logits = F.interpolate(mask_logits, size=features.shape[-2:], mode="bilinear", align_corners=False)
         masks = (mask_logits > 0).to(features.dtype)
-        area = masks.sum(dim=(-2, -1)).unsqueeze(-1) + 1e-8
+        # FC-CLIP divides by `area + 1e-8`; for the integer areas here that is `area.clamp_min(1)` exactly (n + 1e-8
+        # rounds to n for n >= 1 in every float type, and 0 / 1e-8 = 0 / 1). The ONNX exporter's graph optimizer
+        # dropped the `+ 1e-8`, and onnxruntime then divided 0 by 0 for empty masks (NaN class logits).
+        area = masks.sum(dim=(-2, -1)).unsqueeze(-1).clamp_min(1)
     # (B, Q, HW) @ (B, HW, C): one batched matmul instead of an einsum over a (B, Q, C, H, W) broadcast
     pooled = torch.bmm(masks.flatten(2), features.flatten(2).transpose(1, 2))
     return pooled / area
