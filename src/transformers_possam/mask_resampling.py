@@ -330,13 +330,10 @@ def assign_panoptic(
         )
         probs = values.sigmoid().view(len(chunk), width_c, *values.shape[1:])  # (n, C, mr, mc)
         weighted = probs * scores[queries][..., None, None]
-        # argmax over the candidates with argmax's rule (first maximum): strict comparisons in ascending query order
-        best = weighted[:, 0]
-        slot = torch.zeros(best.shape, dtype=torch.long, device=device)
-        for candidate in range(1, width_c):
-            better = weighted[:, candidate] > best
-            best = torch.where(better, weighted[:, candidate], best)
-            slot.masked_fill_(better, candidate)
+        # argmax over the candidates, which are in ascending query order: torch.argmax returns the first maximum,
+        # the dense computation's tie rule (no NaN reaches here: read_outputs refuses non-finite logits)
+        # (reduced along a contiguous last dimension: argmax over dim 1 of few candidates ran 10x slower)
+        slot = weighted.movedim(1, -1).contiguous().argmax(dim=-1)
         winner = queries.gather(1, slot.flatten(1)).view(slot.shape)
         inside = probs.gather(1, slot[:, None])[:, 0] >= mask_threshold
         # padding members keep their slot: pixel H * W, winner K (a spare bin), never inside
