@@ -184,22 +184,15 @@ def test_head_by_head_sam_attention_equals_transformers(window_size, tokens):
     torch.testing.assert_close(ours(hidden)[0], reference(hidden)[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("function_name", ["relative_position_attention", "relative_position_attention_blocked"])
-@pytest.mark.parametrize(
-    ("window_size", "tokens"), [(0, (2, 8, 8)), (4, (6, 4, 4)), (0, (1, 6, 10))]
-)  # global; windowed; a non-square grid
-def test_all_heads_relative_position_attention_equals_transformers_bias(window_size, tokens, function_name):
+def transformers_relative_position_case(tokens: tuple[int, int, int], window_size: int):
     """
-    The all-heads paths (CUDA: extended q/k in SDPA; CPU: scores and in-place bias in blocks) against
-    transformers' own math: SDPA with `get_decomposed_rel_pos`'s bias for every head, on the same q, k, v (from the
-    reference layer's qkv projection); gradients too.
+    transformers' `SamVisionSdpaAttention` (3 heads of 16, relative-position tables drawn large enough to matter),
+    q, k, v from its own qkv projection of random tokens `(B, H, W)` (requiring gradients), the `get_rel_pos`
+    tables and `(H, W)` our functions take, and transformers' own math on them: SDPA with `get_decomposed_rel_pos`'s
+    bias for every head.
     """
     from transformers import SamVisionConfig
     from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
-
-    from transformers_possam.modeling import sam_attention
-
-    relative_position_attention = getattr(sam_attention, function_name)
 
     config = SamVisionConfig(hidden_size=48, num_attention_heads=3, image_size=160, patch_size=16)
     torch.manual_seed(0)
@@ -218,20 +211,39 @@ def test_all_heads_relative_position_attention_equals_transformers_bias(window_s
         (height, width),
     ).reshape(batch_size, 3, height * width, height * width)
     expected = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-    found = relative_position_attention(
-        query,
-        key,
-        value,
+    tables = (
         reference.get_rel_pos(height, height, reference.rel_pos_h),
         reference.get_rel_pos(width, width, reference.rel_pos_w),
         (height, width),
     )
-    torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
+    return reference, (query, key, value), tables, expected
+
+
+def assert_same_values_and_gradients(found, expected, inputs, tolerance=1e-5):
+    torch.testing.assert_close(found, expected, atol=tolerance, rtol=tolerance)
     grad = torch.randn_like(expected)
-    expected_grads = torch.autograd.grad(expected, (query, key, value, reference.rel_pos_h), grad)
-    found_grads = torch.autograd.grad(found, (query, key, value, reference.rel_pos_h), grad)
+    expected_grads = torch.autograd.grad(expected, inputs, grad, retain_graph=True)
+    found_grads = torch.autograd.grad(found, inputs, grad, retain_graph=True)
     for ours, theirs in zip(found_grads, expected_grads):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("function_name", ["relative_position_attention", "relative_position_attention_blocked"])
+@pytest.mark.parametrize(
+    ("window_size", "tokens"), [(0, (2, 8, 8)), (4, (6, 4, 4)), (0, (1, 6, 10))]
+)  # global; windowed; a non-square grid
+def test_all_heads_relative_position_attention_equals_transformers_bias(window_size, tokens, function_name):
+    """
+    The all-heads paths (CUDA: extended q/k in SDPA; CPU: scores and in-place bias in blocks) against
+    transformers' own math: SDPA with `get_decomposed_rel_pos`'s bias for every head, on the same q, k, v (from the
+    reference layer's qkv projection); gradients too.
+    """
+    from transformers_possam.modeling import sam_attention
+
+    relative_position_attention = getattr(sam_attention, function_name)
+    reference, (query, key, value), tables, expected = transformers_relative_position_case(tokens, window_size)
+    found = relative_position_attention(query, key, value, *tables)
+    assert_same_values_and_gradients(found, expected, (query, key, value, reference.rel_pos_h))
 
 
 @pytest.mark.parametrize(
@@ -251,53 +263,16 @@ def test_blocked_relative_position_attention_equals_transformers_bias_for_any_bl
     `get_decomposed_rel_pos` bias, values and gradients; without autograd (one reused score buffer, outputs written
     in place) the same values.
     """
-    from transformers import SamVisionConfig
-    from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
-
     from transformers_possam.modeling.sam_attention import relative_position_attention_blocked
 
-    config = SamVisionConfig(hidden_size=48, num_attention_heads=3, image_size=160, patch_size=16)
-    torch.manual_seed(0)
-    reference = SamVisionSdpaAttention(config, window_size=0).eval()
-    torch.nn.init.normal_(reference.rel_pos_h, std=0.5)
-    torch.nn.init.normal_(reference.rel_pos_w, std=0.5)
-    batch_size, height, width = tokens
-    qkv = torch.randn(3, batch_size, 3, height * width, 16)
-    query, key, value = (part.requires_grad_() for part in qkv.clone().unbind(0))
-    bias = reference.get_decomposed_rel_pos(
-        query.reshape(batch_size * 3, height * width, -1),
-        reference.rel_pos_h,
-        reference.rel_pos_w,
-        (height, width),
-        (height, width),
-    ).reshape(batch_size, 3, height * width, height * width)
-    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-    found = relative_position_attention_blocked(
-        query,
-        key,
-        value,
-        reference.get_rel_pos(height, height, reference.rel_pos_h),
-        reference.get_rel_pos(width, width, reference.rel_pos_w),
-        (height, width),
-        score_block_bytes=score_block_bytes,
-    )
-    torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
+    reference, (query, key, value), tables, expected = transformers_relative_position_case(tokens, window_size=0)
+    found = relative_position_attention_blocked(query, key, value, *tables, score_block_bytes=score_block_bytes)
     with torch.no_grad():
         found_without_autograd = relative_position_attention_blocked(
-            query,
-            key,
-            value,
-            reference.get_rel_pos(height, height, reference.rel_pos_h),
-            reference.get_rel_pos(width, width, reference.rel_pos_w),
-            (height, width),
-            score_block_bytes=score_block_bytes,
+            query, key, value, *tables, score_block_bytes=score_block_bytes
         )
     torch.testing.assert_close(found_without_autograd, expected, atol=1e-5, rtol=1e-5)
-    grad = torch.randn_like(expected)
-    expected_grads = torch.autograd.grad(expected, (query, key, value, reference.rel_pos_h), grad)
-    found_grads = torch.autograd.grad(found, (query, key, value, reference.rel_pos_h), grad)
-    for ours, theirs in zip(found_grads, expected_grads):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert_same_values_and_gradients(found, expected, (query, key, value, reference.rel_pos_h))
 
 
 def test_weighted_total_weights_each_loss_by_its_base_name_and_refuses_an_empty_dict():

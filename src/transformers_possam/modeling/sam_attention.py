@@ -18,6 +18,30 @@ __all__ = ["PosSAMVisionAttention", "relative_position_attention", "relative_pos
 _SCORE_BLOCK_BYTES = 4 * 2**20
 
 
+def _decomposed_bias_factors(
+    query: torch.Tensor, relative_height: torch.Tensor, relative_width: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The two factors of SAM's decomposed relative-position bias, per query i = (h_i, w_i): `rel_h[..., i, k]` =
+    q_i . R_h[h_i, k] `(..., H * W, H)` and `rel_w[..., i, k]` = q_i . R_w[w_i, k] `(..., H * W, W)`, for a query
+    `(..., H * W, d)`. The bias of query i and key j = (h_j, w_j) is `rel_h[i, h_j] + rel_w[i, w_j]`.
+    """
+    *leading, tokens, head_dim = query.shape
+    height, width = size
+    grid_query = query.reshape(*leading, height, width, head_dim)
+    rel_h = torch.einsum("...hwc,hkc->...hwk", grid_query, relative_height).reshape(*leading, tokens, height)
+    rel_w = torch.einsum("...hwc,wkc->...hwk", grid_query, relative_width).reshape(*leading, tokens, width)
+    return rel_h, rel_w
+
+
+def _key_grid_one_hot(size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`(H * W, H + W)`: row j is [e(h_j), e(w_j)], the one-hot grid row and column of key j = h_j * W + w_j."""
+    height, width = size
+    row_of_key = torch.eye(height, dtype=dtype, device=device).repeat_interleave(width, dim=0)
+    column_of_key = torch.eye(width, dtype=dtype, device=device).repeat(height, 1)
+    return torch.cat([row_of_key, column_of_key], dim=1)
+
+
 def relative_position_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -43,24 +67,10 @@ def relative_position_attention(
         `(B, heads, H * W, d)`.
     """
     batch_size, num_heads, tokens, head_dim = query.shape
-    height, width = size
-    grid_query = query.reshape(batch_size, num_heads, height, width, head_dim)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, relative_height).reshape(
-        batch_size, num_heads, tokens, height
-    )
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, relative_width).reshape(batch_size, num_heads, tokens, width)
-    # key j = h_j * W + w_j: one-hot rows of its grid row and column
-    row_of_key = torch.eye(height, dtype=key.dtype, device=key.device).repeat_interleave(width, dim=0)
-    column_of_key = torch.eye(width, dtype=key.dtype, device=key.device).repeat(height, 1)
+    rel_h, rel_w = _decomposed_bias_factors(query, relative_height, relative_width, size)
+    key_one_hot = _key_grid_one_hot(size, key.dtype, key.device)
     extended_query = torch.cat([query * head_dim**-0.5, rel_h, rel_w], dim=-1)
-    extended_key = torch.cat(
-        [
-            key,
-            row_of_key.expand(batch_size, num_heads, tokens, height),
-            column_of_key.expand(batch_size, num_heads, tokens, width),
-        ],
-        dim=-1,
-    )
+    extended_key = torch.cat([key, key_one_hot.expand(batch_size, num_heads, tokens, -1)], dim=-1)
     return F.scaled_dot_product_attention(extended_query, extended_key, value, scale=1.0)
 
 
@@ -97,18 +107,14 @@ def relative_position_attention_blocked(
     height, width = size
     sequences = batch_size * num_heads
     flat_query = query.reshape(sequences, tokens, head_dim)
-    grid_query = flat_query.view(sequences, height, width, head_dim)
-    rel_h = torch.einsum("bhwc,hkc->bhwk", grid_query, relative_height).reshape(sequences, tokens, height)
-    rel_w = torch.einsum("bhwc,wkc->bhwk", grid_query, relative_width).reshape(sequences, tokens, width)
+    rel_h, rel_w = _decomposed_bias_factors(flat_query, relative_height, relative_width, size)
     bias_by_matmul = height + width < head_dim
     if bias_by_matmul:
         # small grids (windowed layers, 14 x 14): broadcast adds over a 14-wide last dimension run far below memory
         # speed (bf16: 3x slower than this), so the bias goes in as one more matmul into the scores,
         # [rel_h(i, :), rel_w(i, :)] @ [e(h_j); e(w_j)], at (H + W) / d of the score matmul's FLOPs
         bias_factors = torch.cat([rel_h, rel_w], dim=-1)
-        row_of_key = torch.eye(height, dtype=query.dtype, device=query.device).repeat_interleave(width, dim=0)
-        column_of_key = torch.eye(width, dtype=query.dtype, device=query.device).repeat(height, 1)
-        key_one_hot = torch.cat([row_of_key, column_of_key], dim=1).T  # (H + W, tokens): key j = h_j * W + w_j
+        key_one_hot = _key_grid_one_hot(size, query.dtype, query.device).T  # (H + W, tokens)
     scaled_query = flat_query * head_dim**-0.5
     # contiguous once: a matmul would otherwise copy the transposed key and the strided value at every block
     key_transposed = key.reshape(sequences, tokens, head_dim).transpose(1, 2).contiguous()
