@@ -44,16 +44,28 @@ def matmul_seconds(dtype: torch.dtype, size: int = MATMUL_SIZE) -> float:
 
 def count_flops(step) -> int:
     """
-    FLOPs of `step()` as torch's FlopCounterMode counts them (matmuls, convolutions, attention). Its table has SDPA's
-    CUDA kernels but not the CPU flash kernel that `scaled_dot_product_attention` runs here: counted with the same
-    formula (two matmuls, 4 * B * heads * L_q * L_k * d).
+    FLOPs of `step()` as torch's FlopCounterMode counts them (matmuls, convolutions, attention), with two additions
+    its table lacks:
+    - the CPU flash kernel that `scaled_dot_product_attention` runs here (its table has SDPA's CUDA kernels), with
+      the same formula (two matmuls, 4 * B * heads * L_q * L_k * d);
+    - in-place `baddbmm_`, counted as `baddbmm`: SAM's global attention accumulates its q k^T matmul onto the
+      relative-position bias in place (`relative_position_attention_blocked`), which would otherwise go uncounted
+      (0.10 of PosSAM-B's 2.95 TFLOP). Its windowed layers' bias matmul (the bias factors times a one-hot key grid,
+      0.2% of the total) is counted with it.
     """
 
     def cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return sdpa_flop_count(query_shape, key_shape, value_shape)
 
-    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_attention_flops}
-    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+    def in_place_baddbmm_flops(self_shape, batch1_shape, batch2_shape, *args, out_shape=None, **kwargs) -> int:
+        batch, rows, inner = batch1_shape
+        return 2 * batch * rows * inner * batch2_shape[-1]
+
+    extra_formulas = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_attention_flops,
+        torch.ops.aten.baddbmm_: in_place_baddbmm_flops,
+    }
+    with FlopCounterMode(display=False, custom_mapping=extra_formulas) as counter:
         step()
     return counter.get_total_flops()
 

@@ -114,6 +114,9 @@ def test_flop_counter_counts_a_matmul():
     query = torch.randn(2, 3, 10, 8)
     flops = precision.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(query, query, query))
     assert flops == 4 * 2 * 3 * 10 * 10 * 8
+    # in-place baddbmm_ (SAM's global attention accumulates q k^T onto its bias) counts as a batched matmul
+    scores, keys = torch.zeros(3, 10, 6), torch.randn(3, 8, 6)
+    assert precision.count_flops(lambda: scores.baddbmm_(query[0], keys)) == 2 * 3 * 10 * 8 * 6
 
 
 def test_onnxruntime_target_runs_on_the_tiny_config():

@@ -127,6 +127,31 @@ def test_embedding_bag_deformable_attention_matches_grid_sample_version():
         )
 
 
+# bag entries of one query: batch 2 x heads 4 x levels 3 x corners 4 x points 4
+@pytest.mark.parametrize("bag_entries_per_step", [1, 7 * 384, 11 * 384 + 100, 2**40])
+def test_embedding_bag_sampler_in_steps_of_queries_matches_grid_sample_version(bag_entries_per_step):
+    """Eager inference goes through the queries in steps (buffers reused): one query per step (fewer entries than
+    one query's still make a step of one), 7 and 11 queries per step (50 queries: a partial last step), all at once;
+    batch 2, samples off the map. Each equals transformers' `multi_scale_deformable_attention`."""
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    from transformers_possam.modeling import deformable_attention_embedding_bag
+
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(4, 6), (8, 12), (16, 24)]
+    batch, heads, head_dim, points = 2, 4, 8, 4
+    num_values = sum(h * w for h, w in shapes)
+    value = torch.randn(batch, num_values, heads, head_dim, generator=generator)
+    locations = torch.rand(batch, 50, heads, len(shapes), points, 2, generator=generator) * 1.4 - 0.2
+    attention = torch.rand(batch, 50, heads, len(shapes), points, generator=generator).softmax(-1)
+    expected = multi_scale_deformable_attention(value, shapes, locations, attention)
+    with torch.no_grad():
+        found = deformable_attention_embedding_bag(
+            value, shapes, locations, attention, bag_entries_per_step=bag_entries_per_step
+        )
+    torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_sampling_locations_are_transformers_formula_bit_for_bit():
     """`reference + offsets / (w, h)` of Mask2Former's deformable attention, batch 2, three non-square levels, the
     same divisions in the same dtype: equal, not close."""

@@ -28,7 +28,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderOnly,
     Mask2FormerTransformerModule,
 )
-from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSdpaAttention
+from transformers.models.sam.modeling_sam import SamMLPBlock, SamVisionAttention, SamVisionSdpaAttention
 
 from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, PosSAMModel, tiny_config
 from transformers_possam.modeling import (
@@ -38,9 +38,13 @@ from transformers_possam.modeling import (
     PosSAMMultiscaleDeformableAttention,
     PosSAMPixelDecoderEncoder,
     PosSAMPixelDecoderEncoderLayer,
+    PosSAMSamMLPBlock,
+    PosSAMTimmMlp,
     PosSAMVisionAttention,
     install_fast_paths,
     install_in_place_gelu,
+    install_mlp_fast_paths,
+    mlp_in_row_blocks,
     softmax_over_a_short_last_dimension,
 )
 
@@ -103,6 +107,7 @@ def test_the_flag_installs_all_four_replacements_or_none():
     fast, reference = model_pair(PosSAMModel, "tiny")
     ours = {
         PosSAMVisionAttention,
+        PosSAMSamMLPBlock,
         InPlaceGELU,
         PosSAMPixelDecoderEncoder,
         PosSAMPixelDecoderEncoderLayer,
@@ -116,6 +121,7 @@ def test_the_flag_installs_all_four_replacements_or_none():
     stock = module_types(reference)
     for module_class in (
         SamVisionSdpaAttention,
+        SamMLPBlock,
         Mask2FormerPixelDecoderEncoderOnly,
         Mask2FormerPixelDecoderEncoderLayer,
         Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
@@ -500,3 +506,139 @@ def test_in_place_gelu_replaces_exactly_sam_and_convnext_mlp_activations():
     assert not any(isinstance(module, InPlaceGELU) for module in reference.modules())
     install_in_place_gelu(fast)  # a second call changes nothing
     assert [name for name, module in fast.named_modules() if isinstance(module, InPlaceGELU)] == in_place
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MLPs in blocks of rows (SAM's, ConvNeXt's, the pixel decoder's feed-forward network)
+# ----------------------------------------------------------------------------------------------------------------------
+def stock_mlps(seed=0):
+    """transformers' SamMLPBlock (exact GELU), timm's Mlp as ConvNeXt builds it (tanh GELU) and without biases."""
+    from timm.layers import GELUTanh, Mlp
+    from transformers import SamVisionConfig
+
+    torch.manual_seed(seed)
+    sam = SamMLPBlock(SamVisionConfig(hidden_size=12, mlp_dim=40, hidden_act="gelu"))
+    convnext = Mlp(12, 48, act_layer=GELUTanh)
+    biasless = Mlp(12, 24, out_features=10, bias=False)
+    return {"sam": sam, "convnext": convnext, "biasless": biasless}
+
+
+@pytest.mark.parametrize("name", ["sam", "convnext", "biasless"])
+@pytest.mark.parametrize(
+    ("hidden_block_bytes", "minimum_rows"), [(1, 1), (40 * 4 * 16, 1), (1, 70), (2**30, 1)]
+)  # row by row; 16-row blocks (70 rows: a partial last block); the minimum rows making one block; one block
+def test_mlp_in_row_blocks_equals_the_stock_mlp(name, hidden_block_bytes, minimum_rows):
+    mlp = stock_mlps()[name].eval()
+    first, second = (mlp.lin1, mlp.lin2) if name == "sam" else (mlp.fc1, mlp.fc2)
+    hidden_states = torch.randn(2, 5, 7, 12, generator=torch.Generator().manual_seed(1)) * 3
+    with torch.no_grad():
+        expected = mlp(hidden_states)
+        found = mlp_in_row_blocks(
+            hidden_states,
+            first,
+            InPlaceGELU({"sam": "none", "convnext": "tanh", "biasless": "none"}[name]),
+            second,
+            hidden_block_bytes=hidden_block_bytes,
+            minimum_rows_per_block=minimum_rows,
+        )
+    assert found.shape == expected.shape and found.is_contiguous()
+    torch.testing.assert_close(found, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(hidden_states, torch.zeros_like(hidden_states))  # the input is left as it was
+
+
+def test_install_mlp_fast_paths_replaces_sam_and_linear_timm_mlps_with_their_tensors():
+    from timm.layers import Mlp
+
+    mlps = stock_mlps()
+    with_norm = Mlp(12, 24, norm_layer=nn.LayerNorm)  # not ConvNeXt's form: left as it is
+    container = nn.ModuleDict({**mlps, "with_norm": with_norm})
+    keys = dict(container.state_dict())
+    activations = {name: mlp.act for name, mlp in mlps.items()}
+    install_mlp_fast_paths(container)
+    assert type(container["sam"]) is PosSAMSamMLPBlock
+    assert type(container["convnext"]) is PosSAMTimmMlp and type(container["biasless"]) is PosSAMTimmMlp
+    assert container["with_norm"] is with_norm
+    state = container.state_dict()
+    assert list(state) == list(keys)
+    assert all(state[name] is tensor or state[name].data_ptr() == tensor.data_ptr() for name, tensor in keys.items())
+    # the activation: InPlaceGELU of the same approximation (the original object for anything else)
+    assert isinstance(container["sam"].act, InPlaceGELU) and container["sam"].act.approximate == "none"
+    assert isinstance(container["convnext"].act, InPlaceGELU) and container["convnext"].act.approximate == "tanh"
+    assert type(activations["biasless"]) is nn.GELU and container["biasless"].act.approximate == "none"
+    modules = list(container.modules())
+    install_mlp_fast_paths(container)  # a second call changes nothing
+    assert all(after is before for after, before in zip(container.modules(), modules))
+
+
+@pytest.mark.parametrize("name", ["sam", "convnext"])
+def test_row_blocked_mlps_equal_stock_ones_at_inference_and_in_training(name):
+    """Inference (no autograd): the blocked path; trainable parameters or an input that needs gradients: the
+    stock forward, same values and gradients; in training mode with active dropout (timm), the stock forward."""
+    reference = stock_mlps()[name]
+    fast = nn.ModuleDict({name: stock_mlps()[name]})
+    install_mlp_fast_paths(fast)
+    fast = fast[name]
+    hidden_states = torch.randn(3, 40, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(hidden_states), reference(hidden_states), rtol=1e-6, atol=1e-6)
+    tracked = hidden_states.clone().requires_grad_()
+    found = fast(tracked)
+    expected = reference(tracked)
+    torch.testing.assert_close(found, expected, rtol=0, atol=0)
+    grad = torch.randn(found.shape, generator=torch.Generator().manual_seed(3))
+    found_grads = torch.autograd.grad(found, [tracked, *fast.parameters()], grad)
+    expected_grads = torch.autograd.grad(expected, [tracked, *reference.parameters()], grad)
+    for ours, theirs in zip(found_grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    if name == "convnext":
+        fast.drop1.p = reference.drop1.p = 0.5
+        fast.train(), reference.train()
+        torch.manual_seed(4)
+        with torch.no_grad():
+            dropped = fast(hidden_states)
+        torch.manual_seed(4)
+        with torch.no_grad():
+            torch.testing.assert_close(dropped, reference(hidden_states), rtol=0, atol=0)
+
+
+def test_frozen_encoder_mlps_run_in_row_blocks_while_training(monkeypatch):
+    """Frozen weights and an input without gradient (SAM and CLIP while PosSAM trains): the blocked path even with
+    autograd on; a trainable MLP under autograd: the stock one."""
+    from transformers_possam.modeling import mlp as mlp_module
+
+    calls = []
+    blocked = mlp_module.mlp_in_row_blocks
+    monkeypatch.setattr(
+        mlp_module, "mlp_in_row_blocks", lambda *args, **kwargs: calls.append(1) or blocked(*args, **kwargs)
+    )
+    container = nn.ModuleDict({"sam": stock_mlps()["sam"]})
+    install_mlp_fast_paths(container)
+    hidden_states = torch.randn(4, 12)
+    container["sam"](hidden_states)
+    assert calls == []  # trainable parameters, autograd on
+    container.requires_grad_(False)
+    container["sam"](hidden_states)
+    assert calls == [1]
+
+
+def test_pixel_decoder_layers_take_the_row_blocked_path_at_inference_with_stock_values(monkeypatch):
+    """Each `PosSAMPixelDecoderEncoderLayer` at inference (in-place residual sums, its feed-forward network in row
+    blocks) gives transformers' layer values: the mask logits of the whole model equal the stock model's. (Training
+    mode and autograd take transformers' forward: `test_gradients_equal_with_fast_paths_on_and_off`.)"""
+    from transformers_possam.modeling import pixel_decoder_encoder
+
+    calls = []
+    blocked = pixel_decoder_encoder.mlp_in_row_blocks
+    monkeypatch.setattr(
+        pixel_decoder_encoder,
+        "mlp_in_row_blocks",
+        lambda *args, **kwargs: calls.append(1) or blocked(*args, **kwargs),
+    )
+    fast, reference = model_pair(PosSAMModel, "tiny")
+    fast.eval(), reference.eval()
+    pixel_values = pixels(fast.config)
+    with torch.no_grad():
+        found = fast(pixel_values).masks_queries_logits[-1]
+        assert len(calls) == len(fast.pixel_decoder.encoder.layers)
+        expected = reference(pixel_values).masks_queries_logits[-1]
+    torch.testing.assert_close(found, expected, **OUTPUT_TOLERANCE)

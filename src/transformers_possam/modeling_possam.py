@@ -44,9 +44,9 @@ from .modeling import (
     PosSAMMaskPredictor,
     PosSAMOpenVocabularyClassifier,
 )
-from .modeling.activations import install_in_place_gelu
 from .modeling.fast_paths import install_fast_paths, take_over
 from .modeling.loss import LossNormalizers
+from .modeling.mlp import install_mlp_fast_paths
 from .value_checks import require
 from .vocabularies import Vocabulary
 
@@ -637,8 +637,9 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
             config.clip_logit_scale_init,
         )
         if config.use_fast_paths:
-            # the ConvNeXt blocks' GELU in place, as in SAM's MLPs (`install_fast_paths`); parameter-free
-            install_in_place_gelu(self.clip.vision_model)
+            # the ConvNeXt blocks' MLPs in row blocks with GELU in place, as SAM's (`install_fast_paths`); same
+            # parameters
+            install_mlp_fast_paths(self.clip.vision_model)
         self.ldp = LocalDiscriminativePooling(
             mask_feature_dim=config.mask_feature_size,
             clip_feature_dim=self.clip.dense_feature_dim,

@@ -17,6 +17,7 @@ from .loss import PosSAMHungarianMatcher, PosSAMLoss, sample_binary_masks
 from .mask_pooling import mask_pool
 from .mask_predictor import AttentionMaskFeatures, PosSAMMaskPredictor
 from .masked_cross_attention import PosSAMMaskedCrossAttention
+from .mlp import PosSAMSamMLPBlock, PosSAMTimmMlp, install_mlp_fast_paths, mlp_in_row_blocks
 from .pixel_decoder_encoder import PosSAMPixelDecoderEncoder, PosSAMPixelDecoderEncoderLayer
 from .sam_attention import PosSAMVisionAttention
 
@@ -37,11 +38,15 @@ __all__ = [
     "PosSAMOpenVocabularyClassifier",
     "PosSAMPixelDecoderEncoder",
     "PosSAMPixelDecoderEncoderLayer",
+    "PosSAMSamMLPBlock",
+    "PosSAMTimmMlp",
     "PosSAMVisionAttention",
     "deformable_attention_embedding_bag",
     "install_fast_paths",
     "install_in_place_gelu",
+    "install_mlp_fast_paths",
     "mask_pool",
+    "mlp_in_row_blocks",
     "sample_binary_masks",
     "softmax_over_a_short_last_dimension",
 ]

@@ -18,6 +18,9 @@ __all__ = [
 
 # float32 holds every integer below 2**24 exactly: row indices up to that are computed in float32
 _FLOAT32_EXACT_INTEGERS = 2**24
+# bag entries per step of the eager sampler: its buffers (positions, weights, rows: 12 bytes an entry in float32)
+# and their temporaries stay in cache
+_BAG_ENTRIES_PER_STEP = 2**19
 
 
 def softmax_over_a_short_last_dimension(logits: torch.Tensor) -> torch.Tensor:
@@ -32,51 +35,26 @@ def softmax_over_a_short_last_dimension(logits: torch.Tensor) -> torch.Tensor:
     return exponentials / exponentials.sum(dim=-1, keepdim=True)
 
 
-def deformable_attention_embedding_bag(
-    value: torch.Tensor,
-    spatial_shapes: list[tuple[int, int]],
+def _bilinear_corners(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
-) -> torch.Tensor:
+    spatial_shapes: list[tuple[int, int]],
+    index_dtype: torch.dtype,
+    image_offset: torch.Tensor,
+):
     """
-    The same result as transformers' `multi_scale_deformable_attention` (bilinear `grid_sample`, zero padding,
-    align_corners=False, weighted by the attention weights), computed as one weighted sum of value rows per
-    (query, head): each sample contributes its 4 bilinear corners with weight `attention * corner weight`, and
-    `F.embedding_bag(mode="sum", per_sample_weights=...)` gathers and sums the 32-wide rows in one fused pass. It
-    never materializes the sampled values `(B * heads, head_dim, Q, levels * points)`, which dominates the
-    `grid_sample` version on CPU.
+    Per level, the 4 bilinear corners of every sample as `(row, column, weight_y, weight_x)`: `row + column` is the
+    value position (image offset and level start included) and `weight_y * weight_x` the corner's weight, the
+    attention weight included; corners off the map (grid_sample's zero padding) have weight 0.
 
     Args:
-        value: `(B, N, heads, head_dim)`, N = sum of h * w over the levels (level-major, row-major).
-        spatial_shapes: `[(h, w)]` per level.
-        sampling_locations: `(B, Q, heads, levels, points, 2)` normalized (x, y) in [0, 1].
-        attention_weights: `(B, Q, heads, levels, points)`.
+        sampling_locations: `(B, q, heads, levels, points, 2)` normalized (x, y).
+        attention_weights: `(B, q, heads, levels, points)`.
+        image_offset: `(B, 1, 1, 1)` first value position of each image.
 
-    Returns:
-        `(B, Q, heads * head_dim)`.
+    Yields:
+        `(level, corners)`, each of the 8 tensors `(B, q, heads, points)` in `index_dtype`.
     """
-    batch_size, num_values, num_heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    if torch.compiler.is_exporting():
-        # no guard on the (dynamic) batch size: `batch * N * heads < 2**24` cannot be expressed as an export
-        # constraint (PosSAM-B at 1024x1024 failed with "batch < 2048/21"), so exported graphs index in float64
-        index_dtype = torch.float64
-    else:
-        index_dtype = torch.float32 if batch_size * num_values * num_heads < _FLOAT32_EXACT_INTEGERS else torch.float64
-    device = value.device
-    track_gradients = torch.is_grad_enabled() and (sampling_locations.requires_grad or attention_weights.requires_grad)
-    # Bag entries per (image, query, head), in (level, corner, point) order. Eager inference writes them in place into
-    # preallocated buffers; with gradients (autograd needs the weights as values) or under torch.compile (`out=` into
-    # a view breaks the graph; the compiler fuses the stacking anyway) they are stacked per level instead.
-    in_place = not (track_gradients or torch.compiler.is_compiling())
-    positions = (
-        torch.empty(batch_size, num_queries, num_heads, num_levels, 4, num_points, dtype=index_dtype, device=device)
-        if in_place
-        else None
-    )
-    weights = torch.empty_like(positions) if positions is not None else None
-    level_positions, level_weights = [], []
-    image_offset = (torch.arange(batch_size, dtype=index_dtype, device=device) * num_values).view(batch_size, 1, 1, 1)
     level_start = 0
     for level, (height, width) in enumerate(spatial_shapes):
         # grid_sample's pixel coordinates (align_corners=False); corners off the map get weight 0 (zero padding)
@@ -92,34 +70,118 @@ def deformable_attention_embedding_bag(
         column_0, column_1 = x0.clamp(0, width - 1), (x0 + 1).clamp_(0, width - 1)
         row_0 = y0.clamp(0, height - 1).mul_(width).add_(image_offset + level_start)
         row_1 = (y0 + 1).clamp_(0, height - 1).mul_(width).add_(image_offset + level_start)
-        corners = (
-            (row_0, column_0, weight_y0, weight_x0),
-            (row_0, column_1, weight_y0, weight_x1),
-            (row_1, column_0, weight_y1, weight_x0),
-            (row_1, column_1, weight_y1, weight_x1),
+        yield (
+            level,
+            (
+                (row_0, column_0, weight_y0, weight_x0),
+                (row_0, column_1, weight_y0, weight_x1),
+                (row_1, column_0, weight_y1, weight_x0),
+                (row_1, column_1, weight_y1, weight_x1),
+            ),
         )
-        if positions is not None and weights is not None:  # in place, no concatenation
-            for corner, (row, column, weight_y, weight_x) in enumerate(corners):
-                torch.add(row, column, out=positions[:, :, :, level, corner])
-                torch.mul(weight_y, weight_x, out=weights[:, :, :, level, corner])
-        else:
-            level_positions.append(torch.stack([row + column for row, column, _, _ in corners], dim=3))
-            level_weights.append(torch.stack([weight_y * weight_x for _, _, weight_y, weight_x in corners], dim=3))
         level_start += height * width
-    if positions is None or weights is None:
-        positions, weights = torch.stack(level_positions, dim=3), torch.stack(level_weights, dim=3)
+
+
+def deformable_attention_embedding_bag(
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    bag_entries_per_step: int = _BAG_ENTRIES_PER_STEP,
+) -> torch.Tensor:
+    """
+    The same result as transformers' `multi_scale_deformable_attention` (bilinear `grid_sample`, zero padding,
+    align_corners=False, weighted by the attention weights), computed as one weighted sum of value rows per
+    (query, head): each sample contributes its 4 bilinear corners with weight `attention * corner weight`, and
+    `F.embedding_bag(mode="sum", per_sample_weights=...)` gathers and sums the 32-wide rows in one fused pass. It
+    never materializes the sampled values `(B * heads, head_dim, Q, levels * points)`, which dominates the
+    `grid_sample` version on CPU.
+
+    Eager inference (no autograd, not traced) goes through the queries in steps of at most `bag_entries_per_step`
+    bag entries (a query has heads x levels x 4 corners x points of them), reusing one set of buffers: PosSAM-B's
+    pixel decoder at 1024x1024 has 8.3 million entries per layer, and their positions, weights and row indices at
+    once are 33 MB tensors, which glibc maps fresh from the kernel at every call (page faults: 0.2 s of a bf16
+    forward, docs/design.md).
+
+    Args:
+        value: `(B, N, heads, head_dim)`, N = sum of h * w over the levels (level-major, row-major).
+        spatial_shapes: `[(h, w)]` per level.
+        sampling_locations: `(B, Q, heads, levels, points, 2)` normalized (x, y) in [0, 1].
+        attention_weights: `(B, Q, heads, levels, points)`.
+        bag_entries_per_step: the most bag entries one step of eager inference holds (at least one query's).
+
+    Returns:
+        `(B, Q, heads * head_dim)`.
+    """
+    batch_size, num_values, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    if torch.compiler.is_exporting():
+        # no guard on the (dynamic) batch size: `batch * N * heads < 2**24` cannot be expressed as an export
+        # constraint (PosSAM-B at 1024x1024 failed with "batch < 2048/21"), so exported graphs index in float64
+        index_dtype = torch.float64
+    else:
+        index_dtype = torch.float32 if batch_size * num_values * num_heads < _FLOAT32_EXACT_INTEGERS else torch.float64
+    device = value.device
+    image_offset = (torch.arange(batch_size, dtype=index_dtype, device=device) * num_values).view(batch_size, 1, 1, 1)
     # value viewed as (B * N * heads, head_dim): row of (image, position, head) = (image * N + position) * heads + head
     head = torch.arange(num_heads, dtype=index_dtype, device=device).view(1, 1, num_heads, 1, 1, 1)
     # int32 rows halve the index memory; int64 beyond float32's exact range, and when exporting (the ONNX exporter's
     # embedding_bag concatenates the offsets with an int64 size, which onnxruntime refuses for int32 offsets)
     wide = index_dtype == torch.float64 or torch.compiler.is_exporting()
-    rows = positions.mul_(num_heads).add_(head).to(torch.int64 if wide else torch.int32).view(-1)
+    row_dtype = torch.int64 if wide else torch.int32
     samples_per_bag = num_levels * 4 * num_points
-    offsets = torch.arange(0, rows.numel(), samples_per_bag, dtype=rows.dtype, device=device)
-    output = F.embedding_bag(
-        rows, value.reshape(-1, head_dim), offsets, mode="sum", per_sample_weights=weights.reshape(-1).to(value.dtype)
-    )
-    return output.view(batch_size, num_queries, num_heads * head_dim)
+    flat_value = value.reshape(-1, head_dim)
+    track_gradients = torch.is_grad_enabled() and (sampling_locations.requires_grad or attention_weights.requires_grad)
+    if track_gradients or torch.compiler.is_compiling():
+        # Bag entries per (image, query, head), in (level, corner, point) order, stacked per level: autograd needs
+        # the weights as values, and under torch.compile `out=` into a view breaks the graph (the compiler fuses
+        # the stacking anyway)
+        level_positions, level_weights = [], []
+        for _, corners in _bilinear_corners(
+            sampling_locations, attention_weights, spatial_shapes, index_dtype, image_offset
+        ):
+            level_positions.append(torch.stack([row + column for row, column, _, _ in corners], dim=3))
+            level_weights.append(torch.stack([weight_y * weight_x for _, _, weight_y, weight_x in corners], dim=3))
+        positions, weights = torch.stack(level_positions, dim=3), torch.stack(level_weights, dim=3)
+        rows = (positions * num_heads + head).to(row_dtype).view(-1)
+        offsets = torch.arange(0, rows.numel(), samples_per_bag, dtype=rows.dtype, device=device)
+        output = F.embedding_bag(
+            rows, flat_value, offsets, mode="sum", per_sample_weights=weights.reshape(-1).to(value.dtype)
+        )
+        return output.view(batch_size, num_queries, num_heads * head_dim)
+
+    # Eager inference: the entries of a step of queries written in place into buffers reused from step to step
+    entries_per_query = batch_size * num_heads * samples_per_bag
+    step = max(1, min(num_queries, bag_entries_per_step // entries_per_query))
+    entry_shape = (num_heads, num_levels, 4, num_points)
+    position_buffer = torch.empty(step * entries_per_query, dtype=index_dtype, device=device)
+    weight_buffer = torch.empty_like(position_buffer)
+    row_buffer = torch.empty(step * entries_per_query, dtype=row_dtype, device=device)
+    step_offsets = torch.arange(0, step * entries_per_query, samples_per_bag, dtype=row_dtype, device=device)
+    output = value.new_empty(batch_size, num_queries, num_heads * head_dim)
+    for first_query in range(0, num_queries, step):
+        queries = slice(first_query, first_query + step)
+        step_queries = min(step, num_queries - first_query)
+        entries = step_queries * entries_per_query
+        positions = position_buffer[:entries].view(batch_size, step_queries, *entry_shape)
+        weights = weight_buffer[:entries].view(batch_size, step_queries, *entry_shape)
+        for level, corners in _bilinear_corners(
+            sampling_locations[:, queries], attention_weights[:, queries], spatial_shapes, index_dtype, image_offset
+        ):
+            for corner, (row, column, weight_y, weight_x) in enumerate(corners):
+                torch.add(row, column, out=positions[:, :, :, level, corner])
+                torch.mul(weight_y, weight_x, out=weights[:, :, :, level, corner])
+        rows = row_buffer[:entries]
+        rows.copy_(positions.mul_(num_heads).add_(head).view(-1))
+        sums = F.embedding_bag(
+            rows,
+            flat_value,
+            step_offsets[: entries // samples_per_bag],
+            mode="sum",
+            per_sample_weights=weights.view(-1).to(value.dtype),
+        )
+        output[:, queries] = sums.view(batch_size, step_queries, num_heads * head_dim)
+    return output
 
 
 class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):

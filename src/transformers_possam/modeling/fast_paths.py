@@ -20,10 +20,10 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 from transformers.models.sam.modeling_sam import SamVisionEncoder, SamVisionSdpaAttention
 
-from .activations import install_in_place_gelu
 from .deformable_attention import PosSAMMultiscaleDeformableAttention
 from .mask_predictor import PosSAMMaskPredictor
 from .masked_cross_attention import PosSAMMaskedCrossAttention
+from .mlp import install_mlp_fast_paths
 from .pixel_decoder_encoder import PosSAMPixelDecoderEncoder, PosSAMPixelDecoderEncoderLayer
 from .sam_attention import PosSAMVisionAttention
 
@@ -56,11 +56,13 @@ def install_fast_paths(
     1. SAM's `SamVisionSdpaAttention` -> `PosSAMVisionAttention`: the decomposed relative-position bias in
        cache-sized blocks of scores on CPU (no `(tokens, tokens)` tensor), all heads in one fused attention call
        elsewhere. `SamVisionAttention` (the eager implementation, `attn_implementation="eager"`) is left as it is.
-       Its MLPs' GELU -> `InPlaceGELU` (in place on the first linear layer's output when autograd does not track
-       it); `PosSAMForPanopticSegmentation` does the same in the CLIP image tower.
+       Its `SamMLPBlock`s -> `PosSAMSamMLPBlock` (rows in cache-sized blocks at inference) with their GELU ->
+       `InPlaceGELU` (`install_mlp_fast_paths`); `PosSAMForPanopticSegmentation` does the same to the ConvNeXt
+       blocks' MLPs in the CLIP image tower.
     2. The pixel decoder's `Mask2FormerPixelDecoderEncoderOnly` -> `PosSAMPixelDecoderEncoder` (its output stored
        channel-major, which the pixel decoder's FPN resizes 9x faster on CPU), each of its
-       `Mask2FormerPixelDecoderEncoderLayer`s -> `PosSAMPixelDecoderEncoderLayer` (ReLU in place), and their
+       `Mask2FormerPixelDecoderEncoderLayer`s -> `PosSAMPixelDecoderEncoderLayer` (at inference the feed-forward network in blocks of rows,
+       ReLU in place), and their
        `Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention` -> `PosSAMMultiscaleDeformableAttention`: an
        `embedding_bag` sampler on CPU.
     3. The decoder's `Mask2FormerMaskPredictor` -> `PosSAMMaskPredictor`: given `AttentionMaskFeatures` (what
@@ -74,7 +76,7 @@ def install_fast_paths(
     construction are those of transformers' modules. Modules already replaced are left as they are, so a second call
     changes nothing.
     """
-    install_in_place_gelu(vision_encoder)
+    install_mlp_fast_paths(vision_encoder)
     for vision_layer in vision_encoder.layers:
         # exactly the SDPA class: the eager `SamVisionAttention`, or a module already replaced, stays
         if type(vision_layer.attn) is SamVisionSdpaAttention:

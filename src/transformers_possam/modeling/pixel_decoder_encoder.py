@@ -13,6 +13,8 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderOnly,
 )
 
+from .mlp import mlp_in_row_blocks, runs_in_row_blocks
+
 
 __all__ = ["PosSAMPixelDecoderEncoder", "PosSAMPixelDecoderEncoderLayer"]
 
@@ -27,12 +29,51 @@ class PosSAMPixelDecoderEncoderLayer(Mask2FormerPixelDecoderEncoderLayer):
     `Mask2FormerPixelDecoderEncoderLayer` (same parameters, keys and math) whose feed-forward ReLU runs in place on
     `fc1`'s output, a tensor nothing else holds: at 1024x1024 input that is 21504 x 1024 floats (88 MB) per layer
     not allocated again, which on CPU costs page faults as much as the ReLU itself. Autograd allows it (ReLU's
-    gradient reads its output; `fc1`'s does not read its own).
+    gradient reads its output; `fc1`'s does not read its own). At inference on CPU (`runs_in_row_blocks`: not
+    training, no autograd, not traced) the feed-forward network runs in blocks of rows (`mlp_in_row_blocks`, 20%
+    faster at 21504 x 256 -> 1024) and the residual sums are written over the fresh sublayer outputs; dropout is
+    inactive there, so the layer is residual, norm, feed-forward, residual, norm as in transformers.
     """
 
     def __init__(self, config):
         super().__init__(config)
         self.activation_fn = relu_in_place
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_embeddings: torch.Tensor | None = None,
+        reference_points=None,
+        spatial_shapes_list=None,
+        level_start_index=None,
+        output_attentions: bool = False,
+    ):
+        if self.training or output_attentions or not runs_in_row_blocks(hidden_states, self):
+            return super().forward(
+                hidden_states,
+                attention_mask,
+                position_embeddings=position_embeddings,
+                reference_points=reference_points,
+                spatial_shapes_list=spatial_shapes_list,
+                level_start_index=level_start_index,
+                output_attentions=output_attentions,
+            )
+        attended, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            encoder_hidden_states=hidden_states,
+            encoder_attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            reference_points=reference_points,
+            spatial_shapes_list=spatial_shapes_list,
+            level_start_index=level_start_index,
+            output_attentions=False,
+        )
+        # `residual + sublayer(x)` as transformers sums it (addition commutes exactly), into the sublayer's output
+        hidden_states = self.self_attn_layer_norm(attended.add_(hidden_states))
+        feed_forward = mlp_in_row_blocks(hidden_states, self.fc1, self.activation_fn, self.fc2)
+        return (self.final_layer_norm(feed_forward.add_(hidden_states)),)
 
 
 class PosSAMPixelDecoderEncoder(Mask2FormerPixelDecoderEncoderOnly):
