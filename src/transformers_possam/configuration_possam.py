@@ -148,11 +148,12 @@ class PosSAMConfig(PreTrainedConfig):
             `num_labels` given alone defines it instead.
         use_fast_paths (`bool`, defaults to True): run the model with PosSAM's same-parameter replacements of
             transformers modules (`modeling.fast_paths.install_fast_paths`: SAM attention in cache-sized blocks on
-            CPU / all heads fused elsewhere, the pixel decoder's encoder with a channel-major output and in-place
-            ReLU, an `embedding_bag` deformable-attention sampler on CPU, attention masks at attention resolution when
-            the intermediate masks are not output, masked cross-attention without its unused weights; GELU in place
-            in the SAM and ConvNeXt MLPs). False: transformers' and timm's own modules (`SamVisionSdpaAttention` /
-            `SamVisionAttention`, `Mask2FormerPixelDecoderEncoderOnly` and its layers,
+            CPU / all heads fused elsewhere, the pixel decoder's encoder with a channel-major output, in-place ReLU
+            and its feed-forward network in row blocks at inference, an `embedding_bag` deformable-attention sampler
+            on CPU, attention masks at attention resolution when the intermediate masks are not output, masked
+            cross-attention without its unused weights; the SAM and ConvNeXt MLPs in row blocks at inference on CPU,
+            GELU in place). False: transformers' and timm's own modules (`SamVisionSdpaAttention` /
+            `SamVisionAttention`, `SamMLPBlock`, timm's `Mlp`, `Mask2FormerPixelDecoderEncoderOnly` and its layers,
             `Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`, `Mask2FormerMaskPredictor`,
             `nn.MultiheadAttention`, the MLPs' GELU), the reference the fast paths are tested against. Same weights
             and state-dict keys either way, same outputs up to float rounding.
