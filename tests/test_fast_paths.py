@@ -495,7 +495,6 @@ def test_in_place_gelu_replaces_exactly_sam_and_convnext_mlp_activations():
     """Whole model with fast paths: every SAM MLP and every ConvNeXt block MLP runs InPlaceGELU, nothing else does
     (the CLIP text tower's quick-GELU, the CLIP head); without fast paths, none. Outputs: the whole-model tests."""
     from timm.layers import Mlp
-    from transformers.models.sam.modeling_sam import SamMLPBlock
 
     fast, reference = model_pair(PosSAMForPanopticSegmentation, "tiny")
     in_place = [name for name, module in fast.named_modules() if isinstance(module, InPlaceGELU)]
@@ -504,6 +503,15 @@ def test_in_place_gelu_replaces_exactly_sam_and_convnext_mlp_activations():
     assert any(name.startswith("model.vision_encoder.") for name in in_place)
     assert any(name.startswith("clip.vision_model.stages.") for name in in_place)
     assert not any(isinstance(module, InPlaceGELU) for module in reference.modules())
+    # the MLPs themselves: SAM's row-blocked; the tiny ConvNeXt (convnext_atto) has 1x1-conv MLPs, left to timm
+    assert {type(module) for module in fast.modules() if isinstance(module, (SamMLPBlock, Mlp))} == {
+        PosSAMSamMLPBlock,
+        Mlp,
+    }
+    assert {type(module) for module in reference.modules() if isinstance(module, (SamMLPBlock, Mlp))} == {
+        SamMLPBlock,
+        Mlp,
+    }
     install_in_place_gelu(fast)  # a second call changes nothing
     assert [name for name, module in fast.named_modules() if isinstance(module, InPlaceGELU)] == in_place
 
@@ -642,3 +650,23 @@ def test_pixel_decoder_layers_take_the_row_blocked_path_at_inference_with_stock_
         assert len(calls) == len(fast.pixel_decoder.encoder.layers)
         expected = reference(pixel_values).masks_queries_logits[-1]
     torch.testing.assert_close(found, expected, **OUTPUT_TOLERANCE)
+
+
+def test_linear_convnext_mlps_are_row_blocked_with_the_stock_model_outputs():
+    """A ConvNeXt with linear MLPs (as PosSAM-B's ConvNeXt-L): every block's MLP is `PosSAMTimmMlp` with fast paths,
+    timm's `Mlp` without, and the whole model's outputs are the same."""
+    from timm.layers import Mlp
+
+    linear_mlps = {"clip_vision_model_kwargs": {"head_hidden_size": 320, "conv_mlp": False}}
+    fast, reference = model_pair(PosSAMForPanopticSegmentation, "tiny", **linear_mlps)
+    fast_mlps = [module for module in fast.clip.vision_model.modules() if isinstance(module, Mlp)]
+    reference_mlps = [module for module in reference.clip.vision_model.modules() if isinstance(module, Mlp)]
+    assert fast_mlps and all(type(module) is PosSAMTimmMlp for module in fast_mlps)
+    assert all(type(module) is Mlp for module in reference_mlps)
+    fast.eval(), reference.eval()
+    pixel_values, embeddings = pixels(fast.config), class_embeddings(fast.config)
+    with torch.no_grad():
+        found = fast(pixel_values, class_embeddings=embeddings)
+        expected = reference(pixel_values, class_embeddings=embeddings)
+    torch.testing.assert_close(found.masks_queries_logits, expected.masks_queries_logits, **OUTPUT_TOLERANCE)
+    torch.testing.assert_close(found.class_queries_logits, expected.class_queries_logits, **OUTPUT_TOLERANCE)

@@ -132,10 +132,10 @@ def deformable_attention_embedding_bag(
     samples_per_bag = num_levels * 4 * num_points
     flat_value = value.reshape(-1, head_dim)
     track_gradients = torch.is_grad_enabled() and (sampling_locations.requires_grad or attention_weights.requires_grad)
-    if track_gradients or torch.compiler.is_compiling():
+    if track_gradients or torch.compiler.is_compiling() or torch.compiler.is_exporting():
         # Bag entries per (image, query, head), in (level, corner, point) order, stacked per level: autograd needs
-        # the weights as values, and under torch.compile `out=` into a view breaks the graph (the compiler fuses
-        # the stacking anyway)
+        # the weights as values, under torch.compile `out=` into a view breaks the graph (the compiler fuses the
+        # stacking anyway), and a traced graph has no Python loop over steps of a (symbolic) number of queries
         level_positions, level_weights = [], []
         for _, corners in _bilinear_corners(
             sampling_locations, attention_weights, spatial_shapes, index_dtype, image_offset
