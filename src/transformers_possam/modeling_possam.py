@@ -47,7 +47,7 @@ from .modeling import (
 from .modeling.fast_paths import install_fast_paths, take_over
 from .modeling.loss import LossNormalizers
 from .modeling.mlp import install_mlp_fast_paths
-from .value_checks import require
+from .value_checks import all_finite, require
 from .vocabularies import Vocabulary
 
 
@@ -179,7 +179,7 @@ def _check_pixel_values(
 def _check_finite(name: str, values: torch.Tensor) -> None:
     """ValueError if `values` holds NaN or +-inf (one pass): they would spread through every output silently."""
     if _checking_values():
-        require(torch.isfinite(values).all(), f"{name} contains NaN or infinite values.")
+        require(all_finite(values), f"{name} contains NaN or infinite values.")
 
 
 def _check_binary_mask(name: str, mask, expected_shape: tuple[int, ...], layout: str) -> torch.Tensor:

@@ -52,7 +52,7 @@ from transformers.utils import logging
 
 from .mase import mask_aware_selective_ensemble
 from .mask_resampling import AxisResampling, assign_panoptic, axis_resampling, resize_matrix
-from .value_checks import require
+from .value_checks import all_finite, require
 
 
 __all__ = ["PosSAMPostProcessingMixin", "class_scores", "check_ensemble_weight", "check_flag", "check_threshold"]
@@ -238,19 +238,6 @@ def _seen_mask(seen_mask, num_classes: int, device) -> torch.Tensor | None:
     return _to_device(seen_mask, device)
 
 
-def _all_finite(values: torch.Tensor) -> torch.Tensor:
-    """
-    0-d bool on `values`' device: no NaN and no infinity in `values`. One reduction pass without a full-size
-    temporary: `torch.aminmax` propagates NaN, and an infinity is the minimum or the maximum. (`torch.isfinite(values)
-    .all()` builds four full-size temporaries: for a batch of mask logits that was most of the panoptic inference's
-    time on CPU.)
-    """
-    if values.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=values.device)
-    low, high = torch.aminmax(values)
-    return torch.isfinite(low) & torch.isfinite(high)
-
-
 def _to_device(values: torch.Tensor, device) -> torch.Tensor:
     """
     `values` on `device`. From host memory to an accelerator without waiting: a blocking host-to-device copy
@@ -347,7 +334,7 @@ def read_outputs(outputs, with_masks: bool = True) -> ModelPredictions:
         # NaN would propagate to every score and mask it touches: refuse it rather than segment garbage (eagerly on
         # CPU; as an asynchronous device assert on CUDA, see `value_checks`)
         require(
-            _all_finite(value),
+            all_finite(value),
             f"outputs.{name} contains NaN or infinite values: the model's output is invalid (an overflow in half "
             "precision, or corrupt weights?); post-processing needs finite logits.",
         )

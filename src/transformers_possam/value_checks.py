@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 
-__all__ = ["ValueCheckMode", "require", "resolved_mode", "value_checks"]
+__all__ = ["ValueCheckMode", "all_finite", "require", "resolved_mode", "value_checks"]
 
 ValueCheckMode = Literal["auto", "eager", "async"]
 _MODES = ("auto", "eager", "async")
@@ -70,3 +70,16 @@ def require(condition: torch.Tensor, message: str, error: Callable[[], Exception
         torch._assert_async(condition, message)
     elif not bool(condition):
         raise error() if error is not None else ValueError(message)
+
+
+def all_finite(values: torch.Tensor) -> torch.Tensor:
+    """
+    0-d bool on `values`' device: no NaN and no infinity in `values`, for `require`. One reduction pass without a
+    full-size temporary: `torch.aminmax` propagates NaN, and an infinity is the minimum or the maximum.
+    (`torch.isfinite(values).all()` builds full-size temporaries: for a batch of mask logits that was most of the
+    panoptic inference's time on CPU.)
+    """
+    if values.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=values.device)
+    low, high = torch.aminmax(values)
+    return torch.isfinite(low) & torch.isfinite(high)

@@ -6,6 +6,7 @@ feed-forward network, computed in blocks of rows at inference.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from timm.layers import Mlp
@@ -132,7 +133,9 @@ def _row_blocked(mlp: nn.Module) -> nn.Module | None:
 
     replacement: nn.Module
     if type(mlp) is SamMLPBlock:
-        replacement = take_over(mlp, PosSAMSamMLPBlock, _SamMLPSizes(mlp))
+        # the three fields `SamMLPBlock.__init__` reads from its config; the activation is the original's (below)
+        sizes = SimpleNamespace(hidden_size=mlp.lin1.in_features, mlp_dim=mlp.lin1.out_features, hidden_act="gelu")
+        replacement = take_over(mlp, PosSAMSamMLPBlock, sizes)
     elif (
         type(mlp) is Mlp
         and isinstance(mlp.fc1, nn.Linear)
@@ -152,15 +155,6 @@ def _row_blocked(mlp: nn.Module) -> nn.Module | None:
         return None
     replacement.act = mlp.act  # the same activation object, whatever its arguments
     return replacement
-
-
-class _SamMLPSizes:
-    """The three `SamMLPBlock.__init__` reads from its config, taken from a built block."""
-
-    def __init__(self, mlp: SamMLPBlock):
-        self.hidden_size = mlp.lin1.in_features
-        self.mlp_dim = mlp.lin1.out_features
-        self.hidden_act = "relu"  # replaced by the original's activation object right after
 
 
 def install_mlp_fast_paths(module: nn.Module) -> None:

@@ -88,10 +88,9 @@ def relative_position_attention_blocked(
     stay in cache: for each block of query rows (a global layer at 1024x1024: 256 rows x 4096 keys in float32) or of
     whole sequences (a windowed layer: several windows x heads of 196 x 196), the decomposed bias and the score
     matmul summed in place (the bias through broadcasting views, or as a second matmul for small grids), an in-place
-    softmax and a second matmul. No
-    `(tokens, tokens)` tensor exists at any time, neither scores nor bias: on CPU, where fresh large tensors cost
-    page faults and their traffic leaves the caches, this is 1.5x (float32) to 2x (bf16) faster than SDPA with a
-    materialized bias head by head (docs/design.md). Differentiable (training through it keeps autograd's usual
+    softmax and a second matmul. No `(tokens, tokens)` tensor exists at any time, neither scores nor bias: on CPU,
+    where fresh large tensors cost page faults and their traffic leaves the caches, this is 1.5x (float32) to 2x
+    (bf16) faster than SDPA with a materialized bias head by head (docs/design.md). Differentiable (training through it keeps autograd's usual
     memory: one score block per step). A reduced-precision softmax reads bf16 / fp16 and accumulates in float32
     (PyTorch's CPU softmax).
 
@@ -141,15 +140,16 @@ def relative_position_attention_blocked(
             block_rows = slice(first_row, first_row + rows_per_block)
             block_query = scaled_query[block_sequences, block_rows]
             block_keys = key_transposed[block_sequences]
+            # without autograd the block's scores go into the reused buffer (`out=None`: a fresh tensor)
             reused = (
                 None
                 if tracked
                 else score_buffer[: block_query.shape[0] * block_query.shape[1] * tokens].view(
-                    block_query.shape[0], block_query.shape[1], tokens
+                    block_query.shape[0], block_query.shape[1], height, width
                 )
             )
             if bias_by_matmul:
-                scores = torch.matmul(block_query, block_keys, out=reused)
+                scores = torch.matmul(block_query, block_keys, out=None if reused is None else reused.flatten(2))
                 factors = bias_factors[block_sequences, block_rows]
                 scores.baddbmm_(factors, key_one_hot.expand(factors.shape[0], -1, -1))
             else:
@@ -157,12 +157,12 @@ def relative_position_attention_blocked(
                 # matmul accumulated onto it: one pass over the block instead of two broadcast adds after the
                 # matmul (bf16: 0.98 vs 1.26 ms per 512 x 4096 block; float32 1.50 vs 1.82), and in bf16 one
                 # rounding of the bias instead of three of the sum
-                bias = (rel_h[block_sequences, block_rows, :, None], rel_w[block_sequences, block_rows, None, :])
-                if reused is None:
-                    scores = torch.baddbmm(torch.add(*bias).flatten(2), block_query, block_keys)
-                else:
-                    torch.add(*bias, out=reused.view(reused.shape[0], reused.shape[1], height, width))
-                    scores = reused.baddbmm_(block_query, block_keys)
+                bias = torch.add(
+                    rel_h[block_sequences, block_rows, :, None],
+                    rel_w[block_sequences, block_rows, None, :],
+                    out=reused,
+                )
+                scores = bias.flatten(2).baddbmm_(block_query, block_keys)
             if tracked:
                 row_outputs.append(torch.matmul(scores.softmax(dim=-1), flat_value[block_sequences]))
             else:
