@@ -18,6 +18,7 @@ from .mask_pooling import mask_pool
 from .mask_predictor import AttentionMaskFeatures, PosSAMMaskPredictor
 from .masked_cross_attention import PosSAMMaskedCrossAttention
 from .mlp import PosSAMSamMLPBlock, PosSAMTimmMlp, install_mlp_fast_paths, mlp_in_row_blocks
+from .patch_embeddings import PosSAMPatchEmbeddings
 from .pixel_decoder_encoder import PosSAMPixelDecoderEncoder, PosSAMPixelDecoderEncoderLayer
 from .sam_attention import PosSAMVisionAttention
 
@@ -36,6 +37,7 @@ __all__ = [
     "PosSAMMaskedCrossAttention",
     "PosSAMMultiscaleDeformableAttention",
     "PosSAMOpenVocabularyClassifier",
+    "PosSAMPatchEmbeddings",
     "PosSAMPixelDecoderEncoder",
     "PosSAMPixelDecoderEncoderLayer",
     "PosSAMSamMLPBlock",

@@ -18,12 +18,13 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderOnly,
     Mask2FormerTransformerModule,
 )
-from transformers.models.sam.modeling_sam import SamVisionEncoder, SamVisionSdpaAttention
+from transformers.models.sam.modeling_sam import SamPatchEmbeddings, SamVisionEncoder, SamVisionSdpaAttention
 
 from .deformable_attention import PosSAMMultiscaleDeformableAttention
 from .mask_predictor import PosSAMMaskPredictor
 from .masked_cross_attention import PosSAMMaskedCrossAttention
 from .mlp import install_mlp_fast_paths
+from .patch_embeddings import PosSAMPatchEmbeddings
 from .pixel_decoder_encoder import PosSAMPixelDecoderEncoder, PosSAMPixelDecoderEncoderLayer
 from .sam_attention import PosSAMVisionAttention
 
@@ -58,7 +59,8 @@ def install_fast_paths(
        elsewhere. `SamVisionAttention` (the eager implementation, `attn_implementation="eager"`) is left as it is.
        Its `SamMLPBlock`s -> `PosSAMSamMLPBlock` (rows in cache-sized blocks at inference) with their GELU ->
        `InPlaceGELU` (`install_mlp_fast_paths`); `PosSAMForPanopticSegmentation` does the same to the ConvNeXt
-       blocks' MLPs in the CLIP image tower.
+       blocks' MLPs in the CLIP image tower. Its `SamPatchEmbeddings` -> `PosSAMPatchEmbeddings`: the tokens stored
+       token-major, so that the encoder's `LayerNorm`s and residual sums read contiguous rows.
     2. The pixel decoder's `Mask2FormerPixelDecoderEncoderOnly` -> `PosSAMPixelDecoderEncoder` (its output stored
        channel-major, which the pixel decoder's FPN resizes 9x faster on CPU), each of its
        `Mask2FormerPixelDecoderEncoderLayer`s -> `PosSAMPixelDecoderEncoderLayer` (at inference the feed-forward network in blocks of rows,
@@ -77,6 +79,8 @@ def install_fast_paths(
     changes nothing.
     """
     install_mlp_fast_paths(vision_encoder)
+    if type(vision_encoder.patch_embed) is SamPatchEmbeddings:
+        vision_encoder.patch_embed = take_over(vision_encoder.patch_embed, PosSAMPatchEmbeddings, vision_encoder.config)
     for vision_layer in vision_encoder.layers:
         # exactly the SDPA class: the eager `SamVisionAttention`, or a module already replaced, stays
         if type(vision_layer.attn) is SamVisionSdpaAttention:
