@@ -3,7 +3,13 @@ import torch
 from torch.nn import functional as F
 from transformers.models.mask2former.modeling_mask2former import sample_point
 
-from transformers_possam.modeling import LocalDiscriminativePooling, PosSAMFPN, mask_pool, sample_binary_masks
+from transformers_possam.modeling import (
+    LocalDiscriminativePooling,
+    PosSAMFPN,
+    bilinear_resize,
+    mask_pool,
+    sample_binary_masks,
+)
 from transformers_possam.modeling.loss import PosSAMHungarianMatcher, mask_iou_targets
 from transformers_possam.vocabularies import load_vocabulary, split_synonyms
 
@@ -45,6 +51,48 @@ def test_mask_pool_is_average_inside_binarized_mask():
     # masks at another resolution are resized bilinearly first
     big = F.interpolate(logits, size=(16, 16), mode="nearest")
     torch.testing.assert_close(mask_pool(features, big), pooled)
+
+
+@pytest.mark.parametrize(
+    "in_size, out_size",
+    [
+        ((256, 256), (32, 32)),  # PosSAM's masks to the CLIP map: an integer factor, taps between pixels
+        ((256, 256), (33, 17)),  # non-integer factors
+        ((7, 9), (16, 5)),  # up along one axis, down along the other
+        ((5, 5), (5, 5)),  # same size
+        ((1, 3), (4, 1)),  # one-pixel axes: both taps on the one pixel
+    ],
+)
+def test_bilinear_resize_equals_interpolate(in_size, out_size):
+    """`F.interpolate(bilinear, align_corners=False)` of (batch, queries, h, w) logits, within float32 rounding (its
+    kernel may fuse a multiply-add that this computes as two ops)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, *in_size, generator=generator) * 4
+    expected = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+    found = bilinear_resize(logits, out_size)
+    assert found.dtype == torch.float32 and found.shape == expected.shape
+    torch.testing.assert_close(found, expected, rtol=0, atol=1e-5)
+    # bf16 logits: resized in float32, as F.interpolate of the same values in float32 (not rounded back to bf16)
+    reduced = logits.bfloat16()
+    expected = F.interpolate(reduced.float(), size=out_size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(bilinear_resize(reduced, out_size), expected, rtol=0, atol=1e-5)
+
+
+def test_mask_pool_binarizes_the_interpolated_masks():
+    """mask_pool against the FC-CLIP recipe written out with F.interpolate: logits kept away from 0 after resizing
+    (at least 0.05), so that rounding cannot move a pixel across the threshold; then the pooled features are equal."""
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(2, 8, 32, 32, generator=generator)
+    logits = torch.randn(2, 5, 256, 256, generator=generator)
+    resized = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    # nudge the source so that no resized logit lies within 0.05 of the threshold (a bilinear resize of a constant
+    # shift is the shift)
+    logits = logits + torch.where(resized.abs() < 0.05, 0.1, 0.0).repeat_interleave(8, -1).repeat_interleave(8, -2)
+    resized = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    assert resized.abs().min() > 0.01
+    masks = (resized > 0).float()
+    expected = torch.einsum("bqhw,bchw->bqc", masks, features) / masks.sum(dim=(-2, -1))[..., None].clamp_min(1)
+    torch.testing.assert_close(mask_pool(features, logits), expected)
 
 
 def test_ldp_is_equivariant_to_query_order():
@@ -150,6 +198,33 @@ def test_embedding_bag_sampler_in_steps_of_queries_matches_grid_sample_version(b
             value, shapes, locations, attention, bag_entries_per_step=bag_entries_per_step
         )
     torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_bag_sampler_in_float64_keeps_float64_precision():
+    """float64 inputs: the corner arithmetic runs in float64 (the rows stay exact integers), so the result matches
+    transformers' float64 grid_sample version to float64 rounding, with autograd and without (in steps)."""
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    from transformers_possam.modeling import deformable_attention_embedding_bag
+
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(4, 6), (8, 12)]
+    batch, heads, head_dim, points = 2, 2, 4, 3
+    num_values = sum(h * w for h, w in shapes)
+    value = torch.randn(batch, num_values, heads, head_dim, generator=generator, dtype=torch.float64)
+    locations = torch.rand(batch, 9, heads, len(shapes), points, 2, generator=generator, dtype=torch.float64)
+    attention = torch.rand(batch, 9, heads, len(shapes), points, generator=generator, dtype=torch.float64)
+    locations = (locations * 1.4 - 0.2).requires_grad_()
+    expected = multi_scale_deformable_attention(value, shapes, locations, attention)
+    found = deformable_attention_embedding_bag(value, shapes, locations, attention)
+    assert found.dtype == torch.float64
+    torch.testing.assert_close(found, expected, rtol=1e-12, atol=1e-12)
+    (expected_gradient,) = torch.autograd.grad(expected.sum(), locations)
+    (found_gradient,) = torch.autograd.grad(found.sum(), locations)
+    torch.testing.assert_close(found_gradient, expected_gradient, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        stepped = deformable_attention_embedding_bag(value, shapes, locations, attention, bag_entries_per_step=500)
+    torch.testing.assert_close(stepped, expected.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_sampling_locations_are_transformers_formula_bit_for_bit():

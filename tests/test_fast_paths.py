@@ -28,7 +28,12 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderOnly,
     Mask2FormerTransformerModule,
 )
-from transformers.models.sam.modeling_sam import SamMLPBlock, SamVisionAttention, SamVisionSdpaAttention
+from transformers.models.sam.modeling_sam import (
+    SamMLPBlock,
+    SamPatchEmbeddings,
+    SamVisionAttention,
+    SamVisionSdpaAttention,
+)
 
 from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, PosSAMModel, tiny_config
 from transformers_possam.modeling import (
@@ -36,6 +41,7 @@ from transformers_possam.modeling import (
     PosSAMMaskedCrossAttention,
     PosSAMMaskPredictor,
     PosSAMMultiscaleDeformableAttention,
+    PosSAMPatchEmbeddings,
     PosSAMPixelDecoderEncoder,
     PosSAMPixelDecoderEncoderLayer,
     PosSAMSamMLPBlock,
@@ -106,6 +112,7 @@ def module_types(model) -> set[type]:
 def test_the_flag_installs_all_four_replacements_or_none():
     fast, reference = model_pair(PosSAMModel, "tiny")
     ours = {
+        PosSAMPatchEmbeddings,
         PosSAMVisionAttention,
         PosSAMSamMLPBlock,
         InPlaceGELU,
@@ -120,6 +127,7 @@ def test_the_flag_installs_all_four_replacements_or_none():
     # transformers' own modules, exactly (not subclasses of them)
     stock = module_types(reference)
     for module_class in (
+        SamPatchEmbeddings,
         SamVisionSdpaAttention,
         SamMLPBlock,
         Mask2FormerPixelDecoderEncoderOnly,
@@ -238,8 +246,15 @@ def test_mask_generator_equal_without_auxiliary_masks_and_with_attentions(name, 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_gradients_equal_with_fast_paths_on_and_off(name):
-    """Training mode with targets: the loss and the gradient of every trainable parameter."""
+    """
+    Training mode with targets: the loss and the gradient of every trainable parameter, in float64. The fast paths
+    change the rounding (another memory layout, another summation order), and the training forward has thresholds:
+    masks binarized at logit 0 for pooling, the matching, PointRend's most uncertain points. In float32 a rounding
+    difference of 1e-7 flipped one of them for the "windowed_and_global" model once SAM's tokens were stored
+    token-major (gradients 0.5% apart in 44 tensors, the loss 8e-6 apart); in float64 they agree to 3e-16 of the largest.
+    """
     fast, reference = model_pair(PosSAMForPanopticSegmentation, name)
+    fast.double(), reference.double()
     # Mask2Former's init puts every deformable sample exactly on a pixel centre (integer offsets, zero weights), where
     # bilinear interpolation has no derivative: grid_sample and the embedding_bag sampler then take one-sided
     # derivatives that may differ by rounding which side of the kink a location lands. Trained offsets are off the
@@ -259,7 +274,11 @@ def test_gradients_equal_with_fast_paths_on_and_off(name):
         "mask_labels": [torch.stack([left, 1 - left]), torch.stack([left.T.contiguous()])],
         "class_labels": [torch.tensor([0, 3]), torch.tensor([2])],
     }
-    inputs = {"pixel_values": pixels(config), "class_embeddings": class_embeddings(config), **labels}
+    inputs = {
+        "pixel_values": pixels(config).double(),
+        "class_embeddings": class_embeddings(config).double(),
+        **labels,
+    }
     losses = {}
     for model in (fast, reference):
         torch.manual_seed(3)  # the loss samples its points at random (PointRend): the same points for both
@@ -448,6 +467,28 @@ def test_pixel_decoder_encoder_output_is_stock_values_stored_channel_major():
     torch.testing.assert_close(found, expected, **OUTPUT_TOLERANCE)
     assert found.shape == expected.shape and found.transpose(1, 2).is_contiguous()
     assert expected.is_contiguous()  # the stock layout: token-major
+
+
+def test_sam_tokens_are_stock_values_stored_token_major():
+    """transformers' patch embedding returns the convolution's NCHW output permuted (the hidden dimension strided by
+    the token count), and every SAM block inherits that layout; ours stores the same values token-major, so every
+    block reads contiguous rows. The encoder's output is the stock one."""
+    fast, reference = model_pair(PosSAMModel, "windowed_and_global")
+    fast.eval(), reference.eval()
+    captured = {}
+    for name, model in (("fast", fast), ("reference", reference)):
+        for index, layer in enumerate(model.vision_encoder.layers):
+            layer.register_forward_pre_hook(lambda module, args, key=(name, index): captured.__setitem__(key, args[0]))
+        with torch.no_grad():
+            captured[name] = model.vision_encoder(pixels(model.config)).last_hidden_state
+    num_layers = len(fast.vision_encoder.layers)
+    for index in range(num_layers):
+        found, expected = captured["fast", index], captured["reference", index]
+        assert found.is_contiguous(), index
+        assert not expected.is_contiguous(), index  # the stock layout, which the replacement exists to avoid
+        torch.testing.assert_close(found, expected, **OUTPUT_TOLERANCE)
+    assert torch.equal(captured["fast", 0], captured["reference", 0])  # the embedding itself: a copy, same values
+    torch.testing.assert_close(captured["fast"], captured["reference"], **OUTPUT_TOLERANCE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

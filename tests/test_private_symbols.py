@@ -171,6 +171,8 @@ INTERNALS: dict[tuple[str, str], Expected] = {
             "get_decomposed_rel_pos": ("query", "rel_pos_h", "rel_pos_w", "q_size", "k_size"),
         },
     ),
+    # modeling/patch_embeddings.py: its forward returns the convolution's output permuted to (B, H, W, C)
+    (SAM, "SamPatchEmbeddings"): Expected("class", ("config",), methods={"forward": ("pixel_values",)}),
     ("transformers.processing_utils", "Unpack"): Expected("special form"),
     ("transformers.utils", "ModelOutput"): Expected("class"),
     ("transformers.utils", "TransformersKwargs"): Expected("typeddict"),

@@ -14,7 +14,7 @@ from .fpn import PosSAMFPN
 from .iou_head import PosSAMIoUHead
 from .ldp import LocalDiscriminativePooling
 from .loss import PosSAMHungarianMatcher, PosSAMLoss, sample_binary_masks
-from .mask_pooling import mask_pool
+from .mask_pooling import bilinear_resize, mask_pool
 from .mask_predictor import AttentionMaskFeatures, PosSAMMaskPredictor
 from .masked_cross_attention import PosSAMMaskedCrossAttention
 from .mlp import PosSAMSamMLPBlock, PosSAMTimmMlp, install_mlp_fast_paths, mlp_in_row_blocks
@@ -43,6 +43,7 @@ __all__ = [
     "PosSAMSamMLPBlock",
     "PosSAMTimmMlp",
     "PosSAMVisionAttention",
+    "bilinear_resize",
     "deformable_attention_embedding_bag",
     "install_fast_paths",
     "install_in_place_gelu",

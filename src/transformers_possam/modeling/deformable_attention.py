@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 from torch.nn import functional as F
 from transformers.models.mask2former.modeling_mask2former import (
@@ -35,51 +38,168 @@ def softmax_over_a_short_last_dimension(logits: torch.Tensor) -> torch.Tensor:
     return exponentials / exponentials.sum(dim=-1, keepdim=True)
 
 
-def _bilinear_corners(
+class _SampleGrid(NamedTuple):
+    """
+    The per-level constants of the bilinear corners, one value per sample `(B, queries, heads, levels, points)`
+    (`(2, ...)` for x and y): broadcast views for the whole-tensor sampler; `materialize` writes them out for a
+    step of queries, so that every elementwise op of `_bag_entries` runs over one long contiguous row (a constant
+    broadcast over the 4 points of a level makes each op loop over 4 elements at a time: 10-20x slower on CPU).
+    """
+
+    size: torch.Tensor  # (2, B, q, heads, levels, points): each level's width (x) and height (y)
+    last: torch.Tensor  # (2, ...): width - 1, height - 1
+    row_stride: torch.Tensor  # (B, q, heads, levels, points): width * heads, the value rows between two map rows
+    base: torch.Tensor  # (B, q, heads, levels, points): value row of the level's pixel (0, 0) for the head
+
+    @classmethod
+    def build(
+        cls,
+        spatial_shapes: list[tuple[int, int]],
+        batch_size: int,
+        num_values: int,
+        num_heads: int,
+        num_points: int,
+        num_queries: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> _SampleGrid:
+        """Broadcast views `(…, B, num_queries, heads, levels, points)` of the constants, in `dtype`."""
+        num_levels = len(spatial_shapes)
+        shape = (batch_size, num_queries, num_heads, num_levels, num_points)
+        widths = torch.tensor([width for _, width in spatial_shapes], dtype=dtype, device=device)
+        heights = torch.tensor([height for height, _ in spatial_shapes], dtype=dtype, device=device)
+        level_starts = torch.tensor(
+            [sum(h * w for h, w in spatial_shapes[:level]) for level in range(num_levels)],
+            dtype=dtype,
+            device=device,
+        )
+        size = torch.stack([widths, heights]).view(2, 1, 1, 1, num_levels, 1)
+        # value viewed as (B * N * heads, head_dim): row of (image, position, head) = (image * N + position) * heads
+        # + head, and position = level start + y * width + x
+        image_start = torch.arange(batch_size, dtype=dtype, device=device) * num_values
+        head = torch.arange(num_heads, dtype=dtype, device=device)
+        base = (image_start.view(-1, 1, 1, 1) + level_starts.view(1, 1, -1, 1)) * num_heads + head.view(1, -1, 1, 1)
+        return cls(
+            size=size.expand(2, *shape),
+            last=(size - 1).expand(2, *shape),
+            row_stride=(widths * num_heads).view(1, 1, 1, num_levels, 1).expand(shape),
+            base=base.view(batch_size, 1, num_heads, num_levels, 1).expand(shape),
+        )
+
+    def materialize(self) -> _SampleGrid:
+        """The constants written out contiguously."""
+        return _SampleGrid(*(constant.contiguous() for constant in self))
+
+    def first_queries(self, num_queries: int) -> _SampleGrid:
+        """The constants of the first `num_queries` queries (a last, partial step)."""
+        return _SampleGrid(*(constant[..., :num_queries, :, :, :] for constant in self))
+
+
+class _Scratch:
+    """
+    The `out=` tensors of `_bag_entries`' ops: for eager inference, buffers kept from one step of queries to the next
+    (fresh temporaries of a step, a few MB, were unmapped and faulted back in at every step: 900 page faults per
+    step on CPU); for autograd and tracing, `None` (each op returns a new tensor), so one code path serves both.
+    """
+
+    def __init__(self, reuse: bool) -> None:
+        self._buffers: dict[str, torch.Tensor] | None = {} if reuse else None
+
+    def __call__(
+        self,
+        name: str,
+        like: torch.Tensor,
+        shape: tuple[int, ...] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor | None:
+        """
+        Buffer `name`, shaped `shape` (default `like.shape`), of `dtype` (default `like.dtype`) on `like`'s device; or
+        None. Asking again for a name returns the same memory: an op may write over its input.
+        """
+        if self._buffers is None:
+            return None
+        shape = tuple(like.shape) if shape is None else shape
+        dtype = like.dtype if dtype is None else dtype
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = self._buffers[name] = like.new_empty(numel, dtype=dtype)
+        return buffer[:numel].view(shape)
+
+
+def _bag_entries(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
-    spatial_shapes: list[tuple[int, int]],
-    index_dtype: torch.dtype,
-    image_offset: torch.Tensor,
-):
+    grid: _SampleGrid,
+    num_heads: int,
+    scratch: _Scratch,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    Per level, the 4 bilinear corners of every sample as `(row, column, weight_y, weight_x)`: `row + column` is the
-    value position (image offset and level start included) and `weight_y * weight_x` the corner's weight, the
-    attention weight included; corners off the map (grid_sample's zero padding) have weight 0.
+    The 4 bilinear corners of every sample as bag entries of `F.embedding_bag`: the value row each corner reads and
+    its weight, `attention * weight_y * weight_x`; corners off the map (grid_sample's zero padding) have weight 0.
+    Differentiable in the locations and attention weights (the corner indices carry no gradient, as in grid_sample)
+    when `scratch` holds no buffers.
 
     Args:
         sampling_locations: `(B, q, heads, levels, points, 2)` normalized (x, y).
         attention_weights: `(B, q, heads, levels, points)`.
-        image_offset: `(B, 1, 1, 1)` first value position of each image.
+        grid: `_SampleGrid` for these `q` queries, in the dtype of the index arithmetic.
+        scratch: where each op writes (`_Scratch`).
 
-    Yields:
-        `(level, corners)`, each of the 8 tensors `(B, q, heads, points)` in `index_dtype`.
+    Returns:
+        value rows (in `grid`'s dtype) and weights, each `(B, q, heads, 4, levels, points)` (corners (y0, x0),
+        (y0, x1), (y1, x0), (y1, x1)): each (image, query, head)'s entries are one contiguous bag.
     """
-    level_start = 0
-    for level, (height, width) in enumerate(spatial_shapes):
-        # grid_sample's pixel coordinates (align_corners=False); corners off the map get weight 0 (zero padding)
-        x = sampling_locations[:, :, :, level, :, 0].to(index_dtype) * width - 0.5
-        y = sampling_locations[:, :, :, level, :, 1].to(index_dtype) * height - 0.5
-        x0, y0 = x.detach().floor(), y.detach().floor()  # indices carry no gradient (as in grid_sample)
-        fx, fy = x - x0, y - y0
-        attention = attention_weights[:, :, :, level].to(index_dtype)
-        weight_x0 = (1 - fx).masked_fill((x0 < 0) | (x0 >= width), 0)
-        weight_x1 = fx.masked_fill((x0 < -1) | (x0 >= width - 1), 0)
-        weight_y0 = (1 - fy).masked_fill((y0 < 0) | (y0 >= height), 0) * attention
-        weight_y1 = fy.masked_fill((y0 < -1) | (y0 >= height - 1), 0) * attention
-        column_0, column_1 = x0.clamp(0, width - 1), (x0 + 1).clamp_(0, width - 1)
-        row_0 = y0.clamp(0, height - 1).mul_(width).add_(image_offset + level_start)
-        row_1 = (y0 + 1).clamp_(0, height - 1).mul_(width).add_(image_offset + level_start)
-        yield (
-            level,
-            (
-                (row_0, column_0, weight_y0, weight_x0),
-                (row_0, column_1, weight_y0, weight_x1),
-                (row_1, column_0, weight_y1, weight_x0),
-                (row_1, column_1, weight_y1, weight_x1),
-            ),
-        )
-        level_start += height * width
+    xy = sampling_locations.movedim(-1, 0)
+    coordinates = grid.size  # (2, B, q, heads, levels, points): every x/y quantity below has this shape
+    # grid_sample's pixel coordinates (align_corners=False), x and y at once
+    pixel = torch.mul(grid.size, xy, out=scratch("pixel", coordinates))
+    pixel = torch.sub(pixel, 0.5, out=scratch("pixel", coordinates))
+    corner_0 = torch.floor(pixel.detach(), out=scratch("corner_0", coordinates))
+    corner_1 = torch.add(corner_0, 1, out=scratch("corner_1", coordinates))
+    # exact: the fractional part of a float, and 1 minus it rounded once as (corner_0 + 1) - pixel
+    fraction_1 = torch.sub(pixel, corner_0, out=scratch("fraction_1", coordinates))
+    fraction_0 = torch.sub(corner_1, pixel, out=scratch("fraction_0", coordinates))
+    # a corner is on the map where clamping leaves it unchanged; off the map (zero padding) its weight is 0: the
+    # corners are integers, so `fraction - |corner - clamped|` is the fraction itself on the map and at most 0 off it
+    # (float ops only: a boolean mask and masked_fill took 4x as long on CPU)
+    weights_by_corner = []
+    indices_by_corner = []
+    for corner, fraction, name in ((corner_0, fraction_0, "0"), (corner_1, fraction_1, "1")):
+        index = torch.clamp_min(corner, 0, out=scratch("index_" + name, coordinates))
+        index = torch.minimum(index, grid.last, out=scratch("index_" + name, coordinates))
+        distance = torch.sub(corner, index, out=scratch("distance", coordinates))
+        distance = torch.abs(distance, out=scratch("distance", coordinates))
+        weight = torch.sub(fraction, distance, out=scratch("weight_" + name, coordinates))
+        weights_by_corner.append(torch.clamp_min(weight, 0, out=scratch("weight_" + name, coordinates)))
+        indices_by_corner.append(index)
+    (weight_x0, weight_y0), (weight_x1, weight_y1) = weights_by_corner
+    (index_x0, index_y0), (index_x1, index_y1) = indices_by_corner
+    weight_dtype = torch.promote_types(weight_y0.dtype, attention_weights.dtype)
+    weight_y0 = torch.mul(weight_y0, attention_weights, out=scratch("weight_y0", weight_y0, dtype=weight_dtype))
+    weight_y1 = torch.mul(weight_y1, attention_weights, out=scratch("weight_y1", weight_y1, dtype=weight_dtype))
+    # exact integers: every value row is below 2**24 in float32 (2**53 in float64)
+    column_0 = torch.mul(index_x0, num_heads, out=scratch("column_0", index_x0))
+    column_1 = torch.mul(index_x1, num_heads, out=scratch("column_1", index_x1))
+    row_0 = torch.addcmul(grid.base, index_y0, grid.row_stride, out=scratch("row_0", index_y0))
+    row_1 = torch.addcmul(grid.base, index_y1, grid.row_stride, out=scratch("row_1", index_y1))
+    # corners before levels and points: each corner's entries of a bag are one contiguous run of levels x points
+    # (stacking into a last dimension of 4 copied one element at a time, 2.5x slower)
+    corner_dim = 3
+    entries = (*row_0.shape[:corner_dim], 4, *row_0.shape[corner_dim:])
+    pairs = ((row_0, column_0), (row_0, column_1), (row_1, column_0), (row_1, column_1))
+    positions = torch.stack(
+        [torch.add(row, column, out=scratch(f"corner_row_{k}", row)) for k, (row, column) in enumerate(pairs)],
+        dim=corner_dim,
+        out=scratch("positions", row_0, entries),
+    )
+    pairs = ((weight_y0, weight_x0), (weight_y0, weight_x1), (weight_y1, weight_x0), (weight_y1, weight_x1))
+    weights = torch.stack(
+        [torch.mul(y, x, out=scratch(f"corner_weight_{k}", y)) for k, (y, x) in enumerate(pairs)],
+        dim=corner_dim,
+        out=scratch("weights", weight_y0, entries),
+    )
+    return positions, weights
 
 
 def deformable_attention_embedding_bag(
@@ -98,10 +218,10 @@ def deformable_attention_embedding_bag(
     `grid_sample` version on CPU.
 
     Eager inference (no autograd, not traced) goes through the queries in steps of at most `bag_entries_per_step`
-    bag entries (a query has heads x levels x 4 corners x points of them), reusing one set of buffers: PosSAM-B's
-    pixel decoder at 1024x1024 has 8.3 million entries per layer, and their positions, weights and row indices at
-    once are 33 MB tensors, which glibc maps fresh from the kernel at every call (page faults: 0.2 s of a bf16
-    forward, docs/design.md).
+    bag entries (a query has heads x 4 corners x levels x points of them): PosSAM-B's pixel decoder at 1024x1024 has
+    8.3 million entries per layer, and their positions, weights and row indices at once are 33 MB tensors, which
+    glibc maps fresh from the kernel at every call (page faults: 0.2 s of a bf16 forward, docs/design.md); a step's
+    stay in cache.
 
     Args:
         value: `(B, N, heads, head_dim)`, N = sum of h * w over the levels (level-major, row-major).
@@ -121,65 +241,50 @@ def deformable_attention_embedding_bag(
         index_dtype = torch.float64
     else:
         index_dtype = torch.float32 if batch_size * num_values * num_heads < _FLOAT32_EXACT_INTEGERS else torch.float64
-    device = value.device
-    image_offset = (torch.arange(batch_size, dtype=index_dtype, device=device) * num_values).view(batch_size, 1, 1, 1)
-    # value viewed as (B * N * heads, head_dim): row of (image, position, head) = (image * N + position) * heads + head
-    head = torch.arange(num_heads, dtype=index_dtype, device=device).view(1, 1, num_heads, 1, 1, 1)
     # int32 rows halve the index memory; int64 beyond float32's exact range, and when exporting (the ONNX exporter's
     # embedding_bag concatenates the offsets with an int64 size, which onnxruntime refuses for int32 offsets)
     wide = index_dtype == torch.float64 or torch.compiler.is_exporting()
+    # the corner arithmetic: float64 locations keep their precision (still exact integers)
+    arithmetic_dtype = torch.promote_types(index_dtype, sampling_locations.dtype)
     row_dtype = torch.int64 if wide else torch.int32
-    samples_per_bag = num_levels * 4 * num_points
+    samples_per_bag = num_levels * num_points * 4
     flat_value = value.reshape(-1, head_dim)
+    device = value.device
+
+    def weighted_sums(
+        locations: torch.Tensor, attention: torch.Tensor, grid: _SampleGrid, scratch: _Scratch
+    ) -> torch.Tensor:
+        positions, weights = _bag_entries(locations, attention, grid, num_heads, scratch)
+        rows = scratch("rows", positions, dtype=row_dtype)
+        rows = positions.to(row_dtype) if rows is None else rows.copy_(positions)
+        offsets = torch.arange(0, rows.numel(), samples_per_bag, dtype=row_dtype, device=device)
+        return F.embedding_bag(
+            rows.view(-1), flat_value, offsets, mode="sum", per_sample_weights=weights.reshape(-1).to(value.dtype)
+        )
+
     track_gradients = torch.is_grad_enabled() and (sampling_locations.requires_grad or attention_weights.requires_grad)
     if track_gradients or torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        # Bag entries per (image, query, head), in (level, corner, point) order, stacked per level: autograd needs
-        # the weights as values, under torch.compile `out=` into a view breaks the graph (the compiler fuses the
-        # stacking anyway), and a traced graph has no Python loop over steps of a (symbolic) number of queries
-        level_positions, level_weights = [], []
-        for _, corners in _bilinear_corners(
-            sampling_locations, attention_weights, spatial_shapes, index_dtype, image_offset
-        ):
-            level_positions.append(torch.stack([row + column for row, column, _, _ in corners], dim=3))
-            level_weights.append(torch.stack([weight_y * weight_x for _, _, weight_y, weight_x in corners], dim=3))
-        positions, weights = torch.stack(level_positions, dim=3), torch.stack(level_weights, dim=3)
-        rows = (positions * num_heads + head).to(row_dtype).view(-1)
-        offsets = torch.arange(0, rows.numel(), samples_per_bag, dtype=rows.dtype, device=device)
-        output = F.embedding_bag(
-            rows, flat_value, offsets, mode="sum", per_sample_weights=weights.reshape(-1).to(value.dtype)
+        # one pass over all queries: autograd needs the entries whole, and a traced graph has no Python loop over
+        # steps of a (symbolic) number of queries; the constants stay broadcast views (the compiler fuses them)
+        grid = _SampleGrid.build(
+            spatial_shapes, batch_size, num_values, num_heads, num_points, num_queries, arithmetic_dtype, device
         )
+        output = weighted_sums(sampling_locations, attention_weights, grid, _Scratch(reuse=False))
         return output.view(batch_size, num_queries, num_heads * head_dim)
 
-    # Eager inference: the entries of a step of queries written in place into buffers reused from step to step
+    # Eager inference: steps of queries, with the constants written out once for a whole step
     entries_per_query = batch_size * num_heads * samples_per_bag
     step = max(1, min(num_queries, bag_entries_per_step // entries_per_query))
-    entry_shape = (num_heads, num_levels, 4, num_points)
-    position_buffer = torch.empty(step * entries_per_query, dtype=index_dtype, device=device)
-    weight_buffer = torch.empty_like(position_buffer)
-    row_buffer = torch.empty(step * entries_per_query, dtype=row_dtype, device=device)
-    step_offsets = torch.arange(0, step * entries_per_query, samples_per_bag, dtype=row_dtype, device=device)
+    step_grid = _SampleGrid.build(
+        spatial_shapes, batch_size, num_values, num_heads, num_points, step, arithmetic_dtype, device
+    ).materialize()
     output = value.new_empty(batch_size, num_queries, num_heads * head_dim)
+    scratch = _Scratch(reuse=True)
     for first_query in range(0, num_queries, step):
-        queries = slice(first_query, first_query + step)
         step_queries = min(step, num_queries - first_query)
-        entries = step_queries * entries_per_query
-        positions = position_buffer[:entries].view(batch_size, step_queries, *entry_shape)
-        weights = weight_buffer[:entries].view(batch_size, step_queries, *entry_shape)
-        for level, corners in _bilinear_corners(
-            sampling_locations[:, queries], attention_weights[:, queries], spatial_shapes, index_dtype, image_offset
-        ):
-            for corner, (row, column, weight_y, weight_x) in enumerate(corners):
-                torch.add(row, column, out=positions[:, :, :, level, corner])
-                torch.mul(weight_y, weight_x, out=weights[:, :, :, level, corner])
-        rows = row_buffer[:entries]
-        rows.copy_(positions.mul_(num_heads).add_(head).view(-1))
-        sums = F.embedding_bag(
-            rows,
-            flat_value,
-            step_offsets[: entries // samples_per_bag],
-            mode="sum",
-            per_sample_weights=weights.view(-1).to(value.dtype),
-        )
+        queries = slice(first_query, first_query + step_queries)
+        grid = step_grid if step_queries == step else step_grid.first_queries(step_queries)
+        sums = weighted_sums(sampling_locations[:, queries], attention_weights[:, queries], grid, scratch)
         output[:, queries] = sums.view(batch_size, step_queries, num_heads * head_dim)
     return output
 

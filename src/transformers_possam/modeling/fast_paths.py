@@ -80,7 +80,9 @@ def install_fast_paths(
     """
     install_mlp_fast_paths(vision_encoder)
     if type(vision_encoder.patch_embed) is SamPatchEmbeddings:
-        vision_encoder.patch_embed = take_over(vision_encoder.patch_embed, PosSAMPatchEmbeddings, vision_encoder.config)
+        vision_encoder.patch_embed = take_over(
+            vision_encoder.patch_embed, PosSAMPatchEmbeddings, vision_encoder.config
+        )
     for vision_layer in vision_encoder.layers:
         # exactly the SDPA class: the eager `SamVisionAttention`, or a module already replaced, stays
         if type(vision_layer.attn) is SamVisionSdpaAttention:

@@ -3,16 +3,61 @@
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 
-__all__ = ["mask_pool"]
+__all__ = ["bilinear_resize", "mask_pool"]
+
+
+def _axis_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    PyTorch's bilinear taps along one axis (align_corners=False, no antialiasing), computed as its CPU kernel does in
+    float32: source `max(0, (out + 0.5) * in / out - 0.5)`, first tap its floor (at most `in - 1`), second tap the next
+    index (the same at the edge), weight of the second tap the fractional part.
+
+    Returns:
+        `(first, second)` int64 indices `(out_size,)` and the second tap's float32 weight `(out_size,)`.
+    """
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    source = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0)
+    first = source.floor().clamp_max(in_size - 1)
+    weight = (source - first).clamp(0, 1)
+    first = first.long()
+    second = (first + 1).clamp_max(in_size - 1)
+    return first.to(device), second.to(device), weight.to(device)
+
+
+def bilinear_resize(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """
+    `F.interpolate(logits, size, mode="bilinear", align_corners=False)` in float32 from only the rows and columns
+    the taps read: the two source rows of every output row, then within them the two source columns of every output
+    column, combined as F.interpolate's CPU kernel combines them (columns first, then rows). F.interpolate reads
+    every input pixel: resizing PosSAM-B's 250 masks 256x256 -> 32x32 for mask pooling took it 40-60 ms on CPU,
+    this 2-3 ms (docs/design.md). Same values up to float32 rounding.
+
+    Args:
+        logits: `(..., height, width)`, any float dtype.
+        size: `(out_height, out_width)`.
+
+    Returns:
+        `(..., out_height, out_width)` float32.
+    """
+    height, width = logits.shape[-2:]
+    row_0, row_1, row_weight = _axis_taps(height, size[0], logits.device)
+    column_0, column_1, column_weight = _axis_taps(width, size[1], logits.device)
+
+    def across_columns(rows: torch.Tensor) -> torch.Tensor:
+        first, second = rows.index_select(-1, column_0).float(), rows.index_select(-1, column_1).float()
+        return first * (1 - column_weight) + second * column_weight
+
+    top, bottom = across_columns(logits.index_select(-2, row_0)), across_columns(logits.index_select(-2, row_1))
+    return top * (1 - row_weight)[:, None] + bottom * row_weight[:, None]
 
 
 def mask_pool(features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     """
-    FC-CLIP / ODISE mask pooling: the mask logits are bilinearly resized to the feature map, binarized at logit 0
-    (sigmoid 0.5) without gradient, and the features are averaged inside each mask. An empty mask pools to zeros.
+    FC-CLIP / ODISE mask pooling: the mask logits are bilinearly resized to the feature map (`bilinear_resize`),
+    binarized at logit 0 (sigmoid 0.5) without gradient, and the features are averaged inside each mask. An empty
+    mask pools to zeros.
 
     Args:
         features: `(batch, channels, height, width)`.
@@ -23,7 +68,7 @@ def mask_pool(features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor
     """
     with torch.no_grad():
         if mask_logits.shape[-2:] != features.shape[-2:]:
-            mask_logits = F.interpolate(mask_logits, size=features.shape[-2:], mode="bilinear", align_corners=False)
+            mask_logits = bilinear_resize(mask_logits, (features.shape[-2], features.shape[-1]))
         masks = (mask_logits > 0).to(features.dtype)
         # FC-CLIP divides by `area + 1e-8`; for the integer areas here that is `area.clamp_min(1)` exactly (n + 1e-8
         # rounds to n for n >= 1 in every float type, and 0 / 1e-8 = 0 / 1). The ONNX exporter's graph optimizer
