@@ -61,11 +61,13 @@ def test_mask_pool_is_average_inside_binarized_mask():
         ((7, 9), (16, 5)),  # up along one axis, down along the other
         ((5, 5), (5, 5)),  # same size
         ((1, 3), (4, 1)),  # one-pixel axes: both taps on the one pixel
+        ((1024, 1024), (1024, 7)),  # float32 throughout would round the taps' positions differently: 6e-4 off
+        ((299, 97), (33, 1024)),
     ],
 )
 def test_bilinear_resize_equals_interpolate(in_size, out_size):
-    """`F.interpolate(bilinear, align_corners=False)` of (batch, queries, h, w) logits, within float32 rounding (its
-    kernel may fuse a multiply-add that this computes as two ops)."""
+    """`F.interpolate(bilinear, align_corners=False)` of (batch, queries, h, w) logits, within float32 rounding (the
+    taps' weights combined in another order)."""
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, *in_size, generator=generator) * 4
     expected = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
@@ -225,6 +227,68 @@ def test_embedding_bag_sampler_in_float64_keeps_float64_precision():
     with torch.no_grad():
         stepped = deformable_attention_embedding_bag(value, shapes, locations, attention, bag_entries_per_step=500)
     torch.testing.assert_close(stepped, expected.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_embedding_bag_sampler_gradient_at_pixel_centres_is_grid_samples():
+    """Locations exactly on pixel centres, inside, on the map's last row / column and one pixel off each edge
+    (pixel coordinates -1, 0, 1, 3, 4 on levels 8 x 4 and 4 x 2; Mask2Former's initialization puts every sample on a
+    centre), where bilinear interpolation has a kink: the gradient w.r.t. the locations is grid_sample's (one-sided)
+    one, in float64. An off-map corner's weight written as
+    `max(0, fraction - distance)` lost the on-map corner's derivative there (+3.70 instead of -0.28 at x = 0)."""
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    from transformers_possam.modeling import deformable_attention_embedding_bag
+
+    generator = torch.Generator().manual_seed(6)
+    # power-of-two sizes: the normalized locations (p + 0.5) / size, and both formulas' pixel coordinates from them
+    # (transformers' grid_sample unnormalizes ((2 * loc - 1) + 1) * size / 2 - 0.5), are exact, so both land exactly
+    # on the kink; with other sizes the two roundings put a location on different sides of it
+    shapes = [(4, 8), (2, 4)]
+    batch, heads, head_dim = 2, 2, 3
+    num_values = sum(h * w for h, w in shapes)
+    value = torch.randn(batch, num_values, heads, head_dim, generator=generator, dtype=torch.float64)
+    pixels = torch.tensor([-1.0, 0.0, 1.0, 3.0, 4.0], dtype=torch.float64)  # pixel coordinates, x and y
+    grid_x, grid_y = torch.meshgrid(pixels, pixels, indexing="ij")
+    num_queries = grid_x.numel()
+    locations = torch.empty(batch, num_queries, heads, len(shapes), 1, 2, dtype=torch.float64)
+    for level, (height, width) in enumerate(shapes):
+        locations[..., level, 0, 0] = ((grid_x.flatten() + 0.5) / width)[None, :, None]
+        locations[..., level, 0, 1] = ((grid_y.flatten() + 0.5) / height)[None, :, None]
+    locations.requires_grad_()
+    attention = torch.rand(batch, num_queries, heads, len(shapes), 1, generator=generator, dtype=torch.float64)
+    weights = torch.randn(batch, num_queries, heads * head_dim, generator=generator, dtype=torch.float64)
+    gradients = []
+    for function in (multi_scale_deformable_attention, deformable_attention_embedding_bag):
+        (gradient,) = torch.autograd.grad((function(value, shapes, locations, attention) * weights).sum(), locations)
+        gradients.append(gradient)
+    assert gradients[0].abs().max() > 0  # positive control
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-10, atol=1e-10)
+
+
+def test_embedding_bag_sampler_gradient_of_the_value_alone_in_several_steps():
+    """Only the value needs a gradient (a frozen layer's locations, LoRA on the value projection): the sampler must
+    not reuse the buffers embedding_bag saved for the backward pass; gradient equal to grid_sample's."""
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    from transformers_possam.modeling import deformable_attention_embedding_bag
+
+    generator = torch.Generator().manual_seed(7)
+    shapes = [(4, 6), (2, 3)]
+    batch, heads, head_dim, points = 2, 2, 4, 2
+    num_values = sum(h * w for h, w in shapes)
+    value = torch.randn(batch, num_values, heads, head_dim, generator=generator).requires_grad_()
+    locations = torch.rand(batch, 30, heads, len(shapes), points, 2, generator=generator) * 1.2 - 0.1
+    attention = torch.rand(batch, 30, heads, len(shapes), points, generator=generator)
+    gradients = []
+    for function, options in ((multi_scale_deformable_attention, {}), (deformable_attention_embedding_bag, {})):
+        if function is deformable_attention_embedding_bag:
+            options = {"bag_entries_per_step": 100}  # a step of one query: 30 steps
+        output = function(value, shapes, locations, attention, **options)
+        (gradient,) = torch.autograd.grad(
+            (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum(), value
+        )
+        gradients.append(gradient)
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-5, atol=1e-5)
 
 
 def test_sampling_locations_are_transformers_formula_bit_for_bit():

@@ -157,12 +157,15 @@ def _bag_entries(
     pixel = torch.sub(pixel, 0.5, out=scratch("pixel", coordinates))
     corner_0 = torch.floor(pixel.detach(), out=scratch("corner_0", coordinates))
     corner_1 = torch.add(corner_0, 1, out=scratch("corner_1", coordinates))
-    # exact: the fractional part of a float, and 1 minus it rounded once as (corner_0 + 1) - pixel
+    # for pixel >= 0 exact: the fractional part of a float; 1 minus it is rounded once, as (corner_0 + 1) - pixel
     fraction_1 = torch.sub(pixel, corner_0, out=scratch("fraction_1", coordinates))
     fraction_0 = torch.sub(corner_1, pixel, out=scratch("fraction_0", coordinates))
     # a corner is on the map where clamping leaves it unchanged; off the map (zero padding) its weight is 0: the
-    # corners are integers, so `fraction - |corner - clamped|` is the fraction itself on the map and at most 0 off it
-    # (float ops only: a boolean mask and masked_fill took 4x as long on CPU)
+    # corners are integers, so with d = min(|corner - clamped|, 1) (0 on the map, 1 off it) the weight is
+    # `fraction - fraction * d`, exactly the fraction or exactly 0, and so is its derivative. Float ops only (a
+    # boolean mask and masked_fill took 4x as long on CPU); not `max(0, fraction - |corner - clamped|)`, whose
+    # derivative vanishes where the fraction is 0 on the map (a location exactly on a pixel centre, as
+    # Mask2Former's initialization puts them), where grid_sample's does not
     weights_by_corner = []
     indices_by_corner = []
     for corner, fraction, name in ((corner_0, fraction_0, "0"), (corner_1, fraction_1, "1")):
@@ -170,8 +173,9 @@ def _bag_entries(
         index = torch.minimum(index, grid.last, out=scratch("index_" + name, coordinates))
         distance = torch.sub(corner, index, out=scratch("distance", coordinates))
         distance = torch.abs(distance, out=scratch("distance", coordinates))
-        weight = torch.sub(fraction, distance, out=scratch("weight_" + name, coordinates))
-        weights_by_corner.append(torch.clamp_min(weight, 0, out=scratch("weight_" + name, coordinates)))
+        off_map = torch.clamp_max(distance, 1, out=scratch("distance", coordinates))
+        weight = torch.addcmul(fraction, fraction, off_map, value=-1, out=scratch("weight_" + name, coordinates))
+        weights_by_corner.append(weight)
         indices_by_corner.append(index)
     (weight_x0, weight_y0), (weight_x1, weight_y1) = weights_by_corner
     (index_x0, index_y0), (index_x1, index_y1) = indices_by_corner
@@ -221,7 +225,7 @@ def deformable_attention_embedding_bag(
     bag entries (a query has heads x 4 corners x levels x points of them): PosSAM-B's pixel decoder at 1024x1024 has
     8.3 million entries per layer, and their positions, weights and row indices at once are 33 MB tensors, which
     glibc maps fresh from the kernel at every call (page faults: 0.2 s of a bf16 forward, docs/design.md); a step's
-    stay in cache.
+    tensors stay in cache.
 
     Args:
         value: `(B, N, heads, head_dim)`, N = sum of h * w over the levels (level-major, row-major).
@@ -262,7 +266,11 @@ def deformable_attention_embedding_bag(
             rows.view(-1), flat_value, offsets, mode="sum", per_sample_weights=weights.reshape(-1).to(value.dtype)
         )
 
-    track_gradients = torch.is_grad_enabled() and (sampling_locations.requires_grad or attention_weights.requires_grad)
+    # embedding_bag keeps its indices and per-sample weights for the backward pass, so any input needing a gradient
+    # (the value alone too: a frozen layer's locations under LoRA on the value projection) rules out reused buffers
+    track_gradients = torch.is_grad_enabled() and (
+        value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad
+    )
     if track_gradients or torch.compiler.is_compiling() or torch.compiler.is_exporting():
         # one pass over all queries: autograd needs the entries whole, and a traced graph has no Python loop over
         # steps of a (symbolic) number of queries; the constants stay broadcast views (the compiler fuses them)

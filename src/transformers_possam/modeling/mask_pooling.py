@@ -10,15 +10,19 @@ __all__ = ["bilinear_resize", "mask_pool"]
 
 def _axis_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
-    PyTorch's bilinear taps along one axis (align_corners=False, no antialiasing), computed as its CPU kernel does in
-    float32: source `max(0, (out + 0.5) * in / out - 0.5)`, first tap its floor (at most `in - 1`), second tap the next
+    PyTorch's bilinear taps along one axis (align_corners=False, no antialiasing), computed as its CPU kernel does:
+    source `max(0, (out + 0.5) * in / out - 0.5)` in float32, first tap its floor (at most `in - 1`), second tap the next
     index (the same at the edge), weight of the second tap the fractional part.
 
     Returns:
         `(first, second)` int64 indices `(out_size,)` and the second tap's float32 weight `(out_size,)`.
     """
-    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
-    source = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0)
+    # the kernel (as PyTorch builds it for x86) divides in float32 and evaluates `scale * (out + 0.5) - 0.5` as one
+    # fused multiply-add; the product is exact in float64, so float64 rounded once to float32 gives its positions
+    # (float32 throughout rounded twice: other taps on 263 of 1794 axes, 6e-4 off for 1024 -> 7)
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    positions = torch.arange(out_size, dtype=torch.float64) + 0.5
+    source = (positions * scale.double() - 0.5).float().clamp_min(0)
     first = source.floor().clamp_max(in_size - 1)
     weight = (source - first).clamp(0, 1)
     first = first.long()
@@ -32,7 +36,7 @@ def bilinear_resize(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     the taps read: the two source rows of every output row, then within them the two source columns of every output
     column, combined as F.interpolate's CPU kernel combines them (columns first, then rows). F.interpolate reads
     every input pixel: resizing PosSAM-B's 250 masks 256x256 -> 32x32 for mask pooling took it 40-60 ms on CPU,
-    this 2-3 ms (docs/design.md). Same values up to float32 rounding.
+    about 5 ms (docs/design.md). Same values up to float32 rounding.
 
     Args:
         logits: `(..., height, width)`, any float dtype.
