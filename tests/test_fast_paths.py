@@ -251,7 +251,8 @@ def test_gradients_equal_with_fast_paths_on_and_off(name):
     change the rounding (another memory layout, another summation order), and the training forward has thresholds:
     masks binarized at logit 0 for pooling, the matching, PointRend's most uncertain points. In float32 a rounding
     difference of 1e-7 flipped one of them for the "windowed_and_global" model once SAM's tokens were stored
-    token-major (gradients 0.5% apart in 44 tensors, the loss 8e-6 apart); in float64 they agree to 3e-16 of the largest.
+    token-major (gradients 0.5% apart in 44 tensors, the loss 8e-6 apart); in float64 they agree to 3e-16 of the
+    largest.
     """
     fast, reference = model_pair(PosSAMForPanopticSegmentation, name)
     fast.double(), reference.double()

@@ -261,9 +261,12 @@ def deformable_attention_embedding_bag(
         positions, weights = _bag_entries(locations, attention, grid, num_heads, scratch)
         rows = scratch("rows", positions, dtype=row_dtype)
         rows = positions.to(row_dtype) if rows is None else rows.copy_(positions)
-        offsets = torch.arange(0, rows.numel(), samples_per_bag, dtype=row_dtype, device=device)
+        # one bag per (image, query, head), all of the same length: a 2-d input, no offsets
         return F.embedding_bag(
-            rows.view(-1), flat_value, offsets, mode="sum", per_sample_weights=weights.reshape(-1).to(value.dtype)
+            rows.view(-1, samples_per_bag),
+            flat_value,
+            mode="sum",
+            per_sample_weights=weights.reshape(-1, samples_per_bag).to(value.dtype),
         )
 
     # embedding_bag keeps its indices and per-sample weights for the backward pass, so any input needing a gradient

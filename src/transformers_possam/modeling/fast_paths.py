@@ -63,8 +63,8 @@ def install_fast_paths(
        token-major, so that the encoder's `LayerNorm`s and residual sums read contiguous rows.
     2. The pixel decoder's `Mask2FormerPixelDecoderEncoderOnly` -> `PosSAMPixelDecoderEncoder` (its output stored
        channel-major, which the pixel decoder's FPN resizes 9x faster on CPU), each of its
-       `Mask2FormerPixelDecoderEncoderLayer`s -> `PosSAMPixelDecoderEncoderLayer` (at inference the feed-forward network in blocks of rows,
-       ReLU in place), and their
+       `Mask2FormerPixelDecoderEncoderLayer`s -> `PosSAMPixelDecoderEncoderLayer` (at inference the feed-forward
+       network in blocks of rows, ReLU in place), and their
        `Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention` -> `PosSAMMultiscaleDeformableAttention`: an
        `embedding_bag` sampler on CPU.
     3. The decoder's `Mask2FormerMaskPredictor` -> `PosSAMMaskPredictor`: given `AttentionMaskFeatures` (what

@@ -11,8 +11,8 @@ __all__ = ["bilinear_resize", "mask_pool"]
 def _axis_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     PyTorch's bilinear taps along one axis (align_corners=False, no antialiasing), computed as its CPU kernel does:
-    source `max(0, (out + 0.5) * in / out - 0.5)` in float32, first tap its floor (at most `in - 1`), second tap the next
-    index (the same at the edge), weight of the second tap the fractional part.
+    source `max(0, (out + 0.5) * in / out - 0.5)` in float32, first tap its floor (at most `in - 1`), second tap the
+    next index (the same at the edge), weight of the second tap the fractional part.
 
     Returns:
         `(first, second)` int64 indices `(out_size,)` and the second tap's float32 weight `(out_size,)`.

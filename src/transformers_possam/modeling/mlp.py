@@ -160,9 +160,9 @@ def _row_blocked(mlp: nn.Module) -> nn.Module | None:
 def install_mlp_fast_paths(module: nn.Module) -> None:
     """
     Under `module`: every transformers `SamMLPBlock` -> `PosSAMSamMLPBlock` and every timm `Mlp` with linear layers
-    and no norm (ConvNeXt's) -> `PosSAMTimmMlp` (rows in blocks at inference), then their GELU -> `InPlaceGELU` (`install_in_place_gelu`),
-    which the blocks' activation works in. Same parameters and state-dict keys; modules already replaced are left as
-    they are, so a second call changes nothing.
+    and no norm (ConvNeXt's) -> `PosSAMTimmMlp` (rows in blocks at inference), then their GELU -> `InPlaceGELU`
+    (`install_in_place_gelu`), which the blocks' activation works in. Same parameters and state-dict keys; modules
+    already replaced are left as they are, so a second call changes nothing.
     """
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):

@@ -90,8 +90,8 @@ def relative_position_attention_blocked(
     matmul summed in place (the bias through broadcasting views, or as a second matmul for small grids), an in-place
     softmax and a second matmul. No `(tokens, tokens)` tensor exists at any time, neither scores nor bias: on CPU,
     where fresh large tensors cost page faults and their traffic leaves the caches, this is 1.5x (float32) to 2x
-    (bf16) faster than SDPA with a materialized bias head by head (docs/design.md). Differentiable (training through it keeps autograd's usual
-    memory: one score block per step). A reduced-precision softmax reads bf16 / fp16 and accumulates in float32
+    (bf16) faster than SDPA with a materialized bias head by head (docs/design.md). Differentiable (training through
+    it keeps autograd's usual memory: one score block per step). A reduced-precision softmax reads bf16 / fp16 and accumulates in float32
     (PyTorch's CPU softmax).
 
     Args:
