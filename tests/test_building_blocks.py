@@ -80,6 +80,22 @@ def test_bilinear_resize_equals_interpolate(in_size, out_size):
     torch.testing.assert_close(bilinear_resize(reduced, out_size), expected, rtol=0, atol=1e-5)
 
 
+def test_bilinear_resize_refuses_what_interpolate_refuses():
+    logits = torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="two ints >= 1"):
+        bilinear_resize(logits, (0, 3))  # F.interpolate: "sizes should be greater than 0"
+    with pytest.raises(ValueError, match="two ints >= 1"):
+        bilinear_resize(logits, (2,))  # one size for a 2-d resize
+    with pytest.raises(ValueError, match="two ints >= 1"):
+        bilinear_resize(logits, (2.5, 2))  # a float size
+    with pytest.raises(ValueError, match="float logits"):
+        bilinear_resize(torch.randint(0, 3, (1, 1, 4, 4)), (2, 2))  # integer masks: binarize after resizing
+    with pytest.raises(ValueError, match="float logits"):
+        bilinear_resize(torch.randn(4), (2, 2))  # no (height, width)
+    with pytest.raises(ValueError, match="float logits"):
+        bilinear_resize(torch.randn(1, 0, 4), (2, 2))  # an empty axis
+
+
 def test_mask_pool_binarizes_the_interpolated_masks():
     """mask_pool against the FC-CLIP recipe written out with F.interpolate: logits kept away from 0 after resizing
     (at least 0.05), so that rounding cannot move a pixel across the threshold; then the pooled features are equal."""

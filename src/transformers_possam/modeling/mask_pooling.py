@@ -45,6 +45,13 @@ def bilinear_resize(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     Returns:
         `(..., out_height, out_width)` float32.
     """
+    if logits.dim() < 2 or not logits.is_floating_point() or min(logits.shape[-2:]) < 1:
+        raise ValueError(
+            f"bilinear_resize needs float logits of shape (..., height, width) with height, width >= 1; got dtype "
+            f"{logits.dtype}, shape {tuple(logits.shape)}."
+        )
+    if len(size) != 2 or not all(isinstance(length, (int, torch.SymInt)) and length >= 1 for length in size):
+        raise ValueError(f"bilinear_resize needs size = (out_height, out_width), two ints >= 1; got {size!r}.")
     height, width = logits.shape[-2:]
     row_0, row_1, row_weight = _axis_taps(height, size[0], logits.device)
     column_0, column_1, column_weight = _axis_taps(width, size[1], logits.device)
