@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # pytest-xdist processes for `make test` (each test runs single-threaded, tests/conftest.py): one per core here
 TEST_WORKERS ?= 2
 
-.PHONY: test demo pipeline-demo venv clean transformers-tests lint format typecheck
+.PHONY: test demo pipeline-demo venv clean transformers-tests lint format typecheck device-wheels
 
 venv: $(STAMP)
 
@@ -45,6 +45,16 @@ demo: $(STAMP)
 
 pipeline-demo: $(STAMP)
 	$(VPY) -m transformers_possam.demo
+
+# Wheels for a lent GPU machine (benchmarks/device_session.sh installs them there): the transformers and timm this
+# venv pins, which that machine's image holds in other versions. Git ignores .whl/ (.git/info/exclude).
+device-wheels: $(STAMP)
+	grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+	rm -rf .whl
+	$(VPY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		"transformers==$$($(VPY) -c 'import transformers; print(transformers.__version__)')" \
+		"timm==$$($(VPY) -c 'import timm; print(timm.__version__)')"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,24 +1,31 @@
 """
 Target 7 (needs an accelerator): PosSAM-B/L/H at 1024x1024, bf16 and fp32, batch 1 and 8, eager and compiled
-(`torch.compile` of the whole model forward; post-processing eager) -> images per second (forward + MASE panoptic
-post-processing) and peak accelerator memory. Goals on an H100 (issue 15): B bf16 batch 1 >= 25 FPS eager and >= 60 FPS
-compiled; H bf16 batch 8 >= 40 images/s (eager or compiled: each row is judged). Random weights (timings do not depend
-on them).
-Training (`run_training`): B/L/H bf16 training steps at batch 2 per GPU (autocast as `--mixed_precision bf16`, AdamW,
-clipping) -> images/s and peak memory per GPU, and the GPU-days the paper's schedule (250K iterations x 16 images)
-would take at that rate.
+(`torch.compile(fullgraph=True, dynamic=False)` of the whole model forward; post-processing eager) -> images per second
+(forward + MASE panoptic post-processing), peak accelerator memory, the first call's time (compilation) and the
+forward's achieved TFLOP/s (FlopCounterMode's count). Goals on an H100 (issue 15): B bf16 batch 1 >= 25 FPS eager and
+>= 60 FPS compiled; H bf16 batch 8 >= 40 images/s (eager or compiled: each row is judged). Training rows: B/L/H bf16
+training steps at batch 2 per GPU (autocast as `--mixed_precision bf16`, AdamW, clipping) -> images/s and peak
+memory per GPU, and the GPU-days the paper's schedule (250K iterations x 16 images) would take at that rate. Random
+weights (timings do not depend on them).
 
-`python benchmarks/run.py --suite gpu` (writes results-gpu.json). `--device cpu --variants tiny` exercises the same
-code on a CPU with the tiny config (used by the tests; no figures are meaningful there).
+Rows run in `plan`'s order, goal rows first, within an optional time budget, and each finished row is handed to a
+callback (run.py writes the results file after each), because a lent GPU machine gives a session minutes, not hours.
+
+`python benchmarks/run.py --suite gpu` (writes results-gpu.json); `benchmarks/device_session.sh` is the one command
+for a lent machine. `--device cpu --variants tiny` exercises the same code on a CPU with the tiny config (used by the
+tests; no figures are meaningful there).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from common import summary
+from precision import count_flops
 
 from training import make_training_step
 
@@ -75,9 +82,15 @@ def _measure(model, processor, pixel_values, class_embeddings, device, repeats: 
 
 
 def time_steps(step, device: torch.device, repeats: int) -> tuple[dict, int | None]:
-    """`step()` twice to warm up, then `repeats` timed calls: (`summary` of the times, peak CUDA memory or None)."""
-    for _ in range(2):
-        step()
+    """
+    `step()` twice to warm up, then `repeats` timed calls: (`summary` of the times plus `first_call_s`, the first
+    warm-up call, which holds compilation and autotuning; peak CUDA memory or None).
+    """
+    start = time.perf_counter()
+    step()
+    _synchronize(device)
+    first_call = time.perf_counter() - start
+    step()
     _synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -87,7 +100,198 @@ def time_steps(step, device: torch.device, repeats: int) -> tuple[dict, int | No
         step()
         _synchronize(device)
         times.append(time.perf_counter() - start)
-    return summary(times), (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+    return {**summary(times), "first_call_s": first_call}, (
+        torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of target 7's matrix: an inference configuration, or a bf16 training step (`training`)."""
+
+    variant: str
+    dtype: str
+    batch: int
+    compiled: bool = False
+    training: bool = False
+
+
+def plan(
+    variants: tuple[str, ...],
+    dtypes: tuple[str, ...],
+    batches: tuple[int, ...],
+    compile_models: bool,
+    training_batch: int | None = None,
+) -> list[Case]:
+    """
+    The matrix in the order it is measured: the rows with an issue-15 goal and the cheapest others first, so a
+    session whose device time runs out (`run(..., budget_s=...)`) has measured what matters most:
+
+    0. bf16 eager of the first variant (B); 1. bf16 eager of H (its batch-8 goal); 2. bf16 compiled of the first
+    variant (a compilation per batch size: minutes); 3. bf16 eager of the others (L); 4. bf16 training steps at
+    `training_batch` (None: none); 5. fp32 eager; 6. bf16 compiled of the others; 7. fp32 compiled. Within a tier:
+    the first variant, then H, then the others as given; then batches as given.
+    """
+    first = variants[0]
+    others = sorted(variants[1:], key=lambda variant: variant != "vit-h")  # H's goal first
+    order = {variant: index for index, variant in enumerate([first, *others])}
+
+    def tier(case: Case) -> int:
+        if case.training:
+            return 4
+        if case.dtype != "bfloat16":
+            return 7 if case.compiled else 5
+        if case.compiled:
+            return 2 if case.variant == first else 6
+        return 0 if case.variant == first else 1 if case.variant == "vit-h" else 3
+
+    cases = [
+        Case(variant, dtype, batch, compiled)
+        for variant in variants
+        for dtype in dtypes
+        for compiled in ((False, True) if compile_models else (False,))
+        for batch in batches
+    ]
+    if training_batch is not None:
+        cases += [Case(variant, "bfloat16", training_batch, training=True) for variant in variants]
+    batch_order = {batch: index for index, batch in enumerate(batches)}
+    return sorted(cases, key=lambda case: (tier(case), order[case.variant], batch_order.get(case.batch, 0)))
+
+
+def _row(case: Case, size: int) -> dict:
+    if case.training:
+        figure = f"{_name(case.variant)} bfloat16 training, batch {case.batch} at {size}x{size} (autocast, AdamW)"
+    else:
+        figure = f"{_name(case.variant)} {case.dtype} batch {case.batch} at {size}x{size}, " + (
+            "torch.compile" if case.compiled else "eager"
+        )
+    row = {
+        "target": 7,
+        "figure": figure,
+        "variant": case.variant,
+        "dtype": case.dtype,
+        "batch": case.batch,
+        "compiled": case.compiled,
+        "goal": "reported",
+        "pass": None,
+    }
+    if case.training:
+        row["training"] = True
+    else:
+        row["paper_fps_a100"] = PAPER_FPS.get(case.variant)
+    return row
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 10) -> float:
+    """TFLOP/s of a `size`^3 matmul in `dtype` on `device` (mean of `repeats` after 3 warm-ups), the peak reference."""
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(size, size, generator=generator).to(device, dtype)
+    right = torch.randn(size, size, generator=generator).to(device, dtype)
+    for _ in range(3):
+        torch.matmul(left, right)
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(left, right)
+    _synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+class _Models:
+    """The model of the variant at hand, its dtype, and its compiled forwards; rebuilt when the variant changes."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.variant: str | None = None
+        self.model = None
+        self.compiled: dict[tuple[str, bool], object] = {}
+
+    def drop(self) -> None:
+        self.model, self.variant = None, None
+        self.compiled.clear()
+        torch._dynamo.reset()  # compiled graphs hold their own references to weights and buffers
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def get(self, variant: str, dtype: torch.dtype):
+        from transformers_possam import PosSAMForPanopticSegmentation
+
+        if variant != self.variant:
+            self.drop()
+            torch.manual_seed(0)
+            with torch.device(self.device):
+                self.model = PosSAMForPanopticSegmentation(_config(variant)).eval()
+            self.variant = variant
+        if self.model.dtype != dtype:
+            self.compiled.clear()
+            torch._dynamo.reset()
+            self.model.to(dtype)
+        return self.model
+
+    def runner(self, variant: str, dtype: torch.dtype, compiled: bool, fullgraph: bool = True):
+        model = self.get(variant, dtype)
+        if not compiled:
+            return model
+        key = (str(dtype), fullgraph)
+        if key not in self.compiled:
+            # static shapes (one graph per batch size), whole forward as one graph: a graph break is an error
+            self.compiled[key] = torch.compile(model, fullgraph=fullgraph, dynamic=False)
+        return self.compiled[key]
+
+
+def _inference(models: _Models, case: Case, row: dict, repeats: int, flops_per_image: dict) -> None:
+    from transformers_possam import PosSAMImageProcessor
+
+    device, dtype = models.device, getattr(torch, case.dtype)
+    model = models.get(case.variant, dtype)
+    config = model.config
+    size = config.vision_config.image_size
+    processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
+    class_embeddings = torch.nn.functional.normalize(
+        torch.randn(150, 1, config.clip_embed_dim, device=device), dim=-1
+    ).to(dtype)
+    pixel_values = torch.randn(case.batch, 3, size, size, device=device, dtype=dtype)
+    key = (case.variant, case.dtype)
+    if key not in flops_per_image:  # FlopCounterMode's count of one image's forward (eager)
+        with torch.inference_mode():
+            flops_per_image[key] = count_flops(lambda: model(pixel_values[:1], class_embeddings=class_embeddings))
+    try:
+        runner = models.runner(case.variant, dtype, case.compiled)
+        row.update(_measure(runner, processor, pixel_values, class_embeddings, device, repeats))
+    except Exception as error:
+        if not case.compiled:
+            raise
+        # fullgraph failed (a graph break or a compile error): recorded, then measured with graph breaks allowed
+        row["fullgraph_error"] = f"{type(error).__name__}: {error}"[:500]
+        runner = models.runner(case.variant, dtype, case.compiled, fullgraph=False)
+        row.update(_measure(runner, processor, pixel_values, class_embeddings, device, repeats))
+    row["forward_tflop_per_image"] = flops_per_image[key] / 1e12
+    row["achieved_forward_tflops"] = flops_per_image[key] * row["images_per_second"] / 1e12
+    minimum = goal(case.variant, case.dtype, case.batch, case.compiled)
+    if minimum is not None:
+        row.update(goal=f">= {minimum:g} images/s (H100)", **{"pass": row["images_per_second"] >= minimum})
+
+
+def _training(models: _Models, case: Case, row: dict, repeats: int) -> None:
+    from transformers_possam import PosSAMForPanopticSegmentation
+
+    models.drop()  # the inference model's memory back before a training model and its optimizer
+    device = models.device
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = PosSAMForPanopticSegmentation(_config(case.variant))
+    try:
+        step = make_training_step(model, case.batch, device, autocast_dtype=torch.bfloat16)
+        timing, peak = time_steps(step, device, repeats)
+    finally:
+        del model
+    images_per_second = case.batch / timing["median_s"]
+    row.update(
+        seconds=timing,
+        images_per_second=images_per_second,
+        peak_memory_bytes=peak,
+        gpu_days_paper_schedule=gpu_days(images_per_second),
+    )
 
 
 def run(
@@ -97,118 +301,52 @@ def run(
     batches: tuple[int, ...] = (1, 8),
     dtypes: tuple[str, ...] = ("bfloat16", "float32"),
     compile_models: bool = True,
+    training_batch: int | None = None,
+    budget_s: float | None = None,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """
-    The matrix variants x dtypes x batches x (eager, compiled): one row each (`compile_models=False`: eager only). A
-    compilation or measurement that fails (e.g. out of memory for H at batch 8 in fp32) is reported in its row, and
-    the other rows stand.
-    """
-    from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor
+    Target 7's matrix, one row per `Case`, in `plan`'s order (goal rows first): variants x dtypes x batches x
+    (eager, compiled; `compile_models=False`: eager only), plus bf16 training steps at `training_batch` per device
+    when given. Each inference row: images/s of forward + MASE panoptic post-processing, peak memory, the first
+    call's seconds (compilation), FLOPs per image and achieved TFLOP/s. A failure (out of memory for H at batch 8
+    in fp32, say) is reported in its row and the other rows stand; a compiled row whose `fullgraph=True` compile
+    fails records that error and is measured with graph breaks allowed.
 
+    `budget_s`: once this many seconds have passed, the remaining rows are reported as skipped (a row already
+    started runs to its end). `on_row(row)` is called after each row (run.py writes the partial results file), so a
+    command stopped at its time limit keeps every finished row.
+    """
     device = torch.device(device_name)
+    started = time.perf_counter()
+    models = _Models(device)
+    flops_per_image: dict[tuple[str, str], int] = {}
     rows = []
-    for variant in variants:
-        config = _config(variant)
-        size = config.vision_config.image_size
-        processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = PosSAMForPanopticSegmentation(config).eval()
-        for dtype_name in dtypes:
-            dtype = getattr(torch, dtype_name)
-            model.to(dtype)
-            class_embeddings = torch.nn.functional.normalize(
-                torch.randn(150, 1, config.clip_embed_dim, device=device), dim=-1
-            ).to(dtype)
-            for compiled in (False, True) if compile_models else (False,):
-                runner = torch.compile(model) if compiled else model
-                for batch in batches:
-                    row = {
-                        "target": 7,
-                        "figure": f"{_name(variant)} {dtype_name} batch {batch} at {size}x{size}, "
-                        + ("torch.compile" if compiled else "eager"),
-                        "variant": variant,
-                        "dtype": dtype_name,
-                        "batch": batch,
-                        "compiled": compiled,
-                        "paper_fps_a100": PAPER_FPS.get(variant),
-                        "goal": "reported",
-                        "pass": None,
-                    }
-                    try:
-                        pixel_values = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-                        start = time.perf_counter()
-                        row.update(_measure(runner, processor, pixel_values, class_embeddings, device, repeats))
-                        row["warm_up_and_measure_seconds"] = time.perf_counter() - start
-                        minimum = goal(variant, dtype_name, batch, compiled)
-                        if minimum is not None:
-                            row.update(
-                                goal=f">= {minimum:g} images/s (H100)",
-                                **{"pass": row["images_per_second"] >= minimum},
-                            )
-                    except Exception as error:  # reported, never hidden: the other rows stand
-                        row["error"] = f"{type(error).__name__}: {error}"[:500]
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    rows.append(row)
-                del runner
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for case in plan(variants, dtypes, batches, compile_models, training_batch):
+        row = _row(case, _config(case.variant).vision_config.image_size)
+        if budget_s is not None and time.perf_counter() - started > budget_s:
+            row["skipped"] = f"time budget of {budget_s:g} s spent"
+        else:
+            case_start = time.perf_counter()
+            try:
+                if case.training:
+                    _training(models, case, row, max(repeats // 2, 1))
+                else:
+                    _inference(models, case, row, repeats, flops_per_image)
+            except Exception as error:  # reported, never hidden: the other rows stand
+                row["error"] = f"{type(error).__name__}: {error}"[:500]
+                if "out of memory" in str(error).lower():
+                    models.drop()
+            row["wall_seconds"] = time.perf_counter() - case_start
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    models.drop()
     return rows
 
 
 def gpu_days(images_per_second: float, images: int = PAPER_SCHEDULE_IMAGES) -> float:
     """Device-days to train on `images` images at `images_per_second` per device (the paper's schedule by default)."""
     return images / images_per_second / 86_400
-
-
-def run_training(
-    device_name: str = "cuda",
-    variants: tuple[str, ...] = ("vit-b", "vit-l", "vit-h"),
-    batch_size: int = 2,
-    repeats: int = 5,
-) -> list[dict]:
-    """
-    Per variant: training steps at `batch_size` per device under bf16 autocast (`training.make_training_step`: the
-    paper's recipe, frozen encoders), after 2 warm-up steps -> images/s, peak memory, GPU-days of the paper's
-    schedule on one such device (divide by the number of devices for data parallelism).
-    """
-    from transformers_possam import PosSAMForPanopticSegmentation
-
-    device = torch.device(device_name)
-    rows = []
-    for variant in variants:
-        config = _config(variant)
-        size = config.vision_config.image_size
-        row = {
-            "target": 7,
-            "figure": f"{_name(variant)} bfloat16 training, batch {batch_size} at {size}x{size} (autocast, AdamW)",
-            "variant": variant,
-            "dtype": "bfloat16",
-            "batch": batch_size,
-            "compiled": False,
-            "training": True,
-            "goal": "reported",
-            "pass": None,
-        }
-        try:
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = PosSAMForPanopticSegmentation(config)
-            step = make_training_step(model, batch_size, device, autocast_dtype=torch.bfloat16)
-            timing, peak = time_steps(step, device, repeats)
-            images_per_second = batch_size / timing["median_s"]
-            row.update(
-                seconds=timing,
-                images_per_second=images_per_second,
-                peak_memory_bytes=peak,
-                gpu_days_paper_schedule=gpu_days(images_per_second),
-            )
-            del model, step
-        except Exception as error:  # reported (e.g. out of memory for H), never hidden: the other rows stand
-            row["error"] = f"{type(error).__name__}: {error}"[:500]
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        rows.append(row)
-    return rows

@@ -12,8 +12,10 @@ noisy), PASS/FAIL printed per target:
 5. memory: B inference peak RSS <= 2x fp32 weights; training-step memory flat from 10 to 100 segments;
 6. training throughput (tiny config) and the data path alone (reported).
    One PosSAM-B training step at 1024x1024, batch 2 (CPU, fp32): seconds per step and peak RSS (reported).
-7. `--suite gpu` (an accelerator): B/L/H, bf16/fp32, batch 1/8, images/s and peak memory, torch.compile on B; B/L/H
-   bf16 training at batch 2: images/s, peak memory per GPU and GPU-days of the paper's 250K x 16 schedule.
+7. `--suite gpu` (an accelerator): B/L/H, bf16/fp32, batch 1/8, eager and torch.compile: images/s, peak memory and
+   achieved TFLOP/s beside the same run's 8192^3 matmul; B/L/H bf16 training at batch 2: images/s, peak memory per
+   GPU and GPU-days of the paper's 250K x 16 schedule. Rows with a goal first; `--time-budget-s` bounds the run and
+   each finished row is written at once (benchmarks/device_session.sh runs it on a lent GPU machine).
 8. input pipeline: the data path at COCO-like size in the training process and by 1, 2, N DataLoader workers; resume
    at row 45,000 of a 50,000-row parquet from the stream's state vs re-reading the consumed rows.
 9. CPU bf16: PosSAM-B forward + MASE post-processing with bf16 weights >= 3.0x faster than fp32 (stretch 3.5x),
@@ -76,12 +78,19 @@ def table_row(row: dict) -> str:
         memory = f"{row['peak_memory_bytes'] / 2**30:.1f} GiB peak" if row.get("peak_memory_bytes") else "n/a"
         if "error" in row:
             return f"| 7 | {row['figure']} | failed: {row['error'][:80]} | | | {row['goal']} | |"
+        if "skipped" in row:
+            return f"| 7 | {row['figure']} | not measured: {row['skipped']} | | | {row['goal']} | |"
         paper = f"paper (A100): {row['paper_fps_a100']} FPS" if row.get("paper_fps_a100") else ""
         if row.get("training"):
             paper = f"paper schedule (250K x 16 images): {row['gpu_days_paper_schedule']:.1f} GPU-days on one device"
+        extra = f", first call {_seconds(row['seconds']['first_call_s'])}"
+        if "achieved_forward_tflops" in row:
+            extra += f", forward {row['achieved_forward_tflops']:.3g} TFLOP/s"
+        if "fullgraph_error" in row:
+            extra += f"; fullgraph failed: {row['fullgraph_error'][:80]}"
         return (
-            f"| 7 | {row['figure']} | {row['images_per_second']:.2f} images/s ({memory}) | {paper} | | {row['goal']} | "
-            f"{result if row['pass'] is not None else ''} |"
+            f"| 7 | {row['figure']} | {row['images_per_second']:.2f} images/s ({memory}{extra}) | {paper} | | "
+            f"{row['goal']} | {result if row['pass'] is not None else ''} |"
         )
     if target == 10:
         return (
@@ -159,6 +168,14 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--variants", nargs="*", default=["vit-b", "vit-l", "vit-h"], help="--suite gpu: model variants (or 'tiny')"
     )
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8], help="--suite gpu: batch sizes")
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="--suite gpu: rows not started after this many seconds are reported as skipped (each finished row is "
+        "written to --output at once, so a stopped run keeps them)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--targets", type=int, nargs="*", default=list(TARGETS), help="a subset of the targets to run")
     parser.add_argument(
@@ -182,8 +199,33 @@ def main(argv=None) -> dict:
         import gpu
 
         args.targets = []
-        rows += gpu.run(args.device, tuple(args.variants), repeats=max(args.repeats, 5))
-        rows += gpu.run_training(args.device, tuple(args.variants), batch_size=2, repeats=max(args.repeats, 5))
+        machine_info = machine()
+        if torch.device(args.device).type == "cuda":
+            machine_info["gpu"] = torch.cuda.get_device_name()
+            machine_info["matmul_tflops_8192"] = {
+                name: gpu.matmul_tflops(torch.device(args.device), getattr(torch, name))
+                for name in ("bfloat16", "float32")
+            }
+            machine_info["allow_tf32"] = {
+                "matmul": torch.backends.cuda.matmul.allow_tf32,
+                "cudnn": torch.backends.cudnn.allow_tf32,
+            }
+
+        def write_partial(row: dict) -> None:
+            rows.append(row)
+            partial = {"machine": machine_info, "suite": "gpu", "partial": True, "figures": rows}
+            Path(args.output).write_text(json.dumps(partial, indent=1, default=str), encoding="utf-8")
+            print(table_row(row), flush=True)
+
+        gpu.run(
+            args.device,
+            tuple(args.variants),
+            repeats=max(args.repeats, 5),
+            batches=tuple(args.batches),
+            training_batch=2,
+            budget_s=args.time_budget_s,
+            on_row=write_partial,
+        )
     else:
         torch.set_num_threads(2)
 
@@ -231,9 +273,12 @@ def main(argv=None) -> dict:
         rows += data_pipeline.run()
 
     rows.sort(key=lambda row: row["target"])
-    results = {"machine": machine(), "suite": args.suite, "seconds": time.perf_counter() - started, "figures": rows}
-    if args.suite == "gpu" and torch.cuda.is_available():
-        results["machine"]["gpu"] = torch.cuda.get_device_name()
+    results = {
+        "machine": machine_info if args.suite == "gpu" else machine(),
+        "suite": args.suite,
+        "seconds": time.perf_counter() - started,
+        "figures": rows,
+    }
     Path(args.output).write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     print(
         f"\nMachine: {results['machine'].get('gpu', results['machine']['cpu'])}, {results['machine']['threads']} threads, torch {results['machine']['torch']}, "

@@ -26,6 +26,15 @@ from .conftest import load_training_script
 _TORCH_RAND = torch.rand
 
 
+def criterion_of(config) -> PosSAMLoss:
+    """The criterion `PosSAMForPanopticSegmentation` builds from `config`."""
+    return PosSAMLoss(
+        config.mask2former_config,
+        iou_weight=config.iou_weight,
+        iou_loss_on_unmatched=config.iou_loss_on_unmatched,
+    )
+
+
 def batch_invariant_rand(*size, generator=None, **kwargs):
     """
     `torch.rand` whose rows do not depend on the batch: a `(P, 2)` request (the matcher's points, one draw per image)
@@ -89,7 +98,7 @@ def criterion_gradients(criterion, layers, mask_labels, class_labels, micro_batc
 @pytest.mark.parametrize("iou_loss_on_unmatched", [False, True])
 def test_two_micro_batches_of_one_give_the_gradients_of_one_batch_of_two(iou_loss_on_unmatched):
     # 3 and 11 masks: the second image has more masks than the 8 queries, so only 8 of its masks are matched
-    criterion = PosSAMLoss(tiny_config(iou_loss_on_unmatched=iou_loss_on_unmatched))
+    criterion = criterion_of(tiny_config(iou_loss_on_unmatched=iou_loss_on_unmatched))
     mask_labels, class_labels = random_targets([3, 11])
     layers = loss_predictions(batch_size=2)
     batch = criterion_gradients(criterion, layers, mask_labels, class_labels, [(0, 1)], normalized=False)
@@ -304,7 +313,7 @@ def _normalizers_on_rank(rank: int, port: int, results) -> None:
     PartialState(cpu=True)
     window = [[torch.zeros(rank + 2)], [torch.zeros(3 * rank + 1)]]
     normalizers = accumulation_loss_normalizers(window, num_queries=8, no_object_weight=0.1)
-    criterion = PosSAMLoss(tiny_config())
+    criterion = criterion_of(tiny_config())
     per_batch = criterion.get_num_masks(window[0], device=torch.device("cpu"))
     results[rank] = (float(normalizers.num_masks), float(normalizers.class_weight_sum), float(per_batch))
     torch.distributed.barrier()

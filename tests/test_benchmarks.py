@@ -18,7 +18,68 @@ def test_gpu_suite_runs_on_cpu_with_the_tiny_config():
         (1, "float32", False),
         (2, "float32", False),
     ]
+    assert all("error" not in row for row in rows), [row.get("error") for row in rows]
     assert all(row["images_per_second"] > 0 and row["target"] == 7 for row in rows)
+    # FLOPs of one image's forward, counted once, and the rate they give at each row's speed
+    assert rows[0]["forward_tflop_per_image"] == rows[1]["forward_tflop_per_image"] > 0
+    for row in rows:
+        assert row["achieved_forward_tflops"] == pytest.approx(
+            row["forward_tflop_per_image"] * row["images_per_second"]
+        )
+        assert row["seconds"]["first_call_s"] > 0
+
+
+def test_gpu_suite_measures_the_goal_rows_first():
+    """
+    A lent GPU machine gives minutes: the matrix runs the rows with issue 15's goals first (B bf16 eager, H bf16 eager
+    with its batch-8 goal, B bf16 compiled), then L bf16 eager, training, fp32 eager, the other compiled rows.
+    """
+    gpu = load_script("benchmarks/gpu.py")
+    cases = gpu.plan(("vit-b", "vit-l", "vit-h"), ("bfloat16", "float32"), (1, 8), True, training_batch=2)
+    assert len(cases) == 3 * 2 * 2 * 2 + 3 and len(set(cases)) == len(cases)
+    keys = [(c.variant[-1], c.dtype[:2], c.batch, "c" if c.compiled else "t" if c.training else "e") for c in cases]
+    assert keys[:11] == [
+        ("b", "bf", 1, "e"),
+        ("b", "bf", 8, "e"),
+        ("h", "bf", 1, "e"),
+        ("h", "bf", 8, "e"),
+        ("b", "bf", 1, "c"),
+        ("b", "bf", 8, "c"),
+        ("l", "bf", 1, "e"),
+        ("l", "bf", 8, "e"),
+        ("b", "bf", 2, "t"),
+        ("h", "bf", 2, "t"),
+        ("l", "bf", 2, "t"),
+    ]
+    assert [key[0] for key in keys[11:17]] == ["b", "b", "h", "h", "l", "l"]
+    assert all(key[1] == "fl" and key[3] == "e" for key in keys[11:17])
+    assert [key[:2] for key in keys[17:21]] == [("h", "bf")] * 2 + [("l", "bf")] * 2
+    assert all(key[3] == "c" for key in keys[17:21])
+    assert all(key[1] == "fl" and key[3] == "c" for key in keys[21:])
+
+
+def test_gpu_suite_hands_each_row_over_and_skips_rows_past_its_budget():
+    """`on_row` sees each row as it finishes (run.py writes the results file then); past `budget_s`, rows are
+    reported as skipped, not measured and not dropped."""
+    gpu = load_script("benchmarks/gpu.py")
+    seen = []
+    threads = torch.get_num_threads()
+    try:
+        rows = gpu.run(
+            "cpu",
+            ("tiny",),
+            repeats=1,
+            batches=(1, 2),
+            dtypes=("float32",),
+            compile_models=False,
+            budget_s=0.0,
+            on_row=seen.append,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == rows and len(rows) == 2
+    # a budget of 0 s is spent before the first row starts
+    assert all(row["skipped"].startswith("time budget") and "images_per_second" not in row for row in rows)
 
 
 @pytest.mark.slow  # inductor compiles the tiny model: 6.5 min on the shared 2-core machine (load 4)
@@ -142,3 +203,88 @@ def test_run_table_rows_of_the_new_targets():
     assert run.table_row(efficiency).endswith("| 0.50x | g | FAIL |")
     failed = {"target": 11, "figure": "f", "error": "MemoryError", "goal": "reported", "pass": None}
     assert "failed: MemoryError" in run.table_row(failed)
+
+
+def test_device_check_runs_its_checks_on_cpu_and_writes_each_result(tmp_path):
+    """benchmarks/device_check.py (run on a lent GPU machine by device_session.sh), its code on the CPU: every check
+    but `compiled` (a minute of inductor here; the compiled path has its own tests). On the CPU the SAM attention runs
+    in cache-sized blocks by design, so `sam_attention_all_heads` must fail there (a check that cannot fail would
+    prove nothing), and `no_host_sync` says it needs CUDA."""
+    import json
+
+    device_check = load_script("benchmarks/device_check.py")
+    output = tmp_path / "check.json"
+    names = [name for name in device_check.CHECKS if name != "compiled"]
+    threads = torch.get_num_threads()
+    try:
+        status = device_check.main(["--device", "cpu", "--checks", *names, "--output", str(output)])
+    finally:
+        torch.set_num_threads(threads)
+    checks = json.loads(output.read_text())["checks"]
+    assert list(checks) == names
+    assert status == 1 and not checks["sam_attention_all_heads"]["ok"]
+    assert "one scaled_dot_product_attention over all" in checks["sam_attention_all_heads"]["error"]
+    assert checks["no_host_sync"] == {
+        "ok": True,
+        "skipped": "torch.cuda.set_sync_debug_mode needs CUDA",
+        "seconds": checks["no_host_sync"]["seconds"],
+    }
+    for name in ("versions", "outputs_match_cpu", "bf16", "training_step"):
+        assert checks[name]["ok"], checks[name].get("traceback")
+    assert checks["outputs_match_cpu"]["max_relative_difference"]["masks_queries_logits"] == 0.0  # same device
+    assert 0 < checks["bf16"]["mask_logit_relative_error"] < 0.5  # 0.11 on the random tiny model; garbage ~1.4
+
+
+def test_device_check_sees_all_heads_at_once_where_sam_runs_them_so(monkeypatch):
+    """Positive control of `sam_attention_all_heads`: with SAM's all-heads form (what CUDA runs) in place of the CPU's
+    blocked one, the check passes on the CPU."""
+    from transformers_possam.modeling import sam_attention
+
+    device_check = load_script("benchmarks/device_check.py")
+    context = device_check.Context(torch.device("cpu"))
+    monkeypatch.setattr(
+        sam_attention, "relative_position_attention_blocked", sam_attention.relative_position_attention
+    )
+    details = device_check.check_sam_attention_all_heads(context)
+    heads = context.model.config.vision_config.num_attention_heads
+    assert len(details["sdpa_query_shapes"]) == details["num_hidden_layers"]
+    assert all(shape[1] == heads for shape in details["sdpa_query_shapes"])
+
+
+def test_device_session_script_runs_its_steps_on_cpu(tmp_path):
+    """benchmarks/device_session.sh, the one command for a lent GPU machine: on the CPU with the tiny config, each step
+    runs from the repository root with this checkout's package and writes its file into $OUT."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPOSITORY
+
+    environment = dict(
+        os.environ,
+        OUT=str(tmp_path),
+        PYTHON=sys.executable,
+        POSSAM_DEVICE="cpu",
+        POSSAM_WHEELS=str(tmp_path / "no-wheels"),
+        POSSAM_GPU_VARIANTS="tiny",
+        POSSAM_GPU_CHECKS="versions",
+        POSSAM_GPU_BUDGET_S="0",
+    )
+    completed = subprocess.run(
+        ["bash", "benchmarks/device_session.sh"],
+        cwd=REPOSITORY,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    assert {"nvidia-smi.txt", "device-check.json", "device-check.log", "results-gpu.json", "gpu.log"} <= {
+        path.name for path in tmp_path.iterdir()
+    }
+    check = json.loads((tmp_path / "device-check.json").read_text())["checks"]["versions"]
+    assert check["ok"] and check["transformers_possam"] == str(REPOSITORY / "src" / "transformers_possam")
+    results = json.loads((tmp_path / "results-gpu.json").read_text())
+    assert results["suite"] == "gpu" and results["figures"]
+    assert all("skipped" in row for row in results["figures"])  # a budget of 0 s

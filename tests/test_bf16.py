@@ -185,8 +185,9 @@ def test_a_bf16_autocast_training_step_has_float32_losses_and_gradients():
 def test_gpu_suite_bf16_training_figure_runs_on_cpu(variant):
     """The GPU suite's B/L/H bf16 training figure, its code path on CPU with the tiny config (no GPU here)."""
     gpu = load_script("benchmarks/gpu.py")
-    rows = gpu.run_training("cpu", (variant,), batch_size=2, repeats=1)
+    rows = gpu.run("cpu", (variant,), repeats=2, batches=(), compile_models=False, training_batch=2)
     (row,) = rows
+    assert "error" not in row, row.get("error")
     assert row["target"] == 7 and row["batch"] == 2 and row["dtype"] == "bfloat16" and row["training"]
     assert row["images_per_second"] > 0
     # the paper's schedule: 250K iterations x 16 images, at this rate on one device

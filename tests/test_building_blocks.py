@@ -455,12 +455,20 @@ def test_blocked_relative_position_attention_equals_transformers_bias_for_any_bl
     assert_same_values_and_gradients(found, expected, (query, key, value, reference.rel_pos_h))
 
 
-def test_weighted_total_weights_each_loss_by_its_base_name_and_refuses_an_empty_dict():
-    from transformers_possam import PosSAMConfig
+def possam_criterion(config):
+    """The criterion `PosSAMForPanopticSegmentation` builds from a `PosSAMConfig`."""
     from transformers_possam.modeling.loss import PosSAMLoss
 
+    return PosSAMLoss(
+        config.mask2former_config, iou_weight=config.iou_weight, iou_loss_on_unmatched=config.iou_loss_on_unmatched
+    )
+
+
+def test_weighted_total_weights_each_loss_by_its_base_name_and_refuses_an_empty_dict():
+    from transformers_possam import PosSAMConfig
+
     config = PosSAMConfig(class_weight=2.0, mask_weight=5.0, dice_weight=3.0, iou_weight=7.0)
-    criterion = PosSAMLoss(config)
+    criterion = possam_criterion(config)
     losses = {"loss_mask": torch.tensor(1.0), "loss_dice_0": torch.tensor(10.0), "loss_iou_12": torch.tensor(100.0)}
     total = criterion.weighted_total(losses)
     assert isinstance(total, torch.Tensor)
@@ -468,3 +476,61 @@ def test_weighted_total_weights_each_loss_by_its_base_name_and_refuses_an_empty_
     # an empty dict used to come back as the float 0.0, silently not a loss
     with pytest.raises(ValueError, match="empty"):
         criterion.weighted_total({})
+
+
+def test_criterion_equals_transformers_mask2former_loss_built_from_the_same_config():
+    """
+    `PosSAMLoss` is built from `PosSAMConfig.mask2former_config` (a real `Mask2FormerConfig`, issue 15 item 3). On
+    the same predictions, float targets and random draws (the matcher's points, the importance sampling), its
+    cross-entropy, mask BCE and dice of the final and every auxiliary layer equal transformers' `Mask2FormerLoss`
+    built from that config with `num_labels` = the vocabulary size (ours takes K from the logits). Its matcher's
+    costs and weights are the config's.
+    """
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
+    from transformers_possam import tiny_config
+
+    config = tiny_config(no_object_weight=0.2, class_weight=3.0, mask_weight=4.0, dice_weight=6.0, train_num_points=64)
+    mask2former_config = config.mask2former_config
+    criterion = possam_criterion(config)
+    num_classes, num_queries, size = 5, 8, 16
+    mask2former_config.num_labels = num_classes
+    weight_dict = {"loss_cross_entropy": 3.0, "loss_mask": 4.0, "loss_dice": 6.0}
+    reference = Mask2FormerLoss(mask2former_config, weight_dict)
+    assert criterion.weight_dict == {**weight_dict, "loss_iou": config.iou_weight}
+    assert (criterion.matcher.cost_class, criterion.matcher.cost_mask, criterion.matcher.cost_dice) == (3.0, 4.0, 6.0)
+    assert (criterion.eos_coef, criterion.num_points) == (0.2, 64)
+
+    generator = torch.Generator().manual_seed(0)
+
+    def predictions():
+        return {
+            "masks_queries_logits": torch.randn(2, num_queries, size, size, generator=generator),
+            "class_queries_logits": torch.randn(2, num_queries, num_classes + 1, generator=generator),
+        }
+
+    final, auxiliary = predictions(), [predictions(), predictions()]
+    mask_labels = [torch.rand(count, 32, 32, generator=generator).gt(0.5).float() for count in (3, 11)]
+    class_labels = [torch.randint(0, num_classes, (count,), generator=generator) for count in (3, 11)]
+    found, expected = {}, {}
+    for losses, module in ((found, criterion), (expected, reference)):
+        torch.manual_seed(1)
+        losses.update(
+            module(**final, mask_labels=mask_labels, class_labels=class_labels, auxiliary_predictions=auxiliary)
+        )
+    assert set(found) == set(expected) == {f"{name}{suffix}" for name in weight_dict for suffix in ("", "_0", "_1")}
+    for name, value in expected.items():
+        torch.testing.assert_close(found[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # positive control: other random draws give other point-sampled mask losses
+    torch.manual_seed(2)
+    redrawn = criterion(**final, mask_labels=mask_labels, class_labels=class_labels)
+    assert not torch.allclose(redrawn["loss_mask"], expected["loss_mask"])
+
+
+def test_criterion_refuses_the_possam_config_in_place_of_mask2formers():
+    """A careless caller passes the model's config (which has look-alike fields): TypeError saying what to pass."""
+    from transformers_possam import tiny_config
+    from transformers_possam.modeling.loss import PosSAMLoss
+
+    with pytest.raises(TypeError, match="mask2former_config"):
+        PosSAMLoss(tiny_config(), iou_weight=1.0)

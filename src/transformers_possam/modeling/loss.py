@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch.nn import functional as F
+from transformers import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerHungarianMatcher,
     Mask2FormerLoss,
@@ -207,20 +208,33 @@ class PosSAMLoss(Mask2FormerLoss):
 
     Returns `loss_cross_entropy`, `loss_mask`, `loss_dice`, `loss_iou`, plus `_{i}`-suffixed copies per auxiliary
     decoder layer, unweighted; `weight_dict` holds the weights.
+
+    Args:
+        config: the `Mask2FormerConfig` of the reused Mask2Former parts (`PosSAMConfig.mask2former_config`), which
+            holds the criterion's fields (`no_object_weight`, `class_weight`, `mask_weight`, `dice_weight`,
+            `train_num_points`, `oversample_ratio`, `importance_sample_ratio`); its `num_labels` is not read.
+        iou_weight: the weight of the IoU loss (`PosSAMConfig.iou_weight`; Mask2Former has no IoU head).
+        iou_loss_on_unmatched: also train unmatched queries' IoU towards 0 (`PosSAMConfig.iou_loss_on_unmatched`).
     """
 
-    def __init__(self, config):
+    def __init__(self, config: Mask2FormerConfig, iou_weight: float, iou_loss_on_unmatched: bool = False):
+        if not isinstance(config, Mask2FormerConfig):
+            raise TypeError(
+                f"PosSAMLoss takes the Mask2FormerConfig of the reused Mask2Former parts, got {type(config).__name__}:"
+                " pass `possam_config.mask2former_config`, with `iou_weight=possam_config.iou_weight` and"
+                " `iou_loss_on_unmatched=possam_config.iou_loss_on_unmatched`."
+            )
         weight_dict = {
             "loss_cross_entropy": config.class_weight,
             "loss_mask": config.mask_weight,
             "loss_dice": config.dice_weight,
-            "loss_iou": config.iou_weight,
+            "loss_iou": iou_weight,
         }
         super().__init__(config, weight_dict)
         # The parent's fixed-size class weights would tie the loss to one vocabulary size: built per batch instead.
         del self.empty_weight
         self.num_labels = None
-        self.iou_loss_on_unmatched = config.iou_loss_on_unmatched
+        self.iou_loss_on_unmatched = iou_loss_on_unmatched
         self.matcher = PosSAMHungarianMatcher(
             cost_class=config.class_weight,
             cost_mask=config.mask_weight,

@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""
+Checks of PosSAM's accelerator code paths on a lent GPU machine (the tiny config: seconds each; `compiled` about a
+minute), run by `benchmarks/device_session.sh` before the GPU suite. Each check's result (ok, details, or the error
+with its traceback) is written to `--output` as soon as it ends, so a stopped run keeps what it found.
+
+- `versions`: torch, transformers, the device, and where `transformers_possam` was imported from;
+- `outputs_match_cpu`: fp32 outputs on the device (TF32 off) against the same weights on the CPU, within 1e-4;
+- `sam_attention_all_heads`: every SAM attention call on the device is one `scaled_dot_product_attention` over all
+  heads (issue 15 item 4: not head by head);
+- `bf16`: a bf16 copy of the model runs on the device; finite outputs, its mask-logit relative error against fp32;
+- `no_host_sync`: forward, MASE and the panoptic post-processing under `torch.cuda.set_sync_debug_mode("error")`,
+  with the dense path's one device-to-host transfer (`postprocessing._fetch_to_host`) allowed and counted;
+- `compiled`: `torch.compile(fullgraph=True)` of the forward on the device, outputs against eager within 1e-3;
+- `training_step`: a bf16-autocast training step (AdamW, clipping): finite loss and gradients.
+
+On a CPU (`--device cpu`) the same code runs (the tests do that); `no_host_sync` needs CUDA and says it skipped.
+Exit status 0 when every check run is ok (or skipped), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from training import make_training_step
+
+
+OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits", "clip_class_logits", "iou_scores")
+
+
+class Context:
+    """The tiny model on the CPU and a copy on the device, and inputs with a precomputed vocabulary (7 classes, up to
+    2 synonyms each)."""
+
+    def __init__(self, device: torch.device):
+        from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, tiny_config
+
+        self.device = device
+        torch.manual_seed(0)
+        self.cpu_model = PosSAMForPanopticSegmentation(tiny_config()).eval()
+        self.model = copy.deepcopy(self.cpu_model).to(device)
+        size = self.cpu_model.config.vision_config.image_size
+        self.size = size
+        self.processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
+        generator = torch.Generator().manual_seed(1)
+        synonym_mask = torch.rand(7, 2, generator=generator) > 0.5
+        synonym_mask[:, 0] = True
+        self.cpu_inputs = {
+            "pixel_values": torch.randn(2, 3, size, size, generator=generator),
+            "class_embeddings": torch.nn.functional.normalize(
+                torch.randn(7, 2, self.cpu_model.config.clip_embed_dim, generator=generator), dim=-1
+            ),
+            "synonym_mask": synonym_mask,
+        }
+        self.inputs = {name: value.to(device) for name, value in self.cpu_inputs.items()}
+
+    def outputs(self, model, inputs) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            outputs = model(**inputs)
+        return {name: getattr(outputs, name).float().cpu() for name in OUTPUT_NAMES}
+
+
+def _max_relative_difference(found: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((found - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
+
+
+def check_versions(context: Context) -> dict:
+    import transformers
+
+    import transformers_possam
+
+    details = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "transformers_possam": str(Path(transformers_possam.__file__).parent),
+        "device": str(context.device),
+    }
+    if context.device.type == "cuda":
+        details["name"] = torch.cuda.get_device_name(context.device)
+        details["capability"] = list(torch.cuda.get_device_capability(context.device))
+        details["cuda"] = torch.version.cuda
+    return details
+
+
+def check_outputs_match_cpu(context: Context) -> dict:
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 against fp32
+    try:
+        found = context.outputs(context.model, context.inputs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    expected = context.outputs(context.cpu_model, context.cpu_inputs)
+    differences = {name: _max_relative_difference(found[name], expected[name]) for name in OUTPUT_NAMES}
+    for name in OUTPUT_NAMES:
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-4, msg=name)
+    return {"max_relative_difference": differences}
+
+
+def check_sam_attention_all_heads(context: Context) -> dict:
+    encoder = context.model.model.vision_encoder
+    vision_config = context.model.config.vision_config
+    shapes: list[tuple[int, ...]] = []
+
+    class RecordAttention(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    pixel_values = context.inputs["pixel_values"]
+    with torch.no_grad(), RecordAttention():
+        encoder(pixel_values)
+    heads = vision_config.num_attention_heads
+    details = {
+        "sdpa_query_shapes": [list(shape) for shape in shapes],
+        "num_hidden_layers": vision_config.num_hidden_layers,
+    }
+    if len(shapes) != vision_config.num_hidden_layers or any(shape[1] != heads for shape in shapes):
+        raise AssertionError(
+            f"expected one scaled_dot_product_attention over all {heads} heads per SAM layer "
+            f"({vision_config.num_hidden_layers} layers), saw query shapes {shapes}"
+        )
+    return details
+
+
+def check_bf16(context: Context) -> dict:
+    model = copy.deepcopy(context.model).to(torch.bfloat16)
+    inputs = {**context.inputs, "pixel_values": context.inputs["pixel_values"].to(torch.bfloat16)}
+    found = context.outputs(model, inputs)
+    expected = context.outputs(context.model, context.inputs)
+    if not all(torch.isfinite(value).all() for value in found.values()):
+        raise AssertionError("bf16 outputs are not finite")
+    masks, reference = found["masks_queries_logits"], expected["masks_queries_logits"]
+    return {"mask_logit_relative_error": ((masks - reference).norm() / reference.norm()).item()}
+
+
+def check_no_host_sync(context: Context) -> dict:
+    if context.device.type != "cuda":
+        return {"skipped": "torch.cuda.set_sync_debug_mode needs CUDA"}
+    from transformers_possam import postprocessing
+
+    original = postprocessing._fetch_to_host
+    fetches: list[list[int]] = []
+
+    def counted_fetch(values):  # the dense path's one intended transfer
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            fetches.append(list(values.shape))
+            return original(values)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    postprocessing._fetch_to_host = counted_fetch
+    torch.cuda.synchronize(context.device)
+    try:
+        with torch.no_grad():
+            torch.cuda.set_sync_debug_mode("error")
+            outputs = context.model(**context.inputs)
+            results = context.processor.post_process_panoptic_segmentation(
+                outputs, target_sizes=[(context.size, context.size)] * 2
+            )
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        postprocessing._fetch_to_host = original
+    if len(fetches) != 1:
+        raise AssertionError(f"expected one device-to-host transfer for the batch, saw {len(fetches)}: {fetches}")
+    return {"transfers": fetches, "segments": [len(result["segments_info"]) for result in results]}
+
+
+def check_compiled(context: Context) -> dict:
+    compiled = torch.compile(context.model, fullgraph=True, dynamic=False)
+    start = time.perf_counter()
+    found = context.outputs(compiled, context.inputs)
+    compile_seconds = time.perf_counter() - start
+    expected = context.outputs(context.model, context.inputs)
+    for name in OUTPUT_NAMES:
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-3, atol=1e-3, msg=name)
+    differences = {name: _max_relative_difference(found[name], expected[name]) for name in OUTPUT_NAMES}
+    return {"first_call_s": compile_seconds, "max_relative_difference": differences}
+
+
+def check_training_step(context: Context) -> dict:
+    model = copy.deepcopy(context.model)
+    step = make_training_step(model, 2, context.device, autocast_dtype=torch.bfloat16)
+    losses = [step() for _ in range(2)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    bad = [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if not all(torch.isfinite(torch.tensor(loss)) for loss in losses) or bad:
+        raise AssertionError(f"non-finite training step: losses {losses}, gradients {bad[:5]}")
+    return {"losses": losses, "trainable_parameters": sum(p.numel() for p in trainable)}
+
+
+CHECKS: dict[str, Callable[[Context], dict]] = {
+    "versions": check_versions,
+    "outputs_match_cpu": check_outputs_match_cpu,
+    "sam_attention_all_heads": check_sam_attention_all_heads,
+    "bf16": check_bf16,
+    "no_host_sync": check_no_host_sync,
+    "compiled": check_compiled,
+    "training_step": check_training_step,
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--checks", nargs="*", default=list(CHECKS), choices=list(CHECKS))
+    parser.add_argument("--output", default="device-check.json")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    results: dict = {"device": str(device), "checks": {}}
+    output = Path(args.output)
+    context = Context(device)
+    for name in args.checks:
+        start = time.perf_counter()
+        try:
+            entry = {"ok": True, **CHECKS[name](context)}
+        except Exception as error:  # recorded with its traceback; the other checks still run
+            entry = {
+                "ok": False,
+                "error": f"{type(error).__name__}: {error}"[:2000],
+                "traceback": traceback.format_exc()[-4000:],
+            }
+        entry["seconds"] = time.perf_counter() - start
+        results["checks"][name] = entry
+        output.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+        status = "skipped" if "skipped" in entry else ("ok" if entry["ok"] else "FAILED")
+        print(f"{name}: {status} ({entry['seconds']:.1f} s) {entry.get('error', '')}", flush=True)
+    return 0 if all(entry["ok"] for entry in results["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

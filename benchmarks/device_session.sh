@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The one command for a lent GPU machine (issue 15, target 7), run from the repository root. In a session whose
+# `status` says a machine is lent: `make device-wheels` here, then the device tool's
+#   run(command="bash benchmarks/device_session.sh", carry=[".whl"], timeout_s=480)
+# It installs the carried wheels (this project's transformers and timm; the machine's image has other versions),
+# runs benchmarks/device_check.py (the CUDA code paths on the tiny config), then the GPU suite within a time budget
+# (POSSAM_GPU_BUDGET_S, default 300 s: rows not started by then are reported as skipped). Every file lands in $OUT
+# as it is written (at most 8 files come back): nvidia-smi.txt, device-check.json/.log, results-gpu.json, gpu.log.
+# About 7 minutes with the machine's start, which leaves a 15-minute session time for a second, narrower run
+# (e.g. POSSAM_GPU_VARIANTS=vit-h POSSAM_GPU_CHECKS=versions).
+# POSSAM_DEVICE=cpu PYTHON=.venv/bin/python POSSAM_GPU_VARIANTS=tiny runs the same steps on a CPU (the tests do).
+set -uo pipefail
+OUT=${OUT:-/tmp/possam-device}
+PYTHON=${PYTHON:-python3}
+DEVICE=${POSSAM_DEVICE:-cuda}
+mkdir -p "$OUT"
+WHEELS=${POSSAM_WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
+# shellcheck disable=SC2086  # the lists are meant to split into words
+timeout 180 "$PYTHON" benchmarks/device_check.py --device "$DEVICE" --output "$OUT/device-check.json" \
+    --checks ${POSSAM_GPU_CHECKS:-versions outputs_match_cpu sam_attention_all_heads bf16 no_host_sync compiled training_step} \
+    2>&1 | tee "$OUT/device-check.log"
+# shellcheck disable=SC2086
+"$PYTHON" benchmarks/run.py --suite gpu --device "$DEVICE" --time-budget-s "${POSSAM_GPU_BUDGET_S:-300}" \
+    --variants ${POSSAM_GPU_VARIANTS:-vit-b vit-l vit-h} --output "$OUT/results-gpu.json" 2>&1 | tee "$OUT/gpu.log"
