@@ -8,6 +8,8 @@ with its traceback) is written to `--output` as soon as it ends, so a stopped ru
 - `outputs_match_cpu`: fp32 outputs on the device (TF32 off) against the same weights on the CPU, within 1e-4;
 - `sam_attention_all_heads`: every SAM attention call on the device is one `scaled_dot_product_attention` over all
   heads (issue 15 item 4: not head by head);
+- `sam_attention_fused_kernel`: SAM-B/L/H attention shapes at 1024 in bf16 run with SDPA limited to its fused
+  kernels (flash, memory-efficient, cuDNN): an unfused math fallback is an error;
 - `bf16`: a bf16 copy of the model runs on the device; finite outputs, its mask-logit relative error against fp32;
 - `no_host_sync`: forward, MASE and the panoptic post-processing under `torch.cuda.set_sync_debug_mode("error")`,
   with the dense path's one device-to-host transfer (`postprocessing._fetch_to_host`) allowed and counted;
@@ -132,6 +134,35 @@ def check_sam_attention_all_heads(context: Context) -> dict:
     return details
 
 
+def check_sam_attention_fused_kernel(context: Context) -> dict:
+    """
+    SAM-B/L (head size 64) and SAM-H (80) attention shapes at 1024x1024 (14 x 14 windows, 64 x 64 global grid) in
+    bf16 through the all-heads form, with SDPA limited to its fused CUDA kernels (no unfused math fallback): an
+    error means a full-size layer would run unfused. On a CPU the same calls run without the limit.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from transformers_possam.modeling.sam_attention import relative_position_attention
+
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    backends = fused if context.device.type == "cuda" else [*fused, SDPBackend.MATH]
+    shapes = {}
+    for head_dim, heads in ((64, 12), (80, 16)):
+        for sequences, size in ((25, (14, 14)), (1, (64, 64))):
+            tokens = size[0] * size[1]
+            query, key, value = (
+                torch.randn(sequences, heads, tokens, head_dim, device=context.device, dtype=torch.bfloat16)
+                for _ in "qkv"
+            )
+            tables = [torch.randn(n, n, head_dim, device=context.device, dtype=torch.bfloat16) for n in size]
+            with torch.no_grad(), sdpa_kernel(backends):
+                output = relative_position_attention(query, key, value, *tables, size)
+            if not torch.isfinite(output).all():
+                raise AssertionError(f"non-finite attention for head size {head_dim}, grid {size}")
+            shapes[f"head {head_dim}, grid {size[0]}x{size[1]}"] = list(output.shape)
+    return {"backends": [backend.name for backend in backends], "shapes": shapes}
+
+
 def check_bf16(context: Context) -> dict:
     model = copy.deepcopy(context.model).to(torch.bfloat16)
     inputs = {**context.inputs, "pixel_values": context.inputs["pixel_values"].to(torch.bfloat16)}
@@ -203,6 +234,7 @@ CHECKS: dict[str, Callable[[Context], dict]] = {
     "versions": check_versions,
     "outputs_match_cpu": check_outputs_match_cpu,
     "sam_attention_all_heads": check_sam_attention_all_heads,
+    "sam_attention_fused_kernel": check_sam_attention_fused_kernel,
     "bf16": check_bf16,
     "no_host_sync": check_no_host_sync,
     "compiled": check_compiled,

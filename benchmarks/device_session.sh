@@ -7,12 +7,15 @@
 # (POSSAM_GPU_BUDGET_S, default 300 s: rows not started by then are reported as skipped). Every file lands in $OUT
 # as it is written (at most 8 files come back): nvidia-smi.txt, device-check.json/.log, results-gpu.json, gpu.log.
 # About 7 minutes with the machine's start, which leaves a 15-minute session time for a second, narrower run
-# (e.g. POSSAM_GPU_VARIANTS=vit-h POSSAM_GPU_CHECKS=versions).
+# (e.g. POSSAM_GPU_VARIANTS=vit-b POSSAM_GPU_CHECKS=versions POSSAM_GPU_ARGS="--batches 1 --compile-mode
+# reduce-overhead", CUDA graphs for B at batch 1).
 # POSSAM_DEVICE=cpu PYTHON=.venv/bin/python POSSAM_GPU_VARIANTS=tiny runs the same steps on a CPU (the tests do).
 set -uo pipefail
 OUT=${OUT:-/tmp/possam-device}
 PYTHON=${PYTHON:-python3}
 DEVICE=${POSSAM_DEVICE:-cuda}
+DEFAULT_CHECKS="versions outputs_match_cpu sam_attention_all_heads sam_attention_fused_kernel bf16 no_host_sync"
+CHECKS=${POSSAM_GPU_CHECKS:-"$DEFAULT_CHECKS compiled training_step"}
 mkdir -p "$OUT"
 WHEELS=${POSSAM_WHEELS:-.whl}
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
@@ -23,8 +26,8 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
 # shellcheck disable=SC2086  # the lists are meant to split into words
 timeout 180 "$PYTHON" benchmarks/device_check.py --device "$DEVICE" --output "$OUT/device-check.json" \
-    --checks ${POSSAM_GPU_CHECKS:-versions outputs_match_cpu sam_attention_all_heads bf16 no_host_sync compiled training_step} \
-    2>&1 | tee "$OUT/device-check.log"
+    --checks $CHECKS 2>&1 | tee "$OUT/device-check.log"
 # shellcheck disable=SC2086
 "$PYTHON" benchmarks/run.py --suite gpu --device "$DEVICE" --time-budget-s "${POSSAM_GPU_BUDGET_S:-300}" \
-    --variants ${POSSAM_GPU_VARIANTS:-vit-b vit-l vit-h} --output "$OUT/results-gpu.json" 2>&1 | tee "$OUT/gpu.log"
+    --variants ${POSSAM_GPU_VARIANTS:-vit-b vit-l vit-h} ${POSSAM_GPU_ARGS:-} --output "$OUT/results-gpu.json" 2>&1 \
+    | tee "$OUT/gpu.log"

@@ -158,12 +158,12 @@ def plan(
     return sorted(cases, key=lambda case: (tier(case), order[case.variant], batch_order.get(case.batch, 0)))
 
 
-def _row(case: Case, size: int) -> dict:
+def _row(case: Case, size: int, compile_mode: str | None = None) -> dict:
     if case.training:
         figure = f"{_name(case.variant)} bfloat16 training, batch {case.batch} at {size}x{size} (autocast, AdamW)"
     else:
         figure = f"{_name(case.variant)} {case.dtype} batch {case.batch} at {size}x{size}, " + (
-            "torch.compile" if case.compiled else "eager"
+            ("torch.compile" + (f" mode={compile_mode}" if compile_mode else "")) if case.compiled else "eager"
         )
     row = {
         "target": 7,
@@ -200,8 +200,9 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192, re
 class _Models:
     """The model of the variant at hand, its dtype, and its compiled forwards; rebuilt when the variant changes."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, compile_mode: str | None = None):
         self.device = device
+        self.compile_mode = compile_mode
         self.variant: str | None = None
         self.model = None
         self.compiled: dict[tuple[str, bool], object] = {}
@@ -234,8 +235,9 @@ class _Models:
             return model
         key = (str(dtype), fullgraph)
         if key not in self.compiled:
-            # static shapes (one graph per batch size), whole forward as one graph: a graph break is an error
-            self.compiled[key] = torch.compile(model, fullgraph=fullgraph, dynamic=False)
+            # static shapes (one graph per batch size), whole forward as one graph: a graph break is an error;
+            # mode "reduce-overhead" adds CUDA graphs (the forward makes no host synchronization)
+            self.compiled[key] = torch.compile(model, fullgraph=fullgraph, dynamic=False, mode=self.compile_mode)
         return self.compiled[key]
 
 
@@ -304,6 +306,7 @@ def run(
     training_batch: int | None = None,
     budget_s: float | None = None,
     on_row: Callable[[dict], None] | None = None,
+    compile_mode: str | None = None,
 ) -> list[dict]:
     """
     Target 7's matrix, one row per `Case`, in `plan`'s order (goal rows first): variants x dtypes x batches x
@@ -315,15 +318,16 @@ def run(
 
     `budget_s`: once this many seconds have passed, the remaining rows are reported as skipped (a row already
     started runs to its end). `on_row(row)` is called after each row (run.py writes the partial results file), so a
-    command stopped at its time limit keeps every finished row.
+    command stopped at its time limit keeps every finished row. `compile_mode`: `torch.compile`'s mode for the
+    compiled rows (None: its default; "reduce-overhead": with CUDA graphs).
     """
     device = torch.device(device_name)
     started = time.perf_counter()
-    models = _Models(device)
+    models = _Models(device, compile_mode)
     flops_per_image: dict[tuple[str, str], int] = {}
     rows = []
     for case in plan(variants, dtypes, batches, compile_models, training_batch):
-        row = _row(case, _config(case.variant).vision_config.image_size)
+        row = _row(case, _config(case.variant).vision_config.image_size, compile_mode)
         if budget_s is not None and time.perf_counter() - started > budget_s:
             row["skipped"] = f"time budget of {budget_s:g} s spent"
         else:

@@ -168,6 +168,12 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--variants", nargs="*", default=["vit-b", "vit-l", "vit-h"], help="--suite gpu: model variants (or 'tiny')"
     )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="--suite gpu: torch.compile's mode for the compiled rows (reduce-overhead: CUDA graphs)",
+    )
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8], help="--suite gpu: batch sizes")
     parser.add_argument(
         "--time-budget-s",
@@ -225,6 +231,7 @@ def main(argv=None) -> dict:
             training_batch=2,
             budget_s=args.time_budget_s,
             on_row=write_partial,
+            compile_mode=args.compile_mode,
         )
     else:
         torch.set_num_threads(2)

@@ -427,6 +427,41 @@ def test_all_heads_relative_position_attention_equals_transformers_bias(window_s
 
 
 @pytest.mark.parametrize(
+    ("head_dim", "size"),
+    [(64, (14, 14)), (64, (64, 64)), (80, (14, 14)), (80, (64, 64)), (16, (6, 10))],
+)  # SAM-B/L (head size 64) and SAM-H (80): 14 x 14 windows and the 64 x 64 global grid at 1024; a small grid
+def test_all_heads_attention_gives_sdpa_head_sizes_cuda_fused_kernels_accept(head_dim, size):
+    """
+    The all-heads form (what CUDA runs) hands SDPA q/k of d + H + W channels and v of d: PyTorch's memory-efficient
+    CUDA kernel needs q/k and v head sizes that are multiples of 8 in bf16/fp16 (4 in float32), else SDPA silently
+    falls back to its unfused math kernel (SAM-B's windows: 64 + 28 = 92). Zero channels round q/k up; the result
+    equals the blocked CPU form (itself tested against transformers' bias above), in float64.
+    """
+    from transformers_possam.modeling import sam_attention
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = size[0] * size[1]
+    query, key, value = (torch.randn(1, 1, tokens, head_dim, generator=generator, dtype=torch.float64) for _ in "qkv")
+    tables = [torch.randn(n, n, head_dim, generator=generator, dtype=torch.float64) * 0.1 for n in size]
+    seen = []
+    original = F.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append((q.shape[-1], k.shape[-1], v.shape[-1]))
+        return original(q, k, v, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sam_attention.F, "scaled_dot_product_attention", recording)
+        found = sam_attention.relative_position_attention(query, key, value, *tables, size)
+    ((query_size, key_size, value_size),) = seen
+    assert query_size == key_size >= head_dim + sum(size) and value_size == head_dim
+    assert query_size % 8 == 0 and value_size % 8 == 0
+    assert query_size - (head_dim + sum(size)) < 8  # padded no more than needed
+    expected = sam_attention.relative_position_attention_blocked(query, key, value, *tables, size)
+    torch.testing.assert_close(found, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
     ("tokens", "score_block_bytes"),
     [
         ((1, 6, 10), 60 * 4),  # a global layer one query row per block

@@ -34,12 +34,25 @@ def _decomposed_bias_factors(
     return rel_h, rel_w
 
 
-def _key_grid_one_hot(size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`(H * W, H + W)`: row j is [e(h_j), e(w_j)], the one-hot grid row and column of key j = h_j * W + w_j."""
+def _key_grid_one_hot(
+    size: tuple[int, int], dtype: torch.dtype, device: torch.device, padding: int = 0
+) -> torch.Tensor:
+    """
+    `(H * W, H + W + padding)`: row j is [e(h_j), e(w_j), 0...], the one-hot grid row and column of key
+    j = h_j * W + w_j, then `padding` zero columns.
+    """
     height, width = size
     row_of_key = torch.eye(height, dtype=dtype, device=device).repeat_interleave(width, dim=0)
     column_of_key = torch.eye(width, dtype=dtype, device=device).repeat(height, 1)
-    return torch.cat([row_of_key, column_of_key], dim=1)
+    parts = [row_of_key, column_of_key]
+    if padding:
+        parts.append(row_of_key.new_zeros(height * width, padding))
+    return torch.cat(parts, dim=1)
+
+
+# PyTorch's memory-efficient CUDA attention, the fused kernel that accepts a value head size other than the query's,
+# needs head sizes that are multiples of 8 in half precision (4 in float32); flash attention needs all three equal.
+_FUSED_HEAD_SIZE_MULTIPLE = 8
 
 
 def relative_position_attention(
@@ -54,9 +67,11 @@ def relative_position_attention(
     softmax(q k^T / sqrt(d) + rel_h + rel_w) v with SAM's decomposed relative positions (MViTv2), for all heads in one
     `scaled_dot_product_attention` call and without an N x N bias tensor: the bias of query i and key j = (h_j, w_j)
     is q_i . R_h[h_i, h_j] + q_i . R_w[w_i, w_j], a dot product of [rel_h(i, :), rel_w(i, :)] with the one-hot
-    [e(h_j), e(w_j)], so it is appended to q and k as H + W extra channels (scale 1, q pre-scaled). Exact up to
-    rounding; SDPA's fused kernels then apply (flash / memory-efficient on CUDA). Costs (d + H + W) / d of the
-    score matmul's FLOPs, which on CPU makes it slower than `relative_position_attention_blocked`.
+    [e(h_j), e(w_j)], so it is appended to q and k as H + W extra channels (scale 1, q pre-scaled), then zero
+    channels up to a multiple of 8 (SAM-B's 14 x 14 windows: 64 + 28 = 92 -> 96), without which CUDA's
+    memory-efficient kernel refuses half-precision inputs and SDPA falls back to its unfused math. Exact up to
+    rounding. Costs (d + H + W) / d of the score matmul's FLOPs, which on CPU makes it slower than
+    `relative_position_attention_blocked`.
 
     Args:
         query, key, value: `(B, heads, H * W, d)`.
@@ -68,8 +83,12 @@ def relative_position_attention(
     """
     batch_size, num_heads, tokens, head_dim = query.shape
     rel_h, rel_w = _decomposed_bias_factors(query, relative_height, relative_width, size)
-    key_one_hot = _key_grid_one_hot(size, key.dtype, key.device)
-    extended_query = torch.cat([query * head_dim**-0.5, rel_h, rel_w], dim=-1)
+    padding = -(head_dim + sum(size)) % _FUSED_HEAD_SIZE_MULTIPLE
+    key_one_hot = _key_grid_one_hot(size, key.dtype, key.device, padding)
+    query_parts = [query * head_dim**-0.5, rel_h, rel_w]
+    if padding:
+        query_parts.append(query.new_zeros(batch_size, num_heads, tokens, padding))
+    extended_query = torch.cat(query_parts, dim=-1)
     extended_key = torch.cat([key, key_one_hot.expand(batch_size, num_heads, tokens, -1)], dim=-1)
     return F.scaled_dot_product_attention(extended_query, extended_key, value, scale=1.0)
 
