@@ -42,6 +42,7 @@ from transformers_possam.modeling import (
     PosSAMMaskPredictor,
     PosSAMMultiscaleDeformableAttention,
     PosSAMPatchEmbeddings,
+    PosSAMPixelDecoder,
     PosSAMPixelDecoderEncoder,
     PosSAMPixelDecoderEncoderLayer,
     PosSAMSamMLPBlock,
@@ -116,6 +117,7 @@ def test_the_flag_installs_all_four_replacements_or_none():
         PosSAMVisionAttention,
         PosSAMSamMLPBlock,
         InPlaceGELU,
+        PosSAMPixelDecoder,
         PosSAMPixelDecoderEncoder,
         PosSAMPixelDecoderEncoderLayer,
         PosSAMMultiscaleDeformableAttention,
@@ -130,6 +132,7 @@ def test_the_flag_installs_all_four_replacements_or_none():
         SamPatchEmbeddings,
         SamVisionSdpaAttention,
         SamMLPBlock,
+        Mask2FormerPixelDecoder,
         Mask2FormerPixelDecoderEncoderOnly,
         Mask2FormerPixelDecoderEncoderLayer,
         Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
@@ -143,10 +146,10 @@ def test_the_flag_installs_all_four_replacements_or_none():
 def test_install_fast_paths_on_a_stock_model_and_twice():
     """The function alone turns the stock model into the fast one; a second call replaces nothing."""
     fast, reference = model_pair(PosSAMModel, "tiny")
-    install_fast_paths(reference.vision_encoder, reference.pixel_decoder, reference.transformer_module)
+    install_fast_paths(reference)
     assert [type(module) for module in reference.modules()] == [type(module) for module in fast.modules()]
     modules = list(fast.modules())
-    install_fast_paths(fast.vision_encoder, fast.pixel_decoder, fast.transformer_module)
+    install_fast_paths(fast)
     assert all(after is before for after, before in zip(fast.modules(), modules))
     pixel_values = pixels(fast.config)
     with torch.no_grad():

@@ -390,3 +390,120 @@ def test_dense_and_cell_bound_paths_agree_on_model_outputs(model):
     for ours, theirs in zip(dense, sparse, strict=True):
         assert ours["segments_info"] == theirs["segments_info"]
         assert torch.equal(ours["segmentation"], theirs["segmentation"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the same on a (fake) CUDA device: host-to-device copies
+
+
+class HostToDeviceRecorder(TorchDispatchMode):
+    """
+    Records what a CPU run cannot show: blocking host-to-device copies (`torch.tensor(values, device=cuda)`,
+    `.to(cuda)`) and device ops handed CPU tensors of one or more dimensions (e.g. a CUDA tensor indexed with a CPU
+    index tensor, which PyTorch copies over first). On a GPU each is a copy followed by a stream synchronization, which
+    `torch.cuda.set_sync_debug_mode("error")` reports. Run inside a `FakeTensorMode` whose tensors say they live on
+    CUDA (no GPU needed: fake tensors carry shapes and devices only). Reads of device values (`.item()`, `nonzero`)
+    fail there on their own: a fake tensor has no values.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.copies: collections.Counter[str] = collections.Counter()
+        self.where: dict[str, str] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.name()
+        found = None
+        if name.startswith(("aten::_to_copy", "aten::copy_")):
+            source, target = (args[1], args[0].device) if name.startswith("aten::copy_") else (args[0], None)
+            target = torch.device(kwargs.get("device") or target or source.device)
+            if source.device.type == "cpu" and target.type != "cpu" and not kwargs.get("non_blocking", False):
+                found = f"{name}: blocking copy of {tuple(source.shape)} to {target}"
+        else:
+            tensors = [leaf for leaf in torch.utils._pytree.tree_leaves((args, kwargs)) if torch.is_tensor(leaf)]
+            if any(t.device.type != "cpu" for t in tensors):
+                host = [tuple(t.shape) for t in tensors if t.device.type == "cpu" and t.dim() > 0]
+                if host:
+                    found = f"{name}: device op given CPU tensors {host}"
+        if found:
+            self.copies[found] += 1
+            self.where.setdefault(found, "".join(traceback.format_stack(limit=10)[:-2]))
+        return func(*args, **kwargs)
+
+    def report(self) -> str:
+        return "\n".join(f"{name} x{count}, first at:\n{self.where[name]}" for name, count in self.copies.items())
+
+
+@pytest.fixture(scope="module")
+def fake_cuda():
+    """The tiny model and its inputs as fake tensors on `cuda` (built on the CPU, moved inside the fake mode)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    real = PosSAMForPanopticSegmentation(tiny_config()).eval()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        model = real.to("cuda")
+        inputs = {name: value.to("cuda") for name, value in model_inputs(real).items()}
+    return SimpleNamespace(mode=mode, model=model, inputs=inputs)
+
+
+def test_the_host_to_device_recorder_sees_each_kind_of_copy(fake_cuda):
+    """Positive controls: the recorder must see the copies it is meant to catch, and not the copies that wait for
+    nothing (`non_blocking=True`) or device-made constants."""
+    with fake_cuda.mode:
+        values = torch.zeros(8, device="cuda")
+        attempts = {
+            "torch.tensor(values, device=cuda)": lambda: torch.tensor([1.0, 2.0], device="cuda"),
+            "torch.as_tensor(list, device=cuda)": lambda: torch.as_tensor([[1, 2]], device="cuda"),
+            ".to(cuda)": lambda: torch.arange(3).to("cuda"),
+            "a CPU index": lambda: values[torch.arange(3)],
+            "a CPU index written to": lambda: values.index_put_((torch.arange(3),), torch.ones(3, device="cuda")),
+        }
+        for description, attempt in attempts.items():
+            with HostToDeviceRecorder() as recorder:
+                attempt()
+            assert recorder.copies, description
+        with HostToDeviceRecorder() as recorder:
+            torch.arange(3).to("cuda", non_blocking=True)
+            values[torch.arange(3, device="cuda")] + torch.tensor(2.0)  # a 0-dim CPU tensor is a scalar argument
+            torch.full((2,), 0.5, device="cuda")
+        assert not recorder.copies, recorder.report()
+
+
+def test_forward_on_cuda_makes_no_host_to_device_copy(fake_cuda):
+    """The forward with a precomputed vocabulary and with the default one, on (fake) CUDA tensors."""
+    with fake_cuda.mode, torch.no_grad():
+        with HostToDeviceRecorder() as recorder:
+            outputs = fake_cuda.model(**fake_cuda.inputs)
+        assert not recorder.copies, recorder.report()
+        assert outputs.masks_queries_logits.device.type == "cuda"
+        with HostToDeviceRecorder() as recorder:
+            fake_cuda.model(pixel_values=fake_cuda.inputs["pixel_values"])
+        assert not recorder.copies, recorder.report()
+
+
+def test_panoptic_post_processing_on_cuda_copies_nothing_before_its_one_transfer(fake_cuda, monkeypatch):
+    """MASE and the dense panoptic path on (fake) CUDA outputs, up to their one device-to-host transfer (which needs
+    values, so the fake run stops there)."""
+
+    class Fetched(Exception):
+        pass
+
+    def fetch(values):
+        raise Fetched
+
+    monkeypatch.setattr(postprocessing, "_fetch_to_host", fetch)
+    size = fake_cuda.model.config.vision_config.image_size
+    processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
+    with fake_cuda.mode, torch.no_grad():
+        outputs = fake_cuda.model(**fake_cuda.inputs)
+        with HostToDeviceRecorder() as recorder, pytest.raises(Fetched):
+            processor.post_process_panoptic_segmentation(
+                outputs,
+                target_sizes=[(90, 120), (200, 150)],
+                label_ids_to_fuse=[3, 4],
+                seen_mask=[True] * 3 + [False] * 2,
+            )
+    assert not recorder.copies, recorder.report()

@@ -145,8 +145,13 @@ INTERNALS: dict[tuple[str, str], Expected] = {
     (MASK2FORMER, "Mask2FormerPixelDecoder"): Expected(
         "class",
         ("config", "feature_channels"),
-        methods={"forward": ("features", "encoder_outputs", "output_attentions", "output_hidden_states")},
+        methods={
+            "forward": ("features", "encoder_outputs", "output_attentions", "output_hidden_states"),
+            "get_valid_ratio": ("mask", "dtype"),  # modeling/pixel_decoder.py
+        },
     ),
+    # modeling/pixel_decoder.py: the output it builds
+    (MASK2FORMER, "Mask2FormerPixelDecoderOutput"): Expected("class"),
     (MASK2FORMER, "Mask2FormerTransformerModule"): Expected(
         "class",
         ("in_features", "config"),

@@ -34,6 +34,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_possam import PosSAMConfig, default_vocabulary_shape
+from .device_transfer import to_device
 from .modeling import (
     LocalDiscriminativePooling,
     PosSAMCLIP,
@@ -455,7 +456,7 @@ class PosSAMModel(PosSAMPreTrainedModel):
             # same-parameter replacements of four library modules, faster or leaner (docs/design.md, "Performance
             # decisions"); each takes over the original's tensors, so construction draws the same random numbers
             # as with transformers' own modules
-            install_fast_paths(self.vision_encoder, self.pixel_decoder, self.transformer_module)
+            install_fast_paths(self)
         self.iou_head = PosSAMIoUHead(config.hidden_dim, config.iou_head_hidden_dim, config.iou_head_depth)
         self.post_init()
         self.freeze_frozen_parts()
@@ -824,7 +825,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         """SAM-normalized -> CLIP-normalized pixels; padding (pixel_mask == 0) becomes 0, as FC-CLIP pads CLIP input."""
 
         def channel_tensor(values):
-            return torch.tensor(values, device=pixel_values.device, dtype=torch.float32).view(1, -1, 1, 1)
+            return to_device(torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1), pixel_values.device)
 
         sam_mean, sam_std = channel_tensor(self.config.sam_image_mean), channel_tensor(self.config.sam_image_std)
         clip_mean, clip_std = channel_tensor(self.config.clip_image_mean), channel_tensor(self.config.clip_image_std)

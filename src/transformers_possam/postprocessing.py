@@ -50,6 +50,7 @@ from transformers.image_processing_outputs import SemanticSegmentationPostProces
 from transformers.image_utils import SizeDict
 from transformers.utils import logging
 
+from .device_transfer import to_device
 from .mase import mask_aware_selective_ensemble
 from .mask_resampling import AxisResampling, assign_panoptic, axis_resampling, resize_matrix
 from .value_checks import all_finite, require
@@ -235,16 +236,7 @@ def _seen_mask(seen_mask, num_classes: int, device) -> torch.Tensor | None:
             f"have {num_classes} classes (class_queries_logits has {num_classes + 1} columns, void last): post-process "
             "with the vocabulary the model was run with."
         )
-    return _to_device(seen_mask, device)
-
-
-def _to_device(values: torch.Tensor, device) -> torch.Tensor:
-    """
-    `values` on `device`. From host memory to an accelerator without waiting: a blocking host-to-device copy
-    synchronizes the stream (it waits for every queued kernel), while an asynchronous one from pageable memory is
-    staged at once, so `values` may be freed right after.
-    """
-    return values.to(device, non_blocking=values.device.type == "cpu" and torch.device(device).type != "cpu")
+    return to_device(seen_mask, device)
 
 
 def _fetch_to_host(values: torch.Tensor) -> np.ndarray:
@@ -787,7 +779,7 @@ class PosSAMPostProcessingMixin:
         device = masks.device
         num_queries, num_classes = scores.shape[1:]
         is_fuse_label = torch.zeros(num_classes, dtype=torch.bool, device=device)
-        is_fuse_label[_to_device(torch.tensor(sorted(fuse), dtype=torch.long), device)] = True
+        is_fuse_label[to_device(torch.tensor(sorted(fuse), dtype=torch.long), device)] = True
         parts, layouts = [], []
         for index, mask_logits in enumerate(masks):
             query_scores, query_labels = scores[index].max(-1)

@@ -19,6 +19,7 @@ from .mask_predictor import AttentionMaskFeatures, PosSAMMaskPredictor
 from .masked_cross_attention import PosSAMMaskedCrossAttention
 from .mlp import PosSAMSamMLPBlock, PosSAMTimmMlp, install_mlp_fast_paths, mlp_in_row_blocks
 from .patch_embeddings import PosSAMPatchEmbeddings
+from .pixel_decoder import PosSAMPixelDecoder
 from .pixel_decoder_encoder import PosSAMPixelDecoderEncoder, PosSAMPixelDecoderEncoderLayer
 from .sam_attention import PosSAMVisionAttention
 
@@ -38,6 +39,7 @@ __all__ = [
     "PosSAMMultiscaleDeformableAttention",
     "PosSAMOpenVocabularyClassifier",
     "PosSAMPatchEmbeddings",
+    "PosSAMPixelDecoder",
     "PosSAMPixelDecoderEncoder",
     "PosSAMPixelDecoderEncoderLayer",
     "PosSAMSamMLPBlock",

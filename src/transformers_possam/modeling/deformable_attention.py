@@ -12,6 +12,8 @@ from transformers.models.mask2former.modeling_mask2former import (
     multi_scale_deformable_attention,
 )
 
+from ..device_transfer import to_device
+
 
 __all__ = [
     "PosSAMMultiscaleDeformableAttention",
@@ -377,7 +379,9 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         points plus the `(B, Q, heads, levels, points, 2)` offsets, which are in pixels of each level.
         """
         batch_size, num_queries, num_heads, num_levels, num_points, _ = offsets.shape
-        normalizer = torch.tensor([[w, h] for h, w in spatial_shapes_list], dtype=offsets.dtype, device=offsets.device)
+        normalizer = to_device(
+            torch.tensor([[w, h] for h, w in spatial_shapes_list], dtype=offsets.dtype), offsets.device
+        )
         # transformers' `reference + offsets / normalizer`, the same divisions, with the (levels, points, xy) pattern
         # of both operands spelled out as one 24-wide last dimension: broadcasting over a 2-wide last dimension (and
         # a 4-wide one) ran 9x slower on CPU (47 vs 5 ms per layer at 1024x1024)

@@ -7,7 +7,7 @@ the flag False the model runs transformers' own modules, the reference `tests/te
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from .mask_predictor import PosSAMMaskPredictor
 from .masked_cross_attention import PosSAMMaskedCrossAttention
 from .mlp import install_mlp_fast_paths
 from .patch_embeddings import PosSAMPatchEmbeddings
+from .pixel_decoder import PosSAMPixelDecoder
 from .pixel_decoder_encoder import PosSAMPixelDecoderEncoder, PosSAMPixelDecoderEncoderLayer
 from .sam_attention import PosSAMVisionAttention
 
@@ -46,13 +47,10 @@ def take_over(original: nn.Module, subclass: type[_ModuleT], *args, **kwargs) ->
     return replacement
 
 
-def install_fast_paths(
-    vision_encoder: SamVisionEncoder,
-    pixel_decoder: Mask2FormerPixelDecoder,
-    transformer_module: Mask2FormerTransformerModule,
-) -> None:
+def install_fast_paths(mask_generator: nn.Module) -> None:
     """
-    Replaces, in place, the transformers modules of the mask generator that PosSAM runs faster or leaner:
+    Replaces, in place, the transformers modules of the mask generator (`PosSAMModel`: its `vision_encoder`,
+    `pixel_decoder` and `transformer_module`) that PosSAM runs faster or leaner:
 
     1. SAM's `SamVisionSdpaAttention` -> `PosSAMVisionAttention`: the decomposed relative-position bias in
        cache-sized blocks of scores on CPU (no `(tokens, tokens)` tensor), all heads in one fused attention call
@@ -61,7 +59,9 @@ def install_fast_paths(
        `InPlaceGELU` (`install_mlp_fast_paths`); `PosSAMForPanopticSegmentation` does the same to the ConvNeXt
        blocks' MLPs in the CLIP image tower. Its `SamPatchEmbeddings` -> `PosSAMPatchEmbeddings`: the tokens stored
        token-major, so that the encoder's `LayerNorm`s and residual sums read contiguous rows.
-    2. The pixel decoder's `Mask2FormerPixelDecoderEncoderOnly` -> `PosSAMPixelDecoderEncoder` (its output stored
+    2. `Mask2FormerPixelDecoder` -> `PosSAMPixelDecoder`: the levels' start index copied to the device without
+       waiting (transformers' forward makes a blocking host-to-device copy, a stream synchronization on a GPU).
+       Its `Mask2FormerPixelDecoderEncoderOnly` -> `PosSAMPixelDecoderEncoder` (its output stored
        channel-major, which the pixel decoder's FPN resizes 9x faster on CPU), each of its
        `Mask2FormerPixelDecoderEncoderLayer`s -> `PosSAMPixelDecoderEncoderLayer` (at inference the feed-forward
        network in blocks of rows, ReLU in place), and their
@@ -78,6 +78,13 @@ def install_fast_paths(
     construction are those of transformers' modules. Modules already replaced are left as they are, so a second call
     changes nothing.
     """
+    vision_encoder = cast(SamVisionEncoder, mask_generator.vision_encoder)
+    transformer_module = cast(Mask2FormerTransformerModule, mask_generator.transformer_module)
+    pixel_decoder = cast(Mask2FormerPixelDecoder, mask_generator.pixel_decoder)
+    if type(pixel_decoder) is Mask2FormerPixelDecoder:
+        pixel_decoder = mask_generator.pixel_decoder = take_over(
+            pixel_decoder, PosSAMPixelDecoder, pixel_decoder.config, feature_channels=pixel_decoder.feature_channels
+        )
     install_mlp_fast_paths(vision_encoder)
     if type(vision_encoder.patch_embed) is SamPatchEmbeddings:
         vision_encoder.patch_embed = take_over(

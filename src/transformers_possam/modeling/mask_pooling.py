@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..device_transfer import to_device
+
 
 __all__ = ["bilinear_resize", "mask_pool"]
 
@@ -27,7 +29,7 @@ def _axis_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch
     weight = (source - first).clamp(0, 1)
     first = first.long()
     second = (first + 1).clamp_max(in_size - 1)
-    return first.to(device), second.to(device), weight.to(device)
+    return to_device(first, device), to_device(second, device), to_device(weight, device)
 
 
 def bilinear_resize(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -208,6 +208,18 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
       kernel launches on a GPU, and a loop over batch x heads cannot be traced with a dynamic batch size.
     """
 
+    def get_rel_pos(self, q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+        """
+        transformers' `get_rel_pos` (`(q_size, k_size, d)`) with its index grid made on the table's device:
+        transformers makes it with `torch.arange` on the host, and indexing a GPU table with a host index copies the
+        index over first, a blocking copy (a stream synchronization) in every layer. Traced graphs hold the grid
+        as a constant, and on the CPU there is nothing to copy: both keep transformers' code path.
+        """
+        if rel_pos.device.type == "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return super().get_rel_pos(q_size, k_size, rel_pos)
+        with torch.device(rel_pos.device):
+            return super().get_rel_pos(q_size, k_size, rel_pos)
+
     # transformers annotates the parent's return as a Tensor, but it returns `(attn_output, None)` as this does
     def forward(  # type: ignore[override]
         self, hidden_states: torch.Tensor, output_attentions: bool = False

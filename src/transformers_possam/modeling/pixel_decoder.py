@@ -1,0 +1,94 @@
+"""Mask2Former's pixel decoder with its feature levels' sizes kept on the host (no host-to-device copy)."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerPixelDecoder,
+    Mask2FormerPixelDecoderOutput,
+)
+
+from ..device_transfer import to_device
+
+
+__all__ = ["PosSAMPixelDecoder"]
+
+
+class PosSAMPixelDecoder(Mask2FormerPixelDecoder):
+    """
+    `Mask2FormerPixelDecoder` (same parameters, state-dict keys and math) for a GPU's sake: transformers' forward
+    turns the levels' sizes into a device tensor with `torch.as_tensor(sizes, device=...)`, a blocking
+    host-to-device copy that synchronizes the stream in every forward, only to derive `level_start_index`, which
+    the deformable attention does not read (it takes the sizes as a list). Here that index is copied without
+    waiting (`to_device`); every other step is transformers' own: 1x1 input projections of the three coarsest
+    levels, sine position embeddings plus level embeddings, the deformable-attention encoder over all-False padding
+    masks (valid ratios by `get_valid_ratio`), the encoder output split back into levels, then the FPN levels to
+    stride `common_stride` and the mask projection.
+
+    Args of `forward`: `features`, the FPN levels finest first, `(B, C_i, H_i, W_i)`; the other arguments as
+    transformers' (`encoder_outputs` skips the encoder).
+    """
+
+    def forward(
+        self,
+        features,
+        encoder_outputs=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        coarsest_first = features[::-1][: self.num_feature_levels]
+        projected = [projection(level) for projection, level in zip(self.input_projections, coarsest_first)]
+        sizes = [(level.shape[2], level.shape[3]) for level in projected]
+        padding_masks = [
+            level.new_zeros(level.shape[0], *size, dtype=torch.bool) for level, size in zip(projected, sizes)
+        ]
+        level_starts = [0]
+        for height, width in sizes[:-1]:
+            level_starts.append(level_starts[-1] + height * width)
+
+        def flat(tensor: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, H * W, C)
+            return tensor.flatten(2).transpose(1, 2)
+
+        positions = [
+            flat(self.position_embedding(level.shape, level.device, level.dtype))
+            + self.level_embed[index].view(1, 1, -1)
+            for index, level in enumerate(coarsest_first)
+        ]
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                inputs_embeds=torch.cat([flat(level) for level in projected], 1),
+                attention_mask=torch.cat([mask.flatten(1) for mask in padding_masks], 1),
+                position_embeddings=torch.cat(positions, 1),
+                spatial_shapes_list=sizes,
+                level_start_index=to_device(torch.tensor(level_starts, dtype=torch.long), projected[0].device),
+                valid_ratios=torch.stack(
+                    [self.get_valid_ratio(mask, dtype=projected[0].dtype) for mask in padding_masks], 1
+                ),
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+            )
+        encoded = encoder_outputs.last_hidden_state
+        split_sizes = [height * width for height, width in sizes[:-1]]
+        split_sizes.append(encoded.shape[1] - sum(split_sizes))
+        outputs = [
+            part.transpose(1, 2).view(encoded.shape[0], -1, *size)
+            for part, size in zip(torch.split(encoded, split_sizes, dim=1), sizes)
+        ]
+        # the finer FPN levels, coarse to fine: lateral 1x1 plus the upsampled coarser output, then a 3x3
+        for index, level in enumerate(features[: self.num_fpn_levels][::-1]):
+            lateral = self.lateral_convolutions[index](level)
+            upsampled = F.interpolate(outputs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            outputs.append(self.output_convolutions[index](lateral + upsampled))
+        return Mask2FormerPixelDecoderOutput(
+            mask_features=self.mask_projection(outputs[-1]),
+            # transformers annotates a 1-tuple; it holds one tensor per level, as here
+            multi_scale_features=tuple(outputs[: self.num_feature_levels]),  # type: ignore[arg-type]
+            attentions=encoder_outputs.attentions,
+        )
