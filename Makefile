@@ -49,7 +49,8 @@ pipeline-demo: $(STAMP)
 # Wheels for a lent GPU machine (benchmarks/device_session.sh installs them there): the transformers and timm this
 # venv pins, which that machine's image holds in other versions. Git ignores .whl/ (.git/info/exclude).
 device-wheels: $(STAMP)
-	grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+	exclude=$$(git rev-parse --git-path info/exclude) && mkdir -p $$(dirname $$exclude) && \
+		(grep -qx '/.whl/' $$exclude 2>/dev/null || echo '/.whl/' >> $$exclude)
 	rm -rf .whl
 	$(VPY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \

@@ -11,10 +11,13 @@ with its traceback) is written to `--output` as soon as it ends, so a stopped ru
 - `sam_attention_fused_kernel`: SAM-B/L/H attention shapes at 1024 in bf16 run with SDPA limited to its fused
   kernels (flash, memory-efficient, cuDNN): an unfused math fallback is an error;
 - `bf16`: a bf16 copy of the model runs on the device; finite outputs, its mask-logit relative error against fp32;
-- `no_host_sync`: forward, MASE and the panoptic post-processing under `torch.cuda.set_sync_debug_mode("error")`,
-  with the dense path's one device-to-host transfer (`postprocessing._fetch_to_host`) allowed and counted;
-- `compiled`: `torch.compile(fullgraph=True)` of the forward on the device, outputs against eager within 1e-3;
-- `training_step`: a bf16-autocast training step (AdamW, clipping): finite loss and gradients.
+- `no_host_sync`: forward, MASE and the panoptic post-processing under `torch.cuda.set_sync_debug_mode("warn")`,
+  every reported synchronizing call recorded with where it happened, the dense path's one device-to-host transfer
+  (`postprocessing._fetch_to_host`) allowed and counted; and a forward queued behind a GPU sleep must not wait;
+- `training_step`: two bf16-autocast training steps (AdamW, clipping): finite losses, the trainable parameters
+  finite and moved, the frozen ones unchanged;
+- `compiled` (last): `torch.compile(fullgraph=True)` of the forward on the device against eager (TF32 off), relative
+  error below 1e-3.
 
 On a CPU (`--device cpu`) the same code runs (the tests do that); `no_host_sync` needs CUDA and says it skipped.
 Exit status 0 when every check run is ok (or skipped), 1 otherwise.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 import traceback
 from collections.abc import Callable
@@ -175,12 +179,22 @@ def check_bf16(context: Context) -> dict:
 
 
 def check_no_host_sync(context: Context) -> dict:
+    """
+    Every synchronizing CUDA call PyTorch reports (`set_sync_debug_mode("warn")`, all of them with where they
+    happened, not only the first as "error" would) in the forward, MASE and the panoptic post-processing, the dense
+    path's one device-to-host transfer allowed and counted; then, since the debug mode does not see every stall, the
+    same forward queued behind a ~0.5 s `torch.cuda._sleep`: the host must finish queueing it while the GPU still
+    sleeps.
+    """
     if context.device.type != "cuda":
         return {"skipped": "torch.cuda.set_sync_debug_mode needs CUDA"}
+    import warnings
+
     from transformers_possam import postprocessing
 
     original = postprocessing._fetch_to_host
     fetches: list[list[int]] = []
+    syncs: list[str] = []
 
     def counted_fetch(values):  # the dense path's one intended transfer
         torch.cuda.set_sync_debug_mode(0)
@@ -188,13 +202,19 @@ def check_no_host_sync(context: Context) -> dict:
             fetches.append(list(values.shape))
             return original(values)
         finally:
-            torch.cuda.set_sync_debug_mode("error")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        stack = [frame for frame in traceback.format_stack()[:-1] if "warnings.py" not in frame]
+        syncs.append(f"{message}\n" + "".join(stack[-6:]))
 
     postprocessing._fetch_to_host = counted_fetch
     torch.cuda.synchronize(context.device)
     try:
-        with torch.no_grad():
-            torch.cuda.set_sync_debug_mode("error")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
             outputs = context.model(**context.inputs)
             results = context.processor.post_process_panoptic_segmentation(
                 outputs, target_sizes=[(context.size, context.size)] * 2
@@ -202,32 +222,80 @@ def check_no_host_sync(context: Context) -> dict:
     finally:
         torch.cuda.set_sync_debug_mode(0)
         postprocessing._fetch_to_host = original
+    # the stall check: a forward queued behind a GPU sleep returns before the sleep ends only if nothing waited
+    cycles_per_second = torch.cuda.get_device_properties(context.device).clock_rate * 1e3  # kHz -> Hz
+    torch.cuda.synchronize(context.device)
+    start = time.perf_counter()
+    torch.cuda._sleep(int(0.5 * cycles_per_second))
+    with torch.no_grad():
+        context.model(**context.inputs)
+    host_seconds = time.perf_counter() - start
+    still_busy = not torch.cuda.current_stream(context.device).query()
+    torch.cuda.synchronize(context.device)
+    device_seconds = time.perf_counter() - start
+    details = {
+        "transfers": fetches,
+        "segments": [len(result["segments_info"]) for result in results],
+        "reported_syncs": syncs,
+        "stall_check": {"host_s": host_seconds, "device_s": device_seconds, "gpu_still_busy": still_busy},
+    }
+    problems = []
+    if syncs:
+        problems.append(f"{len(syncs)} synchronizing call(s) reported, first: {syncs[0]}")
     if len(fetches) != 1:
-        raise AssertionError(f"expected one device-to-host transfer for the batch, saw {len(fetches)}: {fetches}")
-    return {"transfers": fetches, "segments": [len(result["segments_info"]) for result in results]}
+        problems.append(f"expected one device-to-host transfer for the batch, saw {len(fetches)}")
+    if not still_busy:
+        problems.append(f"the host waited for the GPU: it queued the forward in {host_seconds:.3f} s")
+    if problems:
+        raise AssertionError("; ".join(problems) + f" (details: {json.dumps(details, default=str)[:3000]})")
+    return details
 
 
 def check_compiled(context: Context) -> dict:
-    compiled = torch.compile(context.model, fullgraph=True, dynamic=False)
-    start = time.perf_counter()
-    found = context.outputs(compiled, context.inputs)
-    compile_seconds = time.perf_counter() - start
-    expected = context.outputs(context.model, context.inputs)
-    for name in OUTPUT_NAMES:
-        torch.testing.assert_close(found[name], expected[name], rtol=1e-3, atol=1e-3, msg=name)
-    differences = {name: _max_relative_difference(found[name], expected[name]) for name in OUTPUT_NAMES}
-    return {"first_call_s": compile_seconds, "max_relative_difference": differences}
+    """`torch.compile(fullgraph=True)` against eager, TF32 off in both (inductor may pick other conv algorithms),
+    compared by relative norm (a thresholded mask logit may flip where eager's is near 0)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        compiled = torch.compile(context.model, fullgraph=True, dynamic=False)
+        start = time.perf_counter()
+        found = context.outputs(compiled, context.inputs)
+        compile_seconds = time.perf_counter() - start
+        expected = context.outputs(context.model, context.inputs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    errors = {name: ((found[name] - expected[name]).norm() / expected[name].norm()).item() for name in OUTPUT_NAMES}
+    if max(errors.values()) > 1e-3:
+        raise AssertionError(f"compiled outputs differ from eager (relative norm): {errors}")
+    return {"first_call_s": compile_seconds, "relative_error": errors}
 
 
 def check_training_step(context: Context) -> dict:
+    """Two bf16-autocast training steps: finite losses, and every trainable parameter finite afterwards (the step
+    clears the gradients, so a non-finite gradient shows through the parameters clipping and AdamW moved), most of
+    them changed; frozen ones unchanged."""
     model = copy.deepcopy(context.model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     step = make_training_step(model, 2, context.device, autocast_dtype=torch.bfloat16)
     losses = [step() for _ in range(2)]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    bad = [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-    if not all(torch.isfinite(torch.tensor(loss)) for loss in losses) or bad:
-        raise AssertionError(f"non-finite training step: losses {losses}, gradients {bad[:5]}")
-    return {"losses": losses, "trainable_parameters": sum(p.numel() for p in trainable)}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    parameters = dict(model.named_parameters())
+    not_finite = [name for name in trainable if not torch.isfinite(parameters[name]).all()]
+    changed = [name for name in trainable if not torch.equal(parameters[name], before[name])]
+    frozen_moved = [
+        name for name in parameters if name not in trainable and not torch.equal(parameters[name], before[name])
+    ]
+    if (
+        not all(math.isfinite(loss) for loss in losses)
+        or not_finite
+        or frozen_moved
+        or len(changed) < len(trainable) / 2
+    ):
+        raise AssertionError(
+            f"training step: losses {losses}, non-finite parameters {not_finite[:5]}, frozen parameters moved "
+            f"{frozen_moved[:5]}, {len(changed)} of {len(trainable)} trainable parameters changed"
+        )
+    return {"losses": losses, "trainable_tensors": len(trainable), "changed_tensors": len(changed)}
 
 
 CHECKS: dict[str, Callable[[Context], dict]] = {
@@ -237,8 +305,8 @@ CHECKS: dict[str, Callable[[Context], dict]] = {
     "sam_attention_fused_kernel": check_sam_attention_fused_kernel,
     "bf16": check_bf16,
     "no_host_sync": check_no_host_sync,
-    "compiled": check_compiled,
     "training_step": check_training_step,
+    "compiled": check_compiled,  # last: a slow compilation under the session's timeout stops only itself
 }
 
 

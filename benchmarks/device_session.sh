@@ -1,33 +1,37 @@
 #!/usr/bin/env bash
 # The one command for a lent GPU machine (issue 15, target 7), run from the repository root. In a session whose
-# `status` says a machine is lent: `make device-wheels` here, then the device tool's
-#   run(command="bash benchmarks/device_session.sh", carry=[".whl"], timeout_s=480)
+# `status` says a machine is lent: `make device-wheels` here, then, once, the device tool's
+#   run(command="bash benchmarks/device_session.sh", carry=[".whl"], timeout_s=600)
 # It installs the carried wheels (this project's transformers and timm; the machine's image has other versions),
-# runs benchmarks/device_check.py (the CUDA code paths on the tiny config), then the GPU suite within a time budget
-# (POSSAM_GPU_BUDGET_S, default 300 s: rows not started by then are reported as skipped). Every file lands in $OUT
-# as it is written (at most 8 files come back): nvidia-smi.txt, device-check.json/.log, results-gpu.json, gpu.log.
-# About 7 minutes with the machine's start, which leaves a 15-minute session time for a second, narrower run
-# (e.g. POSSAM_GPU_VARIANTS=vit-b POSSAM_GPU_CHECKS=versions POSSAM_GPU_ARGS="--batches 1 --compile-mode
-# reduce-overhead", CUDA graphs for B at batch 1).
+# runs benchmarks/device_check.py (the CUDA code paths on the tiny config; at most 150 s), then the GPU suite, goal
+# rows first, with a time budget that ends it by POSSAM_DEADLINE_S seconds after its start (default 540: with the
+# machine's start and the transfers about 11-12 of the session's 15 minutes, so plan one run, not two). Rows not
+# started in time are reported as skipped. Every file lands in $OUT as it is written (at most 8 files come back):
+# nvidia-smi.txt, device-check.json/.log, results-gpu.json, gpu.log. POSSAM_GPU_CHECKS, POSSAM_GPU_VARIANTS,
+# POSSAM_GPU_BUDGET_S and POSSAM_GPU_ARGS (e.g. "--batches 1 --compile-mode reduce-overhead": CUDA graphs) narrow it.
 # POSSAM_DEVICE=cpu PYTHON=.venv/bin/python POSSAM_GPU_VARIANTS=tiny runs the same steps on a CPU (the tests do).
 set -uo pipefail
 OUT=${OUT:-/tmp/possam-device}
 PYTHON=${PYTHON:-python3}
 DEVICE=${POSSAM_DEVICE:-cuda}
 DEFAULT_CHECKS="versions outputs_match_cpu sam_attention_all_heads sam_attention_fused_kernel bf16 no_host_sync"
-CHECKS=${POSSAM_GPU_CHECKS:-"$DEFAULT_CHECKS compiled training_step"}
+CHECKS=${POSSAM_GPU_CHECKS:-"$DEFAULT_CHECKS training_step compiled"}
 mkdir -p "$OUT"
 WHEELS=${POSSAM_WHEELS:-.whl}
+SITE=${POSSAM_SITE:-/tmp/site}
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH="$SITE"
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
 # shellcheck disable=SC2086  # the lists are meant to split into words
-timeout 180 "$PYTHON" benchmarks/device_check.py --device "$DEVICE" --output "$OUT/device-check.json" \
+timeout 150 "$PYTHON" benchmarks/device_check.py --device "$DEVICE" --output "$OUT/device-check.json" \
     --checks $CHECKS 2>&1 | tee "$OUT/device-check.log"
+# what is left until the deadline, less a minute for the row in progress when the budget runs out
+BUDGET=${POSSAM_GPU_BUDGET_S:-$(( ${POSSAM_DEADLINE_S:-540} - SECONDS - 60 ))}
 # shellcheck disable=SC2086
-"$PYTHON" benchmarks/run.py --suite gpu --device "$DEVICE" --time-budget-s "${POSSAM_GPU_BUDGET_S:-300}" \
+"$PYTHON" benchmarks/run.py --suite gpu --device "$DEVICE" --time-budget-s "$BUDGET" \
     --variants ${POSSAM_GPU_VARIANTS:-vit-b vit-l vit-h} ${POSSAM_GPU_ARGS:-} --output "$OUT/results-gpu.json" 2>&1 \
     | tee "$OUT/gpu.log"

@@ -13,7 +13,7 @@ noisy), PASS/FAIL printed per target:
 6. training throughput (tiny config) and the data path alone (reported).
    One PosSAM-B training step at 1024x1024, batch 2 (CPU, fp32): seconds per step and peak RSS (reported).
 7. `--suite gpu` (an accelerator): B/L/H, bf16/fp32, batch 1/8, eager and torch.compile: images/s, peak memory and
-   achieved TFLOP/s beside the same run's 8192^3 matmul; B/L/H bf16 training at batch 2: images/s, peak memory per
+   forward FLOPs per second beside the same run's 8192^3 matmul; B/L/H bf16 training at batch 2: images/s, peak memory per
    GPU and GPU-days of the paper's 250K x 16 schedule. Rows with a goal first; `--time-budget-s` bounds the run and
    each finished row is written at once (benchmarks/device_session.sh runs it on a lent GPU machine).
 8. input pipeline: the data path at COCO-like size in the training process and by 1, 2, N DataLoader workers; resume
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -84,8 +85,8 @@ def table_row(row: dict) -> str:
         if row.get("training"):
             paper = f"paper schedule (250K x 16 images): {row['gpu_days_paper_schedule']:.1f} GPU-days on one device"
         extra = f", first call {_seconds(row['seconds']['first_call_s'])}"
-        if "achieved_forward_tflops" in row:
-            extra += f", forward {row['achieved_forward_tflops']:.3g} TFLOP/s"
+        if "end_to_end_tflops" in row:
+            extra += f", forward FLOPs at {row['end_to_end_tflops']:.3g} TFLOP/s end to end"
         if "fullgraph_error" in row:
             extra += f"; fullgraph failed: {row['fullgraph_error'][:80]}"
         return (
@@ -220,7 +221,10 @@ def main(argv=None) -> dict:
         def write_partial(row: dict) -> None:
             rows.append(row)
             partial = {"machine": machine_info, "suite": "gpu", "partial": True, "figures": rows}
-            Path(args.output).write_text(json.dumps(partial, indent=1, default=str), encoding="utf-8")
+            # a new file renamed over the old one: a command killed while writing keeps the previous rows
+            temporary = Path(args.output + ".tmp")
+            temporary.write_text(json.dumps(partial, indent=1, default=str), encoding="utf-8")
+            os.replace(temporary, args.output)
             print(table_row(row), flush=True)
 
         gpu.run(

@@ -28,11 +28,7 @@ _TORCH_RAND = torch.rand
 
 def criterion_of(config) -> PosSAMLoss:
     """The criterion `PosSAMForPanopticSegmentation` builds from `config`."""
-    return PosSAMLoss(
-        config.mask2former_config,
-        iou_weight=config.iou_weight,
-        iou_loss_on_unmatched=config.iou_loss_on_unmatched,
-    )
+    return PosSAMLoss.from_possam_config(config)
 
 
 def batch_invariant_rand(*size, generator=None, **kwargs):

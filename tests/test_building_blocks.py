@@ -494,9 +494,7 @@ def possam_criterion(config):
     """The criterion `PosSAMForPanopticSegmentation` builds from a `PosSAMConfig`."""
     from transformers_possam.modeling.loss import PosSAMLoss
 
-    return PosSAMLoss(
-        config.mask2former_config, iou_weight=config.iou_weight, iou_loss_on_unmatched=config.iou_loss_on_unmatched
-    )
+    return PosSAMLoss.from_possam_config(config)
 
 
 def test_weighted_total_weights_each_loss_by_its_base_name_and_refuses_an_empty_dict():

@@ -5,8 +5,10 @@ On a GPU, reading a tensor's value on the host (`.item()`, `bool(t)`, `.tolist()
 the data: `nonzero`, boolean-mask indexing, `unique`, `masked_select`, `bincount`, `repeat_interleave` without its
 size) waits for every queued kernel. On CPU the same calls are visible to PyTorch's dispatcher: `HostSyncRecorder`
 records them (and the host reads that never reach the dispatcher on CPU tensors: `.tolist()`, `.numpy()`, `.cpu()`),
-so these tests prove on CPU what `torch.cuda.set_sync_debug_mode("error")` would on a GPU, with the value checks in
-the mode CUDA gets by default (`value_checks("async")`).
+with the value checks in the mode CUDA gets by default (`value_checks("async")`). What a CPU run cannot show, the
+blocking host-to-device copies (also a stream synchronization on a GPU), the last tests record on fake tensors that
+live on CUDA (`HostToDeviceRecorder`). Together they check on CPU what `torch.cuda.set_sync_debug_mode("error")`
+would on a GPU; `benchmarks/device_check.py` runs that on a lent GPU.
 """
 
 from __future__ import annotations

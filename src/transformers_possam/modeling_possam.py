@@ -658,11 +658,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         self.register_buffer(
             "default_class_embeddings", torch.zeros(num_classes, num_synonyms, config.clip_embed_dim), persistent=True
         )
-        self.criterion = PosSAMLoss(
-            config.mask2former_config,
-            iou_weight=config.iou_weight,
-            iou_loss_on_unmatched=config.iou_loss_on_unmatched,
-        )
+        self.criterion = PosSAMLoss.from_possam_config(config)
         self.post_init()
         self.freeze_frozen_parts()
 

@@ -242,6 +242,15 @@ class PosSAMLoss(Mask2FormerLoss):
             num_points=self.num_points,
         )
 
+    @classmethod
+    def from_possam_config(cls, config) -> PosSAMLoss:
+        """The criterion of a `PosSAMConfig`, as `PosSAMForPanopticSegmentation` builds it."""
+        return cls(
+            config.mask2former_config,
+            iou_weight=config.iou_weight,
+            iou_loss_on_unmatched=config.iou_loss_on_unmatched,
+        )
+
     # transformers annotates `class_labels` as a Tensor; it takes (and sums the lengths of) a list of them
     def get_num_masks(  # type: ignore[override]
         self, class_labels: Sequence[torch.Tensor], device: torch.device
