@@ -509,3 +509,23 @@ def test_panoptic_post_processing_on_cuda_copies_nothing_before_its_one_transfer
                 seen_mask=[True] * 3 + [False] * 2,
             )
     assert not recorder.copies, recorder.report()
+
+
+def test_bf16_forward_on_cuda_runs_its_cuda_branches_and_copies_nothing():
+    """`from_pretrained(..., dtype=torch.bfloat16)` on a GPU takes branches a CPU run never takes (SAM attention in
+    one SDPA call, transformers' deformable sampler in float32, the fused-kernel head-size padding): on fake CUDA
+    tensors, whose ops check devices and dtypes as CUDA would, the bf16 forward runs, returns bf16 mask logits and
+    makes no host-to-device copy."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    real = PosSAMForPanopticSegmentation(tiny_config()).eval()
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        model = real.to("cuda", torch.bfloat16)
+        inputs = {name: value.to("cuda") for name, value in model_inputs(real).items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+        with HostToDeviceRecorder() as recorder:
+            outputs = model(**inputs)
+    assert not recorder.copies, recorder.report()
+    assert outputs.masks_queries_logits.dtype == torch.bfloat16
+    assert outputs.masks_queries_logits.device.type == "cuda"
