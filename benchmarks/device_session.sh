@@ -4,8 +4,9 @@
 #   run(command="bash benchmarks/device_session.sh", carry=[".whl"], timeout_s=600)
 # It installs the carried wheels (this project's transformers and timm; the machine's image has other versions),
 # runs benchmarks/device_check.py (the CUDA code paths on the tiny config; at most 150 s), then the GPU suite, goal
-# rows first, with a time budget that ends it by POSSAM_DEADLINE_S seconds after its start (default 540: with the
-# machine's start and the transfers about 11-12 of the session's 15 minutes, so plan one run, not two). Rows not
+# rows first, with a time budget that ends it by about POSSAM_DEADLINE_S seconds after its start (default 480; a
+# row started in time runs to its end, up to a minute more: within the 600 s limit; with the machine's start and the
+# transfers about 11 of the session's 15 minutes, so plan one run, not two). Rows not
 # started in time are reported as skipped. Every file lands in $OUT as it is written (at most 8 files come back):
 # nvidia-smi.txt, device-check.json/.log, results-gpu.json, gpu.log. POSSAM_GPU_CHECKS, POSSAM_GPU_VARIANTS,
 # POSSAM_GPU_BUDGET_S and POSSAM_GPU_ARGS (e.g. "--batches 1 --compile-mode reduce-overhead": CUDA graphs) narrow it.
@@ -30,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 timeout 150 "$PYTHON" benchmarks/device_check.py --device "$DEVICE" --output "$OUT/device-check.json" \
     --checks $CHECKS 2>&1 | tee "$OUT/device-check.log"
 # what is left until the deadline, less a minute for the row in progress when the budget runs out
-BUDGET=${POSSAM_GPU_BUDGET_S:-$(( ${POSSAM_DEADLINE_S:-540} - SECONDS - 60 ))}
+BUDGET=${POSSAM_GPU_BUDGET_S:-$(( ${POSSAM_DEADLINE_S:-480} - SECONDS - 60 ))}
 # shellcheck disable=SC2086
 "$PYTHON" benchmarks/run.py --suite gpu --device "$DEVICE" --time-budget-s "$BUDGET" \
     --variants ${POSSAM_GPU_VARIANTS:-vit-b vit-l vit-h} ${POSSAM_GPU_ARGS:-} --output "$OUT/results-gpu.json" 2>&1 \

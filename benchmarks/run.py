@@ -290,7 +290,9 @@ def main(argv=None) -> dict:
         "seconds": time.perf_counter() - started,
         "figures": rows,
     }
-    Path(args.output).write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    temporary = Path(args.output + ".tmp")  # renamed over the file: a kill never leaves half of it
+    temporary.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    os.replace(temporary, args.output)
     print(
         f"\nMachine: {results['machine'].get('gpu', results['machine']['cpu'])}, {results['machine']['threads']} threads, torch {results['machine']['torch']}, "
         f"transformers {results['machine']['transformers']}; suite took {results['seconds'] / 60:.1f} min\n"

@@ -427,6 +427,38 @@ def test_all_heads_relative_position_attention_equals_transformers_bias(window_s
 
 
 @pytest.mark.parametrize(
+    ("q_size", "k_size", "table_rows"),
+    [(14, 14, 27), (64, 64, 127), (8, 8, 31), (6, 10, 19), (10, 6, 9)],
+)  # SAM's windows and grid at 1024; a table longer than needed (resized down); q != k both ways, a short table
+def test_relative_position_rows_equal_transformers_get_rel_pos(q_size, k_size, table_rows):
+    """
+    The rows GPU runs take (`relative_position_rows`, index grid made on the table's device and cached) against
+    transformers' own `SamVisionAttention.get_rel_pos` on the same table: values and gradients, bitwise. The cached
+    grid made under `inference_mode` must still serve a later training forward (an inference tensor cannot be
+    saved for backward).
+    """
+    from transformers import SamVisionConfig
+    from transformers.models.sam.modeling_sam import SamVisionAttention
+
+    from transformers_possam.modeling.sam_attention import _relative_position_index, relative_position_rows
+
+    reference = SamVisionAttention(SamVisionConfig(hidden_size=32, num_attention_heads=2), window_size=0)
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(table_rows, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    _relative_position_index.cache_clear()
+    with torch.inference_mode():
+        relative_position_rows(q_size, k_size, table.detach())  # fills the cache inside inference mode
+    found = relative_position_rows(q_size, k_size, table)
+    expected = reference.get_rel_pos(q_size, k_size, table)
+    assert torch.equal(found, expected)
+    grad = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    (found_grad,) = torch.autograd.grad(found, table, grad)
+    (expected_grad,) = torch.autograd.grad(expected, table, grad)
+    assert torch.equal(found_grad, expected_grad)
+    assert _relative_position_index.cache_info().hits >= 1
+
+
+@pytest.mark.parametrize(
     ("head_dim", "size"),
     [(64, (14, 14)), (64, (64, 64)), (80, (14, 14)), (80, (64, 64)), (16, (6, 10))],
 )  # SAM-B/L (head size 64) and SAM-H (80): 14 x 14 windows and the 64 x 64 global grid at 1024; a small grid

@@ -418,14 +418,19 @@ class HostToDeviceRecorder(TorchDispatchMode):
         name = func.name()
         found = None
         if name.startswith(("aten::_to_copy", "aten::copy_")):
-            source, target = (args[1], args[0].device) if name.startswith("aten::copy_") else (args[0], None)
-            target = torch.device(kwargs.get("device") or target or source.device)
-            if source.device.type == "cpu" and target.type != "cpu" and not kwargs.get("non_blocking", False):
+            if name.startswith("aten::copy_"):
+                source, target = args[1], args[0].device
+                non_blocking = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
+            else:
+                source, target = args[0], torch.device(kwargs.get("device") or args[0].device)
+                non_blocking = kwargs.get("non_blocking", False)
+            if source.device.type == "cpu" and target.type != "cpu" and not non_blocking:
                 found = f"{name}: blocking copy of {tuple(source.shape)} to {target}"
         else:
+            # any CPU tensor, 0-dim ones too: `where`, `index_put_` (`x[mask] = True`) copy them over with `.to`
             tensors = [leaf for leaf in torch.utils._pytree.tree_leaves((args, kwargs)) if torch.is_tensor(leaf)]
             if any(t.device.type != "cpu" for t in tensors):
-                host = [tuple(t.shape) for t in tensors if t.device.type == "cpu" and t.dim() > 0]
+                host = [tuple(t.shape) for t in tensors if t.device.type == "cpu"]
                 if host:
                     found = f"{name}: device op given CPU tensors {host}"
         if found:
@@ -462,6 +467,10 @@ def test_the_host_to_device_recorder_sees_each_kind_of_copy(fake_cuda):
             ".to(cuda)": lambda: torch.arange(3).to("cuda"),
             "a CPU index": lambda: values[torch.arange(3)],
             "a CPU index written to": lambda: values.index_put_((torch.arange(3),), torch.ones(3, device="cuda")),
+            "a Python value written through a device index": lambda: values.__setitem__(
+                torch.arange(3, device="cuda"), True
+            ),
+            "a 0-dim CPU tensor in where": lambda: torch.where(values > 0, values, torch.tensor(0.0)),
         }
         for description, attempt in attempts.items():
             with HostToDeviceRecorder() as recorder:
@@ -469,7 +478,9 @@ def test_the_host_to_device_recorder_sees_each_kind_of_copy(fake_cuda):
             assert recorder.copies, description
         with HostToDeviceRecorder() as recorder:
             torch.arange(3).to("cuda", non_blocking=True)
-            values[torch.arange(3, device="cuda")] + torch.tensor(2.0)  # a 0-dim CPU tensor is a scalar argument
+            values[:3].copy_(torch.ones(3), non_blocking=True)
+            values[torch.arange(3, device="cuda")] + 2.0  # a Python number is an argument, not a tensor
+            values.index_fill_(0, torch.arange(3, device="cuda"), True)
             torch.full((2,), 0.5, device="cuda")
         assert not recorder.copies, recorder.report()
 
@@ -518,6 +529,9 @@ def test_bf16_forward_on_cuda_runs_its_cuda_branches_and_copies_nothing():
     makes no host-to-device copy."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from transformers_possam.modeling.sam_attention import _relative_position_index
+
+    _relative_position_index.cache_clear()
     torch.manual_seed(0)
     real = PosSAMForPanopticSegmentation(tiny_config()).eval()
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
@@ -527,5 +541,32 @@ def test_bf16_forward_on_cuda_runs_its_cuda_branches_and_copies_nothing():
         with HostToDeviceRecorder() as recorder:
             outputs = model(**inputs)
     assert not recorder.copies, recorder.report()
+    # fake tensors never enter the cache of SAM's relative-position index grids (real runs would read them)
+    assert _relative_position_index.cache_info().currsize == 0
     assert outputs.masks_queries_logits.dtype == torch.bfloat16
     assert outputs.masks_queries_logits.device.type == "cuda"
+
+
+@pytest.mark.parametrize(
+    ("device", "non_blocking"),
+    [("cuda", True), ("meta", False), ("cpu", False)],
+)  # "meta" stands for the devices other than CUDA (this PyTorch build cannot make even fake MPS tensors): on MPS a
+# non-blocking copy from a temporary host tensor can read freed memory (PyTorch #139550, #189690)
+def test_to_device_copies_host_data_to_cuda_without_waiting_and_elsewhere_as_before(device, non_blocking):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from transformers_possam.device_transfer import to_device
+
+    copies = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.name().startswith("aten::_to_copy"):
+                copies.append(kwargs.get("non_blocking", False))
+            return func(*args, **kwargs)
+
+    with FakeTensorMode(allow_non_fake_inputs=True), Copies():
+        moved = to_device(torch.arange(4), device)
+    assert moved.device.type == device
+    assert copies == ([] if device == "cpu" else [non_blocking])

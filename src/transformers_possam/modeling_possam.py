@@ -939,7 +939,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         synonym_mask = _check_binary_mask(
             "synonym_mask", synonym_mask, (num_classes, num_synonyms), "(num_classes, num_synonyms)"
         )
-        synonym_mask = synonym_mask.to(device)
+        synonym_mask = to_device(synonym_mask, device)
         if _checking_values():
             has_synonym = synonym_mask.any(dim=1)
 

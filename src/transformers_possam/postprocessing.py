@@ -778,8 +778,11 @@ class PosSAMPostProcessingMixin:
         """
         device = masks.device
         num_queries, num_classes = scores.shape[1:]
-        is_fuse_label = torch.zeros(num_classes, dtype=torch.bool, device=device)
-        is_fuse_label[to_device(torch.tensor(sorted(fuse), dtype=torch.long), device)] = True
+        # made on the host and copied without waiting: `flags[device_index] = True` on a GPU copies the value True
+        # (a 0-dim host tensor) over with a blocking copy
+        is_fuse_label = torch.zeros(num_classes, dtype=torch.bool)
+        is_fuse_label[sorted(fuse)] = True
+        is_fuse_label = to_device(is_fuse_label, device)
         parts, layouts = [], []
         for index, mask_logits in enumerate(masks):
             query_scores, query_labels = scores[index].max(-1)

@@ -5,12 +5,20 @@ in cache-sized blocks of scores on CPU, all heads in one fused attention call el
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn import functional as F
 from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
 
-__all__ = ["PosSAMVisionAttention", "relative_position_attention", "relative_position_attention_blocked"]
+__all__ = [
+    "PosSAMVisionAttention",
+    "relative_position_attention",
+    "relative_position_attention_blocked",
+    "relative_position_rows",
+]
 
 # bytes of attention scores one step of the CPU path holds: small enough to stay in this class of CPU's L2 / L3 and
 # in glibc's heap (no fresh pages), large enough that each step's matmuls are efficient (4 MB was best of 1-16 MB for
@@ -48,6 +56,38 @@ def _key_grid_one_hot(
     if padding:
         parts.append(row_of_key.new_zeros(height * width, padding))
     return torch.cat(parts, dim=1)
+
+
+def _relative_position_grid(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
+    """
+    `(q_size, k_size)` int64: the row of SAM's resized relative-position table for query i and key j, as
+    transformers' `get_rel_pos` computes it (the shorter side's coordinates scaled to the longer's), made on `device`.
+    """
+    q_coords = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
+    return ((q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)).long()
+
+
+@functools.lru_cache(maxsize=64)
+def _relative_position_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
+    """`_relative_position_grid`, made once per sizes and device (SAM has two sizes: its windows and its grid)."""
+    with torch.inference_mode(False):  # a normal tensor, which a later training forward may save for backward
+        return _relative_position_grid(q_size, k_size, device)
+
+
+def relative_position_rows(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """
+    SAM's relative-position rows, as transformers' `SamVisionAttention.get_rel_pos`: the `(L, d)` table linearly
+    resized to 2 max(q, k) - 1 rows, then the row of each (query, key) pair, `(q_size, k_size, d)`, with the index grid
+    on the table's device (in eager mode made once per sizes and device).
+    """
+    max_rel_dist = int(2 * max(q_size, k_size) - 1)
+    resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).transpose(1, 2), size=max_rel_dist, mode="linear")
+    resized = resized.reshape(-1, max_rel_dist).permute(1, 0)
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fake(rel_pos):
+        # traced graphs compute the grid; fake tensors (shapes only) must not fill the cache of real ones
+        return resized[_relative_position_grid(q_size, k_size, rel_pos.device)]
+    return resized[_relative_position_index(q_size, k_size, rel_pos.device)]
 
 
 # PyTorch's memory-efficient CUDA attention, the fused kernel that accepts a value head size other than the query's,
@@ -210,15 +250,14 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
 
     def get_rel_pos(self, q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
         """
-        transformers' `get_rel_pos` (`(q_size, k_size, d)`) with its index grid made on the table's device:
-        transformers makes it with `torch.arange` on the host, and indexing a GPU table with a host index copies the
-        index over first, a blocking copy (a stream synchronization) in every layer. Traced graphs hold the grid
-        as a constant, and on the CPU there is nothing to copy: both keep transformers' code path.
+        transformers' `get_rel_pos`, `(q_size, k_size, d)`; off the CPU `relative_position_rows`, the same
+        operations with the index grid made on the table's device: transformers makes it with `torch.arange` on the
+        host, and indexing a GPU table with a host index copies it over first, a blocking copy (a stream
+        synchronization) in every layer.
         """
-        if rel_pos.device.type == "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        if rel_pos.device.type == "cpu":
             return super().get_rel_pos(q_size, k_size, rel_pos)
-        with torch.device(rel_pos.device):
-            return super().get_rel_pos(q_size, k_size, rel_pos)
+        return relative_position_rows(q_size, k_size, rel_pos)
 
     # transformers annotates the parent's return as a Tensor, but it returns `(attn_output, None)` as this does
     def forward(  # type: ignore[override]
