@@ -458,6 +458,29 @@ def test_relative_position_rows_equal_transformers_get_rel_pos(q_size, k_size, t
     assert _relative_position_index.cache_info().hits >= 1
 
 
+@pytest.mark.parametrize("function_name", ["relative_position_attention", "relative_position_attention_blocked"])
+def test_key_grids_cached_at_inference_serve_a_later_training_forward(function_name):
+    """
+    The key grids are made once per size, dtype and device and reused: one made under `inference_mode` (a pipeline
+    call) must still serve a training forward whose autograd saves it (an inference tensor cannot be saved for
+    backward), with the same values and gradients as a grid made fresh.
+    """
+    from transformers_possam.modeling import sam_attention
+
+    attention = getattr(sam_attention, function_name)
+    sam_attention._cached_key_grid_one_hot.cache_clear()
+    reference, (query, key, value), tables, expected = transformers_relative_position_case((2, 4, 4), 4)
+    with torch.inference_mode():
+        relative_height, relative_width, size = tables
+        attention(
+            query.detach(), key.detach(), value.detach(), relative_height.detach(), relative_width.detach(), size
+        )
+    assert sam_attention._cached_key_grid_one_hot.cache_info().currsize == 1
+    found = attention(query, key, value, *tables)
+    assert sam_attention._cached_key_grid_one_hot.cache_info().hits >= 1
+    assert_same_values_and_gradients(found, expected, (query, key, value, reference.rel_pos_h))
+
+
 @pytest.mark.parametrize(
     ("head_dim", "size"),
     [(64, (14, 14)), (64, (64, 64)), (80, (14, 14)), (80, (64, 64)), (16, (6, 10))],

@@ -529,9 +529,10 @@ def test_bf16_forward_on_cuda_runs_its_cuda_branches_and_copies_nothing():
     makes no host-to-device copy."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from transformers_possam.modeling.sam_attention import _relative_position_index
+    from transformers_possam.modeling.sam_attention import _cached_key_grid_one_hot, _relative_position_index
 
     _relative_position_index.cache_clear()
+    _cached_key_grid_one_hot.cache_clear()
     torch.manual_seed(0)
     real = PosSAMForPanopticSegmentation(tiny_config()).eval()
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
@@ -542,7 +543,7 @@ def test_bf16_forward_on_cuda_runs_its_cuda_branches_and_copies_nothing():
             outputs = model(**inputs)
     assert not recorder.copies, recorder.report()
     # fake tensors never enter the cache of SAM's relative-position index grids (real runs would read them)
-    assert _relative_position_index.cache_info().currsize == 0
+    assert _relative_position_index.cache_info().currsize == _cached_key_grid_one_hot.cache_info().currsize == 0
     assert outputs.masks_queries_logits.dtype == torch.bfloat16
     assert outputs.masks_queries_logits.device.type == "cuda"
 

@@ -58,6 +58,25 @@ def _key_grid_one_hot(
     return torch.cat(parts, dim=1)
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_key_grid_one_hot(
+    size: tuple[int, int], dtype: torch.dtype, device: torch.device, padding: int
+) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor, which a later training forward may save for backward
+        return _key_grid_one_hot(size, dtype, device, padding)
+
+
+def _key_grid(size: tuple[int, int], like: torch.Tensor, padding: int = 0) -> torch.Tensor:
+    """
+    `_key_grid_one_hot` in `like`'s dtype and on its device, made once per size, dtype and device in eager mode (six
+    small kernels per layer and forward otherwise, launches that dominate a GPU layer's host time at batch 1).
+    Traced graphs and fake tensors (shapes only, which must not fill the cache of real ones) make it each time.
+    """
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fake(like):
+        return _key_grid_one_hot(size, like.dtype, like.device, padding)
+    return _cached_key_grid_one_hot(size, like.dtype, like.device, padding)
+
+
 def _relative_position_grid(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
     """
     `(q_size, k_size)` int64: the row of SAM's resized relative-position table for query i and key j, as
@@ -82,8 +101,15 @@ def relative_position_rows(q_size: int, k_size: int, rel_pos: torch.Tensor) -> t
     on the table's device (in eager mode made once per sizes and device).
     """
     max_rel_dist = int(2 * max(q_size, k_size) - 1)
-    resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).transpose(1, 2), size=max_rel_dist, mode="linear")
-    resized = resized.reshape(-1, max_rel_dist).permute(1, 0)
+    if rel_pos.shape[0] == max_rel_dist:
+        # SAM's tables have exactly this length at their input size: the linear resize to the same length is the
+        # identity (every output position lands on an input row with weight 1), one kernel and a copy saved
+        resized = rel_pos
+    else:
+        resized = F.interpolate(
+            rel_pos.reshape(1, rel_pos.shape[0], -1).transpose(1, 2), size=max_rel_dist, mode="linear"
+        )
+        resized = resized.reshape(-1, max_rel_dist).permute(1, 0)
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fake(rel_pos):
         # traced graphs compute the grid; fake tensors (shapes only) must not fill the cache of real ones
         return resized[_relative_position_grid(q_size, k_size, rel_pos.device)]
@@ -124,7 +150,7 @@ def relative_position_attention(
     batch_size, num_heads, tokens, head_dim = query.shape
     rel_h, rel_w = _decomposed_bias_factors(query, relative_height, relative_width, size)
     padding = -(head_dim + sum(size)) % _FUSED_HEAD_SIZE_MULTIPLE
-    key_one_hot = _key_grid_one_hot(size, key.dtype, key.device, padding)
+    key_one_hot = _key_grid(size, key, padding)
     query_parts = [query * head_dim**-0.5, rel_h, rel_w]
     if padding:
         query_parts.append(query.new_zeros(batch_size, num_heads, tokens, padding))
@@ -173,7 +199,7 @@ def relative_position_attention_blocked(
         # speed (bf16: 3x slower than this), so the bias goes in as one more matmul into the scores,
         # [rel_h(i, :), rel_w(i, :)] @ [e(h_j); e(w_j)], at (H + W) / d of the score matmul's FLOPs
         bias_factors = torch.cat([rel_h, rel_w], dim=-1)
-        key_one_hot = _key_grid_one_hot(size, query.dtype, query.device).T  # (H + W, tokens)
+        key_one_hot = _key_grid(size, query).T  # (H + W, tokens)
     scaled_query = flat_query * head_dim**-0.5
     # contiguous once: a matmul would otherwise copy the transposed key and the strided value at every block
     key_transposed = key.reshape(sequences, tokens, head_dim).transpose(1, 2).contiguous()
