@@ -571,3 +571,51 @@ def test_to_device_copies_host_data_to_cuda_without_waiting_and_elsewhere_as_bef
         moved = to_device(torch.arange(4), device)
     assert moved.device.type == device
     assert copies == ([] if device == "cpu" else [non_blocking])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_pixel_decoder_encoder_layer_trains_without_host_sync_as_transformers(dropout):
+    """
+    transformers' encoder layer, in training, reads `torch.isfinite(x).all()` on the host in every layer and step
+    (a GPU synchronization) to decide whether to clamp. PosSAM's layer clamps always (a no-op on finite values):
+    no host read, and the same outputs and gradients as transformers' layer on the same weights and dropout draws;
+    a non-finite output is clamped as transformers clamps it.
+    """
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoderEncoderLayer
+
+    from transformers_possam import tiny_config
+    from transformers_possam.modeling.fast_paths import take_over
+    from transformers_possam.modeling.pixel_decoder_encoder import PosSAMPixelDecoderEncoderLayer
+
+    config = tiny_config(dropout=dropout).mask2former_config
+    torch.manual_seed(0)
+    reference = Mask2FormerPixelDecoderEncoderLayer(config).train()
+    ours = take_over(reference, PosSAMPixelDecoderEncoderLayer, config).train()
+    shapes = [(2, 2), (4, 4), (8, 8)]  # the three levels the layer attends over
+    tokens = sum(h * w for h, w in shapes)
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, tokens, config.feature_size, generator=generator, requires_grad=True)
+    arguments = {
+        "attention_mask": torch.zeros(2, tokens, dtype=torch.bool),
+        "position_embeddings": torch.randn(2, tokens, config.feature_size, generator=generator),
+        "reference_points": torch.rand(2, tokens, len(shapes), 2, generator=generator),
+        "spatial_shapes_list": shapes,
+    }
+    outputs = []
+    for layer in (ours, reference):
+        torch.manual_seed(2)  # the same dropout draws
+        with HostSyncRecorder() as recorder:
+            (output,) = layer(hidden, **arguments)
+        outputs.append((output, recorder.counts, torch.autograd.grad(output.square().sum(), hidden)[0]))
+    (found, our_syncs, our_grad), (expected, their_syncs, their_grad) = outputs
+    assert not our_syncs, our_syncs
+    assert their_syncs  # the recorder sees transformers' read: the check above could fail
+    assert torch.equal(found, expected) and torch.equal(our_grad, their_grad)
+    # a value driven to infinity: both clamp it to the largest float
+    with torch.no_grad():
+        ours.final_layer_norm.bias[0] = float("inf")
+        torch.manual_seed(2)
+        (clamped,) = ours(hidden, **arguments)
+        torch.manual_seed(2)
+        (transformers_clamped,) = reference(hidden, **arguments)
+    assert torch.equal(clamped, transformers_clamped) and clamped[..., 0].eq(torch.finfo(torch.float32).max).all()
