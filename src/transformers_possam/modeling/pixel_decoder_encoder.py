@@ -33,7 +33,7 @@ class PosSAMPixelDecoderEncoderLayer(Mask2FormerPixelDecoderEncoderLayer):
     training, no autograd, not traced) the feed-forward network runs in blocks of rows (`mlp_in_row_blocks`, 20%
     faster at 21504 x 256 -> 1024) and the residual sums are written over the fresh sublayer outputs; dropout is
     inactive there, so the layer is residual, norm, feed-forward, residual, norm as in transformers. In training it
-    makes no host read (`_training_forward`).
+    makes no host read (`_training_tail`).
     """
 
     def __init__(self, config):
@@ -50,18 +50,8 @@ class PosSAMPixelDecoderEncoderLayer(Mask2FormerPixelDecoderEncoderLayer):
         level_start_index=None,
         output_attentions: bool = False,
     ):
-        if self.training and not output_attentions:
-            return (
-                self._training_forward(
-                    hidden_states,
-                    attention_mask,
-                    position_embeddings,
-                    reference_points,
-                    spatial_shapes_list,
-                    level_start_index,
-                ),
-            )
-        if self.training or output_attentions or not runs_in_row_blocks(hidden_states, self):
+        row_blocks = not self.training and not output_attentions and runs_in_row_blocks(hidden_states, self)
+        if output_attentions or not (self.training or row_blocks):
             return super().forward(
                 hidden_states,
                 attention_mask,
@@ -82,38 +72,22 @@ class PosSAMPixelDecoderEncoderLayer(Mask2FormerPixelDecoderEncoderLayer):
             level_start_index=level_start_index,
             output_attentions=False,
         )
+        if self.training:
+            return (self._training_tail(hidden_states, attended),)
         # `residual + sublayer(x)` as transformers sums it (addition commutes exactly), into the sublayer's output
         hidden_states = self.self_attn_layer_norm(attended.add_(hidden_states))
         feed_forward = mlp_in_row_blocks(hidden_states, self.fc1, self.activation_fn, self.fc2)
         return (self.final_layer_norm(feed_forward.add_(hidden_states)),)
 
-    def _training_forward(
-        self,
-        hidden_states,
-        attention_mask,
-        position_embeddings,
-        reference_points,
-        spatial_shapes_list,
-        level_start_index,
-    ) -> torch.Tensor:
+    def _training_tail(self, hidden_states: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """
-        transformers' training forward (the same operations and dropout draws, in the same order) without its host
-        read: transformers clamps the output to +-(largest float - 1000) only when a value is not finite, which it
-        checks with `if not torch.isfinite(x).all()`, a GPU synchronization in every layer and step. The clamp
-        changes no finite value (1000 is far below the spacing of floats near the largest one, so the bound is the
-        largest float itself), so clamping always gives the same values and gradients without reading anything.
+        transformers' training forward after the attention (the same operations and dropout draws, in the same
+        order) without its host read: transformers clamps the output to +-(largest float - 1000) only when a value
+        is not finite, which it checks with `if not torch.isfinite(x).all()`, a GPU synchronization in every layer
+        and step. The clamp changes no finite value (1000 is far below the spacing of floats near the largest one,
+        so the bound is the largest float itself), so clamping always gives the same values and gradients without
+        reading anything.
         """
-        attended, _ = self.self_attn(
-            hidden_states=hidden_states,
-            attention_mask=attention_mask,
-            encoder_hidden_states=hidden_states,
-            encoder_attention_mask=attention_mask,
-            position_embeddings=position_embeddings,
-            reference_points=reference_points,
-            spatial_shapes_list=spatial_shapes_list,
-            level_start_index=level_start_index,
-            output_attentions=False,
-        )
         attended = F.dropout(attended, p=self.dropout, training=True)
         hidden_states = self.self_attn_layer_norm(hidden_states + attended)
         feed_forward = F.dropout(self.activation_fn(self.fc1(hidden_states)), p=self.activation_dropout, training=True)
