@@ -324,8 +324,9 @@ class PosSAMConfig(PreTrainedConfig):
     def mask2former_config(self) -> Mask2FormerConfig:
         """
         The `Mask2FormerConfig` of the reused Mask2Former modules (pixel decoder, transformer module, their weight
-        init, the criterion `PosSAMLoss`): the fields of `MASK2FORMER_FIELDS`, taken from this config each time it is read (a new object, never
-        serialized: `config.json` keeps the flat fields, so there is one copy of each hyper-parameter). Its other
+        init, the criterion `PosSAMLoss`): the fields of `MASK2FORMER_FIELDS`, taken from this config each time it is
+        read (a new object, never serialized: `config.json` keeps the flat fields, so there is one copy of each
+        hyper-parameter). Its other
         fields (the Swin `backbone_config`, `num_labels`, output flags) are `Mask2FormerConfig`'s defaults, which the
         reused modules do not read (`PosSAMModel` passes their output flags explicitly).
         """

@@ -820,11 +820,11 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
     def to_clip_pixels(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
         """SAM-normalized -> CLIP-normalized pixels; padding (pixel_mask == 0) becomes 0, as FC-CLIP pads CLIP input."""
 
-        def channel_tensor(values):
-            return to_device(torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1), pixel_values.device)
-
-        sam_mean, sam_std = channel_tensor(self.config.sam_image_mean), channel_tensor(self.config.sam_image_std)
-        clip_mean, clip_std = channel_tensor(self.config.clip_image_mean), channel_tensor(self.config.clip_image_std)
+        config = self.config
+        statistics = (config.sam_image_mean, config.sam_image_std, config.clip_image_mean, config.clip_image_std)
+        # the four per-channel statistics in one copy: (4, 1, 3, 1, 1)
+        channels = to_device(torch.tensor(statistics, dtype=torch.float32).view(4, 1, -1, 1, 1), pixel_values.device)
+        sam_mean, sam_std, clip_mean, clip_std = channels.unbind(0)
         clip_pixels = (pixel_values.float() * sam_std + sam_mean - clip_mean) / clip_std
         if pixel_mask is not None:
             clip_pixels = clip_pixels * pixel_mask[:, None].to(clip_pixels.dtype)

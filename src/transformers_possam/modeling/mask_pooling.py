@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..device_transfer import to_device
+from ..device_transfer import DeviceConstants, to_device
 
 
 __all__ = ["bilinear_resize", "mask_pool"]
@@ -32,6 +32,10 @@ def _axis_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch
     return to_device(first, device), to_device(second, device), to_device(weight, device)
 
 
+# made (and copied to the device) once per sizes and device in eager mode
+_cached_axis_taps = DeviceConstants(_axis_taps)
+
+
 def bilinear_resize(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """
     `F.interpolate(logits, size, mode="bilinear", align_corners=False)` in float32 from only the rows and columns
@@ -55,8 +59,8 @@ def bilinear_resize(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     if len(size) != 2 or not all(isinstance(length, (int, torch.SymInt)) and length >= 1 for length in size):
         raise ValueError(f"bilinear_resize needs size = (out_height, out_width), two ints >= 1; got {size!r}.")
     height, width = logits.shape[-2:]
-    row_0, row_1, row_weight = _axis_taps(height, size[0], logits.device)
-    column_0, column_1, column_weight = _axis_taps(width, size[1], logits.device)
+    row_0, row_1, row_weight = _cached_axis_taps(height, size[0], logits.device, like=logits)
+    column_0, column_1, column_weight = _cached_axis_taps(width, size[1], logits.device, like=logits)
 
     def across_columns(rows: torch.Tensor) -> torch.Tensor:
         first, second = rows.index_select(-1, column_0).float(), rows.index_select(-1, column_1).float()

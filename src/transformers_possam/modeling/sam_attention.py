@@ -5,12 +5,11 @@ in cache-sized blocks of scores on CPU, all heads in one fused attention call el
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from torch._subclasses.fake_tensor import is_fake
 from torch.nn import functional as F
 from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
+
+from ..device_transfer import DeviceConstants
 
 
 __all__ = [
@@ -58,23 +57,9 @@ def _key_grid_one_hot(
     return torch.cat(parts, dim=1)
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_key_grid_one_hot(
-    size: tuple[int, int], dtype: torch.dtype, device: torch.device, padding: int
-) -> torch.Tensor:
-    with torch.inference_mode(False):  # a normal tensor, which a later training forward may save for backward
-        return _key_grid_one_hot(size, dtype, device, padding)
-
-
-def _key_grid(size: tuple[int, int], like: torch.Tensor, padding: int = 0) -> torch.Tensor:
-    """
-    `_key_grid_one_hot` in `like`'s dtype and on its device, made once per size, dtype and device in eager mode (six
-    small kernels per layer and forward otherwise, launches that dominate a GPU layer's host time at batch 1).
-    Traced graphs and fake tensors (shapes only, which must not fill the cache of real ones) make it each time.
-    """
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fake(like):
-        return _key_grid_one_hot(size, like.dtype, like.device, padding)
-    return _cached_key_grid_one_hot(size, like.dtype, like.device, padding)
+# made once per size, dtype and device in eager mode: six small kernels per layer and forward otherwise, launches that
+# dominate a GPU layer's host time at batch 1
+_cached_key_grid_one_hot = DeviceConstants(_key_grid_one_hot)
 
 
 def _relative_position_grid(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
@@ -87,18 +72,15 @@ def _relative_position_grid(q_size: int, k_size: int, device: torch.device) -> t
     return ((q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)).long()
 
 
-@functools.lru_cache(maxsize=64)
-def _relative_position_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
-    """`_relative_position_grid`, made once per sizes and device (SAM has two sizes: its windows and its grid)."""
-    with torch.inference_mode(False):  # a normal tensor, which a later training forward may save for backward
-        return _relative_position_grid(q_size, k_size, device)
+# SAM has two sizes per model, its windows and its grid
+_relative_position_index = DeviceConstants(_relative_position_grid)
 
 
 def relative_position_rows(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """
     SAM's relative-position rows, as transformers' `SamVisionAttention.get_rel_pos`: the `(L, d)` table linearly
     resized to 2 max(q, k) - 1 rows, then the row of each (query, key) pair, `(q_size, k_size, d)`, with the index grid
-    on the table's device (in eager mode made once per sizes and device).
+    on the table's device (in eager mode made once per sizes and device, `DeviceConstants`).
     """
     max_rel_dist = int(2 * max(q_size, k_size) - 1)
     if rel_pos.shape[0] == max_rel_dist:
@@ -110,10 +92,7 @@ def relative_position_rows(q_size: int, k_size: int, rel_pos: torch.Tensor) -> t
             rel_pos.reshape(1, rel_pos.shape[0], -1).transpose(1, 2), size=max_rel_dist, mode="linear"
         )
         resized = resized.reshape(-1, max_rel_dist).permute(1, 0)
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fake(rel_pos):
-        # traced graphs compute the grid; fake tensors (shapes only) must not fill the cache of real ones
-        return resized[_relative_position_grid(q_size, k_size, rel_pos.device)]
-    return resized[_relative_position_index(q_size, k_size, rel_pos.device)]
+    return resized[_relative_position_index(q_size, k_size, rel_pos.device, like=rel_pos)]
 
 
 # PyTorch's memory-efficient CUDA attention, the fused kernel that accepts a value head size other than the query's,
@@ -150,7 +129,7 @@ def relative_position_attention(
     batch_size, num_heads, tokens, head_dim = query.shape
     rel_h, rel_w = _decomposed_bias_factors(query, relative_height, relative_width, size)
     padding = -(head_dim + sum(size)) % _FUSED_HEAD_SIZE_MULTIPLE
-    key_one_hot = _key_grid(size, key, padding)
+    key_one_hot = _cached_key_grid_one_hot(size, key.dtype, key.device, padding, like=key)
     query_parts = [query * head_dim**-0.5, rel_h, rel_w]
     if padding:
         query_parts.append(query.new_zeros(batch_size, num_heads, tokens, padding))
@@ -199,7 +178,7 @@ def relative_position_attention_blocked(
         # speed (bf16: 3x slower than this), so the bias goes in as one more matmul into the scores,
         # [rel_h(i, :), rel_w(i, :)] @ [e(h_j); e(w_j)], at (H + W) / d of the score matmul's FLOPs
         bias_factors = torch.cat([rel_h, rel_w], dim=-1)
-        key_one_hot = _key_grid(size, query).T  # (H + W, tokens)
+        key_one_hot = _cached_key_grid_one_hot(size, query.dtype, query.device, 0, like=query).T  # (H + W, tokens)
     scaled_query = flat_query * head_dim**-0.5
     # contiguous once: a matmul would otherwise copy the transposed key and the strided value at every block
     key_transposed = key.reshape(sequences, tokens, head_dim).transpose(1, 2).contiguous()
@@ -276,13 +255,11 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
 
     def get_rel_pos(self, q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
         """
-        transformers' `get_rel_pos`, `(q_size, k_size, d)`; off the CPU `relative_position_rows`, the same
-        operations with the index grid made on the table's device: transformers makes it with `torch.arange` on the
-        host, and indexing a GPU table with a host index copies it over first, a blocking copy (a stream
+        transformers' `get_rel_pos`, `(q_size, k_size, d)`, as `relative_position_rows` (bitwise the same): its index
+        grid made once on the table's device, where transformers makes it with `torch.arange` on the host in every
+        call, and indexing a GPU table with a host index copies it over first, a blocking copy (a stream
         synchronization) in every layer.
         """
-        if rel_pos.device.type == "cpu":
-            return super().get_rel_pos(q_size, k_size, rel_pos)
         return relative_position_rows(q_size, k_size, rel_pos)
 
     # transformers annotates the parent's return as a Tensor, but it returns `(attn_output, None)` as this does
