@@ -822,8 +822,11 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
 
         config = self.config
         statistics = (config.sam_image_mean, config.sam_image_std, config.clip_image_mean, config.clip_image_std)
-        # the four per-channel statistics in one copy: (4, 1, 3, 1, 1)
-        channels = to_device(torch.tensor(statistics, dtype=torch.float32).view(4, 1, -1, 1, 1), pixel_values.device)
+        # the four statistics (per channel, or one value for every channel) in one copy: (4, 1, C or 1, 1, 1)
+        host = torch.stack(
+            torch.broadcast_tensors(*(torch.tensor(value, dtype=torch.float32) for value in statistics))
+        )
+        channels = to_device(host.view(4, 1, -1, 1, 1), pixel_values.device)
         sam_mean, sam_std, clip_mean, clip_std = channels.unbind(0)
         clip_pixels = (pixel_values.float() * sam_std + sam_mean - clip_mean) / clip_std
         if pixel_mask is not None:
