@@ -16,29 +16,34 @@ with its traceback) is written to `--output` as soon as it ends, so a stopped ru
   (`postprocessing._fetch_to_host`) allowed and counted; and a forward queued behind a GPU sleep must not wait;
 - `training_step`: two bf16-autocast training steps (AdamW, clipping): finite losses, the trainable parameters
   finite and moved, the frozen ones unchanged;
+- `training_syncs`: the bf16-autocast training forward and loss under the same debug mode: the Hungarian
+  matching's host reads (`loss._read_on_host`, one per matched layer) are the only synchronizations;
 - `compiled` (last): `torch.compile(fullgraph=True)` of the forward on the device against eager (TF32 off), relative
   error below 1e-3.
 
-On a CPU (`--device cpu`) the same code runs (the tests do that); `no_host_sync` needs CUDA and says it skipped.
+On a CPU (`--device cpu`) the same code runs (the tests do that); `no_host_sync` and `training_syncs` need CUDA and
+say they skipped.
 Exit status 0 when every check run is ok (or skipped), 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from training import make_training_step
+from training import make_training_batch, make_training_step
 
 
 OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits", "clip_class_logits", "iou_scores")
@@ -179,57 +184,78 @@ def check_bf16(context: Context) -> dict:
     return {"mask_logit_relative_error": ((masks - reference).norm() / reference.norm()).item()}
 
 
+class CudaSyncRecorder:
+    """
+    Every synchronizing CUDA call PyTorch reports while active (`torch.cuda.set_sync_debug_mode("warn")`: all of
+    them, with where they happened, not only the first as "error" would), in `syncs`; other warnings are shown as
+    usual. `allowed()` is a block whose syncs are intended (the debug mode is off there).
+    """
+
+    def __init__(self):
+        self.syncs: list[str] = []
+
+    def _record(self, message, category, filename, lineno, file=None, line=None):
+        if "synchronizing CUDA operation" not in str(message):  # other warnings are not syncs: shown as usual
+            self._show_other_warning(message, category, filename, lineno, file, line)
+            return
+        stack = [frame for frame in traceback.format_stack()[:-1] if "warnings.py" not in frame]
+        self.syncs.append(f"{message}\n" + "".join(stack[-6:]))
+
+    def __enter__(self):
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("always")
+        self._show_other_warning = warnings.showwarning
+        warnings.showwarning = self._record
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(0)
+        self._warnings.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def allowed(self):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("warn")
+
+
 def check_no_host_sync(context: Context) -> dict:
     """
-    Every synchronizing CUDA call PyTorch reports (`set_sync_debug_mode("warn")`, all of them with where they
-    happened, not only the first as "error" would) in the forward, MASE and the panoptic post-processing, the dense
-    path's one device-to-host transfer allowed and counted; then, since the debug mode does not see every stall, the
-    same forward queued behind a ~0.5 s `torch.cuda._sleep`: the host must finish queueing it while the GPU still
-    sleeps.
+    Every synchronizing CUDA call PyTorch reports (`CudaSyncRecorder`) in the forward, MASE and the panoptic
+    post-processing, the dense path's one device-to-host transfer allowed and counted; then, since the debug mode
+    does not see every stall, the same forward queued behind a ~0.5 s `torch.cuda._sleep`: the host must finish
+    queueing it while the GPU still sleeps.
     """
     if context.device.type != "cuda":
         return {"skipped": "torch.cuda.set_sync_debug_mode needs CUDA"}
-    import warnings
-
     from transformers_possam import postprocessing
 
     original = postprocessing._fetch_to_host
     fetches: list[list[int]] = []
-    syncs: list[str] = []
+    recorder = CudaSyncRecorder()
 
     def counted_fetch(values):  # the dense path's one intended transfer
-        torch.cuda.set_sync_debug_mode(0)
-        try:
+        with recorder.allowed():
             fetches.append(list(values.shape))
             return original(values)
-        finally:
-            torch.cuda.set_sync_debug_mode("warn")
-
-    show_other_warning = warnings.showwarning
-
-    def record(message, category, filename, lineno, file=None, line=None):
-        if "synchronizing CUDA operation" not in str(message):  # other warnings are not syncs: shown as usual
-            show_other_warning(message, category, filename, lineno, file, line)
-            return
-        stack = [frame for frame in traceback.format_stack()[:-1] if "warnings.py" not in frame]
-        syncs.append(f"{message}\n" + "".join(stack[-6:]))
 
     # a warm-up forward first: one-time work of a first call (library handles, autotuning) is not the forward's
     context.outputs(context.model, context.inputs)
     postprocessing._fetch_to_host = counted_fetch
     torch.cuda.synchronize(context.device)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            torch.cuda.set_sync_debug_mode("warn")
+        with torch.no_grad(), recorder:
             outputs = context.model(**context.inputs)
             results = context.processor.post_process_panoptic_segmentation(
                 outputs, target_sizes=[(context.size, context.size)] * 2
             )
     finally:
-        torch.cuda.set_sync_debug_mode(0)
         postprocessing._fetch_to_host = original
+    syncs = recorder.syncs
     # the stall check: the host queues a forward behind a GPU sleep; if nothing in it waits for the GPU, the host is
     # done while the sleep still runs (an event recorded right after the sleep has not completed). `_sleep` counts
     # SM cycles; `clock_rate` (kHz, the boost clock) may be missing on some builds: 2 GHz, an H100's order.
@@ -320,6 +346,46 @@ def check_training_step(context: Context) -> dict:
     return {"losses": losses, "trainable_tensors": len(trainable), "changed_tensors": len(changed)}
 
 
+def check_training_syncs(context: Context) -> dict:
+    """
+    The bf16-autocast training forward and loss (`training_step`'s batch) under `CudaSyncRecorder`: the only
+    synchronizations must be the Hungarian matching's host reads (`loss._read_on_host`, one per matched layer with
+    all images' cost matrices in one transfer); each is allowed and counted, any other reported call is an error.
+    """
+    if context.device.type != "cuda":
+        return {"skipped": "torch.cuda.set_sync_debug_mode needs CUDA"}
+    from transformers_possam.modeling import loss as loss_module
+
+    model = copy.deepcopy(context.model).train()
+    batch = make_training_batch(model, 2, context.device)
+    original = loss_module._read_on_host
+    reads: list[list[int]] = []
+    recorder = CudaSyncRecorder()
+
+    def counted_read(values):
+        with recorder.allowed():
+            reads.append(list(values.shape))
+            return original(values)
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(**batch)  # warm-up: a first call's one-time work is not the step's
+    torch.cuda.synchronize(context.device)
+    loss_module._read_on_host = counted_read
+    try:
+        with recorder, torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+    finally:
+        loss_module._read_on_host = original
+    layers = model.config.decoder_layers
+    details = {"matching_reads": reads, "reported_syncs": recorder.syncs, "loss": float(loss.detach())}
+    if recorder.syncs or len(reads) != layers or not math.isfinite(details["loss"]):
+        raise AssertionError(
+            f"expected {layers} matching reads and no other synchronizing call (details: "
+            f"{json.dumps(details, default=str)[:3000]})"
+        )
+    return details
+
+
 CHECKS: dict[str, Callable[[Context], dict]] = {
     "versions": check_versions,
     "outputs_match_cpu": check_outputs_match_cpu,
@@ -328,6 +394,7 @@ CHECKS: dict[str, Callable[[Context], dict]] = {
     "bf16": check_bf16,
     "no_host_sync": check_no_host_sync,
     "training_step": check_training_step,
+    "training_syncs": check_training_syncs,
     "compiled": check_compiled,  # last: a slow compilation under the session's timeout stops only itself
 }
 

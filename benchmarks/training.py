@@ -91,6 +91,32 @@ def _data_path_images_per_second(size: int, processor_size: int, count: int) -> 
     return (count - 1) / (time.perf_counter() - start)
 
 
+def make_training_batch(
+    model, batch_size: int, device: torch.device, num_classes: int = 133, segments: int = 20, seed: int = 0
+) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """
+    The keyword arguments of one training forward on `device`: `batch_size` random images at the model's input size,
+    a normalized random vocabulary of `num_classes` classes (COCO's 133 by default), and `segments` ground-truth masks
+    per image (uint8 bands at full resolution, as `PosSAMImageProcessor` gives them) with random classes.
+    """
+    size = model.config.vision_config.image_size
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch_size, 3, size, size, generator=generator).to(device)
+    class_embeddings = torch.nn.functional.normalize(
+        torch.randn(num_classes, 1, model.config.clip_embed_dim, generator=generator), dim=-1
+    ).to(device)
+    band = torch.arange(size) * segments // size
+    masks = (band[None, :, None] == torch.arange(segments)[:, None, None]).expand(segments, size, size)
+    return {
+        "pixel_values": pixel_values,
+        "class_embeddings": class_embeddings,
+        "mask_labels": [masks.to(torch.uint8).to(device) for _ in range(batch_size)],
+        "class_labels": [
+            torch.randint(0, num_classes, (segments,), generator=generator).to(device) for _ in range(batch_size)
+        ],
+    }
+
+
 def make_training_step(
     model,
     batch_size: int,
@@ -101,12 +127,11 @@ def make_training_step(
     seed: int = 0,
 ) -> Callable[[], float]:
     """
-    One training step of `model` as training/train.py runs it with the paper's recipe: forward with `batch_size`
-    random images at the model's input size and `segments` ground-truth masks each (uint8 bands at full resolution,
-    as `PosSAMImageProcessor` gives them; `num_classes` vocabulary, COCO's 133 by default), the loss, backward,
-    full-model gradient clipping at 0.01, AdamW over FC-CLIP's parameter groups (frozen encoders excluded).
-    `autocast_dtype` runs the forward under `torch.autocast` as accelerate's `--mixed_precision` does (weights and
-    optimizer stay float32). Returns `step() -> loss`.
+    One training step of `model` as training/train.py runs it with the paper's recipe: forward on
+    `make_training_batch(model, batch_size, device, num_classes, segments, seed)`, the loss, backward, full-model
+    gradient clipping at 0.01, AdamW over FC-CLIP's parameter groups (frozen encoders excluded). `autocast_dtype`
+    runs the forward under `torch.autocast` as accelerate's `--mixed_precision` does (weights and optimizer stay
+    float32). Returns `step() -> loss`.
     """
     from transformers_possam.optimization import make_optimizer, parameter_groups
 
@@ -114,24 +139,11 @@ def make_training_step(
     groups = parameter_groups(model, 1e-4, 0.05)
     optimizer = make_optimizer(groups, 1e-4)
     trainable = [parameter for group in groups for parameter in group["params"]]
-    size = model.config.vision_config.image_size
-    generator = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(batch_size, 3, size, size, generator=generator).to(device)
-    class_embeddings = torch.nn.functional.normalize(
-        torch.randn(num_classes, 1, model.config.clip_embed_dim, generator=generator), dim=-1
-    ).to(device)
-    band = torch.arange(size) * segments // size
-    masks = (band[None, :, None] == torch.arange(segments)[:, None, None]).expand(segments, size, size)
-    mask_labels = [masks.to(torch.uint8).to(device) for _ in range(batch_size)]
-    class_labels = [
-        torch.randint(0, num_classes, (segments,), generator=generator).to(device) for _ in range(batch_size)
-    ]
+    batch = make_training_batch(model, batch_size, device, num_classes, segments, seed)
 
     def step() -> float:
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss = model(
-                pixel_values, class_embeddings=class_embeddings, mask_labels=mask_labels, class_labels=class_labels
-            ).loss
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 0.01)
         optimizer.step()

@@ -238,6 +238,7 @@ def test_device_check_runs_its_checks_on_cpu_and_writes_each_result(tmp_path):
         "skipped": "torch.cuda.set_sync_debug_mode needs CUDA",
         "seconds": checks["no_host_sync"]["seconds"],
     }
+    assert checks["training_syncs"]["skipped"] == "torch.cuda.set_sync_debug_mode needs CUDA"
     for name in ("versions", "outputs_match_cpu", "sam_attention_fused_kernel", "bf16", "training_step"):
         assert checks[name]["ok"], checks[name].get("traceback")
     assert checks["outputs_match_cpu"]["max_relative_difference"]["masks_queries_logits"] == 0.0  # same device
@@ -258,6 +259,33 @@ def test_device_check_sees_all_heads_at_once_where_sam_runs_them_so(monkeypatch)
     heads = context.model.config.vision_config.num_attention_heads
     assert len(details["sdpa_query_shapes"]) == details["num_hidden_layers"]
     assert all(shape[1] == heads for shape in details["sdpa_query_shapes"])
+
+
+def test_cuda_sync_recorder_records_sync_warnings_only_and_allows_marked_blocks(monkeypatch):
+    """`CudaSyncRecorder` (what `no_host_sync` and `training_syncs` count with on a GPU), its logic on the CPU: the
+    debug mode is "warn" inside it and off in `allowed()` blocks and after it; PyTorch's sync warnings are recorded
+    with where they happened, other warnings shown as usual."""
+    import warnings
+
+    device_check = load_script("benchmarks/device_check.py")
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *rest, **kw: shown.append(str(message)))
+
+    def a_synchronizing_call():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+
+    with device_check.CudaSyncRecorder() as recorder:
+        a_synchronizing_call()
+        warnings.warn("something else", UserWarning)
+        with recorder.allowed():
+            assert modes[-1] == 0
+        a_synchronizing_call()
+    assert modes == ["warn", 0, "warn", 0]
+    assert len(recorder.syncs) == 2 and "a_synchronizing_call" in recorder.syncs[0]
+    assert shown == ["something else"]
+    assert warnings.showwarning is not recorder._record  # restored
 
 
 def _probe_wheel(folder):

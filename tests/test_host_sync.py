@@ -14,6 +14,7 @@ would on a GPU; `benchmarks/device_check.py` runs that on a lent GPU.
 from __future__ import annotations
 
 import collections
+import copy
 import traceback
 from types import SimpleNamespace
 
@@ -619,3 +620,191 @@ def test_pixel_decoder_encoder_layer_trains_without_host_sync_as_transformers(dr
         torch.manual_seed(2)
         (transformers_clamped,) = reference(hidden, **arguments)
     assert torch.equal(clamped, transformers_clamped) and clamped[..., 0].eq(torch.finfo(torch.float32).max).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training: the forward with targets and the loss
+
+
+def training_targets(size: int, seed: int = 1) -> dict:
+    """Per image uint8 0/1 masks (the processor's dtype) and class indices into `model_inputs`' 5 classes."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "mask_labels": [
+            (torch.rand(count, size, size, generator=generator) > 0.5).to(torch.uint8) for count in (3, 2)
+        ],
+        "class_labels": [torch.tensor([0, 2, 4]), torch.tensor([1, 3])],
+    }
+
+
+@pytest.fixture(scope="module")
+def training_model():
+    torch.manual_seed(0)
+    return PosSAMForPanopticSegmentation(tiny_config()).train()
+
+
+def test_training_forward_reads_the_device_once_per_matching(training_model, monkeypatch):
+    """
+    With the checks CUDA runs (`value_checks("async")`), the training forward and loss read device values on the
+    host only where the Hungarian matching must (scipy): once per matched layer, all images in one transfer (the
+    targets' value checks, Mask2Former's per-image cost-matrix reads and its host indices would add one each).
+    """
+    from transformers_possam.modeling import loss as loss_module
+
+    transfers = []
+    read = loss_module._read_on_host
+
+    def counted(values):
+        transfers.append(tuple(values.shape))
+        return read(values)
+
+    monkeypatch.setattr(loss_module, "_read_on_host", counted)
+    model = training_model
+    inputs = {**model_inputs(model), **training_targets(model.config.vision_config.image_size)}
+    with value_checks("async"), HostSyncRecorder() as recorder:
+        outputs = model(**inputs)
+    # the final prediction and every auxiliary one (the learnable queries' and each earlier decoder layer's)
+    layers = 1 + len(outputs.auxiliary_logits)
+    assert layers == model.config.decoder_layers and len(transfers) == layers, transfers
+    # each transfer holds both images' (Q, N_i) cost matrices
+    assert set(transfers) == {(model.config.num_queries * 5,)}
+    assert dict(recorder.counts) == {"Tensor.cpu": layers, "Tensor.numpy": layers}, recorder.report()
+    assert torch.isfinite(outputs.loss)
+
+
+def test_training_forward_on_cuda_makes_no_host_to_device_copy(training_model, monkeypatch):
+    """
+    The training forward and loss on (fake) CUDA tensors, as `training/train.py` runs them: device checks as CUDA's
+    (a CPU tensor mixed in raises or is recorded), no blocking host-to-device copy (Mask2Former's matcher returns host
+    indices that every loss then copies over). Fake tensors have no values, so the matching's host read returns
+    random costs of the right shape; the rest of the matching (scipy, the indices' copy back) runs as on a GPU.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from transformers_possam.modeling import loss as loss_module
+
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(loss_module, "_read_on_host", lambda values: rng.random(values.shape, dtype=np.float32))
+    real = copy.deepcopy(training_model)  # moved to the fake device in place
+    targets = training_targets(real.config.vision_config.image_size)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = real.to("cuda")
+        inputs = {name: value.to("cuda") for name, value in model_inputs(real).items()}
+        labels = {name: [value.to("cuda") for value in values] for name, values in targets.items()}
+        with HostToDeviceRecorder() as recorder:
+            outputs = model(**inputs, **labels)
+    assert not recorder.copies, recorder.report()
+    assert outputs.loss.device.type == "cuda" and outputs.loss.shape == ()
+    assert all(value.device.type == "cuda" for value in outputs.loss_dict.values())
+
+
+@pytest.mark.parametrize(
+    ("targets", "detailed", "short"),
+    [
+        # 0/255 masks: the dice loss would be near zero, silently
+        (
+            lambda t: {**t, "mask_labels": [t["mask_labels"][0] * 255, t["mask_labels"][1]]},
+            r"Image 0: mask_labels must be bool or hold only 0 and 1, got \d+ other values \(e.g. \[255, 255, 255\]\)",
+            "Image 0: mask_labels must be bool or hold only 0 and 1",
+        ),
+        # soft float masks
+        (
+            lambda t: {**t, "mask_labels": [t["mask_labels"][0], t["mask_labels"][1].float() * 0.5]},
+            r"Image 1: mask_labels must be bool or hold only 0 and 1, got \d+ other values \(e.g. \[0.5, 0.5, 0.5\]\)",
+            "Image 1: mask_labels must be bool or hold only 0 and 1",
+        ),
+        # a class id past the 5 classes of the vocabulary
+        (
+            lambda t: {**t, "class_labels": [t["class_labels"][0], torch.tensor([1, 5])]},
+            r"Image 1: class_labels must index the 5 classes of the vocabulary, got values in \[1, 5\]",
+            "Image 1: class_labels must index the 5 classes of the vocabulary",
+        ),
+        # a negative class id (e.g. an ignore label of -1 left in)
+        (
+            lambda t: {**t, "class_labels": [torch.tensor([-1, 2, 4]), t["class_labels"][1]]},
+            r"Image 0: class_labels must index the 5 classes of the vocabulary, got values in \[-1, 4\]",
+            "Image 0: class_labels must index the 5 classes of the vocabulary",
+        ),
+    ],
+)
+def test_bad_training_targets_are_refused_in_both_check_modes(training_model, targets, detailed, short):
+    """Eager checks (CPU's default) name the image and the values; the asynchronous ones (CUDA's default, raised at
+    once on CPU) say what is wrong without reading the values."""
+    model = training_model
+    inputs = {**model_inputs(model), **targets(training_targets(model.config.vision_config.image_size))}
+    with pytest.raises(ValueError, match=detailed):
+        model(**inputs)
+    with value_checks("async"), pytest.raises(RuntimeError, match=short):
+        model(**inputs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# semantic post-processing
+
+
+@pytest.mark.parametrize("return_segmentation_scores", [False, True])
+def test_semantic_post_processing_reads_the_device_only_for_its_results(return_segmentation_scores, monkeypatch):
+    """FC-CLIP's semantic inference at COCO's sizes: the bands' row ranges are read from a matrix made on the host
+    from the sizes alone (on CPU the recorder cannot tell host from device tensors: it pauses there, and the reads
+    are checked to be of a host tensor), so the one host read per image is its result's transfer (two with the class
+    maps). The next test runs the same on (fake) CUDA outputs, where a read of a device value would raise."""
+    processor = PosSAMImageProcessor()
+    outputs = coco_like_outputs(queries=40, objects=12)
+    recorder = HostSyncRecorder()
+    row_bands = postprocessing._row_bands
+
+    def paused_row_bands(rows, band):
+        assert rows.device.type == "cpu" and not rows.requires_grad
+        recorder.paused = True
+        try:
+            return row_bands(rows, band)
+        finally:
+            recorder.paused = False
+
+    monkeypatch.setattr(postprocessing, "_row_bands", paused_row_bands)
+    with value_checks("async"), recorder:
+        results = processor.post_process_semantic_segmentation(
+            outputs,
+            seen_mask=[True] * 100 + [False] * 33,
+            return_segmentation_scores=return_segmentation_scores,
+            **COCO_SIZES,
+        )
+    transfers = 2 * (2 if return_segmentation_scores else 1)
+    assert dict(recorder.counts) == {"Tensor.cpu": transfers}, recorder.report()
+    maps = [result["segmentation"] for result in results] if return_segmentation_scores else results
+    assert [tuple(labels.shape) for labels in maps] == [(480, 640), (427, 640)]
+    assert all(labels.unique().numel() > 3 for labels in maps)
+
+
+def test_semantic_and_instance_post_processing_on_cuda_copy_nothing_over(fake_cuda, monkeypatch):
+    """On (fake) CUDA outputs, semantic post-processing and the instance path's class filter copy no host data to
+    the device with a blocking copy (the semantic row-resize matrix goes over once, without waiting), and read no
+    device value but the results' (a fake tensor has none: reading one raises). The host-side helpers, which see
+    sizes only, run on real host tensors (in a fake mode every new tensor is fake, and has no values either)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    def really(function):
+        def run(*arguments):
+            assert not any(torch.is_tensor(argument) and argument.device.type != "cpu" for argument in arguments)
+            with unset_fake_temporarily():
+                return function(*arguments)
+
+        return run
+
+    monkeypatch.setattr(postprocessing, "resize_matrix", really(postprocessing.resize_matrix))
+    monkeypatch.setattr(postprocessing, "_row_bands", really(postprocessing._row_bands))
+    size = fake_cuda.model.config.vision_config.image_size
+    processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
+    with fake_cuda.mode, torch.no_grad():
+        outputs = fake_cuda.model(**fake_cuda.inputs)
+        with HostToDeviceRecorder() as recorder:
+            results = processor.post_process_semantic_segmentation(outputs, target_sizes=[(90, 120), (200, 150)])
+        assert not recorder.copies, recorder.report()
+        assert [tuple(labels.shape) for labels in results] == [(90, 120), (200, 150)]
+        assert all(labels.device.type == "cpu" for labels in results)
+        # the instance path reads values by nature (its top pairs' masks, its segments_info); up to there, its
+        # class filter must not copy the ids over with a blocking copy
+        is_thing = torch.zeros(5, dtype=torch.bool, device="cuda")
+        with HostToDeviceRecorder() as recorder:
+            is_thing.index_fill_(0, postprocessing.to_device(torch.tensor([1, 3]), "cuda"), True)
+        assert not recorder.copies, recorder.report()

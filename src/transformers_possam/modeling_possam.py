@@ -215,6 +215,45 @@ def _check_binary_mask(name: str, mask, expected_shape: tuple[int, ...], layout:
     return mask.bool()
 
 
+def _check_label_values(index: int, masks: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    """
+    The value checks of one image's training targets: `masks` bool or only 0 and 1 (0/255 masks would silently give a
+    near-zero dice loss, NaN a NaN loss), `labels` within the `num_classes` classes. Detailed errors in eager mode;
+    `torch._assert_async` on CUDA by default (`value_checks`).
+    """
+    if masks.dtype != torch.bool and masks.numel():
+        # uint8 (the processor's dtype) cannot be negative: its max decides, without a full-size temporary
+        is_binary = masks.max() <= 1 if masks.dtype == torch.uint8 else ((masks == 0) | (masks == 1)).all()
+
+        def mask_error() -> ValueError:
+            bad = masks[(masks != 0) & (masks != 1)]  # NaN too
+            return ValueError(
+                f"Image {index}: mask_labels must be bool or hold only 0 and 1, got {bad.numel()} other values "
+                f"(e.g. {bad.flatten()[:3].tolist()}); divide 0/255 masks by 255, binarize soft or resized masks."
+            )
+
+        require(
+            is_binary,
+            f"Image {index}: mask_labels must be bool or hold only 0 and 1; divide 0/255 masks by 255, binarize soft "
+            "or resized masks.",
+            mask_error,
+        )
+    if labels.numel():
+        low, high = torch.aminmax(labels)
+
+        def label_error() -> ValueError:
+            return ValueError(
+                f"Image {index}: class_labels must index the {num_classes} classes of the vocabulary, got values in "
+                f"[{int(low)}, {int(high)}]."
+            )
+
+        require(
+            (low >= 0) & (high < num_classes),
+            f"Image {index}: class_labels must index the {num_classes} classes of the vocabulary.",
+            label_error,
+        )
+
+
 def _require_config_file(pretrained_model_name_or_path, kwargs: dict) -> None:
     """
     Without `config.json`, transformers would build a *default* (full-size, random) configuration and spend seconds
@@ -1184,31 +1223,14 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                     f"Image {index}: mask_labels of size {tuple(masks.shape[1:])} do not cover the padded input "
                     f"{(height, width)}; pad labels like the pixels (PosSAMImageProcessor does)."
                 )
-            if masks.dtype != torch.bool and masks.numel():
-                if masks.is_complex():
-                    raise ValueError(
-                        f"Image {index}: mask_labels must be bool or 0/1 values, got dtype {masks.dtype}."
-                    )
-                # uint8 (the processor's dtype) cannot be negative: its max decides, without a full-size temporary
-                is_binary = (
-                    bool(masks.max() <= 1) if masks.dtype == torch.uint8 else bool(((masks == 0) | (masks == 1)).all())
-                )
-                if not is_binary:
-                    binary = (masks == 0) | (masks == 1)  # False for NaN too
-                    bad = masks[~binary]
-                    raise ValueError(
-                        f"Image {index}: mask_labels must be bool or hold only 0 and 1, got {bad.numel()} other values "
-                        f"(e.g. {bad.flatten()[:3].tolist()}); divide 0/255 masks by 255, binarize soft or resized masks."
-                    )
+            if masks.dtype != torch.bool and masks.is_complex():
+                raise ValueError(f"Image {index}: mask_labels must be bool or 0/1 values, got dtype {masks.dtype}.")
             if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
                 raise ValueError(
                     f"Image {index}: class_labels must be integer class indices, got dtype {labels.dtype}."
                 )
-            if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-                raise ValueError(
-                    f"Image {index}: class_labels must index the {num_classes} classes of the vocabulary, got values in "
-                    f"[{int(labels.min())}, {int(labels.max())}]."
-                )
+            if _checking_values():  # through `require`: no host synchronization on CUDA (value_checks)
+                _check_label_values(index, masks, labels, num_classes)
             checked_labels.append(labels.long())
         return list(mask_labels), checked_labels
 

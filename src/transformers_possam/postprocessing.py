@@ -410,6 +410,19 @@ def _resize_last_axis(values: torch.Tensor, steps: list[tuple[int, int | None]])
     return values
 
 
+def _row_bands(rows: torch.Tensor, band: int) -> list[tuple[int, int, int]]:
+    """
+    Host `(out, in)` resize matrix -> per band of `band` output rows, `(first output row, first input row read, past
+    the last input row read)`: the input rows with a nonzero weight in the band.
+    """
+    support = rows != 0
+    bands = []
+    for first in range(0, rows.shape[0], band):
+        used = support[first : first + band].any(0).nonzero().flatten()
+        bands.append((first, int(used[0]), int(used[-1]) + 1))
+    return bands
+
+
 def _count_true(binary: torch.Tensor) -> torch.Tensor:
     """
     `(N, H, W)` bool -> `(N,)` int64 number of True entries, a block of columns at a time: summing a bool tensor at
@@ -985,11 +998,11 @@ class PosSAMPostProcessingMixin:
         """
         steps = self._resize_steps(reshaped_size, target_size)
         num_queries, height, width = mask_logits.shape
-        rows = resize_matrix(
-            height, [(size[0], crop[0] if crop else None) for size, crop in steps], mask_logits.device
-        )
+        # the row-resize matrix depends on the sizes only: made on the host, where each band's support is read
+        # without a device synchronization, then copied over once without waiting (`to_device`)
+        host_rows = resize_matrix(height, [(size[0], crop[0] if crop else None) for size, crop in steps], "cpu")
         column_steps = [(size[1], crop[1] if crop else None) for size, crop in steps]
-        out_height = rows.shape[0]
+        out_height = host_rows.shape[0]
         out_width = _resize_last_axis(mask_logits.new_zeros(1, 1, width), column_steps).shape[-1]
         labels = torch.empty(out_height, out_width, dtype=torch.int64, device=mask_logits.device)
         class_maps_out = (
@@ -1000,13 +1013,10 @@ class PosSAMPostProcessingMixin:
         # the column resize passes through the padded width before the crop: size bands by the widest step
         widest = max([out_width, width] + [size for size, _ in column_steps])
         band = max(1, SEMANTIC_BAND_ELEMENTS // (max(num_queries, scores.shape[-1], 1) * widest))
-        support = rows != 0
-        for first in range(0, out_height, band):
-            weights = rows[first : first + band]
-            used = support[first : first + band].any(0).nonzero().flatten()
-            low, high = int(used[0]), int(used[-1]) + 1
+        rows = to_device(host_rows, mask_logits.device)
+        for first, low, high in _row_bands(host_rows, band):
             # this band's rows, resized along the rows with F.interpolate's weights, then along the columns
-            band_logits = torch.einsum("bh,qhw->qbw", weights[:, low:high], mask_logits[:, low:high])
+            band_logits = torch.einsum("bh,qhw->qbw", rows[first : first + band, low:high], mask_logits[:, low:high])
             probabilities = _resize_last_axis(band_logits, column_steps).sigmoid()
             class_maps = torch.einsum("qk,qbw->kbw", scores, probabilities)
             labels[first : first + band] = class_maps.argmax(0)
@@ -1102,7 +1112,7 @@ class PosSAMPostProcessingMixin:
         queries, labels = top_index // num_classes, top_index % num_classes
         if thing_ids is not None:
             is_thing = torch.zeros(num_classes, dtype=torch.bool, device=scores.device)
-            is_thing[torch.tensor(thing_ids, dtype=torch.long, device=scores.device)] = True
+            is_thing.index_fill_(0, to_device(torch.tensor(thing_ids, dtype=torch.long), scores.device), True)
             selected = is_thing[labels]
             top_scores, queries, labels = top_scores[selected], queries[selected], labels[selected]
         # a query can hold several selected pairs (several top classes): its mask is resized once per pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch.nn import functional as F
@@ -18,6 +19,8 @@ from transformers.models.mask2former.modeling_mask2former import (
     sample_point,
     sigmoid_cross_entropy_loss,
 )
+
+from ..device_transfer import to_device
 
 
 __all__ = [
@@ -93,14 +96,15 @@ def accumulation_loss_normalizers(
     if num_micro_batches == 0 or any(len(batch) == 0 for batch in window_class_labels):
         raise ValueError("window_class_labels needs at least one micro-batch, each of at least one image.")
     counts = [len(labels) for batch in window_class_labels for labels in batch]
-    total_masks, world_size = _sum_over_processes(torch.tensor(float(sum(counts)), device=device))
+    # torch.full: fills on the device, where torch.tensor(value, device=...) would be a synchronizing host copy
+    total_masks, world_size = _sum_over_processes(torch.full((), float(sum(counts)), device=device))
     # Hungarian matching assigns min(N_i, Q) queries per image (linear_sum_assignment on a Q x N_i cost matrix)
     matched = [min(count, num_queries) for count in counts]
     class_weight_sum = sum(m + no_object_weight * (num_queries - m) for m in matched)
     return LossNormalizers(
         num_masks=torch.clamp(total_masks / world_size, min=1) / num_micro_batches,
-        class_weight_sum=torch.tensor(class_weight_sum / num_micro_batches, device=device),
-        num_predictions=torch.tensor(len(counts) * num_queries / num_micro_batches, device=device),
+        class_weight_sum=torch.full((), class_weight_sum / num_micro_batches, device=device),
+        num_predictions=torch.full((), len(counts) * num_queries / num_micro_batches, device=device),
     )
 
 
@@ -167,16 +171,46 @@ def mask_iou_targets(pred_mask_logits: torch.Tensor, target_masks: torch.Tensor)
     return torch.where(union > 0, intersection / union.clamp(min=1), torch.zeros_like(union))
 
 
+def _read_on_host(values: torch.Tensor) -> np.ndarray:
+    """`values` as a host array: the matcher's one device synchronization per batch."""
+    return values.cpu().numpy()
+
+
+def _assign(cost_matrices: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """
+    Hungarian assignment (scipy's `linear_sum_assignment`) of each `(Q, N_i)` cost matrix, with the matrices read on
+    the host in one transfer (one device synchronization per batch, not one per image) and the indices sent back in
+    one copy that does not wait for the device (`to_device`). Returns per image `(query indices, target indices)`,
+    int64 on the matrices' device, in scipy's order (ascending query index).
+    """
+    if not cost_matrices:
+        return []
+    device = cost_matrices[0].device
+    host = _read_on_host(torch.cat([costs.flatten() for costs in cost_matrices]))
+    pairs, offset = [], 0
+    for costs in cost_matrices:
+        size = costs.numel()
+        rows, cols = linear_sum_assignment(host[offset : offset + size].reshape(costs.shape))
+        offset += size
+        pairs.append(torch.as_tensor(np.stack([rows, cols]), dtype=torch.int64))
+    counts = [pair.shape[1] for pair in pairs]
+    on_device = to_device(torch.cat(pairs, dim=1), device).split(counts, dim=1)
+    return [(pair[0], pair[1]) for pair in on_device]
+
+
 class PosSAMHungarianMatcher(Mask2FormerHungarianMatcher):
     """
     Mask2Former's matcher (class cost -p[target], BCE and dice costs on uniformly sampled points, scipy Hungarian)
     computed in fp32, with the number of classes taken from each batch's logits and labels sampled from uint8/bool
-    masks without a float copy. Non-finite costs become the largest finite value, so a NaN never crashes scipy.
+    masks without a float copy. Non-finite costs become the largest finite value, so a NaN never crashes scipy. The
+    batch's cost matrices go to the host in one transfer and the indices come back on the device (`_assign`):
+    Mask2Former reads each image's matrix and indexes device tensors with host indices, each a device
+    synchronization.
     """
 
     @torch.no_grad()
     def forward(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels):
-        indices = []
+        cost_matrices = []
         for logits, masks, labels, targets in zip(
             class_queries_logits, masks_queries_logits, class_labels, mask_labels
         ):
@@ -192,10 +226,8 @@ class PosSAMHungarianMatcher(Mask2FormerHungarianMatcher):
                 + self.cost_dice * pair_wise_dice_loss(pred_points, target_points)
             )
             largest = torch.finfo(cost_matrix.dtype).max
-            cost_matrix = torch.nan_to_num(cost_matrix, nan=largest, posinf=largest, neginf=largest)
-            rows, cols = linear_sum_assignment(cost_matrix.cpu().numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
-        return indices
+            cost_matrices.append(torch.nan_to_num(cost_matrix, nan=largest, posinf=largest, neginf=largest))
+        return _assign(cost_matrices)
 
 
 class PosSAMLoss(Mask2FormerLoss):
@@ -260,16 +292,19 @@ class PosSAMLoss(Mask2FormerLoss):
         1. (transformers' version averages over processes with accelerate's `reduce`, then divides by the number of
         processes again.)
         """
+        # torch.full: a fill on the device, not a (synchronizing) copy of a host scalar
         total, world_size = _sum_over_processes(
-            torch.tensor(float(sum(len(labels) for labels in class_labels)), device=device)
+            torch.full((), float(sum(len(labels) for labels in class_labels)), device=device)
         )
         return torch.clamp(total / world_size, min=1)
 
     def loss_labels(self, class_queries_logits, class_labels, indices, class_weight_sum=None):
         batch_size, num_queries, num_classes_with_void = class_queries_logits.shape
         void_index = num_classes_with_void - 1
-        class_weights = torch.ones(num_classes_with_void, device=class_queries_logits.device)
-        class_weights[-1] = self.eos_coef
+        # 1 per class, eos_coef for void: made on the device (`weights[-1] = value` copies a host scalar over)
+        class_weights = F.pad(
+            torch.ones(num_classes_with_void - 1, device=class_queries_logits.device), (0, 1), value=self.eos_coef
+        )
         target_classes = torch.full(
             (batch_size, num_queries), void_index, dtype=torch.int64, device=class_queries_logits.device
         )
