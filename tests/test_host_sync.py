@@ -186,6 +186,11 @@ def test_forward_with_default_vocabulary_makes_no_host_sync(model):
 def test_eager_checks_are_the_default_on_cpu_and_async_ones_on_cuda(model):
     assert resolved_mode(torch.device("cpu")) == "eager"
     assert resolved_mode(torch.device("cuda", 0)) == "async"
+    # checks whose caller reads the device right after (the training targets', before the matching): eager under
+    # "auto" everywhere, asynchronous when asked
+    assert resolved_mode(torch.device("cuda", 0), synchronizes_anyway=True) == "eager"
+    with value_checks("async"):
+        assert resolved_mode(torch.device("cuda", 0), synchronizes_anyway=True) == "async"
     assert resolved_mode(torch.device("mps")) == "eager"  # no asynchronous assert kernel there
     with value_checks("eager"):
         assert resolved_mode(torch.device("cuda")) == "eager"
@@ -691,7 +696,8 @@ def test_training_forward_on_cuda_makes_no_host_to_device_copy(training_model, m
         model = real.to("cuda")
         inputs = {name: value.to("cuda") for name, value in model_inputs(real).items()}
         labels = {name: [value.to("cuda") for value in values] for name, values in targets.items()}
-        with HostToDeviceRecorder() as recorder:
+        # the targets' checks asynchronous, as `value_checks("async")` asks (by default they read the device)
+        with value_checks("async"), HostToDeviceRecorder() as recorder:
             outputs = model(**inputs, **labels)
     assert not recorder.copies, recorder.report()
     assert outputs.loss.device.type == "cuda" and outputs.loss.shape == ()
@@ -728,8 +734,9 @@ def test_training_forward_on_cuda_makes_no_host_to_device_copy(training_model, m
     ],
 )
 def test_bad_training_targets_are_refused_in_both_check_modes(training_model, targets, detailed, short):
-    """Eager checks (CPU's default) name the image and the values; the asynchronous ones (CUDA's default, raised at
-    once on CPU) say what is wrong without reading the values."""
+    """Eager checks (the default, on CUDA too: the matching reads the device right after) name the image and the
+    values; the asynchronous ones (`value_checks("async")`, raised at once on CPU) say what is wrong without reading
+    the values."""
     model = training_model
     inputs = {**model_inputs(model), **targets(training_targets(model.config.vision_config.image_size))}
     with pytest.raises(ValueError, match=detailed):

@@ -218,8 +218,9 @@ def _check_binary_mask(name: str, mask, expected_shape: tuple[int, ...], layout:
 def _check_label_values(index: int, masks: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
     """
     The value checks of one image's training targets: `masks` bool or only 0 and 1 (0/255 masks would silently give a
-    near-zero dice loss, NaN a NaN loss), `labels` within the `num_classes` classes. Detailed errors in eager mode;
-    `torch._assert_async` on CUDA by default (`value_checks`).
+    near-zero dice loss, NaN a NaN loss), `labels` within the `num_classes` classes. Eager (the detailed errors) on
+    every device by default, since the loss's matching reads the device right after (`synchronizes_anyway`);
+    `torch._assert_async` under `value_checks("async")`.
     """
     if masks.dtype != torch.bool and masks.numel():
         # uint8 (the processor's dtype) cannot be negative: its max decides, without a full-size temporary
@@ -237,6 +238,7 @@ def _check_label_values(index: int, masks: torch.Tensor, labels: torch.Tensor, n
             f"Image {index}: mask_labels must be bool or hold only 0 and 1; divide 0/255 masks by 255, binarize soft "
             "or resized masks.",
             mask_error,
+            synchronizes_anyway=True,
         )
     if labels.numel():
         low, high = torch.aminmax(labels)
@@ -251,6 +253,7 @@ def _check_label_values(index: int, masks: torch.Tensor, labels: torch.Tensor, n
             (low >= 0) & (high < num_classes),
             f"Image {index}: class_labels must index the {num_classes} classes of the vocabulary.",
             label_error,
+            synchronizes_anyway=True,
         )
 
 
@@ -1229,7 +1232,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 raise ValueError(
                     f"Image {index}: class_labels must be integer class indices, got dtype {labels.dtype}."
                 )
-            if _checking_values():  # through `require`: no host synchronization on CUDA (value_checks)
+            if _checking_values():
                 _check_label_values(index, masks, labels, num_classes)
             checked_labels.append(labels.long())
         return list(mask_labels), checked_labels

@@ -11,7 +11,8 @@ queued work: a host synchronization, which stalls the CPU's kernel queue and bre
   context unusable (restart the process; rerun the input with `value_checks("eager")` to see which check failed).
   The default on CUDA devices.
 - `"auto"` (the default): `"eager"` on CPU and on devices without an asynchronous assert kernel (MPS), `"async"` on
-  CUDA (and ROCm, which PyTorch calls "cuda").
+  CUDA (and ROCm, which PyTorch calls "cuda"); except the training targets' checks, eager everywhere under "auto":
+  the loss's Hungarian matching reads the device a moment later anyway (`require(..., synchronizes_anyway=True)`).
 
 While `torch.compile`, `torch.export` or TorchScript trace the model the value checks are skipped: they are
 data-dependent branches (`_checking_values` in `modeling_possam`); shape and dtype checks always run.
@@ -52,21 +53,31 @@ def value_checks(mode: ValueCheckMode) -> Iterator[None]:
         _mode.reset(token)
 
 
-def resolved_mode(device: torch.device) -> Literal["eager", "async"]:
-    """The mode the checks of tensors on `device` run in now (`"auto"` resolved by the device type)."""
+def resolved_mode(device: torch.device, synchronizes_anyway: bool = False) -> Literal["eager", "async"]:
+    """
+    The mode the checks of tensors on `device` run in now: `"auto"` resolved by the device type, except for checks
+    whose caller synchronizes soon anyway (`synchronizes_anyway`: the training targets' checks, before the loss's
+    Hungarian matching reads its costs on the host), which `"auto"` keeps eager on every device: their detailed
+    error costs one short wait, where a device-side assert would cost the process its CUDA context.
+    """
     mode = _mode.get()
     if mode == "auto":
-        return "async" if device.type == "cuda" else "eager"
+        return "async" if device.type == "cuda" and not synchronizes_anyway else "eager"
     return "async" if mode == "async" else "eager"
 
 
-def require(condition: torch.Tensor, message: str, error: Callable[[], Exception] | None = None) -> None:
+def require(
+    condition: torch.Tensor,
+    message: str,
+    error: Callable[[], Exception] | None = None,
+    synchronizes_anyway: bool = False,
+) -> None:
     """
     Checks a 0-d bool `condition` computed on the tensors' device. Eager mode: raises `error()` (default:
     `ValueError(message)`) when it is False, after one host synchronization. Async mode: `torch._assert_async`
-    with `message`, no synchronization.
+    with `message`, no synchronization. `synchronizes_anyway`: see `resolved_mode`.
     """
-    if resolved_mode(condition.device) == "async":
+    if resolved_mode(condition.device, synchronizes_anyway) == "async":
         torch._assert_async(condition, message)
     elif not bool(condition):
         raise error() if error is not None else ValueError(message)
