@@ -348,19 +348,31 @@ def check_training_step(context: Context) -> dict:
 
 def check_training_syncs(context: Context) -> dict:
     """
-    The bf16-autocast training forward and loss (`training_step`'s batch) under `CudaSyncRecorder`, with the targets'
-    checks asynchronous (`value_checks("async")`; by default they read the device, 2 short waits per image, since
-    the matching reads it right after anyway): the only synchronizations must be the Hungarian matching's host reads
-    (`loss._read_on_host`, one per matched layer with all images' cost matrices in one transfer); each is allowed
-    and counted, any other reported call is an error.
+    The bf16-autocast training forward and loss (`training_step`'s batch) under `CudaSyncRecorder`, after a warm-up
+    call (`training_sync_reads`).
     """
     if context.device.type != "cuda":
         return {"skipped": "torch.cuda.set_sync_debug_mode needs CUDA"}
+    model = copy.deepcopy(context.model).train()
+    batch = make_training_batch(model, 2, context.device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(**batch)  # warm-up: a first call's one-time work is not the step's
+    torch.cuda.synchronize(context.device)
+    return training_sync_reads(model, batch, "cuda")
+
+
+def training_sync_reads(model, batch: dict, device_type: str) -> dict:
+    """
+    `model(**batch).loss` under bf16 autocast and `CudaSyncRecorder`, with the targets' checks asynchronous
+    (`value_checks("async")`; by default they read the device just before the loss, 2 short waits per image where the
+    matching waits anyway): the only synchronizations must be the Hungarian matching's host reads
+    (`loss._read_on_host`, one per matched layer with all images' cost matrices in one transfer); each is allowed
+    and counted. Raises AssertionError on any other reported call, a read count other than `decoder_layers`, or a
+    non-finite loss.
+    """
     from transformers_possam.modeling import loss as loss_module
     from transformers_possam.value_checks import value_checks
 
-    model = copy.deepcopy(context.model).train()
-    batch = make_training_batch(model, 2, context.device)
     original = loss_module._read_on_host
     reads: list[list[int]] = []
     recorder = CudaSyncRecorder()
@@ -370,12 +382,9 @@ def check_training_syncs(context: Context) -> dict:
             reads.append(list(values.shape))
             return original(values)
 
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        model(**batch)  # warm-up: a first call's one-time work is not the step's
-    torch.cuda.synchronize(context.device)
     loss_module._read_on_host = counted_read
     try:
-        with recorder, value_checks("async"), torch.autocast("cuda", dtype=torch.bfloat16):
+        with recorder, value_checks("async"), torch.autocast(device_type, dtype=torch.bfloat16):
             loss = model(**batch).loss
     finally:
         loss_module._read_on_host = original

@@ -288,6 +288,35 @@ def test_cuda_sync_recorder_records_sync_warnings_only_and_allows_marked_blocks(
     assert warnings.showwarning is not recorder._record  # restored
 
 
+def test_training_sync_reads_counts_the_matching_reads_and_fails_on_any_other_sync(monkeypatch):
+    """`training_syncs`' body on the CPU (the debug mode stubbed: a CPU run reports nothing by itself): the tiny
+    model's training forward and loss make one matching read per decoder layer, each of both images' cost matrices;
+    a synchronizing call reported anywhere else fails the check (positive control)."""
+    import warnings
+
+    from transformers_possam import PosSAMForPanopticSegmentation, tiny_config
+    from transformers_possam.modeling import loss as loss_module
+
+    device_check = load_script("benchmarks/device_check.py")
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(tiny_config()).train()
+    batch = device_check.make_training_batch(model, 2, torch.device("cpu"))
+    details = device_check.training_sync_reads(model, batch, "cpu")
+    queries, segments = model.config.num_queries, batch["mask_labels"][0].shape[0]
+    assert details["matching_reads"] == [[2 * queries * segments]] * model.config.decoder_layers
+    assert details["reported_syncs"] == []
+    assign = loss_module._assign
+
+    def assign_with_a_sync(cost_matrices):
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        return assign(cost_matrices)
+
+    monkeypatch.setattr(loss_module, "_assign", assign_with_a_sync)
+    with pytest.raises(AssertionError, match="no other synchronizing call"):
+        device_check.training_sync_reads(model, batch, "cpu")
+
+
 def _probe_wheel(folder):
     """A minimal wheel holding the module `possam_wheel_probe` (what `pip install --target` needs, nothing more)."""
     import base64

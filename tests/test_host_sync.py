@@ -702,6 +702,15 @@ def test_training_forward_on_cuda_makes_no_host_to_device_copy(training_model, m
     assert not recorder.copies, recorder.report()
     assert outputs.loss.device.type == "cuda" and outputs.loss.shape == ()
     assert all(value.device.type == "cuda" for value in outputs.loss_dict.values())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        # class ids from the host, as Mask2Former accepts them: copied over once, without waiting
+        with value_checks("async"), HostToDeviceRecorder() as recorder:
+            outputs = model(**inputs, mask_labels=labels["mask_labels"], class_labels=targets["class_labels"])
+        assert not recorder.copies, recorder.report()
+        assert outputs.loss.device.type == "cuda"
+        # masks left on the host: an error that says what to do (not a device mismatch inside the loss)
+        with pytest.raises(ValueError, match=r"Image 0: mask_labels are on cpu, pixel_values on cuda:0: move"):
+            model(**inputs, mask_labels=targets["mask_labels"], class_labels=labels["class_labels"])
 
 
 @pytest.mark.parametrize(
@@ -785,14 +794,20 @@ def test_semantic_post_processing_reads_the_device_only_for_its_results(return_s
 
 def test_semantic_and_instance_post_processing_on_cuda_copy_nothing_over(fake_cuda, monkeypatch):
     """On (fake) CUDA outputs, semantic post-processing and the instance path's class filter copy no host data to
-    the device with a blocking copy (the semantic row-resize matrix goes over once, without waiting), and read no
-    device value but the results' (a fake tensor has none: reading one raises). The host-side helpers, which see
-    sizes only, run on real host tensors (in a fake mode every new tensor is fake, and has no values either)."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    the device with a blocking copy, and semantic post-processing reads no device value but the results' (a fake
+    tensor has none: reading one raises). The host-side helpers' host calls, which see sizes only, run on real host
+    tensors (in a fake mode every new tensor is fake, and has no values either)."""
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException, unset_fake_temporarily
+
+    def on_the_host(argument) -> bool:
+        if torch.is_tensor(argument):
+            return argument.device.type == "cpu"
+        return not isinstance(argument, (str, torch.device)) or torch.device(argument).type == "cpu"
 
     def really(function):
         def run(*arguments):
-            assert not any(torch.is_tensor(argument) and argument.device.type != "cpu" for argument in arguments)
+            if not all(on_the_host(argument) for argument in arguments):
+                return function(*arguments)  # the device's own copy: fake
             with unset_fake_temporarily():
                 return function(*arguments)
 
@@ -809,9 +824,42 @@ def test_semantic_and_instance_post_processing_on_cuda_copy_nothing_over(fake_cu
         assert not recorder.copies, recorder.report()
         assert [tuple(labels.shape) for labels in results] == [(90, 120), (200, 150)]
         assert all(labels.device.type == "cpu" for labels in results)
-        # the instance path reads values by nature (its top pairs' masks, its segments_info); up to there, its
-        # class filter must not copy the ids over with a blocking copy
-        is_thing = torch.zeros(5, dtype=torch.bool, device="cuda")
-        with HostToDeviceRecorder() as recorder:
-            is_thing.index_fill_(0, postprocessing.to_device(torch.tensor([1, 3]), "cuda"), True)
+        # the instance path reads values by nature (its top pairs' queries: a boolean selection, then `unique`);
+        # up to its first read (which raises on fake tensors), its thing-class filter copies nothing over
+        with HostToDeviceRecorder() as recorder, pytest.raises(DynamicOutputShapeException):
+            processor.post_process_instance_segmentation(outputs, thing_label_ids=[1, 3])
         assert not recorder.copies, recorder.report()
+
+
+def test_training_targets_values_are_checked_after_the_forward_just_before_the_loss(training_model, monkeypatch):
+    """The forward never reads the targets: their value checks run after it, right before the matching, so on a GPU
+    a check that reads the device waits for nothing the matching would not wait for (run first, it would drain the
+    queue before the forward was even queued)."""
+    model = training_model
+    events = []
+    handle = model.model.register_forward_hook(lambda *args: events.append("mask generator"))
+    check = type(model)._check_label_values
+    monkeypatch.setattr(
+        type(model), "_check_label_values", staticmethod(lambda *args: (events.append("values"), check(*args)))
+    )
+    try:
+        inputs = {**model_inputs(model), **training_targets(model.config.vision_config.image_size)}
+        model(**inputs)
+    finally:
+        handle.remove()
+    assert events == ["mask generator", "values"]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32, torch.uint16, torch.uint32])
+def test_training_class_ids_of_any_integer_dtype_give_the_int64_loss(training_model, dtype):
+    """Any integer dtype of class ids trains as int64 ids would (uint16 / uint32 have few kernels: the checks read
+    them as int64)."""
+    model = training_model
+    targets = training_targets(model.config.vision_config.image_size)
+    inputs = model_inputs(model)
+    losses = []
+    for labels in ([labels.to(dtype) for labels in targets["class_labels"]], targets["class_labels"]):
+        torch.manual_seed(5)  # the same point draws
+        with torch.no_grad():
+            losses.append(model(**inputs, mask_labels=targets["mask_labels"], class_labels=labels).loss)
+    assert torch.equal(*losses)

@@ -218,9 +218,9 @@ def _check_binary_mask(name: str, mask, expected_shape: tuple[int, ...], layout:
 def _check_label_values(index: int, masks: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
     """
     The value checks of one image's training targets: `masks` bool or only 0 and 1 (0/255 masks would silently give a
-    near-zero dice loss, NaN a NaN loss), `labels` within the `num_classes` classes. Eager (the detailed errors) on
-    every device by default, since the loss's matching reads the device right after (`synchronizes_anyway`);
-    `torch._assert_async` under `value_checks("async")`.
+    near-zero dice loss, NaN a NaN loss), `labels` (int64) within the `num_classes` classes. Run after the forward,
+    just before the loss: eager (the detailed errors) on every device by default, since the matching reads the
+    device right after (`synchronizes_anyway`); `torch._assert_async` under `value_checks("async")`.
     """
     if masks.dtype != torch.bool and masks.numel():
         # uint8 (the processor's dtype) cannot be negative: its max decides, without a full-size temporary
@@ -1232,10 +1232,24 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
                 raise ValueError(
                     f"Image {index}: class_labels must be integer class indices, got dtype {labels.dtype}."
                 )
-            if _checking_values():
-                _check_label_values(index, masks, labels, num_classes)
-            checked_labels.append(labels.long())
+            if masks.device != pixel_values.device:
+                raise ValueError(
+                    f"Image {index}: mask_labels are on {masks.device}, pixel_values on {pixel_values.device}: move "
+                    "the targets to the model's device (`[masks.to(device) for masks in mask_labels]`)."
+                )
+            # class ids may come from the host, as Mask2Former accepts them: the matching's indices are on the device
+            checked_labels.append(to_device(labels.long(), pixel_values.device))
         return list(mask_labels), checked_labels
+
+    @staticmethod
+    def _check_label_values(mask_labels: list[torch.Tensor], class_labels: list[torch.Tensor], num_classes) -> None:
+        """
+        The targets' value checks (`_check_label_values`), run just before the loss: the forward never reads the
+        targets, so a check that reads the device waits only for work the matching would wait for anyway.
+        """
+        if _checking_values():
+            for index, (masks, labels) in enumerate(zip(mask_labels, class_labels)):
+                _check_label_values(index, masks, labels, num_classes)
 
     def forward(
         self,
@@ -1357,6 +1371,7 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
 
         loss = loss_dict = None
         if mask_labels is not None and class_labels is not None:  # == has_labels, once _check_labels passed
+            self._check_label_values(mask_labels, class_labels, num_classes)
             loss_dict = self.get_loss_dict(
                 masks_queries_logits=per_layer_masks[last],
                 class_queries_logits=class_logits[last],

@@ -998,9 +998,12 @@ class PosSAMPostProcessingMixin:
         """
         steps = self._resize_steps(reshaped_size, target_size)
         num_queries, height, width = mask_logits.shape
-        # the row-resize matrix depends on the sizes only: made on the host, where each band's support is read
-        # without a device synchronization, then copied over once without waiting (`to_device`)
-        host_rows = resize_matrix(height, [(size[0], crop[0] if crop else None) for size, crop in steps], "cpu")
+        # the row-resize matrix depends on the sizes only: each band's input rows are read from a copy made on the
+        # host (no device synchronization); the device makes its own (a few kernels, where copying the (H, h) matrix
+        # over from pageable memory may wait). Their zero patterns are the same: those of F.interpolate's weights.
+        row_steps = [(size[0], crop[0] if crop else None) for size, crop in steps]
+        host_rows = resize_matrix(height, row_steps, "cpu")
+        rows = host_rows if mask_logits.device.type == "cpu" else resize_matrix(height, row_steps, mask_logits.device)
         column_steps = [(size[1], crop[1] if crop else None) for size, crop in steps]
         out_height = host_rows.shape[0]
         out_width = _resize_last_axis(mask_logits.new_zeros(1, 1, width), column_steps).shape[-1]
@@ -1013,7 +1016,6 @@ class PosSAMPostProcessingMixin:
         # the column resize passes through the padded width before the crop: size bands by the widest step
         widest = max([out_width, width] + [size for size, _ in column_steps])
         band = max(1, SEMANTIC_BAND_ELEMENTS // (max(num_queries, scores.shape[-1], 1) * widest))
-        rows = to_device(host_rows, mask_logits.device)
         for first, low, high in _row_bands(host_rows, band):
             # this band's rows, resized along the rows with F.interpolate's weights, then along the columns
             band_logits = torch.einsum("bh,qhw->qbw", rows[first : first + band, low:high], mask_logits[:, low:high])
