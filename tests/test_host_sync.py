@@ -863,3 +863,21 @@ def test_training_class_ids_of_any_integer_dtype_give_the_int64_loss(training_mo
         with torch.no_grad():
             losses.append(model(**inputs, mask_labels=targets["mask_labels"], class_labels=labels).loss)
     assert torch.equal(*losses)
+
+
+def test_instance_post_processing_reads_the_device_a_fixed_number_of_times_per_image():
+    """Instance post-processing reads values by nature (its top pairs' queries, the kept pairs' order), but a fixed
+    number of times per image, not per instance: the segments' labels and scores come back in one transfer each
+    (reading them one by one made two device synchronizations per instance, 200 per image at the default 100)."""
+    processor = PosSAMImageProcessor()
+    outputs = coco_like_outputs(queries=40, objects=12)
+    counts = {}
+    for instances in (10, 100):
+        with value_checks("async"), HostSyncRecorder() as recorder:
+            results = processor.post_process_instance_segmentation(
+                outputs, num_top_instances=instances, **COCO_SIZES
+            )
+        assert [len(result["segments_info"]) for result in results] == [instances, instances]
+        counts[instances] = dict(recorder.counts)
+    assert counts[10] == counts[100], counts
+    assert sum(counts[100].values()) <= 2 * 6, counts  # per image: unique, nonzero, three lists, the map's transfer

@@ -1155,14 +1155,10 @@ class PosSAMPostProcessingMixin:
                 )
         order = torch.nonzero(keep).flatten()
         order = order[final_scores[order].argsort(descending=True)]  # pair indices, best first
+        # read in two transfers, not two per instance (each a device synchronization on a GPU)
         segments_info = [
-            {
-                "id": rank + 1,
-                "label_id": int(labels[pair]),
-                "was_fused": False,
-                "score": round(float(final_scores[pair]), 6),
-            }
-            for rank, pair in enumerate(order.tolist())
+            {"id": rank + 1, "label_id": label, "was_fused": False, "score": round(score, 6)}
+            for rank, (label, score) in enumerate(zip(labels[order].tolist(), final_scores[order].tolist()))
         ]
 
         # pass 2: paint. Painting every pair from the last rank to the first leaves each pixel its best rank; pairs of
