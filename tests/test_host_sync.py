@@ -874,9 +874,7 @@ def test_instance_post_processing_reads_the_device_a_fixed_number_of_times_per_i
     counts = {}
     for instances in (10, 100):
         with value_checks("async"), HostSyncRecorder() as recorder:
-            results = processor.post_process_instance_segmentation(
-                outputs, num_top_instances=instances, **COCO_SIZES
-            )
+            results = processor.post_process_instance_segmentation(outputs, num_top_instances=instances, **COCO_SIZES)
         assert [len(result["segments_info"]) for result in results] == [instances, instances]
         counts[instances] = dict(recorder.counts)
     assert counts[10] == counts[100], counts
