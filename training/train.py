@@ -521,10 +521,13 @@ def main(argv=None) -> dict:
             window_loss += outputs.loss.detach() / args.gradient_accumulation_steps  # = the whole window's loss
         scheduler.step()
         step += 1
-        loss = accelerator.reduce(window_loss, reduction="mean").item()
-        bad = accelerator.reduce(
-            torch.tensor(float(stream.position.bad), device=accelerator.device), reduction="sum"
-        ).item()
+        # the loss (averaged) and the bad-sample count (summed) in one all-reduce and one read of the device: each
+        # read waits for the step's queued work on a GPU
+        summed_loss, bad = accelerator.reduce(
+            torch.stack([window_loss.float(), torch.full((), float(stream.position.bad), device=accelerator.device)]),
+            reduction="sum",
+        ).tolist()
+        loss = summed_loss / accelerator.num_processes
         metrics = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/bad_samples": bad}
         accelerator.log(metrics, step=step)
         progress.update(1)
