@@ -507,8 +507,7 @@ def main(argv=None) -> dict:
                     pixel_mask=batch["pixel_mask"].to(accelerator.device),
                     class_embeddings=class_embeddings,
                     synonym_mask=synonym_mask,
-                    mask_labels=[m.to(accelerator.device) for m in batch["mask_labels"]],
-                    class_labels=[c.to(accelerator.device) for c in batch["class_labels"]],
+                    **targets_on_device(batch, accelerator.device),
                     loss_normalizers=loss_normalizers,
                 )
                 accelerator.backward(outputs.loss)  # divided by gradient_accumulation_steps, as the normalizers expect
@@ -564,6 +563,23 @@ def main(argv=None) -> dict:
         hub.upload(accelerator, output_dir, "End of training")
     accelerator.end_training()
     return metrics
+
+
+def targets_on_device(batch: dict, device: torch.device) -> dict[str, list[torch.Tensor]]:
+    """
+    The batch's `mask_labels` and `class_labels` on `device`, each image's segment count (dim 0) marked dynamic for
+    `torch.compile` (`accelerate launch --dynamo_backend ...`): unmarked, the compiled forward is recompiled whenever
+    an image position's count first changes (dynamo's automatic dynamic shapes: one whole-model recompilation per
+    image of the batch). Counts of 0 and 1 still get variants of their own (dynamo specializes them). No effect in
+    eager mode.
+    """
+    targets = {
+        "mask_labels": [masks.to(device) for masks in batch["mask_labels"]],
+        "class_labels": [labels.to(device) for labels in batch["class_labels"]],
+    }
+    for tensor in (*targets["mask_labels"], *targets["class_labels"]):
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    return targets
 
 
 def save_model(accelerator, model, processor, output_dir: Path) -> None:
