@@ -57,8 +57,8 @@ def test_compiled_training_step_equals_eager_with_breaks_only_at_the_matching():
     matched layer); the compiled loss and gradients (AOTAutograd's eager backend) equal eager's on the same random
     draws (point sampling), gradients within 1e-5 of the largest one (the biases before a GroupNorm, whose exact
     gradient is 0, get rounding noise of 1e-8 in both). With the targets as training/train.py passes them (each
-    image's segment count marked dynamic), other counts reuse the compiled forward; unmarked, dynamo's automatic
-    dynamic shapes recompile the whole forward once per image position.
+    image's segment count marked dynamic), other counts (>= 2) reuse the compiled forward; unmarked, dynamo's
+    automatic dynamic shapes recompile the whole forward when counts first change.
     """
     from torch._dynamo.utils import counters, guard_failures
 
@@ -99,3 +99,5 @@ def test_compiled_training_step_equals_eager_with_breaks_only_at_the_matching():
         compiled(**model_inputs(model), **train.targets_on_device(batch, torch.device("cpu"))).loss.backward()
     forward_code = type(model).forward.__code__
     assert not guard_failures.get(forward_code), guard_failures.get(forward_code)
+    # and the forward did run compiled: one compiled entry, used by every call (not skipped, nor left to eager)
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(forward_code)) == 1

@@ -568,10 +568,10 @@ def main(argv=None) -> dict:
 def targets_on_device(batch: dict, device: torch.device) -> dict[str, list[torch.Tensor]]:
     """
     The batch's `mask_labels` and `class_labels` on `device`, each image's segment count (dim 0) marked dynamic for
-    `torch.compile` (`accelerate launch --dynamo_backend ...`): unmarked, the compiled forward is recompiled whenever
-    an image position's count first changes (dynamo's automatic dynamic shapes: one whole-model recompilation per
-    image of the batch). Counts of 0 and 1 still get variants of their own (dynamo specializes them). No effect in
-    eager mode.
+    `torch.compile` (`accelerate launch --dynamo_backend ...`): unmarked, the whole forward is recompiled when the
+    counts first change (dynamo's automatic dynamic shapes; usually once, at worst once per image position). Counts
+    of 0 and 1 are still specialized by dynamo: each pattern of {0, 1, more} over the batch's positions is a
+    compilation of its own, and past dynamo's recompile limit (8) the forward runs eagerly. No effect in eager mode.
     """
     targets = {
         "mask_labels": [masks.to(device) for masks in batch["mask_labels"]],

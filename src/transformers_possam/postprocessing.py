@@ -1115,7 +1115,7 @@ class PosSAMPostProcessingMixin:
         if thing_ids is not None:
             is_thing = torch.zeros(num_classes, dtype=torch.bool, device=scores.device)
             is_thing.index_fill_(0, to_device(torch.tensor(thing_ids, dtype=torch.long), scores.device), True)
-            selected = is_thing[labels]
+            selected = is_thing[labels].nonzero().flatten()  # one read of the device for the three selections
             top_scores, queries, labels = top_scores[selected], queries[selected], labels[selected]
         # a query can hold several selected pairs (several top classes): its mask is resized once per pass
         unique_queries, mask_of_pair = torch.unique(queries, return_inverse=True)
