@@ -2,7 +2,7 @@
 `torch.compile(model, fullgraph=True)` captures the whole forward of `PosSAMForPanopticSegmentation` (issue 15,
 item 4): no graph break (a break is an error with fullgraph=True), outputs equal to the eager model's. The default test
 compiles with AOTAutograd's eager backend (the whole capture and functionalization, without code generation, seconds);
-the inductor run (code generation, about 80 s on 2 cores) is `slow`.
+the inductor run (code generation, about 80 s on 2 cores) is `slow`, and so is the compiled training step (about 35 s).
 """
 
 import pytest
@@ -50,6 +50,7 @@ def test_inductor_compiles_the_whole_forward(model):
     check_compiled(model, "inductor")
 
 
+@pytest.mark.slow  # about 35 s on 2 cores (the training graph's capture, forward and backward)
 def test_compiled_training_step_equals_eager_with_breaks_only_at_the_matching():
     """
     `accelerate launch --dynamo_backend ...` (or `torch.compile(model)` in one's own loop) compiles the model for
