@@ -199,11 +199,6 @@ def _check_binary_mask(name: str, mask, expected_shape: tuple[int, ...], layout:
     if mask.is_complex():
         raise ValueError(f"{name} must be bool or hold only 0 and 1, got dtype {mask.dtype}.")
     if mask.numel() and _checking_values():
-        if mask.is_floating_point():
-            is_binary = ((mask == 0) | (mask == 1)).all()  # NaN and 0.5 are neither
-        else:  # integers: the extremes decide, without a full-size temporary
-            low, high = torch.aminmax(mask)
-            is_binary = (low >= 0) & (high <= 1)
 
         def error() -> ValueError:
             other = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
@@ -211,11 +206,19 @@ def _check_binary_mask(name: str, mask, expected_shape: tuple[int, ...], layout:
                 f"{name} must be bool or hold only 0 and 1, got dtype {mask.dtype} with values like {other}."
             )
 
-        require(is_binary, f"{name} must be bool or hold only 0 and 1 (dtype {mask.dtype}).", error)
+        require(_is_binary(mask), f"{name} must be bool or hold only 0 and 1 (dtype {mask.dtype}).", error)
     return mask.bool()
 
 
-def _check_label_values(index: int, masks: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+def _is_binary(mask: torch.Tensor) -> torch.Tensor:
+    """0-d bool on `mask`'s device: a non-empty real `mask` holds only 0 and 1 (NaN and 0.5 are neither)."""
+    if mask.is_floating_point():
+        return ((mask == 0) | (mask == 1)).all()
+    low, high = torch.aminmax(mask)  # integers: the extremes decide, without a full-size temporary
+    return (low >= 0) & (high <= 1)
+
+
+def _check_image_targets(index: int, masks: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
     """
     The value checks of one image's training targets: `masks` bool or only 0 and 1 (0/255 masks would silently give a
     near-zero dice loss, NaN a NaN loss), `labels` (int64) within the `num_classes` classes. Run after the forward,
@@ -223,8 +226,6 @@ def _check_label_values(index: int, masks: torch.Tensor, labels: torch.Tensor, n
     device right after (`synchronizes_anyway`); `torch._assert_async` under `value_checks("async")`.
     """
     if masks.dtype != torch.bool and masks.numel():
-        # uint8 (the processor's dtype) cannot be negative: its max decides, without a full-size temporary
-        is_binary = masks.max() <= 1 if masks.dtype == torch.uint8 else ((masks == 0) | (masks == 1)).all()
 
         def mask_error() -> ValueError:
             bad = masks[(masks != 0) & (masks != 1)]  # NaN too
@@ -234,7 +235,7 @@ def _check_label_values(index: int, masks: torch.Tensor, labels: torch.Tensor, n
             )
 
         require(
-            is_binary,
+            _is_binary(masks),
             f"Image {index}: mask_labels must be bool or hold only 0 and 1; divide 0/255 masks by 255, binarize soft "
             "or resized masks.",
             mask_error,
@@ -1244,12 +1245,12 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
     @staticmethod
     def _check_label_values(mask_labels: list[torch.Tensor], class_labels: list[torch.Tensor], num_classes) -> None:
         """
-        The targets' value checks (`_check_label_values`), run just before the loss: the forward never reads the
-        targets, so a check that reads the device waits only for work the matching would wait for anyway.
+        The targets' value checks (`_check_image_targets` per image), run just before the loss: the forward never
+        reads the targets, so a check that reads the device waits only for work the matching would wait for anyway.
         """
         if _checking_values():
             for index, (masks, labels) in enumerate(zip(mask_labels, class_labels)):
-                _check_label_values(index, masks, labels, num_classes)
+                _check_image_targets(index, masks, labels, num_classes)
 
     def forward(
         self,
