@@ -386,3 +386,28 @@ def test_device_session_script_runs_its_steps_on_cpu(tmp_path):
     rows = sorted(results["figures"], key=lambda row: "skipped" in row)
     assert "images_per_second" in rows[0] and rows[0]["dtype"] == "bfloat16" and not rows[0]["compiled"]
     assert "skipped" in rows[-1]
+
+
+def test_gpu_profile_times_and_profiles_a_case_on_cpu(tmp_path):
+    """benchmarks/gpu_profile.py (where a GPU row's time goes), its code on the CPU with the tiny config: the forward,
+    the post-processing and both are timed, the two profiler tables written per case, and a failing case (an unknown
+    variant) is reported in its entry while the others stand."""
+    import json
+
+    profile = load_script("benchmarks/gpu_profile.py")
+    threads = torch.get_num_threads()
+    try:
+        profile.main(
+            ["--device", "cpu", "--cases", "tiny:float32:1", "nonexistent:float32:1", "--repeats", "1", "--rows", "5"]
+            + ["--output-dir", str(tmp_path)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "profile.json").read_text())
+    assert [result["case"] for result in results] == ["tiny:float32:1", "nonexistent:float32:1"]
+    tiny, failed = results
+    for part in ("forward", "post_processing", "both"):
+        assert tiny[part]["median_s"] > 0
+    assert "aten::" in (tmp_path / "profile-tiny-float32-1-device.txt").read_text()
+    assert "aten::" in (tmp_path / "profile-tiny-float32-1-host.txt").read_text()
+    assert "error" in failed and not (tmp_path / "profile-nonexistent-float32-1-device.txt").exists()

@@ -372,6 +372,32 @@ def test_paper_parameter_counts_on_meta_device(variant):
     assert frozen == sam + clip
 
 
+@pytest.mark.parametrize("use_fast_paths", [True, False])
+@pytest.mark.parametrize("variant", ["possam-vit-b", "tiny"])
+def test_a_model_built_under_a_device_context_is_wholly_on_that_device(variant, use_fast_paths):
+    """
+    `with torch.device("cuda"): PosSAMForPanopticSegmentation(config)` (benchmarks/gpu.py, `from_pretrained`'s meta
+    build) must put every tensor there. Transformers' pixel decoder allocates `level_embed` with the legacy
+    `torch.Tensor(...)` constructor, which ignores the context: on an H200 every full-size row failed with "Expected all
+    tensors to be on the same device" (2026-11-26). The meta device stands in for CUDA: the same context mechanism.
+    """
+    config = tiny_config() if variant == "tiny" else PosSAMConfig.from_pretrained(REPO / "model_cards" / variant)
+    config.use_fast_paths = use_fast_paths
+    with torch.device("meta"):
+        model = PosSAMForPanopticSegmentation(config)
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    assert len(tensors) > 100
+    assert [name for name, tensor in tensors if tensor.device.type != "meta"] == []
+    # tensors kept as plain attributes would escape `.to(device)` as well as the context
+    stray = [
+        f"{module_name}.{attribute}"
+        for module_name, module in model.named_modules()
+        for attribute, value in vars(module).items()
+        if isinstance(value, torch.Tensor) and value.device.type != "meta"
+    ]
+    assert stray == []
+
+
 @pytest.mark.parametrize("variant", sorted(PAPER_FROZEN))
 def test_model_card_folders_are_hub_ready(variant):
     import yaml

@@ -487,6 +487,13 @@ class PosSAMModel(PosSAMPreTrainedModel):
         self.pixel_decoder = Mask2FormerPixelDecoder(
             mask2former_config, feature_channels=list(config.fpn_out_channels)
         )
+        # transformers allocates `level_embed` with the legacy `torch.Tensor(...)` constructor, which ignores a
+        # `with torch.device(...)` context: a model built under `torch.device("cuda")` kept this one parameter on
+        # the CPU (and `from_pretrained`'s meta-device build allocated it). Same shape and dtype, no random draw
+        # either way; `_init_weights` initializes it.
+        self.pixel_decoder.level_embed = nn.Parameter(
+            torch.empty(tuple(self.pixel_decoder.level_embed.shape), dtype=self.pixel_decoder.level_embed.dtype)
+        )
         self.transformer_module = Mask2FormerTransformerModule(
             in_features=mask2former_config.feature_size, config=mask2former_config
         )

@@ -1,0 +1,116 @@
+"""
+Where a GPU row's time goes (issue 15, target 7): for each `--cases` entry (variant:dtype:batch), the median time
+of the forward alone, of MASE panoptic post-processing alone (on one stored forward output) and of both, then a
+`torch.profiler` table of the whole step (the ops with the most device time, and the most host time), so a session
+with minutes of device time learns what to speed up next. Random weights, as `gpu.py`.
+
+`python benchmarks/gpu_profile.py --device cuda --output-dir OUT` (device_session.sh's follow-up, at most a few
+minutes); `--device cpu --cases tiny:float32:1` runs the same code on a CPU (the tests do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from common import summary
+from gpu import _config, _synchronize
+
+
+def _median_seconds(step, device: torch.device, repeats: int) -> dict:
+    step()
+    _synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return summary(times)
+
+
+def profile_case(variant: str, dtype_name: str, batch: int, device: torch.device, repeats: int, rows: int) -> dict:
+    """The timings of one case and its profiler tables (text), as a dict."""
+    from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = PosSAMForPanopticSegmentation(_config(variant)).eval().to(dtype)
+    size = model.config.vision_config.image_size
+    processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
+    class_embeddings = torch.nn.functional.normalize(
+        torch.randn(150, 1, model.config.clip_embed_dim, device=device), dim=-1
+    ).to(dtype)
+    pixel_values = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    target_sizes = [(size, size)] * batch
+
+    def forward():
+        return model(pixel_values, class_embeddings=class_embeddings)
+
+    with torch.inference_mode():
+        outputs = forward()
+        result = {
+            "case": f"{variant}:{dtype_name}:{batch}",
+            "forward": _median_seconds(forward, device, repeats),
+            "post_processing": _median_seconds(
+                lambda: processor.post_process_panoptic_segmentation(outputs, target_sizes=target_sizes),
+                device,
+                repeats,
+            ),
+            "both": _median_seconds(
+                lambda: processor.post_process_panoptic_segmentation(forward(), target_sizes=target_sizes),
+                device,
+                repeats,
+            ),
+        }
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profiler:
+            for _ in range(3):
+                processor.post_process_panoptic_segmentation(forward(), target_sizes=target_sizes)
+            _synchronize(device)
+    averages = profiler.key_averages()
+    device_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    result["table_device"] = averages.table(sort_by=device_key, row_limit=rows, max_name_column_width=60)
+    result["table_host"] = averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+    if device.type == "cuda":
+        result["device_busy_s_per_step"] = sum(event.self_device_time_total for event in averages) / 3 / 1e6
+    return result  # the model and its outputs go with this frame
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--cases", nargs="*", default=["vit-b:bfloat16:1", "vit-h:bfloat16:8"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rows", type=int, default=40, help="rows of each profiler table")
+    parser.add_argument("--output-dir", default=".")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    results = []
+    for case in args.cases:
+        variant, dtype_name, batch = case.split(":")
+        try:
+            result = profile_case(variant, dtype_name, int(batch), device, args.repeats, args.rows)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the case's model is gone: its cached blocks back before the next
+        except Exception as error:  # reported; the other cases stand
+            result = {"case": case, "error": f"{type(error).__name__}: {error}"[:1000]}
+        results.append(result)
+        print(json.dumps({key: value for key, value in result.items() if not key.startswith("table")}), flush=True)
+        stem = case.replace(":", "-")
+        for key in ("table_device", "table_host"):
+            if key in result:
+                (output / f"profile-{stem}-{key[6:]}.txt").write_text(result[key])
+        (output / "profile.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
