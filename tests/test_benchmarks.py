@@ -411,3 +411,40 @@ def test_gpu_profile_times_and_profiles_a_case_on_cpu(tmp_path):
     assert "aten::" in (tmp_path / "profile-tiny-float32-1-device.txt").read_text()
     assert "aten::" in (tmp_path / "profile-tiny-float32-1-host.txt").read_text()
     assert "error" in failed and not (tmp_path / "profile-nonexistent-float32-1-device.txt").exists()
+
+
+def test_gpu_candidates_run_on_cpu_and_agree_with_their_references(tmp_path):
+    """benchmarks/gpu_candidates.py (candidate GPU paths side by side), its code on the CPU with tiny shapes: every
+    deformable sampler within float rounding of transformers' (the same samples), both pixel counters equal to
+    bincount, and the new post-processing's segments equal to the cell-bound path's on the tiny model's outputs;
+    the module-level names it swaps are restored afterwards."""
+    from transformers_possam import postprocessing
+    from transformers_possam.modeling import deformable_attention
+
+    candidates = load_script("benchmarks/gpu_candidates.py")
+    before = (
+        deformable_attention.multi_scale_deformable_attention,
+        postprocessing._fetch_to_host,
+        postprocessing._pixels_per_query,
+    )
+    threads = torch.get_num_threads()
+    try:
+        results = candidates.main(
+            ["--device", "cpu", "--variant", "tiny", "--batches", "2", "--repeats", "1"]
+            + ["--output", str(tmp_path / "candidates.json")]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert before == (
+        deformable_attention.multi_scale_deformable_attention,
+        postprocessing._fetch_to_host,
+        postprocessing._pixels_per_query,
+    )
+    samplers = results["deformable_batch_2"]
+    assert set(samplers) == {"transformers_stack", "embedding_bag_one_step", "embedding_bag_cpu_steps",
+                             "grid_sample_by_level"}  # fmt: skip
+    assert all(sampler["max_abs_difference"] < 1e-5 for sampler in samplers.values()), samplers
+    assert all(counter["equal_to_bincount"] for counter in results["pixel_counts"].values())
+    model = results["model"]["batch_2"]
+    assert model["first_image_equal_to_cpu_cell_bound"] and model["first_image_pixels_differing_from_cpu"] == 0
+    assert all(model[f"forward_{name}"]["median_s"] > 0 for name in ("transformers_stack", "grid_sample_by_level"))

@@ -328,6 +328,39 @@ def test_dense_and_cell_bound_paths_agree_on_coco_sized_outputs(threshold):
                 assert any(info["was_fused"] for result in dense for info in result["segments_info"])
 
 
+@pytest.mark.parametrize("count", ["_count_by_histogram", "_count_by_scatter"])
+def test_both_pixel_counters_equal_bincount(count):
+    """The dense path's fixed-size pixel counts per query (histc on CUDA, scatter elsewhere), against `bincount` with
+    the left-out id dropped: ids at both ends, a query with no pixel, one holding 17 million pixels (beyond float32's
+    exact integers: a float32 histogram would stop counting at 2**24)."""
+    counter = getattr(postprocessing, count)
+    generator = torch.Generator().manual_seed(0)
+    num_queries = 250
+    ids = torch.randint(0, num_queries + 1, (20_000_000,), generator=generator)
+    ids[ids == 17] = 3  # query 17 wins nothing
+    ids[:17_000_000] = num_queries - 1  # the last query holds most of the map
+    ids[:5] = 0
+    ids[5:10] = num_queries  # left out
+    expected = torch.bincount(ids, minlength=num_queries + 1)[:num_queries]
+    counts = counter(ids.int(), num_queries)  # the dense path passes int64 ids; int32 counts the same
+    assert counts.dtype == torch.int64 and counts.shape == (num_queries,)
+    assert torch.equal(counts, expected) and counts[17] == 0
+    assert torch.equal(counter(ids, num_queries), expected)
+
+
+def test_dense_path_with_the_histogram_counter_agrees_with_the_cell_bound_path(monkeypatch):
+    """The counter the dense path uses on CUDA (`histc`), run on the CPU, gives the cell-bound path's segments."""
+    monkeypatch.setattr(postprocessing, "_pixels_per_query", postprocessing._count_by_histogram)
+    processor = PosSAMImageProcessor()
+    outputs = coco_like_outputs()
+    arguments = dict(label_ids_to_fuse=list(range(80, 133)), **COCO_SIZES)
+    sparse = processor.post_process_panoptic_segmentation(outputs, dense_assignment=False, **arguments)
+    dense = processor.post_process_panoptic_segmentation(outputs, dense_assignment=True, **arguments)
+    for ours, theirs in zip(dense, sparse, strict=True):
+        assert ours["segments_info"] == theirs["segments_info"] and ours["segments_info"]
+        assert torch.equal(ours["segmentation"], theirs["segmentation"])
+
+
 def test_dense_path_is_the_default_off_cpu(monkeypatch):
     """Not on a CPU tensor: the dense path; asked for explicitly, either."""
     processor = PosSAMImageProcessor(size={"longest_edge": 128}, pad_size={"height": 128, "width": 128})
