@@ -5,11 +5,12 @@ pointed at on an H200 (2026-11-26):
 1. the pixel decoder's deformable sampling, per layer at PosSAM's shapes (1024x1024 input: levels 32x32, 64x64,
    128x128; 8 heads of 32; 4 points): transformers' `multi_scale_deformable_attention` (grid_sample per level, then
    a stack of all levels, a product and a sum: what CUDA runs today), this package's
-   `deformable_attention_embedding_bag` in one step and in its CPU-sized steps, and grid_sample per level summed
-   level by level (no stack); each against the first (max abs difference);
+   `deformable_attention_embedding_bag` in one step, in its accelerator-sized steps (the default for eager
+   inference off the CPU since 2026-11-26) and in its CPU-sized steps, and grid_sample per level summed level by
+   level (no stack); each against the first (max abs difference);
 2. the panoptic post-processing's pixel counts per query: `scatter_add_` against `histc`;
 3. its one device-to-host transfer: pageable against page-locked staging;
-4. PosSAM-B bf16 forward with each deformable sampler, and panoptic post-processing with the old pieces (pageable
+4. PosSAM-B bf16 forward with each deformable sampler (`PosSAMMultiscaleDeformableAttention.sampler` replaced), and panoptic post-processing with the old pieces (pageable
    transfer, scatter counts) and the new; the new post-processing's segments against the CPU's cell-bound path.
 
 `python benchmarks/gpu_candidates.py --device cuda --output OUT/candidates.json`; `--device cpu --variant tiny`
@@ -60,7 +61,10 @@ def grid_sample_by_level(value, spatial_shapes, sampling_locations, attention_we
 def deformable_candidates(device: torch.device, batch: int, repeats: int, shapes) -> dict:
     from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
-    from transformers_possam.modeling.deformable_attention import deformable_attention_embedding_bag
+    from transformers_possam.modeling.deformable_attention import (
+        _ACCELERATOR_BAG_ENTRIES_PER_STEP,
+        deformable_attention_embedding_bag,
+    )
 
     generator = torch.Generator().manual_seed(0)
     num_values = sum(height * width for height, width in shapes)
@@ -73,6 +77,9 @@ def deformable_candidates(device: torch.device, batch: int, repeats: int, shapes
     candidates = {
         "transformers_stack": multi_scale_deformable_attention,
         "embedding_bag_one_step": lambda *args: deformable_attention_embedding_bag(*args, bag_entries_per_step=2**62),
+        "embedding_bag_accelerator_steps": lambda *args: deformable_attention_embedding_bag(
+            *args, bag_entries_per_step=_ACCELERATOR_BAG_ENTRIES_PER_STEP
+        ),
         "embedding_bag_cpu_steps": deformable_attention_embedding_bag,
         "grid_sample_by_level": grid_sample_by_level,
     }
@@ -135,9 +142,13 @@ def model_candidates(device: torch.device, variant: str, batches: list[int], rep
         "embedding_bag_one_step": lambda *args: deformable_attention.deformable_attention_embedding_bag(
             *args, bag_entries_per_step=2**62
         ),
+        "embedding_bag_accelerator_steps": lambda *args: deformable_attention.deformable_attention_embedding_bag(
+            *args, bag_entries_per_step=deformable_attention._ACCELERATOR_BAG_ENTRIES_PER_STEP
+        ),
         "grid_sample_by_level": grid_sample_by_level,
     }
-    original_sampler = deformable_attention.multi_scale_deformable_attention
+    attention = deformable_attention.PosSAMMultiscaleDeformableAttention
+    original_sampler = attention.__dict__["sampler"]
     new_fetch, new_count = postprocessing._fetch_to_host, postprocessing._pixels_per_query
     results: dict = {}
     try:
@@ -146,8 +157,8 @@ def model_candidates(device: torch.device, variant: str, batches: list[int], rep
             row: dict = {}
             with torch.inference_mode():
                 for name, sampler in samplers.items():
-                    # the non-CPU branch of PosSAMMultiscaleDeformableAttention calls this module-level name
-                    deformable_attention.multi_scale_deformable_attention = sampler
+                    # every layer's choice of sampler, whatever the device and mode
+                    attention.sampler = staticmethod(lambda *arguments, sampler=sampler: sampler)
                     try:
                         row[f"forward_{name}"] = _time(
                             lambda pixel_values=pixel_values: model(pixel_values, class_embeddings=class_embeddings),
@@ -156,7 +167,7 @@ def model_candidates(device: torch.device, variant: str, batches: list[int], rep
                         )
                     except Exception as error:
                         row[f"forward_{name}"] = {"error": f"{type(error).__name__}: {error}"[:500]}
-                deformable_attention.multi_scale_deformable_attention = original_sampler
+                attention.sampler = original_sampler
                 outputs = model(pixel_values, class_embeddings=class_embeddings)
                 targets = [(size, size)] * batch
 
@@ -184,7 +195,7 @@ def model_candidates(device: torch.device, variant: str, batches: list[int], rep
             results[f"batch_{batch}"] = row
             print(json.dumps({f"batch_{batch}": row}), flush=True)
     finally:
-        deformable_attention.multi_scale_deformable_attention = original_sampler
+        attention.sampler = original_sampler
         postprocessing._fetch_to_host, postprocessing._pixels_per_query = new_fetch, new_count
     return results
 

@@ -376,9 +376,17 @@ def test_device_session_script_runs_its_steps_on_cpu(tmp_path):
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
     assert (tmp_path / "site" / "possam_wheel_probe.py").read_text() == "VALUE = 42\n"
-    assert {"nvidia-smi.txt", "device-check.json", "device-check.log", "results-gpu.json", "gpu.log"} == {
-        path.name for path in output.iterdir()
-    }
+    assert {
+        "nvidia-smi.txt",
+        "device-check.json",
+        "device-check.log",
+        "candidates.json",
+        "candidates.log",
+        "results-gpu.json",
+        "gpu.log",
+    } == {path.name for path in output.iterdir()}
+    candidates = json.loads((output / "candidates.json").read_text())
+    assert candidates["model"]["batch_1"]["first_image_equal_to_cpu_cell_bound"]  # the tiny model: the first variant
     check = json.loads((output / "device-check.json").read_text())["checks"]["versions"]
     assert check["ok"] and check["transformers_possam"] == str(REPOSITORY / "src" / "transformers_possam")
     results = json.loads((output / "results-gpu.json").read_text())
@@ -422,11 +430,15 @@ def test_gpu_candidates_run_on_cpu_and_agree_with_their_references(tmp_path):
     from transformers_possam.modeling import deformable_attention
 
     candidates = load_script("benchmarks/gpu_candidates.py")
-    before = (
-        deformable_attention.multi_scale_deformable_attention,
-        postprocessing._fetch_to_host,
-        postprocessing._pixels_per_query,
-    )
+
+    def swapped():
+        return (
+            deformable_attention.PosSAMMultiscaleDeformableAttention.__dict__["sampler"],
+            postprocessing._fetch_to_host,
+            postprocessing._pixels_per_query,
+        )
+
+    before = swapped()
     threads = torch.get_num_threads()
     try:
         results = candidates.main(
@@ -435,16 +447,13 @@ def test_gpu_candidates_run_on_cpu_and_agree_with_their_references(tmp_path):
         )
     finally:
         torch.set_num_threads(threads)
-    assert before == (
-        deformable_attention.multi_scale_deformable_attention,
-        postprocessing._fetch_to_host,
-        postprocessing._pixels_per_query,
-    )
+    assert swapped() == before
     samplers = results["deformable_batch_2"]
-    assert set(samplers) == {"transformers_stack", "embedding_bag_one_step", "embedding_bag_cpu_steps",
-                             "grid_sample_by_level"}  # fmt: skip
+    assert set(samplers) == {"transformers_stack", "embedding_bag_one_step", "embedding_bag_accelerator_steps",
+                             "embedding_bag_cpu_steps", "grid_sample_by_level"}  # fmt: skip
     assert all(sampler["max_abs_difference"] < 1e-5 for sampler in samplers.values()), samplers
     assert all(counter["equal_to_bincount"] for counter in results["pixel_counts"].values())
     model = results["model"]["batch_2"]
     assert model["first_image_equal_to_cpu_cell_bound"] and model["first_image_pixels_differing_from_cpu"] == 0
     assert all(model[f"forward_{name}"]["median_s"] > 0 for name in ("transformers_stack", "grid_sample_by_level"))
+    assert all("error" not in value for value in model.values() if isinstance(value, dict)), model

@@ -563,7 +563,7 @@ def test_panoptic_post_processing_on_cuda_copies_nothing_before_its_one_transfer
 
 def test_bf16_forward_on_cuda_runs_its_cuda_branches_and_copies_nothing():
     """`from_pretrained(..., dtype=torch.bfloat16)` on a GPU takes branches a CPU run never takes (SAM attention in
-    one SDPA call, transformers' deformable sampler in float32, the fused-kernel head-size padding): on fake CUDA
+    one SDPA call, the deformable sampler in float32 in accelerator-sized steps, the fused-kernel head-size padding): on fake CUDA
     tensors, whose ops check devices and dtypes as CUDA would, the bf16 forward runs, returns bf16 mask logits and
     makes no host-to-device copy."""
     from torch._subclasses.fake_tensor import FakeTensorMode
