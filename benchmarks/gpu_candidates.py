@@ -21,24 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
-from common import summary
-from gpu import _config, _synchronize
+from gpu import _config, time_steps
 from torch.nn import functional as F
 
 
 def _time(step, device: torch.device, repeats: int) -> dict:
-    step()
-    _synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return summary(times)
+    """`gpu.time_steps`'s timing of `step` (two warm-up calls, then `repeats` timed ones), without the peak memory."""
+    timing, _ = time_steps(step, device, repeats)
+    return timing
 
 
 def grid_sample_by_level(value, spatial_shapes, sampling_locations, attention_weights):

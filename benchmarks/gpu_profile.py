@@ -12,24 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
-from common import summary
-from gpu import _config, _synchronize
+from gpu import _config, _synchronize, time_steps
 
 
 def _median_seconds(step, device: torch.device, repeats: int) -> dict:
-    step()
-    _synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return summary(times)
+    """`gpu.time_steps`'s timing of `step` (two warm-up calls, then `repeats` timed ones), without the peak memory."""
+    timing, _ = time_steps(step, device, repeats)
+    return timing
 
 
 def profile_case(variant: str, dtype_name: str, batch: int, device: torch.device, repeats: int, rows: int) -> dict:
