@@ -361,6 +361,36 @@ def test_dense_path_with_the_histogram_counter_agrees_with_the_cell_bound_path(m
         assert torch.equal(ours["segmentation"], theirs["segmentation"])
 
 
+def test_the_transfer_stages_on_the_host_under_a_cuda_device_context():
+    """The one transfer's page-locked staging buffer is made on the host also inside `with torch.device("cuda")` (the
+    benchmarks build and run models so): a bare `torch.empty(..., pin_memory=True)` would be a CUDA tensor there,
+    which PyTorch refuses to pin. Recorded at the call (this machine has no CUDA to pin for); the staged copy out was
+    measured on an H200 (benchmarks/results-gpu-candidates-h200.json)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class Staged(Exception):
+        pass
+
+    calls = []
+
+    class StagingSpy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.empty and kwargs.get("pin_memory"):
+                calls.append(kwargs)
+                raise Staged
+            return func(*args, **kwargs)
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        values = torch.zeros(8, dtype=torch.int32).to("cuda")
+        # the device context entered last handles each call first (adding its device where none is given), then
+        # hands it to the spy
+        with StagingSpy(), torch.device("cuda"), pytest.raises(Staged):
+            postprocessing._fetch_to_host(values)
+    (staging,) = calls
+    assert torch.device(staging["device"]).type == "cpu" and staging["dtype"] == torch.int32
+
+
 def test_dense_path_is_the_default_off_cpu(monkeypatch):
     """Not on a CPU tensor: the dense path; asked for explicitly, either."""
     processor = PosSAMImageProcessor(size={"longest_edge": 128}, pad_size={"height": 128, "width": 128})
@@ -563,7 +593,7 @@ def test_panoptic_post_processing_on_cuda_copies_nothing_before_its_one_transfer
 
 def test_bf16_forward_on_cuda_runs_its_cuda_branches_and_copies_nothing():
     """`from_pretrained(..., dtype=torch.bfloat16)` on a GPU takes branches a CPU run never takes (SAM attention in
-    one SDPA call, the deformable sampler in float32 in accelerator-sized steps, the fused-kernel head-size padding): on fake CUDA
+    one SDPA call, transformers' deformable sampler in float32, the fused-kernel head-size padding): on fake CUDA
     tensors, whose ops check devices and dtypes as CUDA would, the bf16 forward runs, returns bf16 mask logits and
     makes no host-to-device copy."""
     from torch._subclasses.fake_tensor import FakeTensorMode

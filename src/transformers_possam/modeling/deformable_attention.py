@@ -1,8 +1,7 @@
-"""Multi-scale deformable attention of the pixel decoder, with a sampler built on `F.embedding_bag`."""
+"""Multi-scale deformable attention of the pixel decoder, with a CPU sampler built on `F.embedding_bag`."""
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -28,9 +27,6 @@ _FLOAT32_EXACT_INTEGERS = 2**24
 # bag entries per step of the eager sampler: its buffers (positions, weights, rows: 12 bytes an entry in float32)
 # and their temporaries stay in cache
 _BAG_ENTRIES_PER_STEP = 2**19
-# ... and on an accelerator, where a step costs about 40 kernel launches: 2**24 entries (about 0.8 GB of buffers) is
-# one step for one 1024x1024 image (8.3 million entries per layer), four for a batch of 8
-_ACCELERATOR_BAG_ENTRIES_PER_STEP = 2**24
 
 
 def softmax_over_a_short_last_dimension(logits: torch.Tensor) -> torch.Tensor:
@@ -314,9 +310,8 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
     """
     Mask2Former's pixel-decoder deformable attention (same parameters and state-dict keys, same math). On CPU the
     sampling runs through `deformable_attention_embedding_bag` (about 4x faster than the `grid_sample` version at
-    1024x1024 input); on CUDA too for eager inference, and through transformers' `multi_scale_deformable_attention`
-    for training, traced graphs and other accelerators (`sampler`). The pixel decoder's
-    encoder only uses 2-d reference points (the layer grid), so 4-d (box) reference points are not supported.
+    1024x1024 input); elsewhere through transformers' `multi_scale_deformable_attention` (`sampler`). The pixel
+    decoder's encoder only uses 2-d reference points (the layer grid), so 4-d (box) reference points are not supported.
     """
 
     def forward(
@@ -353,7 +348,7 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
             batch_size, num_queries, self.n_heads, self.n_levels, self.n_points
         )
         device_type = value.device.type
-        sample = self.sampler(device_type, value, offsets, attention_weights)
+        sample = self.sampler(device_type)
         if torch.is_autocast_enabled(device_type):
             # FC-CLIP's MSDeformAttnFunction is `custom_fwd(cast_inputs=torch.float32)`: under mixed precision the
             # sampling (locations, bilinear weights, weighted sums) runs in float32 with autocast off; the
@@ -380,26 +375,17 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         return self.output_proj(sampled), attention_weights
 
     @staticmethod
-    def sampler(device_type: str, *inputs: torch.Tensor) -> Callable[..., torch.Tensor]:
+    def sampler(device_type: str) -> Callable[..., torch.Tensor]:
         """
-        The sampling function for this call (same arguments and result as transformers'
-        `multi_scale_deformable_attention`): on CPU, `deformable_attention_embedding_bag` (4x faster than
-        grid_sample there); on CUDA it too for eager inference, in accelerator-sized steps: on an H200 a PosSAM-B
-        layer took 1.57 ms against transformers' 2.05 ms (batch 1) and 8.2 against 11.3 ms (batch 8,
-        benchmarks/results-gpu-candidates-h200.json). Training (any input needing a gradient), `torch.compile` and
-        `torch.export` on CUDA keep transformers' grid_sample version, the one measured there, and so do other
-        accelerators (MPS, XPU: not measured, and their embedding_bag kernels are not known to take per-sample
-        weights).
+        The sampling function (same arguments and result as transformers' `multi_scale_deformable_attention`): on
+        CPU `deformable_attention_embedding_bag` (4x faster than grid_sample there), elsewhere transformers' version.
+        On an H200 the embedding_bag sampler in one step was faster per PosSAM-B layer (1.57 against 2.05 ms at
+        batch 1, 8.2 against 11.3 ms at batch 8) but the whole bf16 forward with it was slower at batch 1 (51.6
+        against 41.9 ms; at batch 8 183.8 against 189.9), while its constants still cost blocking copies; they no
+        longer do, and `benchmarks/gpu_candidates.py` measures the forward with each sampler (it replaces this
+        method) for the next GPU session to decide (docs/design.md, "First GPU figures").
         """
-        if device_type == "cpu":
-            return deformable_attention_embedding_bag
-        tracks_gradients = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
-        traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-        if device_type != "cuda" or tracks_gradients or traced:
-            return multi_scale_deformable_attention
-        return functools.partial(
-            deformable_attention_embedding_bag, bag_entries_per_step=_ACCELERATOR_BAG_ENTRIES_PER_STEP
-        )
+        return deformable_attention_embedding_bag if device_type == "cpu" else multi_scale_deformable_attention
 
     @staticmethod
     def sampling_locations(

@@ -66,7 +66,7 @@ def install_fast_paths(mask_generator: nn.Module) -> None:
        `Mask2FormerPixelDecoderEncoderLayer`s -> `PosSAMPixelDecoderEncoderLayer` (at inference the feed-forward
        network in blocks of rows, ReLU in place), and their
        `Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention` -> `PosSAMMultiscaleDeformableAttention`: an
-       `embedding_bag` sampler on CPU, and for eager inference on CUDA.
+       `embedding_bag` sampler on CPU.
     3. The decoder's `Mask2FormerMaskPredictor` -> `PosSAMMaskPredictor`: given `AttentionMaskFeatures` (what
        `PosSAMModel` passes when the intermediate layers' masks are not output), attention masks at attention
        resolution, without the 1/4-resolution masks (for one image, one mask shared by the heads); with F_mask
