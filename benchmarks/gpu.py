@@ -82,17 +82,26 @@ def _measure(model, processor, pixel_values, class_embeddings, device, repeats: 
     return {"seconds": timing, "images_per_second": batch / timing["median_s"], "peak_memory_bytes": peak}
 
 
-def time_steps(step, device: torch.device, repeats: int) -> tuple[dict, int | None]:
+def time_steps(step, device: torch.device, repeats: int, warmup_s: float | None = None) -> tuple[dict, int | None]:
     """
-    `step()` twice to warm up, then `repeats` timed calls: (`summary` of the times plus `first_call_s`, the first
-    warm-up call, which holds compilation and autotuning; peak CUDA memory or None).
+    `step()` to warm up, twice and for at least `warmup_s` seconds (default: 1 s on CUDA, none elsewhere), then
+    `repeats` timed calls: (`summary` of the times plus `first_call_s`, the first warm-up call, which holds
+    compilation and autotuning, `warmup_calls`, and on CUDA `sm_clock_mhz`, the SM clock read just after the timed
+    calls; peak CUDA memory or None). The time-based warm-up is for the GPU's clocks: an idle GPU runs its SMs at a
+    few hundred MHz and ramps up under load, and the first row of the H200 suite (2026-11-26), measured right after
+    the model's construction, ran B bf16 batch 1 at 80 ms per image where two later processes took 47-52 ms.
     """
+    if warmup_s is None:
+        warmup_s = 1.0 if device.type == "cuda" else 0.0
     start = time.perf_counter()
     step()
     _synchronize(device)
     first_call = time.perf_counter() - start
-    step()
-    _synchronize(device)
+    warmup_calls = 1
+    while warmup_calls < 2 or time.perf_counter() - start < warmup_s:
+        step()
+        _synchronize(device)
+        warmup_calls += 1
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -101,9 +110,13 @@ def time_steps(step, device: torch.device, repeats: int) -> tuple[dict, int | No
         step()
         _synchronize(device)
         times.append(time.perf_counter() - start)
-    return {**summary(times), "first_call_s": first_call}, (
-        torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    )
+    timing = {**summary(times), "first_call_s": first_call, "warmup_calls": warmup_calls}
+    if device.type == "cuda":
+        try:
+            timing["sm_clock_mhz"] = torch.cuda.clock_rate(device)
+        except Exception as error:  # pynvml missing, or no permission: reported, not fatal
+            timing["sm_clock_mhz"] = f"unavailable: {type(error).__name__}"
+    return timing, (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
 
 
 @dataclass(frozen=True)

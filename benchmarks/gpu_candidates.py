@@ -32,7 +32,7 @@ ACCELERATOR_BAG_ENTRIES_PER_STEP = 2**24
 
 
 def _time(step, device: torch.device, repeats: int) -> dict:
-    """`gpu.time_steps`'s timing of `step` (two warm-up calls, then `repeats` timed ones), without the peak memory."""
+    """`gpu.time_steps`'s timing of `step` (its warm-up, then `repeats` timed calls), without the peak memory."""
     timing, _ = time_steps(step, device, repeats)
     return timing
 

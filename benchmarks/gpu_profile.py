@@ -19,7 +19,7 @@ from gpu import _config, _synchronize, time_steps
 
 
 def _median_seconds(step, device: torch.device, repeats: int) -> dict:
-    """`gpu.time_steps`'s timing of `step` (two warm-up calls, then `repeats` timed ones), without the peak memory."""
+    """`gpu.time_steps`'s timing of `step` (its warm-up, then `repeats` timed calls), without the peak memory."""
     timing, _ = time_steps(step, device, repeats)
     return timing
 

@@ -457,3 +457,25 @@ def test_gpu_candidates_run_on_cpu_and_agree_with_their_references(tmp_path):
     assert model["first_image_equal_to_cpu_cell_bound"] and model["first_image_pixels_differing_from_cpu"] == 0
     assert all(model[f"forward_{name}"]["median_s"] > 0 for name in ("transformers_stack", "grid_sample_by_level"))
     assert all("error" not in value for value in model.values() if isinstance(value, dict)), model
+
+
+def test_gpu_time_steps_warms_up_by_time_then_times_the_repeats():
+    """`gpu.time_steps`: two warm-up calls at least, more until `warmup_s` has passed (for a GPU's clocks; none by
+    default off CUDA), then exactly `repeats` timed calls, and the first call's time reported apart."""
+    import time
+
+    gpu = load_script("benchmarks/gpu.py")
+    calls = []
+
+    def step():
+        calls.append(time.perf_counter())
+        time.sleep(0.01)
+
+    timing, peak = gpu.time_steps(step, torch.device("cpu"), repeats=3)
+    assert peak is None and timing["warmup_calls"] == 2 and len(calls) == 2 + 3
+    assert timing["repeats"] == 3 and timing["first_call_s"] >= 0.01 and timing["median_s"] >= 0.01
+    assert "sm_clock_mhz" not in timing
+    calls.clear()
+    timing, _ = gpu.time_steps(step, torch.device("cpu"), repeats=2, warmup_s=0.1)
+    assert timing["warmup_calls"] >= 5 and len(calls) == timing["warmup_calls"] + 2
+    assert calls[timing["warmup_calls"]] - calls[0] >= 0.099  # the first timed call starts after the warm-up time
