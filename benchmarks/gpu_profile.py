@@ -1,8 +1,9 @@
 """
 Where a GPU row's time goes (issue 15, target 7): for each `--cases` entry (variant:dtype:batch), the median time
-of the forward alone, of MASE panoptic post-processing alone (on one stored forward output) and of both, then a
-`torch.profiler` table of the whole step (the ops with the most device time, and the most host time), so a session
-with minutes of device time learns what to speed up next. Random weights, as `gpu.py`.
+of the forward alone, of MASE panoptic post-processing alone (on one stored forward output) and of both, then
+`torch.profiler` tables of the whole step (the ops with the most device time, with the most host time, and with the
+most device time split by input shapes), so a session with minutes of device time learns what to speed up next.
+Random weights, as `gpu.py`.
 
 `python benchmarks/gpu_profile.py --device cuda --output-dir OUT` (device_session.sh's follow-up, at most a few
 minutes); `--device cpu --cases tiny:float32:1` runs the same code on a CPU (the tests do).
@@ -62,7 +63,7 @@ def profile_case(variant: str, dtype_name: str, batch: int, device: torch.device
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as profiler:
+        with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
             for _ in range(3):
                 processor.post_process_panoptic_segmentation(forward(), target_sizes=target_sizes)
             _synchronize(device)
@@ -70,6 +71,10 @@ def profile_case(variant: str, dtype_name: str, batch: int, device: torch.device
     device_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     result["table_device"] = averages.table(sort_by=device_key, row_limit=rows, max_name_column_width=60)
     result["table_host"] = averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+    # the same ops split by input shapes: which copy, cat or sum is the expensive one
+    result["table_shapes"] = profiler.key_averages(group_by_input_shape=True).table(
+        sort_by=device_key, row_limit=rows, max_name_column_width=40, max_shapes_column_width=100
+    )
     if device.type == "cuda":
         result["device_busy_s_per_step"] = sum(event.self_device_time_total for event in averages) / 3 / 1e6
     return result  # the model and its outputs go with this frame
@@ -98,7 +103,7 @@ def main(argv=None) -> None:
         results.append(result)
         print(json.dumps({key: value for key, value in result.items() if not key.startswith("table")}), flush=True)
         stem = case.replace(":", "-")
-        for key in ("table_device", "table_host"):
+        for key in ("table_device", "table_host", "table_shapes"):
             if key in result:
                 (output / f"profile-{stem}-{key[6:]}.txt").write_text(result[key])
         (output / "profile.json").write_text(json.dumps(results, indent=1))

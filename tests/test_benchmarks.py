@@ -418,6 +418,7 @@ def test_gpu_profile_times_and_profiles_a_case_on_cpu(tmp_path):
         assert tiny[part]["median_s"] > 0
     assert "aten::" in (tmp_path / "profile-tiny-float32-1-device.txt").read_text()
     assert "aten::" in (tmp_path / "profile-tiny-float32-1-host.txt").read_text()
+    assert "Input Shapes" in (tmp_path / "profile-tiny-float32-1-shapes.txt").read_text()
     assert "error" in failed and not (tmp_path / "profile-nonexistent-float32-1-device.txt").exists()
 
 
