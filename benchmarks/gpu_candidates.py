@@ -9,8 +9,10 @@ pointed at on an H200 (2026-11-26):
    grid_sample per level summed level by level (no stack); each against the first (max abs difference);
 2. the panoptic post-processing's pixel counts per query: `scatter_add_` against `histc`;
 3. its one device-to-host transfer: pageable against page-locked staging;
-4. PosSAM-B bf16 forward with each deformable sampler (`PosSAMMultiscaleDeformableAttention.sampler` replaced), and panoptic post-processing with the old pieces (pageable
-   transfer, scatter counts) and the new; the new post-processing's segments against the CPU's cell-bound path.
+4. PosSAM-B bf16 forward with each deformable sampler (`PosSAMMultiscaleDeformableAttention.sampler` replaced),
+   and the dense panoptic post-processing with the old pieces (pageable transfer, scatter counts), the new, and the
+   new with chunks of 64 masks instead of 16; the new post-processing's segments against the CPU's cell-bound
+   path.
 
 `python benchmarks/gpu_candidates.py --device cuda --output OUT/candidates.json`; `--device cpu --variant tiny`
 runs the same code on a CPU (the tests do; no figure is meaningful there).
@@ -164,8 +166,10 @@ def model_candidates(device: torch.device, variant: str, batches: list[int], rep
                 outputs = model(pixel_values, class_embeddings=class_embeddings)
                 targets = [(size, size)] * batch
 
-                def post():
-                    return processor.post_process_panoptic_segmentation(outputs, target_sizes=targets)
+                def post():  # the dense path, the default off the CPU (asked for, so that the CPU test runs it too)
+                    return processor.post_process_panoptic_segmentation(
+                        outputs, target_sizes=targets, dense_assignment=True
+                    )
 
                 postprocessing._fetch_to_host = lambda values: values.cpu().numpy()
                 postprocessing._pixels_per_query = postprocessing._count_by_scatter
@@ -173,6 +177,16 @@ def model_candidates(device: torch.device, variant: str, batches: list[int], rep
                 postprocessing._fetch_to_host, postprocessing._pixels_per_query = new_fetch, new_count
                 row["post_processing_new"] = _time(post, device, repeats)
                 new = post()[0]
+                # the dense path's query chunks: 16 masks (128 MiB temporaries) by default, 64 (512 MiB) here: a
+                # quarter of the running-argmax merges; the same segments (ties aside)
+                chunking = postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS
+                postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS = 64, 2**27
+                try:
+                    row["post_processing_chunks_of_64"] = _time(post, device, repeats)
+                    chunked = post()[0]
+                finally:
+                    postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS = chunking
+                row["chunks_of_64_pixels_differing"] = int((chunked["segmentation"] != new["segmentation"]).sum())
                 first = type(outputs)(**{key: value[:1].float().cpu() for key, value in outputs.items()})
                 (cell_bound,) = processor.post_process_panoptic_segmentation(
                     first, target_sizes=targets[:1], dense_assignment=False

@@ -437,6 +437,8 @@ def test_gpu_candidates_run_on_cpu_and_agree_with_their_references(tmp_path):
             deformable_attention.PosSAMMultiscaleDeformableAttention.__dict__["sampler"],
             postprocessing._fetch_to_host,
             postprocessing._pixels_per_query,
+            postprocessing.RESIZE_CHUNK,
+            postprocessing.RESIZE_ELEMENTS,
         )
 
     before = swapped()
@@ -456,6 +458,7 @@ def test_gpu_candidates_run_on_cpu_and_agree_with_their_references(tmp_path):
     assert all(counter["equal_to_bincount"] for counter in results["pixel_counts"].values())
     model = results["model"]["batch_2"]
     assert model["first_image_equal_to_cpu_cell_bound"] and model["first_image_pixels_differing_from_cpu"] == 0
+    assert model["chunks_of_64_pixels_differing"] == 0 and model["post_processing_chunks_of_64"]["median_s"] > 0
     assert all(model[f"forward_{name}"]["median_s"] > 0 for name in ("transformers_stack", "grid_sample_by_level"))
     assert all("error" not in value for value in model.values() if isinstance(value, dict)), model
 
