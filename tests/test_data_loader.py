@@ -170,3 +170,31 @@ def test_starting_the_workers_leaves_the_training_processs_random_stream_alone()
     state = torch.random.get_rng_state()
     next(stream_of(toy_dataset(8, 2)).batches(batch_size=1, num_workers=2))
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_pinned_batches_are_asked_of_the_dataloader_and_change_nothing_else(monkeypatch):
+    """`batches(..., pin_memory=True)` (train.py on CUDA): the workers' DataLoader pins (its pin thread copies each
+    batch into page-locked memory); without workers nothing pins (off the training thread, nothing could). This
+    machine has no CUDA, where the DataLoader pins nothing and warns: the batches equal unpinned ones."""
+    import warnings
+
+    from transformers_possam.data import stream as stream_module
+
+    made = []
+    real_loader = torch.utils.data.DataLoader
+
+    def recording_loader(*args, **kwargs):
+        made.append(kwargs)
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(stream_module.torch.utils.data, "DataLoader", recording_loader)
+    dataset = toy_dataset(8, 2)
+    plain = next(stream_of(dataset).batches(batch_size=2, num_workers=1))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pin_memory.*")
+        pinned = next(stream_of(dataset).batches(batch_size=2, num_workers=1, pin_memory=True))
+    assert [kwargs["pin_memory"] for kwargs in made] == [False, True]
+    assert torch.equal(plain["pixel_values"], pinned["pixel_values"])
+    assert all(torch.equal(a, b) for a, b in zip(plain["mask_labels"], pinned["mask_labels"], strict=True))
+    next(stream_of(dataset).batches(batch_size=2, num_workers=0, pin_memory=True))
+    assert len(made) == 2  # no DataLoader without workers

@@ -285,3 +285,24 @@ def test_stream_resumed_at_the_end_of_an_epoch_continues_and_all_bad_epochs_stop
     broken = [dict(row, image={"bytes": b"broken", "path": None}) for row in rows]
     with pytest.raises(RuntimeError, match="no usable sample"):
         next(iter(toy_stream(broken, max_bad_fraction=1.0)))
+
+
+def test_batches_go_to_the_device_without_waiting_only_from_page_locked_memory():
+    """train.py's `to_training_device`: a pinned tensor (the DataLoader's batches on CUDA) is copied with
+    `non_blocking=True`, a pageable one as before (a non-blocking copy from pageable memory would be no faster, and
+    CUDA may read it after it is freed); the dtype is applied in the same call."""
+    from unittest import mock
+
+    from .conftest import load_script
+
+    train = load_script("training/train.py")
+    pinned = mock.MagicMock()
+    pinned.is_pinned.return_value = True
+    train.to_training_device(pinned, torch.device("cuda"), torch.bfloat16)
+    pinned.to.assert_called_once_with(torch.device("cuda"), torch.bfloat16, non_blocking=True)
+    pageable = torch.arange(6.0).view(2, 3)
+    moved = train.to_training_device(pageable, torch.device("cpu"), torch.float64)
+    assert moved.dtype == torch.float64 and torch.equal(moved, pageable.double())
+    with mock.patch.object(torch.Tensor, "to", autospec=True, return_value=pageable) as to:
+        train.to_training_device(pageable, torch.device("cpu"))
+    assert to.call_args.args[-2:] == (torch.device("cpu"), None) and to.call_args.kwargs == {"non_blocking": False}

@@ -482,7 +482,11 @@ def main(argv=None) -> dict:
         accelerator.init_trackers(
             "possam", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         )
-    batches = stream.batches(args.per_device_train_batch_size, args.dataloader_num_workers)
+    batches = stream.batches(
+        args.per_device_train_batch_size,
+        args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",  # page-locked batches: fast, asynchronous copies to the GPU
+    )
     model.train()
     start_step, metrics = step, {}
     progress = tqdm(
@@ -503,8 +507,8 @@ def main(argv=None) -> dict:
         for batch in window:
             with accelerator.accumulate(model):  # syncs, steps and zeroes only at the window's last micro-batch
                 outputs = model(
-                    pixel_values=batch["pixel_values"].to(accelerator.device, pixel_dtype),
-                    pixel_mask=batch["pixel_mask"].to(accelerator.device),
+                    pixel_values=to_training_device(batch["pixel_values"], accelerator.device, pixel_dtype),
+                    pixel_mask=to_training_device(batch["pixel_mask"], accelerator.device),
                     class_embeddings=class_embeddings,
                     synonym_mask=synonym_mask,
                     **targets_on_device(batch, accelerator.device),
@@ -565,6 +569,15 @@ def main(argv=None) -> dict:
     return metrics
 
 
+def to_training_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """
+    `tensor.to(device, dtype)`, without waiting when it comes from page-locked memory (the DataLoader's pinned
+    batches on CUDA): the copy is queued on the current stream, ahead of the kernels that read it, and PyTorch's
+    caching host allocator keeps the page-locked block until the copy has run. Pageable tensors copy as before.
+    """
+    return tensor.to(device, dtype, non_blocking=tensor.is_pinned())
+
+
 def targets_on_device(batch: dict, device: torch.device) -> dict[str, list[torch.Tensor]]:
     """
     The batch's `mask_labels` and `class_labels` on `device`, each image's segment count (dim 0) marked dynamic for
@@ -574,8 +587,8 @@ def targets_on_device(batch: dict, device: torch.device) -> dict[str, list[torch
     compilation of its own, and past dynamo's recompile limit (8) the forward runs eagerly. No effect in eager mode.
     """
     targets = {
-        "mask_labels": [masks.to(device) for masks in batch["mask_labels"]],
-        "class_labels": [labels.to(device) for labels in batch["class_labels"]],
+        "mask_labels": [to_training_device(masks, device) for masks in batch["mask_labels"]],
+        "class_labels": [to_training_device(labels, device) for labels in batch["class_labels"]],
     }
     for tensor in (*targets["mask_labels"], *targets["class_labels"]):
         torch._dynamo.maybe_mark_dynamic(tensor, 0)

@@ -620,11 +620,16 @@ class PanopticTrainStream:
                 self.record_ids.append(image_id)
             yield sample
 
-    def batches(self, batch_size: int, num_workers: int = 0, prefetch_factor: int = 2) -> Iterator[dict]:
+    def batches(
+        self, batch_size: int, num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False
+    ) -> Iterator[dict]:
         """
         Endless collated batches (`collate_panoptic`) of `batch_size` samples. `num_workers` 0: read in this process;
         else by as many DataLoader workers (one reader each; they take turns, in order, so the batch order is fixed by
         the seed and the position). `self.position` follows the batches taken, ready for `state_dict()`.
+        `pin_memory` (with workers): the DataLoader's pin thread copies each batch into page-locked memory, off the
+        training thread, so that its host-to-CUDA copies are fast and can be asynchronous (`train.py` sets it when
+        training on CUDA); with `num_workers` 0 nothing could pin off the training thread, and batches stay pageable.
         """
         num_readers = max(1, num_workers)
         self._prepare_readers(num_readers)
@@ -645,6 +650,7 @@ class PanopticTrainStream:
                 num_workers=num_workers,
                 collate_fn=_identity,
                 prefetch_factor=prefetch_factor,
+                pin_memory=pin_memory,
                 # the workers' base seed from a generator of their own: drawn from the global one, as by default, it
                 # would shift the training process's random stream (the loss's point sampling) whenever a loader
                 # starts, so a resumed run would sample other points than an uninterrupted one
