@@ -84,12 +84,14 @@ def _measure(model, processor, pixel_values, class_embeddings, device, repeats: 
 
 def time_steps(step, device: torch.device, repeats: int, warmup_s: float | None = None) -> tuple[dict, int | None]:
     """
-    `step()` to warm up, twice and for at least `warmup_s` seconds (default: 1 s on CUDA, none elsewhere), then
+    `step()` to warm up, twice and for at least `warmup_s` seconds after the first call (default: 1 s on CUDA, none
+    elsewhere), then
     `repeats` timed calls: (`summary` of the times plus `first_call_s`, the first warm-up call, which holds
-    compilation and autotuning, `warmup_calls`, and on CUDA `sm_clock_mhz`, the SM clock read just after the timed
-    calls; peak CUDA memory or None). The time-based warm-up is for the GPU's clocks: an idle GPU runs its SMs at a
-    few hundred MHz and ramps up under load, and the first row of the H200 suite (2026-11-26), measured right after
-    the model's construction, ran B bf16 batch 1 at 80 ms per image where two later processes took 47-52 ms.
+    compilation and autotuning, `warmup_calls`, and on CUDA `sm_clock_mhz`, the SM clock read just before and just
+    after the timed calls; peak CUDA memory or None). The time-based warm-up is for the GPU's clocks: an idle GPU
+    runs its SMs at a few hundred MHz and ramps up under load, and the first row of the H200 suite (2026-11-26),
+    measured right after the model's construction, ran B bf16 batch 1 at 80 ms per image where other processes
+    took 36-42 ms for the forward alone.
     """
     if warmup_s is None:
         warmup_s = 1.0 if device.type == "cuda" else 0.0
@@ -97,13 +99,16 @@ def time_steps(step, device: torch.device, repeats: int, warmup_s: float | None 
     step()
     _synchronize(device)
     first_call = time.perf_counter() - start
-    warmup_calls = 1
-    while warmup_calls < 2 or time.perf_counter() - start < warmup_s:
+    # the clock starts after the first call: a compilation's minutes leave the GPU idle, not warm
+    warm_start, warmup_calls = time.perf_counter(), 1
+    while warmup_calls < 2 or time.perf_counter() - warm_start < warmup_s:
         step()
         _synchronize(device)
         warmup_calls += 1
+    clocks = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        clocks.append(_sm_clock(device))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -112,11 +117,16 @@ def time_steps(step, device: torch.device, repeats: int, warmup_s: float | None 
         times.append(time.perf_counter() - start)
     timing = {**summary(times), "first_call_s": first_call, "warmup_calls": warmup_calls}
     if device.type == "cuda":
-        try:
-            timing["sm_clock_mhz"] = torch.cuda.clock_rate(device)
-        except Exception as error:  # pynvml missing, or no permission: reported, not fatal
-            timing["sm_clock_mhz"] = f"unavailable: {type(error).__name__}"
+        timing["sm_clock_mhz"] = [*clocks, _sm_clock(device)]  # before, after
     return timing, (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+
+
+def _sm_clock(device: torch.device) -> int | str:
+    """The SM clock in MHz (`torch.cuda.clock_rate`, through NVML), or why it could not be read."""
+    try:
+        return torch.cuda.clock_rate(device)
+    except Exception as error:  # pynvml missing, or no permission: reported, not fatal
+        return f"unavailable: {type(error).__name__}"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 from gpu import _config, time_steps
@@ -34,9 +35,23 @@ ACCELERATOR_BAG_ENTRIES_PER_STEP = 2**24
 
 
 def _time(step, device: torch.device, repeats: int) -> dict:
-    """`gpu.time_steps`'s timing of `step` (its warm-up, then `repeats` timed calls), without the peak memory."""
-    timing, _ = time_steps(step, device, repeats)
+    """
+    `gpu.time_steps`'s timing of `step` (its warm-up, then `repeats` timed calls), without the peak memory. A quarter
+    second of warm-up on CUDA (not the suite's second): the candidates run back to back, the GPU already busy, and
+    about 30 timings must fit the 120 s `device_session.sh` gives this script.
+    """
+    timing, _ = time_steps(step, device, repeats, warmup_s=0.25 if device.type == "cuda" else 0.0)
     return timing
+
+
+def _measured(row: dict, name: str, measure, save) -> object:
+    """`row[name] = measure()`, or the error it raised (the other entries stand); the results saved either way."""
+    try:
+        row[name] = measure()
+    except Exception as error:
+        row[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
+    save()
+    return row[name]
 
 
 def grid_sample_by_level(value, spatial_shapes, sampling_locations, attention_weights):
@@ -118,7 +133,11 @@ def transfer_candidates(device: torch.device, elements: int, repeats: int) -> di
     }
 
 
-def model_candidates(device: torch.device, variant: str, batches: list[int], repeats: int) -> dict:
+def model_candidates(
+    device: torch.device, variant: str, batches: list[int], repeats: int, results: dict, save
+) -> None:
+    """Section 4, into `results` (`batch_<n>` rows), `save()` called after every entry: a command stopped at its time
+    limit keeps what was measured."""
     from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
     from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, postprocessing
@@ -145,24 +164,28 @@ def model_candidates(device: torch.device, variant: str, batches: list[int], rep
     attention = deformable_attention.PosSAMMultiscaleDeformableAttention
     original_sampler = attention.__dict__["sampler"]
     new_fetch, new_count = postprocessing._fetch_to_host, postprocessing._pixels_per_query
-    results: dict = {}
+    chunking = postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS
+
+    def restore():
+        attention.sampler = original_sampler
+        postprocessing._fetch_to_host, postprocessing._pixels_per_query = new_fetch, new_count
+        postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS = chunking
+
     try:
         for batch in batches:
             pixel_values = torch.randn(batch, 3, size, size, device=device, dtype=torch.bfloat16)
-            row: dict = {}
+            row: dict = results.setdefault(f"batch_{batch}", {})
             with torch.inference_mode():
                 for name, sampler in samplers.items():
                     # every layer's choice of sampler, whatever the device and mode
                     attention.sampler = staticmethod(lambda *arguments, sampler=sampler: sampler)
-                    try:
-                        row[f"forward_{name}"] = _time(
-                            lambda pixel_values=pixel_values: model(pixel_values, class_embeddings=class_embeddings),
-                            device,
-                            repeats,
-                        )
-                    except Exception as error:
-                        row[f"forward_{name}"] = {"error": f"{type(error).__name__}: {error}"[:500]}
-                attention.sampler = original_sampler
+                    _measured(
+                        row,
+                        f"forward_{name}",
+                        lambda: _time(lambda: model(pixel_values, class_embeddings=class_embeddings), device, repeats),
+                        save,
+                    )
+                restore()
                 outputs = model(pixel_values, class_embeddings=class_embeddings)
                 targets = [(size, size)] * batch
 
@@ -171,40 +194,48 @@ def model_candidates(device: torch.device, variant: str, batches: list[int], rep
                         outputs, target_sizes=targets, dense_assignment=True
                     )
 
-                postprocessing._fetch_to_host = lambda values: values.cpu().numpy()
-                postprocessing._pixels_per_query = postprocessing._count_by_scatter
-                row["post_processing_old_pieces"] = _time(post, device, repeats)
-                postprocessing._fetch_to_host, postprocessing._pixels_per_query = new_fetch, new_count
-                row["post_processing_new"] = _time(post, device, repeats)
-                new = post()[0]
-                # the dense path's query chunks: 16 masks (128 MiB temporaries) by default, 64 (512 MiB) here: a
-                # quarter of the running-argmax merges; the same segments (ties aside)
-                chunking = postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS
-                postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS = 64, 2**27
-                try:
-                    row["post_processing_chunks_of_64"] = _time(post, device, repeats)
-                    chunked = post()[0]
-                finally:
-                    postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS = chunking
-                row["chunks_of_64_pixels_differing"] = int((chunked["segmentation"] != new["segmentation"]).sum())
-                first = type(outputs)(**{key: value[:1].float().cpu() for key, value in outputs.items()})
-                (cell_bound,) = processor.post_process_panoptic_segmentation(
-                    first, target_sizes=targets[:1], dense_assignment=False
-                )
-                row["first_image_segments"] = len(new["segments_info"])
-                row["first_image_equal_to_cpu_cell_bound"] = bool(
-                    new["segments_info"] == cell_bound["segments_info"]
-                    and torch.equal(new["segmentation"], cell_bound["segmentation"])
-                )
-                row["first_image_pixels_differing_from_cpu"] = int(
-                    (new["segmentation"] != cell_bound["segmentation"]).sum()
-                )
-            results[f"batch_{batch}"] = row
+                def with_old_pieces():
+                    postprocessing._fetch_to_host = lambda values: values.cpu().numpy()
+                    postprocessing._pixels_per_query = postprocessing._count_by_scatter
+                    try:
+                        return _time(post, device, repeats)
+                    finally:
+                        restore()
+
+                def chunks_of_64():
+                    # the dense path's query chunks: 16 masks (128 MiB temporaries) by default, 64 (512 MiB) here: a
+                    # quarter of the running-argmax merges; the same segments (ties aside)
+                    postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS = 64, 2**27
+                    try:
+                        timing = _time(post, device, repeats)
+                        segmentation = post()[0]["segmentation"]
+                    finally:
+                        restore()
+                    timing["pixels_differing"] = int((segmentation != post()[0]["segmentation"]).sum())
+                    return timing
+
+                def against_the_cpu():
+                    new = post()[0]
+                    first = type(outputs)(**{key: value[:1].float().cpu() for key, value in outputs.items()})
+                    (cell_bound,) = processor.post_process_panoptic_segmentation(
+                        first, target_sizes=targets[:1], dense_assignment=False
+                    )
+                    return {
+                        "segments": len(new["segments_info"]),
+                        "equal": bool(
+                            new["segments_info"] == cell_bound["segments_info"]
+                            and torch.equal(new["segmentation"], cell_bound["segmentation"])
+                        ),
+                        "pixels_differing": int((new["segmentation"] != cell_bound["segmentation"]).sum()),
+                    }
+
+                _measured(row, "post_processing_old_pieces", with_old_pieces, save)
+                _measured(row, "post_processing_new", lambda: _time(post, device, repeats), save)
+                _measured(row, "post_processing_chunks_of_64", chunks_of_64, save)
+                _measured(row, "first_image_against_cpu_cell_bound", against_the_cpu, save)
             print(json.dumps({f"batch_{batch}": row}), flush=True)
     finally:
-        attention.sampler = original_sampler
-        postprocessing._fetch_to_host, postprocessing._pixels_per_query = new_fetch, new_count
-    return results
+        restore()
 
 
 def main(argv=None) -> dict:
@@ -221,9 +252,11 @@ def main(argv=None) -> dict:
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
     results["torch"] = torch.__version__
 
-    def save():
-        with open(args.output, "w", encoding="utf-8") as file:
+    def save():  # written aside, then renamed: a command killed mid-write keeps the last whole file
+        partial = f"{args.output}.partial"
+        with open(partial, "w", encoding="utf-8") as file:
             json.dump(results, file, indent=1)
+        os.replace(partial, args.output)
 
     for batch in args.batches:
         results[f"deformable_batch_{batch}"] = deformable_candidates(device, batch, args.repeats, shapes)
@@ -234,8 +267,8 @@ def main(argv=None) -> dict:
     results["transfer_8_maps"] = transfer_candidates(device, 8 * pixels, args.repeats)
     print(json.dumps({key: results[key] for key in ("pixel_counts", "transfer_8_maps")}), flush=True)
     save()
-    results["model"] = model_candidates(device, args.variant, args.batches, max(args.repeats // 2, 1))
-    save()
+    results["model"] = {}
+    model_candidates(device, args.variant, args.batches, max(args.repeats // 2, 1), results["model"], save)
     return results
 
 

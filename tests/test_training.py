@@ -1,5 +1,7 @@
+import collections
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -306,3 +308,53 @@ def test_batches_go_to_the_device_without_waiting_only_from_page_locked_memory()
     with mock.patch.object(torch.Tensor, "to", autospec=True, return_value=pageable) as to:
         train.to_training_device(pageable, torch.device("cpu"))
     assert to.call_args.args[-2:] == (torch.device("cpu"), None) and to.call_args.kwargs == {"non_blocking": False}
+
+
+def test_train_py_asks_for_pinned_batches_on_cuda_and_copies_every_batch_tensor_through_the_helper(
+    tmp_path, monkeypatch
+):
+    """train.py's wiring, run in this process for 2 steps with one DataLoader worker: the stream is asked for pinned
+    batches exactly when `pins_batches` says so (CUDA; forced here, where the DataLoader then pins nothing), and the
+    pixels, pixel mask, masks and class ids of every batch reach the model through `to_training_device`."""
+    import warnings
+
+    from accelerate.state import AcceleratorState, PartialState
+
+    from .conftest import load_script
+
+    train = load_script("training/train.py")
+    assert train.pins_batches(torch.device("cuda")) and not train.pins_batches(torch.device("cpu"))
+    asked, moved = [], collections.Counter()
+    real_batches, real_move = PanopticTrainStream.batches, train.to_training_device
+
+    def recording_batches(self, *args, **kwargs):
+        asked.append(kwargs.get("pin_memory"))
+        return real_batches(self, *args, **kwargs)
+
+    def counting_move(tensor, device, dtype=None):
+        moved[(tensor.dtype, tensor.dim())] += 1
+        return real_move(tensor, device, dtype)
+
+    monkeypatch.setattr(PanopticTrainStream, "batches", recording_batches)
+    monkeypatch.setattr(train, "to_training_device", counting_move)
+    monkeypatch.setattr(train, "pins_batches", lambda device: True)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # train.py seeds the global generators, sets the thread count and starts accelerate's process state: all put back
+    random_state, numpy_state, threads = random.getstate(), np.random.get_state(), torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pin_memory.*")
+            train.main(
+                ["--output_dir", str(tmp_path), "--max_train_steps", "2", "--toy_train_size", "8", "--toy_eval_size"]
+                + ["2", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "1"]
+            )
+    finally:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+        random.setstate(random_state)
+        np.random.set_state(numpy_state)
+        torch.set_num_threads(threads)
+    assert asked == [True]
+    # per step: pixels (float, 4-d), pixel mask (3-d), and per image its masks (3-d) and class ids (1-d)
+    assert moved[(torch.float32, 4)] == 2 and moved[(torch.int64, 1)] == 2 * 2
+    assert sum(moved.values()) == 2 * (2 + 2 * 2)

@@ -485,7 +485,7 @@ def main(argv=None) -> dict:
     batches = stream.batches(
         args.per_device_train_batch_size,
         args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",  # page-locked batches: fast, asynchronous copies to the GPU
+        pin_memory=pins_batches(accelerator.device),
     )
     model.train()
     start_step, metrics = step, {}
@@ -567,6 +567,11 @@ def main(argv=None) -> dict:
         hub.upload(accelerator, output_dir, "End of training")
     accelerator.end_training()
     return metrics
+
+
+def pins_batches(device: torch.device) -> bool:
+    """Whether the DataLoader workers' batches are page-locked: training on CUDA (fast, asynchronous copies there)."""
+    return device.type == "cuda"
 
 
 def to_training_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
