@@ -71,10 +71,31 @@ def grid_sample_by_level(value, spatial_shapes, sampling_locations, attention_we
     return output.view(batch_size, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
 
-def deformable_candidates(device: torch.device, batch: int, repeats: int, shapes) -> dict:
+def samplers(with_cpu_steps: bool) -> dict:
+    """The deformable samplers compared (same arguments and result as transformers' `multi_scale_deformable_attention`):
+    transformers' own, the embedding_bag sampler in one step, in accelerator-sized steps and (`with_cpu_steps`) in
+    its CPU-sized steps, and grid_sample summed level by level."""
     from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
     from transformers_possam.modeling.deformable_attention import deformable_attention_embedding_bag
+
+    def embedding_bag_in_steps(entries: int):
+        return lambda *args: deformable_attention_embedding_bag(*args, bag_entries_per_step=entries)
+
+    candidates = {
+        "transformers_stack": multi_scale_deformable_attention,
+        "embedding_bag_one_step": embedding_bag_in_steps(2**62),
+        "embedding_bag_accelerator_steps": embedding_bag_in_steps(ACCELERATOR_BAG_ENTRIES_PER_STEP),
+        "embedding_bag_cpu_steps": deformable_attention_embedding_bag,
+        "grid_sample_by_level": grid_sample_by_level,
+    }
+    if not with_cpu_steps:  # ten times slower than one step on a GPU: left out of the whole-forward timings
+        del candidates["embedding_bag_cpu_steps"]
+    return candidates
+
+
+def deformable_candidates(device: torch.device, batch: int, repeats: int, shapes) -> dict:
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
     generator = torch.Generator().manual_seed(0)
     num_values = sum(height * width for height, width in shapes)
@@ -84,15 +105,7 @@ def deformable_candidates(device: torch.device, batch: int, repeats: int, shapes
     locations = locations * 1.1 - 0.05  # a few off the map (zero padding)
     weights = torch.rand(batch, num_values, heads, len(shapes), points, generator=generator).to(device)
     weights = weights / weights.sum((-2, -1), keepdim=True)
-    candidates = {
-        "transformers_stack": multi_scale_deformable_attention,
-        "embedding_bag_one_step": lambda *args: deformable_attention_embedding_bag(*args, bag_entries_per_step=2**62),
-        "embedding_bag_accelerator_steps": lambda *args: deformable_attention_embedding_bag(
-            *args, bag_entries_per_step=ACCELERATOR_BAG_ENTRIES_PER_STEP
-        ),
-        "embedding_bag_cpu_steps": deformable_attention_embedding_bag,
-        "grid_sample_by_level": grid_sample_by_level,
-    }
+    candidates = samplers(with_cpu_steps=True)
     results = {}
     with torch.inference_mode():
         reference = multi_scale_deformable_attention(value, shapes, locations, weights)
@@ -138,8 +151,6 @@ def model_candidates(
 ) -> None:
     """Section 4, into `results` (`batch_<n>` rows), `save()` called after every entry: a command stopped at its time
     limit keeps what was measured."""
-    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
-
     from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, postprocessing
     from transformers_possam.modeling import deformable_attention
 
@@ -151,16 +162,7 @@ def model_candidates(
     class_embeddings = torch.nn.functional.normalize(
         torch.randn(150, 1, model.config.clip_embed_dim, device=device), dim=-1
     ).to(torch.bfloat16)
-    samplers = {
-        "transformers_stack": multi_scale_deformable_attention,
-        "embedding_bag_one_step": lambda *args: deformable_attention.deformable_attention_embedding_bag(
-            *args, bag_entries_per_step=2**62
-        ),
-        "embedding_bag_accelerator_steps": lambda *args: deformable_attention.deformable_attention_embedding_bag(
-            *args, bag_entries_per_step=ACCELERATOR_BAG_ENTRIES_PER_STEP
-        ),
-        "grid_sample_by_level": grid_sample_by_level,
-    }
+    candidates = samplers(with_cpu_steps=False)
     attention = deformable_attention.PosSAMMultiscaleDeformableAttention
     original_sampler = attention.__dict__["sampler"]
     new_fetch, new_count = postprocessing._fetch_to_host, postprocessing._pixels_per_query
@@ -176,7 +178,7 @@ def model_candidates(
             pixel_values = torch.randn(batch, 3, size, size, device=device, dtype=torch.bfloat16)
             row: dict = results.setdefault(f"batch_{batch}", {})
             with torch.inference_mode():
-                for name, sampler in samplers.items():
+                for name, sampler in candidates.items():
                     # every layer's choice of sampler, whatever the device and mode
                     attention.sampler = staticmethod(lambda *arguments, sampler=sampler: sampler)
                     _measured(

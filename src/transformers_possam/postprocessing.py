@@ -952,9 +952,8 @@ class PosSAMPostProcessingMixin:
         inside = won & (best_probability >= mask_threshold)
         # pixels won by each query, and those of them inside its mask; a pixel no query wins (none kept) counts for
         # the extra id `num_queries`, which `_pixels_per_query` leaves out
-        left_out = torch.full_like(best_query, num_queries)
-        assigned_area = _pixels_per_query(torch.where(won, best_query, left_out).flatten(), num_queries)
-        segment_area = _pixels_per_query(torch.where(inside, best_query, left_out).flatten(), num_queries)
+        assigned_area = _pixels_per_query(torch.where(won, best_query, num_queries).flatten(), num_queries)
+        segment_area = _pixels_per_query(torch.where(inside, best_query, num_queries).flatten(), num_queries)
         own_area = torch.cat(own_areas)
         is_segment = (
             keep & (segment_area > 0) & (own_area > 0) & (assigned_area >= overlap_mask_area_threshold * own_area)
