@@ -6,8 +6,9 @@
 # runs benchmarks/device_check.py (the CUDA code paths on the tiny config; at most 150 s), then the GPU suite, goal
 # rows first, with a time budget that ends it by about POSSAM_DEADLINE_S seconds after its start (default 480; a
 # row started in time runs to its end, up to a minute more: within the 600 s limit; with the machine's start and the
-# transfers about 11 of the session's 15 minutes, so plan one run, not two). Between the two, at most 120 s,
-# benchmarks/gpu_candidates.py (POSSAM_CANDIDATES=0 skips it). Rows not
+# transfers about 11 of the session's 15 minutes, so plan one run, not two). Between the two, at most 180 s,
+# benchmarks/gpu_candidates.py (POSSAM_CANDIDATES=0 skips it): the suite then has at least 90 s, its goal rows
+# first (a compiled row needs about 3 minutes: POSSAM_CANDIDATES=0 or a second run for those). Rows not
 # started in time are reported as skipped. Every file lands in $OUT as it is written (at most 8 files come back):
 # nvidia-smi.txt, device-check.json/.log, candidates.json/.log, results-gpu.json, gpu.log. POSSAM_GPU_CHECKS, POSSAM_GPU_VARIANTS,
 # POSSAM_GPU_BUDGET_S and POSSAM_GPU_ARGS (e.g. "--batches 1 --compile-mode reduce-overhead": CUDA graphs) narrow it.
@@ -32,10 +33,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 timeout 150 "$PYTHON" benchmarks/device_check.py --device "$DEVICE" --output "$OUT/device-check.json" \
     --checks $CHECKS 2>&1 | tee "$OUT/device-check.log"
 # candidate GPU paths side by side (benchmarks/gpu_candidates.py: deformable samplers, pixel counters, the transfer,
-# the model's forward with each sampler; under a minute on an H200), on the first variant of the suite
+# the forward with each sampler and layout, by box, the post-processing by kept queries; the first version took
+# under a minute on an H200), on the first variant of the suite
 VARIANTS=${POSSAM_GPU_VARIANTS:-vit-b vit-l vit-h}
 if [ "${POSSAM_CANDIDATES:-1}" != 0 ]; then
-    timeout 120 "$PYTHON" benchmarks/gpu_candidates.py --device "$DEVICE" --variant "${VARIANTS%% *}" \
+    timeout 180 "$PYTHON" benchmarks/gpu_candidates.py --device "$DEVICE" --variant "${VARIANTS%% *}" \
         --output "$OUT/candidates.json" 2>&1 | tee "$OUT/candidates.log"
 fi
 # what is left until the deadline, less a minute for the row in progress when the budget runs out

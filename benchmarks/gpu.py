@@ -19,6 +19,7 @@ tests; no figures are meaningful there).
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,6 +120,94 @@ def time_steps(step, device: torch.device, repeats: int, warmup_s: float | None 
     if device.type == "cuda":
         timing["sm_clock_mhz"] = [*clocks, _sm_clock(device)]  # before, after
     return timing, (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+
+
+# the boxes of `PosSAMForPanopticSegmentation`'s forward timed apart by `box_times` (name, module path), in the order
+# the forward runs them; a box inside another (the pixel decoder's encoder, the masked-attention decoder) is reported
+# too but not counted again in "outside the boxes". The ConvNeXt trunk is its `stem` and `stages`: the CLIP box's own
+# `forward` is not what the dense features call (`forward_features`), so hooks on it would not fire.
+FORWARD_BOXES: tuple[tuple[str, str], ...] = (
+    ("SAM encoder", "model.vision_encoder"),
+    ("FPN", "model.fpn"),
+    ("pixel decoder", "model.pixel_decoder"),
+    ("pixel decoder: deformable encoder", "model.pixel_decoder.encoder"),
+    ("transformer module", "model.transformer_module"),
+    ("transformer module: masked-attention decoder", "model.transformer_module.decoder"),
+    ("IoU head", "model.iou_head"),
+    ("ConvNeXt stem", "clip.vision_model.stem"),
+    ("ConvNeXt stages", "clip.vision_model.stages"),
+    ("LDP", "ldp"),
+    ("classifier", "classifier"),
+)
+
+
+def box_times(
+    model: torch.nn.Module,
+    step: Callable[[], object],
+    device: torch.device,
+    repeats: int = 3,
+    boxes: tuple[tuple[str, str], ...] = FORWARD_BOXES,
+) -> dict[str, float]:
+    """
+    Seconds per `step()` (a forward of `model`) spent in each box, the median of `repeats` steps, from forward hooks
+    on the boxes' modules: on CUDA events recorded on the current stream at each box's entry and exit (no host
+    synchronization inside a step, so the queue runs as in a timed step; a box's time is device time from its first
+    kernel's queue position to its last's), elsewhere the host clock. A box called several times in a step (none of
+    PosSAM's today) is summed. Also `"step"`, the whole step, and `"outside the boxes"`, the step less the outermost
+    boxes (mask pooling, MASE's inputs, glue). Boxes whose module the model lacks are left out. One untimed step
+    runs first; the GPU's clocks are assumed warm already (the callers time other steps just before).
+    """
+    timed = device.type == "cuda"
+
+    def now():
+        if timed:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(start, end) -> float:
+        return start.elapsed_time(end) / 1e3 if timed else end - start
+
+    present = [(name, path) for name, path in boxes if _has_submodule(model, path)]
+    marks: dict[str, list[list]] = {name: [] for name, _ in present}
+    handles = []
+    for name, path in present:
+        module = model.get_submodule(path)
+        handles.append(module.register_forward_pre_hook(lambda *_, name=name: marks[name].append([now(), None])))
+        handles.append(module.register_forward_hook(lambda *_, name=name: marks[name][-1].__setitem__(1, now())))
+    outermost = [
+        name
+        for name, path in present
+        if not any(path.startswith(other + ".") for _, other in present if other != path)
+    ]
+    steps = []
+    try:
+        step()  # one untimed step first: a box's first call may allocate, autotune or compile
+        _synchronize(device)
+        for _ in range(repeats):
+            for pairs in marks.values():
+                pairs.clear()
+            start = now()
+            step()
+            end = now()
+            _synchronize(device)
+            row = {name: sum(seconds(entry, exit) for entry, exit in pairs) for name, pairs in marks.items()}
+            row["step"] = seconds(start, end)
+            row["outside the boxes"] = row["step"] - sum(row[name] for name in outermost)
+            steps.append(row)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: float(statistics.median(row[name] for row in steps)) for name in steps[0]}
+
+
+def _has_submodule(model: torch.nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _sm_clock(device: torch.device) -> int | str:

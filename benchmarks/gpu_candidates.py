@@ -5,14 +5,17 @@ pointed at on an H200 (2026-11-26):
 1. the pixel decoder's deformable sampling, per layer at PosSAM's shapes (1024x1024 input: levels 32x32, 64x64,
    128x128; 8 heads of 32; 4 points): transformers' `multi_scale_deformable_attention` (grid_sample per level, then
    a stack of all levels, a product and a sum: what CUDA runs today), this package's
-   `deformable_attention_embedding_bag` in one step, in accelerator-sized steps and in its CPU-sized steps, and
-   grid_sample per level summed level by level (no stack); each against the first (max abs difference);
+   `deformable_attention_embedding_bag` in one step, in one step with bf16 values and weights, in accelerator-sized
+   steps and in its CPU-sized steps, grid_sample per level summed level by level (no stack), and on CUDA the fused
+   Triton kernel (`deformable_attention_triton`) with float32 and with bf16 values; each against the first (max abs
+   and relative difference);
 2. the panoptic post-processing's pixel counts per query: `scatter_add_` against `histc`;
 3. its one device-to-host transfer: pageable against page-locked staging;
 4. PosSAM-B bf16 forward with each deformable sampler (`PosSAMMultiscaleDeformableAttention.sampler` replaced),
-   and the dense panoptic post-processing with the old pieces (pageable transfer, scatter counts), the new, and the
-   new with chunks of 64 masks instead of 16; the new post-processing's segments against the CPU's cell-bound
-   path.
+   its time by box (`gpu.box_times`), the forward with the ConvNeXt trunk and with the whole model in channels-last
+   memory format, and the dense panoptic post-processing with the old pieces (pageable transfer, scatter counts),
+   the new, and the new with chunks of 64 masks instead of 16; the new post-processing's segments against the
+   CPU's cell-bound path; the dense path against the cell-bound one on the GPU with 16, 64 and all queries kept.
 
 `python benchmarks/gpu_candidates.py --device cuda --output OUT/candidates.json`; `--device cpu --variant tiny`
 runs the same code on a CPU (the tests do; no figure is meaningful there).
@@ -25,7 +28,7 @@ import json
 import os
 
 import torch
-from gpu import _config, time_steps
+from gpu import _config, box_times, time_steps
 from torch.nn import functional as F
 
 
@@ -38,7 +41,7 @@ def _time(step, device: torch.device, repeats: int) -> dict:
     """
     `gpu.time_steps`'s timing of `step` (its warm-up, then `repeats` timed calls), without the peak memory. A quarter
     second of warm-up on CUDA (not the suite's second): the candidates run back to back, the GPU already busy, and
-    about 30 timings must fit the 120 s `device_session.sh` gives this script.
+    about 60 timings must fit the 180 s `device_session.sh` gives this script.
     """
     timing, _ = time_steps(step, device, repeats, warmup_s=0.25 if device.type == "cuda" else 0.0)
     return timing
@@ -71,24 +74,53 @@ def grid_sample_by_level(value, spatial_shapes, sampling_locations, attention_we
     return output.view(batch_size, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
 
-def samplers(with_cpu_steps: bool) -> dict:
-    """The deformable samplers compared (same arguments and result as transformers' `multi_scale_deformable_attention`):
-    transformers' own, the embedding_bag sampler in one step, in accelerator-sized steps and (`with_cpu_steps`) in
-    its CPU-sized steps, and grid_sample summed level by level."""
+def samplers(with_cpu_steps: bool, device: torch.device) -> dict:
+    """
+    The deformable samplers compared (same arguments and result as transformers' `multi_scale_deformable_attention`):
+    transformers' own, the embedding_bag sampler in one step, in one step with bf16 values and weights (its result in
+    bf16, within bf16 rounding of the others), in accelerator-sized steps and (`with_cpu_steps`) in its CPU-sized
+    steps, grid_sample summed level by level, and where Triton runs (`device`), the fused Triton kernel with float32
+    and with bf16 values.
+    """
     from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
     from transformers_possam.modeling.deformable_attention import deformable_attention_embedding_bag
+    from transformers_possam.modeling.deformable_sampling_triton import (
+        deformable_attention_triton,
+        triton_sampling_available,
+    )
 
     def embedding_bag_in_steps(entries: int):
         return lambda *args: deformable_attention_embedding_bag(*args, bag_entries_per_step=entries)
 
+    def embedding_bag_bf16_values(value, spatial_shapes, sampling_locations, attention_weights):
+        # the values (a bf16 model's as they are: marked below) and the bag weights in bf16, the locations and
+        # corner arithmetic in float32; one step. Halves the bytes gathered.
+        return deformable_attention_embedding_bag(
+            value.bfloat16(), spatial_shapes, sampling_locations, attention_weights, bag_entries_per_step=2**62
+        )
+
+    def triton_fused_float32_values(value, *arguments):
+        return deformable_attention_triton(value.float(), *arguments)
+
+    def triton_fused_bf16_values(value, *arguments):
+        return deformable_attention_triton(value.bfloat16(), *arguments)
+
+    # the layer passes a bf16 model's values without their float32 copy to these (a float32 model's are cast here)
+    embedding_bag_bf16_values.reads_reduced_precision_values = True  # type: ignore[attr-defined]
+    triton_fused_bf16_values.reads_reduced_precision_values = True  # type: ignore[attr-defined]
+
     candidates = {
         "transformers_stack": multi_scale_deformable_attention,
         "embedding_bag_one_step": embedding_bag_in_steps(2**62),
+        "embedding_bag_bf16_values": embedding_bag_bf16_values,
         "embedding_bag_accelerator_steps": embedding_bag_in_steps(ACCELERATOR_BAG_ENTRIES_PER_STEP),
         "embedding_bag_cpu_steps": deformable_attention_embedding_bag,
         "grid_sample_by_level": grid_sample_by_level,
     }
+    if triton_sampling_available(device):  # CUDA with Triton: the fused kernel, with float32 and with bf16 values
+        candidates["triton_fused"] = triton_fused_float32_values
+        candidates["triton_fused_bf16_values"] = triton_fused_bf16_values
     if not with_cpu_steps:  # ten times slower than one step on a GPU: left out of the whole-forward timings
         del candidates["embedding_bag_cpu_steps"]
     return candidates
@@ -105,7 +137,7 @@ def deformable_candidates(device: torch.device, batch: int, repeats: int, shapes
     locations = locations * 1.1 - 0.05  # a few off the map (zero padding)
     weights = torch.rand(batch, num_values, heads, len(shapes), points, generator=generator).to(device)
     weights = weights / weights.sum((-2, -1), keepdim=True)
-    candidates = samplers(with_cpu_steps=True)
+    candidates = samplers(with_cpu_steps=True, device=device)
     results = {}
     with torch.inference_mode():
         reference = multi_scale_deformable_attention(value, shapes, locations, weights)
@@ -115,6 +147,7 @@ def deformable_candidates(device: torch.device, batch: int, repeats: int, shapes
                 results[name] = {
                     **_time(lambda function=function: function(value, shapes, locations, weights), device, repeats),
                     "max_abs_difference": float((output - reference).abs().max()),
+                    "relative_difference": float((output.float() - reference).norm() / reference.norm()),
                 }
             except Exception as error:  # reported; the other candidates stand
                 results[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
@@ -146,6 +179,84 @@ def transfer_candidates(device: torch.device, elements: int, repeats: int) -> di
     }
 
 
+# how many queries per image the post-processing keeps in `post_processing_by_kept_queries` (None: every non-void
+# query, the default threshold of 0, which with random weights is almost all of them)
+KEPT_QUERIES = (16, 64, None)
+
+
+def post_processing_by_kept_queries(
+    processor, outputs, targets: list, kept: int | None, device: torch.device, repeats: int
+) -> dict:
+    """
+    The panoptic post-processing's two paths on the same outputs with about `kept` queries per image kept: the dense
+    path (every query's mask resized, non-kept ones masked out: fixed shapes, one host synchronization per batch)
+    and the cell-bound path (`dense_assignment=False`: only the kept queries' masks, shapes that depend on the data,
+    so several synchronizations per image). The threshold is set between the `kept`-th and the next best query
+    score (the median over the batch's images); random weights keep almost every query at the default threshold of
+    0, a trained model far fewer, which is what decides between the two on a GPU. Also the kept queries per image
+    (mean) and the pixels where the two paths' first segmentations differ.
+    """
+    _, scores, is_void, _, _ = processor._prepare(outputs, targets, None, None, True, None, None)
+    best = torch.where(is_void, -1.0, scores.max(-1).values.float()).sort(dim=1, descending=True).values  # (B, Q)
+    if kept is None or kept >= best.shape[1]:
+        threshold = 0.0
+    else:
+        # at least 0: where the next best is a void query (-1), the midpoint would be a negative threshold
+        threshold = max(0.0, float(((best[:, kept - 1] + best[:, kept]) / 2).median()))
+    kept_per_image = float((best > threshold).sum(1).float().mean())
+
+    def post(dense: bool):
+        return processor.post_process_panoptic_segmentation(
+            outputs, target_sizes=targets, threshold=threshold, dense_assignment=dense
+        )
+
+    dense, cell_bound = post(True)[0], post(False)[0]
+    return {
+        "threshold": threshold,
+        "kept_per_image": kept_per_image,
+        "dense": _time(lambda: post(True), device, repeats),
+        "cell_bound": _time(lambda: post(False), device, repeats),
+        "segments": len(dense["segments_info"]),
+        "pixels_differing": int((dense["segmentation"] != cell_bound["segmentation"]).sum()),
+    }
+
+
+def channels_last_forward(
+    model, scope: str, pixel_values, class_embeddings, reference: torch.Tensor, device: torch.device, repeats: int
+) -> dict:
+    """
+    The forward timed with `scope` in channels-last memory format: `"convnext_trunk"` (the CLIP image tower) or
+    `"whole_model"`: its convolutions' weights converted and its input made channels-last (a pre-hook on the ConvNeXt
+    stem; for the whole model the pixels too), so that cuDNN's NHWC convolutions (the profile's `conv2d_c1_k1_nhwc`, the
+    depthwise 7x7) need no layout transposes around them and timm's ConvNeXt blocks' permute before each LayerNorm
+    becomes a view instead of a copy. The model is put back in the default layout afterwards. Also the largest
+    mask-logit difference from `reference`, the default layout's.
+    """
+    module = model.clip.vision_model if scope == "convnext_trunk" else model
+    inputs = pixel_values if scope == "convnext_trunk" else pixel_values.contiguous(memory_format=torch.channels_last)
+    # the convolutions' weights only: `module.to(memory_format=...)` would also re-stride other 4-d parameters
+    # (SAM's (1, 64, 64, 768) position embedding, which is not a channels-first map)
+    convolutions = [layer for layer in module.modules() if isinstance(layer, torch.nn.Conv2d)]
+    for convolution in convolutions:
+        convolution.weight.data = convolution.weight.data.contiguous(memory_format=torch.channels_last)
+    hook = model.clip.vision_model.stem.register_forward_pre_hook(
+        lambda _, arguments: (arguments[0].contiguous(memory_format=torch.channels_last), *arguments[1:])
+    )
+    try:
+
+        def forward():
+            return model(inputs, class_embeddings=class_embeddings)
+
+        timing = _time(forward, device, repeats)
+        masks = forward().masks_queries_logits
+    finally:
+        hook.remove()
+        for convolution in convolutions:
+            convolution.weight.data = convolution.weight.data.contiguous()
+    timing["max_abs_difference_of_mask_logits"] = float((masks.float() - reference.float()).abs().max())
+    return timing
+
+
 def model_candidates(
     device: torch.device, variant: str, batches: list[int], repeats: int, results: dict, save
 ) -> None:
@@ -162,7 +273,7 @@ def model_candidates(
     class_embeddings = torch.nn.functional.normalize(
         torch.randn(150, 1, model.config.clip_embed_dim, device=device), dim=-1
     ).to(torch.bfloat16)
-    candidates = samplers(with_cpu_steps=False)
+    candidates = samplers(with_cpu_steps=False, device=device)
     attention = deformable_attention.PosSAMMultiscaleDeformableAttention
     original_sampler = attention.__dict__["sampler"]
     new_fetch, new_count = postprocessing._fetch_to_host, postprocessing._pixels_per_query
@@ -188,7 +299,21 @@ def model_candidates(
                         save,
                     )
                 restore()
-                outputs = model(pixel_values, class_embeddings=class_embeddings)
+
+                def forward():
+                    return model(pixel_values, class_embeddings=class_embeddings)
+
+                _measured(row, "boxes_of_the_forward", lambda: box_times(model, forward, device), save)
+                outputs = forward()
+                for scope in ("convnext_trunk", "whole_model"):
+                    _measured(
+                        row,
+                        f"forward_channels_last_{scope}",
+                        lambda scope=scope: channels_last_forward(
+                            model, scope, pixel_values, class_embeddings, outputs.masks_queries_logits, device, repeats
+                        ),
+                        save,
+                    )
                 targets = [(size, size)] * batch
 
                 def post():  # the dense path, the default off the CPU (asked for, so that the CPU test runs it too)
@@ -235,6 +360,15 @@ def model_candidates(
                 _measured(row, "post_processing_new", lambda: _time(post, device, repeats), save)
                 _measured(row, "post_processing_chunks_of_64", chunks_of_64, save)
                 _measured(row, "first_image_against_cpu_cell_bound", against_the_cpu, save)
+                for kept in KEPT_QUERIES:
+                    _measured(
+                        row,
+                        f"post_processing_{kept or 'all'}_kept",
+                        lambda kept=kept: post_processing_by_kept_queries(
+                            processor, outputs, targets, kept, device, repeats
+                        ),
+                        save,
+                    )
             print(json.dumps({f"batch_{batch}": row}), flush=True)
     finally:
         restore()
@@ -253,6 +387,12 @@ def main(argv=None) -> dict:
     shapes = [(4, 4), (8, 8), (16, 16)] if tiny else [(32, 32), (64, 64), (128, 128)]
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
     results["torch"] = torch.__version__
+    try:  # the Triton sampler candidates run only where Triton does: say which, or why not
+        import triton
+
+        results["triton"] = triton.__version__
+    except ImportError as error:
+        results["triton"] = f"unavailable: {error}"
 
     def save():  # written aside, then renamed: a command killed mid-write keeps the last whole file
         partial = f"{args.output}.partial"

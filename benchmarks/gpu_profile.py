@@ -1,8 +1,10 @@
 """
 Where a GPU row's time goes (issue 15, target 7): for each `--cases` entry (variant:dtype:batch), the median time
-of the forward alone, of MASE panoptic post-processing alone (on one stored forward output) and of both, then
+of the forward alone, of MASE panoptic post-processing alone (on one stored forward output) and of both, the
+forward's time by box (`gpu.box_times`: SAM encoder, FPN, pixel decoder, ConvNeXt trunk, ...), then
 `torch.profiler` tables of the whole step (the ops with the most device time, with the most host time, and with the
-most device time split by input shapes), so a session with minutes of device time learns what to speed up next.
+most device time split by input shapes) and of the post-processing alone, so a session with minutes of device time
+learns what to speed up next.
 Random weights, as `gpu.py`.
 
 `python benchmarks/gpu_profile.py --device cuda --output-dir OUT` (device_session.sh's follow-up, at most a few
@@ -16,13 +18,29 @@ import json
 from pathlib import Path
 
 import torch
-from gpu import _config, _synchronize, time_steps
+from gpu import _config, _synchronize, box_times, time_steps
 
 
 def _median_seconds(step, device: torch.device, repeats: int) -> dict:
     """`gpu.time_steps`'s timing of `step` (its warm-up, then `repeats` timed calls), without the peak memory."""
     timing, _ = time_steps(step, device, repeats)
     return timing
+
+
+def device_busy_us(averages) -> float:
+    """
+    Microseconds of device time in a profile's `key_averages()`: the device's own events (kernels, copies), as the
+    tables' "Self CUDA time total" counts them. Summing every event's self device time counts each kernel twice, once
+    as itself and once in the operator that launched it (the H200 profile of 2026-11-26 reported 80 ms per batch-1
+    step where its table said 40).
+    """
+    from torch.autograd import DeviceType
+
+    return sum(
+        event.self_device_time_total
+        for event in averages
+        if event.device_type == DeviceType.CUDA and not event.is_user_annotation
+    )
 
 
 def profile_case(variant: str, dtype_name: str, batch: int, device: torch.device, repeats: int, rows: int) -> dict:
@@ -46,7 +64,7 @@ def profile_case(variant: str, dtype_name: str, batch: int, device: torch.device
 
     with torch.inference_mode():
         outputs = forward()
-        result = {
+        result: dict[str, object] = {
             "case": f"{variant}:{dtype_name}:{batch}",
             "forward": _median_seconds(forward, device, repeats),
             "post_processing": _median_seconds(
@@ -60,12 +78,18 @@ def profile_case(variant: str, dtype_name: str, batch: int, device: torch.device
                 repeats,
             ),
         }
+        result["boxes_s"] = box_times(model, forward, device)
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
             for _ in range(3):
                 processor.post_process_panoptic_segmentation(forward(), target_sizes=target_sizes)
+            _synchronize(device)
+        # the post-processing alone (the forward's output stored): what its milliseconds per image are made of
+        with torch.profiler.profile(activities=activities, record_shapes=True) as post_profiler:
+            for _ in range(3):
+                processor.post_process_panoptic_segmentation(outputs, target_sizes=target_sizes)
             _synchronize(device)
     averages = profiler.key_averages()
     device_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -75,8 +99,11 @@ def profile_case(variant: str, dtype_name: str, batch: int, device: torch.device
     result["table_shapes"] = profiler.key_averages(group_by_input_shape=True).table(
         sort_by=device_key, row_limit=rows, max_name_column_width=40, max_shapes_column_width=100
     )
+    result["table_post_processing"] = post_profiler.key_averages().table(
+        sort_by=device_key, row_limit=rows, max_name_column_width=60
+    )
     if device.type == "cuda":
-        result["device_busy_s_per_step"] = sum(event.self_device_time_total for event in averages) / 3 / 1e6
+        result["device_busy_s_per_step"] = device_busy_us(averages) / 3 / 1e6
     return result  # the model and its outputs go with this frame
 
 
@@ -102,10 +129,10 @@ def main(argv=None) -> None:
             result = {"case": case, "error": f"{type(error).__name__}: {error}"[:1000]}
         results.append(result)
         print(json.dumps({key: value for key, value in result.items() if not key.startswith("table")}), flush=True)
-        stem = case.replace(":", "-")
-        for key in ("table_device", "table_host", "table_shapes"):
-            if key in result:
-                (output / f"profile-{stem}-{key[6:]}.txt").write_text(result[key])
+        # one text file per case (a lent machine gives back at most 8 files): its tables one after the other
+        tables = [f"== {key[6:]} ==\n{value}" for key, value in result.items() if key.startswith("table_")]
+        if tables:
+            (output / f"profile-{case.replace(':', '-')}.txt").write_text("\n\n".join(tables))
         (output / "profile.json").write_text(json.dumps(results, indent=1))
 
 

@@ -1,5 +1,7 @@
 """The benchmark suite's code paths on tiny inputs (figures themselves come from `benchmarks/run.py`)."""
 
+import re
+
 import pytest
 import torch
 
@@ -416,10 +418,23 @@ def test_gpu_profile_times_and_profiles_a_case_on_cpu(tmp_path):
     tiny, failed = results
     for part in ("forward", "post_processing", "both"):
         assert tiny[part]["median_s"] > 0
-    assert "aten::" in (tmp_path / "profile-tiny-float32-1-device.txt").read_text()
-    assert "aten::" in (tmp_path / "profile-tiny-float32-1-host.txt").read_text()
-    assert "Input Shapes" in (tmp_path / "profile-tiny-float32-1-shapes.txt").read_text()
-    assert "error" in failed and not (tmp_path / "profile-nonexistent-float32-1-device.txt").exists()
+    tables = (tmp_path / "profile-tiny-float32-1.txt").read_text().split("\n\n== ")
+    assert [table.split(" ==")[0].strip("= ") for table in tables] == ["device", "host", "shapes", "post_processing"]
+    assert all("aten::" in table for table in tables) and "Input Shapes" in tables[2]
+
+    def total_ms(table: str) -> float:
+        value, unit = re.fullmatch(
+            r"([0-9.]+)(us|ms|s)", table.split("Self CPU time total: ")[1].split("\n")[0]
+        ).groups()
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    assert total_ms(tables[3]) < total_ms(tables[0]) / 2  # the post-processing alone, no forward in it
+    boxes = tiny["boxes_s"]
+    assert set(boxes) == {name for name, _ in load_script("benchmarks/gpu.py").FORWARD_BOXES} | {
+        "step", "outside the boxes"}  # fmt: skip
+    assert all(seconds > 0 for name, seconds in boxes.items() if name != "outside the boxes")
+    assert {path.name for path in tmp_path.iterdir()} == {"profile.json", "profile-tiny-float32-1.txt"}
+    assert "error" in failed
 
 
 def test_gpu_candidates_run_on_cpu_and_agree_with_their_references(tmp_path, monkeypatch):
@@ -465,8 +480,11 @@ def test_gpu_candidates_run_on_cpu_and_agree_with_their_references(tmp_path, mon
     assert swapped() == before
     samplers = results["deformable_batch_2"]
     assert set(samplers) == {"transformers_stack", "embedding_bag_one_step", "embedding_bag_accelerator_steps",
-                             "embedding_bag_cpu_steps", "grid_sample_by_level"}  # fmt: skip
+                             "embedding_bag_cpu_steps", "grid_sample_by_level",
+                             "embedding_bag_bf16_values"}  # fmt: skip
+    bf16_values = samplers.pop("embedding_bag_bf16_values")  # no Triton kernel here: it runs where Triton does
     assert all(sampler["max_abs_difference"] < 1e-5 for sampler in samplers.values()), samplers
+    assert 1e-4 < bf16_values["relative_difference"] < 1e-2  # bf16 rounding of the values and weights, no more
     assert all(counter["equal_to_bincount"] for counter in results["pixel_counts"].values())
     model = results["model"]["batch_2"]
     assert all("error" not in value for value in model.values()), model
@@ -476,6 +494,13 @@ def test_gpu_candidates_run_on_cpu_and_agree_with_their_references(tmp_path, mon
     assert chunked["pixels_differing"] == 0 and chunked["median_s"] > 0
     assert set(dense_calls) == {1, 64}  # every post-processing went through the dense path, in both chunkings
     assert all(model[f"forward_{name}"]["median_s"] > 0 for name in ("transformers_stack", "grid_sample_by_level"))
+    for scope in ("convnext_trunk", "whole_model"):  # the same outputs in either memory format, up to rounding
+        assert model[f"forward_channels_last_{scope}"]["max_abs_difference_of_mask_logits"] < 1e-2
+    assert model["boxes_of_the_forward"]["SAM encoder"] > 0 and model["boxes_of_the_forward"]["step"] > 0
+    # the tiny model has 8 queries: "16" and "all" keep every non-void one, both paths give the same segments
+    kept = {name: model[f"post_processing_{name}_kept"] for name in (16, 64, "all")}
+    assert kept[16]["threshold"] == kept["all"]["threshold"] == 0.0 and kept[16]["kept_per_image"] <= 8
+    assert all(entry["pixels_differing"] == 0 and entry["dense"]["median_s"] > 0 for entry in kept.values())
     assert json.loads((tmp_path / "candidates.json").read_text())["model"] == results["model"]
 
 
@@ -509,3 +534,209 @@ def test_gpu_time_steps_warms_up_by_time_then_times_the_repeats():
 
     timing, _ = gpu.time_steps(slow_first_step, torch.device("cpu"), repeats=1, warmup_s=0.1)
     assert timing["first_call_s"] >= 0.15 and timing["warmup_calls"] >= 3
+
+
+def test_gpu_box_times_attributes_a_step_to_its_boxes():
+    """`gpu.box_times`: each box's time is its module's own calls (summed when called twice), a box inside another
+    is reported but not subtracted twice from the step for "outside the boxes", a box the model lacks is left out,
+    and the hooks are removed afterwards. Sleeps of known length stand in for the work (host clock off CUDA)."""
+    import time
+
+    gpu = load_script("benchmarks/gpu.py")
+
+    class Sleep(torch.nn.Module):
+        def __init__(self, seconds, inner=None):
+            super().__init__()
+            self.seconds, self.inner = seconds, inner
+
+        def forward(self):
+            time.sleep(self.seconds)
+            if self.inner is not None:
+                self.inner()
+
+    model = torch.nn.Module()
+    model.outer = Sleep(0.02, inner=Sleep(0.03))
+    model.twice = Sleep(0.01)
+
+    def step():
+        model.outer()
+        model.twice()
+        model.twice()
+        time.sleep(0.04)  # outside every box
+
+    boxes = (("outer", "outer"), ("inner", "outer.inner"), ("twice", "twice"), ("absent", "no.such.module"))
+    times = gpu.box_times(model, step, torch.device("cpu"), repeats=1, boxes=boxes)
+    assert set(times) == {"outer", "inner", "twice", "step", "outside the boxes"}
+    # lower bounds only (a busy machine oversleeps); the attribution itself is exact arithmetic
+    assert times["inner"] >= 0.03 and times["outer"] >= times["inner"] + 0.02 and times["twice"] >= 0.02
+    assert times["outside the boxes"] == pytest.approx(times["step"] - times["outer"] - times["twice"])
+    assert times["outside the boxes"] >= 0.04 and times["step"] >= 0.11
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
+@pytest.mark.parametrize("scope", ["convnext_trunk", "whole_model"])
+def test_gpu_candidates_channels_last_forward_puts_the_model_back(scope):
+    """`gpu_candidates.channels_last_forward`: while timed, the scope's convolution weights are channels-last (the
+    candidate is what it says); afterwards every 4-d weight is back in the default layout, no hook is left, and the
+    model's outputs are bitwise what they were before."""
+    from transformers_possam import PosSAMForPanopticSegmentation, tiny_config
+
+    candidates = load_script("benchmarks/gpu_candidates.py")
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(tiny_config()).eval()
+    size = model.config.vision_config.image_size
+    pixel_values = torch.randn(1, 3, size, size)
+    class_embeddings = torch.nn.functional.normalize(torch.randn(4, 1, model.config.clip_embed_dim), dim=-1)
+
+    def hooks(model):  # the model's own hooks (transformers registers some) by module
+        return {name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules()}
+
+    hooks_before = hooks(model)
+    layouts_seen = []
+    stem_conv = model.clip.vision_model.stem[0]
+    probe = stem_conv.register_forward_pre_hook(
+        lambda module, arguments: layouts_seen.append(
+            (module.weight.is_contiguous(memory_format=torch.channels_last), arguments[0].is_contiguous())
+        )
+    )
+    # SAM's patch convolution follows the scope; its (1, 64, 64, C) position embedding, not a map, never changes
+    sam = model.model.vision_encoder
+    sam_layouts = []
+    sam_probe = sam.register_forward_pre_hook(
+        lambda module, _: sam_layouts.append(
+            (
+                module.patch_embed.projection.weight.is_contiguous(memory_format=torch.channels_last),
+                module.pos_embed.is_contiguous(),
+            )
+        )
+    )
+    with torch.inference_mode():
+        before = model(pixel_values, class_embeddings=class_embeddings).masks_queries_logits
+        layouts_seen.clear()
+        sam_layouts.clear()
+        timing = candidates.channels_last_forward(
+            model, scope, pixel_values, class_embeddings, before, torch.device("cpu"), repeats=1
+        )
+        probe.remove()
+        sam_probe.remove()
+        after = model(pixel_values, class_embeddings=class_embeddings).masks_queries_logits
+    # channels-last weights and a channels-last (so not default-contiguous) input in every timed call
+    assert layouts_seen and all(weight_cl and not input_contiguous for weight_cl, input_contiguous in layouts_seen)
+    assert set(sam_layouts) == {(scope == "whole_model", True)}
+    assert timing["median_s"] > 0 and timing["max_abs_difference_of_mask_logits"] < 1e-4
+    assert all(parameter.is_contiguous() for parameter in model.parameters())
+    assert hooks(model) == hooks_before
+    assert torch.equal(before, after)
+
+
+def test_gpu_profile_device_busy_counts_each_kernel_once_as_torch_tables_do():
+    """`gpu_profile.device_busy_us` against torch's own table total ("Self CUDA time total") on a kineto-style event
+    list made by hand (an operator on the host whose kernel is also an event of its own, as a CUDA profile has
+    them): 3 kernels of 30 us are 90 us, where summing every event's self device time gives 180 (the H200 profile's
+    doubled "device busy")."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    profile = load_script("benchmarks/gpu_profile.py")
+    events = []
+    for step in range(3):
+        start = 100 * step
+        operator = FunctionEvent(
+            id=2 * step, name="aten::mul", thread=0, start_us=start, end_us=start + 50, use_device="cuda", stack=[]
+        )
+        kernel = FunctionEvent(
+            id=2 * step + 1,
+            name="mul_kernel",
+            thread=0,
+            start_us=start + 10,
+            end_us=start + 40,
+            use_device="cuda",
+            device_type=DeviceType.CUDA,
+            stack=[],
+        )
+        operator.append_kernel("mul_kernel", 0, 30)
+        events += [operator, kernel]
+    event_list = EventList(events, use_device="cuda")
+    event_list._build_tree()
+    averages = event_list.key_averages()
+    table_total = re.search(r"Self CUDA time total: ([0-9.]+)us", averages.table()).group(1)
+    assert profile.device_busy_us(averages) == float(table_total) == 90
+    assert sum(event.self_device_time_total for event in averages) == 180  # the double count this replaces
+
+
+def test_gpu_candidates_post_processing_by_kept_queries_keeps_that_many():
+    """`gpu_candidates.post_processing_by_kept_queries` with fewer queries kept than the model has: the threshold it
+    derives keeps exactly that many per image (batch 1: the median is the image's own midpoint), the dense and the
+    cell-bound paths agree on the segmentation, and no more segments come out than queries were kept."""
+    from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, tiny_config
+
+    candidates = load_script("benchmarks/gpu_candidates.py")
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(tiny_config()).eval()
+    size = model.config.vision_config.image_size
+    processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
+    class_embeddings = torch.nn.functional.normalize(torch.randn(4, 1, model.config.clip_embed_dim), dim=-1)
+    with torch.inference_mode():
+        outputs = model(torch.randn(1, 3, size, size), class_embeddings=class_embeddings)
+        result = candidates.post_processing_by_kept_queries(
+            processor, outputs, [(size, size)], 3, torch.device("cpu"), repeats=1
+        )
+    assert result["kept_per_image"] == 3 and result["threshold"] > 0
+    assert result["pixels_differing"] == 0 and 1 <= result["segments"] <= 3
+    assert result["dense"]["median_s"] > 0 and result["cell_bound"]["median_s"] > 0
+
+
+def test_traffic_counter_counts_the_bytes_each_operator_moves():
+    """benchmarks/traffic.py's counter on operators whose traffic is known by hand: an out-of-place add reads two
+    tensors and writes one, an in-place product reads and writes its tensor, a copy into a new layout reads and
+    writes, as does a reshape that cannot be a view; dropout in eval mode and `contiguous` of a contiguous tensor
+    return their input and move nothing; views move nothing."""
+    traffic = load_script("benchmarks/traffic.py")
+    a, b = torch.randn(1000), torch.randn(1000)
+    matrix = torch.randn(30, 40)
+    counter = traffic.TrafficCounter(package_roots=("test_benchmarks",))
+    with torch.inference_mode(), counter:
+        torch.add(a, b)  # 3 x 4000 bytes
+        a.mul_(2)  # 2 x 4000
+        matrix.t().contiguous()  # 2 x 4800
+        torch.nn.functional.dropout(a, p=0.5, training=False)  # nothing
+        a.contiguous()  # nothing
+        a.view(10, 100).permute(1, 0)  # nothing
+        a[10:20].unsqueeze(0)  # nothing: views at an offset into the storage
+        a.to(torch.bfloat16)  # 4000 + 2000
+        matrix.t().reshape(-1)  # a reshape that cannot be a view: a copy, 2 x 4800
+    moved = {name: rows[0] for (name, _), rows in counter.rows.items()}
+    assert moved.pop("add") == 12000 and moved.pop("mul_") == 8000 and moved.pop("to") == 6000
+    assert moved.pop("contiguous") == 9600 and moved.pop("reshape") == 9600 and not moved, moved
+
+
+def test_traffic_of_the_tiny_model_on_both_code_paths():
+    """`traffic.forward_traffic` on the tiny config: the CUDA code path samples with transformers' grid_sample, the
+    CPU's with embedding_bag, each attributed to its source line; the package's choices are put back afterwards."""
+    from transformers_possam.modeling import deformable_attention, mlp, sam_attention
+
+    traffic = load_script("benchmarks/traffic.py")
+    choices = (
+        deformable_attention.PosSAMMultiscaleDeformableAttention.__dict__["sampler"],
+        sam_attention.relative_position_attention_blocked,
+        mlp.runs_in_row_blocks,
+    )
+    threads = torch.get_num_threads()
+    try:
+        summaries = {
+            path: traffic.summarize(traffic.forward_traffic("tiny", "float32", path), rows=500)
+            for path in ("cuda", "cpu")
+        }
+    finally:
+        torch.set_num_threads(threads)
+    assert choices == (
+        deformable_attention.PosSAMMultiscaleDeformableAttention.__dict__["sampler"],
+        sam_attention.relative_position_attention_blocked,
+        mlp.runs_in_row_blocks,
+    )
+    operators = {path: set(summary["by_operator_gb"]) for path, summary in summaries.items()}
+    assert "grid_sampler" in operators["cuda"] and "embedding_bag" not in operators["cuda"]
+    assert "embedding_bag" in operators["cpu"] and "grid_sampler" not in operators["cpu"]
+    for summary in summaries.values():
+        assert 0 < summary["memory_bound_gb"] < summary["total_gb"] and "dropout" not in summary["by_operator_gb"]
+        assert any("deformable_attention.py" in row["source"] for row in summary["largest"])

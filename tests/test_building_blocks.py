@@ -231,6 +231,53 @@ def test_deformable_sampler_choice_by_device():
     assert choose("cuda") is choose("mps") is choose("xpu") is multi_scale_deformable_attention
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_deformable_layer_gives_a_marked_sampler_the_models_own_values(monkeypatch, autocast):
+    """A bf16 model (or bf16 autocast): a sampler marked `reads_reduced_precision_values` gets the value projection's
+    bf16 output as it is, an unmarked one its float32 copy; the locations and attention weights are float32 for
+    both, and when the marked sampler upcasts by itself the layer's output is bitwise the same."""
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    from transformers_possam.modeling.deformable_attention import PosSAMMultiscaleDeformableAttention
+
+    received = []
+
+    def unmarked(value, shapes, locations, weights):
+        received.append(("unmarked", value.dtype, locations.dtype, weights.dtype))
+        return multi_scale_deformable_attention(value, shapes, locations, weights)
+
+    def marked(value, shapes, locations, weights):
+        received.append(("marked", value.dtype, locations.dtype, weights.dtype))
+        return multi_scale_deformable_attention(value.float(), shapes, locations, weights)
+
+    marked.reads_reduced_precision_values = True
+    torch.manual_seed(0)
+    layer = PosSAMMultiscaleDeformableAttention(embed_dim=32, num_heads=4, n_levels=2, n_points=2)
+    shapes = [(4, 4), (2, 2)]
+    hidden = torch.randn(1, 20, 32)
+    reference_points = torch.rand(1, 20, 2, 2)
+    if not autocast:
+        layer, hidden = layer.bfloat16(), hidden.bfloat16()
+    outputs = []
+    for sampler in (unmarked, marked):
+        monkeypatch.setattr(PosSAMMultiscaleDeformableAttention, "sampler", staticmethod(lambda _, s=sampler: s))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outputs.append(
+                layer(
+                    hidden,
+                    encoder_hidden_states=hidden,
+                    position_embeddings=torch.zeros_like(hidden),
+                    reference_points=reference_points,
+                    spatial_shapes_list=shapes,
+                )[0]
+            )
+    assert received == [
+        ("unmarked", torch.float32, torch.float32, torch.float32),
+        ("marked", torch.bfloat16, torch.float32, torch.float32),
+    ]
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_embedding_bag_sampler_in_float64_keeps_float64_precision():
     """float64 inputs: the corner arithmetic runs in float64 (the rows stay exact integers), so the result matches
     transformers' float64 grid_sample version to float64 rounding, with autograd and without (in steps)."""

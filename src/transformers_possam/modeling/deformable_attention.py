@@ -349,6 +349,9 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         )
         device_type = value.device.type
         sample = self.sampler(device_type)
+        # a sampler that reads reduced-precision values itself and accumulates in float32 gets them as they are:
+        # each is exact in float32, so only the copy is saved
+        sampled_value = value if getattr(sample, "reads_reduced_precision_values", False) else value.float()
         if torch.is_autocast_enabled(device_type):
             # FC-CLIP's MSDeformAttnFunction is `custom_fwd(cast_inputs=torch.float32)`: under mixed precision the
             # sampling (locations, bilinear weights, weighted sums) runs in float32 with autocast off; the
@@ -358,7 +361,7 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
                 sampling_locations = self.sampling_locations(
                     reference_points.float(), offsets.float(), spatial_shapes_list
                 )
-                sampled = sample(value.float(), spatial_shapes_list, sampling_locations, attention_weights.float())
+                sampled = sample(sampled_value, spatial_shapes_list, sampling_locations, attention_weights.float())
         elif offsets.dtype in (torch.bfloat16, torch.float16):
             # the whole model in a reduced precision (`from_pretrained(..., dtype=torch.bfloat16)`): the sampling in
             # float32 as under autocast (bf16 locations would be off by up to a pixel), back to the model's dtype for
@@ -366,7 +369,7 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
             sampling_locations = self.sampling_locations(
                 reference_points.float(), offsets.float(), spatial_shapes_list
             )
-            sampled = sample(value.float(), spatial_shapes_list, sampling_locations, attention_weights.float()).to(
+            sampled = sample(sampled_value, spatial_shapes_list, sampling_locations, attention_weights.float()).to(
                 value.dtype
             )
         else:
@@ -377,8 +380,10 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
     @staticmethod
     def sampler(device_type: str) -> Callable[..., torch.Tensor]:
         """
-        The sampling function (same arguments and result as transformers' `multi_scale_deformable_attention`): on
-        CPU `deformable_attention_embedding_bag` (4x faster than grid_sample there), elsewhere transformers' version.
+        The sampling function (same arguments and result as transformers' `multi_scale_deformable_attention`; one
+        with a true `reads_reduced_precision_values` attribute is given a bf16 / fp16 model's values without their
+        float32 copy, the others float32 values): on CPU `deformable_attention_embedding_bag` (4x faster than
+        grid_sample there), elsewhere transformers' version.
         On an H200 the embedding_bag sampler in one step was faster per PosSAM-B layer (1.57 against 2.05 ms at
         batch 1, 8.2 against 11.3 ms at batch 8) but the whole bf16 forward with it was slower at batch 1 (51.6
         against 41.9 ms; at batch 8 183.8 against 189.9), while its constants still cost blocking copies; they no

@@ -1,0 +1,179 @@
+"""
+Memory traffic of one forward by operator and source line (issue 15, target 7), without a GPU: the bytes each aten
+operator reads and writes (its tensor inputs plus its outputs; an in-place operator reads and writes its tensor), on
+the code path a CUDA device runs (`--path cuda`: transformers' grid_sample sampler, the all-heads SAM attention, the
+whole-tensor MLPs, chosen by device type in the package and swapped in here) or the CPU's (`--path cpu`), run on the
+CPU. On a GPU every operator but the matmuls and convolutions is bound by memory bandwidth, so these bytes over the
+bandwidth are a floor on their device time, and the largest rows name what to fuse or remove; a session without a
+GPU can rank them. Counts every tensor an operator touches once (broadcast operands at their own size; caches and
+re-reads inside a kernel are not modelled). Operators that return their input unchanged (`dropout` in eval mode,
+`contiguous` of a contiguous tensor) move nothing and count nothing.
+
+`python benchmarks/traffic.py --variant vit-b --dtype bfloat16 --path cuda` prints the largest rows (the figures in
+docs/design.md, "Thirteenth session"); `--variant tiny` runs in seconds (the tests do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import traceback
+from collections.abc import Iterator
+
+import torch
+from gpu import _config
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+# operators bound by arithmetic rather than memory on a GPU: reported apart
+COMPUTE_BOUND = frozenset(
+    {"mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution", "conv2d", "linear", "matmul", "einsum"}
+    | {"scaled_dot_product_attention", "_scaled_dot_product_efficient_attention", "_efficient_attention_forward"}
+    | {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fused_attention_overrideable"}
+)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_flatten(value)[0] if isinstance(leaf, torch.Tensor)]
+
+
+def _bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def _source(package_roots: tuple[str, ...], frames: int = 2) -> str:
+    """The innermost `frames` lines of the caller's stack inside the package or transformers, innermost first."""
+    stack = [
+        frame for frame in traceback.extract_stack()[:-3] if any(root in frame.filename for root in package_roots)
+    ]
+    return " <- ".join(
+        f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}({frame.name})" for frame in reversed(stack[-frames:])
+    )
+
+
+class TrafficCounter(TorchDispatchMode):
+    """
+    Under this mode every aten operator adds its bytes to `rows[(operator, source line)]` = [bytes, calls]. An
+    operator whose outputs all share storage with its inputs without writing them (not mutable: views, `dropout` in
+    eval mode, a no-op `contiguous` or `to`) counts nothing; a `reshape` or `flatten` that has to copy counts. Under
+    `torch.inference_mode()` (as `forward_traffic` runs) composite operators are seen by their own names (`to`,
+    `contiguous`, `linear`); outside it, by what they decompose into (`_to_copy`, `clone`, `mm`).
+    """
+
+    def __init__(
+        self, package_roots: tuple[str, ...] = ("transformers_possam", "transformers/models", "timm/")
+    ) -> None:
+        super().__init__()
+        self.package_roots = package_roots
+        self.rows: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        inputs, outputs = _tensors((args, kwargs)), _tensors(output)
+        input_storages = {tensor.untyped_storage().data_ptr() for tensor in inputs}
+        if not func._schema.is_mutable and all(
+            tensor.untyped_storage().data_ptr() in input_storages for tensor in outputs
+        ):
+            return output  # a view, or an input returned as it was
+        row = self.rows[(name, _source(self.package_roots))]
+        row[0] += _bytes(inputs) + _bytes(outputs)
+        row[1] += 1
+        return output
+
+
+@contextlib.contextmanager
+def cuda_code_path() -> Iterator[None]:
+    """The choices the package makes by device type, set to what a CUDA device gets, on any device; put back after."""
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    import transformers_possam.modeling.mlp as mlp
+    import transformers_possam.modeling.pixel_decoder_encoder as pixel_decoder_encoder
+    import transformers_possam.modeling.sam_attention as sam_attention
+    from transformers_possam.modeling.deformable_attention import PosSAMMultiscaleDeformableAttention
+
+    saved = (
+        PosSAMMultiscaleDeformableAttention.__dict__["sampler"],
+        sam_attention.relative_position_attention_blocked,
+        mlp.runs_in_row_blocks,
+        pixel_decoder_encoder.runs_in_row_blocks,
+    )
+    PosSAMMultiscaleDeformableAttention.sampler = staticmethod(lambda device_type: multi_scale_deformable_attention)
+    sam_attention.relative_position_attention_blocked = sam_attention.relative_position_attention
+    mlp.runs_in_row_blocks = pixel_decoder_encoder.runs_in_row_blocks = lambda *arguments: False
+    try:
+        yield
+    finally:
+        PosSAMMultiscaleDeformableAttention.sampler = saved[0]
+        sam_attention.relative_position_attention_blocked = saved[1]
+        mlp.runs_in_row_blocks, pixel_decoder_encoder.runs_in_row_blocks = saved[2], saved[3]
+
+
+def forward_traffic(variant: str, dtype_name: str, path: str, batch: int = 1) -> TrafficCounter:
+    """One forward of `variant` (random weights, 150 classes, pixels of its input size) under a `TrafficCounter`."""
+    from transformers_possam import PosSAMForPanopticSegmentation
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(_config(variant)).eval().to(dtype)
+    size = model.config.vision_config.image_size
+    class_embeddings = torch.nn.functional.normalize(torch.randn(150, 1, model.config.clip_embed_dim), dim=-1)
+    pixel_values = torch.randn(batch, 3, size, size, dtype=dtype)
+    counter = TrafficCounter()
+    with torch.inference_mode(), cuda_code_path() if path == "cuda" else contextlib.nullcontext():
+        with counter:
+            model(pixel_values, class_embeddings=class_embeddings.to(dtype))
+    return counter
+
+
+def summarize(counter: TrafficCounter, rows: int = 40) -> dict:
+    """Totals (GB: all, compute-bound operators, the rest), GB by operator, and the largest rows of the rest."""
+    by_operator: collections.Counter[str] = collections.Counter()
+    for (name, _), (moved, _) in counter.rows.items():
+        by_operator[name] += moved
+    compute = sum(moved for name, moved in by_operator.items() if name in COMPUTE_BOUND)
+    total = sum(by_operator.values())
+    memory_rows = [
+        (moved, calls, name, source)
+        for (name, source), (moved, calls) in counter.rows.items()
+        if name not in COMPUTE_BOUND
+    ]
+    return {
+        "total_gb": total / 1e9,
+        "compute_bound_gb": compute / 1e9,
+        "memory_bound_gb": (total - compute) / 1e9,
+        "by_operator_gb": {name: moved / 1e9 for name, moved in by_operator.most_common()},
+        "largest": [
+            {"gb": moved / 1e9, "calls": calls, "operator": name, "source": source}
+            for moved, calls, name, source in sorted(memory_rows, reverse=True)[:rows]
+        ],
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="vit-b")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--path", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=40)
+    parser.add_argument("--output", default=None, help="a JSON file for the summary (default: print only)")
+    args = parser.parse_args(argv)
+    summary = summarize(forward_traffic(args.variant, args.dtype, args.path, args.batch), args.rows)
+    print(
+        f"{args.variant} {args.dtype} batch {args.batch}, {args.path} code path: {summary['total_gb']:.2f} GB moved, "
+        f"{summary['memory_bound_gb']:.2f} GB by memory-bound operators"
+    )
+    for row in summary["largest"]:
+        print(f"{row['gb'] * 1e3:9.1f} MB {row['calls']:5d}  {row['operator']:24s} {row['source']}")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as file:
+            json.dump({"variant": args.variant, "dtype": args.dtype, "path": args.path, **summary}, file, indent=1)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""
+`deformable_attention_triton`, the fused Triton sampler (a GPU candidate, benchmarks/gpu_candidates.py), run here by
+Triton's CPU interpreter (`TRITON_INTERPRET=1`, the same kernel source executed on CPU tensors) against transformers'
+`multi_scale_deformable_attention` (grid_sample) in float64: the reference is transformers' code, not ours.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+
+pytest.importorskip("triton")
+
+# Triton's interpreter must be chosen before Triton is imported (its language library is made of jit functions,
+# made once at import): the tests below run in a child process started with it, `test_under_triton_interpreter`
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs in test_under_triton_interpreter's child")
+
+
+def test_under_triton_interpreter():
+    """This file's kernel tests, in a child pytest with `TRITON_INTERPRET=1`; its report shown on failure."""
+    if INTERPRETING:
+        pytest.skip("this is the child")
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
+    assert " passed" in child.stdout and "skipped" in child.stdout  # the kernel tests ran, this one skipped
+
+
+@pytest.fixture
+def interpreted():
+    """The sampler's module, its kernel made under Triton's CPU interpreter."""
+    from transformers_possam.modeling import deformable_sampling_triton
+
+    return deformable_sampling_triton
+
+
+def _inputs(shapes, batch, heads, head_dim, points, queries, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    num_values = sum(height * width for height, width in shapes)
+    value = torch.randn(batch, num_values, heads, head_dim, generator=generator)
+    # a margin beyond [0, 1] on every side: some corners, and some whole samples, fall off the map (zero padding)
+    locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=generator) * 1.4 - 0.2
+    weights = torch.rand(batch, queries, heads, len(shapes), points, generator=generator)
+    return value, locations, weights
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "shapes, batch, heads, head_dim, points, queries",
+    [
+        ([(4, 4), (8, 8), (16, 16)], 2, 8, 32, 4, 336),  # PosSAM's layout (3 levels, 8 heads of 32, 4 points)
+        ([(3, 5), (7, 2)], 1, 2, 24, 3, 70),  # a head size that is not a power of 2; 70 queries: a partial block
+        ([(1, 1)], 3, 1, 1, 1, 5),  # degenerate: one pixel, one channel
+    ],
+)
+def test_triton_sampler_equals_transformers_grid_sample_version(
+    interpreted, shapes, batch, heads, head_dim, points, queries
+):
+    value, locations, weights = _inputs(shapes, batch, heads, head_dim, points, queries)
+    expected = multi_scale_deformable_attention(value.double(), shapes, locations.double(), weights.double())
+    with torch.inference_mode():
+        found = interpreted.deformable_attention_triton(value, shapes, locations, weights)
+    assert found.dtype == torch.float32 and found.shape == (batch, queries, heads * head_dim)
+    torch.testing.assert_close(found.double(), expected, rtol=0, atol=1e-5)
+
+
+@needs_interpreter
+def test_triton_sampler_on_pixel_centres_and_edges(interpreted):
+    """Locations on pixel centres (one corner with weight 1), on the map's edges (0 and 1: half the weight off the
+    map) and exactly between pixels: grid_sample's align_corners=False conventions."""
+    shapes = [(4, 6), (2, 3)]
+    value, _, weights = _inputs(shapes, 1, 2, 8, 2, 12)
+    grid = torch.tensor([0.0, 1.0, 0.5, 1 / 12, 11 / 12, 1 / 6, 0.25, 0.75, 1 / 8, 7 / 8, 1.0, 0.0])
+    locations = torch.stack([grid, grid.flip(0)], dim=-1)[None, :, None, None, None, :].expand(1, 12, 2, 2, 2, 2)
+    expected = multi_scale_deformable_attention(value.double(), shapes, locations.double(), weights.double())
+    with torch.inference_mode():
+        found = interpreted.deformable_attention_triton(value, shapes, locations.contiguous(), weights)
+    torch.testing.assert_close(found.double(), expected, rtol=0, atol=1e-5)
+
+
+@needs_interpreter
+def test_triton_sampler_reads_bf16_values_and_accumulates_in_float32(interpreted):
+    """bf16 values (a bf16 model's, without the float32 copy): the same as float32 sampling of those same bf16
+    values (each is exact in float32), and a float32 result."""
+    shapes = [(4, 4), (8, 8)]
+    value, locations, weights = _inputs(shapes, 2, 4, 16, 4, 40)
+    value = value.bfloat16()
+    expected = multi_scale_deformable_attention(value.double(), shapes, locations.double(), weights.double())
+    with torch.inference_mode():
+        found = interpreted.deformable_attention_triton(value, shapes, locations, weights)
+    assert found.dtype == torch.float32
+    torch.testing.assert_close(found.double(), expected, rtol=0, atol=1e-5)
+
+
+@needs_interpreter
+def test_triton_sampler_makes_its_level_table_once_per_sizes(interpreted):
+    """The per-level sizes and starts the kernel reads are made once per sizes and device (`DeviceConstants`), not
+    copied to the device in every layer and call."""
+    interpreted._level_tables.cache_clear()
+    shapes = [(4, 4), (2, 2)]
+    value, locations, weights = _inputs(shapes, 1, 2, 8, 2, 6)
+    with torch.inference_mode():
+        for _ in range(3):
+            interpreted.deformable_attention_triton(value, shapes, locations, weights)
+    info = interpreted._level_tables.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+    table = interpreted._level_tables(((4, 4), (2, 2)), value.device, like=value)
+    assert table.tolist() == [[4, 4, 0], [2, 2, 16]] and table.dtype == torch.int32
+
+
+@needs_interpreter
+def test_triton_sampler_refuses_what_it_cannot_do(interpreted, monkeypatch):
+    """Each refusal names what to do instead; nothing is computed wrongly in silence."""
+    shapes = [(4, 4)]
+    value, locations, weights = _inputs(shapes, 1, 2, 8, 2, 6)
+    # autograd: no backward, so a gradient would be silently missing
+    with pytest.raises(RuntimeError, match="inference only"):
+        interpreted.deformable_attention_triton(value.requires_grad_(), shapes, locations, weights)
+    value = value.detach()
+    # spatial shapes that do not cover the values
+    with pytest.raises(ValueError, match="do not add up"):
+        interpreted.deformable_attention_triton(value, [(4, 3)], locations, weights)
+    # CPU tensors without the interpreter: no kernel can run there
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not interpreted.triton_sampling_available("cpu")
+    assert interpreted.triton_sampling_available("cuda")
+    with pytest.raises(RuntimeError, match="needs CUDA and Triton"):
+        interpreted.deformable_attention_triton(value, shapes, locations, weights)
+
+
+@needs_interpreter
+def test_gpu_candidates_offer_the_triton_sampler_where_triton_runs(interpreted):
+    """benchmarks/gpu_candidates.py's sampler list: the fused kernel, with float32 and with bf16 values, where
+    Triton runs (here its interpreter), each within its rounding of transformers' sampler."""
+    from .conftest import load_script
+
+    candidates = load_script("benchmarks/gpu_candidates.py").samplers(with_cpu_steps=False, device=torch.device("cpu"))
+    shapes = [(4, 4), (8, 8)]
+    value, locations, weights = _inputs(shapes, 1, 2, 8, 2, 20)
+    expected = multi_scale_deformable_attention(value.double(), shapes, locations.double(), weights.double())
+    with torch.inference_mode():
+        for name, tolerance in (("triton_fused", 1e-5), ("triton_fused_bf16_values", 3e-2)):
+            found = candidates[name](value, shapes, locations, weights)
+            torch.testing.assert_close(found.double(), expected, rtol=0, atol=tolerance)
