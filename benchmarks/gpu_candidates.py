@@ -235,14 +235,17 @@ def channels_last_forward(
     module = model.clip.vision_model if scope == "convnext_trunk" else model
     inputs = pixel_values if scope == "convnext_trunk" else pixel_values.contiguous(memory_format=torch.channels_last)
     # the convolutions' weights only: `module.to(memory_format=...)` would also re-stride other 4-d parameters
-    # (SAM's (1, 64, 64, 768) position embedding, which is not a channels-first map)
-    convolutions = [layer for layer in module.modules() if isinstance(layer, torch.nn.Conv2d)]
-    for convolution in convolutions:
-        convolution.weight.data = convolution.weight.data.contiguous(memory_format=torch.channels_last)
-    hook = model.clip.vision_model.stem.register_forward_pre_hook(
-        lambda _, arguments: (arguments[0].contiguous(memory_format=torch.channels_last), *arguments[1:])
-    )
+    # (SAM's (1, 64, 64, 768) position embedding, which is not a channels-first map); the originals are kept and
+    # put back as they were, whatever fails on the way
+    convolution_types = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    originals = {layer: layer.weight.data for layer in module.modules() if isinstance(layer, convolution_types)}
+    hook = None
     try:
+        for layer in originals:
+            layer.weight.data = originals[layer].contiguous(memory_format=torch.channels_last)
+        hook = model.clip.vision_model.stem.register_forward_pre_hook(
+            lambda _, arguments: (arguments[0].contiguous(memory_format=torch.channels_last), *arguments[1:])
+        )
 
         def forward():
             return model(inputs, class_embeddings=class_embeddings)
@@ -250,9 +253,10 @@ def channels_last_forward(
         timing = _time(forward, device, repeats)
         masks = forward().masks_queries_logits
     finally:
-        hook.remove()
-        for convolution in convolutions:
-            convolution.weight.data = convolution.weight.data.contiguous()
+        if hook is not None:
+            hook.remove()
+        for layer, weight in originals.items():
+            layer.weight.data = weight
     timing["max_abs_difference_of_mask_logits"] = float((masks.float() - reference.float()).abs().max())
     return timing
 

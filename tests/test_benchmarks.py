@@ -625,8 +625,36 @@ def test_gpu_candidates_channels_last_forward_puts_the_model_back(scope):
     assert set(sam_layouts) == {(scope == "whole_model", True)}
     assert timing["median_s"] > 0 and timing["max_abs_difference_of_mask_logits"] < 1e-4
     assert all(parameter.is_contiguous() for parameter in model.parameters())
+    assert not any(parameter.is_inference() for parameter in model.parameters())  # the originals, not copies
     assert hooks(model) == hooks_before
     assert torch.equal(before, after)
+
+
+def test_gpu_candidates_channels_last_forward_puts_the_model_back_after_a_failure(monkeypatch):
+    """A failure while the candidate is set up (here: registering its stem hook) leaves the model as it was: every
+    convolution's original weight tensor back, no hook left."""
+    from transformers_possam import PosSAMForPanopticSegmentation, tiny_config
+
+    candidates = load_script("benchmarks/gpu_candidates.py")
+    model = PosSAMForPanopticSegmentation(tiny_config()).eval()
+    size = model.config.vision_config.image_size
+    # each weight's memory and layout: the originals back means the same storage with the same strides
+    weights = {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
+    stem = model.clip.vision_model.stem
+
+    converted_when_it_failed = []
+
+    def failing(*arguments, **keywords):
+        converted_when_it_failed.append(stem[0].weight.is_contiguous(memory_format=torch.channels_last))
+        raise RuntimeError("no hook today")
+
+    monkeypatch.setattr(stem, "register_forward_pre_hook", failing)
+    with pytest.raises(RuntimeError, match="no hook today"), torch.inference_mode():
+        candidates.channels_last_forward(
+            model, "whole_model", torch.randn(1, 3, size, size), None, None, torch.device("cpu"), repeats=1
+        )
+    assert converted_when_it_failed == [True]  # the weights had been converted: the restoring was exercised
+    assert {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()} == weights
 
 
 def test_gpu_profile_device_busy_counts_each_kernel_once_as_torch_tables_do():
@@ -684,6 +712,16 @@ def test_gpu_candidates_post_processing_by_kept_queries_keeps_that_many():
     assert result["kept_per_image"] == 3 and result["threshold"] > 0
     assert result["pixels_differing"] == 0 and 1 <= result["segments"] <= 3
     assert result["dense"]["median_s"] > 0 and result["cell_bound"]["median_s"] > 0
+    # 6 of the 8 queries void: the 3rd best is a void query's -1, the midpoint below 0; the threshold stays at 0
+    # (a valid threshold) and keeps the 2 non-void queries
+    logits = outputs.class_queries_logits.clone()
+    logits[:, 2:, -1] = 100.0
+    mostly_void = type(outputs)(**{**outputs, "class_queries_logits": logits})
+    with torch.inference_mode():
+        result = candidates.post_processing_by_kept_queries(
+            processor, mostly_void, [(size, size)], 3, torch.device("cpu"), repeats=1
+        )
+    assert result["threshold"] == 0.0 and result["kept_per_image"] == 2
 
 
 def test_traffic_counter_counts_the_bytes_each_operator_moves():

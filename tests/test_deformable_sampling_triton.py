@@ -129,6 +129,9 @@ def test_triton_sampler_refuses_what_it_cannot_do(interpreted, monkeypatch):
     with pytest.raises(RuntimeError, match="inference only"):
         interpreted.deformable_attention_triton(value.requires_grad_(), shapes, locations, weights)
     value = value.detach()
+    # float64 values would be rounded to float32 in silence
+    with pytest.raises(ValueError, match="float32, bf16 or fp16 values, got torch.float64"):
+        interpreted.deformable_attention_triton(value.double(), shapes, locations, weights)
     # spatial shapes that do not cover the values
     with pytest.raises(ValueError, match="do not add up"):
         interpreted.deformable_attention_triton(value, [(4, 3)], locations, weights)

@@ -19,6 +19,7 @@ from ..device_transfer import to_device
 __all__ = [
     "PosSAMMultiscaleDeformableAttention",
     "deformable_attention_embedding_bag",
+    "float32_or_read_as_they_are",
     "softmax_over_a_short_last_dimension",
 ]
 
@@ -306,6 +307,15 @@ def deformable_attention_embedding_bag(
     return output
 
 
+def float32_or_read_as_they_are(sample: Callable[..., torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    """
+    The reduced-precision (bf16 / fp16) values a sampler is given: as they are if it reads them itself and
+    accumulates in float32 (marked with a true `reads_reduced_precision_values` attribute; each value is exact in
+    float32, so only the copy is saved), else their float32 copy, FC-CLIP's precision for the sampling.
+    """
+    return value if getattr(sample, "reads_reduced_precision_values", False) else value.float()
+
+
 class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
     """
     Mask2Former's pixel-decoder deformable attention (same parameters and state-dict keys, same math). On CPU the
@@ -349,9 +359,6 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         )
         device_type = value.device.type
         sample = self.sampler(device_type)
-        # a sampler that reads reduced-precision values itself and accumulates in float32 gets them as they are:
-        # each is exact in float32, so only the copy is saved
-        sampled_value = value if getattr(sample, "reads_reduced_precision_values", False) else value.float()
         if torch.is_autocast_enabled(device_type):
             # FC-CLIP's MSDeformAttnFunction is `custom_fwd(cast_inputs=torch.float32)`: under mixed precision the
             # sampling (locations, bilinear weights, weighted sums) runs in float32 with autocast off; the
@@ -361,7 +368,12 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
                 sampling_locations = self.sampling_locations(
                     reference_points.float(), offsets.float(), spatial_shapes_list
                 )
-                sampled = sample(sampled_value, spatial_shapes_list, sampling_locations, attention_weights.float())
+                sampled = sample(
+                    float32_or_read_as_they_are(sample, value),
+                    spatial_shapes_list,
+                    sampling_locations,
+                    attention_weights.float(),
+                )
         elif offsets.dtype in (torch.bfloat16, torch.float16):
             # the whole model in a reduced precision (`from_pretrained(..., dtype=torch.bfloat16)`): the sampling in
             # float32 as under autocast (bf16 locations would be off by up to a pixel), back to the model's dtype for
@@ -369,9 +381,12 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
             sampling_locations = self.sampling_locations(
                 reference_points.float(), offsets.float(), spatial_shapes_list
             )
-            sampled = sample(sampled_value, spatial_shapes_list, sampling_locations, attention_weights.float()).to(
-                value.dtype
-            )
+            sampled = sample(
+                float32_or_read_as_they_are(sample, value),
+                spatial_shapes_list,
+                sampling_locations,
+                attention_weights.float(),
+            ).to(value.dtype)
         else:
             sampling_locations = self.sampling_locations(reference_points, offsets, spatial_shapes_list)
             sampled = sample(value, spatial_shapes_list, sampling_locations, attention_weights)

@@ -147,8 +147,13 @@ def deformable_attention_triton(
     Returns:
         `(B, Q, heads * head_dim)` float32.
 
+    Not registered as a `torch.library` custom op: before it serves traced graphs (`torch.compile`, `torch.export`)
+    it would need wrapping with `torch.library.triton_op`.
+
     Raises:
         RuntimeError: autograd would need a gradient, or Triton cannot run on the inputs' device.
+        ValueError: values of another dtype than float32, bf16 or fp16 (float64 would be rounded to float32 in
+            silence), or spatial shapes that do not add up to the number of values.
     """
     if torch.is_grad_enabled() and (
         value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad
@@ -156,6 +161,11 @@ def deformable_attention_triton(
         raise RuntimeError("deformable_attention_triton has no backward: use it for inference only.")
     if not triton_sampling_available(value.device):
         raise RuntimeError(f"deformable_attention_triton needs CUDA and Triton; the inputs are on {value.device}.")
+    if value.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"deformable_attention_triton reads float32, bf16 or fp16 values, got {value.dtype}: use transformers' "
+            "multi_scale_deformable_attention for other dtypes."
+        )
     batch_size, num_values, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     if sum(height * width for height, width in spatial_shapes) != num_values:
