@@ -278,6 +278,53 @@ def test_deformable_layer_gives_a_marked_sampler_the_models_own_values(monkeypat
     assert torch.equal(outputs[0], outputs[1])
 
 
+def test_deformable_layer_replaces_an_inference_only_sampler_where_autograd_or_a_trace_needs_it(monkeypatch):
+    """A sampler marked `inference_only` (the fused Triton kernel: no backward, opaque to a trace) runs at inference;
+    where a gradient is needed (trainable layer, grad enabled) or a `torch.compile` / `torch.export` trace runs,
+    transformers' `multi_scale_deformable_attention` runs instead, so training and traced graphs stay correct."""
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    from transformers_possam.modeling.deformable_attention import PosSAMMultiscaleDeformableAttention
+
+    calls = []
+
+    def inference_only(*arguments):
+        calls.append("inference_only")
+        return multi_scale_deformable_attention(*arguments)
+
+    inference_only.inference_only = True
+    monkeypatch.setattr(PosSAMMultiscaleDeformableAttention, "sampler", staticmethod(lambda _: inference_only))
+    torch.manual_seed(0)
+    layer = PosSAMMultiscaleDeformableAttention(embed_dim=16, num_heads=2, n_levels=2, n_points=2)
+    shapes = [(4, 4), (2, 2)]
+    hidden = torch.randn(1, 20, 16)
+    arguments = {
+        "encoder_hidden_states": hidden,
+        "position_embeddings": torch.zeros_like(hidden),
+        "reference_points": torch.rand(1, 20, 2, 2),
+        "spatial_shapes_list": shapes,
+    }
+    with torch.no_grad():
+        inferred = layer(hidden, **arguments)[0]
+    assert calls == ["inference_only"]
+    trained = layer(hidden, **arguments)[0]  # the layer's parameters need gradients
+    assert calls == ["inference_only"]
+    trained.sum().backward()
+    assert layer.sampling_offsets.weight.grad is not None and layer.value_proj.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(trained.detach(), inferred)
+    layer.requires_grad_(False)
+    with torch.enable_grad():  # grad enabled, but nothing needs a gradient: the inference-only sampler runs
+        layer(hidden, **arguments)
+    assert calls == ["inference_only"] * 2
+    for tracing in ("is_compiling", "is_exporting"):
+        monkeypatch.setattr(torch.compiler, tracing, lambda: True)
+        with torch.no_grad():
+            layer(hidden, **arguments)
+        monkeypatch.undo()
+        monkeypatch.setattr(PosSAMMultiscaleDeformableAttention, "sampler", staticmethod(lambda _: inference_only))
+    assert calls == ["inference_only"] * 2
+
+
 def test_embedding_bag_sampler_in_float64_keeps_float64_precision():
     """float64 inputs: the corner arithmetic runs in float64 (the rows stay exact integers), so the result matches
     transformers' float64 grid_sample version to float64 rounding, with autograd and without (in steps)."""

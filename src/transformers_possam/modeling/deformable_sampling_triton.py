@@ -147,8 +147,9 @@ def deformable_attention_triton(
     Returns:
         `(B, Q, heads * head_dim)` float32.
 
-    Not registered as a `torch.library` custom op: before it serves traced graphs (`torch.compile`, `torch.export`)
-    it would need wrapping with `torch.library.triton_op`.
+    Not registered as a `torch.library` custom op: traced graphs (`torch.compile`, `torch.export`) do not use it
+    (marked `inference_only`, `PosSAMMultiscaleDeformableAttention` then runs transformers' sampler, which a compiled
+    graph fuses by itself); serving them would need `torch.library.triton_op`.
 
     Raises:
         RuntimeError: autograd would need a gradient, or Triton cannot run on the inputs' device.
@@ -194,5 +195,7 @@ def deformable_attention_triton(
     return output.view(batch_size, num_queries, num_heads * head_dim)
 
 
-# `PosSAMMultiscaleDeformableAttention` passes a bf16 / fp16 model's values as they are to a sampler marked so
+# `PosSAMMultiscaleDeformableAttention` passes a bf16 / fp16 model's values as they are to a sampler marked so, and
+# uses transformers' sampler instead of an inference-only one where autograd or a trace needs it
 deformable_attention_triton.reads_reduced_precision_values = True  # type: ignore[attr-defined]
+deformable_attention_triton.inference_only = True  # type: ignore[attr-defined]
