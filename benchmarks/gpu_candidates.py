@@ -15,7 +15,9 @@ pointed at on an H200 (2026-11-26):
    its time by box (`gpu.box_times`), the forward with the ConvNeXt trunk and with the whole model in channels-last
    memory format, and the dense panoptic post-processing with the old pieces (pageable transfer, scatter counts),
    the new, and the new with chunks of 64 masks instead of 16; the new post-processing's segments against the
-   CPU's cell-bound path; the dense path against the cell-bound one on the GPU with 16, 64 and all queries kept.
+   CPU's cell-bound path; the dense path against the cell-bound one on the GPU with 16, 64 and all queries kept;
+5. SAM's attention at SAM-B's and SAM-H's windowed and global shapes: the bias as extra q/k channels (CUDA's
+   path), the same with the value padded to q/k's head size (flash-eligible), and the bias as an additive mask.
 
 `python benchmarks/gpu_candidates.py --device cuda --output OUT/candidates.json`; `--device cpu --variant tiny`
 runs the same code on a CPU (the tests do; no figure is meaningful there).
@@ -41,7 +43,7 @@ def _time(step, device: torch.device, repeats: int) -> dict:
     """
     `gpu.time_steps`'s timing of `step` (its warm-up, then `repeats` timed calls), without the peak memory. A quarter
     second of warm-up on CUDA (not the suite's second): the candidates run back to back, the GPU already busy, and
-    about 60 timings must fit the 180 s `device_session.sh` gives this script.
+    about 85 timings must fit the 180 s `device_session.sh` gives this script (SAM's attention, last, is cut first).
     """
     timing, _ = time_steps(step, device, repeats, warmup_s=0.25 if device.type == "cuda" else 0.0)
     return timing
@@ -151,6 +153,81 @@ def deformable_candidates(device: torch.device, batch: int, repeats: int, shapes
                 }
             except Exception as error:  # reported; the other candidates stand
                 results[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
+    return results
+
+
+def sam_attention_variants() -> dict:
+    """
+    SAM's attention with its decomposed relative-position bias (same arguments and result as
+    `relative_position_attention`), three ways on a GPU:
+    - `extended_qk` (what CUDA runs): the bias as extra q/k channels, one SDPA call; the value's head size differs
+      from q/k's, which leaves SDPA the memory-efficient kernel (not flash);
+    - `extended_qk_value_padded`: the same with the value padded with zero channels to q/k's size, which flash
+      attention accepts, the extra output channels (zeros) sliced off: more work in the second matmul;
+    - `bias_as_mask`: plain q/k/v with the bias materialized as a `(B, heads, T, T)` additive mask (0.8-1.1 GB per
+      image at a global layer in bf16).
+    """
+    from transformers_possam.modeling.sam_attention import (
+        _decomposed_bias_factors,
+        relative_position_attention,
+        relative_position_query_and_key,
+    )
+
+    def extended_qk_value_padded(query, key, value, relative_height, relative_width, size):
+        extended_query, extended_key = relative_position_query_and_key(
+            query, key, relative_height, relative_width, size
+        )
+        head_dim = value.shape[-1]
+        padded_value = F.pad(value, (0, extended_query.shape[-1] - head_dim))
+        output = F.scaled_dot_product_attention(extended_query, extended_key, padded_value, scale=1.0)
+        return output[..., :head_dim]
+
+    def bias_as_mask(query, key, value, relative_height, relative_width, size):
+        rel_h, rel_w = _decomposed_bias_factors(query, relative_height, relative_width, size)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)  # (B, heads, T, H * W)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+
+    return {
+        "extended_qk": relative_position_attention,
+        "extended_qk_value_padded": extended_qk_value_padded,
+        "bias_as_mask": bias_as_mask,
+    }
+
+
+def sam_attention_candidates(device: torch.device, batch: int, repeats: int, tiny: bool) -> dict:
+    """
+    `sam_attention_variants` timed at SAM-B's (12 heads of 64) and SAM-H's (16 heads of 80) shapes at 1024x1024 in
+    bf16: a windowed layer (25 windows of 14 x 14 per image) and a global one (64 x 64), each against the first
+    variant. `tiny`: small shapes for a CPU test.
+    """
+    variants = sam_attention_variants()
+    generator = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    models = {"tiny": (8, 2)} if tiny else {"sam_b": (64, 12), "sam_h": (80, 16)}
+    grids = {"windowed": (25, (4, 4) if tiny else (14, 14)), "global": (1, (6, 6) if tiny else (64, 64))}
+    results: dict = {}
+    for model_name, (head_dim, heads) in models.items():
+        for layer_name, (windows, size) in grids.items():
+            tokens = size[0] * size[1]
+            query, key, value = (
+                torch.randn(batch * windows, heads, tokens, head_dim, generator=generator).to(device, dtype)
+                for _ in "qkv"
+            )
+            tables = [torch.randn(n, n, head_dim, generator=generator).to(device, dtype) / 4 for n in size]
+            row: dict = {}
+            with torch.inference_mode():
+                reference = None
+                for name, attend in variants.items():
+                    try:
+                        output = attend(query, key, value, *tables, size)
+                        reference = output if reference is None else reference
+                        row[name] = {
+                            **_time(lambda attend=attend: attend(query, key, value, *tables, size), device, repeats),
+                            "max_abs_difference": float((output.float() - reference.float()).abs().max()),
+                        }
+                    except Exception as error:  # reported; the other variants stand
+                        row[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            results[f"{model_name}_{layer_name}"] = row
     return results
 
 
@@ -415,6 +492,10 @@ def main(argv=None) -> dict:
     save()
     results["model"] = {}
     model_candidates(device, args.variant, args.batches, max(args.repeats // 2, 1), results["model"], save)
+    for batch in args.batches:  # last: the model's rows decide more; a time limit cuts these first
+        results[f"sam_attention_batch_{batch}"] = sam_attention_candidates(device, batch, args.repeats, tiny)
+        print(json.dumps({f"sam_attention_batch_{batch}": results[f"sam_attention_batch_{batch}"]}), flush=True)
+        save()
     return results
 
 

@@ -502,6 +502,12 @@ def test_gpu_candidates_run_on_cpu_and_agree_with_their_references(tmp_path, mon
     assert kept[16]["threshold"] == kept["all"]["threshold"] == 0.0 and kept[16]["kept_per_image"] <= 8
     assert all(entry["pixels_differing"] == 0 and entry["dense"]["median_s"] > 0 for entry in kept.values())
     assert json.loads((tmp_path / "candidates.json").read_text())["model"] == results["model"]
+    # SAM's attention three ways, each against the first (the CUDA path) at the tiny windowed and global shapes
+    attention = results["sam_attention_batch_2"]
+    assert set(attention) == {"tiny_windowed", "tiny_global"}
+    for row in attention.values():
+        assert set(row) == {"extended_qk", "extended_qk_value_padded", "bias_as_mask"}
+        assert all(variant["max_abs_difference"] < 1e-5 and variant["median_s"] > 0 for variant in row.values()), row
 
 
 def test_gpu_time_steps_warms_up_by_time_then_times_the_repeats():

@@ -16,6 +16,7 @@ __all__ = [
     "PosSAMVisionAttention",
     "relative_position_attention",
     "relative_position_attention_blocked",
+    "relative_position_query_and_key",
     "relative_position_rows",
 ]
 
@@ -126,6 +127,22 @@ def relative_position_attention(
     Returns:
         `(B, heads, H * W, d)`.
     """
+    extended_query, extended_key = relative_position_query_and_key(query, key, relative_height, relative_width, size)
+    return F.scaled_dot_product_attention(extended_query, extended_key, value, scale=1.0)
+
+
+def relative_position_query_and_key(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    relative_height: torch.Tensor,
+    relative_width: torch.Tensor,
+    size: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    `relative_position_attention`'s extended query `[q / sqrt(d), rel_h, rel_w, 0...]` and key `[k, e(h_j), e(w_j),
+    0...]`, both `(B, heads, H * W, d + H + W + padding)`: with scale 1, their scores are SAM's scores plus its
+    decomposed relative-position bias.
+    """
     batch_size, num_heads, tokens, head_dim = query.shape
     rel_h, rel_w = _decomposed_bias_factors(query, relative_height, relative_width, size)
     padding = -(head_dim + sum(size)) % _FUSED_HEAD_SIZE_MULTIPLE
@@ -135,7 +152,7 @@ def relative_position_attention(
         query_parts.append(query.new_zeros(batch_size, num_heads, tokens, padding))
     extended_query = torch.cat(query_parts, dim=-1)
     extended_key = torch.cat([key, key_one_hot.expand(batch_size, num_heads, tokens, -1)], dim=-1)
-    return F.scaled_dot_product_attention(extended_query, extended_key, value, scale=1.0)
+    return extended_query, extended_key
 
 
 def relative_position_attention_blocked(
