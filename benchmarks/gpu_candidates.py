@@ -15,7 +15,8 @@ pointed at on an H200 (2026-11-26):
    its time by box (`gpu.box_times`), the forward with the ConvNeXt trunk and with the whole model in channels-last
    memory format, and the dense panoptic post-processing with the old pieces (pageable transfer, scatter counts),
    the new, and the new with chunks of 64 masks instead of 16; the new post-processing's segments against the
-   CPU's cell-bound path; the dense path against the cell-bound one on the GPU with 16, 64 and all queries kept;
+   CPU's cell-bound path; on CUDA the dense path with its per-pixel part in one Triton kernel
+   (`pixel_assignment_triton`); the dense path against the cell-bound one with 16, 64 and all queries kept;
 5. SAM's attention at SAM-B's and SAM-H's windowed and global shapes: the bias as extra q/k channels (CUDA's
    path), the same with the value padded to q/k's head size (flash-eligible), and the bias as an additive mask.
 
@@ -298,6 +299,17 @@ def post_processing_by_kept_queries(
     }
 
 
+def triton_pixel_assignment(
+    self, mask_logits, kept_score, kept_offset, mask_threshold: float, reshaped_size, target_size
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`PosSAMPostProcessingMixin._pixel_assignment` through the Triton kernel (`pixel_assignment_triton`), the same
+    resize chain: what the post-processing candidate swaps in."""
+    from transformers_possam.dense_assignment_triton import pixel_assignment_triton
+
+    steps = self._resize_steps(reshaped_size, target_size)
+    return pixel_assignment_triton(mask_logits, kept_score, kept_offset, steps, mask_threshold)
+
+
 def channels_last_forward(
     model, scope: str, pixel_values, class_embeddings, reference: torch.Tensor, device: torch.device, repeats: int
 ) -> dict:
@@ -345,6 +357,7 @@ def model_candidates(
     limit keeps what was measured."""
     from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, postprocessing
     from transformers_possam.modeling import deformable_attention
+    from transformers_possam.modeling.deformable_sampling_triton import triton_sampling_available
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -359,11 +372,14 @@ def model_candidates(
     original_sampler = attention.__dict__["sampler"]
     new_fetch, new_count = postprocessing._fetch_to_host, postprocessing._pixels_per_query
     chunking = postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS
+    mixin = postprocessing.PosSAMPostProcessingMixin
+    original_assignment = mixin.__dict__["_pixel_assignment"]
 
     def restore():
         attention.sampler = original_sampler
         postprocessing._fetch_to_host, postprocessing._pixels_per_query = new_fetch, new_count
         postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS = chunking
+        mixin._pixel_assignment = original_assignment
 
     try:
         for batch in batches:
@@ -439,6 +455,26 @@ def model_candidates(
 
                 _measured(row, "post_processing_old_pieces", with_old_pieces, save)
                 _measured(row, "post_processing_new", lambda: _time(post, device, repeats), save)
+
+                def with_triton_assignment():
+                    # the per-pixel part in one Triton kernel (`pixel_assignment_triton`): no (queries, H, W) maps
+                    reference = post()
+                    mixin._pixel_assignment = triton_pixel_assignment
+                    try:
+                        timing = _time(post, device, repeats)
+                        found = post()
+                    finally:
+                        restore()
+                    timing["pixels_differing"] = sum(
+                        int((got["segmentation"] != want["segmentation"]).sum()) for got, want in zip(found, reference)
+                    )
+                    timing["segments_equal"] = all(
+                        got["segments_info"] == want["segments_info"] for got, want in zip(found, reference)
+                    )
+                    return timing
+
+                if triton_sampling_available(device):
+                    _measured(row, "post_processing_triton_assignment", with_triton_assignment, save)
                 _measured(row, "post_processing_chunks_of_64", chunks_of_64, save)
                 _measured(row, "first_image_against_cpu_cell_bound", against_the_cpu, save)
                 for kept in KEPT_QUERIES:

@@ -466,6 +466,7 @@ def test_gpu_candidates_run_on_cpu_and_agree_with_their_references(tmp_path, mon
             postprocessing._pixels_per_query,
             postprocessing.RESIZE_CHUNK,
             postprocessing.RESIZE_ELEMENTS,
+            postprocessing.PosSAMPostProcessingMixin.__dict__["_pixel_assignment"],
         )
 
     before = swapped()

@@ -526,6 +526,29 @@ def test_outputs_as_a_dict_or_half_precision(processor):
     assert_same_results(run(processor, "panoptic", halved), run(processor, "panoptic", rounded))
 
 
+@pytest.mark.parametrize(
+    "subtask,kwargs",
+    [
+        ("panoptic", {"dense_assignment": True}),
+        ("panoptic", {"dense_assignment": False}),
+        ("semantic", {}),
+        ("instance", {}),
+        ("instance", {"return_binary_maps": True}),
+    ],
+)
+@pytest.mark.parametrize("target_sizes", [None, [TARGET], [(MASK_SIZE, MASK_SIZE)]])
+def test_post_processing_never_writes_into_the_outputs(processor, subtask, kwargs, target_sizes):
+    # expected: the model's outputs unchanged, so a second call gives the same results. Without target sizes (masks
+    # at their own size, nothing to resize) the dense panoptic path once applied its in-place sigmoid to the caller's
+    # float32 mask logits: the second call then ran on probabilities
+    outputs = make_outputs()
+    before = {name: value.clone() for name, value in vars(outputs).items()}
+    first = run(processor, subtask, outputs, target_sizes=target_sizes, **kwargs)
+    for name, value in vars(outputs).items():
+        assert torch.equal(value, before[name]), name
+    assert_same_results(run(processor, subtask, outputs, target_sizes=target_sizes, **kwargs), first)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # flags
 

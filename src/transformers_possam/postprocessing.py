@@ -919,16 +919,62 @@ class PosSAMPostProcessingMixin:
         if num_queries == 0:  # no query, no segment: an empty map of the output size
             empty = self._masks_to_target(mask_logits.float(), reshaped_size, target_size)
             return torch.zeros(empty.shape[-2:], dtype=torch.int32, device=mask_logits.device), keep.int()
-        chunk = self._masks_per_chunk((mask_logits.shape[-2], mask_logits.shape[-1]), reshaped_size, target_size)
         # the running argmax over queries of score * probability (non-kept queries at -1: below every kept one, so
-        # they never win while any query is kept); strict comparisons keep argmax's first-maximum rule
-        best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (value, query, probability) per pixel
+        # they never win while any query is kept)
         kept_score = torch.where(keep, query_scores.float(), 0.0)
         kept_offset = torch.where(keep, 0.0, -1.0).float()
+        best_query, best_probability, own_area = self._pixel_assignment(
+            mask_logits, kept_score, kept_offset, mask_threshold, reshaped_size, target_size
+        )
+        won = keep[best_query]  # False everywhere when no query is kept
+        inside = won & (best_probability >= mask_threshold)
+        # pixels won by each query, and those of them inside its mask; a pixel no query wins (none kept) counts for
+        # the extra id `num_queries`, which `_pixels_per_query` leaves out
+        assigned_area = _pixels_per_query(torch.where(won, best_query, num_queries).flatten(), num_queries)
+        segment_area = _pixels_per_query(torch.where(inside, best_query, num_queries).flatten(), num_queries)
+        is_segment = (
+            keep & (segment_area > 0) & (own_area > 0) & (assigned_area >= overlap_mask_area_threshold * own_area)
+        )
+        # segment ids in query order; a segment of a fused (stuff) class joins the first segment of its class
+        same_class = is_segment[None, :] & (query_labels[None, :] == query_labels[:, None])  # [query, other query]
+        order = torch.arange(num_queries, device=keep.device)
+        joins_earlier = (
+            is_segment & is_fuse_label[query_labels] & (same_class & (order[None, :] < order[:, None])).any(1)
+        )
+        opens = is_segment & ~joins_earlier
+        opened_id = torch.cumsum(opens.int(), 0, dtype=torch.int32)
+        first_of_class = same_class.int().argmax(1)  # the first segment of the query's class (itself if it opens)
+        segment_of_query = torch.where(
+            opens, opened_id, torch.where(joins_earlier, opened_id[first_of_class], 0)
+        ).int()
+        segmentation = torch.where(inside, segment_of_query[best_query], 0).int()
+        return segmentation, segment_of_query
+
+    def _pixel_assignment(
+        self,
+        mask_logits: torch.Tensor,
+        kept_score: torch.Tensor,
+        kept_offset: torch.Tensor,
+        mask_threshold: float,
+        reshaped_size: tuple[int, int] | None,
+        target_size: tuple[int, int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        The per-pixel part of `_dense_segments`: for `(Q, h, w)` mask logits resized to the output
+        (`_masks_to_target`) and passed through the sigmoid, each pixel's query with the highest `kept_offset +
+        kept_score * probability` (strict comparisons: the first query of a tie, argmax's rule) and its probability
+        there, and each query's own area (pixels with probability >= `mask_threshold`). `RESIZE_CHUNK` masks at a
+        time. Returns `((H, W) int64 query, (H, W) float32 probability, (Q,) int64 areas)`.
+        """
+        num_queries = mask_logits.shape[0]
+        chunk = self._masks_per_chunk((mask_logits.shape[-2], mask_logits.shape[-1]), reshaped_size, target_size)
+        best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (value, query, probability) per pixel
         own_areas = []
         for first in range(0, num_queries, chunk):
+            # a copy even of float32 logits: with nothing to resize (no target size) `_masks_to_target` returns its
+            # input, and the in-place sigmoid would write into the caller's `masks_queries_logits`
             probabilities = self._masks_to_target(
-                mask_logits[first : first + chunk].float(), reshaped_size, target_size
+                mask_logits[first : first + chunk].to(torch.float32, copy=True), reshaped_size, target_size
             ).sigmoid_()
             part = slice(first, first + chunk)
             # kept: probability * score (+ 0); not kept: -1 (+ probability * 0); one pass, the same values as
@@ -947,31 +993,7 @@ class PosSAMPostProcessingMixin:
                     torch.where(better, probability, best[2]),
                 )
         assert best is not None  # num_queries >= 1
-        _, best_query, best_probability = best
-        won = keep[best_query]  # False everywhere when no query is kept
-        inside = won & (best_probability >= mask_threshold)
-        # pixels won by each query, and those of them inside its mask; a pixel no query wins (none kept) counts for
-        # the extra id `num_queries`, which `_pixels_per_query` leaves out
-        assigned_area = _pixels_per_query(torch.where(won, best_query, num_queries).flatten(), num_queries)
-        segment_area = _pixels_per_query(torch.where(inside, best_query, num_queries).flatten(), num_queries)
-        own_area = torch.cat(own_areas)
-        is_segment = (
-            keep & (segment_area > 0) & (own_area > 0) & (assigned_area >= overlap_mask_area_threshold * own_area)
-        )
-        # segment ids in query order; a segment of a fused (stuff) class joins the first segment of its class
-        same_class = is_segment[None, :] & (query_labels[None, :] == query_labels[:, None])  # [query, other query]
-        order = torch.arange(num_queries, device=keep.device)
-        joins_earlier = (
-            is_segment & is_fuse_label[query_labels] & (same_class & (order[None, :] < order[:, None])).any(1)
-        )
-        opens = is_segment & ~joins_earlier
-        opened_id = torch.cumsum(opens.int(), 0, dtype=torch.int32)
-        first_of_class = same_class.int().argmax(1)  # the first segment of the query's class (itself if it opens)
-        segment_of_query = torch.where(
-            opens, opened_id, torch.where(joins_earlier, opened_id[first_of_class], 0)
-        ).int()
-        segmentation = torch.where(inside, segment_of_query[best_query], 0).int()
-        return segmentation, segment_of_query
+        return best[1], best[2], torch.cat(own_areas)
 
     def post_process_semantic_segmentation(
         self,

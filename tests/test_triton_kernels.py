@@ -1,7 +1,10 @@
 """
-`deformable_attention_triton`, the fused Triton sampler (a GPU candidate, benchmarks/gpu_candidates.py), run here by
-Triton's CPU interpreter (`TRITON_INTERPRET=1`, the same kernel source executed on CPU tensors) against transformers'
-`multi_scale_deformable_attention` (grid_sample) in float64: the reference is transformers' code, not ours.
+The Triton kernels (GPU candidates, benchmarks/gpu_candidates.py), run here by Triton's CPU interpreter
+(`TRITON_INTERPRET=1`, the same kernel source executed on CPU tensors):
+- `deformable_attention_triton`, the fused deformable sampler, against transformers' `multi_scale_deformable_attention`
+  (grid_sample) in float64: the reference is transformers' code, not ours;
+- `pixel_assignment_triton`, the per-pixel part of the sync-free panoptic inference, against the PyTorch path
+  (`F.interpolate` step by step, `_pixel_assignment`), and the whole post-processing with it against without it.
 """
 
 import os
@@ -157,3 +160,114 @@ def test_gpu_candidates_offer_the_triton_sampler_where_triton_runs(interpreted):
         for name, tolerance in (("triton_fused", 1e-5), ("triton_fused_bf16_values", 3e-2)):
             found = candidates[name](value, shapes, locations, weights)
             torch.testing.assert_close(found.double(), expected, rtol=0, atol=tolerance)
+
+
+def _assignment_inputs(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(7, 12, 16, generator=generator) * 4
+    scores = torch.rand(7, generator=generator)
+    keep = torch.tensor([True, True, False, True, True, False, True])
+    return logits, torch.where(keep, scores, 0.0), torch.where(keep, 0.0, -1.0)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [((48, 64), (40, 50)), ((33, 47), None)],  # FC-CLIP's chain: to the padded input, crop, to the image size
+        [((48, 64), None)],  # one resize
+        [],  # none: the masks' own size
+    ],
+)
+def test_triton_pixel_assignment_equals_the_pytorch_path(steps):
+    from transformers_possam import PosSAMImageProcessor
+    from transformers_possam.dense_assignment_triton import pixel_assignment_triton
+
+    processor = PosSAMImageProcessor(size={"longest_edge": 64}, pad_size={"height": 48, "width": 64})
+    processor._resize_steps = lambda reshaped, target: steps  # the chain under test, whatever the sizes
+    logits, kept_score, kept_offset = _assignment_inputs()
+    with torch.inference_mode():
+        expected = processor._pixel_assignment(logits, kept_score, kept_offset, 0.5, None, None)
+        found = pixel_assignment_triton(logits, kept_score, kept_offset, steps, 0.5)
+    assert torch.equal(found[0], expected[0])  # the winning query of every pixel
+    # its probability, to float32 rounding: the chain applied as one composed map, not step by step
+    torch.testing.assert_close(found[1], expected[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(found[2], expected[2])  # every query's own area
+    assert found[0].shape == (33, 47) if steps and steps[-1][0] == (33, 47) else True
+
+
+@needs_interpreter
+def test_triton_pixel_assignment_with_nothing_kept_gives_query_0_everywhere():
+    """No query kept: every weighted value is -1, the first query wins every pixel (argmax's rule), as in PyTorch."""
+    from transformers_possam.dense_assignment_triton import pixel_assignment_triton
+
+    logits, _, _ = _assignment_inputs(1)
+    with torch.inference_mode():
+        best_query, _, own_area = pixel_assignment_triton(
+            logits, torch.zeros(7), -torch.ones(7), [((24, 32), None)], 0.5
+        )
+    assert torch.equal(best_query, torch.zeros(24, 32, dtype=torch.long)) and own_area.sum() > 0
+
+
+@needs_interpreter
+def test_post_processing_with_the_triton_assignment_equals_without():
+    """The whole panoptic post-processing (dense path, MASE, FC-CLIP's resize chain with a crop) of a tiny model's
+    outputs, with `_pixel_assignment` replaced by the Triton kernel as benchmarks/gpu_candidates.py does: the same
+    segmentation and segments."""
+    from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, tiny_config
+    from transformers_possam.postprocessing import PosSAMPostProcessingMixin
+
+    from .conftest import load_script
+
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(tiny_config()).eval()
+    size = model.config.vision_config.image_size
+    processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
+    class_embeddings = torch.nn.functional.normalize(torch.randn(4, 1, model.config.clip_embed_dim), dim=-1)
+    with torch.inference_mode():
+        outputs = model(torch.randn(2, 3, size, size), class_embeddings=class_embeddings)
+
+    def post():
+        return processor.post_process_panoptic_segmentation(
+            outputs, target_sizes=[(size - 5, size - 9), (size, size)], dense_assignment=True
+        )
+
+    expected = post()
+    triton_assignment = load_script("benchmarks/gpu_candidates.py").triton_pixel_assignment
+    original = PosSAMPostProcessingMixin.__dict__["_pixel_assignment"]
+    PosSAMPostProcessingMixin._pixel_assignment = triton_assignment
+    try:
+        found = post()
+    finally:
+        PosSAMPostProcessingMixin._pixel_assignment = original
+    assert any(result["segments_info"] for result in expected)
+    for got, want in zip(found, expected):
+        assert got["segments_info"] == want["segments_info"]
+        assert torch.equal(got["segmentation"], want["segmentation"])
+
+
+@needs_interpreter
+def test_triton_pixel_assignment_refuses_what_it_cannot_do(monkeypatch):
+    from transformers_possam.dense_assignment_triton import pixel_assignment_triton
+
+    logits, kept_score, kept_offset = _assignment_inputs()
+    with pytest.raises(RuntimeError, match="inference only"):
+        pixel_assignment_triton(logits.requires_grad_(), kept_score, kept_offset, [], 0.5)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="needs CUDA and Triton"):
+        pixel_assignment_triton(logits.detach(), kept_score, kept_offset, [], 0.5)
+
+
+def test_resize_taps_rebuild_the_resize_matrix():
+    """`resize_taps` holds every nonzero entry of the chain's matrix (`resize_matrix`: F.interpolate applied to the
+    identity) and nothing else: the matrix rebuilt from the taps is the matrix, for an upsampling chain with a crop, a
+    downsampling one and the identity."""
+    from transformers_possam.dense_assignment_triton import resize_taps
+    from transformers_possam.mask_resampling import resize_matrix
+
+    for in_size, steps in ((12, ((48, 40), (33, None))), (40, ((17, None),)), (9, ())):
+        indices, weights = resize_taps(in_size, steps)
+        matrix = resize_matrix(in_size, steps, "cpu")
+        rebuilt = torch.zeros_like(matrix).scatter_add_(1, indices.long(), weights)
+        assert torch.equal(rebuilt, matrix), (in_size, steps)
+        assert indices.dtype == torch.int32 and weights.shape == indices.shape
