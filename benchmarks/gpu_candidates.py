@@ -165,8 +165,8 @@ def sam_attention_variants() -> dict:
       from q/k's, which leaves SDPA the memory-efficient kernel (not flash);
     - `extended_qk_value_padded`: the same with the value padded with zero channels to q/k's size, which flash
       attention accepts, the extra output channels (zeros) sliced off: more work in the second matmul;
-    - `bias_as_mask`: plain q/k/v with the bias materialized as a `(B, heads, T, T)` additive mask (0.8-1.1 GB per
-      image at a global layer in bf16).
+    - `bias_as_mask`: plain q/k/v with the bias materialized as a `(B, heads, T, T)` additive mask (0.40 GB per
+      image at a SAM-B global layer in bf16, 0.54 GB for SAM-H).
     """
     from transformers_possam.modeling.sam_attention import (
         _decomposed_bias_factors,

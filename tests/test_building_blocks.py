@@ -316,12 +316,30 @@ def test_deformable_layer_replaces_an_inference_only_sampler_where_autograd_or_a
     with torch.enable_grad():  # grad enabled, but nothing needs a gradient: the inference-only sampler runs
         layer(hidden, **arguments)
     assert calls == ["inference_only"] * 2
-    for tracing in ("is_compiling", "is_exporting"):
-        monkeypatch.setattr(torch.compiler, tracing, lambda: True)
+    for namespace, tracing in (
+        (torch.compiler, "is_compiling"),
+        (torch.compiler, "is_exporting"),
+        (torch.jit, "is_tracing"),
+    ):
+        monkeypatch.setattr(namespace, tracing, lambda: True)
         with torch.no_grad():
             layer(hidden, **arguments)
         monkeypatch.undo()
         monkeypatch.setattr(PosSAMMultiscaleDeformableAttention, "sampler", staticmethod(lambda _: inference_only))
+    assert calls == ["inference_only"] * 2
+    # a real trace: dynamo's graph holds transformers' sampler (the marked one is never called while tracing or after)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(hidden, **arguments)[0], inferred)
+    assert calls == ["inference_only"] * 2
+    # a frozen layer whose reference points need a gradient (as an upstream trainable module would give them)
+    points = arguments["reference_points"].clone().requires_grad_()
+    layer(hidden, **{**arguments, "reference_points": points})[0].sum().backward()
+    assert points.grad is not None and calls == ["inference_only"] * 2
+    # float64 (the Triton kernel refuses it): transformers' sampler
+    in_float64 = {name: value.double() if torch.is_tensor(value) else value for name, value in arguments.items()}
+    with torch.no_grad():
+        layer.double()(hidden.double(), **in_float64)
     assert calls == ["inference_only"] * 2
 
 

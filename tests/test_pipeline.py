@@ -287,6 +287,26 @@ def test_pipeline_equals_processor_model_and_post_processing(segmenter, checkpoi
         assert masks.sum(0).min() == 1
 
 
+def test_pipeline_class_embeddings_are_the_callers_to_modify(segmenter):
+    """`class_embeddings(vocabulary)` returns copies of the pipeline's cached vocabulary: a caller who modifies them in
+    place (here: flips every embedding) changes nothing the pipeline uses next, and the cache is not run again."""
+    from transformers_possam.vocabularies import resolve_vocabulary
+
+    picture = image()
+    before = segmenter(picture, candidate_labels=LABELS, subtask="semantic")
+    calls = segmenter.text_encoding_calls
+    embeddings, synonym_mask, seen = segmenter.class_embeddings(resolve_vocabulary(LABELS))
+    embeddings.mul_(-1)
+    synonym_mask.zero_()
+    seen.logical_not_()
+    after = segmenter(picture, candidate_labels=LABELS, subtask="semantic")
+    assert before and [(s["label"], s["score"]) for s in after] == [(s["label"], s["score"]) for s in before]
+    assert all(np.array_equal(np.asarray(a["mask"]), np.asarray(b["mask"])) for a, b in zip(after, before))
+    assert segmenter.text_encoding_calls == calls
+    again = segmenter.class_embeddings(resolve_vocabulary(LABELS))
+    assert torch.equal(again[0], -embeddings) and again[1].any()
+
+
 def test_pipeline_bad_inputs(segmenter, tmp_path):
     with pytest.raises(ValueError, match="empty"):
         segmenter(image(), candidate_labels=[])

@@ -193,20 +193,59 @@ def test_triton_pixel_assignment_equals_the_pytorch_path(steps):
     # its probability, to float32 rounding: the chain applied as one composed map, not step by step
     torch.testing.assert_close(found[1], expected[1], rtol=1e-5, atol=1e-5)
     assert torch.equal(found[2], expected[2])  # every query's own area
-    assert found[0].shape == (33, 47) if steps and steps[-1][0] == (33, 47) else True
+
+
+@needs_interpreter
+def test_triton_pixel_assignment_across_chunks_and_on_exact_ties():
+    """40 queries (the PyTorch path's chunks of 16 and its merge between them), each of the first 20 repeated
+    exactly as query i + 20 with the same score: every pixel is an exact tie, which both give to the first query
+    (argmax's rule); a downsampling chain too."""
+    from transformers_possam import PosSAMImageProcessor
+    from transformers_possam.dense_assignment_triton import pixel_assignment_triton
+
+    generator = torch.Generator().manual_seed(3)
+    half = torch.randn(20, 12, 16, generator=generator) * 4
+    logits = torch.cat([half, half])
+    kept_score = torch.rand(20, generator=generator).repeat(2)
+    kept_offset = torch.zeros(40)
+    processor = PosSAMImageProcessor(size={"longest_edge": 64}, pad_size={"height": 48, "width": 64})
+    for steps in ([((48, 64), (40, 50)), ((33, 47), None)], [((7, 9), None)]):
+        processor._resize_steps = lambda reshaped, target, steps=steps: steps
+        with torch.inference_mode():
+            expected = processor._pixel_assignment(logits, kept_score, kept_offset, 0.5, None, None)
+            found = pixel_assignment_triton(logits, kept_score, kept_offset, steps, 0.5)
+        assert torch.equal(found[0], expected[0]) and bool((found[0] < 20).all())
+        assert torch.equal(found[2], expected[2])
+
+
+@needs_interpreter
+def test_triton_pixel_assignment_reads_no_padding_tap():
+    """An infinite logit in one corner of one query's map: only the pixels whose interpolation reads that corner
+    change; before padding taps (weight 0) were masked, every pixel with one read it and got 0 * inf = NaN."""
+    from transformers_possam.dense_assignment_triton import pixel_assignment_triton
+
+    logits, kept_score, kept_offset = _assignment_inputs()
+    logits[1, 0, 0] = float("inf")
+    steps = [((48, 64), (40, 50)), ((33, 47), None)]
+    with torch.inference_mode():
+        _, probability, _ = pixel_assignment_triton(logits, kept_score, kept_offset, steps, 0.5)
+    assert torch.isfinite(probability[4:, 4:]).all()
 
 
 @needs_interpreter
 def test_triton_pixel_assignment_with_nothing_kept_gives_query_0_everywhere():
     """No query kept: every weighted value is -1, the first query wins every pixel (argmax's rule), as in PyTorch."""
+    from transformers_possam import PosSAMImageProcessor
     from transformers_possam.dense_assignment_triton import pixel_assignment_triton
 
+    processor = PosSAMImageProcessor(size={"longest_edge": 64}, pad_size={"height": 48, "width": 64})
+    processor._resize_steps = lambda reshaped, target: [((24, 32), None)]
     logits, _, _ = _assignment_inputs(1)
     with torch.inference_mode():
-        best_query, _, own_area = pixel_assignment_triton(
-            logits, torch.zeros(7), -torch.ones(7), [((24, 32), None)], 0.5
-        )
-    assert torch.equal(best_query, torch.zeros(24, 32, dtype=torch.long)) and own_area.sum() > 0
+        found = pixel_assignment_triton(logits, torch.zeros(7), -torch.ones(7), [((24, 32), None)], 0.5)
+        expected = processor._pixel_assignment(logits, torch.zeros(7), -torch.ones(7), 0.5, None, None)
+    assert torch.equal(found[0], torch.zeros(24, 32, dtype=torch.long)) and torch.equal(found[0], expected[0])
+    assert torch.equal(found[2], expected[2])
 
 
 @needs_interpreter

@@ -268,7 +268,14 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
         }
 
     def class_embeddings(self, vocabulary):
-        """(class_embeddings, synonym_mask, seen_mask) of a vocabulary, from the cache or one batched text pass."""
+        """
+        (class_embeddings, synonym_mask, seen_mask) of a vocabulary, from the cache or one batched text pass: copies,
+        so that a caller who modifies them in place does not change what later calls of the pipeline use.
+        """
+        return tuple(tensor.clone() for tensor in self._cached_class_embeddings(vocabulary))
+
+    def _cached_class_embeddings(self, vocabulary):
+        """`class_embeddings` as the cache holds them (the pipeline's own reads: no copy, never written to)."""
         key = (vocabulary.names, vocabulary.is_thing)
         if key in self._vocabulary_cache:
             self._vocabulary_cache.move_to_end(key)
@@ -321,7 +328,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
 
     def _forward_one_vocabulary(self, model_inputs, vocabulary, images) -> dict:
         """Outputs for the images `images` (a slice or an index tensor) of a batch, all against `vocabulary`."""
-        embeddings, synonym_mask, _ = self.class_embeddings(vocabulary)
+        embeddings, synonym_mask, _ = self._cached_class_embeddings(vocabulary)
         outputs = self.model(
             pixel_values=model_inputs["pixel_values"][images],
             pixel_mask=model_inputs["pixel_mask"][images],
@@ -350,7 +357,7 @@ class OpenVocabularyPanopticSegmentationPipeline(Pipeline):
         mase_beta=None,
     ):
         vocabulary = model_outputs["vocabulary"]
-        _, _, seen = self.class_embeddings(vocabulary)
+        _, _, seen = self._cached_class_embeddings(vocabulary)
         outputs = _Outputs(model_outputs)
         sizes = {
             "target_sizes": model_outputs["original_sizes"].tolist(),

@@ -636,6 +636,19 @@ class PosSAMPostProcessingMixin:
                 masks = masks[:, : crop_to[0], : crop_to[1]]
         return masks
 
+    def _resizes(
+        self, mask_size: tuple[int, int], reshaped_size: tuple[int, int] | None, target_size: tuple[int, int] | None
+    ) -> bool:
+        """Whether `_masks_to_target` resizes `mask_size` masks at all (and so returns a new tensor, not its input or
+        a view of it)."""
+        size = tuple(mask_size)
+        for resize_to, crop_to in self._resize_steps(reshaped_size, target_size):
+            # `_masks_to_target`'s own test, on tuples whatever sequences the sizes came as
+            if size != tuple(resize_to):
+                return True
+            size = tuple(crop_to or resize_to)
+        return False
+
     def _masks_per_chunk(
         self, mask_size: tuple[int, int], reshaped_size: tuple[int, int] | None, target_size: tuple[int, int] | None
     ) -> int:
@@ -967,14 +980,16 @@ class PosSAMPostProcessingMixin:
         time. Returns `((H, W) int64 query, (H, W) float32 probability, (Q,) int64 areas)`.
         """
         num_queries = mask_logits.shape[0]
-        chunk = self._masks_per_chunk((mask_logits.shape[-2], mask_logits.shape[-1]), reshaped_size, target_size)
+        mask_size = (mask_logits.shape[-2], mask_logits.shape[-1])
+        chunk = self._masks_per_chunk(mask_size, reshaped_size, target_size)
+        # with nothing to resize (no target size) `_masks_to_target` returns its input, and `.float()` of float32
+        # logits is the same tensor: copied then, or the in-place sigmoid would write into the caller's outputs
+        copy = not self._resizes(mask_size, reshaped_size, target_size)
         best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (value, query, probability) per pixel
         own_areas = []
         for first in range(0, num_queries, chunk):
-            # a copy even of float32 logits: with nothing to resize (no target size) `_masks_to_target` returns its
-            # input, and the in-place sigmoid would write into the caller's `masks_queries_logits`
             probabilities = self._masks_to_target(
-                mask_logits[first : first + chunk].to(torch.float32, copy=True), reshaped_size, target_size
+                mask_logits[first : first + chunk].to(torch.float32, copy=copy), reshaped_size, target_size
             ).sigmoid_()
             part = slice(first, first + chunk)
             # kept: probability * score (+ 0); not kept: -1 (+ probability * 0); one pass, the same values as

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn import functional as F
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
@@ -362,13 +363,16 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         if getattr(sample, "inference_only", False) and (
             torch.compiler.is_compiling()
             or torch.compiler.is_exporting()
+            or torch.jit.is_tracing()
+            or is_fake(value)
+            or value.dtype == torch.float64
             or (
                 torch.is_grad_enabled()
                 and any(tensor.requires_grad for tensor in (value, offsets, attention_weights, reference_points))
             )
         ):
-            # a sampler without a backward (or a custom kernel a trace cannot see into) gives way to transformers'
-            # differentiable, traceable one where autograd or a trace needs it
+            # a sampler without a backward, opaque to traces and shape-only tensors, and float32 at most (the Triton
+            # kernel) gives way to transformers' differentiable, traceable one where any of that is needed
             sample = multi_scale_deformable_attention
         if torch.is_autocast_enabled(device_type):
             # FC-CLIP's MSDeformAttnFunction is `custom_fwd(cast_inputs=torch.float32)`: under mixed precision the
@@ -409,7 +413,8 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         The sampling function (same arguments and result as transformers' `multi_scale_deformable_attention`; one
         with a true `reads_reduced_precision_values` attribute is given a bf16 / fp16 model's values without their
         float32 copy, the others float32 values; one with a true `inference_only` attribute is replaced by
-        transformers' where autograd or a `torch.compile` / `torch.export` trace needs it): on CPU `deformable_attention_embedding_bag` (4x faster than
+        transformers' where autograd, a trace (`torch.compile`, `torch.export`, `torch.jit.trace`), fake tensors or
+        float64 need it): on CPU `deformable_attention_embedding_bag` (4x faster than
         grid_sample there), elsewhere transformers' version.
         On an H200 the embedding_bag sampler in one step was faster per PosSAM-B layer (1.57 against 2.05 ms at
         batch 1, 8.2 against 11.3 ms at batch 8) but the whole bf16 forward with it was slower at batch 1 (51.6
