@@ -310,3 +310,35 @@ def test_resize_taps_rebuild_the_resize_matrix():
         rebuilt = torch.zeros_like(matrix).scatter_add_(1, indices.long(), weights)
         assert torch.equal(rebuilt, matrix), (in_size, steps)
         assert indices.dtype == torch.int32 and weights.shape == indices.shape
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_model_with_the_triton_sampler_equals_the_default(dtype, monkeypatch):
+    """The whole tiny model with the Triton sampler chosen (as a GPU session would, in `sampler`): the same outputs as
+    with the default sampler, to float32 rounding in float32 and to the model's own rounding in bf16 (where the
+    sampler reads the bf16 values without a float32 copy)."""
+    from transformers_possam import PosSAMForPanopticSegmentation, tiny_config
+    from transformers_possam.modeling.deformable_attention import PosSAMMultiscaleDeformableAttention
+    from transformers_possam.modeling.deformable_sampling_triton import deformable_attention_triton
+
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(tiny_config()).eval().to(dtype)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size).to(dtype)
+    class_embeddings = torch.nn.functional.normalize(torch.randn(4, 1, model.config.clip_embed_dim), dim=-1).to(dtype)
+    with torch.inference_mode():
+        expected = model(pixels, class_embeddings=class_embeddings)
+        received = []
+
+        def recording(value, *arguments):
+            received.append(value.dtype)
+            return deformable_attention_triton(value, *arguments)
+
+        recording.reads_reduced_precision_values = True
+        monkeypatch.setattr(PosSAMMultiscaleDeformableAttention, "sampler", staticmethod(lambda _: recording))
+        found = model(pixels, class_embeddings=class_embeddings)
+    assert received and set(received) == {dtype}  # bf16 values reach the kernel as they are
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    for name in ("masks_queries_logits", "class_queries_logits"):
+        torch.testing.assert_close(found[name].float(), expected[name].float(), rtol=tolerance, atol=tolerance)
