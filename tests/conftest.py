@@ -135,6 +135,21 @@ def save_tiny_checkpoint(path, seed: int = 0, default_vocabulary: bool = False, 
     return path
 
 
+def tiny_model_outputs(batch: int, num_classes: int = 4, seed: int = 0):
+    """`(processor, outputs, size)`: a tiny-config model's outputs (random weights, seed `seed`) for `batch` random
+    images at its input size with `num_classes` random class embeddings, and an image processor for that size."""
+    from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, tiny_config
+
+    torch.manual_seed(seed)
+    model = PosSAMForPanopticSegmentation(tiny_config()).eval()
+    size = model.config.vision_config.image_size
+    processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
+    class_embeddings = torch.nn.functional.normalize(torch.randn(num_classes, 1, model.config.clip_embed_dim), dim=-1)
+    with torch.inference_mode():
+        outputs = model(torch.randn(batch, 3, size, size), class_embeddings=class_embeddings)
+    return processor, outputs, size
+
+
 def load_script(relative_path: str) -> ModuleType:
     """
     A script of this repository (`training/train.py`, `conversion/convert_possam_to_hf.py`, `benchmarks/gpu.py`) as a

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from .conftest import load_script
+from .conftest import load_script, tiny_model_outputs
 
 
 def test_gpu_suite_runs_on_cpu_with_the_tiny_config():
@@ -703,16 +703,9 @@ def test_gpu_candidates_post_processing_by_kept_queries_keeps_that_many():
     """`gpu_candidates.post_processing_by_kept_queries` with fewer queries kept than the model has: the threshold it
     derives keeps exactly that many per image (batch 1: the median is the image's own midpoint), the dense and the
     cell-bound paths agree on the segmentation, and no more segments come out than queries were kept."""
-    from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, tiny_config
-
     candidates = load_script("benchmarks/gpu_candidates.py")
-    torch.manual_seed(0)
-    model = PosSAMForPanopticSegmentation(tiny_config()).eval()
-    size = model.config.vision_config.image_size
-    processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
-    class_embeddings = torch.nn.functional.normalize(torch.randn(4, 1, model.config.clip_embed_dim), dim=-1)
+    processor, outputs, size = tiny_model_outputs(batch=1)
     with torch.inference_mode():
-        outputs = model(torch.randn(1, 3, size, size), class_embeddings=class_embeddings)
         result = candidates.post_processing_by_kept_queries(
             processor, outputs, [(size, size)], 3, torch.device("cpu"), repeats=1
         )

@@ -253,18 +253,11 @@ def test_post_processing_with_the_triton_assignment_equals_without():
     """The whole panoptic post-processing (dense path, MASE, FC-CLIP's resize chain with a crop) of a tiny model's
     outputs, with `_pixel_assignment` replaced by the Triton kernel as benchmarks/gpu_candidates.py does: the same
     segmentation and segments."""
-    from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, tiny_config
     from transformers_possam.postprocessing import PosSAMPostProcessingMixin
 
-    from .conftest import load_script
+    from .conftest import load_script, tiny_model_outputs
 
-    torch.manual_seed(0)
-    model = PosSAMForPanopticSegmentation(tiny_config()).eval()
-    size = model.config.vision_config.image_size
-    processor = PosSAMImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
-    class_embeddings = torch.nn.functional.normalize(torch.randn(4, 1, model.config.clip_embed_dim), dim=-1)
-    with torch.inference_mode():
-        outputs = model(torch.randn(2, 3, size, size), class_embeddings=class_embeddings)
+    processor, outputs, size = tiny_model_outputs(batch=2)
 
     def post():
         return processor.post_process_panoptic_segmentation(
