@@ -220,16 +220,20 @@ def test_triton_pixel_assignment_across_chunks_and_on_exact_ties():
 
 @needs_interpreter
 def test_triton_pixel_assignment_reads_no_padding_tap():
-    """An infinite logit in one corner of one query's map: only the pixels whose interpolation reads that corner
-    change; before padding taps (weight 0) were masked, every pixel with one read it and got 0 * inf = NaN."""
+    """An infinite logit in one corner of one query's map: pixels whose interpolation does not read that corner keep
+    their winner and probability. Before padding taps (weight 0) were masked, every pixel with one read the corner,
+    0 * inf made that query's value NaN there, and it silently lost those pixels (and part of its own area)."""
     from transformers_possam.dense_assignment_triton import pixel_assignment_triton
 
     logits, kept_score, kept_offset = _assignment_inputs()
-    logits[1, 0, 0] = float("inf")
     steps = [((48, 64), (40, 50)), ((33, 47), None)]
     with torch.inference_mode():
-        _, probability, _ = pixel_assignment_triton(logits, kept_score, kept_offset, steps, 0.5)
-    assert torch.isfinite(probability[4:, 4:]).all()
+        finite_query, finite_probability, _ = pixel_assignment_triton(logits, kept_score, kept_offset, steps, 0.5)
+        logits[1, 0, 0] = float("inf")
+        best_query, probability, _ = pixel_assignment_triton(logits, kept_score, kept_offset, steps, 0.5)
+    far = (slice(8, None), slice(8, None))  # beyond the corner's reach through two bilinear resizes
+    assert bool((finite_query[far] == 1).any())  # query 1 wins pixels away from the corner, which it must keep
+    assert torch.equal(best_query[far], finite_query[far]) and torch.equal(probability[far], finite_probability[far])
 
 
 @needs_interpreter

@@ -134,7 +134,8 @@ def pixel_assignment_triton(
     `_resize_steps`), applied as each axis's composed linear map: the same values as `F.interpolate` step by step up
     to float32 rounding, so a pixel where two queries tie to within rounding may go to the other one. A NaN value
     never wins a pixel here (strict comparisons), where PyTorch's chunked `max` may let it; the post-processing
-    refuses NaN outputs before either runs (`value_checks`).
+    checks its inputs are finite before either runs (`value_checks`: a `ValueError` in eager mode, a device-side
+    assert in CUDA's default asynchronous mode).
 
     Args:
         mask_logits: `(Q, h, w)` float32, bf16 or fp16.

@@ -646,7 +646,8 @@ class PosSAMPostProcessingMixin:
             # `_masks_to_target`'s own test, on tuples whatever sequences the sizes came as
             if size != tuple(resize_to):
                 return True
-            size = tuple(crop_to or resize_to)
+            # the crop is a slice: it keeps at most the resized size
+            size = tuple(resize_to) if crop_to is None else tuple(map(min, resize_to, crop_to))
         return False
 
     def _masks_per_chunk(
