@@ -88,10 +88,8 @@ def samplers(with_cpu_steps: bool, device: torch.device) -> dict:
     from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
     from transformers_possam.modeling.deformable_attention import deformable_attention_embedding_bag
-    from transformers_possam.modeling.deformable_sampling_triton import (
-        deformable_attention_triton,
-        triton_sampling_available,
-    )
+    from transformers_possam.modeling.deformable_sampling_triton import deformable_attention_triton
+    from transformers_possam.triton_support import triton_runs_on
 
     def embedding_bag_in_steps(entries: int):
         return lambda *args: deformable_attention_embedding_bag(*args, bag_entries_per_step=entries)
@@ -121,7 +119,7 @@ def samplers(with_cpu_steps: bool, device: torch.device) -> dict:
         "embedding_bag_cpu_steps": deformable_attention_embedding_bag,
         "grid_sample_by_level": grid_sample_by_level,
     }
-    if triton_sampling_available(device):  # CUDA with Triton: the fused kernel, with float32 and with bf16 values
+    if triton_runs_on(device):  # CUDA with Triton: the fused kernel, with float32 and with bf16 values
         candidates["triton_fused"] = triton_fused_float32_values
         candidates["triton_fused_bf16_values"] = triton_fused_bf16_values
     if not with_cpu_steps:  # ten times slower than one step on a GPU: left out of the whole-forward timings
@@ -357,7 +355,7 @@ def model_candidates(
     limit keeps what was measured."""
     from transformers_possam import PosSAMForPanopticSegmentation, PosSAMImageProcessor, postprocessing
     from transformers_possam.modeling import deformable_attention
-    from transformers_possam.modeling.deformable_sampling_triton import triton_sampling_available
+    from transformers_possam.triton_support import triton_runs_on
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -473,7 +471,7 @@ def model_candidates(
                     )
                     return timing
 
-                if triton_sampling_available(device):
+                if triton_runs_on(device):
                     _measured(row, "post_processing_triton_assignment", with_triton_assignment, save)
                 _measured(row, "post_processing_chunks_of_64", chunks_of_64, save)
                 _measured(row, "first_image_against_cpu_cell_bound", against_the_cpu, save)

@@ -140,8 +140,9 @@ def test_triton_sampler_refuses_what_it_cannot_do(interpreted, monkeypatch):
         interpreted.deformable_attention_triton(value, [(4, 3)], locations, weights)
     # CPU tensors without the interpreter: no kernel can run there
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert not interpreted.triton_sampling_available("cpu")
-    assert interpreted.triton_sampling_available("cuda")
+    from transformers_possam.triton_support import triton_runs_on
+
+    assert not triton_runs_on("cpu") and triton_runs_on("cuda")
     with pytest.raises(RuntimeError, match="needs CUDA and Triton"):
         interpreted.deformable_attention_triton(value, shapes, locations, weights)
 

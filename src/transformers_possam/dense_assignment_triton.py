@@ -9,14 +9,13 @@ makes about eight passes over each chunk's 16 full-size maps (on an H200 the who
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 
 from .device_transfer import DeviceConstants, to_device
 from .mask_resampling import resize_matrix
-from .modeling.deformable_sampling_triton import triton_sampling_available
+from .triton_support import on_launch_device, triton_runs_on
 
 
 __all__ = ["pixel_assignment_triton", "resize_taps"]
@@ -151,7 +150,7 @@ def pixel_assignment_triton(
     """
     if torch.is_grad_enabled() and mask_logits.requires_grad:
         raise RuntimeError("pixel_assignment_triton has no backward: use it for inference only.")
-    if not triton_sampling_available(mask_logits.device):
+    if not triton_runs_on(mask_logits.device):
         raise RuntimeError(f"pixel_assignment_triton needs CUDA and Triton; the logits are on {mask_logits.device}.")
     num_queries, in_height, in_width = mask_logits.shape
     device = mask_logits.device
@@ -166,8 +165,7 @@ def pixel_assignment_triton(
     own_area = torch.zeros(num_queries, dtype=torch.int32, device=device)
     taps = row_taps.shape[1] * col_taps.shape[1]
     grid = (-(-(out_height * out_width) // _PIXELS_PER_PROGRAM),)
-    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with on_device:
+    with on_launch_device(device):
         _kernel()[grid](
             mask_logits.contiguous(),
             kept_score.float().contiguous(),

@@ -623,32 +623,28 @@ class PosSAMPostProcessingMixin:
         return reshaped
 
     def _masks_to_target(
-        self, masks: torch.Tensor, reshaped_size: tuple[int, int] | None, target_size: tuple[int, int] | None
+        self,
+        masks: torch.Tensor,
+        reshaped_size: tuple[int, int] | None,
+        target_size: tuple[int, int] | None,
+        writable: bool = False,
     ) -> torch.Tensor:
-        """`(N, h, w)` logits at 1/4 of the padded input -> `(N, H, W)` after `_resize_steps`."""
+        """
+        `(N, h, w)` logits at 1/4 of the padded input -> `(N, H, W)` after `_resize_steps`. With nothing to resize
+        the result is `masks` itself or a crop of it; `writable` makes it a copy then, so that a caller may modify it
+        in place without writing into `masks` (a resize always gives a new tensor).
+        """
         if masks.shape[0] == 0:
             size = target_size or reshaped_size or tuple(masks.shape[-2:])
             return masks.new_zeros((0, *size))
+        resized = False
         for resize_to, crop_to in self._resize_steps(reshaped_size, target_size):
             if tuple(masks.shape[-2:]) != resize_to:
                 masks = F.interpolate(masks[None], size=resize_to, mode="bilinear", align_corners=False)[0]
+                resized = True
             if crop_to is not None:
                 masks = masks[:, : crop_to[0], : crop_to[1]]
-        return masks
-
-    def _resizes(
-        self, mask_size: tuple[int, int], reshaped_size: tuple[int, int] | None, target_size: tuple[int, int] | None
-    ) -> bool:
-        """Whether `_masks_to_target` resizes `mask_size` masks at all (and so returns a new tensor, not its input or
-        a view of it)."""
-        size = tuple(mask_size)
-        for resize_to, crop_to in self._resize_steps(reshaped_size, target_size):
-            # `_masks_to_target`'s own test, on tuples whatever sequences the sizes came as
-            if size != tuple(resize_to):
-                return True
-            # the crop is a slice: it keeps at most the resized size
-            size = tuple(resize_to) if crop_to is None else tuple(map(min, resize_to, crop_to))
-        return False
+        return masks.clone() if writable and not resized else masks
 
     def _masks_per_chunk(
         self, mask_size: tuple[int, int], reshaped_size: tuple[int, int] | None, target_size: tuple[int, int] | None
@@ -983,14 +979,13 @@ class PosSAMPostProcessingMixin:
         num_queries = mask_logits.shape[0]
         mask_size = (mask_logits.shape[-2], mask_logits.shape[-1])
         chunk = self._masks_per_chunk(mask_size, reshaped_size, target_size)
-        # with nothing to resize (no target size) `_masks_to_target` returns its input, and `.float()` of float32
-        # logits is the same tensor: copied then, or the in-place sigmoid would write into the caller's outputs
-        copy = not self._resizes(mask_size, reshaped_size, target_size)
         best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (value, query, probability) per pixel
         own_areas = []
         for first in range(0, num_queries, chunk):
+            # writable: with nothing to resize, `.float()` of float32 logits is the caller's tensor, which the
+            # in-place sigmoid must not write into
             probabilities = self._masks_to_target(
-                mask_logits[first : first + chunk].to(torch.float32, copy=copy), reshaped_size, target_size
+                mask_logits[first : first + chunk].float(), reshaped_size, target_size, writable=True
             ).sigmoid_()
             part = slice(first, first + chunk)
             # kept: probability * score (+ 0); not kept: -1 (+ probability * 0); one pass, the same values as

@@ -7,16 +7,15 @@ memory-bound operators move in a bf16 forward on the CUDA code path, docs/design
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
 import torch
 
 from ..device_transfer import DeviceConstants, to_device
+from ..triton_support import on_launch_device, triton_runs_on
 
 
-__all__ = ["deformable_attention_triton", "triton_sampling_available"]
+__all__ = ["deformable_attention_triton"]
 
 # queries per program: a [queries, head_dim] tile of 64 x 32 float32 accumulators
 _QUERIES_PER_PROGRAM = 64
@@ -35,16 +34,6 @@ def _level_table(spatial_shapes: tuple[tuple[int, int], ...], device: torch.devi
 # made once per sizes and device in eager mode: no host-to-device copy per layer and call (which a CUDA graph could
 # not capture either)
 _level_tables = DeviceConstants(_level_table)
-
-
-def triton_sampling_available(device: torch.device | str) -> bool:
-    """Whether `deformable_attention_triton` can run on `device`: CUDA with Triton installed (or Triton's CPU
-    interpreter, `TRITON_INTERPRET=1`, which runs it on CPU tensors for testing)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
@@ -160,7 +149,7 @@ def deformable_attention_triton(
         value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad
     ):
         raise RuntimeError("deformable_attention_triton has no backward: use it for inference only.")
-    if not triton_sampling_available(value.device):
+    if not triton_runs_on(value.device):
         raise RuntimeError(f"deformable_attention_triton needs CUDA and Triton; the inputs are on {value.device}.")
     if value.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(
@@ -174,9 +163,7 @@ def deformable_attention_triton(
     levels = _level_tables(tuple((int(h), int(w)) for h, w in spatial_shapes), value.device, like=value)
     output = torch.empty(batch_size, num_queries, num_heads, head_dim, dtype=torch.float32, device=value.device)
     grid = (batch_size * num_heads, -(-num_queries // _QUERIES_PER_PROGRAM))
-    # Triton launches on the current CUDA device, which need not be the inputs'
-    on_device = torch.cuda.device(value.device) if value.device.type == "cuda" else contextlib.nullcontext()
-    with on_device:
+    with on_launch_device(value.device):
         _kernel()[grid](
             value.contiguous(),
             levels,
