@@ -15,8 +15,9 @@ pointed at on an H200 (2026-11-26):
    its time by box (`gpu.box_times`), the forward with the ConvNeXt trunk and with the whole model in channels-last
    memory format, and the dense panoptic post-processing with the old pieces (pageable transfer, scatter counts),
    the new, and the new with chunks of 64 masks instead of 16; the new post-processing's segments against the
-   CPU's cell-bound path; on CUDA the dense path with its per-pixel part in one Triton kernel
-   (`pixel_assignment_triton`); the dense path against the cell-bound one with 16, 64 and all queries kept;
+   CPU's cell-bound path; on CUDA, whose dense path runs its per-pixel part in one Triton kernel
+   (`pixel_assignment_triton`), the dense path with that part in PyTorch; the dense path against the cell-bound one
+   with 16, 64 and all queries kept;
 5. SAM's attention at SAM-B's and SAM-H's windowed and global shapes: the bias as extra q/k channels (CUDA's
    path), the same with the value padded to q/k's head size (flash-eligible), and the bias as an additive mask.
 
@@ -297,17 +298,6 @@ def post_processing_by_kept_queries(
     }
 
 
-def triton_pixel_assignment(
-    self, mask_logits, kept_score, kept_offset, mask_threshold: float, reshaped_size, target_size
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`PosSAMPostProcessingMixin._pixel_assignment` through the Triton kernel (`pixel_assignment_triton`), the same
-    resize chain: what the post-processing candidate swaps in."""
-    from transformers_possam.dense_assignment_triton import pixel_assignment_triton
-
-    steps = self._resize_steps(reshaped_size, target_size)
-    return pixel_assignment_triton(mask_logits, kept_score, kept_offset, steps, mask_threshold)
-
-
 def channels_last_forward(
     model, scope: str, pixel_values, class_embeddings, reference: torch.Tensor, device: torch.device, repeats: int
 ) -> dict:
@@ -371,13 +361,16 @@ def model_candidates(
     new_fetch, new_count = postprocessing._fetch_to_host, postprocessing._pixels_per_query
     chunking = postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS
     mixin = postprocessing.PosSAMPostProcessingMixin
-    original_assignment = mixin.__dict__["_pixel_assignment"]
+    original_assignment_choice = mixin.__dict__["assigns_pixels_with_triton"]
 
     def restore():
         attention.sampler = original_sampler
         postprocessing._fetch_to_host, postprocessing._pixels_per_query = new_fetch, new_count
         postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS = chunking
-        mixin._pixel_assignment = original_assignment
+        mixin.assigns_pixels_with_triton = original_assignment_choice
+
+    def pytorch_assignment():  # the dense path's per-pixel part in PyTorch (chunks of masks), not Triton's kernel
+        mixin.assigns_pixels_with_triton = staticmethod(lambda mask_logits: False)
 
     try:
         for batch in batches:
@@ -428,6 +421,7 @@ def model_candidates(
                     # the dense path's query chunks: 16 masks (128 MiB temporaries) by default, 64 (512 MiB) here: a
                     # quarter of the running-argmax merges; the same segments (ties aside)
                     postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS = 64, 2**27
+                    pytorch_assignment()
                     try:
                         timing = _time(post, device, repeats)
                         segmentation = post()[0]["segmentation"]
@@ -454,10 +448,11 @@ def model_candidates(
                 _measured(row, "post_processing_old_pieces", with_old_pieces, save)
                 _measured(row, "post_processing_new", lambda: _time(post, device, repeats), save)
 
-                def with_triton_assignment():
-                    # the per-pixel part in one Triton kernel (`pixel_assignment_triton`): no (queries, H, W) maps
+                def with_pytorch_assignment():
+                    # the per-pixel part in PyTorch (16 masks at a time), which CUDA ran before the Triton kernel
+                    # (`pixel_assignment_triton`) became its default; the pixels whose segment differs
                     reference = post()
-                    mixin._pixel_assignment = triton_pixel_assignment
+                    pytorch_assignment()
                     try:
                         timing = _time(post, device, repeats)
                         found = post()
@@ -472,7 +467,7 @@ def model_candidates(
                     return timing
 
                 if triton_runs_on(device):
-                    _measured(row, "post_processing_triton_assignment", with_triton_assignment, save)
+                    _measured(row, "post_processing_pytorch_assignment", with_pytorch_assignment, save)
                 _measured(row, "post_processing_chunks_of_64", chunks_of_64, save)
                 _measured(row, "first_image_against_cpu_cell_bound", against_the_cpu, save)
                 for kept in KEPT_QUERIES:

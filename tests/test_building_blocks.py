@@ -218,17 +218,25 @@ def test_embedding_bag_sampler_in_steps_of_queries_matches_grid_sample_version(b
     torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_deformable_sampler_choice_by_device():
+def test_deformable_sampler_choice_by_device(monkeypatch):
     """`PosSAMMultiscaleDeformableAttention.sampler`, the one place the sampler is chosen (benchmarks/gpu_candidates.py
-    replaces it): the embedding_bag sampler on CPU, transformers' grid_sample version on every other device (on an
-    H200 the whole forward was not faster with the embedding_bag sampler at batch 1)."""
+    replaces it): the embedding_bag sampler on CPU; on CUDA the fused Triton kernel where Triton runs (on an H200 the
+    bf16 PosSAM-B forward at batch 8 took 136 against 190 ms), transformers' grid_sample version without Triton;
+    transformers' version on every other device, even with Triton's interpreter on (`TRITON_INTERPRET=1`, for
+    tests, runs kernels on host memory)."""
     from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
     from transformers_possam.modeling import deformable_attention
+    from transformers_possam.modeling.deformable_sampling_triton import deformable_attention_triton
 
     choose = deformable_attention.PosSAMMultiscaleDeformableAttention.sampler
     assert choose("cpu") is deformable_attention.deformable_attention_embedding_bag
+    monkeypatch.setattr(deformable_attention, "triton_runs_on", lambda device: False)
     assert choose("cuda") is choose("mps") is choose("xpu") is multi_scale_deformable_attention
+    monkeypatch.setattr(deformable_attention, "triton_runs_on", lambda device: True)
+    assert choose("cuda") is deformable_attention_triton
+    assert choose("mps") is choose("xpu") is multi_scale_deformable_attention
+    assert choose("cpu") is deformable_attention.deformable_attention_embedding_bag
 
 
 @pytest.mark.parametrize("autocast", [False, True])

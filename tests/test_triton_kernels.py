@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
 
@@ -188,7 +189,7 @@ def test_triton_pixel_assignment_equals_the_pytorch_path(steps):
     processor._resize_steps = lambda reshaped, target: steps  # the chain under test, whatever the sizes
     logits, kept_score, kept_offset = _assignment_inputs()
     with torch.inference_mode():
-        expected = processor._pixel_assignment(logits, kept_score, kept_offset, 0.5, None, None)
+        expected = processor._pixel_assignment_by_chunks(logits, kept_score, kept_offset, 0.5, None, None)
         found = pixel_assignment_triton(logits, kept_score, kept_offset, steps, 0.5)
     assert torch.equal(found[0], expected[0])  # the winning query of every pixel
     # its probability, to float32 rounding: the chain applied as one composed map, not step by step
@@ -213,7 +214,7 @@ def test_triton_pixel_assignment_across_chunks_and_on_exact_ties():
     for steps in ([((48, 64), (40, 50)), ((33, 47), None)], [((7, 9), None)]):
         processor._resize_steps = lambda reshaped, target, steps=steps: steps
         with torch.inference_mode():
-            expected = processor._pixel_assignment(logits, kept_score, kept_offset, 0.5, None, None)
+            expected = processor._pixel_assignment_by_chunks(logits, kept_score, kept_offset, 0.5, None, None)
             found = pixel_assignment_triton(logits, kept_score, kept_offset, steps, 0.5)
         assert torch.equal(found[0], expected[0]) and bool((found[0] < 20).all())
         assert torch.equal(found[2], expected[2])
@@ -248,19 +249,20 @@ def test_triton_pixel_assignment_with_nothing_kept_gives_query_0_everywhere():
     logits, _, _ = _assignment_inputs(1)
     with torch.inference_mode():
         found = pixel_assignment_triton(logits, torch.zeros(7), -torch.ones(7), [((24, 32), None)], 0.5)
-        expected = processor._pixel_assignment(logits, torch.zeros(7), -torch.ones(7), 0.5, None, None)
+        expected = processor._pixel_assignment_by_chunks(logits, torch.zeros(7), -torch.ones(7), 0.5, None, None)
     assert torch.equal(found[0], torch.zeros(24, 32, dtype=torch.long)) and torch.equal(found[0], expected[0])
     assert torch.equal(found[2], expected[2])
 
 
 @needs_interpreter
-def test_post_processing_with_the_triton_assignment_equals_without():
+def test_post_processing_with_the_triton_assignment_equals_without(monkeypatch):
     """The whole panoptic post-processing (dense path, MASE, FC-CLIP's resize chain with a crop) of a tiny model's
-    outputs, with `_pixel_assignment` replaced by the Triton kernel as benchmarks/gpu_candidates.py does: the same
-    segmentation and segments."""
+    outputs, with `assigns_pixels_with_triton` answering yes as it does on CUDA (here Triton's interpreter runs the
+    kernel): the same segmentation and segments as the PyTorch path, and the kernel did run."""
+    from transformers_possam import dense_assignment_triton
     from transformers_possam.postprocessing import PosSAMPostProcessingMixin
 
-    from .conftest import load_script, tiny_model_outputs
+    from .conftest import tiny_model_outputs
 
     processor, outputs, size = tiny_model_outputs(batch=2)
 
@@ -270,17 +272,45 @@ def test_post_processing_with_the_triton_assignment_equals_without():
         )
 
     expected = post()
-    triton_assignment = load_script("benchmarks/gpu_candidates.py").triton_pixel_assignment
-    original = PosSAMPostProcessingMixin.__dict__["_pixel_assignment"]
-    PosSAMPostProcessingMixin._pixel_assignment = triton_assignment
-    try:
-        found = post()
-    finally:
-        PosSAMPostProcessingMixin._pixel_assignment = original
+    launches = []
+    kernel = dense_assignment_triton._kernel()
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(dense_assignment_triton, "_kernel", lambda: CountingKernel())
+    monkeypatch.setattr(PosSAMPostProcessingMixin, "assigns_pixels_with_triton", staticmethod(lambda logits: True))
+    found = post()
+    assert len(launches) == 2  # one launch per image
     assert any(result["segments_info"] for result in expected)
     for got, want in zip(found, expected):
         assert got["segments_info"] == want["segments_info"]
         assert torch.equal(got["segmentation"], want["segmentation"])
+
+
+def test_the_triton_pixel_assignment_is_the_cuda_default(monkeypatch):
+    """Where the dense post-processing runs `pixel_assignment_triton`: on CUDA logits outside autograd where Triton
+    runs (installed here), never on CPU ones (not even under Triton's interpreter, which is for tests)."""
+    from transformers_possam import postprocessing
+    from transformers_possam.postprocessing import PosSAMPostProcessingMixin
+
+    chooses = PosSAMPostProcessingMixin.assigns_pixels_with_triton
+    with FakeTensorMode():  # CUDA-placed logits without a GPU (shapes and devices only)
+        cuda_logits = torch.empty(2, 4, 4, device="cuda")
+        cuda_logits_with_gradient = torch.empty(2, 4, 4, device="cuda", requires_grad=True)
+    assert not chooses(cuda_logits)  # fake tensors have no memory for a kernel to read
+    monkeypatch.setattr(postprocessing, "is_fake", lambda tensor: False)  # as real CUDA logits
+    assert chooses(cuda_logits)
+    assert not chooses(cuda_logits_with_gradient)  # the kernel has no backward
+    with torch.no_grad():
+        assert chooses(cuda_logits_with_gradient)
+    assert not chooses(torch.zeros(2, 4, 4))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not chooses(torch.zeros(2, 4, 4))  # the interpreter is for tests, not a CPU default
+    monkeypatch.setattr(postprocessing, "triton_runs_on", lambda device: False)  # CUDA without Triton
+    assert not chooses(cuda_logits)
 
 
 @needs_interpreter

@@ -15,6 +15,8 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 from ..device_transfer import to_device
+from ..triton_support import triton_runs_on
+from .deformable_sampling_triton import deformable_attention_triton
 
 
 __all__ = [
@@ -321,7 +323,8 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
     """
     Mask2Former's pixel-decoder deformable attention (same parameters and state-dict keys, same math). On CPU the
     sampling runs through `deformable_attention_embedding_bag` (about 4x faster than the `grid_sample` version at
-    1024x1024 input); elsewhere through transformers' `multi_scale_deformable_attention` (`sampler`). The pixel
+    1024x1024 input), on CUDA with Triton through the fused kernel `deformable_attention_triton` in eager inference,
+    elsewhere through transformers' `multi_scale_deformable_attention` (`sampler`). The pixel
     decoder's encoder only uses 2-d reference points (the layer grid), so 4-d (box) reference points are not supported.
     """
 
@@ -414,15 +417,20 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         with a true `reads_reduced_precision_values` attribute is given a bf16 / fp16 model's values without their
         float32 copy, the others float32 values; one with a true `inference_only` attribute is replaced by
         transformers' where autograd, a trace (`torch.compile`, `torch.export`, `torch.jit.trace`), fake tensors or
-        float64 need it): on CPU `deformable_attention_embedding_bag` (4x faster than
-        grid_sample there), elsewhere transformers' version.
-        On an H200 the embedding_bag sampler in one step was faster per PosSAM-B layer (1.57 against 2.05 ms at
-        batch 1, 8.2 against 11.3 ms at batch 8) but the whole bf16 forward with it was slower at batch 1 (51.6
-        against 41.9 ms; at batch 8 183.8 against 189.9), while its constants still cost blocking copies; they no
-        longer do, and `benchmarks/gpu_candidates.py` measures the forward with each sampler (it replaces this
-        method) for the next GPU session to decide (docs/design.md, "First GPU figures").
+        float64 need it):
+        - on CPU `deformable_attention_embedding_bag` (4x faster than grid_sample there);
+        - on CUDA with Triton installed the fused kernel `deformable_attention_triton`: on an H200, per PosSAM-B layer
+          0.12 against 2.13 ms at batch 1 and 0.86 against 11.3 ms at batch 8; the bf16 forward at batch 8 136
+          against 190 ms for B, PosSAM-H's deformable encoder 17 against 71 ms (docs/design.md, "Fourteenth
+          session");
+        - elsewhere transformers' version.
         """
-        return deformable_attention_embedding_bag if device_type == "cpu" else multi_scale_deformable_attention
+        if device_type == "cpu":
+            return deformable_attention_embedding_bag
+        # CUDA only: Triton's interpreter (`TRITON_INTERPRET=1`, for tests) would run it anywhere, on host memory
+        if device_type == "cuda" and triton_runs_on(device_type):
+            return deformable_attention_triton
+        return multi_scale_deformable_attention
 
     @staticmethod
     def sampling_locations(
