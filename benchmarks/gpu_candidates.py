@@ -12,14 +12,17 @@ pointed at on an H200 (2026-11-26):
 2. the panoptic post-processing's pixel counts per query: `scatter_add_` against `histc`;
 3. its one device-to-host transfer: pageable against page-locked staging;
 4. PosSAM-B bf16 forward with each deformable sampler (`PosSAMMultiscaleDeformableAttention.sampler` replaced),
-   its time by box (`gpu.box_times`), the forward with the ConvNeXt trunk and with the whole model in channels-last
+   its time by box (`gpu.box_times`), on CUDA the forward with SAM's attention through the Triton flash kernel
+   (`relative_position_attention_triton`), the forward with the ConvNeXt trunk and with the whole model in channels-last
    memory format, and the dense panoptic post-processing with the old pieces (pageable transfer, scatter counts),
    the new, and the new with chunks of 64 masks instead of 16; the new post-processing's segments against the
    CPU's cell-bound path; on CUDA, whose dense path runs its per-pixel part in one Triton kernel
    (`pixel_assignment_triton`), the dense path with that part in PyTorch; the dense path against the cell-bound one
    with 16, 64 and all queries kept;
 5. SAM's attention at SAM-B's and SAM-H's windowed and global shapes: the bias as extra q/k channels (CUDA's
-   path), the same with the value padded to q/k's head size (flash-eligible), and the bias as an additive mask.
+   path), the same with the value padded to q/k's head size (flash-eligible), the bias as an additive mask, and on
+   CUDA the Triton flash kernel with the bias read from its factors (`relative_position_attention_triton`; also in
+   the whole forward, section 4).
 
 `python benchmarks/gpu_candidates.py --device cuda --output OUT/candidates.json`; `--device cpu --variant tiny`
 runs the same code on a CPU (the tests do; no figure is meaningful there).
@@ -156,22 +159,26 @@ def deformable_candidates(device: torch.device, batch: int, repeats: int, shapes
     return results
 
 
-def sam_attention_variants() -> dict:
+def sam_attention_variants(device: torch.device) -> dict:
     """
     SAM's attention with its decomposed relative-position bias (same arguments and result as
-    `relative_position_attention`), three ways on a GPU:
+    `relative_position_attention`), three ways on a GPU, four where Triton runs:
     - `extended_qk` (what CUDA runs): the bias as extra q/k channels, one SDPA call; the value's head size differs
       from q/k's, which leaves SDPA the memory-efficient kernel (not flash);
     - `extended_qk_value_padded`: the same with the value padded with zero channels to q/k's size, which flash
       attention accepts, the extra output channels (zeros) sliced off: more work in the second matmul;
     - `bias_as_mask`: plain q/k/v with the bias materialized as a `(B, heads, T, T)` additive mask (0.40 GB per
-      image at a SAM-B global layer in bf16, 0.54 GB for SAM-H).
+      image at a SAM-B global layer in bf16, 0.54 GB for SAM-H);
+    - `triton_flash`: `relative_position_attention_triton`, flash attention's online softmax in one Triton kernel
+      with the bias read from its two small factors (no extended q/k, no mask).
     """
     from transformers_possam.modeling.sam_attention import (
         _decomposed_bias_factors,
         relative_position_attention,
         relative_position_query_and_key,
     )
+    from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
+    from transformers_possam.triton_support import triton_runs_on
 
     def extended_qk_value_padded(query, key, value, relative_height, relative_width, size):
         extended_query, extended_key = relative_position_query_and_key(
@@ -187,11 +194,14 @@ def sam_attention_variants() -> dict:
         bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)  # (B, heads, T, H * W)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
 
-    return {
+    variants = {
         "extended_qk": relative_position_attention,
         "extended_qk_value_padded": extended_qk_value_padded,
         "bias_as_mask": bias_as_mask,
     }
+    if triton_runs_on(device):
+        variants["triton_flash"] = relative_position_attention_triton
+    return variants
 
 
 def sam_attention_candidates(device: torch.device, batch: int, repeats: int, tiny: bool) -> dict:
@@ -200,7 +210,7 @@ def sam_attention_candidates(device: torch.device, batch: int, repeats: int, tin
     bf16: a windowed layer (25 windows of 14 x 14 per image) and a global one (64 x 64), each against the first
     variant. `tiny`: small shapes for a CPU test.
     """
-    variants = sam_attention_variants()
+    variants = sam_attention_variants(device)
     generator = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     models = {"tiny": (8, 2)} if tiny else {"sam_b": (64, 12), "sam_h": (80, 16)}
@@ -298,6 +308,24 @@ def post_processing_by_kept_queries(
     }
 
 
+def triton_sam_attention_forward(forward, reference: torch.Tensor, device: torch.device, repeats: int) -> dict:
+    """The forward timed with SAM's attention through `relative_position_attention_triton` (chosen in
+    `PosSAMVisionAttention.attention_function`, put back afterwards), and its largest mask-logit difference from
+    `reference`, the default's."""
+    from transformers_possam.modeling.sam_attention import PosSAMVisionAttention
+    from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
+
+    original = PosSAMVisionAttention.__dict__["attention_function"]
+    PosSAMVisionAttention.attention_function = staticmethod(lambda device_type: relative_position_attention_triton)
+    try:
+        timing = _time(forward, device, repeats)
+        masks = forward().masks_queries_logits
+    finally:
+        PosSAMVisionAttention.attention_function = original
+    timing["max_abs_difference_of_mask_logits"] = float((masks.float() - reference.float()).abs().max())
+    return timing
+
+
 def channels_last_forward(
     model, scope: str, pixel_values, class_embeddings, reference: torch.Tensor, device: torch.device, repeats: int
 ) -> dict:
@@ -393,6 +421,13 @@ def model_candidates(
 
                 _measured(row, "boxes_of_the_forward", lambda: box_times(model, forward, device), save)
                 outputs = forward()
+                if triton_runs_on(device):
+                    _measured(
+                        row,
+                        "forward_triton_sam_attention",
+                        lambda: triton_sam_attention_forward(forward, outputs.masks_queries_logits, device, repeats),
+                        save,
+                    )
                 for scope in ("convnext_trunk", "whole_model"):
                     _measured(
                         row,

@@ -1,8 +1,8 @@
 """
 Memory traffic of one forward by operator and source line (issue 15, target 7), without a GPU: the bytes each aten
 operator reads and writes (its tensor inputs plus its outputs; an in-place operator reads and writes its tensor), on
-the code path a CUDA device runs (`--path cuda`: transformers' grid_sample sampler, the all-heads SAM attention, the
-whole-tensor MLPs, chosen by device type in the package and swapped in here) or the CPU's (`--path cpu`), run on the
+the code path a CUDA device runs (`--path cuda`: the fused Triton sampler, counted as one operator, the all-heads
+SAM attention, the whole-tensor MLPs, chosen by device type in the package and swapped in here) or the CPU's (`--path cpu`), run on the
 CPU. On a GPU every operator but the matmuls and convolutions is bound by memory bandwidth, so these bytes over the
 bandwidth are a floor on their device time, and the largest rows name what to fuse or remove; a session without a
 GPU can rank them. Counts every tensor an operator touches once (broadcast operands at their own size; caches and
@@ -10,7 +10,9 @@ re-reads inside a kernel are not modelled). Operators that return their input un
 `contiguous` of a contiguous tensor) move nothing and count nothing.
 
 `python benchmarks/traffic.py --variant vit-b --dtype bfloat16 --path cuda` prints the largest rows (the figures in
-docs/design.md, "Thirteenth session"); `--variant tiny` runs in seconds (the tests do).
+docs/design.md, "Thirteenth session"; the sampler there was still transformers' grid_sample version), `--order
+calls` the most called rows instead (about one kernel launch per call: where a host-bound forward, PosSAM-B at batch
+1 on an H200, spends its launches); `--variant tiny` runs in seconds (the tests do).
 """
 
 from __future__ import annotations
@@ -79,17 +81,47 @@ class TrafficCounter(TorchDispatchMode):
             tensor.untyped_storage().data_ptr() in input_storages for tensor in outputs
         ):
             return output  # a view, or an input returned as it was
+        self.add(name, inputs, outputs)
+        return output
+
+    def add(self, name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        """One call of operator `name` reading `inputs` and writing `outputs`, attributed to the caller's source."""
         row = self.rows[(name, _source(self.package_roots))]
         row[0] += _bytes(inputs) + _bytes(outputs)
         row[1] += 1
-        return output
+
+
+# what CUDA's sampler (`deformable_attention_triton`, one Triton kernel) is counted as
+FUSED_SAMPLER = "deformable_attention_triton"
+
+
+def fused_sampler_stand_in(value, spatial_shapes, sampling_locations, attention_weights) -> torch.Tensor:
+    """
+    The CUDA sampler's traffic on any device: counted as the one kernel it is (its inputs read once, bf16 values as
+    they are, plus its float32 output; the bilinear corners it gathers stay in the caches at these sizes, an
+    assumption, as for every operator here), its result computed by transformers' sampler outside the count.
+    """
+    from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    counter = _get_current_dispatch_mode()
+    with _disable_current_modes():
+        output = multi_scale_deformable_attention(
+            value.float(), spatial_shapes, sampling_locations.float(), attention_weights.float()
+        )
+    if isinstance(counter, TrafficCounter):
+        counter.add(FUSED_SAMPLER, [value, sampling_locations, attention_weights], [output])
+    return output
+
+
+# as the kernel: the layer passes a bf16 model's values without their float32 copy
+fused_sampler_stand_in.reads_reduced_precision_values = True  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
 def cuda_code_path() -> Iterator[None]:
-    """The choices the package makes by device type, set to what a CUDA device gets, on any device; put back after."""
-    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
-
+    """The choices the package makes by device type, set to what a CUDA device gets, on any device (the deformable
+    sampler: `fused_sampler_stand_in`); put back after."""
     import transformers_possam.modeling.mlp as mlp
     import transformers_possam.modeling.pixel_decoder_encoder as pixel_decoder_encoder
     import transformers_possam.modeling.sam_attention as sam_attention
@@ -101,7 +133,7 @@ def cuda_code_path() -> Iterator[None]:
         mlp.runs_in_row_blocks,
         pixel_decoder_encoder.runs_in_row_blocks,
     )
-    PosSAMMultiscaleDeformableAttention.sampler = staticmethod(lambda device_type: multi_scale_deformable_attention)
+    PosSAMMultiscaleDeformableAttention.sampler = staticmethod(lambda device_type: fused_sampler_stand_in)
     sam_attention.relative_position_attention_blocked = sam_attention.relative_position_attention
     mlp.runs_in_row_blocks = pixel_decoder_encoder.runs_in_row_blocks = lambda *arguments: False
     try:
@@ -141,7 +173,11 @@ def summarize(counter: TrafficCounter, rows: int = 40) -> dict:
         for (name, source), (moved, calls) in counter.rows.items()
         if name not in COMPUTE_BOUND
     ]
+    by_calls = sorted(
+        ((calls, moved, name, source) for (name, source), (moved, calls) in counter.rows.items()), reverse=True
+    )
     return {
+        "calls": sum(calls for _, calls in counter.rows.values()),
         "total_gb": total / 1e9,
         "compute_bound_gb": compute / 1e9,
         "memory_bound_gb": (total - compute) / 1e9,
@@ -149,6 +185,10 @@ def summarize(counter: TrafficCounter, rows: int = 40) -> dict:
         "largest": [
             {"gb": moved / 1e9, "calls": calls, "operator": name, "source": source}
             for moved, calls, name, source in sorted(memory_rows, reverse=True)[:rows]
+        ],
+        "most_called": [
+            {"calls": calls, "gb": moved / 1e9, "operator": name, "source": source}
+            for calls, moved, name, source in by_calls[:rows]
         ],
     }
 
@@ -160,14 +200,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--path", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rows", type=int, default=40)
+    parser.add_argument(
+        "--order",
+        default="bytes",
+        choices=["bytes", "calls"],
+        help="rank the memory-bound rows by bytes, or every row by calls (about one kernel launch each: where a "
+        "host-bound forward spends its launches)",
+    )
     parser.add_argument("--output", default=None, help="a JSON file for the summary (default: print only)")
     args = parser.parse_args(argv)
     summary = summarize(forward_traffic(args.variant, args.dtype, args.path, args.batch), args.rows)
     print(
         f"{args.variant} {args.dtype} batch {args.batch}, {args.path} code path: {summary['total_gb']:.2f} GB moved, "
-        f"{summary['memory_bound_gb']:.2f} GB by memory-bound operators"
+        f"{summary['memory_bound_gb']:.2f} GB by memory-bound operators, {summary['calls']} operator calls"
     )
-    for row in summary["largest"]:
+    for row in summary["largest" if args.order == "bytes" else "most_called"]:
         print(f"{row['gb'] * 1e3:9.1f} MB {row['calls']:5d}  {row['operator']:24s} {row['source']}")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as file:

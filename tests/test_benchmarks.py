@@ -749,8 +749,11 @@ def test_traffic_counter_counts_the_bytes_each_operator_moves():
 
 
 def test_traffic_of_the_tiny_model_on_both_code_paths():
-    """`traffic.forward_traffic` on the tiny config: the CUDA code path samples with transformers' grid_sample, the
-    CPU's with embedding_bag, each attributed to its source line; the package's choices are put back afterwards."""
+    """`traffic.forward_traffic` on the tiny config: the CUDA code path samples with the fused kernel (one operator
+    per layer, its stand-in's result computed by transformers' grid_sample version outside the count), the CPU's
+    with embedding_bag, each attributed to its source line; the package's choices are put back afterwards; the most
+    called rows come with the number of calls."""
+    from transformers_possam import tiny_config
     from transformers_possam.modeling import deformable_attention, mlp, sam_attention
 
     traffic = load_script("benchmarks/traffic.py")
@@ -773,8 +776,14 @@ def test_traffic_of_the_tiny_model_on_both_code_paths():
         mlp.runs_in_row_blocks,
     )
     operators = {path: set(summary["by_operator_gb"]) for path, summary in summaries.items()}
-    assert "grid_sampler" in operators["cuda"] and "embedding_bag" not in operators["cuda"]
-    assert "embedding_bag" in operators["cpu"] and "grid_sampler" not in operators["cpu"]
+    fused = traffic.FUSED_SAMPLER
+    assert fused in operators["cuda"] and not {"grid_sampler", "embedding_bag"} & operators["cuda"]
+    assert "embedding_bag" in operators["cpu"] and not {"grid_sampler", fused} & operators["cpu"]
+    layers = tiny_config().encoder_layers
+    fused_rows = [row for row in summaries["cuda"]["most_called"] if row["operator"] == fused]
+    assert sum(row["calls"] for row in fused_rows) == layers, fused_rows  # one kernel per layer
+    calls = [row["calls"] for row in summaries["cuda"]["most_called"]]
+    assert calls == sorted(calls, reverse=True) and summaries["cuda"]["calls"] >= sum(calls)
     for summary in summaries.values():
         assert 0 < summary["memory_bound_gb"] < summary["total_gb"] and "dropout" not in summary["by_operator_gb"]
         assert any("deformable_attention.py" in row["source"] for row in summary["largest"])

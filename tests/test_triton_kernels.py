@@ -4,7 +4,10 @@ The Triton kernels (GPU candidates, benchmarks/gpu_candidates.py), run here by T
 - `deformable_attention_triton`, the fused deformable sampler, against transformers' `multi_scale_deformable_attention`
   (grid_sample) in float64: the reference is transformers' code, not ours;
 - `pixel_assignment_triton`, the per-pixel part of the sync-free panoptic inference, against the PyTorch path
-  (`F.interpolate` step by step, `_pixel_assignment`), and the whole post-processing with it against without it.
+  (`F.interpolate` step by step, `_pixel_assignment_by_chunks`), and the whole post-processing with it against
+  without it;
+- `relative_position_attention_triton`, SAM's attention with its decomposed relative-position bias, against the
+  attention written out in float64 and, in the layer, against transformers' `SamVisionSdpaAttention`.
 """
 
 import os
@@ -370,3 +373,146 @@ def test_tiny_model_with_the_triton_sampler_equals_the_default(dtype, monkeypatc
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     for name in ("masks_queries_logits", "class_queries_logits"):
         torch.testing.assert_close(found[name].float(), expected[name].float(), rtol=tolerance, atol=tolerance)
+
+
+def _attention_inputs(batch, heads, size, head_dim, dtype=torch.float32, seed=0):
+    """q, k, v as the layer has them, views of one qkv projection `(B, tokens, 3, heads, d)` (strided, d contiguous),
+    and the two relative-position row tables, drawn large enough for the bias to matter."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = size[0] * size[1]
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=generator).to(dtype).permute(2, 0, 3, 1, 4)
+    tables = [(torch.randn(n, n, head_dim, generator=generator) * 0.3).to(dtype) for n in size]
+    return (*qkv.unbind(0), *tables)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "batch, heads, size, head_dim",
+    [
+        (3, 12, (14, 14), 64),  # SAM-B's windows
+        (1, 2, (14, 14), 80),  # SAM-H's head size (not a power of 2)
+        (2, 3, (5, 7), 24),  # a rectangular grid, rows narrower than a step
+        (1, 1, (3, 70), 16),  # rows wider than a step (padded to 128 lanes)
+        (1, 2, (1, 1), 8),  # one token
+    ],
+)
+def test_triton_sam_attention_equals_the_softmax_attention_in_float64(batch, heads, size, head_dim):
+    """`relative_position_attention_triton` against SAM's attention written out (scores, decomposed bias with
+    transformers' einsums, softmax, values) in float64 on the same strided views: float32 to its rounding."""
+    from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
+
+    query, key, value, relative_height, relative_width = _attention_inputs(batch, heads, size, head_dim)
+    height, width = size
+    # the reference: transformers' SamVisionAttention.add_decomposed_rel_pos, spelled out on (B * heads) sequences
+    q64, k64, v64, rh64, rw64 = (tensor.double() for tensor in (query, key, value, relative_height, relative_width))
+    grid_query = q64.reshape(batch * heads, height, width, head_dim)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", grid_query, rh64)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", grid_query, rw64)
+    scores = (q64 * head_dim**-0.5) @ k64.transpose(-1, -2)
+    scores = scores.reshape(batch * heads, height, width, height, width)
+    scores = scores + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+    probabilities = scores.reshape(batch, heads, height * width, height * width).softmax(-1)
+    expected = probabilities @ v64
+    with torch.inference_mode():
+        found = relative_position_attention_triton(query, key, value, relative_height, relative_width, size)
+    assert found.shape == expected.shape and found.dtype == torch.float32
+    torch.testing.assert_close(found.double(), expected, rtol=1e-5, atol=1e-5)
+    # its output is a view of the (B, tokens, heads, d) layout the output projection reads: moving the heads back
+    # next to the channels copies nothing
+    assert found.transpose(1, 2).is_contiguous()
+
+
+@needs_interpreter
+def test_triton_sam_attention_in_bf16_is_as_close_as_the_default_path():
+    """bf16 inputs: the kernel (scores and softmax in float32, probabilities rounded to bf16 for the second matmul)
+    is within the rounding of the default bf16 path (`relative_position_attention`, SDPA with the bias as extra
+    channels) of the float64 result on the same bf16 values, and returns bf16."""
+    from transformers_possam.modeling.sam_attention import relative_position_attention
+    from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
+
+    inputs = _attention_inputs(2, 4, (14, 14), 64, dtype=torch.bfloat16)
+    size = (14, 14)
+    with torch.inference_mode():
+        exact = relative_position_attention(*(tensor.double() for tensor in inputs), size)
+        default = relative_position_attention(*inputs, size)
+        found = relative_position_attention_triton(*inputs, size)
+    assert found.dtype == torch.bfloat16
+    default_error = float((default.double() - exact).abs().max())
+    found_error = float((found.double() - exact).abs().max())
+    assert 0 < found_error <= 2 * default_error, (found_error, default_error)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("window_size", [4, 0])  # windowed, and global over the whole grid
+def test_sam_attention_layer_with_the_triton_kernel_equals_transformers(window_size, monkeypatch):
+    """The whole attention layer with `attention_function` choosing the Triton kernel (as a GPU session would):
+    the same output as transformers' own `SamVisionSdpaAttention` with the same weights; in training (gradients
+    needed) the layer takes the SDPA form instead, and its gradients flow."""
+    from transformers import SamVisionConfig
+
+    from transformers_possam.modeling import sam_attention_triton
+    from transformers_possam.modeling.sam_attention import PosSAMVisionAttention
+
+    from .conftest import sam_attention_pair
+
+    config = SamVisionConfig(hidden_size=48, num_attention_heads=3, image_size=128, patch_size=16)
+    reference, ours = sam_attention_pair(config, window_size)
+    launches = []
+    kernel = sam_attention_triton._kernel()
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(sam_attention_triton, "_kernel", lambda: CountingKernel())
+    monkeypatch.setattr(
+        PosSAMVisionAttention,
+        "attention_function",
+        staticmethod(lambda device_type: sam_attention_triton.relative_position_attention_triton),
+    )
+    grid = window_size or 8
+    hidden_states = torch.randn(2, grid, grid, 48, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = reference(hidden_states)[0]
+        found = ours(hidden_states)[0]
+    assert len(launches) == 1
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
+    ours.train()
+    trained = ours(hidden_states)[0]  # gradients needed: the SDPA form, no launch
+    assert len(launches) == 1
+    torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-5)
+    trained.sum().backward()
+    assert ours.rel_pos_h.grad is not None and ours.qkv.weight.grad is not None
+
+
+@needs_interpreter
+def test_triton_sam_attention_refuses_what_it_cannot_do(monkeypatch):
+    from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
+
+    query, key, value, relative_height, relative_width = _attention_inputs(1, 2, (4, 4), 8)
+    with pytest.raises(RuntimeError, match="inference only"):
+        relative_position_attention_triton(query.requires_grad_(), key, value, relative_height, relative_width, (4, 4))
+    query = query.detach()
+    with pytest.raises(ValueError, match="float64"):
+        relative_position_attention_triton(
+            query.double(), key.double(), value.double(), relative_height.double(), relative_width.double(), (4, 4)
+        )
+    with pytest.raises(ValueError, match=r"H \* W = 4 \* 5"):
+        relative_position_attention_triton(query, key, value, relative_height, relative_width, (4, 5))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="needs CUDA and Triton"):
+        relative_position_attention_triton(query, key, value, relative_height, relative_width, (4, 4))
+
+
+@needs_interpreter
+def test_gpu_candidates_offer_the_triton_sam_attention_where_triton_runs():
+    """benchmarks/gpu_candidates.py's SAM attention section (tiny shapes): the Triton kernel among the variants where
+    Triton runs (here its interpreter), within float32 rounding of CUDA's path."""
+    from .conftest import load_script
+
+    candidates = load_script("benchmarks/gpu_candidates.py")
+    assert "triton_flash" in candidates.sam_attention_variants(torch.device("cpu"))
+    rows = candidates.sam_attention_candidates(torch.device("cpu"), batch=1, repeats=1, tiny=True)
+    for row in rows.values():
+        assert row["triton_flash"]["max_abs_difference"] < 1e-4, row

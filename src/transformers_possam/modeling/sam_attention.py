@@ -5,7 +5,10 @@ in cache-sized blocks of scores on CPU, all heads in one fused attention call el
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn import functional as F
 from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
@@ -268,6 +271,7 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
     - on other devices, and in traced graphs (`torch.compile`, `torch.export`), all heads at once through
       `relative_position_attention` (no bias tensor at all): head by head, or block by block, would be bound by
       kernel launches on a GPU, and a loop over batch x heads cannot be traced with a dynamic batch size.
+    `attention_function` chooses by device type.
     """
 
     def get_rel_pos(self, q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
@@ -295,11 +299,25 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
         if not self.use_rel_pos:
             attention = F.scaled_dot_product_attention(query, key, value)
         else:
-            # the blocked loop runs over batch x heads, which tracing would have to unroll (and export cannot, with
-            # a dynamic batch size): traced graphs take the all-heads form, as on GPU
+            attend = self.attention_function(hidden_states.device.type)
             tracing = torch.compiler.is_exporting() or torch.compiler.is_compiling()
-            on_cpu = hidden_states.device.type == "cpu"
-            attend = relative_position_attention_blocked if on_cpu and not tracing else relative_position_attention
+            if attend is relative_position_attention_blocked and tracing:
+                # the blocked loop runs over batch x heads, which tracing would have to unroll (and export cannot,
+                # with a dynamic batch size): traced graphs take the all-heads form, as on GPU
+                attend = relative_position_attention
+            elif getattr(attend, "inference_only", False) and (
+                tracing
+                or torch.jit.is_tracing()
+                or is_fake(query)
+                or query.dtype == torch.float64
+                or (
+                    torch.is_grad_enabled()
+                    and any(tensor.requires_grad for tensor in (query, self.rel_pos_h, self.rel_pos_w))
+                )
+            ):
+                # a kernel without a backward, opaque to traces and shape-only tensors, float32 at most (the Triton
+                # kernel) gives way to the all-heads SDPA form
+                attend = relative_position_attention
             attention = attend(
                 query,
                 key,
@@ -308,5 +326,18 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
                 self.get_rel_pos(width, width, self.rel_pos_w),
                 (height, width),
             )
-        attention = attention.view(batch_size, self.num_attention_heads, height, width, -1)
-        return self.proj(attention.permute(0, 2, 3, 1, 4).reshape(batch_size, height, width, -1)), None
+        # (B, heads, tokens, d) -> (B, H, W, heads * d): a view where the attention wrote that layout already (the
+        # Triton kernel), a copy otherwise
+        return self.proj(attention.transpose(1, 2).reshape(batch_size, height, width, -1)), None
+
+    @staticmethod
+    def attention_function(device_type: str) -> Callable[..., torch.Tensor]:
+        """
+        The attention with the decomposed relative-position bias (arguments and result as
+        `relative_position_attention`; one with a true `inference_only` attribute gives way to
+        `relative_position_attention` where autograd, a trace, fake tensors or float64 need it): on CPU
+        `relative_position_attention_blocked`, elsewhere `relative_position_attention` (SDPA with the bias as extra
+        q/k channels). The Triton kernel `relative_position_attention_triton` is a CUDA candidate
+        (`benchmarks/gpu_candidates.py` replaces this method), not chosen until a GPU has timed it.
+        """
+        return relative_position_attention_blocked if device_type == "cpu" else relative_position_attention
