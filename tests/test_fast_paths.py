@@ -26,6 +26,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderLayer,
     Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
     Mask2FormerPixelDecoderEncoderOnly,
+    Mask2FormerSinePositionEmbedding,
     Mask2FormerTransformerModule,
 )
 from transformers.models.sam.modeling_sam import (
@@ -46,6 +47,7 @@ from transformers_possam.modeling import (
     PosSAMPixelDecoderEncoder,
     PosSAMPixelDecoderEncoderLayer,
     PosSAMSamMLPBlock,
+    PosSAMSinePositionEmbedding,
     PosSAMTimmMlp,
     PosSAMVisionAttention,
     install_fast_paths,
@@ -123,6 +125,7 @@ def test_the_flag_installs_all_four_replacements_or_none():
         PosSAMMultiscaleDeformableAttention,
         PosSAMMaskPredictor,
         PosSAMMaskedCrossAttention,
+        PosSAMSinePositionEmbedding,
     }
     assert ours <= module_types(fast)
     assert not ours & module_types(reference)
@@ -138,6 +141,7 @@ def test_the_flag_installs_all_four_replacements_or_none():
         Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
         Mask2FormerMaskPredictor,
         nn.MultiheadAttention,
+        Mask2FormerSinePositionEmbedding,
     ):
         assert module_class in stock
     assert SamVisionSdpaAttention not in module_types(fast)
@@ -715,3 +719,46 @@ def test_linear_convnext_mlps_are_row_blocked_with_the_stock_model_outputs():
         expected = reference(pixel_values, class_embeddings=embeddings)
     torch.testing.assert_close(found.masks_queries_logits, expected.masks_queries_logits, **OUTPUT_TOLERANCE)
     torch.testing.assert_close(found.class_queries_logits, expected.class_queries_logits, **OUTPUT_TOLERANCE)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sine position embedding, made once per shape
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_sine_position_embedding_is_transformers_made_once_per_shape(dtype):
+    """`PosSAMSinePositionEmbedding` against transformers' `Mask2FormerSinePositionEmbedding` with the model's
+    settings: bitwise the same at the three levels of a 1024x1024 input and odd sizes; a second call with the same
+    shape returns the made tensor (no kernels), another batch size or dtype its own; with a mask, transformers' own
+    computation (the mask changes the values)."""
+    from transformers_possam.modeling.position_embedding import _cached_sine_position_embedding
+
+    settings = {"num_position_features": 128, "normalize": True}
+    reference = Mask2FormerSinePositionEmbedding(**settings)
+    ours = PosSAMSinePositionEmbedding(**settings)
+    _cached_sine_position_embedding.cache_clear()
+    for shape in ((1, 256, 32, 32), (1, 256, 64, 64), (1, 256, 128, 128), (2, 256, 7, 13), (1, 256, 1, 1)):
+        expected = reference(torch.Size(shape), "cpu", dtype)
+        found = ours(torch.Size(shape), "cpu", dtype)
+        assert found.dtype == dtype and torch.equal(found, expected), shape
+        assert ours(torch.Size(shape), torch.device("cpu"), dtype) is found
+    info = _cached_sine_position_embedding.cache_info()
+    assert info.misses == 5 and info.hits == 5
+    mask = torch.ones(1, 9, 11, dtype=torch.bool)
+    mask[:, :, 8:] = False
+    assert torch.equal(ours((1, 256, 9, 11), "cpu", dtype, mask), reference((1, 256, 9, 11), "cpu", dtype, mask))
+    assert not torch.equal(ours((1, 256, 9, 11), "cpu", dtype, mask), ours((1, 256, 9, 11), "cpu", dtype))
+
+
+def test_sine_position_embedding_of_fake_tensors_is_not_cached():
+    """Shape-only (fake) runs compute the embedding each time and leave nothing in the cache that real runs read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    from transformers_possam.modeling.position_embedding import _cached_sine_position_embedding
+
+    _cached_sine_position_embedding.cache_clear()
+    ours = PosSAMSinePositionEmbedding(num_position_features=16, normalize=True)
+    with FakeTensorMode():
+        fake = ours(torch.Size((1, 32, 5, 5)), "cpu", torch.float32)
+    assert is_fake(fake) and _cached_sine_position_embedding.cache_info().currsize == 0
+    real = ours(torch.Size((1, 32, 5, 5)), "cpu", torch.float32)
+    assert not is_fake(real)

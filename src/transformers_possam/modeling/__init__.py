@@ -21,6 +21,7 @@ from .mlp import PosSAMSamMLPBlock, PosSAMTimmMlp, install_mlp_fast_paths, mlp_i
 from .patch_embeddings import PosSAMPatchEmbeddings
 from .pixel_decoder import PosSAMPixelDecoder
 from .pixel_decoder_encoder import PosSAMPixelDecoderEncoder, PosSAMPixelDecoderEncoderLayer
+from .position_embedding import PosSAMSinePositionEmbedding
 from .sam_attention import PosSAMVisionAttention
 
 
@@ -39,6 +40,7 @@ __all__ = [
     "PosSAMMultiscaleDeformableAttention",
     "PosSAMOpenVocabularyClassifier",
     "PosSAMPatchEmbeddings",
+    "PosSAMSinePositionEmbedding",
     "PosSAMPixelDecoder",
     "PosSAMPixelDecoderEncoder",
     "PosSAMPixelDecoderEncoderLayer",

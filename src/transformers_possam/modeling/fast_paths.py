@@ -16,6 +16,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderLayer,
     Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
     Mask2FormerPixelDecoderEncoderOnly,
+    Mask2FormerSinePositionEmbedding,
     Mask2FormerTransformerModule,
 )
 from transformers.models.sam.modeling_sam import SamPatchEmbeddings, SamVisionEncoder, SamVisionSdpaAttention
@@ -27,6 +28,7 @@ from .mlp import install_mlp_fast_paths
 from .patch_embeddings import PosSAMPatchEmbeddings
 from .pixel_decoder import PosSAMPixelDecoder
 from .pixel_decoder_encoder import PosSAMPixelDecoderEncoder, PosSAMPixelDecoderEncoderLayer
+from .position_embedding import PosSAMSinePositionEmbedding
 from .sam_attention import PosSAMVisionAttention
 
 
@@ -73,6 +75,8 @@ def install_fast_paths(mask_generator: nn.Module) -> None:
        itself, the parent's computation.
     4. Each decoder layer's cross-attention `nn.MultiheadAttention` -> `PosSAMMaskedCrossAttention`: no attention
        weights unless a caller asks (the decoder never returns them).
+    5. The pixel decoder's and the transformer module's `Mask2FormerSinePositionEmbedding` ->
+       `PosSAMSinePositionEmbedding`: made once per shape, device and dtype instead of in every forward.
 
     Each replacement holds the original's tensors (`take_over`): parameters, state-dict keys and the random draws of
     construction are those of transformers' modules. Modules already replaced are left as they are, so a second call
@@ -126,6 +130,21 @@ def install_fast_paths(mask_generator: nn.Module) -> None:
             num_heads=predictor.num_heads,
             mask_feature_size=transformer_decoder.mask_feature_size,
         )
+    for owner, name in ((pixel_decoder, "position_embedding"), (transformer_module, "position_embedder")):
+        embedding = getattr(owner, name)
+        if type(embedding) is Mask2FormerSinePositionEmbedding:
+            setattr(
+                owner,
+                name,
+                take_over(
+                    embedding,
+                    PosSAMSinePositionEmbedding,
+                    num_position_features=embedding.num_position_features,
+                    temperature=embedding.temperature,
+                    normalize=embedding.normalize,
+                    scale=embedding.scale,
+                ),
+            )
     for decoder_layer in transformer_decoder.layers:
         cross_attention = decoder_layer.cross_attn
         if isinstance(cross_attention, nn.MultiheadAttention) and not isinstance(
