@@ -14,8 +14,8 @@ pointed at on an H200 (2026-11-26):
 4. PosSAM-B bf16 forward with each deformable sampler (`PosSAMMultiscaleDeformableAttention.sampler` replaced),
    its time by box (`gpu.box_times`), on CUDA the forward with SAM's attention through the Triton flash kernel
    (`relative_position_attention_triton`), the forward with the ConvNeXt trunk and with the whole model in channels-last
-   memory format, and the dense panoptic post-processing with the old pieces (pageable transfer, scatter counts),
-   the new, and the new with chunks of 64 masks instead of 16; the new post-processing's segments against the
+   memory format, and the dense panoptic post-processing with the old pieces (pageable transfer, scatter counts,
+   PyTorch assignment), the new, and the PyTorch assignment with chunks of 64 masks instead of 16; the new post-processing's segments against the
    CPU's cell-bound path; on CUDA, whose dense path runs its per-pixel part in one Triton kernel
    (`pixel_assignment_triton`), the dense path with that part in PyTorch; the dense path against the cell-bound one
    with 16, 64 and all queries kept;
@@ -31,6 +31,7 @@ runs the same code on a CPU (the tests do; no figure is meaningful there).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
@@ -48,7 +49,8 @@ def _time(step, device: torch.device, repeats: int) -> dict:
     """
     `gpu.time_steps`'s timing of `step` (its warm-up, then `repeats` timed calls), without the peak memory. A quarter
     second of warm-up on CUDA (not the suite's second): the candidates run back to back, the GPU already busy, and
-    about 85 timings must fit the 180 s `device_session.sh` gives this script (SAM's attention, last, is cut first).
+    about 100 timings must fit the 180 s `device_session.sh` gives this script (SAM's attention, last, is cut first;
+    the fourteenth session's run, about 85 timings, took about two minutes on an H200).
     """
     timing, _ = time_steps(step, device, repeats, warmup_s=0.25 if device.type == "cuda" else 0.0)
     return timing
@@ -170,7 +172,8 @@ def sam_attention_variants(device: torch.device) -> dict:
     - `bias_as_mask`: plain q/k/v with the bias materialized as a `(B, heads, T, T)` additive mask (0.40 GB per
       image at a SAM-B global layer in bf16, 0.54 GB for SAM-H);
     - `triton_flash`: `relative_position_attention_triton`, flash attention's online softmax in one Triton kernel
-      with the bias read from its two small factors (no extended q/k, no mask).
+      with the bias read from its two small factors (no extended q/k, no mask), 8 warps per program (its default),
+      and `triton_flash_4_warps` (more register spills when compiled, more programs per SM).
     """
     from transformers_possam.modeling.sam_attention import (
         _decomposed_bias_factors,
@@ -200,7 +203,8 @@ def sam_attention_variants(device: torch.device) -> dict:
         "bias_as_mask": bias_as_mask,
     }
     if triton_runs_on(device):
-        variants["triton_flash"] = relative_position_attention_triton
+        variants["triton_flash"] = relative_position_attention_triton  # 8 warps per program
+        variants["triton_flash_4_warps"] = functools.partial(relative_position_attention_triton, num_warps=4)
     return variants
 
 
@@ -444,9 +448,10 @@ def model_candidates(
                         outputs, target_sizes=targets, dense_assignment=True
                     )
 
-                def with_old_pieces():
+                def with_old_pieces():  # the twelfth session's post-processing: all of it PyTorch's
                     postprocessing._fetch_to_host = lambda values: values.cpu().numpy()
                     postprocessing._pixels_per_query = postprocessing._count_by_scatter
+                    pytorch_assignment()
                     try:
                         return _time(post, device, repeats)
                     finally:
@@ -455,14 +460,16 @@ def model_candidates(
                 def chunks_of_64():
                     # the dense path's query chunks: 16 masks (128 MiB temporaries) by default, 64 (512 MiB) here: a
                     # quarter of the running-argmax merges; the same segments (ties aside)
-                    postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS = 64, 2**27
+                    # (both in PyTorch: the Triton assignment has no chunks)
                     pytorch_assignment()
                     try:
+                        reference = post()[0]["segmentation"]
+                        postprocessing.RESIZE_CHUNK, postprocessing.RESIZE_ELEMENTS = 64, 2**27
                         timing = _time(post, device, repeats)
                         segmentation = post()[0]["segmentation"]
                     finally:
                         restore()
-                    timing["pixels_differing"] = int((segmentation != post()[0]["segmentation"]).sum())
+                    timing["pixels_differing"] = int((segmentation != reference).sum())
                     return timing
 
                 def against_the_cpu():

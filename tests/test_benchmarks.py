@@ -366,7 +366,9 @@ def test_device_session_script_runs_its_steps_on_cpu(tmp_path):
         POSSAM_GPU_VARIANTS="tiny",
         POSSAM_GPU_CHECKS="versions",
         POSSAM_GPU_ARGS="--batches 1",
-        POSSAM_DEADLINE_S="120",  # a minute less the check: the eager rows; compiled ones need 150 s: skipped
+        # the suite's own budget, whatever the steps before it took on a loaded machine (with the default deadline,
+        # a slow candidates step left it nothing): the eager rows; compiled ones, last, need 150 s here: skipped
+        POSSAM_GPU_BUDGET_S="15",
     )
     completed = subprocess.run(
         ["bash", "benchmarks/device_session.sh"],
@@ -783,7 +785,8 @@ def test_traffic_of_the_tiny_model_on_both_code_paths():
     fused_rows = [row for row in summaries["cuda"]["most_called"] if row["operator"] == fused]
     assert sum(row["calls"] for row in fused_rows) == layers, fused_rows  # one kernel per layer
     calls = [row["calls"] for row in summaries["cuda"]["most_called"]]
-    assert calls == sorted(calls, reverse=True) and summaries["cuda"]["calls"] >= sum(calls)
+    # rows=500 lists every row of the tiny forward: their calls add up to the total
+    assert calls == sorted(calls, reverse=True) and summaries["cuda"]["calls"] == sum(calls) > 0
     for summary in summaries.values():
         assert 0 < summary["memory_bound_gb"] < summary["total_gb"] and "dropout" not in summary["by_operator_gb"]
         assert any("deformable_attention.py" in row["source"] for row in summary["largest"])

@@ -158,6 +158,24 @@ INTERNALS: dict[tuple[str, str], Expected] = {
         methods={"forward": ("multi_scale_features", "mask_features", "output_hidden_states", "output_attentions")},
     ),
     (MASK2FORMER, "Mask2FormerMaskedAttentionDecoderLayer"): Expected("class", ("config",)),
+    # modeling/position_embedding.py: made once per shape through its build function (past that function's cache)
+    (MASK2FORMER, "Mask2FormerSinePositionEmbedding"): Expected(
+        "class",
+        ("num_position_features", "temperature", "normalize", "scale"),
+        methods={
+            "forward": ("shape", "device", "dtype", "mask"),
+            "build_sine_position_embedding": (
+                "shape",
+                "device",
+                "dtype",
+                "num_position_features",
+                "normalize",
+                "scale",
+                "temperature",
+                "mask",
+            ),
+        },
+    ),
     (MASK2FORMER, "Mask2FormerPredictionBlock"): Expected("class", ("in_dim", "out_dim", "activation")),
     # its `_init_weights` is called unbound on our modules
     (MASK2FORMER, "Mask2FormerPreTrainedModel"): Expected(

@@ -146,7 +146,7 @@ def test_triton_sampler_refuses_what_it_cannot_do(interpreted, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     from transformers_possam.triton_support import triton_runs_on
 
-    assert not triton_runs_on("cpu") and triton_runs_on("cuda")
+    assert not triton_runs_on("cpu")
     with pytest.raises(RuntimeError, match="needs CUDA and Triton"):
         interpreted.deformable_attention_triton(value, shapes, locations, weights)
 
@@ -303,6 +303,7 @@ def test_the_triton_pixel_assignment_is_the_cuda_default(monkeypatch):
     with FakeTensorMode():  # CUDA-placed logits without a GPU (shapes and devices only)
         cuda_logits = torch.empty(2, 4, 4, device="cuda")
         cuda_logits_with_gradient = torch.empty(2, 4, 4, device="cuda", requires_grad=True)
+    monkeypatch.setattr(postprocessing, "triton_runs_on", lambda device: device.type == "cuda")  # a CUDA machine
     assert not chooses(cuda_logits)  # fake tensors have no memory for a kernel to read
     monkeypatch.setattr(postprocessing, "is_fake", lambda tensor: False)  # as real CUDA logits
     assert chooses(cuda_logits)
@@ -422,21 +423,38 @@ def test_triton_sam_attention_equals_the_softmax_attention_in_float64(batch, hea
     assert found.transpose(1, 2).is_contiguous()
 
 
+def test_sam_attention_function_by_device_and_the_triton_kernel_not_yet_chosen():
+    """`PosSAMVisionAttention.attention_function`: the blocked form on CPU, SDPA with the bias as extra channels
+    everywhere else. The Triton kernel is a candidate until a GPU has timed it: it must not become CUDA's choice by
+    accident."""
+    from transformers_possam.modeling.sam_attention import (
+        PosSAMVisionAttention,
+        relative_position_attention,
+        relative_position_attention_blocked,
+    )
+
+    choose = PosSAMVisionAttention.attention_function
+    assert choose("cpu") is relative_position_attention_blocked
+    assert choose("cuda") is choose("mps") is choose("xpu") is relative_position_attention
+
+
 @needs_interpreter
-def test_triton_sam_attention_in_bf16_is_as_close_as_the_default_path():
-    """bf16 inputs: the kernel (scores and softmax in float32, probabilities rounded to bf16 for the second matmul)
-    is within the rounding of the default bf16 path (`relative_position_attention`, SDPA with the bias as extra
-    channels) of the float64 result on the same bf16 values, and returns bf16."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_sam_attention_in_half_precision_is_as_close_as_the_default_path(dtype):
+    """bf16 and fp16 inputs: the kernel (scores and softmax in float32, probabilities rounded to the inputs' dtype for
+    the second matmul) is within twice the rounding error of the default path in that dtype
+    (`relative_position_attention`, SDPA with the bias as extra channels) of the float64 result on the same values,
+    and returns that dtype."""
     from transformers_possam.modeling.sam_attention import relative_position_attention
     from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
 
-    inputs = _attention_inputs(2, 4, (14, 14), 64, dtype=torch.bfloat16)
+    inputs = _attention_inputs(2, 4, (14, 14), 64, dtype=dtype)
     size = (14, 14)
     with torch.inference_mode():
         exact = relative_position_attention(*(tensor.double() for tensor in inputs), size)
         default = relative_position_attention(*inputs, size)
         found = relative_position_attention_triton(*inputs, size)
-    assert found.dtype == torch.bfloat16
+    assert found.dtype == dtype and bool(found.isfinite().all())
     default_error = float((default.double() - exact).abs().max())
     found_error = float((found.double() - exact).abs().max())
     assert 0 < found_error <= 2 * default_error, (found_error, default_error)
@@ -487,6 +505,38 @@ def test_sam_attention_layer_with_the_triton_kernel_equals_transformers(window_s
 
 
 @needs_interpreter
+def test_sam_attention_layer_with_the_triton_kernel_gives_way_where_it_cannot_run(monkeypatch):
+    """With the kernel chosen, a float64 layer and a shape-only (fake-tensor) run take the SDPA form, without a
+    launch: float64 against transformers' layer, the fake run's output shape and dtype as the real one's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+    from transformers import SamVisionConfig
+
+    from transformers_possam.modeling import sam_attention_triton
+    from transformers_possam.modeling.sam_attention import PosSAMVisionAttention
+
+    from .conftest import sam_attention_pair
+
+    launches = []
+    monkeypatch.setattr(sam_attention_triton, "_kernel", lambda: launches.append(1))  # a launch would fail loudly
+    monkeypatch.setattr(
+        PosSAMVisionAttention,
+        "attention_function",
+        staticmethod(lambda device_type: sam_attention_triton.relative_position_attention_triton),
+    )
+    config = SamVisionConfig(hidden_size=48, num_attention_heads=3, image_size=128, patch_size=16)
+    reference, ours = sam_attention_pair(config, 4)
+    reference, ours = reference.double(), ours.double()
+    hidden_states = torch.randn(2, 4, 4, 48, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(hidden_states)[0], reference(hidden_states)[0])
+        ours.float()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake = ours(torch.empty(2, 4, 4, 48))[0]
+    assert is_fake(fake) and fake.shape == (2, 4, 4, 48) and fake.dtype == torch.float32
+    assert not launches
+
+
+@needs_interpreter
 def test_triton_sam_attention_refuses_what_it_cannot_do(monkeypatch):
     from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
 
@@ -500,6 +550,8 @@ def test_triton_sam_attention_refuses_what_it_cannot_do(monkeypatch):
         )
     with pytest.raises(ValueError, match=r"H \* W = 4 \* 5"):
         relative_position_attention_triton(query, key, value, relative_height, relative_width, (4, 5))
+    with pytest.raises(ValueError, match=r"must be \(H, H, d\) = \(4, 4, 8\)"):  # tables of another layer
+        relative_position_attention_triton(query, key, value, relative_height[:3], relative_width, (4, 4))
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="needs CUDA and Triton"):
         relative_position_attention_triton(query, key, value, relative_height, relative_width, (4, 4))
@@ -516,3 +568,68 @@ def test_gpu_candidates_offer_the_triton_sam_attention_where_triton_runs():
     rows = candidates.sam_attention_candidates(torch.device("cpu"), batch=1, repeats=1, tiny=True)
     for row in rows.values():
         assert row["triton_flash"]["max_abs_difference"] < 1e-4, row
+        assert row["triton_flash_4_warps"]["max_abs_difference"] < 1e-4, row
+
+
+@pytest.fixture
+def fresh_launch_probe(monkeypatch):
+    """`_triton_launches_on_cuda` asked afresh (it caches its answer per process), and put back after."""
+    from transformers_possam import triton_support
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    triton_support._triton_launches_on_cuda.cache_clear()
+    yield triton_support
+    triton_support._triton_launches_on_cuda.cache_clear()
+
+
+def test_triton_runs_on_cuda_only_where_it_can_launch(fresh_launch_probe, monkeypatch):
+    """Triton installed is not enough: its first launch compiles a C module with the system's compiler. Without
+    CUDA: no (silently). With CUDA and a driver module that builds: yes on CUDA, no on CPU. With CUDA and no C
+    compiler (a slim container): no, with one warning that says why and what to install, and the question is asked
+    once per process."""
+    import warnings
+
+    triton_support = fresh_launch_probe
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not triton_support.triton_runs_on("cuda")
+    triton_support._triton_launches_on_cuda.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    builds = []
+    monkeypatch.setattr(triton_support, "_build_cuda_driver", lambda: builds.append(1))
+    assert triton_support.triton_runs_on("cuda") and triton_support.triton_runs_on(torch.device("cuda", 1))
+    assert not triton_support.triton_runs_on("cpu") and not triton_support.triton_runs_on("mps")
+    assert builds == [1]  # asked once
+    triton_support._triton_launches_on_cuda.cache_clear()
+
+    def no_compiler():
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(triton_support, "_build_cuda_driver", no_compiler)
+    with pytest.warns(RuntimeWarning, match=r"cannot launch kernels here \(RuntimeError: Failed to find C compiler"):
+        assert not triton_support.triton_runs_on("cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the answer is kept: no second warning
+        assert not triton_support.triton_runs_on("cuda")
+
+
+def test_without_a_launchable_triton_cuda_gets_the_pytorch_paths(fresh_launch_probe, monkeypatch):
+    """Where Triton cannot launch (no C compiler), CUDA's choices are the PyTorch ones: transformers' deformable
+    sampler and the chunked pixel assignment."""
+    from transformers_possam.modeling.deformable_attention import PosSAMMultiscaleDeformableAttention
+    from transformers_possam.postprocessing import PosSAMPostProcessingMixin
+
+    triton_support = fresh_launch_probe
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def no_compiler():
+        raise RuntimeError("Failed to find C compiler.")
+
+    monkeypatch.setattr(triton_support, "_build_cuda_driver", no_compiler)
+    with pytest.warns(RuntimeWarning, match="cannot launch kernels here"):
+        assert PosSAMMultiscaleDeformableAttention.sampler("cuda") is multi_scale_deformable_attention
+    with FakeTensorMode():
+        cuda_logits = torch.empty(2, 4, 4, device="cuda")
+    monkeypatch.setattr("transformers_possam.postprocessing.is_fake", lambda tensor: False)
+    assert not PosSAMPostProcessingMixin.assigns_pixels_with_triton(cuda_logits)

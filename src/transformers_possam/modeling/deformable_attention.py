@@ -421,8 +421,9 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         - on CPU `deformable_attention_embedding_bag` (4x faster than grid_sample there);
         - on CUDA with Triton installed the fused kernel `deformable_attention_triton`: on an H200, per PosSAM-B layer
           0.12 against 2.13 ms at batch 1 and 0.86 against 11.3 ms at batch 8; the bf16 forward at batch 8 136
-          against 190 ms for B, PosSAM-H's deformable encoder 17 against 71 ms (docs/design.md, "Fourteenth
-          session");
+          against 190 ms for B, PosSAM-H's deformable encoder 17 against 71 ms; at batch 1, where the host's kernel
+          launches bound the forward, 39.3 against 35.2 ms in the candidates' run and 21.3 against 21.5 images/s
+          in the suite's, no gain either way (docs/design.md, "Fourteenth session");
         - elsewhere transformers' version.
         """
         if device_type == "cpu":

@@ -326,8 +326,8 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
                 self.get_rel_pos(width, width, self.rel_pos_w),
                 (height, width),
             )
-        # (B, heads, tokens, d) -> (B, H, W, heads * d): a view where the attention wrote that layout already (the
-        # Triton kernel), a copy otherwise
+        # (B, heads, tokens, d) -> (B, H, W, heads * d): a view wherever the attention wrote that layout already
+        # (the Triton kernel; SDPA's fused CUDA kernels), a copy otherwise
         return self.proj(attention.transpose(1, 2).reshape(batch_size, height, width, -1)), None
 
     @staticmethod

@@ -157,6 +157,7 @@ def relative_position_attention_triton(
     relative_height: torch.Tensor,
     relative_width: torch.Tensor,
     size: tuple[int, int],
+    num_warps: int = 8,
 ) -> torch.Tensor:
     """
     softmax(q k^T / sqrt(d) + rel_h + rel_w) v with SAM's decomposed relative positions, as
@@ -170,6 +171,11 @@ def relative_position_attention_triton(
         query, key, value: `(B, heads, H * W, d)`, any strides with d contiguous (views of the qkv projection).
         relative_height, relative_width: `(H, H, d)`, `(W, W, d)`: `get_rel_pos` of the layer's tables.
         size: `(H, W)`, the token grid.
+        num_warps: warps per program. Compiled for sm_90 with Triton 3.8, the bf16 kernel at 4 warps used all 255
+            registers and spilled 0.6-1.9 KB per thread (head sizes 64 and 80), at 8 warps 24 and 208 bytes: 8 until
+            a GPU has timed both (`benchmarks/gpu_candidates.py` does). Float32 runs with one pipeline stage: with the
+            default three, its tiles needed 131 KB (head size 64) and 213 KB (80) of shared memory, more than an A100
+            or an sm_86/89 GPU has per block.
 
     Returns:
         `(B, heads, H * W, d)` in the query's dtype: a view of a `(B, H * W, heads, d)` tensor, so that moving the
@@ -195,6 +201,12 @@ def relative_position_attention_triton(
         raise ValueError(
             f"relative_position_attention_triton: query {tuple(query.shape)}, key {tuple(key.shape)} and value "
             f"{tuple(value.shape)} must be equal (B, heads, H * W, d) with H * W = {height} * {width}."
+        )
+    if relative_height.shape != (height, height, head_dim) or relative_width.shape != (width, width, head_dim):
+        raise ValueError(
+            f"relative_position_attention_triton: relative_height {tuple(relative_height.shape)} and relative_width "
+            f"{tuple(relative_width.shape)} must be (H, H, d) = {(height, height, head_dim)} and (W, W, d) = "
+            f"{(width, width, head_dim)} (`get_rel_pos` of the layer's tables)."
         )
     query, key, value = (tensor if tensor.stride(-1) == 1 else tensor.contiguous() for tensor in (query, key, value))
     rel_h, rel_w = _decomposed_bias_factors(query, relative_height, relative_width, size)
@@ -231,6 +243,8 @@ def relative_position_attention_triton(
             # Triton 3.8's interpreter multiplies bf16 tiles wrongly; products of 16-bit floats are exact in float32,
             # so float32 products give what a GPU's tensor cores give, up to the order of the float32 sums
             UPCAST_DOT=query.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1",
+            num_warps=num_warps,
+            num_stages=1 if query.dtype == torch.float32 else 3,
         )
     return output_heads_first
 
