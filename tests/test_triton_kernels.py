@@ -53,6 +53,20 @@ def interpreted():
     return deformable_sampling_triton
 
 
+def count_launches(kernel_module, monkeypatch) -> list:
+    """The grids of every launch of `kernel_module._kernel()` from now on (the kernel itself still runs)."""
+    launches: list = []
+    kernel = kernel_module._kernel()
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(kernel_module, "_kernel", lambda: CountingKernel())
+    return launches
+
+
 def _inputs(shapes, batch, heads, head_dim, points, queries, seed=0):
     generator = torch.Generator().manual_seed(seed)
     num_values = sum(height * width for height, width in shapes)
@@ -275,15 +289,7 @@ def test_post_processing_with_the_triton_assignment_equals_without(monkeypatch):
         )
 
     expected = post()
-    launches = []
-    kernel = dense_assignment_triton._kernel()
-
-    class CountingKernel:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(dense_assignment_triton, "_kernel", lambda: CountingKernel())
+    launches = count_launches(dense_assignment_triton, monkeypatch)
     monkeypatch.setattr(PosSAMPostProcessingMixin, "assigns_pixels_with_triton", staticmethod(lambda logits: True))
     found = post()
     assert len(launches) == 2  # one launch per image
@@ -475,15 +481,7 @@ def test_sam_attention_layer_with_the_triton_kernel_equals_transformers(window_s
 
     config = SamVisionConfig(hidden_size=48, num_attention_heads=3, image_size=128, patch_size=16)
     reference, ours = sam_attention_pair(config, window_size)
-    launches = []
-    kernel = sam_attention_triton._kernel()
-
-    class CountingKernel:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(sam_attention_triton, "_kernel", lambda: CountingKernel())
+    launches = count_launches(sam_attention_triton, monkeypatch)
     monkeypatch.setattr(
         PosSAMVisionAttention,
         "attention_function",
