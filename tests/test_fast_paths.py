@@ -762,3 +762,42 @@ def test_sine_position_embedding_of_fake_tensors_is_not_cached():
     assert is_fake(fake) and _cached_sine_position_embedding.cache_info().currsize == 0
     real = ours(torch.Size((1, 32, 5, 5)), "cpu", torch.float32)
     assert not is_fake(real)
+
+
+def test_deformable_layers_get_no_padding_mask_which_would_change_nothing():
+    """PosSAM's padding masks are all False by construction: the pixel decoder passes none to the deformable layers
+    (each would mask its values with it, a pass that changes nothing). Each layer's output with an all-False mask is
+    its output without one, bitwise; the whole pixel decoder stays within float rounding of transformers', which
+    passes the masks."""
+    fast, reference = model_pair(PosSAMModel, "tiny")
+    masks = []
+    for module in fast.modules():
+        if isinstance(module, PosSAMMultiscaleDeformableAttention):
+            module.register_forward_pre_hook(
+                lambda module, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True
+            )
+    pixel_values = pixels(fast.config)
+    with torch.no_grad():
+        found = fast.eval()(pixel_values, output_hidden_states=True)
+        expected = reference.eval()(pixel_values, output_hidden_states=True)
+    assert masks and all(mask is None for mask in masks)
+    for level_found, level_expected in zip(
+        found.pixel_decoder_hidden_states, expected.pixel_decoder_hidden_states, strict=True
+    ):
+        torch.testing.assert_close(level_found, level_expected, rtol=1e-5, atol=1e-5)
+
+    torch.manual_seed(0)
+    layer = PosSAMMultiscaleDeformableAttention(embed_dim=16, num_heads=2, n_levels=2, n_points=2)
+    hidden = torch.randn(2, 20, 16)
+    arguments = {
+        "encoder_hidden_states": hidden,
+        "position_embeddings": torch.randn(2, 20, 16),
+        "reference_points": torch.rand(2, 20, 2, 2),
+        "spatial_shapes_list": [(4, 4), (2, 2)],
+    }
+    with torch.no_grad():
+        without = layer(hidden, attention_mask=None, **arguments)[0]
+        all_false = layer(hidden, attention_mask=torch.zeros(2, 20, dtype=torch.bool), **arguments)[0]
+        some_true = layer(hidden, attention_mask=torch.arange(20).expand(2, 20) < 3, **arguments)[0]
+    assert torch.equal(without, all_false)
+    assert not torch.equal(without, some_true)  # the mask is read when it masks something

@@ -22,8 +22,10 @@ class PosSAMPixelDecoder(Mask2FormerPixelDecoder):
     host-to-device copy that synchronizes the stream in every forward, only to derive `level_start_index`, which
     the deformable attention does not read (it takes the sizes as a list). Here that index is copied without
     waiting (`to_device`); every other step is transformers' own: 1x1 input projections of the three coarsest
-    levels, sine position embeddings plus level embeddings, the deformable-attention encoder over all-False padding
-    masks (valid ratios by `get_valid_ratio`), the encoder output split back into levels, then the FPN levels to
+    levels, sine position embeddings plus level embeddings, the deformable-attention encoder with valid ratios from
+    all-False padding masks (`get_valid_ratio`; the masks themselves are not passed on, since masking the values
+    with them changes nothing and costs a pass over the values in each layer), the encoder output split back into
+    levels, then the FPN levels to
     stride `common_stride` and the mask projection.
 
     Args of `forward`: `features`, the FPN levels finest first, `(B, C_i, H_i, W_i)`; the other arguments as
@@ -63,7 +65,9 @@ class PosSAMPixelDecoder(Mask2FormerPixelDecoder):
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
                 inputs_embeds=torch.cat([flat(level) for level in projected], 1),
-                attention_mask=torch.cat([mask.flatten(1) for mask in padding_masks], 1),
+                # no padding mask: PosSAM's (FC-CLIP's) masks are all False by construction, and each deformable
+                # layer would mask its values with it, a pass over them that changes nothing
+                attention_mask=None,
                 position_embeddings=torch.cat(positions, 1),
                 spatial_shapes_list=sizes,
                 level_start_index=to_device(torch.tensor(level_starts, dtype=torch.long), projected[0].device),
