@@ -1,6 +1,6 @@
 """
-The Triton kernels (GPU candidates, benchmarks/gpu_candidates.py), run here by Triton's CPU interpreter
-(`TRITON_INTERPRET=1`, the same kernel source executed on CPU tensors):
+The Triton kernels (CUDA's defaults, and the SAM attention candidate of benchmarks/gpu_candidates.py), run here by
+Triton's CPU interpreter (`TRITON_INTERPRET=1`, the same kernel source executed on CPU tensors):
 - `deformable_attention_triton`, the fused deformable sampler, against transformers' `multi_scale_deformable_attention`
   (grid_sample) in float64: the reference is transformers' code, not ours;
 - `pixel_assignment_triton`, the per-pixel part of the sync-free panoptic inference, against the PyTorch path

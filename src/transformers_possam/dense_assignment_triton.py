@@ -1,10 +1,10 @@
 """
 The per-pixel part of the sync-free panoptic inference (`PosSAMPostProcessingMixin._pixel_assignment`) as one
-Triton kernel (a GPU candidate, benchmarks/gpu_candidates.py): every query's mask logits resized to the output,
-through the sigmoid, weighted by the query's score, the running argmax over queries and each query's own mask area,
-without writing any `(queries, H, W)` tensor. PyTorch's version resizes 16 masks at a time with `F.interpolate` and
-makes about eight passes over each chunk's 16 full-size maps (on an H200 the whole post-processing of a PosSAM-B
-1024x1024 image took 8.7 ms, most of it this part).
+Triton kernel, CUDA's default where Triton can launch (`PosSAMPostProcessingMixin.assigns_pixels_with_triton`):
+every query's mask logits resized to the output, through the sigmoid, weighted by the query's score, the running
+argmax over queries and each query's own mask area, without writing any `(queries, H, W)` tensor. PyTorch's version
+resizes 16 masks at a time with `F.interpolate` and makes about eight passes over each chunk's 16 full-size maps (on
+an H200 the post-processing of 8 PosSAM-B 1024x1024 outputs took 59.7 ms with it, 23.4 ms with this kernel).
 """
 
 from __future__ import annotations
