@@ -631,3 +631,17 @@ def test_without_a_launchable_triton_cuda_gets_the_pytorch_paths(fresh_launch_pr
         cuda_logits = torch.empty(2, 4, 4, device="cuda")
     monkeypatch.setattr("transformers_possam.postprocessing.is_fake", lambda tensor: False)
     assert not PosSAMPostProcessingMixin.assigns_pixels_with_triton(cuda_logits)
+
+
+def test_sam_attention_kernel_channel_blocks_cover_the_head_with_least_padding():
+    """The kernel's two power-of-2 channel blocks: together at least the head size, each at least 16 (`tl.dot`'s
+    least), SAM-H's 80 as 64 + 16 (not 128)."""
+    from transformers_possam.modeling.sam_attention_triton import _channel_blocks
+
+    expected = {8: (16, 0), 16: (16, 0), 24: (16, 16), 64: (64, 0), 80: (64, 16), 96: (64, 32), 100: (64, 64)}
+    for head_dim, blocks in expected.items():
+        assert _channel_blocks(head_dim) == blocks, head_dim
+    for head_dim in range(1, 300):
+        first, rest = _channel_blocks(head_dim)
+        assert first + rest >= head_dim and first >= 16 and (rest == 0 or rest >= 16)
+        assert first & (first - 1) == 0 and rest & (rest - 1) == 0

@@ -28,122 +28,22 @@ _KEYS_PER_STEP = 64
 
 @functools.cache
 def _kernel():
-    """The Triton kernel, made on first use (Triton is optional; its interpreter is chosen when Triton is imported)."""
-    import triton
-    import triton.language as tl
+    """The Triton kernel (`_sam_attention_kernel.attend`), imported on first use: Triton is optional, and its
+    interpreter is chosen when Triton is imported."""
+    from . import _sam_attention_kernel
 
-    @triton.jit
-    def attend(
-        query_ptr,  # (B, heads, N, d) with strides, d contiguous
-        key_ptr,
-        value_ptr,
-        rel_h_ptr,  # (B * heads, N, H) contiguous: q_i . R_h[h_i, k]
-        rel_w_ptr,  # (B * heads, N, W) contiguous: q_i . R_w[w_i, k]
-        output_ptr,  # (B, heads, N, d) with strides, d contiguous
-        query_strides_b,
-        query_strides_h,
-        query_strides_n,
-        key_strides_b,
-        key_strides_h,
-        key_strides_n,
-        value_strides_b,
-        value_strides_h,
-        value_strides_n,
-        output_strides_b,
-        output_strides_h,
-        output_strides_n,
-        num_heads,
-        tokens,
-        height,
-        width,
-        scale,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_DIM: tl.constexpr,
-        BLOCK_QUERIES: tl.constexpr,
-        KEY_ROWS: tl.constexpr,  # grid rows of keys per step
-        WIDTH_PAD: tl.constexpr,  # a power of 2 >= W: each grid row of keys padded to it
-        IEEE_DOT: tl.constexpr,  # float32 inputs: full-precision products, not TF32
-        UPCAST_DOT: tl.constexpr,  # half-precision inputs under Triton's interpreter, whose 16-bit dot is wrong
-    ):
-        sequence = tl.program_id(0)
-        image = sequence // num_heads
-        head = sequence % num_heads
-        query_index = tl.program_id(1) * BLOCK_QUERIES + tl.arange(0, BLOCK_QUERIES)
-        query_ok = query_index < tokens
-        channel = tl.arange(0, BLOCK_DIM)
-        channel_ok = channel < HEAD_DIM
-        query_base = query_ptr + image.to(tl.int64) * query_strides_b + head * query_strides_h
-        query = tl.load(
-            query_base + query_index[:, None].to(tl.int64) * query_strides_n + channel[None, :],
-            mask=query_ok[:, None] & channel_ok[None, :],
-            other=0.0,
-        )
-        # a step's keys are KEY_ROWS whole rows of the key grid, each padded to WIDTH_PAD lanes: a lane's column is
-        # the same in every step, so the rel_w part of the bias is read once
-        lane = tl.arange(0, KEY_ROWS * WIDTH_PAD)
-        lane_row = lane // WIDTH_PAD
-        lane_column = lane % WIDTH_PAD
-        column_ok = lane_column < width
-        factor_row = sequence.to(tl.int64) * tokens + query_index
-        bias_w = tl.load(
-            rel_w_ptr + factor_row[:, None] * width + lane_column[None, :],
-            mask=query_ok[:, None] & column_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        key_base = key_ptr + image.to(tl.int64) * key_strides_b + head * key_strides_h
-        value_base = value_ptr + image.to(tl.int64) * value_strides_b + head * value_strides_h
-        running_max = tl.full([BLOCK_QUERIES], float("-inf"), dtype=tl.float32)
-        running_sum = tl.zeros([BLOCK_QUERIES], dtype=tl.float32)
-        accumulator = tl.zeros([BLOCK_QUERIES, BLOCK_DIM], dtype=tl.float32)
-        for first_row in range(0, height, KEY_ROWS):
-            key_row = first_row + lane_row
-            key_ok = column_ok & (key_row < height)
-            key_index = (key_row * width + lane_column).to(tl.int64)
-            key = tl.load(
-                key_base + key_index[:, None] * key_strides_n + channel[None, :],
-                mask=key_ok[:, None] & channel_ok[None, :],
-                other=0.0,
-            )
-            if IEEE_DOT:
-                scores = tl.dot(query, tl.trans(key), input_precision="ieee")
-            elif UPCAST_DOT:
-                scores = tl.dot(query.to(tl.float32), tl.trans(key.to(tl.float32)), input_precision="ieee")
-            else:
-                scores = tl.dot(query, tl.trans(key))
-            bias_h = tl.load(
-                rel_h_ptr + factor_row[:, None] * height + key_row[None, :],
-                mask=query_ok[:, None] & key_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            scores = scores * scale + bias_h + bias_w
-            scores = tl.where(key_ok[None, :], scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            probabilities = tl.exp(scores - new_max[:, None])
-            correction = tl.exp(running_max - new_max)
-            running_sum = running_sum * correction + tl.sum(probabilities, axis=1)
-            value = tl.load(
-                value_base + key_index[:, None] * value_strides_n + channel[None, :],
-                mask=key_ok[:, None] & channel_ok[None, :],
-                other=0.0,
-            )
-            rounded = probabilities.to(value.dtype)
-            if IEEE_DOT:
-                weighted = tl.dot(rounded, value, input_precision="ieee")
-            elif UPCAST_DOT:
-                weighted = tl.dot(rounded.to(tl.float32), value.to(tl.float32), input_precision="ieee")
-            else:
-                weighted = tl.dot(rounded, value)
-            accumulator = accumulator * correction[:, None] + weighted
-            running_max = new_max
-        accumulator = accumulator / running_sum[:, None]
-        output_base = output_ptr + image.to(tl.int64) * output_strides_b + head * output_strides_h
-        tl.store(
-            output_base + query_index[:, None].to(tl.int64) * output_strides_n + channel[None, :],
-            accumulator.to(output_ptr.dtype.element_ty),
-            mask=query_ok[:, None] & channel_ok[None, :],
-        )
+    return _sam_attention_kernel.attend
 
-    return attend
+
+def _channel_blocks(head_dim: int) -> tuple[int, int]:
+    """The head's channels as two power-of-2 blocks for the kernel's matmuls (each at least 16, `tl.dot`'s least):
+    the largest power of 2 not above the head size, then what is left padded (64 -> 64 + 0, 80 -> 64 + 16, 24 ->
+    16 + 16, 8 -> 16 + 0)."""
+    if head_dim <= 16:
+        return 16, 0
+    first = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - first
+    return first, 0 if rest == 0 else max(16, _power_of_2_at_least(rest))
 
 
 def _power_of_2_at_least(value: int) -> int:
@@ -214,6 +114,7 @@ def relative_position_attention_triton(
     rel_w = rel_w.reshape(batch_size * num_heads, tokens, width).contiguous()
     output = torch.empty(batch_size, tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
     output_heads_first = output.transpose(1, 2)  # (B, heads, N, d)
+    first_dim, rest_dim = _channel_blocks(head_dim)
     width_pad = _power_of_2_at_least(width)
     key_rows = max(1, _KEYS_PER_STEP // width_pad)
     grid = (batch_size * num_heads, -(-tokens // _QUERIES_PER_PROGRAM))
@@ -235,7 +136,8 @@ def relative_position_attention_triton(
             width,
             head_dim**-0.5,
             HEAD_DIM=head_dim,
-            BLOCK_DIM=max(16, _power_of_2_at_least(head_dim)),
+            FIRST_DIM=first_dim,
+            REST_DIM=rest_dim,
             BLOCK_QUERIES=_QUERIES_PER_PROGRAM,
             KEY_ROWS=key_rows,
             WIDTH_PAD=width_pad,

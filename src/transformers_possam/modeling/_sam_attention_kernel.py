@@ -1,0 +1,138 @@
+"""
+The Triton source of `sam_attention_triton`'s kernel, in a module of its own: it imports Triton at import, which the
+package does not require, so `sam_attention_triton._kernel` imports it on first use; Triton resolves the helper a
+kernel calls among its module's globals.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def product(a, b, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """`a @ b` in float32: exact float32 products for float32 tiles, float32 copies of 16-bit tiles under the
+    interpreter, the tensor cores' 16-bit products otherwise."""
+    if IEEE_DOT:
+        result = tl.dot(a, b, input_precision="ieee")
+    elif UPCAST_DOT:
+        result = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        result = tl.dot(a, b)
+    return result
+
+
+@triton.jit
+def attend(
+    query_ptr,  # (B, heads, N, d) with strides, d contiguous
+    key_ptr,
+    value_ptr,
+    rel_h_ptr,  # (B * heads, N, H) contiguous: q_i . R_h[h_i, k]
+    rel_w_ptr,  # (B * heads, N, W) contiguous: q_i . R_w[w_i, k]
+    output_ptr,  # (B, heads, N, d) with strides, d contiguous
+    query_strides_b,
+    query_strides_h,
+    query_strides_n,
+    key_strides_b,
+    key_strides_h,
+    key_strides_n,
+    value_strides_b,
+    value_strides_h,
+    value_strides_n,
+    output_strides_b,
+    output_strides_h,
+    output_strides_n,
+    num_heads,
+    tokens,
+    height,
+    width,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    FIRST_DIM: tl.constexpr,  # the channels in two power-of-2 blocks, [0, FIRST_DIM) and
+    REST_DIM: tl.constexpr,  # [FIRST_DIM, FIRST_DIM + REST_DIM) (0: none): SAM-H's 80 as 64 + 16, not 128
+    BLOCK_QUERIES: tl.constexpr,
+    KEY_ROWS: tl.constexpr,  # grid rows of keys per step
+    WIDTH_PAD: tl.constexpr,  # a power of 2 >= W: each grid row of keys padded to it
+    IEEE_DOT: tl.constexpr,  # float32 inputs: full-precision products, not TF32
+    UPCAST_DOT: tl.constexpr,  # half-precision inputs under Triton's interpreter, whose 16-bit dot is wrong
+):
+    sequence = tl.program_id(0)
+    image = sequence // num_heads
+    head = sequence % num_heads
+    query_index = tl.program_id(1) * BLOCK_QUERIES + tl.arange(0, BLOCK_QUERIES)
+    query_ok = query_index < tokens
+    query_rows = (query_ptr + image.to(tl.int64) * query_strides_b + head * query_strides_h) + query_index[:, None].to(
+        tl.int64
+    ) * query_strides_n
+    channel = tl.arange(0, FIRST_DIM)
+    channel_ok = channel < HEAD_DIM
+    query = tl.load(query_rows + channel[None, :], mask=query_ok[:, None] & channel_ok[None, :], other=0.0)
+    if REST_DIM > 0:
+        rest_channel = FIRST_DIM + tl.arange(0, REST_DIM)
+        rest_ok = rest_channel < HEAD_DIM
+        query_rest = tl.load(query_rows + rest_channel[None, :], mask=query_ok[:, None] & rest_ok[None, :], other=0.0)
+    # a step's keys are KEY_ROWS whole rows of the key grid, each padded to WIDTH_PAD lanes: a lane's column is
+    # the same in every step, so the rel_w part of the bias is read once
+    lane = tl.arange(0, KEY_ROWS * WIDTH_PAD)
+    lane_row = lane // WIDTH_PAD
+    lane_column = lane % WIDTH_PAD
+    column_ok = lane_column < width
+    factor_row = sequence.to(tl.int64) * tokens + query_index
+    bias_w = tl.load(
+        rel_w_ptr + factor_row[:, None] * width + lane_column[None, :],
+        mask=query_ok[:, None] & column_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    key_base = key_ptr + image.to(tl.int64) * key_strides_b + head * key_strides_h
+    value_base = value_ptr + image.to(tl.int64) * value_strides_b + head * value_strides_h
+    running_max = tl.full([BLOCK_QUERIES], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_QUERIES], dtype=tl.float32)
+    accumulator = tl.zeros([BLOCK_QUERIES, FIRST_DIM], dtype=tl.float32)
+    if REST_DIM > 0:
+        accumulator_rest = tl.zeros([BLOCK_QUERIES, REST_DIM], dtype=tl.float32)
+    for first_row in range(0, height, KEY_ROWS):
+        key_row = first_row + lane_row
+        key_ok = column_ok & (key_row < height)
+        key_index = (key_row * width + lane_column).to(tl.int64)
+        key_rows = key_base + key_index[:, None] * key_strides_n
+        key = tl.load(key_rows + channel[None, :], mask=key_ok[:, None] & channel_ok[None, :], other=0.0)
+        scores = product(query, tl.trans(key), IEEE_DOT, UPCAST_DOT)
+        if REST_DIM > 0:
+            key_rest = tl.load(key_rows + rest_channel[None, :], mask=key_ok[:, None] & rest_ok[None, :], other=0.0)
+            scores += product(query_rest, tl.trans(key_rest), IEEE_DOT, UPCAST_DOT)
+        bias_h = tl.load(
+            rel_h_ptr + factor_row[:, None] * height + key_row[None, :],
+            mask=query_ok[:, None] & key_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        scores = scores * scale + bias_h + bias_w
+        scores = tl.where(key_ok[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        probabilities = tl.exp(scores - new_max[:, None])
+        correction = tl.exp(running_max - new_max)
+        running_sum = running_sum * correction + tl.sum(probabilities, axis=1)
+        value_rows = value_base + key_index[:, None] * value_strides_n
+        value = tl.load(value_rows + channel[None, :], mask=key_ok[:, None] & channel_ok[None, :], other=0.0)
+        rounded = probabilities.to(value.dtype)
+        accumulator = accumulator * correction[:, None] + product(rounded, value, IEEE_DOT, UPCAST_DOT)
+        if REST_DIM > 0:
+            value_rest = tl.load(
+                value_rows + rest_channel[None, :], mask=key_ok[:, None] & rest_ok[None, :], other=0.0
+            )
+            accumulator_rest = accumulator_rest * correction[:, None] + product(
+                rounded, value_rest, IEEE_DOT, UPCAST_DOT
+            )
+        running_max = new_max
+    output_rows = (output_ptr + image.to(tl.int64) * output_strides_b + head * output_strides_h) + query_index[
+        :, None
+    ].to(tl.int64) * output_strides_n
+    tl.store(
+        output_rows + channel[None, :],
+        (accumulator / running_sum[:, None]).to(output_ptr.dtype.element_ty),
+        mask=query_ok[:, None] & channel_ok[None, :],
+    )
+    if REST_DIM > 0:
+        tl.store(
+            output_rows + rest_channel[None, :],
+            (accumulator_rest / running_sum[:, None]).to(output_ptr.dtype.element_ty),
+            mask=query_ok[:, None] & rest_ok[None, :],
+        )
