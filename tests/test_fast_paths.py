@@ -801,3 +801,22 @@ def test_deformable_layers_get_no_padding_mask_which_would_change_nothing():
         some_true = layer(hidden, attention_mask=torch.arange(20).expand(2, 20) < 3, **arguments)[0]
     assert torch.equal(without, all_false)
     assert not torch.equal(without, some_true)  # the mask is read when it masks something
+
+
+def test_sine_position_embedding_cache_keeps_autocast_apart():
+    """The embedding made under autocast is kept apart from the one made without it (under CUDA autocast a bf16
+    request comes out float32: whichever came first must not serve the other), and each equals transformers'."""
+    from transformers_possam.modeling.position_embedding import _cached_sine_position_embedding
+
+    settings = {"num_position_features": 16, "normalize": True}
+    reference = Mask2FormerSinePositionEmbedding(**settings)
+    ours = PosSAMSinePositionEmbedding(**settings)
+    _cached_sine_position_embedding.cache_clear()
+    shape = torch.Size((1, 32, 6, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = ours(shape, "cpu", torch.bfloat16)
+        assert torch.equal(under_autocast, reference(shape, "cpu", torch.bfloat16))
+    plain = ours(shape, "cpu", torch.bfloat16)
+    assert plain is not under_autocast and torch.equal(plain, reference(shape, "cpu", torch.bfloat16))
+    assert _cached_sine_position_embedding.cache_info().currsize == 2
+    assert ours(torch.Size((1, 32, 2, 2)), "meta", torch.float32).device.type == "meta"  # no autocast on meta

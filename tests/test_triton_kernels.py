@@ -599,6 +599,11 @@ def test_triton_runs_on_cuda_only_where_it_can_launch(fresh_launch_probe, monkey
     assert triton_support.triton_runs_on("cuda") and triton_support.triton_runs_on(torch.device("cuda", 1))
     assert not triton_support.triton_runs_on("cpu") and not triton_support.triton_runs_on("mps")
     assert builds == [1]  # asked once
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not triton_support.triton_runs_on("cuda")  # inside a trace: no kernel, and no call into Triton's driver
+    monkeypatch.undo()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     triton_support._triton_launches_on_cuda.cache_clear()
 
     def no_compiler():

@@ -58,6 +58,6 @@ class DeviceConstants(Generic[_Constants]):
         self.cache_clear = cached.cache_clear
 
     def __call__(self, *arguments, like: torch.Tensor) -> _Constants:
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fake(like):
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing() or is_fake(like):
             return self.make(*arguments)
         return self._cached(*arguments)

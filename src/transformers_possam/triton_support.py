@@ -23,6 +23,10 @@ def triton_runs_on(device: torch.device | str) -> bool:
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
+    if torch.compiler.is_compiling():
+        # no Triton kernel of this package runs inside a trace, and the probe's call into Triton's driver cannot be
+        # traced (Dynamo runs a cached function's body at every compile)
+        return False
     return torch.device(device).type == "cuda" and _triton_launches_on_cuda()
 
 

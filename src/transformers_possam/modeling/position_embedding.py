@@ -27,12 +27,22 @@ def _sine_position_embedding(
     normalize: bool,
     scale: float,
     temperature: int,
+    autocast: tuple[bool, torch.dtype],
 ) -> torch.Tensor:
-    """transformers' `build_sine_position_embedding` without a mask, `(B, 2 * features, H, W)`, past its own
+    """transformers' `build_sine_position_embedding` without a mask (`autocast`: the device's autocast state, part
+    of the key only: under CUDA autocast a bf16 request comes out float32), `(B, 2 * features, H, W)`, past its own
     one-entry cache (`inspect.unwrap`): that cache cannot tell fake tensors from real ones, so a shape-only run would
     leave a fake embedding for the next real call of the same shape."""
     build = inspect.unwrap(Mask2FormerSinePositionEmbedding.build_sine_position_embedding)
     return build(shape, device, dtype, num_position_features, normalize, scale, temperature, None)
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
+    """The device's autocast state (no autocast on devices without one, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except RuntimeError:
+        return False, None
 
 
 # one entry per shape (batch size included), device and dtype: a model meets a handful
@@ -65,5 +75,6 @@ class PosSAMSinePositionEmbedding(Mask2FormerSinePositionEmbedding):
             self.normalize,
             self.scale,
             self.temperature,
+            _autocast_state(torch.device(device).type),
             like=like,
         )
