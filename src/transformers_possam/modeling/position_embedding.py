@@ -2,7 +2,7 @@
 Mask2Former's sine position embedding, made once per shape, device and dtype: it depends on nothing else (no
 parameters, no data without a mask), yet transformers rebuilds it in every forward, since its cache holds one entry
 and each forward asks for six shapes in turn (three levels in the pixel decoder, three in the transformer module):
-about 18 small kernels per level, some 110 launches per forward, on a GPU where PosSAM-B's forward at batch 1 is
+about 22 small operators per level, some 130 launches per forward (counted by `benchmarks/traffic.py`), on a GPU where PosSAM-B's forward at batch 1 is
 bound by kernel launches (docs/design.md, "Fourteenth session").
 """
 
