@@ -388,6 +388,12 @@ def model_candidates(
         torch.randn(150, 1, model.config.clip_embed_dim, device=device), dim=-1
     ).to(torch.bfloat16)
     candidates = samplers(with_cpu_steps=False, device=device)
+    if triton_runs_on(device):
+        # CUDA's default: the kernel's form from the projections (softmax and sampling locations inside it, output
+        # in bf16), beside `triton_fused_bf16_values`, the same kernel after those steps in PyTorch
+        from transformers_possam.modeling.deformable_sampling_triton import deformable_attention_triton
+
+        candidates["triton_from_projections"] = deformable_attention_triton
     attention = deformable_attention.PosSAMMultiscaleDeformableAttention
     original_sampler = attention.__dict__["sampler"]
     new_fetch, new_count = postprocessing._fetch_to_host, postprocessing._pixels_per_query

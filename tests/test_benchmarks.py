@@ -784,6 +784,11 @@ def test_traffic_of_the_tiny_model_on_both_code_paths():
     layers = tiny_config().encoder_layers
     fused_rows = [row for row in summaries["cuda"]["most_called"] if row["operator"] == fused]
     assert sum(row["calls"] for row in fused_rows) == layers, fused_rows  # one kernel per layer
+    # ... from the projections: the softmax and the sampling locations are inside it on CUDA, not on the CPU
+    for path, present in (("cuda", False), ("cpu", True)):
+        sources = [row["source"] for row in summaries[path]["most_called"]]
+        for step in ("softmax_over_a_short_last_dimension", "sampling_locations"):
+            assert any(step in source for source in sources) is present, (path, step)
     calls = [row["calls"] for row in summaries["cuda"]["most_called"]]
     # rows=500 lists every row of the tiny forward: their calls add up to the total
     assert calls == sorted(calls, reverse=True) and summaries["cuda"]["calls"] == sum(calls) > 0

@@ -237,7 +237,11 @@ def test_mask_generator_equal_without_auxiliary_masks_and_with_attentions(name, 
         assert all(masks is None for masks in outputs.masks_queries_logits[:-1])
     torch.testing.assert_close(found.masks_queries_logits[-1], expected.masks_queries_logits[-1], **OUTPUT_TOLERANCE)
     torch.testing.assert_close(expected.masks_queries_logits[-1], full.masks_queries_logits[-1], rtol=0, atol=0)
-    for output in ("iou_logits", "query_states", "attentions"):
+    # the IoU head scores the last layer only, either way
+    for outputs in (found, expected):
+        assert all(scores is None for scores in outputs.iou_logits[:-1])
+    torch.testing.assert_close(found.iou_logits[-1], expected.iou_logits[-1], **OUTPUT_TOLERANCE)
+    for output in ("query_states", "attentions"):
         assert len(getattr(found, output)) == len(getattr(expected, output)) > 0
         for found_value, expected_value in zip(getattr(found, output), getattr(expected, output)):
             torch.testing.assert_close(found_value, expected_value, **OUTPUT_TOLERANCE, msg=output)
@@ -801,6 +805,79 @@ def test_deformable_layers_get_no_padding_mask_which_would_change_nothing():
         some_true = layer(hidden, attention_mask=torch.arange(20).expand(2, 20) < 3, **arguments)[0]
     assert torch.equal(without, all_false)
     assert not torch.equal(without, some_true)  # the mask is read when it masks something
+
+
+def _reference_points_seen(model) -> list[torch.Tensor]:
+    """The reference points each deformable layer of `model` is called with, in call order."""
+    seen: list[torch.Tensor] = []
+    for module in model.modules():
+        if isinstance(module, PosSAMMultiscaleDeformableAttention):
+            module.register_forward_pre_hook(
+                lambda module, args, kwargs: seen.append(kwargs["reference_points"]), with_kwargs=True
+            )
+    return seen
+
+
+def _transformers_reference_points(sizes, batch_size, dtype):
+    """What transformers' pixel decoder gives the deformable layers: valid ratios of all-False padding masks in
+    `dtype`, then `get_reference_points`, both transformers' own functions."""
+    decoder = Mask2FormerPixelDecoder.__new__(Mask2FormerPixelDecoder)  # get_valid_ratio reads no attribute
+    ratios = torch.stack(
+        [decoder.get_valid_ratio(torch.zeros(batch_size, h, w, dtype=torch.bool), dtype=dtype) for h, w in sizes], 1
+    )
+    return Mask2FormerPixelDecoderEncoderOnly.get_reference_points(sizes, ratios, "cpu")
+
+
+def test_pixel_decoder_reference_points_made_once_in_float32():
+    """The pixel decoder's maps have no padding, so its valid ratios are 1 and its reference points constants of the
+    levels' sizes: made once (one tensor for every layer and forward, `(1, N, levels, 2)`, shared by the batch) in
+    float32 whatever the model's dtype, as FC-CLIP's, and equal bitwise to transformers' float32 points for each
+    image. transformers makes them in the model's dtype: in bf16 off by up to 0.19 pixel on a 100-pixel level."""
+    fast, _ = model_pair(PosSAMModel, "tiny")
+    seen = _reference_points_seen(fast)
+    pixel_values = pixels(fast.config, batch_size=2)
+    with torch.no_grad():
+        fast.eval()(pixel_values)
+        calls_per_forward = len(seen)
+        fast(pixel_values)
+    assert calls_per_forward == fast.config.encoder_layers and len(seen) == 2 * calls_per_forward
+    assert all(points is seen[0] for points in seen)  # made once
+    sizes = [(size // stride, size // stride) for size in [pixel_values.shape[-1]] for stride in (32, 16, 8)]
+    expected = _transformers_reference_points(sizes, 2, torch.float32)
+    assert seen[0].dtype == torch.float32 and seen[0].shape == (1, *expected.shape[1:])
+    assert torch.equal(seen[0].expand_as(expected), expected)
+
+    # a bf16 model: the same float32 points
+    seen.clear()
+    with torch.no_grad():
+        fast.to(torch.bfloat16)(pixel_values.bfloat16())
+    assert seen and all(torch.equal(points, expected[:1]) for points in seen)
+    assert all(points.dtype == torch.float32 for points in seen)
+
+    # why: transformers' bf16 points on a 100 x 100 level, against its float32 ones, in pixels of the level
+    in_bf16 = _transformers_reference_points([(100, 100)], 1, torch.bfloat16).float()
+    in_float32 = _transformers_reference_points([(100, 100)], 1, torch.float32)
+    assert 0.15 < (in_bf16 - in_float32).abs().max().item() * 100 < 0.2
+
+
+def test_pixel_decoder_encoder_reference_points_for_other_valid_ratios_are_transformers():
+    """Only the pixel decoder's own cached valid ratios (recognized by identity: nothing is read from the device)
+    select the cached points; any other valid ratios, padding or not, get transformers' computation, per image."""
+    from transformers_possam.modeling.pixel_decoder_encoder import unpadded_valid_ratios
+
+    sizes = [(3, 5), (6, 10)]
+    padded = torch.tensor([[[1.0, 0.5], [1.0, 0.5]], [[0.8, 1.0], [0.8, 1.0]]])
+    ones_not_cached = torch.ones(1, 2, 2)
+    cached = unpadded_valid_ratios(2, torch.float32, torch.device("cpu"), like=ones_not_cached)
+    for ratios in (padded, ones_not_cached):
+        found = PosSAMPixelDecoderEncoder.get_reference_points(sizes, ratios, "cpu")
+        assert torch.equal(found, Mask2FormerPixelDecoderEncoderOnly.get_reference_points(sizes, ratios, "cpu"))
+    first = PosSAMPixelDecoderEncoder.get_reference_points(sizes, cached, "cpu")
+    assert PosSAMPixelDecoderEncoder.get_reference_points(sizes, cached, "cpu") is first
+    assert torch.equal(first, Mask2FormerPixelDecoderEncoderOnly.get_reference_points(sizes, ones_not_cached, "cpu"))
+    assert not torch.equal(
+        first.expand(2, -1, -1, -1), Mask2FormerPixelDecoderEncoderOnly.get_reference_points(sizes, padded, "cpu")
+    )
 
 
 def test_sine_position_embedding_cache_keeps_autocast_apart():

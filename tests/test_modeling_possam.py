@@ -78,6 +78,12 @@ def test_inference_without_auxiliary_masks_gives_the_same_outputs(model, pixel_v
         default = model(pixel_values, input_ids=input_ids, synonym_mask=synonym_mask)
     assert all(masks is None for masks in fast.masks_queries_logits[:-1])
     torch.testing.assert_close(fast.masks_queries_logits[-1], full.masks_queries_logits[-1], atol=1e-5, rtol=1e-5)
+    # the IoU head scores the last layer only: the others None, the last as with every layer scored
+    assert len(fast.iou_logits) == len(full.iou_logits) == len(full.query_states)
+    assert all(scores is None for scores in fast.iou_logits[:-1])
+    assert all(isinstance(scores, torch.Tensor) for scores in full.iou_logits)
+    torch.testing.assert_close(fast.iou_logits[-1], full.iou_logits[-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(default.iou_scores, full.iou_logits[-1].sigmoid(), atol=1e-5, rtol=1e-5)
     for fast_states, full_states in zip(fast.query_states, full.query_states):
         torch.testing.assert_close(fast_states, full_states, atol=1e-5, rtol=1e-5)
     for name in ("masks_queries_logits", "class_queries_logits", "clip_class_logits", "iou_scores"):

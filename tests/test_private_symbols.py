@@ -133,7 +133,9 @@ INTERNALS: dict[tuple[str, str], Expected] = {
                 "spatial_shapes_list",
                 "level_start_index",
                 "valid_ratios",
-            )
+            ),
+            # modeling/pixel_decoder_encoder.py (a staticmethod)
+            "get_reference_points": ("spatial_shapes_list", "valid_ratios", "device"),
         },
     ),
     (MASK2FORMER, "Mask2FormerPixelDecoderEncoderLayer"): Expected("class", ("config",)),
@@ -147,7 +149,6 @@ INTERNALS: dict[tuple[str, str], Expected] = {
         ("config", "feature_channels"),
         methods={
             "forward": ("features", "encoder_outputs", "output_attentions", "output_hidden_states"),
-            "get_valid_ratio": ("mask", "dtype"),  # modeling/pixel_decoder.py
         },
     ),
     # modeling/pixel_decoder.py: the output it builds

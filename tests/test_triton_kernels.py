@@ -165,6 +165,147 @@ def test_triton_sampler_refuses_what_it_cannot_do(interpreted, monkeypatch):
         interpreted.deformable_attention_triton(value, shapes, locations, weights)
 
 
+def _projection_inputs(shapes, batch, heads, head_dim, points, queries, shared_reference, dtype, seed=0):
+    """Value, reference points, offsets in pixels and attention logits as the deformable layer makes them."""
+    generator = torch.Generator().manual_seed(seed)
+    num_values = sum(height * width for height, width in shapes)
+    value = torch.randn(batch, num_values, heads, head_dim, generator=generator).to(dtype)
+    reference = torch.rand(1 if shared_reference else batch, queries, len(shapes), 2, generator=generator)
+    # offsets of a few pixels either way: some samples fall off the map (zero padding)
+    offsets = (torch.randn(batch, queries, heads, len(shapes), points, 2, generator=generator) * 3).to(dtype)
+    logits = (torch.randn(batch, queries, heads, len(shapes) * points, generator=generator) * 2).to(dtype)
+    return value, reference, offsets, logits
+
+
+def _transformers_from_projections(value, shapes, reference, offsets, logits):
+    """transformers' deformable attention after its projections, in float64: softmax over levels x points, its
+    `reference + offsets / (w, h)` locations, its grid_sample sampler."""
+    batch, queries, heads, levels, points, _ = offsets.shape
+    weights = logits.double().softmax(-1).view(batch, queries, heads, levels, points)
+    normalizer = torch.tensor([[width, height] for height, width in shapes], dtype=torch.float64)
+    locations = (
+        reference.double()[:, :, None, :, None, :] + offsets.double() / normalizer[None, None, None, :, None, :]
+    )
+    return multi_scale_deformable_attention(value.double(), shapes, locations, weights)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shared_reference", [True, False])
+@pytest.mark.parametrize(
+    "shapes, batch, heads, head_dim, points, queries",
+    [
+        ([(4, 4), (8, 8), (16, 16)], 2, 8, 32, 4, 336),  # PosSAM's layout (3 levels, 8 heads of 32, 4 points)
+        ([(3, 5), (7, 2)], 1, 2, 24, 3, 70),  # a head size that is not a power of 2; 70 queries: a partial block
+    ],
+)
+def test_triton_sampler_from_projections_equals_transformers(
+    interpreted, shapes, batch, heads, head_dim, points, queries, shared_reference
+):
+    """The fused form (softmax, locations and sampling in one kernel) against transformers' steps in float64, with
+    reference points per image or one set shared by the batch (the pixel decoder's); float32 in, float32 out."""
+    inputs = _projection_inputs(shapes, batch, heads, head_dim, points, queries, shared_reference, torch.float32)
+    expected = _transformers_from_projections(*inputs[:1], shapes, *inputs[1:])
+    value, reference, offsets, logits = inputs
+    with torch.inference_mode():
+        found = interpreted.deformable_attention_triton_from_projections(value, shapes, reference, offsets, logits)
+    assert found.dtype == torch.float32 and found.shape == (batch, queries, heads * head_dim)
+    torch.testing.assert_close(found.double(), expected, rtol=0, atol=1e-5)
+
+
+@needs_interpreter
+def test_triton_sampler_from_projections_in_bf16_computes_in_float32(interpreted):
+    """A bf16 model's values, offsets and logits: everything computed in float32 from those bf16 numbers (each exact
+    in float32), the output rounded once to bf16, the values' dtype: within bf16's half-spacing of the float64
+    result of the same numbers, and 5-d logits (levels, points) read as the same numbers."""
+    shapes = [(4, 4), (8, 8)]
+    value, reference, offsets, logits = _projection_inputs(shapes, 2, 4, 16, 4, 40, True, torch.bfloat16)
+    expected = _transformers_from_projections(value, shapes, reference, offsets, logits)
+    with torch.inference_mode():
+        found = interpreted.deformable_attention_triton_from_projections(value, shapes, reference, offsets, logits)
+        five_d = interpreted.deformable_attention_triton_from_projections(
+            value, shapes, reference, offsets, logits.view(2, 40, 4, 2, 4)
+        )
+    assert found.dtype == torch.bfloat16 and torch.equal(found, five_d)
+    # bf16 keeps 8 significant bits: rounding once to nearest is within 2**-8 relative, toward zero within 2**-7,
+    # and Triton 3.8's interpreter converts float32 to bf16 toward zero whatever `fp_downcast_rounding` says (a GPU
+    # rounds to nearest, Triton's default); plus float32's order of sums
+    torch.testing.assert_close(found.double(), expected, rtol=2**-7, atol=1e-5)
+
+
+@needs_interpreter
+def test_triton_sampler_from_projections_refuses_what_it_cannot_do(interpreted):
+    """Each refusal names the input and the shape or dtype it must have."""
+    shapes = [(4, 4)]
+    value, reference, offsets, logits = _projection_inputs(shapes, 2, 2, 8, 2, 6, False, torch.float32)
+    fused = interpreted.deformable_attention_triton_from_projections
+    with pytest.raises(RuntimeError, match="inference only"):
+        fused(value, shapes, reference, offsets.clone().requires_grad_(), logits)
+    with pytest.raises(ValueError, match="float32, bf16 or fp16 tensors, got torch.float32 values, torch.float64"):
+        fused(value, shapes, reference.double(), offsets, logits)
+    with pytest.raises(ValueError, match="do not add up"):
+        fused(value, [(4, 3)], reference, offsets, logits)
+    with pytest.raises(ValueError, match=r"offsets \(2, 6, 2, 1, 2\) must be \(B, Q, heads, levels, points, 2\)"):
+        fused(value, shapes, reference, offsets[..., 0], logits)
+    with pytest.raises(ValueError, match="attention_logits .* must hold"):
+        fused(value, shapes, reference, offsets, logits[..., :1])
+    with pytest.raises(ValueError, match=r"reference_points \(3, 6, 1, 2\) must be \(B or 1, Q, levels, 2\)"):
+        fused(value, shapes, torch.cat([reference, reference[:1]]), offsets, logits)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_model_with_the_fused_triton_sampler_equals_the_default(dtype, monkeypatch):
+    """The whole tiny model with CUDA's sampler chosen (`deformable_attention_triton`, whose fused form each layer
+    then calls: one kernel from the projections): the outputs of the default sampler, to float32 rounding in float32
+    and to the model's own rounding in bf16; with `output_attentions` the layers take the unfused form and return
+    their attention weights (softmax over levels x points: they sum to 1)."""
+    from transformers_possam import PosSAMForPanopticSegmentation, PosSAMModel, tiny_config
+    from transformers_possam.modeling.deformable_attention import PosSAMMultiscaleDeformableAttention
+    from transformers_possam.modeling.deformable_sampling_triton import (
+        deformable_attention_triton,
+        deformable_attention_triton_from_projections,
+    )
+
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(tiny_config()).eval().to(dtype)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size).to(dtype)
+    class_embeddings = torch.nn.functional.normalize(torch.randn(4, 1, model.config.clip_embed_dim), dim=-1).to(dtype)
+    fused_calls, plain_calls = [], []
+
+    def fused(value, *arguments):
+        fused_calls.append(value.dtype)
+        # the kernel on the float32 copy of the values (each exact: the same sums), its output rounded to their
+        # dtype by PyTorch, to nearest as a GPU's Triton rounds: the interpreter rounds toward zero, which moves this
+        # bf16 model's class logits by up to 0.125 of 6.3 (to nearest: 0.031)
+        return deformable_attention_triton_from_projections(value.float(), *arguments).to(value.dtype)
+
+    def plain(*arguments):
+        plain_calls.append(arguments[0].dtype)
+        return deformable_attention_triton(*arguments)
+
+    plain.reads_reduced_precision_values = True
+    plain.inference_only = True
+    plain.from_projections = fused
+    with torch.inference_mode():
+        expected = model(pixels, class_embeddings=class_embeddings)
+        monkeypatch.setattr(PosSAMMultiscaleDeformableAttention, "sampler", staticmethod(lambda _: plain))
+        found = model(pixels, class_embeddings=class_embeddings)
+        assert fused_calls == [dtype] * model.config.encoder_layers and not plain_calls
+        base = PosSAMModel(model.config).eval().to(dtype)
+        with_attentions = base.pixel_decoder(
+            base.fpn(base.vision_encoder(pixels).last_hidden_state), output_attentions=True, return_dict=True
+        )
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    for name in ("masks_queries_logits", "class_queries_logits"):
+        torch.testing.assert_close(found[name].float(), expected[name].float(), rtol=tolerance, atol=tolerance)
+    assert len(plain_calls) == model.config.encoder_layers and len(fused_calls) == model.config.encoder_layers
+    weights = with_attentions.attentions
+    assert len(weights) == model.config.encoder_layers and all(layer.dtype == dtype for layer in weights)
+    for layer in weights:
+        torch.testing.assert_close(layer.float().flatten(-2).sum(-1), torch.ones(layer.shape[:-2]), rtol=0, atol=2e-2)
+
+
 @needs_interpreter
 def test_gpu_candidates_offer_the_triton_sampler_where_triton_runs(interpreted):
     """benchmarks/gpu_candidates.py's sampler list: the fused kernel, with float32 and with bf16 values, where

@@ -298,7 +298,8 @@ class PosSAMModelOutput(ModelOutput):
     masks_queries_logits (`tuple(torch.FloatTensor)`): L tensors `(B, Q, H/4, W/4)`, mask logits per layer, last = final
         (with `output_auxiliary_masks=False` only the last is computed; the others are None).
     query_states (`tuple(torch.FloatTensor)`): L tensors `(B, Q, hidden_dim)`, layer-normed decoder query states.
-    iou_logits (`tuple(torch.FloatTensor)`): L tensors `(B, Q)`, IoU head logits (sigmoid = predicted IoU).
+    iou_logits (`tuple(torch.FloatTensor)`): L tensors `(B, Q)`, IoU head logits (sigmoid = predicted IoU) per layer,
+        last = final (with `output_auxiliary_masks=False` only the last is computed; the others are None).
 
     With `output_hidden_states` / `output_attentions` (or the config's flags), the states named as in SAM
     (`vision_hidden_states`) and Mask2Former (the others):
@@ -321,7 +322,7 @@ class PosSAMModelOutput(ModelOutput):
     mask_features: torch.Tensor | None = None
     masks_queries_logits: tuple[torch.Tensor | None, ...] | None = None
     query_states: tuple[torch.Tensor, ...] | None = None
-    iou_logits: tuple[torch.Tensor, ...] | None = None
+    iou_logits: tuple[torch.Tensor | None, ...] | None = None
     vision_hidden_states: tuple[torch.Tensor, ...] | None = None
     encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
     pixel_decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -569,7 +570,8 @@ class PosSAMModel(PosSAMPreTrainedModel):
             output_auxiliary_masks (`bool`, defaults to True): compute every decoder layer's 1/4-resolution masks
                 (needed by the auxiliary losses). With False only the last layer's are computed, the intermediate
                 layers build their attention masks at attention resolution (`PosSAMMaskPredictor`), and the earlier
-                entries of `masks_queries_logits` are None. The final masks are the same either way. With
+                entries of `masks_queries_logits` and `iou_logits` are None (the IoU head scores the last layer
+                only). The final masks and scores are the same either way. With
                 `config.use_fast_paths=False` (transformers' mask predictor) every layer's masks are still computed
                 and the intermediate ones dropped: the same outputs, without the saving.
             kwargs: transformers' common model kwargs (`TransformersKwargs`, e.g. `num_items_in_batch`), accepted and
@@ -636,7 +638,13 @@ class PosSAMModel(PosSAMPreTrainedModel):
             # fast path, the intermediate ones left out
             masks_queries_logits = (None,) * (len(masks_queries_logits) - 1) + masks_queries_logits[-1:]
         query_states = tuple(states.transpose(0, 1) for states in decoder_output.intermediate_hidden_states)
-        iou_logits = tuple(self.iou_head(states) for states in query_states)
+        if output_auxiliary_masks:
+            iou_logits: tuple[torch.Tensor | None, ...] = tuple(self.iou_head(states) for states in query_states)
+        else:
+            # as the masks: only the last layer's scores are read without the auxiliary outputs (MASE, the
+            # outputs), and the head on the others would be about 45 kernel launches of a GPU forward at batch 1,
+            # which the host's launch rate bounds
+            iou_logits = (None,) * (len(query_states) - 1) + (self.iou_head(query_states[-1]),)
 
         output = PosSAMModelOutput(
             image_embeddings=image_embeddings,

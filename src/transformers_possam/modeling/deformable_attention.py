@@ -323,9 +323,13 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
     """
     Mask2Former's pixel-decoder deformable attention (same parameters and state-dict keys, same math). On CPU the
     sampling runs through `deformable_attention_embedding_bag` (about 4x faster than the `grid_sample` version at
-    1024x1024 input), on CUDA with Triton through the fused kernel `deformable_attention_triton` in eager inference,
-    elsewhere through transformers' `multi_scale_deformable_attention` (`sampler`). The pixel
-    decoder's encoder only uses 2-d reference points (the layer grid), so 4-d (box) reference points are not supported.
+    1024x1024 input), on CUDA with Triton through the fused kernel `deformable_attention_triton` in eager inference
+    (without `output_attentions`, its form from the projections: the softmax and the sampling locations inside the
+    kernel too, no attention weights returned), elsewhere through transformers' `multi_scale_deformable_attention`
+    (`sampler`). In a reduced-precision model or under autocast the softmax, the locations and the sampling run in
+    float32 (FC-CLIP's `F.softmax` under autocast and `custom_fwd(cast_inputs=float32)` sampler); attention weights
+    asked for come back in the logits' dtype. The pixel decoder's encoder only uses 2-d reference points (the layer
+    grid), so 4-d (box) reference points are not supported.
     """
 
     def forward(
@@ -355,11 +359,8 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         offsets = self.sampling_offsets(queries).view(
             batch_size, num_queries, self.n_heads, self.n_levels, self.n_points, 2
         )
-        attention_weights = self.attention_weights(queries).view(
+        attention_logits = self.attention_weights(queries).view(
             batch_size, num_queries, self.n_heads, self.n_levels * self.n_points
-        )
-        attention_weights = softmax_over_a_short_last_dimension(attention_weights).view(
-            batch_size, num_queries, self.n_heads, self.n_levels, self.n_points
         )
         device_type = value.device.type
         sample = self.sampler(device_type)
@@ -371,12 +372,24 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
             or value.dtype == torch.float64
             or (
                 torch.is_grad_enabled()
-                and any(tensor.requires_grad for tensor in (value, offsets, attention_weights, reference_points))
+                and any(tensor.requires_grad for tensor in (value, offsets, attention_logits, reference_points))
             )
         ):
             # a sampler without a backward, opaque to traces and shape-only tensors, and float32 at most (the Triton
             # kernel) gives way to transformers' differentiable, traceable one where any of that is needed
             sample = multi_scale_deformable_attention
+        from_projections = getattr(sample, "from_projections", None)
+        if from_projections is not None and not output_attentions:
+            # softmax, locations and sampling in one kernel, all in float32 (as under autocast below), the output in
+            # the values' dtype; the attention weights are not made, and not returned
+            sampled = from_projections(value, spatial_shapes_list, reference_points, offsets, attention_logits)
+            return self.output_proj(sampled), None
+        # in float32 for a reduced-precision model or autocast, as FC-CLIP's `F.softmax` under autocast (and the
+        # fused kernel); the weights returned in the logits' dtype
+        reduced_precision = attention_logits.dtype in (torch.bfloat16, torch.float16)
+        attention_weights = softmax_over_a_short_last_dimension(
+            attention_logits.float() if reduced_precision else attention_logits
+        ).view(batch_size, num_queries, self.n_heads, self.n_levels, self.n_points)
         if torch.is_autocast_enabled(device_type):
             # FC-CLIP's MSDeformAttnFunction is `custom_fwd(cast_inputs=torch.float32)`: under mixed precision the
             # sampling (locations, bilinear weights, weighted sums) runs in float32 with autocast off; the
@@ -408,6 +421,8 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         else:
             sampling_locations = self.sampling_locations(reference_points, offsets, spatial_shapes_list)
             sampled = sample(value, spatial_shapes_list, sampling_locations, attention_weights)
+        if reduced_precision and output_attentions:
+            attention_weights = attention_weights.to(attention_logits.dtype)
         return self.output_proj(sampled), attention_weights
 
     @staticmethod
@@ -417,13 +432,16 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         with a true `reads_reduced_precision_values` attribute is given a bf16 / fp16 model's values without their
         float32 copy, the others float32 values; one with a true `inference_only` attribute is replaced by
         transformers' where autograd, a trace (`torch.compile`, `torch.export`, `torch.jit.trace`), fake tensors or
-        float64 need it):
+        float64 need it; one with a `from_projections` attribute is called through that function, with the reference
+        points, offsets and attention logits, where the attention weights are not asked for):
         - on CPU `deformable_attention_embedding_bag` (4x faster than grid_sample there);
         - on CUDA with Triton installed the fused kernel `deformable_attention_triton`: on an H200, per PosSAM-B layer
           0.12 against 2.13 ms at batch 1 and 0.86 against 11.3 ms at batch 8; the bf16 forward at batch 8 136
           against 190 ms for B, PosSAM-H's deformable encoder 17 against 71 ms; at batch 1, where the host's kernel
           launches bound the forward, 39.3 against 35.2 ms in the candidates' run and 21.3 against 21.5 images/s
-          in the suite's, no gain either way (docs/design.md, "Fourteenth session");
+          in the suite's, no gain either way (docs/design.md, "Fourteenth session"); its form from the projections,
+          `deformable_attention_triton_from_projections`, saves about 13 launches per layer (not yet timed on a GPU,
+          "Fifteenth session");
         - elsewhere transformers' version.
         """
         if device_type == "cpu":
@@ -439,7 +457,8 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
     ) -> torch.Tensor:
         """
         Normalized (x, y) sampling locations `(B, Q, heads, levels, points, 2)`: the `(B, Q, levels, 2)` reference
-        points plus the `(B, Q, heads, levels, points, 2)` offsets, which are in pixels of each level.
+        points (or `(1, Q, levels, 2)`, shared by the batch) plus the `(B, Q, heads, levels, points, 2)` offsets,
+        which are in pixels of each level.
         """
         batch_size, num_queries, num_heads, num_levels, num_points, _ = offsets.shape
         normalizer = to_device(
@@ -450,7 +469,7 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         # a 4-wide one) ran 9x slower on CPU (47 vs 5 ms per layer at 1024x1024)
         pattern = num_levels * num_points * 2
         per_offset = normalizer[:, None, :].expand(num_levels, num_points, 2).reshape(pattern)
-        reference = reference_points[:, :, None, :, None, :].expand(-1, -1, 1, -1, num_points, -1)
+        reference = reference_points[:, :, None, :, None, :].expand(batch_size, -1, 1, -1, num_points, -1)
         locations = (
             reference.reshape(batch_size, num_queries, 1, pattern)
             + offsets.reshape(batch_size, num_queries, num_heads, pattern) / per_offset

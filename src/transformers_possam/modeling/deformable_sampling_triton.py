@@ -15,7 +15,7 @@ from ..device_transfer import DeviceConstants, to_device
 from ..triton_support import on_launch_device, triton_runs_on
 
 
-__all__ = ["deformable_attention_triton"]
+__all__ = ["deformable_attention_triton", "deformable_attention_triton_from_projections"]
 
 # queries per program: a [queries, head_dim] tile of 64 x 32 float32 accumulators
 _QUERIES_PER_PROGRAM = 64
@@ -44,19 +44,26 @@ def _kernel():
 
     @triton.jit
     def sample(
-        value_ptr,  # (B, N, heads, head_dim), float32 or bf16
+        value_ptr,  # (B, N, heads, head_dim), float32 or bf16 / fp16
         levels_ptr,  # (levels, 3) int32: height, width, first value row
-        locations_ptr,  # (B, Q, heads, levels, points, 2) float32, normalized (x, y)
-        weights_ptr,  # (B, Q, heads, levels, points) float32
-        output_ptr,  # (B, Q, heads, head_dim) float32
+        # FROM_PROJECTIONS False: (B, Q, heads, levels, points, 2) float32 normalized (x, y) locations;
+        # True: the same layout of offsets in pixels of each level, any float dtype
+        locations_ptr,
+        # FROM_PROJECTIONS False: (B, Q, heads, levels, points) float32 weights; True: the same layout of the
+        # attention logits, any float dtype (softmax over levels x points here)
+        weights_ptr,
+        reference_ptr,  # FROM_PROJECTIONS: (B or 1, Q, levels, 2) float32 normalized (x, y); else unused
+        output_ptr,  # (B, Q, heads, head_dim), float32 or the values' dtype
         num_values,
         num_queries,
+        reference_image_stride,  # Q * levels * 2, or 0: one set of reference points for the whole batch
         NUM_HEADS: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_DIM: tl.constexpr,
         NUM_LEVELS: tl.constexpr,
         NUM_POINTS: tl.constexpr,
         BLOCK_QUERIES: tl.constexpr,
+        FROM_PROJECTIONS: tl.constexpr,
     ):
         image_head = tl.program_id(0)
         image = image_head // NUM_HEADS
@@ -68,15 +75,39 @@ def _kernel():
         accumulator = tl.zeros([BLOCK_QUERIES, BLOCK_DIM], dtype=tl.float32)
         # int64 offsets: batch x N x heads x head_dim passes 2**31 at a few hundred 1024x1024 images
         sample_base = ((image * num_queries + query).to(tl.int64) * NUM_HEADS + head) * NUM_LEVELS
+        if FROM_PROJECTIONS:
+            # the softmax over the levels x points logits of each (query, head), in float32 as
+            # `softmax_over_a_short_last_dimension`: exp(x - max) / sum; the logits are read again below (cached)
+            largest = tl.full([BLOCK_QUERIES], float("-inf"), dtype=tl.float32)
+            for logit_index in tl.static_range(NUM_LEVELS * NUM_POINTS):
+                logit = tl.load(weights_ptr + sample_base * NUM_POINTS + logit_index, mask=in_range, other=0.0)
+                largest = tl.maximum(largest, logit.to(tl.float32))
+            total = tl.zeros([BLOCK_QUERIES], dtype=tl.float32)
+            for logit_index in tl.static_range(NUM_LEVELS * NUM_POINTS):
+                logit = tl.load(weights_ptr + sample_base * NUM_POINTS + logit_index, mask=in_range, other=0.0)
+                total += tl.exp(logit.to(tl.float32) - largest)
+            reference_base = (image.to(tl.int64) * reference_image_stride) + query.to(tl.int64) * (NUM_LEVELS * 2)
         for level in tl.static_range(NUM_LEVELS):
             height = tl.load(levels_ptr + 3 * level)
             width = tl.load(levels_ptr + 3 * level + 1)
             start = tl.load(levels_ptr + 3 * level + 2)
+            if FROM_PROJECTIONS:
+                reference_x = tl.load(reference_ptr + reference_base + 2 * level, mask=in_range, other=0.0)
+                reference_y = tl.load(reference_ptr + reference_base + 2 * level + 1, mask=in_range, other=0.0)
             for point in tl.static_range(NUM_POINTS):
                 sample_index = (sample_base + level) * NUM_POINTS + point
-                x = tl.load(locations_ptr + 2 * sample_index, mask=in_range, other=0.0)
-                y = tl.load(locations_ptr + 2 * sample_index + 1, mask=in_range, other=0.0)
-                attention = tl.load(weights_ptr + sample_index, mask=in_range, other=0.0)
+                if FROM_PROJECTIONS:
+                    # `sampling_locations`: reference + offset / (width, height), rounded as PyTorch's division
+                    offset_x = tl.load(locations_ptr + 2 * sample_index, mask=in_range, other=0.0).to(tl.float32)
+                    offset_y = tl.load(locations_ptr + 2 * sample_index + 1, mask=in_range, other=0.0).to(tl.float32)
+                    x = reference_x + tl.math.div_rn(offset_x, width.to(tl.float32))
+                    y = reference_y + tl.math.div_rn(offset_y, height.to(tl.float32))
+                    logit = tl.load(weights_ptr + sample_index, mask=in_range, other=0.0).to(tl.float32)
+                    attention = tl.math.div_rn(tl.exp(logit - largest), total)
+                else:
+                    x = tl.load(locations_ptr + 2 * sample_index, mask=in_range, other=0.0)
+                    y = tl.load(locations_ptr + 2 * sample_index + 1, mask=in_range, other=0.0)
+                    attention = tl.load(weights_ptr + sample_index, mask=in_range, other=0.0)
                 # grid_sample's pixel coordinates with align_corners=False
                 pixel_x = x * width - 0.5
                 pixel_y = y * height - 0.5
@@ -106,7 +137,7 @@ def _kernel():
         output_offsets = ((image * num_queries + query).to(tl.int64) * NUM_HEADS + head) * HEAD_DIM
         tl.store(
             output_ptr + output_offsets[:, None] + channel[None, :],
-            accumulator,
+            accumulator.to(output_ptr.dtype.element_ty),
             mask=in_range[:, None] & channel_ok[None, :],
         )
 
@@ -169,15 +200,110 @@ def deformable_attention_triton(
             levels,
             sampling_locations.float().contiguous(),
             attention_weights.float().contiguous(),
+            levels,  # no reference points: the locations are given
             output,
             num_values,
             num_queries,
+            0,
             NUM_HEADS=num_heads,
             HEAD_DIM=head_dim,
             BLOCK_DIM=1 << (head_dim - 1).bit_length(),
             NUM_LEVELS=num_levels,
             NUM_POINTS=num_points,
             BLOCK_QUERIES=_QUERIES_PER_PROGRAM,
+            FROM_PROJECTIONS=False,
+        )
+    return output.view(batch_size, num_queries, num_heads * head_dim)
+
+
+def deformable_attention_triton_from_projections(
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    reference_points: torch.Tensor,
+    offsets: torch.Tensor,
+    attention_logits: torch.Tensor,
+) -> torch.Tensor:
+    """
+    The deformable attention's sampling from its projections, in one kernel: the softmax of the attention logits
+    over levels x points (`softmax_over_a_short_last_dimension`), the sampling locations (reference point + offset /
+    level size, `PosSAMMultiscaleDeformableAttention.sampling_locations`) and `deformable_attention_triton`'s
+    sampling, all in float32 (FC-CLIP's `custom_fwd(cast_inputs=float32)`: its inputs in reduced precision are exact
+    in float32), the output written in the values' dtype. Unfused, on the CUDA code path that is about 13 more
+    kernels per layer (softmax 5, locations 5, dtype conversions 3) and their float32 copies, launches that bound a
+    GPU's batch-1 forward (docs/design.md, "Fifteenth session"). Inference only.
+
+    Args:
+        value: `(B, N, heads, head_dim)`, N = sum of h * w over the levels (level-major, row-major).
+        spatial_shapes: `[(h, w)]` per level.
+        reference_points: `(B, Q, levels, 2)` or `(1, Q, levels, 2)` (shared by the batch): normalized (x, y),
+            read in float32.
+        offsets: `(B, Q, heads, levels, points, 2)` (x, y) in pixels of each level, float32 / bf16 / fp16.
+        attention_logits: `(B, Q, heads, levels * points)` or `(B, Q, heads, levels, points)`, before the softmax.
+
+    Returns:
+        `(B, Q, heads * head_dim)` in the values' dtype.
+
+    Raises:
+        RuntimeError: autograd would need a gradient, or Triton cannot run on the inputs' device.
+        ValueError: another dtype than float32, bf16 or fp16, or shapes that disagree.
+    """
+    if torch.is_grad_enabled() and any(
+        tensor.requires_grad for tensor in (value, reference_points, offsets, attention_logits)
+    ):
+        raise RuntimeError("deformable_attention_triton_from_projections has no backward: use it for inference only.")
+    if not triton_runs_on(value.device):
+        raise RuntimeError(
+            f"deformable_attention_triton_from_projections needs CUDA and Triton; the inputs are on {value.device}."
+        )
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if any(tensor.dtype not in floats for tensor in (value, reference_points, offsets, attention_logits)):
+        raise ValueError(
+            "deformable_attention_triton_from_projections reads float32, bf16 or fp16 tensors, got "
+            f"{value.dtype} values, {reference_points.dtype} reference points, {offsets.dtype} offsets and "
+            f"{attention_logits.dtype} logits."
+        )
+    batch_size, num_values, num_heads, head_dim = value.shape
+    num_levels = len(spatial_shapes)
+    if sum(height * width for height, width in spatial_shapes) != num_values:
+        raise ValueError("The spatial shapes do not add up to the number of values.")
+    if offsets.dim() != 6 or offsets.shape[:4] != (batch_size, offsets.shape[1], num_heads, num_levels):
+        raise ValueError(
+            f"offsets {tuple(offsets.shape)} must be (B, Q, heads, levels, points, 2) = ({batch_size}, Q, "
+            f"{num_heads}, {num_levels}, points, 2)."
+        )
+    _, num_queries, _, _, num_points, _ = offsets.shape
+    if attention_logits.numel() != batch_size * num_queries * num_heads * num_levels * num_points:
+        raise ValueError(
+            f"attention_logits {tuple(attention_logits.shape)} must hold (B, Q, heads, levels * points) = "
+            f"({batch_size}, {num_queries}, {num_heads}, {num_levels * num_points}) values."
+        )
+    if reference_points.shape[0] not in (1, batch_size) or reference_points.shape[1:] != (num_queries, num_levels, 2):
+        raise ValueError(
+            f"reference_points {tuple(reference_points.shape)} must be (B or 1, Q, levels, 2) with B = {batch_size},"
+            f" Q = {num_queries}, levels = {num_levels}."
+        )
+    levels = _level_tables(tuple((int(h), int(w)) for h, w in spatial_shapes), value.device, like=value)
+    reference_points = reference_points.float().contiguous()
+    output = torch.empty(batch_size, num_queries, num_heads, head_dim, dtype=value.dtype, device=value.device)
+    grid = (batch_size * num_heads, -(-num_queries // _QUERIES_PER_PROGRAM))
+    with on_launch_device(value.device):
+        _kernel()[grid](
+            value.contiguous(),
+            levels,
+            offsets.contiguous(),
+            attention_logits.contiguous(),
+            reference_points,
+            output,
+            num_values,
+            num_queries,
+            0 if reference_points.shape[0] == 1 else num_queries * num_levels * 2,
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_DIM=1 << (head_dim - 1).bit_length(),
+            NUM_LEVELS=num_levels,
+            NUM_POINTS=num_points,
+            BLOCK_QUERIES=_QUERIES_PER_PROGRAM,
+            FROM_PROJECTIONS=True,
         )
     return output.view(batch_size, num_queries, num_heads * head_dim)
 
@@ -186,3 +312,5 @@ def deformable_attention_triton(
 # uses transformers' sampler instead of an inference-only one where autograd or a trace needs it
 deformable_attention_triton.reads_reduced_precision_values = True  # type: ignore[attr-defined]
 deformable_attention_triton.inference_only = True  # type: ignore[attr-defined]
+# ... and, where the attention weights are not asked for, its fused form from the projections
+deformable_attention_triton.from_projections = deformable_attention_triton_from_projections  # type: ignore[attr-defined]

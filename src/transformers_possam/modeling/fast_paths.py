@@ -62,13 +62,14 @@ def install_fast_paths(mask_generator: nn.Module) -> None:
        blocks' MLPs in the CLIP image tower. Its `SamPatchEmbeddings` -> `PosSAMPatchEmbeddings`: the tokens stored
        token-major, so that the encoder's `LayerNorm`s and residual sums read contiguous rows.
     2. `Mask2FormerPixelDecoder` -> `PosSAMPixelDecoder`: the levels' start index copied to the device without
-       waiting (transformers' forward makes a blocking host-to-device copy, a stream synchronization on a GPU).
+       waiting (transformers' forward makes a blocking host-to-device copy, a stream synchronization on a GPU), no
+       all-False padding masks, and the valid ratios (all 1) and reference points made once, in float32.
        Its `Mask2FormerPixelDecoderEncoderOnly` -> `PosSAMPixelDecoderEncoder` (its output stored
        channel-major, which the pixel decoder's FPN resizes 9x faster on CPU), each of its
        `Mask2FormerPixelDecoderEncoderLayer`s -> `PosSAMPixelDecoderEncoderLayer` (at inference the feed-forward
        network in blocks of rows, ReLU in place), and their
        `Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention` -> `PosSAMMultiscaleDeformableAttention`: an
-       `embedding_bag` sampler on CPU.
+       `embedding_bag` sampler on CPU, a Triton kernel on CUDA.
     3. The decoder's `Mask2FormerMaskPredictor` -> `PosSAMMaskPredictor`: given `AttentionMaskFeatures` (what
        `PosSAMModel` passes when the intermediate layers' masks are not output), attention masks at attention
        resolution, without the 1/4-resolution masks (for one image, one mask shared by the heads); with F_mask

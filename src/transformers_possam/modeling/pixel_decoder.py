@@ -9,10 +9,22 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderOutput,
 )
 
-from ..device_transfer import to_device
+from ..device_transfer import DeviceConstants, to_device
+from .pixel_decoder_encoder import unpadded_valid_ratios
 
 
 __all__ = ["PosSAMPixelDecoder"]
+
+
+def _level_start_index(sizes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """`(levels,)` int64: the first token of each level in the flattened sequence, copied without waiting."""
+    starts = [0]
+    for height, width in sizes[:-1]:
+        starts.append(starts[-1] + height * width)
+    return to_device(torch.tensor(starts, dtype=torch.long), device)
+
+
+_level_start_indices = DeviceConstants(_level_start_index)
 
 
 class PosSAMPixelDecoder(Mask2FormerPixelDecoder):
@@ -21,12 +33,14 @@ class PosSAMPixelDecoder(Mask2FormerPixelDecoder):
     turns the levels' sizes into a device tensor with `torch.as_tensor(sizes, device=...)`, a blocking
     host-to-device copy that synchronizes the stream in every forward, only to derive `level_start_index`, which
     the deformable attention does not read (it takes the sizes as a list). Here that index is copied without
-    waiting (`to_device`); every other step is transformers' own: 1x1 input projections of the three coarsest
-    levels, sine position embeddings plus level embeddings, the deformable-attention encoder with valid ratios from
-    all-False padding masks (`get_valid_ratio`; the masks themselves are not passed on, since masking the values
-    with them changes nothing and costs a pass over the values in each layer), the encoder output split back into
-    levels, then the FPN levels to
-    stride `common_stride` and the mask projection.
+    waiting (`to_device`) once per sizes and device. transformers builds all-False padding masks (PosSAM's maps,
+    like FC-CLIP's, have no padding) for two uses: each deformable layer masks its values with them, a pass over
+    the values that changes nothing, and `get_valid_ratio` turns them into valid ratios of exactly 1. Here no mask
+    is passed on and the valid ratios are `unpadded_valid_ratios`, ones made once (with the reference points made
+    from them, `PosSAMPixelDecoderEncoder.get_reference_points`). Every other step is transformers' own: 1x1 input
+    projections of the three coarsest levels, sine position embeddings plus level embeddings, the
+    deformable-attention encoder, its output split back into levels, then the FPN levels to stride `common_stride`
+    and the mask projection.
 
     Args of `forward`: `features`, the FPN levels finest first, `(B, C_i, H_i, W_i)`; the other arguments as
     transformers' (`encoder_outputs` skips the encoder).
@@ -47,12 +61,6 @@ class PosSAMPixelDecoder(Mask2FormerPixelDecoder):
         coarsest_first = features[::-1][: self.num_feature_levels]
         projected = [projection(level) for projection, level in zip(self.input_projections, coarsest_first)]
         sizes = [(level.shape[2], level.shape[3]) for level in projected]
-        padding_masks = [
-            level.new_zeros(level.shape[0], *size, dtype=torch.bool) for level, size in zip(projected, sizes)
-        ]
-        level_starts = [0]
-        for height, width in sizes[:-1]:
-            level_starts.append(level_starts[-1] + height * width)
 
         def flat(tensor: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, H * W, C)
             return tensor.flatten(2).transpose(1, 2)
@@ -70,10 +78,14 @@ class PosSAMPixelDecoder(Mask2FormerPixelDecoder):
                 attention_mask=None,
                 position_embeddings=torch.cat(positions, 1),
                 spatial_shapes_list=sizes,
-                level_start_index=to_device(torch.tensor(level_starts, dtype=torch.long), projected[0].device),
-                valid_ratios=torch.stack(
-                    [self.get_valid_ratio(mask, dtype=projected[0].dtype) for mask in padding_masks], 1
-                ),
+                level_start_index=_level_start_indices(tuple(sizes), projected[0].device, like=projected[0]),
+                # the valid ratios of all-False padding masks (`get_valid_ratio`: all exactly 1), one row shared by
+                # the batch, made once; `PosSAMPixelDecoderEncoder` knows this tensor and makes its reference points
+                # once too. In float32 whatever the model's dtype, as FC-CLIP's (`valid_H.float() / H`): the
+                # reference points are made in their dtype, and the deformable layers sample in float32 (made in
+                # bf16 they were off by up to 0.19 pixel on a 100-pixel level, 1.3 on a 200-pixel one; exact on
+                # 1024x1024 input's 32, 64 and 128, powers of 2)
+                valid_ratios=unpadded_valid_ratios(len(sizes), torch.float32, projected[0].device, like=projected[0]),
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
                 return_dict=return_dict,

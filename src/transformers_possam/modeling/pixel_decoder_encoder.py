@@ -13,10 +13,37 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderOnly,
 )
 
+from ..device_transfer import DeviceConstants
 from .mlp import mlp_in_row_blocks, runs_in_row_blocks
 
 
-__all__ = ["PosSAMPixelDecoderEncoder", "PosSAMPixelDecoderEncoderLayer"]
+__all__ = ["PosSAMPixelDecoderEncoder", "PosSAMPixelDecoderEncoderLayer", "unpadded_valid_ratios"]
+
+
+def _unpadded_valid_ratios(num_levels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """
+    `(1, levels, 2)` ones: the valid ratios of feature maps without padding, what transformers' `get_valid_ratio`
+    gives for all-False padding masks (valid rows / rows = 1 exactly), one row for the whole batch.
+    """
+    return torch.ones(1, num_levels, 2, dtype=dtype, device=device)
+
+
+# PosSAM's (FC-CLIP's) pixel decoder has no padding: its valid ratios, and the reference points made from them, are
+# constants of the levels' sizes, made once in eager mode; transformers makes them in every forward from all-False
+# masks (about 55 small kernels, launches that bound a GPU's batch-1 forward)
+unpadded_valid_ratios = DeviceConstants(_unpadded_valid_ratios)
+
+
+def _unpadded_reference_points(
+    spatial_shapes: tuple[tuple[int, int], ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """`(1, N, levels, 2)`: transformers' `get_reference_points` with `unpadded_valid_ratios`, bitwise its values."""
+    return Mask2FormerPixelDecoderEncoderOnly.get_reference_points(
+        list(spatial_shapes), _unpadded_valid_ratios(len(spatial_shapes), dtype, device), device
+    )
+
+
+_cached_unpadded_reference_points = DeviceConstants(_unpadded_reference_points)
 
 
 def relu_in_place(input: torch.Tensor, inplace: bool = True) -> torch.Tensor:
@@ -106,6 +133,26 @@ class PosSAMPixelDecoderEncoder(Mask2FormerPixelDecoderEncoderOnly):
     a channels-last map is about 9x slower than of a channel-major one (float32, 128 -> 256 px: 244 vs 28 ms,
     docs/design.md). The transposing copy costs a few ms.
     """
+
+    @staticmethod
+    def get_reference_points(spatial_shapes_list, valid_ratios, device):
+        """
+        transformers' `get_reference_points` (the same values), made once per sizes, dtype and device when
+        `valid_ratios` is `unpadded_valid_ratios`'s own cached tensor (what `PosSAMPixelDecoder` passes): recognized
+        by identity, so nothing is read from the device. Then the points are `(1, N, levels, 2)`, shared by the
+        batch (the deformable layers broadcast them). Any other valid ratios: transformers' computation.
+        """
+        unpadded = unpadded_valid_ratios(
+            len(spatial_shapes_list), valid_ratios.dtype, valid_ratios.device, like=valid_ratios
+        )
+        if valid_ratios is not unpadded:
+            return Mask2FormerPixelDecoderEncoderOnly.get_reference_points(spatial_shapes_list, valid_ratios, device)
+        return _cached_unpadded_reference_points(
+            tuple((int(height), int(width)) for height, width in spatial_shapes_list),
+            valid_ratios.dtype,
+            torch.device(device),
+            like=valid_ratios,
+        )
 
     def forward(self, *args, **kwargs) -> BaseModelOutput:
         outputs = super().forward(*args, **kwargs)  # transformers returns a BaseModelOutput whatever return_dict says
