@@ -21,6 +21,7 @@ from huggingface_hub.errors import StrictDataclassFieldValidationError
 from torch import nn
 from transformers import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerAttention,
     Mask2FormerMaskPredictor,
     Mask2FormerPixelDecoder,
     Mask2FormerPixelDecoderEncoderLayer,
@@ -39,6 +40,7 @@ from transformers.models.sam.modeling_sam import (
 from transformers_possam import PosSAMConfig, PosSAMForPanopticSegmentation, PosSAMModel, tiny_config
 from transformers_possam.modeling import (
     InPlaceGELU,
+    PosSAMDecoderSelfAttention,
     PosSAMMaskedCrossAttention,
     PosSAMMaskPredictor,
     PosSAMMultiscaleDeformableAttention,
@@ -126,6 +128,7 @@ def test_the_flag_installs_all_four_replacements_or_none():
         PosSAMMaskPredictor,
         PosSAMMaskedCrossAttention,
         PosSAMSinePositionEmbedding,
+        PosSAMDecoderSelfAttention,
     }
     assert ours <= module_types(fast)
     assert not ours & module_types(reference)
@@ -142,9 +145,66 @@ def test_the_flag_installs_all_four_replacements_or_none():
         Mask2FormerMaskPredictor,
         nn.MultiheadAttention,
         Mask2FormerSinePositionEmbedding,
+        Mask2FormerAttention,
     ):
         assert module_class in stock
     assert SamVisionSdpaAttention not in module_types(fast)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_decoder_self_attention_equals_transformers(batch_size):
+    """`PosSAMDecoderSelfAttention` against transformers' `Mask2FormerAttention` holding the same weights: without
+    attention weights the fused call, to float32 rounding; with them, with a mask, or as cross-attention,
+    transformers' forward itself, bitwise."""
+    torch.manual_seed(0)
+    reference = Mask2FormerAttention(embed_dim=32, num_heads=4).eval()
+    ours = PosSAMDecoderSelfAttention(embed_dim=32, num_heads=4).eval()
+    ours.load_state_dict(reference.state_dict())
+    hidden, positions = torch.randn(7, batch_size, 32), torch.randn(7, batch_size, 32)
+    with torch.no_grad():
+        expected, expected_weights = reference(hidden, position_embeddings=positions, output_attentions=True)
+        found, no_weights = ours(hidden, position_embeddings=positions)
+        found_without_positions, _ = ours(hidden)
+        with_weights = ours(hidden, position_embeddings=positions, output_attentions=True)
+        mask = torch.randn(batch_size * 4, 7, 7)
+        masked = ours(hidden, attention_mask=mask, position_embeddings=positions)
+        keys = torch.randn(5, batch_size, 32)
+        cross = ours(hidden, key_value_states=keys, key_value_position_embeddings=positions[:5])
+        assert torch.equal(masked[0], reference(hidden, attention_mask=mask, position_embeddings=positions)[0])
+        expected_cross = reference(hidden, key_value_states=keys, key_value_position_embeddings=positions[:5])
+        assert torch.equal(cross[0], expected_cross[0])
+        # (transformers' own needs position embeddings: zeros add nothing)
+        expected_without_positions, _ = reference(hidden, position_embeddings=torch.zeros_like(positions))
+    assert no_weights is None and found.shape == expected.shape == (7, batch_size, 32)
+    torch.testing.assert_close(found, expected, **OUTPUT_TOLERANCE)
+    torch.testing.assert_close(found_without_positions, expected_without_positions, **OUTPUT_TOLERANCE)
+    assert torch.equal(with_weights[0], expected) and torch.equal(with_weights[1], expected_weights)
+    # the positions reach the queries and keys only: a model where they reached the values would differ
+    assert not torch.allclose(found, found_without_positions, rtol=1e-3, atol=1e-3)
+
+
+def test_decoder_layers_ask_for_self_attention_weights_only_when_returned():
+    """transformers' decoder layer asks its self-attention for weights in every call; PosSAM's layer asks only with
+    `output_attentions` (or in training, transformers' own forward), so the fused self-attention runs at inference;
+    the decoder's attentions are still returned when asked for."""
+    fast, _ = model_pair(PosSAMModel, "tiny")
+    asked = []
+    for module in fast.modules():
+        if isinstance(module, PosSAMDecoderSelfAttention):
+            module.register_forward_pre_hook(
+                lambda module, args, kwargs: asked.append(kwargs["output_attentions"]), with_kwargs=True
+            )
+    pixel_values = pixels(fast.config)
+    layers = fast.config.decoder_layers - 1  # Mask2Former counts the prediction from the learned queries as one
+    with torch.no_grad():
+        fast.eval()(pixel_values)
+        assert asked == [False] * layers
+        asked.clear()
+        with_attentions = fast(pixel_values, output_attentions=True)
+        assert asked == [True] * layers and all(weights is not None for weights in with_attentions.attentions)
+        asked.clear()
+        fast.train()(pixel_values)
+        assert asked == [True] * layers  # transformers' training forward
 
 
 def test_install_fast_paths_on_a_stock_model_and_twice():

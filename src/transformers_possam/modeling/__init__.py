@@ -4,6 +4,7 @@ from .activations import InPlaceGELU, install_in_place_gelu
 from .classifier import PosSAMOpenVocabularyClassifier
 from .clip import PosSAMCLIP
 from .decoder_layer import PosSAMMaskedAttentionDecoderLayer
+from .decoder_self_attention import PosSAMDecoderSelfAttention
 from .deformable_attention import (
     PosSAMMultiscaleDeformableAttention,
     deformable_attention_embedding_bag,
@@ -30,6 +31,7 @@ __all__ = [
     "InPlaceGELU",
     "LocalDiscriminativePooling",
     "PosSAMCLIP",
+    "PosSAMDecoderSelfAttention",
     "PosSAMFPN",
     "PosSAMHungarianMatcher",
     "PosSAMIoUHead",

@@ -1,4 +1,7 @@
-"""The masked-attention decoder layer, with gradient checkpointing that also works in PyTorch's reentrant mode."""
+"""
+The masked-attention decoder layer, with gradient checkpointing that also works in PyTorch's reentrant mode, and
+attention weights asked of its self-attention only when they are returned.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ __all__ = ["PosSAMMaskedAttentionDecoderLayer"]
 class PosSAMMaskedAttentionDecoderLayer(Mask2FormerMaskedAttentionDecoderLayer):
     """
     `Mask2FormerMaskedAttentionDecoderLayer` (same parameters, state-dict keys and math) whose gradient checkpointing
-    works with `use_reentrant=True` as well as without.
+    works with `use_reentrant=True` as well as without, and which asks its self-attention for attention weights only
+    when it returns them (`forward_post`).
 
     Mask2Former's decoder hands every layer the features and position embeddings of all three levels as Python lists,
     and the layer indexes them with `level_index`. A reentrant checkpoint (`torch.utils.checkpoint` with
@@ -51,6 +55,56 @@ class PosSAMMaskedAttentionDecoderLayer(Mask2FormerMaskedAttentionDecoderLayer):
             features[level_index],
         )
         return level_args + tuple(args[6:]), kwargs
+
+    def forward_post(
+        self,
+        hidden_states: torch.Tensor,
+        level_index: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: torch.Tensor | None = None,
+        query_position_embeddings: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = False,
+    ):
+        """
+        transformers' post-norm layer (masked cross-attention, self-attention, feed-forward, each with its residual
+        sum and LayerNorm). In training or with `output_attentions`: transformers' `forward_post` itself. Otherwise
+        its steps, dropout being inactive, with one difference that changes no value: transformers asks its
+        self-attention for the attention weights in every call (`output_attentions=True`), even when nobody reads
+        them, which keeps the self-attention from a fused kernel (`PosSAMDecoderSelfAttention`); here the weights
+        are asked for only when they are returned.
+        """
+        if output_attentions or self.training:
+            return super().forward_post(
+                hidden_states,
+                level_index=level_index,
+                attention_mask=attention_mask,
+                position_embeddings=position_embeddings,
+                query_position_embeddings=query_position_embeddings,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                output_attentions=output_attentions,
+            )
+        # (the level lists are indexed as transformers indexes them; `forward` hands one-level lists)
+        level_features = encoder_hidden_states[level_index]  # type: ignore[index]
+        attended, _ = self.cross_attn(
+            query=self.with_pos_embed(hidden_states, query_position_embeddings),
+            key=self.with_pos_embed(level_features, position_embeddings[level_index]),  # type: ignore[index]
+            value=level_features,
+            attn_mask=encoder_attention_mask,
+            key_padding_mask=None,
+        )
+        hidden_states = self.cross_attn_layer_norm(hidden_states + attended)
+        attended, _ = self.self_attn(
+            hidden_states=hidden_states,
+            position_embeddings=query_position_embeddings,
+            attention_mask=None,
+            output_attentions=False,
+        )
+        hidden_states = self.self_attn_layer_norm(hidden_states + attended)
+        feed_forward = self.fc2(self.activation_fn(self.fc1(hidden_states)))
+        return (self.final_layer_norm(hidden_states + feed_forward),)
 
     def forward(
         self,

@@ -12,6 +12,7 @@ from typing import TypeVar, cast
 import torch
 from torch import nn
 from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerAttention,
     Mask2FormerPixelDecoder,
     Mask2FormerPixelDecoderEncoderLayer,
     Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
@@ -21,6 +22,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 from transformers.models.sam.modeling_sam import SamPatchEmbeddings, SamVisionEncoder, SamVisionSdpaAttention
 
+from .decoder_self_attention import PosSAMDecoderSelfAttention
 from .deformable_attention import PosSAMMultiscaleDeformableAttention
 from .mask_predictor import PosSAMMaskPredictor
 from .masked_cross_attention import PosSAMMaskedCrossAttention
@@ -78,6 +80,9 @@ def install_fast_paths(mask_generator: nn.Module) -> None:
        weights unless a caller asks (the decoder never returns them).
     5. The pixel decoder's and the transformer module's `Mask2FormerSinePositionEmbedding` ->
        `PosSAMSinePositionEmbedding`: made once per shape, device and dtype instead of in every forward.
+    6. Each decoder layer's self-attention `Mask2FormerAttention` -> `PosSAMDecoderSelfAttention`: one
+       `scaled_dot_product_attention` call where no attention weights are asked for (about 6 fewer kernels per
+       layer).
 
     Each replacement holds the original's tensors (`take_over`): parameters, state-dict keys and the random draws of
     construction are those of transformers' modules. Modules already replaced are left as they are, so a second call
@@ -147,6 +152,16 @@ def install_fast_paths(mask_generator: nn.Module) -> None:
                 ),
             )
     for decoder_layer in transformer_decoder.layers:
+        self_attention = decoder_layer.self_attn
+        if type(self_attention) is Mask2FormerAttention:
+            decoder_layer.self_attn = take_over(
+                self_attention,
+                PosSAMDecoderSelfAttention,
+                embed_dim=self_attention.embed_dim,
+                num_heads=self_attention.num_heads,
+                dropout=self_attention.dropout,
+                bias=self_attention.q_proj.bias is not None,
+            )
         cross_attention = decoder_layer.cross_attn
         if isinstance(cross_attention, nn.MultiheadAttention) and not isinstance(
             cross_attention, PosSAMMaskedCrossAttention
