@@ -26,7 +26,8 @@ class PosSAMDecoderSelfAttention(Mask2FormerAttention):
     `(output (Q, B, C), None)`.
     """
 
-    def forward(
+    # transformers annotates the parent's return as a 3-tuple; it returns `(output, weights or None)` as this does
+    def forward(  # type: ignore[override]
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
