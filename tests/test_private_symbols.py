@@ -158,7 +158,39 @@ INTERNALS: dict[tuple[str, str], Expected] = {
         ("in_features", "config"),
         methods={"forward": ("multi_scale_features", "mask_features", "output_hidden_states", "output_attentions")},
     ),
-    (MASK2FORMER, "Mask2FormerMaskedAttentionDecoderLayer"): Expected("class", ("config",)),
+    # modeling/decoder_layer.py: its forward_post overridden (inference without weights) and called
+    (MASK2FORMER, "Mask2FormerMaskedAttentionDecoderLayer"): Expected(
+        "class",
+        ("config",),
+        methods={
+            "forward_post": (
+                "hidden_states",
+                "level_index",
+                "attention_mask",
+                "position_embeddings",
+                "query_position_embeddings",
+                "encoder_hidden_states",
+                "encoder_attention_mask",
+                "output_attentions",
+            ),
+            "with_pos_embed": ("tensor", "pos"),
+        },
+    ),
+    # modeling/decoder_self_attention.py (and fast_paths.py, which builds it from the original's sizes)
+    (MASK2FORMER, "Mask2FormerAttention"): Expected(
+        "class",
+        ("embed_dim", "num_heads", "dropout", "is_decoder", "bias"),
+        methods={
+            "forward": (
+                "hidden_states",
+                "attention_mask",
+                "position_embeddings",
+                "key_value_states",
+                "key_value_position_embeddings",
+                "output_attentions",
+            )
+        },
+    ),
     # modeling/position_embedding.py: made once per shape through its build function (past that function's cache)
     (MASK2FORMER, "Mask2FormerSinePositionEmbedding"): Expected(
         "class",
