@@ -920,6 +920,96 @@ def test_pixel_decoder_reference_points_made_once_in_float32():
     assert 0.15 < (in_bf16 - in_float32).abs().max().item() * 100 < 0.2
 
 
+def _config_with_image_size(size: int, **overrides):
+    vision_config = tiny_config().vision_config.to_dict()
+    vision_config["image_size"] = size
+    return tiny_config(vision_config=vision_config, **overrides)
+
+
+def test_reference_points_off_powers_of_2_in_bf16_and_float64():
+    """At 160 px the pixel decoder's levels are 5, 10 and 20 pixels wide, where bf16 rounds (i + 0.5) / w: a bf16
+    model's points are transformers' float32 ones (not its bf16 ones), and a float64 model's stay float64, so fast
+    paths on and off agree to float64 rounding (with float32 points they differed by 2.6e-8)."""
+    torch.manual_seed(0)
+    fast = PosSAMModel(_config_with_image_size(160)).eval()
+    reference = PosSAMModel(_config_with_image_size(160, use_fast_paths=False)).eval()
+    reference.load_state_dict(fast.state_dict())
+    sizes = [(5, 5), (10, 10), (20, 20)]
+    seen = _reference_points_seen(fast)
+    pixel_values = pixels(fast.config, batch_size=2)
+    with torch.no_grad():
+        fast.to(torch.bfloat16)(pixel_values.bfloat16())
+    in_float32 = _transformers_reference_points(sizes, 1, torch.float32)
+    in_bf16 = _transformers_reference_points(sizes, 1, torch.bfloat16)
+    assert not torch.equal(in_bf16.float(), in_float32)  # the sizes are ones where it matters
+    assert seen and all(points.dtype == torch.float32 and torch.equal(points, in_float32) for points in seen)
+
+    seen.clear()
+    # the sampling offsets moved off Mask2Former's init (every sample on a pixel centre there)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, parameter in fast.named_parameters():
+            if ".sampling_offsets." in name:
+                parameter.copy_(parameter.float() + torch.rand(parameter.shape, generator=generator) * 0.2 + 0.1)
+    reference.load_state_dict(fast.float().state_dict())
+    fast.double(), reference.double()
+    with torch.no_grad():
+        found, expected = fast(pixel_values.double()), reference(pixel_values.double())
+    assert seen and all(points.dtype == torch.float64 for points in seen)
+    torch.testing.assert_close(found.mask_features, expected.mask_features, rtol=0, atol=1e-12)
+    torch.testing.assert_close(found.masks_queries_logits[-1], expected.masks_queries_logits[-1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pixel_decoder_built_alone_with_transformers_layers_equals_transformers(dtype):
+    """`PosSAMPixelDecoder` built directly holds transformers' encoder and deformable layers, which sample in the
+    model's dtype: its reference points are made in that dtype, and its output is transformers' pixel decoder's,
+    bitwise, in float32 and in bf16 (float32 points would meet bf16 values in transformers' grid_sample)."""
+    torch.manual_seed(0)
+    model = PosSAMModel(tiny_config(use_fast_paths=False)).eval()
+    stock = model.pixel_decoder
+    ours = PosSAMPixelDecoder(stock.config, feature_channels=stock.feature_channels).eval()
+    ours.load_state_dict(stock.state_dict())
+    assert type(ours.encoder) is Mask2FormerPixelDecoderEncoderOnly
+    with torch.no_grad():
+        features = model.fpn(model.vision_encoder(pixels(model.config)).last_hidden_state)
+        features = [level.to(dtype) for level in features]
+        found, expected = ours.to(dtype)(features), stock.to(dtype)(features)
+    assert torch.equal(found.mask_features, expected.mask_features)
+    for level_found, level_expected in zip(found.multi_scale_features, expected.multi_scale_features, strict=True):
+        assert torch.equal(level_found, level_expected)
+
+
+def test_deformable_attention_weights_under_autocast_are_float32():
+    """Asked for under autocast, the attention weights come back in float32, as `F.softmax` gives there (FC-CLIP);
+    in a bf16 model without autocast, in bf16 (the logits' dtype); either way they sum to 1 over levels x points."""
+    torch.manual_seed(0)
+    layer = PosSAMMultiscaleDeformableAttention(embed_dim=16, num_heads=2, n_levels=2, n_points=2).eval()
+    hidden = torch.randn(2, 20, 16)
+    arguments = {
+        "encoder_hidden_states": hidden,
+        "position_embeddings": torch.randn(2, 20, 16),
+        "reference_points": torch.rand(2, 20, 2, 2),
+        "spatial_shapes_list": [(4, 4), (2, 2)],
+        "output_attentions": True,
+    }
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, under_autocast = layer(hidden, **arguments)
+        bf16_layer = layer.to(torch.bfloat16)
+        _, in_bf16 = bf16_layer(
+            hidden.bfloat16(),
+            **{
+                **arguments,
+                "encoder_hidden_states": hidden.bfloat16(),
+                "position_embeddings": arguments["position_embeddings"].bfloat16(),
+            },
+        )
+    assert under_autocast.dtype == torch.float32 and in_bf16.dtype == torch.bfloat16
+    for weights in (under_autocast, in_bf16):
+        torch.testing.assert_close(weights.float().flatten(-2).sum(-1), torch.ones(2, 20, 2), rtol=0, atol=1e-2)
+
+
 def test_pixel_decoder_encoder_reference_points_for_other_valid_ratios_are_transformers():
     """Only the pixel decoder's own cached valid ratios (recognized by identity: nothing is read from the device)
     select the cached points; any other valid ratios, padding or not, get transformers' computation, per image."""

@@ -246,10 +246,18 @@ def test_triton_sampler_from_projections_refuses_what_it_cannot_do(interpreted):
         fused(value, [(4, 3)], reference, offsets, logits)
     with pytest.raises(ValueError, match=r"offsets \(2, 6, 2, 1, 2\) must be \(B, Q, heads, levels, points, 2\)"):
         fused(value, shapes, reference, offsets[..., 0], logits)
-    with pytest.raises(ValueError, match="attention_logits .* must hold"):
+    with pytest.raises(ValueError, match=r"attention_logits \(2, 6, 2, 1\) must be"):
         fused(value, shapes, reference, offsets, logits[..., :1])
     with pytest.raises(ValueError, match=r"reference_points \(3, 6, 1, 2\) must be \(B or 1, Q, levels, 2\)"):
         fused(value, shapes, torch.cat([reference, reference[:1]]), offsets, logits)
+    # (x, y) and nothing else: 3 numbers per offset would be read as the next sample's in silence, 1 past the end
+    with pytest.raises(ValueError, match=r"offsets \(2, 6, 2, 1, 2, 3\) must be"):
+        fused(value, shapes, reference, torch.cat([offsets, offsets[..., :1]], -1), logits)
+    # as many logits in another layout (heads merged into levels x points): refused, not read as if they were not
+    with pytest.raises(ValueError, match=r"attention_logits \(2, 6, 1, 4\) must be"):
+        fused(value, shapes, reference, offsets, logits.reshape(2, 6, 1, 4))
+    with pytest.raises(ValueError, match="move them to one device"):
+        fused(value, shapes, reference.to("meta"), offsets, logits)
 
 
 @needs_interpreter

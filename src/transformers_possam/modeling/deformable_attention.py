@@ -328,7 +328,7 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
     kernel too, no attention weights returned), elsewhere through transformers' `multi_scale_deformable_attention`
     (`sampler`). In a reduced-precision model or under autocast the softmax, the locations and the sampling run in
     float32 (FC-CLIP's `F.softmax` under autocast and `custom_fwd(cast_inputs=float32)` sampler); attention weights
-    asked for come back in the logits' dtype. The pixel decoder's encoder only uses 2-d reference points (the layer
+    asked for come back in the logits' dtype (under autocast in float32, as `F.softmax`'s there). The pixel decoder's encoder only uses 2-d reference points (the layer
     grid), so 4-d (box) reference points are not supported.
     """
 
@@ -385,7 +385,7 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
             sampled = from_projections(value, spatial_shapes_list, reference_points, offsets, attention_logits)
             return self.output_proj(sampled), None
         # in float32 for a reduced-precision model or autocast, as FC-CLIP's `F.softmax` under autocast (and the
-        # fused kernel); the weights returned in the logits' dtype
+        # fused kernel); the weights returned in the logits' dtype, under autocast in float32
         reduced_precision = attention_logits.dtype in (torch.bfloat16, torch.float16)
         attention_weights = softmax_over_a_short_last_dimension(
             attention_logits.float() if reduced_precision else attention_logits
@@ -421,7 +421,8 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         else:
             sampling_locations = self.sampling_locations(reference_points, offsets, spatial_shapes_list)
             sampled = sample(value, spatial_shapes_list, sampling_locations, attention_weights)
-        if reduced_precision and output_attentions:
+        if reduced_precision and output_attentions and not torch.is_autocast_enabled(device_type):
+            # (under autocast float32, as `F.softmax` gives there)
             attention_weights = attention_weights.to(attention_logits.dtype)
         return self.output_proj(sampled), attention_weights
 

@@ -8,6 +8,7 @@ memory-bound operators move in a bf16 forward on the CUDA code path, docs/design
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -245,7 +246,7 @@ def deformable_attention_triton_from_projections(
 
     Raises:
         RuntimeError: autograd would need a gradient, or Triton cannot run on the inputs' device.
-        ValueError: another dtype than float32, bf16 or fp16, or shapes that disagree.
+        ValueError: another dtype than float32, bf16 or fp16, inputs on several devices, or shapes that disagree.
     """
     if torch.is_grad_enabled() and any(
         tensor.requires_grad for tensor in (value, reference_points, offsets, attention_logits)
@@ -262,20 +263,39 @@ def deformable_attention_triton_from_projections(
             f"{value.dtype} values, {reference_points.dtype} reference points, {offsets.dtype} offsets and "
             f"{attention_logits.dtype} logits."
         )
+    devices = {tensor.device for tensor in (value, reference_points, offsets, attention_logits)}
+    if len(devices) > 1:
+        raise ValueError(
+            f"deformable_attention_triton_from_projections: values on {value.device}, reference points on "
+            f"{reference_points.device}, offsets on {offsets.device}, logits on {attention_logits.device}: move them "
+            "to one device."
+        )
     batch_size, num_values, num_heads, head_dim = value.shape
     num_levels = len(spatial_shapes)
     if sum(height * width for height, width in spatial_shapes) != num_values:
         raise ValueError("The spatial shapes do not add up to the number of values.")
-    if offsets.dim() != 6 or offsets.shape[:4] != (batch_size, offsets.shape[1], num_heads, num_levels):
+    if (
+        offsets.dim() != 6
+        or offsets.shape[-1] != 2
+        or offsets.shape[:4]
+        != (
+            batch_size,
+            offsets.shape[1],
+            num_heads,
+            num_levels,
+        )
+    ):
         raise ValueError(
             f"offsets {tuple(offsets.shape)} must be (B, Q, heads, levels, points, 2) = ({batch_size}, Q, "
             f"{num_heads}, {num_levels}, points, 2)."
         )
     _, num_queries, _, _, num_points, _ = offsets.shape
-    if attention_logits.numel() != batch_size * num_queries * num_heads * num_levels * num_points:
+    if attention_logits.shape[:3] != (batch_size, num_queries, num_heads) or math.prod(attention_logits.shape[3:]) != (
+        num_levels * num_points
+    ):
         raise ValueError(
-            f"attention_logits {tuple(attention_logits.shape)} must hold (B, Q, heads, levels * points) = "
-            f"({batch_size}, {num_queries}, {num_heads}, {num_levels * num_points}) values."
+            f"attention_logits {tuple(attention_logits.shape)} must be (B, Q, heads, levels * points) = "
+            f"({batch_size}, {num_queries}, {num_heads}, {num_levels * num_points}) or (B, Q, heads, levels, points)."
         )
     if reference_points.shape[0] not in (1, batch_size) or reference_points.shape[1:] != (num_queries, num_levels, 2):
         raise ValueError(

@@ -10,6 +10,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 from ..device_transfer import DeviceConstants, to_device
+from .deformable_attention import PosSAMMultiscaleDeformableAttention
 from .pixel_decoder_encoder import unpadded_valid_ratios
 
 
@@ -37,7 +38,8 @@ class PosSAMPixelDecoder(Mask2FormerPixelDecoder):
     like FC-CLIP's, have no padding) for two uses: each deformable layer masks its values with them, a pass over
     the values that changes nothing, and `get_valid_ratio` turns them into valid ratios of exactly 1. Here no mask
     is passed on and the valid ratios are `unpadded_valid_ratios`, ones made once (with the reference points made
-    from them, `PosSAMPixelDecoderEncoder.get_reference_points`). Every other step is transformers' own: 1x1 input
+    from them, `PosSAMPixelDecoderEncoder.get_reference_points`), in float32 at least where the deformable layers
+    are PosSAM's (`_reference_dtype`). Every other step is transformers' own: 1x1 input
     projections of the three coarsest levels, sine position embeddings plus level embeddings, the
     deformable-attention encoder, its output split back into levels, then the FPN levels to stride `common_stride`
     and the mask projection.
@@ -45,6 +47,19 @@ class PosSAMPixelDecoder(Mask2FormerPixelDecoder):
     Args of `forward`: `features`, the FPN levels finest first, `(B, C_i, H_i, W_i)`; the other arguments as
     transformers' (`encoder_outputs` skips the encoder).
     """
+
+    def _reference_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """
+        The dtype of the valid ratios, and so of the reference points made from them: at least float32 where every
+        deformable layer samples in float32 (PosSAM's, as FC-CLIP's: `valid_H.float() / H`), so that a bf16 model's
+        points are not rounded (made in bf16 they were off by up to 0.19 pixel on a 100-pixel level, 1.3 on a
+        200-pixel one; exact on 1024x1024 input's 32, 64 and 128, powers of 2), and a float64 model's stay float64.
+        Else the model's own dtype, which transformers' deformable layers need (their `grid_sample` takes the
+        values' dtype).
+        """
+        layers = self.encoder.layers
+        samples_in_float32 = all(isinstance(layer.self_attn, PosSAMMultiscaleDeformableAttention) for layer in layers)
+        return torch.promote_types(dtype, torch.float32) if samples_in_float32 else dtype
 
     def forward(
         self,
@@ -81,11 +96,10 @@ class PosSAMPixelDecoder(Mask2FormerPixelDecoder):
                 level_start_index=_level_start_indices(tuple(sizes), projected[0].device, like=projected[0]),
                 # the valid ratios of all-False padding masks (`get_valid_ratio`: all exactly 1), one row shared by
                 # the batch, made once; `PosSAMPixelDecoderEncoder` knows this tensor and makes its reference points
-                # once too. In float32 whatever the model's dtype, as FC-CLIP's (`valid_H.float() / H`): the
-                # reference points are made in their dtype, and the deformable layers sample in float32 (made in
-                # bf16 they were off by up to 0.19 pixel on a 100-pixel level, 1.3 on a 200-pixel one; exact on
-                # 1024x1024 input's 32, 64 and 128, powers of 2)
-                valid_ratios=unpadded_valid_ratios(len(sizes), torch.float32, projected[0].device, like=projected[0]),
+                # once too, in its dtype
+                valid_ratios=unpadded_valid_ratios(
+                    len(sizes), self._reference_dtype(projected[0].dtype), projected[0].device, like=projected[0]
+                ),
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
                 return_dict=return_dict,
