@@ -188,12 +188,7 @@ def test_decoder_layers_ask_for_self_attention_weights_only_when_returned():
     `output_attentions` (or in training, transformers' own forward), so the fused self-attention runs at inference;
     the decoder's attentions are still returned when asked for."""
     fast, _ = model_pair(PosSAMModel, "tiny")
-    asked = []
-    for module in fast.modules():
-        if isinstance(module, PosSAMDecoderSelfAttention):
-            module.register_forward_pre_hook(
-                lambda module, args, kwargs: asked.append(kwargs["output_attentions"]), with_kwargs=True
-            )
+    asked = _keyword_seen(fast, PosSAMDecoderSelfAttention, "output_attentions")
     pixel_values = pixels(fast.config)
     layers = fast.config.decoder_layers - 1  # Mask2Former counts the prediction from the learned queries as one
     with torch.no_grad():
@@ -834,12 +829,7 @@ def test_deformable_layers_get_no_padding_mask_which_would_change_nothing():
     its output without one, bitwise; the whole pixel decoder stays within float rounding of transformers', which
     passes the masks."""
     fast, reference = model_pair(PosSAMModel, "tiny")
-    masks = []
-    for module in fast.modules():
-        if isinstance(module, PosSAMMultiscaleDeformableAttention):
-            module.register_forward_pre_hook(
-                lambda module, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True
-            )
+    masks = _keyword_seen(fast, PosSAMMultiscaleDeformableAttention, "attention_mask")
     pixel_values = pixels(fast.config)
     with torch.no_grad():
         found = fast.eval()(pixel_values, output_hidden_states=True)
@@ -867,15 +857,20 @@ def test_deformable_layers_get_no_padding_mask_which_would_change_nothing():
     assert not torch.equal(without, some_true)  # the mask is read when it masks something
 
 
-def _reference_points_seen(model) -> list[torch.Tensor]:
-    """The reference points each deformable layer of `model` is called with, in call order."""
-    seen: list[torch.Tensor] = []
+def _keyword_seen(model, module_type, keyword: str) -> list:
+    """The `keyword` argument each `module_type` module of `model` is called with, in call order."""
+    seen: list = []
     for module in model.modules():
-        if isinstance(module, PosSAMMultiscaleDeformableAttention):
+        if isinstance(module, module_type):
             module.register_forward_pre_hook(
-                lambda module, args, kwargs: seen.append(kwargs["reference_points"]), with_kwargs=True
+                lambda module, args, kwargs: seen.append(kwargs[keyword]), with_kwargs=True
             )
     return seen
+
+
+def _reference_points_seen(model) -> list[torch.Tensor]:
+    """The reference points each deformable layer of `model` is called with, in call order."""
+    return _keyword_seen(model, PosSAMMultiscaleDeformableAttention, "reference_points")
 
 
 def _transformers_reference_points(sizes, batch_size, dtype):

@@ -145,6 +145,46 @@ def _kernel():
     return sample
 
 
+def _launch(
+    value: torch.Tensor,
+    levels: torch.Tensor,
+    locations_or_offsets: torch.Tensor,
+    weights_or_logits: torch.Tensor,
+    reference_points: torch.Tensor | None,
+    output: torch.Tensor,
+    num_points: int,
+    from_projections: bool,
+) -> None:
+    """The kernel over `(B * heads, query blocks)`, writing `output` `(B, Q, heads, head_dim)`: from locations and
+    weights, or (`from_projections`) from offsets, logits and `(B or 1, Q, levels, 2)` float32 reference points."""
+    batch_size, num_values, num_heads, head_dim = value.shape
+    num_queries, num_levels = output.shape[1], levels.shape[0]
+    if reference_points is None:
+        reference_stride = 0
+    else:
+        reference_stride = 0 if reference_points.shape[0] == 1 else num_queries * num_levels * 2
+    grid = (batch_size * num_heads, -(-num_queries // _QUERIES_PER_PROGRAM))
+    with on_launch_device(value.device):
+        _kernel()[grid](
+            value.contiguous(),
+            levels,
+            locations_or_offsets.contiguous(),
+            weights_or_logits.contiguous(),
+            levels if reference_points is None else reference_points,  # (unread without reference points)
+            output,
+            num_values,
+            num_queries,
+            reference_stride,
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_DIM=1 << (head_dim - 1).bit_length(),
+            NUM_LEVELS=num_levels,
+            NUM_POINTS=num_points,
+            BLOCK_QUERIES=_QUERIES_PER_PROGRAM,
+            FROM_PROJECTIONS=from_projections,
+        )
+
+
 def deformable_attention_triton(
     value: torch.Tensor,
     spatial_shapes: list[tuple[int, int]],
@@ -189,31 +229,21 @@ def deformable_attention_triton(
             "multi_scale_deformable_attention for other dtypes."
         )
     batch_size, num_values, num_heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    _, num_queries, _, _, num_points, _ = sampling_locations.shape
     if sum(height * width for height, width in spatial_shapes) != num_values:
         raise ValueError("The spatial shapes do not add up to the number of values.")
     levels = _level_tables(tuple((int(h), int(w)) for h, w in spatial_shapes), value.device, like=value)
     output = torch.empty(batch_size, num_queries, num_heads, head_dim, dtype=torch.float32, device=value.device)
-    grid = (batch_size * num_heads, -(-num_queries // _QUERIES_PER_PROGRAM))
-    with on_launch_device(value.device):
-        _kernel()[grid](
-            value.contiguous(),
-            levels,
-            sampling_locations.float().contiguous(),
-            attention_weights.float().contiguous(),
-            levels,  # no reference points: the locations are given
-            output,
-            num_values,
-            num_queries,
-            0,
-            NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim,
-            BLOCK_DIM=1 << (head_dim - 1).bit_length(),
-            NUM_LEVELS=num_levels,
-            NUM_POINTS=num_points,
-            BLOCK_QUERIES=_QUERIES_PER_PROGRAM,
-            FROM_PROJECTIONS=False,
-        )
+    _launch(
+        value,
+        levels,
+        sampling_locations.float(),
+        attention_weights.float(),
+        None,
+        output,
+        num_points,
+        from_projections=False,
+    )
     return output.view(batch_size, num_queries, num_heads * head_dim)
 
 
@@ -305,26 +335,7 @@ def deformable_attention_triton_from_projections(
     levels = _level_tables(tuple((int(h), int(w)) for h, w in spatial_shapes), value.device, like=value)
     reference_points = reference_points.float().contiguous()
     output = torch.empty(batch_size, num_queries, num_heads, head_dim, dtype=value.dtype, device=value.device)
-    grid = (batch_size * num_heads, -(-num_queries // _QUERIES_PER_PROGRAM))
-    with on_launch_device(value.device):
-        _kernel()[grid](
-            value.contiguous(),
-            levels,
-            offsets.contiguous(),
-            attention_logits.contiguous(),
-            reference_points,
-            output,
-            num_values,
-            num_queries,
-            0 if reference_points.shape[0] == 1 else num_queries * num_levels * 2,
-            NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim,
-            BLOCK_DIM=1 << (head_dim - 1).bit_length(),
-            NUM_LEVELS=num_levels,
-            NUM_POINTS=num_points,
-            BLOCK_QUERIES=_QUERIES_PER_PROGRAM,
-            FROM_PROJECTIONS=True,
-        )
+    _launch(value, levels, offsets, attention_logits, reference_points, output, num_points, from_projections=True)
     return output.view(batch_size, num_queries, num_heads * head_dim)
 
 
