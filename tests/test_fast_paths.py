@@ -823,6 +823,20 @@ def test_sine_position_embedding_of_fake_tensors_is_not_cached():
     assert not is_fake(real)
 
 
+def _small_deformable_layer():
+    """A deformable layer of 2 heads over 4 x 4 and 2 x 2 levels, its input `(2, 20, 16)` and keyword arguments."""
+    torch.manual_seed(0)
+    layer = PosSAMMultiscaleDeformableAttention(embed_dim=16, num_heads=2, n_levels=2, n_points=2)
+    hidden = torch.randn(2, 20, 16)
+    arguments = {
+        "encoder_hidden_states": hidden,
+        "position_embeddings": torch.randn(2, 20, 16),
+        "reference_points": torch.rand(2, 20, 2, 2),
+        "spatial_shapes_list": [(4, 4), (2, 2)],
+    }
+    return layer, hidden, arguments
+
+
 def test_deformable_layers_get_no_padding_mask_which_would_change_nothing():
     """PosSAM's padding masks are all False by construction: the pixel decoder passes none to the deformable layers
     (each would mask its values with it, a pass that changes nothing). Each layer's output with an all-False mask is
@@ -840,15 +854,7 @@ def test_deformable_layers_get_no_padding_mask_which_would_change_nothing():
     ):
         torch.testing.assert_close(level_found, level_expected, rtol=1e-5, atol=1e-5)
 
-    torch.manual_seed(0)
-    layer = PosSAMMultiscaleDeformableAttention(embed_dim=16, num_heads=2, n_levels=2, n_points=2)
-    hidden = torch.randn(2, 20, 16)
-    arguments = {
-        "encoder_hidden_states": hidden,
-        "position_embeddings": torch.randn(2, 20, 16),
-        "reference_points": torch.rand(2, 20, 2, 2),
-        "spatial_shapes_list": [(4, 4), (2, 2)],
-    }
+    layer, hidden, arguments = _small_deformable_layer()
     with torch.no_grad():
         without = layer(hidden, attention_mask=None, **arguments)[0]
         all_false = layer(hidden, attention_mask=torch.zeros(2, 20, dtype=torch.bool), **arguments)[0]
@@ -978,16 +984,9 @@ def test_pixel_decoder_built_alone_with_transformers_layers_equals_transformers(
 def test_deformable_attention_weights_under_autocast_are_float32():
     """Asked for under autocast, the attention weights come back in float32, as `F.softmax` gives there (FC-CLIP);
     in a bf16 model without autocast, in bf16 (the logits' dtype); either way they sum to 1 over levels x points."""
-    torch.manual_seed(0)
-    layer = PosSAMMultiscaleDeformableAttention(embed_dim=16, num_heads=2, n_levels=2, n_points=2).eval()
-    hidden = torch.randn(2, 20, 16)
-    arguments = {
-        "encoder_hidden_states": hidden,
-        "position_embeddings": torch.randn(2, 20, 16),
-        "reference_points": torch.rand(2, 20, 2, 2),
-        "spatial_shapes_list": [(4, 4), (2, 2)],
-        "output_attentions": True,
-    }
+    layer, hidden, arguments = _small_deformable_layer()
+    layer.eval()
+    arguments["output_attentions"] = True
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, under_autocast = layer(hidden, **arguments)
