@@ -231,8 +231,9 @@ def test_device_check_runs_its_checks_on_cpu_and_writes_each_result(tmp_path):
         status = device_check.main(["--device", "cpu", "--checks", *names, "--output", str(output)])
     finally:
         torch.set_num_threads(threads)
-    checks = json.loads(output.read_text())["checks"]
-    assert list(checks) == names
+    written = json.loads(output.read_text())
+    checks = written["checks"]
+    assert list(checks) == names and written["triton_kernels_not_built"] == []
     assert status == 1 and not checks["sam_attention_all_heads"]["ok"]
     assert "one scaled_dot_product_attention over all" in checks["sam_attention_all_heads"]["error"]
     assert checks["no_host_sync"] == {
@@ -245,6 +246,22 @@ def test_device_check_runs_its_checks_on_cpu_and_writes_each_result(tmp_path):
         assert checks[name]["ok"], checks[name].get("traceback")
     assert checks["outputs_match_cpu"]["max_relative_difference"]["masks_queries_logits"] == 0.0  # same device
     assert 0 < checks["bf16"]["mask_logit_relative_error"] < 0.5  # 0.11 on the random tiny model; garbage ~1.4
+
+
+def test_device_check_fails_where_a_triton_kernel_gave_way_to_pytorch(tmp_path, monkeypatch):
+    """A kernel that could not be built runs its PyTorch path for the rest of the process, so the checks after it
+    pass on the fallback: the run itself fails and names the kernel."""
+    import json
+
+    from transformers_possam import triton_support
+
+    device_check = load_script("benchmarks/device_check.py")
+    monkeypatch.setattr(triton_support, "_unbuildable", {("deformable_attention_triton", torch.bfloat16)})
+    output = tmp_path / "check.json"
+    assert device_check.main(["--device", "cpu", "--checks", "versions", "--output", str(output)]) == 1
+    written = json.loads(output.read_text())
+    assert written["checks"]["versions"]["ok"]
+    assert written["triton_kernels_not_built"] == ["('deformable_attention_triton', torch.bfloat16)"]
 
 
 def test_device_check_sees_all_heads_at_once_where_sam_runs_them_so(monkeypatch):

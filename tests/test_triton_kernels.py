@@ -13,6 +13,7 @@ Triton's CPU interpreter (`TRITON_INTERPRET=1`, the same kernel source executed 
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -799,3 +800,103 @@ def test_sam_attention_kernel_channel_blocks_cover_the_head_with_least_padding()
         first, rest = _channel_blocks(head_dim)
         assert first + rest >= head_dim and first >= 16 and (rest == 0 or rest >= 16)
         assert first & (first - 1) == 0 and rest & (rest - 1) == 0
+
+
+@pytest.fixture
+def unbuildable_kernels(monkeypatch):
+    """Triton kernels made to fail as they do where they cannot be built (ptxas, shared memory, a read-only cache),
+    outside the interpreter (which lets every error through) and with Triton said to run on the CPU: returns the
+    list of attempted launches, the failure set emptied before and after."""
+    from triton.runtime.errors import PTXASError
+
+    from transformers_possam import dense_assignment_triton, postprocessing, triton_support
+    from transformers_possam.modeling import deformable_sampling_triton
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(triton_support, "_unbuildable", set())
+    attempts: list = []
+
+    class Unbuildable:
+        def __getitem__(self, grid):
+            def launch(*arguments, **keywords):
+                attempts.append(grid)
+                raise PTXASError("ptxas fatal: Value 'sm_00' is not defined for option 'gpu-name'")
+
+            return launch
+
+    for module in (deformable_sampling_triton, dense_assignment_triton):
+        monkeypatch.setattr(module, "_kernel", lambda: Unbuildable())
+        monkeypatch.setattr(module, "triton_runs_on", lambda device: True)
+    monkeypatch.setattr(
+        postprocessing.PosSAMPostProcessingMixin, "assigns_pixels_with_triton", staticmethod(lambda logits: True)
+    )
+    return attempts
+
+
+def test_a_sampler_kernel_that_cannot_be_built_gives_way_to_pytorch(unbuildable_kernels, monkeypatch):
+    """Where the deformable kernel cannot be built (here: ptxas refuses), both of its forms give transformers'
+    result instead, with one TritonKernelFallbackWarning per form, and later calls no longer try to build it."""
+    from transformers_possam.modeling.deformable_sampling_triton import (
+        deformable_attention_triton,
+        deformable_attention_triton_from_projections,
+    )
+    from transformers_possam.triton_support import TritonKernelFallbackWarning
+
+    shapes = [(4, 4), (3, 5)]
+    value, locations, weights = _inputs(shapes, 2, 2, 8, 2, 10)
+    expected = multi_scale_deformable_attention(value, shapes, locations, weights)
+    projections = _projection_inputs(shapes, 2, 2, 8, 2, 10, True, torch.float32)
+    expected_from_projections = _transformers_from_projections(projections[0], shapes, *projections[1:])
+    with torch.inference_mode():
+        with pytest.warns(TritonKernelFallbackWarning, match="deformable_attention_triton.*ptxas fatal"):
+            found = deformable_attention_triton(value, shapes, locations, weights)
+        with pytest.warns(TritonKernelFallbackWarning, match="from_projections"):
+            fused = deformable_attention_triton_from_projections(projections[0], shapes, *projections[1:])
+        assert len(unbuildable_kernels) == 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            again = deformable_attention_triton(value, shapes, locations, weights)
+        assert len(unbuildable_kernels) == 2  # not tried again
+    assert torch.equal(found, expected) and torch.equal(again, expected)
+    torch.testing.assert_close(fused.double(), expected_from_projections, rtol=0, atol=1e-5)
+
+
+def test_a_kernel_error_that_is_not_a_build_failure_is_raised(unbuildable_kernels, monkeypatch):
+    """A CUDA fault or any other error of a launch is not a build failure: it reaches the caller; so does every error
+    under Triton's interpreter, where the tests must see the kernels' own failures."""
+    from triton.runtime.errors import PTXASError
+
+    from transformers_possam.triton_support import TritonKernelFallbackWarning, launch_or_fall_back
+
+    def fault():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        launch_or_fall_back("a kernel", fault, lambda: "fallback")
+
+    def unbuildable():
+        raise PTXASError("ptxas fatal")
+
+    with pytest.warns(TritonKernelFallbackWarning, match="another kernel"):
+        assert launch_or_fall_back("another kernel", unbuildable, lambda: "fallback") == "fallback"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(PTXASError):
+        launch_or_fall_back("a third kernel", unbuildable, lambda: "fallback")
+
+
+def test_a_pixel_assignment_kernel_that_cannot_be_built_gives_way_to_pytorch(unbuildable_kernels, monkeypatch):
+    """The panoptic post-processing where the pixel-assignment kernel cannot be built: the PyTorch path's segments,
+    one warning."""
+    from transformers_possam.postprocessing import PosSAMPostProcessingMixin
+    from transformers_possam.triton_support import TritonKernelFallbackWarning
+
+    from .conftest import tiny_model_outputs
+
+    processor, outputs, size = tiny_model_outputs(batch=2)
+    with pytest.warns(TritonKernelFallbackWarning, match="pixel_assignment_triton"):
+        found = processor.post_process_panoptic_segmentation(outputs, dense_assignment=True)
+    assert len(unbuildable_kernels) == 1  # the second image did not try again
+    monkeypatch.setattr(PosSAMPostProcessingMixin, "assigns_pixels_with_triton", staticmethod(lambda logits: False))
+    expected = processor.post_process_panoptic_segmentation(outputs, dense_assignment=True)
+    for got, want in zip(found, expected, strict=True):
+        assert got["segments_info"] == want["segments_info"] and torch.equal(got["segmentation"], want["segmentation"])

@@ -55,7 +55,7 @@ from .dense_assignment_triton import pixel_assignment_triton
 from .device_transfer import to_device
 from .mase import mask_aware_selective_ensemble
 from .mask_resampling import AxisResampling, assign_panoptic, axis_resampling, resize_matrix
-from .triton_support import triton_runs_on
+from .triton_support import launch_or_fall_back, triton_runs_on
 from .value_checks import all_finite, require
 
 
@@ -985,13 +985,26 @@ class PosSAMPostProcessingMixin:
         their 8.4M pixels, near-ties between two queries, went to the other query); elsewhere
         `_pixel_assignment_by_chunks`.
         """
-        if self.assigns_pixels_with_triton(mask_logits):
-            return pixel_assignment_triton(
-                mask_logits, kept_score, kept_offset, self._resize_steps(reshaped_size, target_size), mask_threshold
+
+        def by_chunks() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return self._pixel_assignment_by_chunks(
+                mask_logits, kept_score, kept_offset, mask_threshold, reshaped_size, target_size
             )
-        return self._pixel_assignment_by_chunks(
-            mask_logits, kept_score, kept_offset, mask_threshold, reshaped_size, target_size
-        )
+
+        if self.assigns_pixels_with_triton(mask_logits):
+            # (the PyTorch path where the kernel cannot be built on this machine, `launch_or_fall_back`)
+            return launch_or_fall_back(
+                ("pixel_assignment_triton", mask_logits.dtype),
+                lambda: pixel_assignment_triton(
+                    mask_logits,
+                    kept_score,
+                    kept_offset,
+                    self._resize_steps(reshaped_size, target_size),
+                    mask_threshold,
+                ),
+                by_chunks,
+            )
+        return by_chunks()
 
     @staticmethod
     def assigns_pixels_with_triton(mask_logits: torch.Tensor) -> bool:

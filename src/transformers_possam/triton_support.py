@@ -1,16 +1,78 @@
-"""What this package's Triton kernels share: whether Triton can run on a device, and the device to launch on."""
+"""
+What this package's Triton kernels share: whether Triton can run on a device, the device to launch on, and the
+PyTorch path where a kernel cannot be built on this machine.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import subprocess
 import warnings
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import torch
 
 
-__all__ = ["on_launch_device", "triton_runs_on"]
+__all__ = [
+    "TritonKernelFallbackWarning",
+    "kernels_not_built",
+    "launch_or_fall_back",
+    "on_launch_device",
+    "triton_runs_on",
+]
+
+_Result = TypeVar("_Result")
+
+
+class TritonKernelFallbackWarning(RuntimeWarning):
+    """One of this package's Triton kernels could not be built on this machine; its PyTorch path runs instead."""
+
+
+# the kernels (with the key their caller gives: dtype, ...) that failed to build in this process
+_unbuildable: set[Hashable] = set()
+
+
+def launch_or_fall_back(kernel: Hashable, launch: Callable[[], _Result], fallback: Callable[[], _Result]) -> _Result:
+    """
+    `launch()`, a Triton kernel's launch (its first one for new arguments compiles it); where Triton fails to build
+    the kernel on this machine (a compile error, ptxas, more shared memory or registers than the GPU has, a cache it
+    cannot write, a missing tool: `_is_build_failure`), one `TritonKernelFallbackWarning` naming the error, and
+    `fallback()`, the same result from PyTorch, for this call and every later one with the same `kernel` key.
+    `triton_runs_on` only asks whether Triton's driver builds; this covers what it cannot see before a kernel is
+    compiled. Errors that are not build failures (an invalid input, a CUDA fault) propagate, and so does every error
+    under Triton's interpreter, where the tests must see the kernel's own failures.
+    """
+    if kernel in _unbuildable:
+        return fallback()
+    try:
+        return launch()
+    except Exception as error:
+        if os.environ.get("TRITON_INTERPRET") == "1" or not _is_build_failure(error):
+            raise
+        _unbuildable.add(kernel)
+        warnings.warn(
+            f"PosSAM's Triton kernel {kernel} could not be built here ({type(error).__name__}: {error}); its PyTorch "
+            "path runs instead (slower) for the rest of this process.",
+            TritonKernelFallbackWarning,
+            stacklevel=2,
+        )
+        return fallback()
+
+
+def kernels_not_built() -> list[str]:
+    """The kernels (with their callers' keys) that could not be built in this process, whose PyTorch paths ran."""
+    return sorted(map(str, _unbuildable))
+
+
+def _is_build_failure(error: BaseException) -> bool:
+    """Triton's own errors (compilation, ptxas, out of resources), the filesystem's (a cache that cannot be written,
+    a tool not found) and a tool that failed (`CalledProcessError`)."""
+    from triton.runtime.errors import TritonError
+
+    return isinstance(error, (TritonError, OSError, subprocess.CalledProcessError))
 
 
 def triton_runs_on(device: torch.device | str) -> bool:

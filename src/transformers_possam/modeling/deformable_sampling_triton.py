@@ -11,9 +11,10 @@ import functools
 import math
 
 import torch
+from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
 from ..device_transfer import DeviceConstants, to_device
-from ..triton_support import on_launch_device, triton_runs_on
+from ..triton_support import launch_or_fall_back, on_launch_device, triton_runs_on
 
 
 __all__ = ["deformable_attention_triton", "deformable_attention_triton_from_projections"]
@@ -185,6 +186,25 @@ def _launch(
         )
 
 
+def _from_projections_in_pytorch(
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    reference_points: torch.Tensor,
+    offsets: torch.Tensor,
+    attention_logits: torch.Tensor,
+) -> torch.Tensor:
+    """`deformable_attention_triton_from_projections`'s result, float32, from PyTorch's operators (where the kernel
+    cannot be built): the softmax and locations as `PosSAMMultiscaleDeformableAttention`'s unfused steps, then
+    transformers' sampler."""
+    from .deformable_attention import PosSAMMultiscaleDeformableAttention, softmax_over_a_short_last_dimension
+
+    weights = softmax_over_a_short_last_dimension(attention_logits.float().reshape(*offsets.shape[:3], -1))
+    locations = PosSAMMultiscaleDeformableAttention.sampling_locations(
+        reference_points.float(), offsets.float(), spatial_shapes
+    )
+    return multi_scale_deformable_attention(value.float(), spatial_shapes, locations, weights.view(offsets.shape[:-1]))
+
+
 def deformable_attention_triton(
     value: torch.Tensor,
     spatial_shapes: list[tuple[int, int]],
@@ -234,15 +254,24 @@ def deformable_attention_triton(
         raise ValueError("The spatial shapes do not add up to the number of values.")
     levels = _level_tables(tuple((int(h), int(w)) for h, w in spatial_shapes), value.device, like=value)
     output = torch.empty(batch_size, num_queries, num_heads, head_dim, dtype=torch.float32, device=value.device)
-    _launch(
-        value,
-        levels,
-        sampling_locations.float(),
-        attention_weights.float(),
-        None,
-        output,
-        num_points,
-        from_projections=False,
+    launch_or_fall_back(
+        ("deformable_attention_triton", value.dtype),
+        lambda: _launch(
+            value,
+            levels,
+            sampling_locations.float(),
+            attention_weights.float(),
+            None,
+            output,
+            num_points,
+            from_projections=False,
+        ),
+        # where the kernel cannot be built here: transformers' sampler, in float32 as the kernel computes
+        lambda: output.view(batch_size, num_queries, num_heads * head_dim).copy_(
+            multi_scale_deformable_attention(
+                value.float(), spatial_shapes, sampling_locations.float(), attention_weights.float()
+            )
+        ),
     )
     return output.view(batch_size, num_queries, num_heads * head_dim)
 
@@ -335,7 +364,15 @@ def deformable_attention_triton_from_projections(
     levels = _level_tables(tuple((int(h), int(w)) for h, w in spatial_shapes), value.device, like=value)
     reference_points = reference_points.float().contiguous()
     output = torch.empty(batch_size, num_queries, num_heads, head_dim, dtype=value.dtype, device=value.device)
-    _launch(value, levels, offsets, attention_logits, reference_points, output, num_points, from_projections=True)
+    launch_or_fall_back(
+        ("deformable_attention_triton_from_projections", value.dtype),
+        lambda: _launch(
+            value, levels, offsets, attention_logits, reference_points, output, num_points, from_projections=True
+        ),
+        lambda: output.view(batch_size, num_queries, num_heads * head_dim).copy_(
+            _from_projections_in_pytorch(value, spatial_shapes, reference_points, offsets, attention_logits)
+        ),
+    )
     return output.view(batch_size, num_queries, num_heads * head_dim)
 
 
