@@ -418,7 +418,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="device-check.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    results: dict = {"device": str(device), "checks": {}}
+    from transformers_possam.triton_support import kernels_not_built
+
+    results: dict = {"device": str(device), "checks": {}, "triton_kernels_not_built": []}
     output = Path(args.output)
     context = Context(device)
     for name in args.checks:
@@ -433,19 +435,16 @@ def main(argv=None) -> int:
             }
         entry["seconds"] = time.perf_counter() - start
         results["checks"][name] = entry
+        # a Triton kernel that could not be built gave way to its PyTorch path (`launch_or_fall_back`), once per
+        # process: the checks after it pass on the fallback, so the record goes with every write (a run stopped by
+        # its time limit keeps it) and fails the run at the end
+        results["triton_kernels_not_built"] = kernels_not_built()
         temporary = output.with_name(output.name + ".tmp")  # renamed over the file: a kill never leaves half of it
         temporary.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
         os.replace(temporary, output)
         status = "skipped" if "skipped" in entry else ("ok" if entry["ok"] else "FAILED")
         print(f"{name}: {status} ({entry['seconds']:.1f} s) {entry.get('error', '')}", flush=True)
-    # a Triton kernel that could not be built gave way to its PyTorch path (`launch_or_fall_back`), once per process:
-    # the checks then passed on the fallback, so its failure to build fails the run here
-    from transformers_possam.triton_support import kernels_not_built
-
     results["triton_kernels_not_built"] = kernels_not_built()
-    temporary = output.with_name(output.name + ".tmp")
-    temporary.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
-    os.replace(temporary, output)
     if results["triton_kernels_not_built"]:
         print(f"Triton kernels not built (their PyTorch paths ran): {results['triton_kernels_not_built']}", flush=True)
     checks_ok = all(entry["ok"] for entry in results["checks"].values())

@@ -553,6 +553,10 @@ def main(argv=None) -> dict:
         results["triton"] = f"unavailable: {error}"
 
     def save():  # written aside, then renamed: a command killed mid-write keeps the last whole file
+        from transformers_possam.triton_support import kernels_not_built
+
+        # Triton kernels that could not be built ran their PyTorch paths: rows named after them timed those instead
+        results["triton_kernels_not_built"] = kernels_not_built()
         partial = f"{args.output}.partial"
         with open(partial, "w", encoding="utf-8") as file:
             json.dump(results, file, indent=1)

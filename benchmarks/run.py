@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from transformers_possam.triton_support import kernels_not_built
+
 
 TARGETS = (1, 2, 3, 4, 5, 6, 8, 9, 10, 11)
 
@@ -220,7 +222,14 @@ def main(argv=None) -> dict:
 
         def write_partial(row: dict) -> None:
             rows.append(row)
-            partial = {"machine": machine_info, "suite": "gpu", "partial": True, "figures": rows}
+            partial = {
+                "machine": machine_info,
+                "suite": "gpu",
+                "partial": True,
+                "figures": rows,
+                # Triton kernels that could not be built ran their PyTorch paths in the rows since
+                "triton_kernels_not_built": kernels_not_built(),
+            }
             # a new file renamed over the old one: a command killed while writing keeps the previous rows
             temporary = Path(args.output + ".tmp")
             temporary.write_text(json.dumps(partial, indent=1, default=str), encoding="utf-8")
@@ -289,6 +298,7 @@ def main(argv=None) -> dict:
         "suite": args.suite,
         "seconds": time.perf_counter() - started,
         "figures": rows,
+        "triton_kernels_not_built": kernels_not_built(),
     }
     temporary = Path(args.output + ".tmp")  # renamed over the file: a kill never leaves half of it
     temporary.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")

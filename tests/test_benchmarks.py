@@ -256,12 +256,12 @@ def test_device_check_fails_where_a_triton_kernel_gave_way_to_pytorch(tmp_path, 
     from transformers_possam import triton_support
 
     device_check = load_script("benchmarks/device_check.py")
-    monkeypatch.setattr(triton_support, "_unbuildable", {("deformable_attention_triton", torch.bfloat16)})
+    monkeypatch.setattr(triton_support, "_unbuildable", {("deformable_attention_triton", "cuda:0", torch.bfloat16)})
     output = tmp_path / "check.json"
     assert device_check.main(["--device", "cpu", "--checks", "versions", "--output", str(output)]) == 1
     written = json.loads(output.read_text())
     assert written["checks"]["versions"]["ok"]
-    assert written["triton_kernels_not_built"] == ["('deformable_attention_triton', torch.bfloat16)"]
+    assert written["triton_kernels_not_built"] == ["('deformable_attention_triton', 'cuda:0', torch.bfloat16)"]
 
 
 def test_device_check_sees_all_heads_at_once_where_sam_runs_them_so(monkeypatch):

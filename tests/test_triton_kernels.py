@@ -864,6 +864,7 @@ def test_a_sampler_kernel_that_cannot_be_built_gives_way_to_pytorch(unbuildable_
 def test_a_kernel_error_that_is_not_a_build_failure_is_raised(unbuildable_kernels, monkeypatch):
     """A CUDA fault or any other error of a launch is not a build failure: it reaches the caller; so does every error
     under Triton's interpreter, where the tests must see the kernels' own failures."""
+    from triton.compiler.errors import CompilationError
     from triton.runtime.errors import PTXASError
 
     from transformers_possam.triton_support import TritonKernelFallbackWarning, launch_or_fall_back
@@ -874,14 +875,29 @@ def test_a_kernel_error_that_is_not_a_build_failure_is_raised(unbuildable_kernel
     with pytest.raises(RuntimeError, match="illegal memory access"):
         launch_or_fall_back("a kernel", fault, lambda: "fallback")
 
+    # an error in a kernel's own source is a bug to see, not a machine's limit
+    def source_error():
+        raise CompilationError("def kernel(x): ...", None, "undefined name 'y'")
+
+    with pytest.raises(CompilationError):
+        launch_or_fall_back("a kernel with a bug", source_error, lambda: "fallback")
+
+    # a lowering pass that fails on this machine's target is a build failure (MLIR's plain RuntimeError)
+    def pass_failure():
+        raise RuntimeError("PassManager::run failed")
+
+    with pytest.warns(TritonKernelFallbackWarning, match="PassManager"):
+        assert launch_or_fall_back("a kernel its target cannot lower", pass_failure, lambda: "fallback") == "fallback"
+
     def unbuildable():
         raise PTXASError("ptxas fatal")
 
     with pytest.warns(TritonKernelFallbackWarning, match="another kernel"):
         assert launch_or_fall_back("another kernel", unbuildable, lambda: "fallback") == "fallback"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(PTXASError):
-        launch_or_fall_back("a third kernel", unbuildable, lambda: "fallback")
+    for spelling in ("1", "true"):  # under the interpreter, in any spelling Triton accepts
+        monkeypatch.setenv("TRITON_INTERPRET", spelling)
+        with pytest.raises(PTXASError):
+            launch_or_fall_back("a third kernel", unbuildable, lambda: "fallback")
 
 
 def test_a_pixel_assignment_kernel_that_cannot_be_built_gives_way_to_pytorch(unbuildable_kernels, monkeypatch):

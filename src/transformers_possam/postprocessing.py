@@ -994,7 +994,7 @@ class PosSAMPostProcessingMixin:
         if self.assigns_pixels_with_triton(mask_logits):
             # (the PyTorch path where the kernel cannot be built on this machine, `launch_or_fall_back`)
             return launch_or_fall_back(
-                ("pixel_assignment_triton", mask_logits.dtype),
+                ("pixel_assignment_triton", str(mask_logits.device), mask_logits.dtype),
                 lambda: pixel_assignment_triton(
                     mask_logits,
                     kept_score,

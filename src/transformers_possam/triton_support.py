@@ -38,28 +38,33 @@ _unbuildable: set[Hashable] = set()
 def launch_or_fall_back(kernel: Hashable, launch: Callable[[], _Result], fallback: Callable[[], _Result]) -> _Result:
     """
     `launch()`, a Triton kernel's launch (its first one for new arguments compiles it); where Triton fails to build
-    the kernel on this machine (a compile error, ptxas, more shared memory or registers than the GPU has, a cache it
-    cannot write, a missing tool: `_is_build_failure`), one `TritonKernelFallbackWarning` naming the error, and
-    `fallback()`, the same result from PyTorch, for this call and every later one with the same `kernel` key.
-    `triton_runs_on` only asks whether Triton's driver builds; this covers what it cannot see before a kernel is
-    compiled. Errors that are not build failures (an invalid input, a CUDA fault) propagate, and so does every error
-    under Triton's interpreter, where the tests must see the kernel's own failures.
+    the kernel on this machine (`_is_build_failure`: ptxas, more shared memory or registers than the GPU gives a
+    block, a failed lowering pass, a cache it cannot write, a missing tool), one `TritonKernelFallbackWarning` naming
+    the error, and `fallback()`, the same result from PyTorch, for this call and every later one with the same
+    `kernel` key (callers put the device and the kernel's compile-time settings in it). `triton_runs_on` only asks
+    whether Triton's driver builds; this covers what it cannot see before a kernel is compiled. Errors in a kernel's
+    own source (`CompilationError`), invalid inputs and CUDA faults propagate, and so does every error under Triton's
+    interpreter, where the tests must see the kernels' own failures. `kernels_not_built` lists the keys that fell
+    back (benchmarks/device_check.py fails on any).
     """
     if kernel in _unbuildable:
         return fallback()
     try:
         return launch()
     except Exception as error:
-        if os.environ.get("TRITON_INTERPRET") == "1" or not _is_build_failure(error):
+        if _interpreting() or not _is_build_failure(error):
             raise
-        _unbuildable.add(kernel)
-        warnings.warn(
-            f"PosSAM's Triton kernel {kernel} could not be built here ({type(error).__name__}: {error}); its PyTorch "
-            "path runs instead (slower) for the rest of this process.",
-            TritonKernelFallbackWarning,
-            stacklevel=2,
-        )
-        return fallback()
+        failure = f"{type(error).__name__}: {error}"
+    # outside the handler: the failed launch's frames (and its argument copies) are not kept alive by the traceback
+    # while the fallback runs, and an error of the fallback is not reported as raised while handling this one
+    warnings.warn(
+        f"PosSAM's Triton kernel {kernel} could not be built here ({failure[:1000]}); its PyTorch path runs instead "
+        "(slower) for the rest of this process.",
+        TritonKernelFallbackWarning,
+        stacklevel=3,
+    )
+    _unbuildable.add(kernel)  # after the warning: with warnings as errors, the next call tries (and raises) again
+    return fallback()
 
 
 def kernels_not_built() -> list[str]:
@@ -67,12 +72,29 @@ def kernels_not_built() -> list[str]:
     return sorted(map(str, _unbuildable))
 
 
-def _is_build_failure(error: BaseException) -> bool:
-    """Triton's own errors (compilation, ptxas, out of resources), the filesystem's (a cache that cannot be written,
-    a tool not found) and a tool that failed (`CalledProcessError`)."""
-    from triton.runtime.errors import TritonError
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET`, any spelling Triton accepts)."""
+    try:
+        from triton import knobs
 
-    return isinstance(error, (TritonError, OSError, subprocess.CalledProcessError))
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # an older Triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+
+def _is_build_failure(error: BaseException) -> bool:
+    """
+    What a machine can make fail while Triton builds a correct kernel: ptxas (`PTXASError`), too little shared
+    memory, registers or threads (`OutOfResources`), a lowering pass (MLIR's `PassManager::run failed`, raised as a
+    plain RuntimeError), the filesystem (a cache that cannot be written, a tool not found: `OSError`) and a tool that
+    failed (`CalledProcessError`). Not `CompilationError`: for these kernels (no `tl.dot`, no fp8) it means an error
+    in the kernel's source, which must be seen, not hidden behind the PyTorch path.
+    """
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    if isinstance(error, (PTXASError, OutOfResources, OSError, subprocess.CalledProcessError)):
+        return True
+    return type(error) is RuntimeError and "PassManager::run failed" in str(error)
 
 
 def triton_runs_on(device: torch.device | str) -> bool:
@@ -83,7 +105,7 @@ def triton_runs_on(device: torch.device | str) -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreting():
         return True
     if torch.compiler.is_compiling():
         # no Triton kernel of this package runs inside a trace, and the probe's call into Triton's driver cannot be

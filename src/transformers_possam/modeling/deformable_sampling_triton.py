@@ -249,13 +249,14 @@ def deformable_attention_triton(
             "multi_scale_deformable_attention for other dtypes."
         )
     batch_size, num_values, num_heads, head_dim = value.shape
-    _, num_queries, _, _, num_points, _ = sampling_locations.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     if sum(height * width for height, width in spatial_shapes) != num_values:
         raise ValueError("The spatial shapes do not add up to the number of values.")
     levels = _level_tables(tuple((int(h), int(w)) for h, w in spatial_shapes), value.device, like=value)
     output = torch.empty(batch_size, num_queries, num_heads, head_dim, dtype=torch.float32, device=value.device)
     launch_or_fall_back(
-        ("deformable_attention_triton", value.dtype),
+        # one key per device and compiled form: a kernel that cannot be built for one stays on for the others
+        ("deformable_attention_triton", str(value.device), value.dtype, head_dim, num_levels, num_points),
         lambda: _launch(
             value,
             levels,
@@ -365,7 +366,16 @@ def deformable_attention_triton_from_projections(
     reference_points = reference_points.float().contiguous()
     output = torch.empty(batch_size, num_queries, num_heads, head_dim, dtype=value.dtype, device=value.device)
     launch_or_fall_back(
-        ("deformable_attention_triton_from_projections", value.dtype),
+        (
+            "deformable_attention_triton_from_projections",
+            str(value.device),
+            value.dtype,
+            offsets.dtype,
+            attention_logits.dtype,
+            head_dim,
+            num_levels,
+            num_points,
+        ),
         lambda: _launch(
             value, levels, offsets, attention_logits, reference_points, output, num_points, from_projections=True
         ),
