@@ -123,15 +123,14 @@ def fused_sampler_from_projections_stand_in(
     computed by transformers' steps outside the count.
     """
     from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
-    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    from transformers_possam.modeling.deformable_sampling_triton import _from_projections_in_pytorch
 
     counter = _get_current_dispatch_mode()
-    with _disable_current_modes():
-        batch, queries, heads, levels, points, _ = offsets.shape
-        weights = attention_logits.float().softmax(-1).view(batch, queries, heads, levels, points)
-        normalizer = torch.tensor([[width, height] for height, width in spatial_shapes], dtype=torch.float32)
-        locations = reference_points.float()[:, :, None, :, None, :] + offsets.float() / normalizer[:, None, :]
-        output = multi_scale_deformable_attention(value.float(), spatial_shapes, locations, weights).to(value.dtype)
+    with _disable_current_modes():  # the kernel's own PyTorch fallback, outside the count
+        output = _from_projections_in_pytorch(value, spatial_shapes, reference_points, offsets, attention_logits).to(
+            value.dtype
+        )
     if isinstance(counter, TrafficCounter):
         counter.add(FUSED_SAMPLER, [value, reference_points, offsets, attention_logits], [output])
     return output

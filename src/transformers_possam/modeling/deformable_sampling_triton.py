@@ -160,10 +160,9 @@ def _launch(
     weights, or (`from_projections`) from offsets, logits and `(B or 1, Q, levels, 2)` float32 reference points."""
     batch_size, num_values, num_heads, head_dim = value.shape
     num_queries, num_levels = output.shape[1], levels.shape[0]
-    if reference_points is None:
-        reference_stride = 0
-    else:
-        reference_stride = 0 if reference_points.shape[0] == 1 else num_queries * num_levels * 2
+    # between two images' reference points; 0 where one set serves the batch (or none is read)
+    shared = reference_points is None or reference_points.shape[0] == 1
+    reference_stride = 0 if shared else num_queries * num_levels * 2
     grid = (batch_size * num_heads, -(-num_queries // _QUERIES_PER_PROGRAM))
     with on_launch_device(value.device):
         _kernel()[grid](

@@ -65,7 +65,8 @@ def install_fast_paths(mask_generator: nn.Module) -> None:
        token-major, so that the encoder's `LayerNorm`s and residual sums read contiguous rows.
     2. `Mask2FormerPixelDecoder` -> `PosSAMPixelDecoder`: the levels' start index copied to the device without
        waiting (transformers' forward makes a blocking host-to-device copy, a stream synchronization on a GPU), no
-       all-False padding masks, and the valid ratios (all 1) and reference points made once, in float32.
+       all-False padding masks, and the valid ratios (all 1) and reference points made once (in float32 at least,
+       as FC-CLIP's, where the deformable layers are PosSAM's).
        Its `Mask2FormerPixelDecoderEncoderOnly` -> `PosSAMPixelDecoderEncoder` (its output stored
        channel-major, which the pixel decoder's FPN resizes 9x faster on CPU), each of its
        `Mask2FormerPixelDecoderEncoderLayer`s -> `PosSAMPixelDecoderEncoderLayer` (at inference the feed-forward
