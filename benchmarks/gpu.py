@@ -75,6 +75,9 @@ def _measure(model, processor, pixel_values, class_embeddings, device, repeats: 
     size = tuple(pixel_values.shape[-2:])
 
     def step():
+        # a new iteration for CUDA graphs (`--compile-mode reduce-overhead`): the last step's outputs, read by its
+        # post-processing, may be overwritten (a no-op for other models)
+        torch.compiler.cudagraph_mark_step_begin()
         outputs = model(pixel_values, class_embeddings=class_embeddings)
         processor.post_process_panoptic_segmentation(outputs, target_sizes=[size] * batch)
 
@@ -371,6 +374,8 @@ def _inference(models: _Models, case: Case, row: dict, repeats: int, flops_per_i
         with torch.inference_mode():
             flops_per_image[key] = count_flops(lambda: model(pixel_values[:1], class_embeddings=class_embeddings))
     fullgraph = str(dtype) not in models.fullgraph_failed
+    inductor_counters = torch._dynamo.utils.counters["inductor"]
+    cudagraph_skips_before = inductor_counters["cudagraph_skips"]
     try:
         runner = models.runner(case.variant, dtype, case.compiled, fullgraph=fullgraph)
         row.update(_measure(runner, processor, pixel_values, class_embeddings, device, repeats))
@@ -385,6 +390,10 @@ def _inference(models: _Models, case: Case, row: dict, repeats: int, flops_per_i
         row.update(_measure(runner, processor, pixel_values, class_embeddings, device, repeats))
     if not fullgraph:
         row["fullgraph_error"] = "fullgraph failed on an earlier row of this dtype: graph breaks allowed"
+    if case.compiled and models.compile_mode in ("reduce-overhead", "max-autotune"):
+        # graphs (or partitions) inductor left without CUDA graphs, e.g. for a node on the CPU; the reasons are in
+        # the log with TORCH_LOGS=cudagraphs
+        row["cudagraph_skips"] = inductor_counters["cudagraph_skips"] - cudagraph_skips_before
     row["forward_tflop_per_image"] = flops_per_image[key] / 1e12
     # forward FLOPs over the time of forward + MASE + post-processing: a lower bound of the forward's own rate
     row["end_to_end_tflops"] = flops_per_image[key] * row["images_per_second"] / 1e12

@@ -351,6 +351,47 @@ def test_deformable_layer_replaces_an_inference_only_sampler_where_autograd_or_a
     assert calls == ["inference_only"] * 2
 
 
+def test_an_inference_only_kernel_gives_way_where_its_op_or_its_missing_backward_cannot_serve(monkeypatch):
+    """`gives_way_to_pytorch`, the one rule for the Triton kernels (deformable sampler, SAM attention): an unmarked
+    function never gives way; a kernel marked `inference_only` gives way where a gradient is needed, for float64 and
+    in portable traces (`torch.export`, `torch.jit.trace`); one that is also a registered op (`compiles_as_an_op`)
+    stays in `torch.compile` traces and for fake tensors, where a plain one gives way."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from transformers_possam.triton_support import gives_way_to_pytorch
+
+    def unmarked(*arguments):
+        raise AssertionError("never called")
+
+    def plain(*arguments):
+        raise AssertionError("never called")
+
+    def op(*arguments):
+        raise AssertionError("never called")
+
+    plain.inference_only = op.inference_only = op.compiles_as_an_op = True
+    tensor, weight = torch.zeros(2), torch.zeros(2, requires_grad=True)
+    assert not any(gives_way_to_pytorch(kernel, (tensor,)) for kernel in (unmarked, plain, op))
+    assert not gives_way_to_pytorch(unmarked, (tensor.double(), weight))
+    for kernel in (plain, op):
+        assert gives_way_to_pytorch(kernel, (tensor, weight))  # a gradient
+        with torch.no_grad():
+            assert not gives_way_to_pytorch(kernel, (tensor, weight))
+        assert gives_way_to_pytorch(kernel, (tensor.double(),))
+    with FakeTensorMode() as fake_mode:
+        fake = fake_mode.from_tensor(tensor)
+        assert gives_way_to_pytorch(plain, (fake,)) and not gives_way_to_pytorch(op, (fake,))
+    for namespace, tracing, op_stays in (
+        (torch.compiler, "is_compiling", True),
+        (torch.compiler, "is_exporting", False),
+        (torch.jit, "is_tracing", False),
+    ):
+        monkeypatch.setattr(namespace, tracing, lambda: True)
+        assert gives_way_to_pytorch(plain, (tensor,))
+        assert gives_way_to_pytorch(op, (tensor,)) is not op_stays, tracing
+        monkeypatch.undo()
+
+
 def test_embedding_bag_sampler_in_float64_keeps_float64_precision():
     """float64 inputs: the corner arithmetic runs in float64 (the rows stay exact integers), so the result matches
     transformers' float64 grid_sample version to float64 rounding, with autograd and without (in steps)."""

@@ -45,6 +45,49 @@ def test_the_whole_forward_is_one_graph(model):
     check_compiled(model, "aot_eager")
 
 
+def test_the_traced_forward_makes_its_constants_on_the_models_device(model, monkeypatch):
+    """
+    In a traced forward every tensor made from Python values (channel statistics, level starts, level sizes, resize
+    taps) is made on the model's device (`tensor_on`), a constant of the graph, made once: none is made in host
+    memory and then copied, which on CUDA would be operations on the CPU in every call, splitting
+    `torch.compile(mode="reduce-overhead")`'s CUDA graph into pieces (inductor's graph partition). Checked on
+    Dynamo's graph of the forward with CUDA's sampler where Triton is missing (transformers'; the Triton op and
+    CPU's sampler make their constants outside the graph and on the host respectively): every `torch.tensor` node
+    names its device, and no node moves a tensor made in the graph to a device.
+    """
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    from transformers_possam.modeling.deformable_attention import PosSAMMultiscaleDeformableAttention
+
+    monkeypatch.setattr(
+        PosSAMMultiscaleDeformableAttention, "sampler", staticmethod(lambda _: multi_scale_deformable_attention)
+    )
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, fullgraph=True, backend=capture)(**inputs(model))
+    torch._dynamo.reset()
+    (graph,) = [graph_module.graph for graph_module in graphs]
+    made = [node for node in graph.nodes if node.op == "call_function" and node.target is torch.tensor]
+    assert len(made) >= 6  # statistics, level starts, 4 resize taps at least
+    on_the_device = [node.kwargs.get("device") in (torch.device("cpu"), "cpu") for node in made]
+    assert all(on_the_device), [node.kwargs for node in made]
+    moves = [
+        node
+        for node in graph.nodes
+        if node.op == "call_method"
+        and node.target in ("to", "cuda", "cpu")
+        and node.args[0].op != "placeholder"  # an input given on another device (the test's synonym mask) may move
+        and any(isinstance(argument, (torch.device, str)) for argument in (*node.args[1:], *node.kwargs.values()))
+    ]
+    assert not moves, [node.meta.get("stack_trace", "").strip().splitlines()[-1:] for node in moves]
+
+
 @pytest.mark.slow
 def test_inductor_compiles_the_whole_forward(model):
     check_compiled(model, "inductor")

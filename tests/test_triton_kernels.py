@@ -10,6 +10,7 @@ Triton's CPU interpreter (`TRITON_INTERPRET=1`, the same kernel source executed 
   attention written out in float64 and, in the layer, against transformers' `SamVisionSdpaAttention`.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -532,6 +533,42 @@ def test_tiny_model_with_the_triton_sampler_equals_the_default(dtype, monkeypatc
         torch.testing.assert_close(found[name].float(), expected[name].float(), rtol=tolerance, atol=tolerance)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("output_attentions", [False, True])
+def test_compiled_tiny_model_calls_the_triton_sampler_as_an_op(output_attentions, monkeypatch):
+    """`torch.compile(model, fullgraph=True)` with CUDA's sampler chosen (here on CPU tensors, run by Triton's
+    interpreter): the kernel is a custom op with a fake implementation, so the compiled graph calls it (one launch per
+    deformable layer: the form from the projections, or with `output_attentions` the plain form after the layer's
+    softmax) instead of transformers' grid_sample version, and the outputs are the eager default's to float32
+    rounding."""
+    from transformers_possam import PosSAMForPanopticSegmentation, tiny_config
+    from transformers_possam.modeling import deformable_sampling_triton
+    from transformers_possam.modeling.deformable_attention import PosSAMMultiscaleDeformableAttention
+
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(tiny_config()).eval()
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size)
+    class_embeddings = torch.nn.functional.normalize(torch.randn(4, 1, model.config.clip_embed_dim), dim=-1)
+    arguments = {"class_embeddings": class_embeddings, "output_attentions": output_attentions}
+    with torch.no_grad():
+        expected = model(pixels, **arguments)
+    monkeypatch.setattr(
+        PosSAMMultiscaleDeformableAttention,
+        "sampler",
+        staticmethod(lambda _: deformable_sampling_triton.deformable_attention_triton),
+    )
+    launches = count_launches(deformable_sampling_triton, monkeypatch)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        found = compiled(pixels, **arguments)
+    assert len(launches) == model.config.encoder_layers
+    for name in ("masks_queries_logits", "class_queries_logits"):
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
 def _attention_inputs(batch, heads, size, head_dim, dtype=torch.float32, seed=0):
     """q, k, v as the layer has them, views of one qkv projection `(B, tokens, 3, heads, d)` (strided, d contiguous),
     and the two relative-position row tables, drawn large enough for the bias to matter."""
@@ -749,8 +786,9 @@ def test_triton_runs_on_cuda_only_where_it_can_launch(fresh_launch_probe, monkey
     assert triton_support.triton_runs_on("cuda") and triton_support.triton_runs_on(torch.device("cuda", 1))
     assert not triton_support.triton_runs_on("cpu") and not triton_support.triton_runs_on("mps")
     assert builds == [1]  # asked once
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not triton_support.triton_runs_on("cuda")  # inside a trace: no kernel, and no call into Triton's driver
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # inside a trace: the same answers
+    assert triton_support.triton_runs_on("cuda") and not triton_support.triton_runs_on("cpu")
+    assert builds == [1]  # and no second call into Triton's driver
     monkeypatch.undo()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -765,6 +803,24 @@ def test_triton_runs_on_cuda_only_where_it_can_launch(fresh_launch_probe, monkey
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the answer is kept: no second warning
         assert not triton_support.triton_runs_on("cuda")
+
+
+@pytest.mark.parametrize("launches", [True, False])
+def test_a_compiled_graph_takes_the_launch_probes_answer_as_a_constant(fresh_launch_probe, monkeypatch, launches):
+    """`torch.compile` (fullgraph: no graph break) asks the probe once, for real (it is not traced: its call into
+    Triton's driver cannot be), and compiles the branch its answer chooses; the compiled function does not ask again."""
+    triton_support = fresh_launch_probe
+    asked = []
+    monkeypatch.setattr(
+        triton_support, "_triton_launches_on_cuda", functools.cache(lambda: asked.append(1) or launches)
+    )
+    torch._dynamo.reset()
+    choose = torch.compile(
+        lambda x: x + 1 if triton_support.triton_runs_on("cuda") else x - 1, fullgraph=True, backend="eager"
+    )
+    for _ in range(2):
+        assert torch.equal(choose(torch.zeros(2)), torch.full((2,), 1.0 if launches else -1.0))
+    assert asked == [1]
 
 
 def test_without_a_launchable_triton_cuda_gets_the_pytorch_paths(fresh_launch_probe, monkeypatch):

@@ -8,16 +8,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import subprocess
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 
 __all__ = [
     "TritonKernelFallbackWarning",
+    "gives_way_to_pytorch",
+    "kernel_op",
     "kernels_not_built",
     "launch_or_fall_back",
     "on_launch_device",
@@ -72,6 +76,7 @@ def kernels_not_built() -> list[str]:
     return sorted(map(str, _unbuildable))
 
 
+@torch.compiler.assume_constant_result  # called, not traced, by torch.compile: Triton's knobs read a C function
 def _interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET`, any spelling Triton accepts)."""
     try:
@@ -107,11 +112,19 @@ def triton_runs_on(device: torch.device | str) -> bool:
         return False
     if _interpreting():
         return True
-    if torch.compiler.is_compiling():
-        # no Triton kernel of this package runs inside a trace, and the probe's call into Triton's driver cannot be
-        # traced (Dynamo runs a cached function's body at every compile)
+    if torch.device(device).type != "cuda":
         return False
-    return torch.device(device).type == "cuda" and _triton_launches_on_cuda()
+    if torch.compiler.is_compiling():
+        # the probe's call into Triton's driver cannot be traced (Dynamo would run a cached function's body at every
+        # compile, and it skips Triton's modules): a trace takes its answer as a constant
+        return _triton_launches_on_cuda_as_a_constant()
+    return _triton_launches_on_cuda()
+
+
+@torch.compiler.assume_constant_result
+def _triton_launches_on_cuda_as_a_constant() -> bool:
+    """`_triton_launches_on_cuda()`, called (not traced) by `torch.compile`, its answer a constant of the graph."""
+    return _triton_launches_on_cuda()
 
 
 def _build_cuda_driver() -> None:
@@ -151,3 +164,44 @@ def on_launch_device(device: torch.device) -> contextlib.AbstractContextManager:
     """The context to launch a kernel for tensors on `device` in: Triton launches on the current CUDA device, which
     need not be the tensors'."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def gives_way_to_pytorch(kernel: Callable, inputs: Sequence[torch.Tensor]) -> bool:
+    """
+    Whether a kernel marked `inference_only` (no backward, float32 at most: this package's Triton kernels) must give
+    way to its PyTorch form for these `inputs` (the first one holds the dtype): where autograd needs a gradient of
+    one of them, for float64, and in portable traces (`torch.export`, `torch.jit.trace`: an exported graph runs where
+    this package's ops may not exist); unless the kernel is a registered op (a true `compiles_as_an_op` attribute,
+    `kernel_op`), also in `torch.compile` traces and for fake tensors, which only an op's fake implementation
+    serves. False for an unmarked kernel.
+    """
+    if not getattr(kernel, "inference_only", False):
+        return False
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return True
+    if inputs[0].dtype == torch.float64 or (
+        torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
+    ):
+        return True
+    if getattr(kernel, "compiles_as_an_op", False):
+        return False
+    # (in this order: a trace never asks whether its tensors are fake)
+    return torch.compiler.is_compiling() or is_fake(inputs[0])
+
+
+def kernel_op(module_name: str, name: str, launch: Callable, fake: Callable) -> Callable:
+    """
+    `launch` (a kernel's eager entry, type-annotated with what `torch.library.custom_op` accepts) as a custom op
+    without side effects on its inputs, `fake` (the same arguments, an empty result of the right shape and dtype)
+    its fake implementation: `torch.compile` then puts the kernel in its graphs (CUDA graphs capture it too) and
+    fake tensors get shapes. The namespace comes from `module_name` (`__name__` of the caller): every copy of this
+    package in a process (the installed one, a checkpoint's remote code under `transformers_modules`) registers its
+    own ops; a module imported again (`importlib.reload`) finds its ops registered and gets them back.
+    """
+    namespace = re.sub(r"\W", "_", module_name)
+    registered = getattr(torch.ops, namespace)
+    if hasattr(registered, name):
+        return getattr(registered, name)
+    op = torch.library.custom_op(f"{namespace}::{name}", mutates_args=())(launch)
+    op.register_fake(fake)
+    return op

@@ -7,15 +7,14 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 from torch.nn import functional as F
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
     multi_scale_deformable_attention,
 )
 
-from ..device_transfer import to_device
-from ..triton_support import triton_runs_on
+from ..device_transfer import tensor_on, to_device
+from ..triton_support import gives_way_to_pytorch, triton_runs_on
 from .deformable_sampling_triton import deformable_attention_triton
 
 
@@ -323,13 +322,14 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
     """
     Mask2Former's pixel-decoder deformable attention (same parameters and state-dict keys, same math). On CPU the
     sampling runs through `deformable_attention_embedding_bag` (about 4x faster than the `grid_sample` version at
-    1024x1024 input), on CUDA with Triton through the fused kernel `deformable_attention_triton` in eager inference
-    (without `output_attentions`, its form from the projections: the softmax and the sampling locations inside the
-    kernel too, no attention weights returned), elsewhere through transformers' `multi_scale_deformable_attention`
-    (`sampler`). In a reduced-precision model or under autocast the softmax, the locations and the sampling run in
-    float32 (FC-CLIP's `F.softmax` under autocast and `custom_fwd(cast_inputs=float32)` sampler); attention weights
-    asked for come back in the logits' dtype (under autocast in float32, as `F.softmax`'s there). The pixel decoder's encoder only uses 2-d reference points (the layer
-    grid), so 4-d (box) reference points are not supported.
+    1024x1024 input), on CUDA with Triton through the fused kernel `deformable_attention_triton` at inference, eager
+    or in `torch.compile` graphs (a custom op; without `output_attentions`, its form from the projections: the
+    softmax and the sampling locations inside the kernel too, no attention weights returned), elsewhere through
+    transformers' `multi_scale_deformable_attention` (`sampler`). In a reduced-precision model or under autocast the
+    softmax, the locations and the sampling run in float32 (FC-CLIP's `F.softmax` under autocast and
+    `custom_fwd(cast_inputs=float32)` sampler); attention weights asked for come back in the logits' dtype (under
+    autocast in float32, as `F.softmax`'s there). The pixel decoder's encoder only uses 2-d reference points (the
+    layer grid), so 4-d (box) reference points are not supported.
     """
 
     def forward(
@@ -364,19 +364,10 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         )
         device_type = value.device.type
         sample = self.sampler(device_type)
-        if getattr(sample, "inference_only", False) and (
-            torch.compiler.is_compiling()
-            or torch.compiler.is_exporting()
-            or torch.jit.is_tracing()
-            or is_fake(value)
-            or value.dtype == torch.float64
-            or (
-                torch.is_grad_enabled()
-                and any(tensor.requires_grad for tensor in (value, offsets, attention_logits, reference_points))
-            )
-        ):
-            # a sampler without a backward, opaque to traces and shape-only tensors, and float32 at most (the Triton
-            # kernel) gives way to transformers' differentiable, traceable one where any of that is needed
+        if gives_way_to_pytorch(sample, (value, offsets, attention_logits, reference_points)):
+            # a sampler without a backward, float32 at most (the Triton kernel), and not for portable traces (nor,
+            # unless it is an op, for torch.compile's and fake tensors) gives way to transformers' differentiable,
+            # traceable one where any of that is needed
             sample = multi_scale_deformable_attention
         from_projections = getattr(sample, "from_projections", None)
         if from_projections is not None and not output_attentions:
@@ -432,8 +423,9 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         The sampling function (same arguments and result as transformers' `multi_scale_deformable_attention`; one
         with a true `reads_reduced_precision_values` attribute is given a bf16 / fp16 model's values without their
         float32 copy, the others float32 values; one with a true `inference_only` attribute is replaced by
-        transformers' where autograd, a trace (`torch.compile`, `torch.export`, `torch.jit.trace`), fake tensors or
-        float64 need it; one with a `from_projections` attribute is called through that function, with the reference
+        transformers' where autograd, a portable trace (`torch.export`, `torch.jit.trace`) or float64 need it, and
+        unless it also has a true `compiles_as_an_op` attribute in `torch.compile` traces and for fake tensors
+        (`gives_way_to_pytorch`); one with a `from_projections` attribute is called through that function, with the reference
         points, offsets and attention logits, where the attention weights are not asked for):
         - on CPU `deformable_attention_embedding_bag` (4x faster than grid_sample there);
         - on CUDA with Triton installed the fused kernel `deformable_attention_triton`: on an H200, per PosSAM-B layer
@@ -442,7 +434,8 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
           launches bound the forward, 39.3 against 35.2 ms in the candidates' run and 21.3 against 21.5 images/s
           in the suite's, no gain either way (docs/design.md, "Fourteenth session"); its form from the projections,
           `deformable_attention_triton_from_projections`, saves about 13 launches per layer (not yet timed on a GPU,
-          "Fifteenth session");
+          "Fifteenth session"); both are custom ops, which `torch.compile` graphs call (transformers' version there
+          until the sixteenth session);
         - elsewhere transformers' version.
         """
         if device_type == "cpu":
@@ -462,9 +455,7 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         which are in pixels of each level.
         """
         batch_size, num_queries, num_heads, num_levels, num_points, _ = offsets.shape
-        normalizer = to_device(
-            torch.tensor([[w, h] for h, w in spatial_shapes_list], dtype=offsets.dtype), offsets.device
-        )
+        normalizer = tensor_on([[w, h] for h, w in spatial_shapes_list], offsets.dtype, offsets.device)
         # transformers' `reference + offsets / normalizer`, the same divisions, with the (levels, points, xy) pattern
         # of both operands spelled out as one 24-wide last dimension: broadcasting over a 2-wide last dimension (and
         # a 4-wide one) ran 9x slower on CPU (47 vs 5 ms per layer at 1024x1024)

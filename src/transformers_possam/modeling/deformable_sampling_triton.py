@@ -14,7 +14,7 @@ import torch
 from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
 from ..device_transfer import DeviceConstants, to_device
-from ..triton_support import launch_or_fall_back, on_launch_device, triton_runs_on
+from ..triton_support import kernel_op, launch_or_fall_back, on_launch_device, triton_runs_on
 
 
 __all__ = ["deformable_attention_triton", "deformable_attention_triton_from_projections"]
@@ -204,54 +204,37 @@ def _from_projections_in_pytorch(
     return multi_scale_deformable_attention(value.float(), spatial_shapes, locations, weights.view(offsets.shape[:-1]))
 
 
-def deformable_attention_triton(
-    value: torch.Tensor,
-    spatial_shapes: list[tuple[int, int]],
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-) -> torch.Tensor:
-    """
-    The same result as transformers' `multi_scale_deformable_attention` (bilinear sampling with zero padding and
-    align_corners=False, weighted by the attention weights, summed over levels and points), in one kernel: each
-    program takes 64 queries of one (image, head), reads the 4 bilinear corners of every sample straight from
-    `value` and accumulates in float32. Inference only (no autograd). The locations and weights are read in float32
-    (as FC-CLIP's op, `custom_fwd(cast_inputs=float32)`); the values in their own dtype (float32, or bf16: half the
-    bytes gathered, each value exact in float32). Returns float32.
+def _level_sizes(spatial_shapes: list[int]) -> list[tuple[int, int]]:
+    """`[(h, w)]` per level from the ops' flat `[h0, w0, h1, w1, ...]` (a custom op takes lists of ints)."""
+    return [(int(spatial_shapes[index]), int(spatial_shapes[index + 1])) for index in range(0, len(spatial_shapes), 2)]
 
-    Args:
-        value: `(B, N, heads, head_dim)`, N = sum of h * w over the levels (level-major, row-major).
-        spatial_shapes: `[(h, w)]` per level.
-        sampling_locations: `(B, Q, heads, levels, points, 2)` normalized (x, y).
-        attention_weights: `(B, Q, heads, levels, points)`.
 
-    Returns:
-        `(B, Q, heads * head_dim)` float32.
+def _flat_sizes(spatial_shapes: list[tuple[int, int]]) -> list[int]:
+    """The ops' flat `[h0, w0, h1, w1, ...]` from `[(h, w)]` per level."""
+    return [size for height_width in spatial_shapes for size in height_width]
 
-    Not registered as a `torch.library` custom op: traced graphs (`torch.compile`, `torch.export`) do not use it
-    (marked `inference_only`, `PosSAMMultiscaleDeformableAttention` then runs transformers' sampler, which a compiled
-    graph fuses by itself); serving them would need `torch.library.triton_op`.
 
-    Raises:
-        RuntimeError: autograd would need a gradient, or Triton cannot run on the inputs' device.
-        ValueError: values of another dtype than float32, bf16 or fp16 (float64 would be rounded to float32 in
-            silence), or spatial shapes that do not add up to the number of values.
-    """
-    if torch.is_grad_enabled() and (
-        value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad
-    ):
-        raise RuntimeError("deformable_attention_triton has no backward: use it for inference only.")
-    if not triton_runs_on(value.device):
-        raise RuntimeError(f"deformable_attention_triton needs CUDA and Triton; the inputs are on {value.device}.")
+def _check_sampling_inputs(value: torch.Tensor, spatial_shapes: list[tuple[int, int]]) -> None:
     if value.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(
             f"deformable_attention_triton reads float32, bf16 or fp16 values, got {value.dtype}: use transformers' "
             "multi_scale_deformable_attention for other dtypes."
         )
+    if sum(height * width for height, width in spatial_shapes) != value.shape[1]:
+        raise ValueError("The spatial shapes do not add up to the number of values.")
+
+
+def _sample(
+    value: torch.Tensor, spatial_shapes: list[int], sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+) -> torch.Tensor:
+    """`deformable_attention_triton`'s op (spatial shapes flat): the checks, the launch or its fallback."""
+    if not triton_runs_on(value.device):
+        raise RuntimeError(f"deformable_attention_triton needs CUDA and Triton; the inputs are on {value.device}.")
+    shapes = _level_sizes(spatial_shapes)
+    _check_sampling_inputs(value, shapes)
     batch_size, num_values, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    if sum(height * width for height, width in spatial_shapes) != num_values:
-        raise ValueError("The spatial shapes do not add up to the number of values.")
-    levels = _level_tables(tuple((int(h), int(w)) for h, w in spatial_shapes), value.device, like=value)
+    levels = _level_tables(tuple(shapes), value.device, like=value)
     output = torch.empty(batch_size, num_queries, num_heads, head_dim, dtype=torch.float32, device=value.device)
     launch_or_fall_back(
         # one key per device and compiled form: a kernel that cannot be built for one stays on for the others
@@ -269,11 +252,170 @@ def deformable_attention_triton(
         # where the kernel cannot be built here: transformers' sampler, in float32 as the kernel computes
         lambda: output.view(batch_size, num_queries, num_heads * head_dim).copy_(
             multi_scale_deformable_attention(
-                value.float(), spatial_shapes, sampling_locations.float(), attention_weights.float()
+                value.float(), shapes, sampling_locations.float(), attention_weights.float()
             )
         ),
     )
     return output.view(batch_size, num_queries, num_heads * head_dim)
+
+
+def _sample_shapes_only(
+    value: torch.Tensor, spatial_shapes: list[int], sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+) -> torch.Tensor:
+    """`_sample`'s fake implementation: its checks and an empty float32 `(B, Q, heads * head_dim)` result."""
+    _check_sampling_inputs(value, _level_sizes(spatial_shapes))
+    batch_size, _, num_heads, head_dim = value.shape
+    return value.new_empty(batch_size, sampling_locations.shape[1], num_heads * head_dim, dtype=torch.float32)
+
+
+_sample_op = kernel_op(__name__, "deformable_attention", _sample, _sample_shapes_only)
+
+
+def deformable_attention_triton(
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """
+    The same result as transformers' `multi_scale_deformable_attention` (bilinear sampling with zero padding and
+    align_corners=False, weighted by the attention weights, summed over levels and points), in one kernel: each
+    program takes 64 queries of one (image, head), reads the 4 bilinear corners of every sample straight from
+    `value` and accumulates in float32. Inference only (no autograd). The locations and weights are read in float32
+    (as FC-CLIP's op, `custom_fwd(cast_inputs=float32)`); the values in their own dtype (float32, or bf16: half the
+    bytes gathered, each value exact in float32). Returns float32.
+
+    A `torch.library` custom op (`kernel_op`, with a fake implementation): `torch.compile` puts the kernel in its
+    graphs, CUDA graphs capture it, fake tensors get its shapes. `torch.export` and `torch.jit.trace` graphs do not
+    use it (`gives_way_to_pytorch`): an exported graph must run where this package is not installed.
+
+    Args:
+        value: `(B, N, heads, head_dim)`, N = sum of h * w over the levels (level-major, row-major).
+        spatial_shapes: `[(h, w)]` per level.
+        sampling_locations: `(B, Q, heads, levels, points, 2)` normalized (x, y).
+        attention_weights: `(B, Q, heads, levels, points)`.
+
+    Returns:
+        `(B, Q, heads * head_dim)` float32.
+
+    Raises:
+        RuntimeError: autograd would need a gradient, or Triton cannot run on the inputs' device.
+        ValueError: values of another dtype than float32, bf16 or fp16 (float64 would be rounded to float32 in
+            silence), or spatial shapes that do not add up to the number of values.
+    """
+    if torch.is_grad_enabled() and (
+        value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad
+    ):
+        raise RuntimeError("deformable_attention_triton has no backward: use it for inference only.")
+    return _sample_op(value, _flat_sizes(spatial_shapes), sampling_locations, attention_weights)
+
+
+def _check_projection_inputs(
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    reference_points: torch.Tensor,
+    offsets: torch.Tensor,
+    attention_logits: torch.Tensor,
+) -> None:
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if any(tensor.dtype not in floats for tensor in (value, reference_points, offsets, attention_logits)):
+        raise ValueError(
+            "deformable_attention_triton_from_projections reads float32, bf16 or fp16 tensors, got "
+            f"{value.dtype} values, {reference_points.dtype} reference points, {offsets.dtype} offsets and "
+            f"{attention_logits.dtype} logits."
+        )
+    devices = {tensor.device for tensor in (value, reference_points, offsets, attention_logits)}
+    if len(devices) > 1:
+        raise ValueError(
+            f"deformable_attention_triton_from_projections: values on {value.device}, reference points on "
+            f"{reference_points.device}, offsets on {offsets.device}, logits on {attention_logits.device}: move them "
+            "to one device."
+        )
+    batch_size, num_values, num_heads, _ = value.shape
+    num_levels = len(spatial_shapes)
+    if sum(height * width for height, width in spatial_shapes) != num_values:
+        raise ValueError("The spatial shapes do not add up to the number of values.")
+    expected_offsets = (batch_size, num_heads, num_levels, 2)
+    if offsets.dim() != 6 or (offsets.shape[0], offsets.shape[2], offsets.shape[3], offsets.shape[5]) != (
+        expected_offsets
+    ):
+        raise ValueError(
+            f"offsets {tuple(offsets.shape)} must be (B, Q, heads, levels, points, 2) = ({batch_size}, Q, "
+            f"{num_heads}, {num_levels}, points, 2)."
+        )
+    _, num_queries, _, _, num_points, _ = offsets.shape
+    if attention_logits.shape[:3] != (batch_size, num_queries, num_heads) or math.prod(attention_logits.shape[3:]) != (
+        num_levels * num_points
+    ):
+        raise ValueError(
+            f"attention_logits {tuple(attention_logits.shape)} must be (B, Q, heads, levels * points) = "
+            f"({batch_size}, {num_queries}, {num_heads}, {num_levels * num_points}) or (B, Q, heads, levels, points)."
+        )
+    if reference_points.shape[0] not in (1, batch_size) or reference_points.shape[1:] != (num_queries, num_levels, 2):
+        raise ValueError(
+            f"reference_points {tuple(reference_points.shape)} must be (B or 1, Q, levels, 2) with B = {batch_size},"
+            f" Q = {num_queries}, levels = {num_levels}."
+        )
+
+
+def _from_projections(
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    reference_points: torch.Tensor,
+    offsets: torch.Tensor,
+    attention_logits: torch.Tensor,
+) -> torch.Tensor:
+    """`deformable_attention_triton_from_projections`' op (spatial shapes flat): the checks, the launch or its
+    fallback."""
+    if not triton_runs_on(value.device):
+        raise RuntimeError(
+            f"deformable_attention_triton_from_projections needs CUDA and Triton; the inputs are on {value.device}."
+        )
+    shapes = _level_sizes(spatial_shapes)
+    _check_projection_inputs(value, shapes, reference_points, offsets, attention_logits)
+    batch_size, num_values, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = offsets.shape
+    levels = _level_tables(tuple(shapes), value.device, like=value)
+    reference_points = reference_points.float().contiguous()
+    output = torch.empty(batch_size, num_queries, num_heads, head_dim, dtype=value.dtype, device=value.device)
+    launch_or_fall_back(
+        (
+            "deformable_attention_triton_from_projections",
+            str(value.device),
+            value.dtype,
+            offsets.dtype,
+            attention_logits.dtype,
+            head_dim,
+            num_levels,
+            num_points,
+        ),
+        lambda: _launch(
+            value, levels, offsets, attention_logits, reference_points, output, num_points, from_projections=True
+        ),
+        lambda: output.view(batch_size, num_queries, num_heads * head_dim).copy_(
+            _from_projections_in_pytorch(value, shapes, reference_points, offsets, attention_logits)
+        ),
+    )
+    return output.view(batch_size, num_queries, num_heads * head_dim)
+
+
+def _from_projections_shapes_only(
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    reference_points: torch.Tensor,
+    offsets: torch.Tensor,
+    attention_logits: torch.Tensor,
+) -> torch.Tensor:
+    """`_from_projections`' fake implementation: its checks and an empty `(B, Q, heads * head_dim)` result in the
+    values' dtype."""
+    _check_projection_inputs(value, _level_sizes(spatial_shapes), reference_points, offsets, attention_logits)
+    batch_size, _, num_heads, head_dim = value.shape
+    return value.new_empty(batch_size, offsets.shape[1], num_heads * head_dim)
+
+
+_from_projections_op = kernel_op(
+    __name__, "deformable_attention_from_projections", _from_projections, _from_projections_shapes_only
+)
 
 
 def deformable_attention_triton_from_projections(
@@ -290,7 +432,8 @@ def deformable_attention_triton_from_projections(
     sampling, all in float32 (FC-CLIP's `custom_fwd(cast_inputs=float32)`: its inputs in reduced precision are exact
     in float32), the output written in the values' dtype. Unfused, on the CUDA code path that is about 13 more
     kernels per layer (softmax 5, locations 5, dtype conversions 3) and their float32 copies, launches that bound a
-    GPU's batch-1 forward (docs/design.md, "Fifteenth session"). Inference only.
+    GPU's batch-1 forward (docs/design.md, "Fifteenth session"). Inference only; a custom op as
+    `deformable_attention_triton` (compiled graphs call it).
 
     Args:
         value: `(B, N, heads, head_dim)`, N = sum of h * w over the levels (level-major, row-major).
@@ -311,83 +454,14 @@ def deformable_attention_triton_from_projections(
         tensor.requires_grad for tensor in (value, reference_points, offsets, attention_logits)
     ):
         raise RuntimeError("deformable_attention_triton_from_projections has no backward: use it for inference only.")
-    if not triton_runs_on(value.device):
-        raise RuntimeError(
-            f"deformable_attention_triton_from_projections needs CUDA and Triton; the inputs are on {value.device}."
-        )
-    floats = (torch.float32, torch.bfloat16, torch.float16)
-    if any(tensor.dtype not in floats for tensor in (value, reference_points, offsets, attention_logits)):
-        raise ValueError(
-            "deformable_attention_triton_from_projections reads float32, bf16 or fp16 tensors, got "
-            f"{value.dtype} values, {reference_points.dtype} reference points, {offsets.dtype} offsets and "
-            f"{attention_logits.dtype} logits."
-        )
-    devices = {tensor.device for tensor in (value, reference_points, offsets, attention_logits)}
-    if len(devices) > 1:
-        raise ValueError(
-            f"deformable_attention_triton_from_projections: values on {value.device}, reference points on "
-            f"{reference_points.device}, offsets on {offsets.device}, logits on {attention_logits.device}: move them "
-            "to one device."
-        )
-    batch_size, num_values, num_heads, head_dim = value.shape
-    num_levels = len(spatial_shapes)
-    if sum(height * width for height, width in spatial_shapes) != num_values:
-        raise ValueError("The spatial shapes do not add up to the number of values.")
-    if (
-        offsets.dim() != 6
-        or offsets.shape[-1] != 2
-        or offsets.shape[:4]
-        != (
-            batch_size,
-            offsets.shape[1],
-            num_heads,
-            num_levels,
-        )
-    ):
-        raise ValueError(
-            f"offsets {tuple(offsets.shape)} must be (B, Q, heads, levels, points, 2) = ({batch_size}, Q, "
-            f"{num_heads}, {num_levels}, points, 2)."
-        )
-    _, num_queries, _, _, num_points, _ = offsets.shape
-    if attention_logits.shape[:3] != (batch_size, num_queries, num_heads) or math.prod(attention_logits.shape[3:]) != (
-        num_levels * num_points
-    ):
-        raise ValueError(
-            f"attention_logits {tuple(attention_logits.shape)} must be (B, Q, heads, levels * points) = "
-            f"({batch_size}, {num_queries}, {num_heads}, {num_levels * num_points}) or (B, Q, heads, levels, points)."
-        )
-    if reference_points.shape[0] not in (1, batch_size) or reference_points.shape[1:] != (num_queries, num_levels, 2):
-        raise ValueError(
-            f"reference_points {tuple(reference_points.shape)} must be (B or 1, Q, levels, 2) with B = {batch_size},"
-            f" Q = {num_queries}, levels = {num_levels}."
-        )
-    levels = _level_tables(tuple((int(h), int(w)) for h, w in spatial_shapes), value.device, like=value)
-    reference_points = reference_points.float().contiguous()
-    output = torch.empty(batch_size, num_queries, num_heads, head_dim, dtype=value.dtype, device=value.device)
-    launch_or_fall_back(
-        (
-            "deformable_attention_triton_from_projections",
-            str(value.device),
-            value.dtype,
-            offsets.dtype,
-            attention_logits.dtype,
-            head_dim,
-            num_levels,
-            num_points,
-        ),
-        lambda: _launch(
-            value, levels, offsets, attention_logits, reference_points, output, num_points, from_projections=True
-        ),
-        lambda: output.view(batch_size, num_queries, num_heads * head_dim).copy_(
-            _from_projections_in_pytorch(value, spatial_shapes, reference_points, offsets, attention_logits)
-        ),
-    )
-    return output.view(batch_size, num_queries, num_heads * head_dim)
+    return _from_projections_op(value, _flat_sizes(spatial_shapes), reference_points, offsets, attention_logits)
 
 
-# `PosSAMMultiscaleDeformableAttention` passes a bf16 / fp16 model's values as they are to a sampler marked so, and
-# uses transformers' sampler instead of an inference-only one where autograd or a trace needs it
+# `PosSAMMultiscaleDeformableAttention` passes a bf16 / fp16 model's values as they are to a sampler marked so, uses
+# transformers' sampler instead of an inference-only one where autograd or a portable trace needs it
+# (`gives_way_to_pytorch`), and keeps one that compiles as an op in `torch.compile` graphs
 deformable_attention_triton.reads_reduced_precision_values = True  # type: ignore[attr-defined]
 deformable_attention_triton.inference_only = True  # type: ignore[attr-defined]
+deformable_attention_triton.compiles_as_an_op = True  # type: ignore[attr-defined]
 # ... and, where the attention weights are not asked for, its fused form from the projections
 deformable_attention_triton.from_projections = deformable_attention_triton_from_projections  # type: ignore[attr-defined]

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ..device_transfer import DeviceConstants, to_device
+from ..device_transfer import DeviceConstants, tensor_on, to_device, tracing
 
 
 __all__ = ["bilinear_resize", "mask_pool"]
 
 
-def _axis_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _host_axis_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
-    PyTorch's bilinear taps along one axis (align_corners=False, no antialiasing), computed as its CPU kernel does:
-    source `max(0, (out + 0.5) * in / out - 0.5)` in float32, first tap its floor (at most `in - 1`), second tap the
-    next index (the same at the edge), weight of the second tap the fractional part.
+    PyTorch's bilinear taps along one axis (align_corners=False, no antialiasing), computed in host memory as its CPU
+    kernel does: source `max(0, (out + 0.5) * in / out - 0.5)` in float32, first tap its floor (at most `in - 1`),
+    second tap the next index (the same at the edge), weight of the second tap the fractional part.
 
     Returns:
         `(first, second)` int64 indices `(out_size,)` and the second tap's float32 weight `(out_size,)`.
@@ -29,7 +29,27 @@ def _axis_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch
     weight = (source - first).clamp(0, 1)
     first = first.long()
     second = (first + 1).clamp_max(in_size - 1)
-    return to_device(first, device), to_device(second, device), to_device(weight, device)
+    return first, second, weight
+
+
+@torch.compiler.assume_constant_result  # called, not traced, by torch.compile: the taps are constants of the graph
+def _axis_tap_values(in_size: int, out_size: int) -> tuple[list[int], list[int], list[float]]:
+    """`_host_axis_taps` as Python values."""
+    first, second, weight = _host_axis_taps(in_size, out_size)
+    return first.tolist(), second.tolist(), weight.tolist()
+
+
+def _axis_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_host_axis_taps` on `device`: copied without waiting in eager mode; in a traced graph made on the device, as
+    constants of the graph (`tensor_on`: host tensors and their copies would be CPU operations in every call)."""
+    if tracing():
+        first, second, weight = _axis_tap_values(in_size, out_size)
+        return (
+            tensor_on(first, torch.long, device),
+            tensor_on(second, torch.long, device),
+            tensor_on(weight, torch.float32, device),
+        )
+    return tuple(to_device(taps, device) for taps in _host_axis_taps(in_size, out_size))  # type: ignore[return-value]
 
 
 # made (and copied to the device) once per sizes and device in eager mode

@@ -8,11 +8,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 from torch.nn import functional as F
 from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
 from ..device_transfer import DeviceConstants
+from ..triton_support import gives_way_to_pytorch
 
 
 __all__ = [
@@ -305,16 +305,7 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
                 # the blocked loop runs over batch x heads, which tracing would have to unroll (and export cannot,
                 # with a dynamic batch size): traced graphs take the all-heads form, as on GPU
                 attend = relative_position_attention
-            elif getattr(attend, "inference_only", False) and (
-                tracing
-                or torch.jit.is_tracing()
-                or is_fake(query)
-                or query.dtype == torch.float64
-                or (
-                    torch.is_grad_enabled()
-                    and any(tensor.requires_grad for tensor in (query, self.rel_pos_h, self.rel_pos_w))
-                )
-            ):
+            elif gives_way_to_pytorch(attend, (query, self.rel_pos_h, self.rel_pos_w)):
                 # a kernel without a backward, opaque to traces and shape-only tensors, float32 at most (the Triton
                 # kernel) gives way to the all-heads SDPA form
                 attend = relative_position_attention
@@ -335,7 +326,8 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
         """
         The attention with the decomposed relative-position bias (arguments and result as
         `relative_position_attention`; one with a true `inference_only` attribute gives way to
-        `relative_position_attention` where autograd, a trace, fake tensors or float64 need it): on CPU
+        `relative_position_attention` where autograd, a trace, fake tensors or float64 need it,
+        `gives_way_to_pytorch`): on CPU
         `relative_position_attention_blocked`, elsewhere `relative_position_attention` (SDPA with the bias as extra
         q/k channels). The Triton kernel `relative_position_attention_triton` is a CUDA candidate
         (`benchmarks/gpu_candidates.py` replaces this method), not chosen until a GPU has timed it.
