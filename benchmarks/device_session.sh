@@ -4,15 +4,16 @@
 #   run(command="bash benchmarks/device_session.sh", carry=[".whl"], timeout_s=600)
 # It installs the carried wheels (this project's transformers and timm; the machine's image has other versions),
 # runs benchmarks/device_check.py (the CUDA code paths on the tiny config; at most 150 s), then the GPU suite, goal
-# rows first, with a time budget that ends it by about POSSAM_DEADLINE_S seconds after its start (default 480; a
-# row started in time runs to its end, up to a minute more: within the 600 s limit; with the machine's start and the
-# transfers about 11 of the session's 15 minutes, so plan one run, not two). Between the two, at most 180 s,
-# benchmarks/gpu_candidates.py (POSSAM_CANDIDATES=0 skips it): the suite then has at least 90 s, its goal rows
-# first (a compiled row needs about 3 minutes: POSSAM_CANDIDATES=0 or a second run for those). Rows not
-# started in time are reported as skipped. Every file lands in $OUT as it is written (at most 8 files come back):
-# nvidia-smi.txt, device-check.json/.log, candidates.json/.log, results-gpu.json, gpu.log. POSSAM_GPU_CHECKS, POSSAM_GPU_VARIANTS,
-# POSSAM_GPU_BUDGET_S and POSSAM_GPU_ARGS (default "--compile-mode reduce-overhead": the compiled rows with CUDA
-# graphs, the best chance of the 60 images/s goal at batch 1; "" for inductor's default mode) narrow it.
+# rows first (B bf16 batch 1 eager, H bf16 batch 8 eager, B bf16 batch 1 compiled: a compilation needs about 3
+# minutes), for POSSAM_SUITE_BUDGET_S (default 220) seconds, then benchmarks/gpu_candidates.py (POSSAM_CANDIDATES=0
+# skips it) for at most 180 s, ending by about POSSAM_DEADLINE_S seconds after its start (default 480; a row started
+# in time runs to its end, up to a minute more: within the 600 s limit; with the machine's start and the transfers
+# about 11 of the session's 15 minutes, so plan one run, not two). Rows not started in time are reported as skipped.
+# Every file lands in $OUT as it is written (at most 8 files come back): nvidia-smi.txt, device-check.json/.log,
+# results-gpu.json, gpu.log, candidates.json/.log. POSSAM_GPU_CHECKS, POSSAM_GPU_VARIANTS, POSSAM_GPU_BUDGET_S (the
+# suite's budget, whatever the steps before it took) and POSSAM_GPU_ARGS (default "--compile-mode reduce-overhead":
+# the compiled rows with CUDA graphs, the best chance of the 60 images/s goal at batch 1; "" for inductor's default
+# mode) narrow it.
 # POSSAM_DEVICE=cpu PYTHON=.venv/bin/python POSSAM_GPU_VARIANTS=tiny runs the same steps on a CPU (the tests do).
 set -uo pipefail
 OUT=${OUT:-/tmp/possam-device}
@@ -33,17 +34,22 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 # shellcheck disable=SC2086  # the lists are meant to split into words
 timeout 150 "$PYTHON" benchmarks/device_check.py --device "$DEVICE" --output "$OUT/device-check.json" \
     --checks $CHECKS 2>&1 | tee "$OUT/device-check.log"
-# candidate GPU paths side by side (benchmarks/gpu_candidates.py: deformable samplers, pixel counters, the transfer,
-# the forward with each sampler and layout, by box, the post-processing by kept queries; the first version took
-# under a minute on an H200), on the first variant of the suite
+# the suite: its goal rows first, within its budget (by default what the checks left of the first 370 s, at most
+# POSSAM_SUITE_BUDGET_S), leaving the candidates their share
 VARIANTS=${POSSAM_GPU_VARIANTS:-vit-b vit-l vit-h}
-if [ "${POSSAM_CANDIDATES:-1}" != 0 ]; then
-    timeout 180 "$PYTHON" benchmarks/gpu_candidates.py --device "$DEVICE" --variant "${VARIANTS%% *}" \
-        --output "$OUT/candidates.json" 2>&1 | tee "$OUT/candidates.log"
-fi
-# what is left until the deadline, less a minute for the row in progress when the budget runs out
-BUDGET=${POSSAM_GPU_BUDGET_S:-$(( ${POSSAM_DEADLINE_S:-480} - SECONDS - 60 ))}
+LEFT=$(( ${POSSAM_DEADLINE_S:-480} - 110 - SECONDS ))
+SUITE=${POSSAM_SUITE_BUDGET_S:-220}
+BUDGET=${POSSAM_GPU_BUDGET_S:-$(( LEFT < SUITE ? LEFT : SUITE ))}
 # shellcheck disable=SC2086
 "$PYTHON" benchmarks/run.py --suite gpu --device "$DEVICE" --time-budget-s "$BUDGET" \
     --variants $VARIANTS ${POSSAM_GPU_ARGS---compile-mode reduce-overhead} --output "$OUT/results-gpu.json" 2>&1 \
     | tee "$OUT/gpu.log"
+# candidate GPU paths side by side (benchmarks/gpu_candidates.py: deformable samplers, pixel counters, the transfer,
+# the forward with each sampler and layout, by box, the post-processing by kept queries, SAM's attention; the
+# first version took under a minute on an H200), on the first variant of the suite, until the deadline
+CANDIDATES_S=$(( ${POSSAM_DEADLINE_S:-480} - SECONDS ))
+CANDIDATES_S=$(( CANDIDATES_S > 180 ? 180 : CANDIDATES_S ))
+if [ "${POSSAM_CANDIDATES:-1}" != 0 ] && [ "$CANDIDATES_S" -gt 20 ]; then
+    timeout "$CANDIDATES_S" "$PYTHON" benchmarks/gpu_candidates.py --device "$DEVICE" --variant "${VARIANTS%% *}" \
+        --output "$OUT/candidates.json" 2>&1 | tee "$OUT/candidates.log"
+fi

@@ -383,8 +383,8 @@ def test_device_session_script_runs_its_steps_on_cpu(tmp_path):
         POSSAM_GPU_VARIANTS="tiny",
         POSSAM_GPU_CHECKS="versions",
         POSSAM_GPU_ARGS="--batches 1",
-        # the suite's own budget, whatever the steps before it took on a loaded machine (with the default deadline,
-        # a slow candidates step left it nothing): the eager rows; compiled ones, last, need 150 s here: skipped
+        # the suite's own budget, whatever the checks before it took on a loaded machine: the eager rows; compiled
+        # ones, last here (the tiny variant has no goal), need 150 s: skipped
         POSSAM_GPU_BUDGET_S="15",
     )
     completed = subprocess.run(
