@@ -19,7 +19,7 @@ with its traceback) is written to `--output` as soon as it ends, so a stopped ru
 - `training_syncs`: the bf16-autocast training forward and loss under the same debug mode: the Hungarian
   matching's host reads (`loss._read_on_host`, one per matched layer) are the only synchronizations;
 - `compiled` (last): `torch.compile(fullgraph=True)` of the forward on the device against eager (TF32 off), relative
-  error below 1e-3.
+  error below 1e-3; on CUDA with CUDA graphs (`mode="reduce-overhead"`), the replayed graph's outputs.
 
 On a CPU (`--device cpu`) the same code runs (the tests do that); `no_host_sync` and `training_syncs` need CUDA and
 say they skipped.
@@ -304,18 +304,34 @@ def check_compiled(context: Context) -> dict:
     compared by relative norm (a thresholded mask logit may flip where eager's is near 0)."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    # on CUDA with CUDA graphs (the GPU suite's compiled rows): the third call replays the captured graph (the first
+    # warms up, the second records), Triton's deformable op inside it
+    cuda_graphs = context.device.type == "cuda"
+    inductor_counters = torch._dynamo.utils.counters["inductor"]
+    skips_before = inductor_counters["cudagraph_skips"]
     try:
-        compiled = torch.compile(context.model, fullgraph=True, dynamic=False)
+        compiled = torch.compile(
+            context.model, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda_graphs else None
+        )
         start = time.perf_counter()
         found = context.outputs(compiled, context.inputs)
         compile_seconds = time.perf_counter() - start
+        for _ in range(2 if cuda_graphs else 0):
+            torch.compiler.cudagraph_mark_step_begin()
+            found = context.outputs(compiled, context.inputs)
         expected = context.outputs(context.model, context.inputs)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     errors = {name: ((found[name] - expected[name]).norm() / expected[name].norm()).item() for name in OUTPUT_NAMES}
     if max(errors.values()) > 1e-3:
         raise AssertionError(f"compiled outputs differ from eager (relative norm): {errors}")
-    return {"first_call_s": compile_seconds, "relative_error": errors}
+    return {
+        "first_call_s": compile_seconds,
+        "relative_error": errors,
+        "cuda_graphs": cuda_graphs,
+        # graphs or partitions inductor left without CUDA graphs (reasons: TORCH_LOGS=cudagraphs)
+        "cudagraph_skips": inductor_counters["cudagraph_skips"] - skips_before,
+    }
 
 
 def check_training_step(context: Context) -> dict:
