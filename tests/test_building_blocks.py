@@ -392,6 +392,35 @@ def test_an_inference_only_kernel_gives_way_where_its_op_or_its_missing_backward
         monkeypatch.undo()
 
 
+def test_kernel_ops_register_per_copy_of_the_package_under_any_module_name():
+    """`kernel_op`: each module name (the installed package, a checkpoint's remote-code copy, whose folder may hold
+    any character) gets its own op, usable by `torch.library` even for a non-ASCII name; two names that read the same
+    in ASCII stay apart; the same name again (a reload) gets the registered op back; the fake implementation gives
+    shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from transformers_possam.triton_support import kernel_op
+
+    def doubled(values: torch.Tensor) -> torch.Tensor:
+        return values * 2
+
+    def tripled(values: torch.Tensor) -> torch.Tensor:
+        return values * 3
+
+    def shapes_only(values: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(values)
+
+    names = ("transformers_modules.modèle_possam.abc.modeling_x", "transformers_modules.mod_le_possam.abc.modeling_x")
+    first = kernel_op(names[0], "probe", doubled, shapes_only)
+    second = kernel_op(names[1], "probe", tripled, shapes_only)
+    assert torch.equal(first(torch.ones(2)), torch.full((2,), 2.0))
+    assert torch.equal(second(torch.ones(2)), torch.full((2,), 3.0))  # not the first copy's op
+    again = kernel_op(names[0], "probe", tripled, shapes_only)
+    assert torch.equal(again(torch.ones(2)), torch.full((2,), 2.0))  # the registered op, not a second registration
+    with FakeTensorMode():
+        assert first(torch.empty(3, 4)).shape == (3, 4)
+
+
 def test_embedding_bag_sampler_in_float64_keeps_float64_precision():
     """float64 inputs: the corner arithmetic runs in float64 (the rows stay exact integers), so the result matches
     transformers' float64 grid_sample version to float64 rounding, with autograd and without (in steps)."""

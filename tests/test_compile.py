@@ -47,13 +47,15 @@ def test_the_whole_forward_is_one_graph(model):
 
 def test_the_traced_forward_makes_its_constants_on_the_models_device(model, monkeypatch):
     """
-    In a traced forward every tensor made from Python values (channel statistics, level starts, level sizes, resize
-    taps) is made on the model's device (`tensor_on`), a constant of the graph, made once: none is made in host
-    memory and then copied, which on CUDA would be operations on the CPU in every call, splitting
-    `torch.compile(mode="reduce-overhead")`'s CUDA graph into pieces (inductor's graph partition). Checked on
-    Dynamo's graph of the forward with CUDA's sampler where Triton is missing (transformers'; the Triton op and
-    CPU's sampler make their constants outside the graph and on the host respectively): every `torch.tensor` node
-    names its device, and no node moves a tensor made in the graph to a device.
+    In a traced forward every tensor made from Python values or sizes (channel statistics, level starts and sizes,
+    resize taps, position grids) is made on the model's device, a constant of the graph or a small computation on
+    the device: none is made in host memory and then copied, which on CUDA would be operations on the CPU in every
+    call, splitting `torch.compile(mode="reduce-overhead")`'s CUDA graph into pieces (inductor's graph partition).
+    Checked on Dynamo's graph of the forward with CUDA's sampler where Triton is missing (transformers'; the Triton op
+    takes its level table as an input, CPU's sampler makes host constants by design): every factory call (`tensor`,
+    `arange`, `full`, ...) names the model's device (or `meta`, shapes only), and no node moves a tensor made in the
+    graph to a device. (The model is on the CPU here, so "the model's device" is the CPU: a factory without a device,
+    or a copy, is what fails; `tensor_on`'s device is tested on its own.)
     """
     from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
@@ -73,10 +75,19 @@ def test_the_traced_forward_makes_its_constants_on_the_models_device(model, monk
         torch.compile(model, fullgraph=True, backend=capture)(**inputs(model))
     torch._dynamo.reset()
     (graph,) = [graph_module.graph for graph_module in graphs]
-    made = [node for node in graph.nodes if node.op == "call_function" and node.target is torch.tensor]
-    assert len(made) >= 6  # statistics, level starts, 4 resize taps at least
-    on_the_device = [node.kwargs.get("device") in (torch.device("cpu"), "cpu") for node in made]
-    assert all(on_the_device), [node.kwargs for node in made]
+    factories = ("tensor", "as_tensor", "arange", "full", "zeros", "ones", "empty", "eye", "linspace", "rand", "randn")
+    made = [
+        node
+        for node in graph.nodes
+        if node.op == "call_function" and getattr(node.target, "__name__", None) in factories
+    ]
+    assert sum(node.target is torch.tensor for node in made) >= 2  # the statistics, the level starts
+    on_the_device = [str(node.kwargs.get("device")) in ("cpu", "meta") for node in made]
+    assert all(on_the_device), [
+        (node.target.__name__, node.meta.get("stack_trace", "").strip().splitlines()[-1:])
+        for node, named in zip(made, on_the_device)
+        if not named
+    ]
     moves = [
         node
         for node in graph.nodes
@@ -86,6 +97,20 @@ def test_the_traced_forward_makes_its_constants_on_the_models_device(model, monk
         and any(isinstance(argument, (torch.device, str)) for argument in (*node.args[1:], *node.kwargs.values()))
     ]
     assert not moves, [node.meta.get("stack_trace", "").strip().splitlines()[-1:] for node in moves]
+
+
+def test_tensor_on_makes_a_graph_constant_on_the_device_in_traces(monkeypatch):
+    """`tensor_on`: in eager mode a host tensor copied to the device; in a trace made on the device itself (here
+    `meta`, which a host-made tensor would not be on either way round)."""
+    from transformers_possam import device_transfer
+
+    made = []
+    monkeypatch.setattr(device_transfer, "to_device", lambda values, device: made.append(values.device) or values)
+    eager = device_transfer.tensor_on([1, 2], torch.int32, torch.device("meta"))
+    assert eager.device.type == "cpu" and made == [torch.device("cpu")]  # made on the host, then handed over
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = device_transfer.tensor_on([1, 2], torch.int32, torch.device("meta"))
+    assert traced.device.type == "meta" and traced.dtype == torch.int32 and made == [torch.device("cpu")]
 
 
 @pytest.mark.slow

@@ -540,7 +540,7 @@ def test_compiled_tiny_model_calls_the_triton_sampler_as_an_op(output_attentions
     interpreter): the kernel is a custom op with a fake implementation, so the compiled graph calls it (one launch per
     deformable layer: the form from the projections, or with `output_attentions` the plain form after the layer's
     softmax) instead of transformers' grid_sample version, and the outputs are the eager default's to float32
-    rounding."""
+    rounding. The op's level table comes from the graph, so nothing made by the compiled call outlives it."""
     from transformers_possam import PosSAMForPanopticSegmentation, tiny_config
     from transformers_possam.modeling import deformable_sampling_triton
     from transformers_possam.modeling.deformable_attention import PosSAMMultiscaleDeformableAttention
@@ -559,11 +559,15 @@ def test_compiled_tiny_model_calls_the_triton_sampler_as_an_op(output_attentions
         staticmethod(lambda _: deformable_sampling_triton.deformable_attention_triton),
     )
     launches = count_launches(deformable_sampling_triton, monkeypatch)
+    deformable_sampling_triton._level_tables.cache_clear()
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         found = compiled(pixels, **arguments)
     assert len(launches) == model.config.encoder_layers
+    # the level table is the graph's (made in the trace), not the eager cache's: a compiled call, even the first of
+    # the process, leaves no tensor of its own alive (under CUDA graphs one would sit in the graph's memory pool)
+    assert deformable_sampling_triton._level_tables.cache_info().currsize == 0
     for name in ("masks_queries_logits", "class_queries_logits"):
         torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()

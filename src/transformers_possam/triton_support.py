@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import re
 import subprocess
@@ -195,10 +196,13 @@ def kernel_op(module_name: str, name: str, launch: Callable, fake: Callable) -> 
     without side effects on its inputs, `fake` (the same arguments, an empty result of the right shape and dtype)
     its fake implementation: `torch.compile` then puts the kernel in its graphs (CUDA graphs capture it too) and
     fake tensors get shapes. The namespace comes from `module_name` (`__name__` of the caller): every copy of this
-    package in a process (the installed one, a checkpoint's remote code under `transformers_modules`) registers its
-    own ops; a module imported again (`importlib.reload`) finds its ops registered and gets them back.
+    package in a process (the installed one, a checkpoint's remote code under `transformers_modules`, whose folder
+    names may hold any character) registers its own ops under its name in ASCII letters, digits and underscores
+    (what `torch.library` accepts) and a hash of the whole name (two names that read the same in ASCII stay
+    apart); a module imported again (`importlib.reload`) finds its ops registered and gets them back.
     """
-    namespace = re.sub(r"\W", "_", module_name)
+    readable = re.sub(r"[^0-9A-Za-z]+", "_", module_name).strip("_")
+    namespace = f"{readable}_{hashlib.sha256(module_name.encode()).hexdigest()[:8]}"
     registered = getattr(torch.ops, namespace)
     if hasattr(registered, name):
         return getattr(registered, name)

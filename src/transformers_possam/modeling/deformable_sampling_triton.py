@@ -13,7 +13,7 @@ import math
 import torch
 from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
-from ..device_transfer import DeviceConstants, to_device
+from ..device_transfer import DeviceConstants, tensor_on
 from ..triton_support import kernel_op, launch_or_fall_back, on_launch_device, triton_runs_on
 
 
@@ -25,16 +25,17 @@ _QUERIES_PER_PROGRAM = 64
 
 def _level_table(spatial_shapes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
     """`(levels, 3)` int32: each level's height, width and first value row; made on the host and copied without
-    waiting (a host tensor built on a CUDA device would synchronize)."""
+    waiting in eager mode (a host tensor built on a CUDA device would synchronize), a constant of the graph in traces
+    (`tensor_on`)."""
     rows, start = [], 0
     for height, width in spatial_shapes:
         rows.append([height, width, start])
         start += height * width
-    return to_device(torch.tensor(rows, dtype=torch.int32, device="cpu"), device)
+    return tensor_on(rows, torch.int32, device)
 
 
-# made once per sizes and device in eager mode: no host-to-device copy per layer and call (which a CUDA graph could
-# not capture either)
+# made once per sizes and device in eager mode (no host-to-device copy per layer and call), by the callers of the ops
+# (an op's own allocation would land in a CUDA graph's memory pool, kept alive outside the graph by this cache)
 _level_tables = DeviceConstants(_level_table)
 
 
@@ -191,25 +192,36 @@ def _from_projections_in_pytorch(
     reference_points: torch.Tensor,
     offsets: torch.Tensor,
     attention_logits: torch.Tensor,
+    levels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`deformable_attention_triton_from_projections`'s result, float32, from PyTorch's operators (where the kernel
     cannot be built): the softmax and locations as `PosSAMMultiscaleDeformableAttention`'s unfused steps, then
-    transformers' sampler."""
+    transformers' sampler. With the kernel's `(levels, 3)` level table, the level sizes are read from it on the
+    device (no host-to-device copy, which a CUDA graph being recorded could not hold)."""
     from .deformable_attention import PosSAMMultiscaleDeformableAttention, softmax_over_a_short_last_dimension
 
     weights = softmax_over_a_short_last_dimension(attention_logits.float().reshape(*offsets.shape[:3], -1))
     locations = PosSAMMultiscaleDeformableAttention.sampling_locations(
-        reference_points.float(), offsets.float(), spatial_shapes
+        reference_points.float(),
+        offsets.float(),
+        spatial_shapes,
+        level_sizes=None if levels is None else levels[:, :2].flip(-1),
     )
     return multi_scale_deformable_attention(value.float(), spatial_shapes, locations, weights.view(offsets.shape[:-1]))
 
 
 def _level_sizes(spatial_shapes: list[int]) -> list[tuple[int, int]]:
     """`[(h, w)]` per level from the ops' flat `[h0, w0, h1, w1, ...]` (a custom op takes lists of ints)."""
-    return [(int(spatial_shapes[index]), int(spatial_shapes[index + 1])) for index in range(0, len(spatial_shapes), 2)]
+    return [(spatial_shapes[index], spatial_shapes[index + 1]) for index in range(0, len(spatial_shapes), 2)]
 
 
-def _flat_sizes(spatial_shapes: list[tuple[int, int]]) -> list[int]:
+def _sizes_key(spatial_shapes: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """The level sizes as Python ints (a tensor's or numpy's sizes read once here), `_level_tables`' key. In a trace
+    with symbolic level sizes this specializes the graph to them (PosSAM's are fixed by its image size)."""
+    return tuple((int(height), int(width)) for height, width in spatial_shapes)
+
+
+def _flat_sizes(spatial_shapes: tuple[tuple[int, int], ...]) -> list[int]:
     """The ops' flat `[h0, w0, h1, w1, ...]` from `[(h, w)]` per level."""
     return [size for height_width in spatial_shapes for size in height_width]
 
@@ -225,16 +237,21 @@ def _check_sampling_inputs(value: torch.Tensor, spatial_shapes: list[tuple[int, 
 
 
 def _sample(
-    value: torch.Tensor, spatial_shapes: list[int], sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    levels: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """`deformable_attention_triton`'s op (spatial shapes flat): the checks, the launch or its fallback."""
+    """`deformable_attention_triton`'s op (spatial shapes flat, and as the `_level_table` its caller made): the
+    checks, the launch or its fallback. It allocates only its result and temporaries (a CUDA graph's memory pool
+    holds nothing of it after the call)."""
     if not triton_runs_on(value.device):
         raise RuntimeError(f"deformable_attention_triton needs CUDA and Triton; the inputs are on {value.device}.")
     shapes = _level_sizes(spatial_shapes)
     _check_sampling_inputs(value, shapes)
     batch_size, num_values, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    levels = _level_tables(tuple(shapes), value.device, like=value)
     output = torch.empty(batch_size, num_queries, num_heads, head_dim, dtype=torch.float32, device=value.device)
     launch_or_fall_back(
         # one key per device and compiled form: a kernel that cannot be built for one stays on for the others
@@ -260,7 +277,11 @@ def _sample(
 
 
 def _sample_shapes_only(
-    value: torch.Tensor, spatial_shapes: list[int], sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    levels: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     """`_sample`'s fake implementation: its checks and an empty float32 `(B, Q, heads * head_dim)` result."""
     _check_sampling_inputs(value, _level_sizes(spatial_shapes))
@@ -307,7 +328,9 @@ def deformable_attention_triton(
         value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad
     ):
         raise RuntimeError("deformable_attention_triton has no backward: use it for inference only.")
-    return _sample_op(value, _flat_sizes(spatial_shapes), sampling_locations, attention_weights)
+    sizes = _sizes_key(spatial_shapes)
+    levels = _level_tables(sizes, value.device, like=value)
+    return _sample_op(value, _flat_sizes(sizes), levels, sampling_locations, attention_weights)
 
 
 def _check_projection_inputs(
@@ -361,12 +384,14 @@ def _check_projection_inputs(
 def _from_projections(
     value: torch.Tensor,
     spatial_shapes: list[int],
+    levels: torch.Tensor,
     reference_points: torch.Tensor,
     offsets: torch.Tensor,
     attention_logits: torch.Tensor,
 ) -> torch.Tensor:
-    """`deformable_attention_triton_from_projections`' op (spatial shapes flat): the checks, the launch or its
-    fallback."""
+    """`deformable_attention_triton_from_projections`' op (spatial shapes flat, and as the `_level_table` its caller
+    made): the checks, the launch or its fallback (which reads the level sizes from the table: no host-to-device
+    copy). It allocates only its result and temporaries."""
     if not triton_runs_on(value.device):
         raise RuntimeError(
             f"deformable_attention_triton_from_projections needs CUDA and Triton; the inputs are on {value.device}."
@@ -375,7 +400,6 @@ def _from_projections(
     _check_projection_inputs(value, shapes, reference_points, offsets, attention_logits)
     batch_size, num_values, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = offsets.shape
-    levels = _level_tables(tuple(shapes), value.device, like=value)
     reference_points = reference_points.float().contiguous()
     output = torch.empty(batch_size, num_queries, num_heads, head_dim, dtype=value.dtype, device=value.device)
     launch_or_fall_back(
@@ -393,7 +417,7 @@ def _from_projections(
             value, levels, offsets, attention_logits, reference_points, output, num_points, from_projections=True
         ),
         lambda: output.view(batch_size, num_queries, num_heads * head_dim).copy_(
-            _from_projections_in_pytorch(value, shapes, reference_points, offsets, attention_logits)
+            _from_projections_in_pytorch(value, shapes, reference_points, offsets, attention_logits, levels)
         ),
     )
     return output.view(batch_size, num_queries, num_heads * head_dim)
@@ -402,6 +426,7 @@ def _from_projections(
 def _from_projections_shapes_only(
     value: torch.Tensor,
     spatial_shapes: list[int],
+    levels: torch.Tensor,
     reference_points: torch.Tensor,
     offsets: torch.Tensor,
     attention_logits: torch.Tensor,
@@ -454,7 +479,9 @@ def deformable_attention_triton_from_projections(
         tensor.requires_grad for tensor in (value, reference_points, offsets, attention_logits)
     ):
         raise RuntimeError("deformable_attention_triton_from_projections has no backward: use it for inference only.")
-    return _from_projections_op(value, _flat_sizes(spatial_shapes), reference_points, offsets, attention_logits)
+    sizes = _sizes_key(spatial_shapes)
+    levels = _level_tables(sizes, value.device, like=value)
+    return _from_projections_op(value, _flat_sizes(sizes), levels, reference_points, offsets, attention_logits)
 
 
 # `PosSAMMultiscaleDeformableAttention` passes a bf16 / fp16 model's values as they are to a sampler marked so, uses

@@ -4,27 +4,32 @@ from __future__ import annotations
 
 import torch
 
-from ..device_transfer import DeviceConstants, tensor_on, to_device, tracing
+from ..device_transfer import DeviceConstants
 
 
 __all__ = ["bilinear_resize", "mask_pool"]
 
 
-def _host_axis_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _axis_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
-    PyTorch's bilinear taps along one axis (align_corners=False, no antialiasing), computed in host memory as its CPU
-    kernel does: source `max(0, (out + 0.5) * in / out - 0.5)` in float32, first tap its floor (at most `in - 1`),
-    second tap the next index (the same at the edge), weight of the second tap the fractional part.
+    PyTorch's bilinear taps along one axis (align_corners=False, no antialiasing), computed as its CPU kernel does:
+    source `max(0, (out + 0.5) * in / out - 0.5)` in float32, first tap its floor (at most `in - 1`), second tap the
+    next index (the same at the edge), weight of the second tap the fractional part. Made on `device` from the sizes
+    alone, bitwise the same on every device and in traced graphs (no host tensor: in a graph, host tensors and
+    their copies would be CPU operations in every call, which split a CUDA graph), symbolic sizes included.
 
     Returns:
         `(first, second)` int64 indices `(out_size,)` and the second tap's float32 weight `(out_size,)`.
     """
-    # the kernel (as PyTorch builds it for x86) divides in float32 and evaluates `scale * (out + 0.5) - 0.5` as one
-    # fused multiply-add; the product is exact in float64, so float64 rounded once to float32 gives its positions
-    # (float32 throughout rounded twice: other taps on 263 of 1794 axes, 6e-4 off for 1024 -> 7)
-    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
-    positions = torch.arange(out_size, dtype=torch.float64) + 0.5
-    source = (positions * scale.double() - 0.5).float().clamp_min(0)
+    # the kernel divides in float32: the float64 quotient rounded to float32 is that quotient (rounding twice from
+    # binary64 to binary32 is innocuous for a division), and float64 divisions are correctly rounded on every device
+    # (a compiled GPU kernel's float32 division need not be)
+    scale = (torch.full((), in_size, dtype=torch.float64, device=device) / out_size).float().double()
+    # the kernel evaluates `scale * (out + 0.5) - 0.5` as one fused multiply-add; the product is exact in float64,
+    # so float64 rounded once to float32 gives its positions (float32 throughout rounded twice: other taps on 263 of
+    # 1794 axes, 6e-4 off for 1024 -> 7)
+    positions = torch.arange(out_size, dtype=torch.float64, device=device) + 0.5
+    source = (positions * scale - 0.5).float().clamp_min(0)
     first = source.floor().clamp_max(in_size - 1)
     weight = (source - first).clamp(0, 1)
     first = first.long()
@@ -32,27 +37,7 @@ def _host_axis_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Te
     return first, second, weight
 
 
-@torch.compiler.assume_constant_result  # called, not traced, by torch.compile: the taps are constants of the graph
-def _axis_tap_values(in_size: int, out_size: int) -> tuple[list[int], list[int], list[float]]:
-    """`_host_axis_taps` as Python values."""
-    first, second, weight = _host_axis_taps(in_size, out_size)
-    return first.tolist(), second.tolist(), weight.tolist()
-
-
-def _axis_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_host_axis_taps` on `device`: copied without waiting in eager mode; in a traced graph made on the device, as
-    constants of the graph (`tensor_on`: host tensors and their copies would be CPU operations in every call)."""
-    if tracing():
-        first, second, weight = _axis_tap_values(in_size, out_size)
-        return (
-            tensor_on(first, torch.long, device),
-            tensor_on(second, torch.long, device),
-            tensor_on(weight, torch.float32, device),
-        )
-    return tuple(to_device(taps, device) for taps in _host_axis_taps(in_size, out_size))  # type: ignore[return-value]
-
-
-# made (and copied to the device) once per sizes and device in eager mode
+# made once per sizes and device in eager mode
 _cached_axis_taps = DeviceConstants(_axis_taps)
 
 
