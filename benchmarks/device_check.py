@@ -308,7 +308,7 @@ def check_compiled(context: Context) -> dict:
     # warms up, the second records), Triton's deformable op inside it
     cuda_graphs = context.device.type == "cuda"
     inductor_counters = torch._dynamo.utils.counters["inductor"]
-    skips_before = inductor_counters["cudagraph_skips"]
+    counts_before = {name: inductor_counters[name] for name in ("cudagraph_skips", "cudagraph_partitions")}
     try:
         compiled = torch.compile(
             context.model, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda_graphs else None
@@ -329,8 +329,9 @@ def check_compiled(context: Context) -> dict:
         "first_call_s": compile_seconds,
         "relative_error": errors,
         "cuda_graphs": cuda_graphs,
-        # graphs or partitions inductor left without CUDA graphs (reasons: TORCH_LOGS=cudagraphs)
-        "cudagraph_skips": inductor_counters["cudagraph_skips"] - skips_before,
+        # graphs inductor left without CUDA graphs, and partitions of a graph split around what they cannot hold
+        # (reasons: TORCH_LOGS=cudagraphs)
+        **{name: inductor_counters[name] - before for name, before in counts_before.items()},
     }
 
 

@@ -70,6 +70,11 @@ def _config(variant: str):
     return config
 
 
+# inductor's counts: graphs left without CUDA graphs, and partitions of a graph split around what CUDA graphs cannot
+# hold (a CPU operation, an unsafe op; graph partition is on by default); the reasons: TORCH_LOGS=cudagraphs
+CUDAGRAPH_COUNTERS = ("cudagraph_skips", "cudagraph_partitions")
+
+
 def _measure(model, processor, pixel_values, class_embeddings, device, repeats: int) -> dict:
     batch = pixel_values.shape[0]
     size = tuple(pixel_values.shape[-2:])
@@ -375,7 +380,7 @@ def _inference(models: _Models, case: Case, row: dict, repeats: int, flops_per_i
             flops_per_image[key] = count_flops(lambda: model(pixel_values[:1], class_embeddings=class_embeddings))
     fullgraph = str(dtype) not in models.fullgraph_failed
     inductor_counters = torch._dynamo.utils.counters["inductor"]
-    cudagraph_skips_before = inductor_counters["cudagraph_skips"]
+    cudagraph_counts_before = {name: inductor_counters[name] for name in CUDAGRAPH_COUNTERS}
     try:
         runner = models.runner(case.variant, dtype, case.compiled, fullgraph=fullgraph)
         row.update(_measure(runner, processor, pixel_values, class_embeddings, device, repeats))
@@ -391,9 +396,7 @@ def _inference(models: _Models, case: Case, row: dict, repeats: int, flops_per_i
     if not fullgraph:
         row["fullgraph_error"] = "fullgraph failed on an earlier row of this dtype: graph breaks allowed"
     if case.compiled and models.compile_mode in ("reduce-overhead", "max-autotune"):
-        # graphs (or partitions) inductor left without CUDA graphs, e.g. for a node on the CPU; the reasons are in
-        # the log with TORCH_LOGS=cudagraphs
-        row["cudagraph_skips"] = inductor_counters["cudagraph_skips"] - cudagraph_skips_before
+        row.update({name: inductor_counters[name] - cudagraph_counts_before[name] for name in CUDAGRAPH_COUNTERS})
     row["forward_tflop_per_image"] = flops_per_image[key] / 1e12
     # forward FLOPs over the time of forward + MASE + post-processing: a lower bound of the forward's own rate
     row["end_to_end_tflops"] = flops_per_image[key] * row["images_per_second"] / 1e12

@@ -792,7 +792,6 @@ def test_triton_runs_on_cuda_only_where_it_can_launch(fresh_launch_probe, monkey
     assert builds == [1]  # asked once
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # inside a trace: the same answers
     assert triton_support.triton_runs_on("cuda") and not triton_support.triton_runs_on("cpu")
-    assert builds == [1]  # and no second call into Triton's driver
     monkeypatch.undo()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -23,26 +23,9 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 
-__all__ = ["DeviceConstants", "tensor_on", "to_device", "tracing"]
+__all__ = ["DeviceConstants", "to_device"]
 
 _Constants = TypeVar("_Constants")
-
-
-def tracing() -> bool:
-    """Whether a graph is being traced (`torch.compile`, `torch.export`, `torch.jit.trace`)."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-
-
-def tensor_on(values: object, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """
-    `torch.tensor(values, dtype=dtype)` on `device`, without waiting for it: in eager mode made in host memory and
-    copied without waiting (`to_device`); in a traced graph made on the device itself, where it is a constant of the
-    graph, made once when the graph is built: a host tensor and its copy would be operations on the CPU in every
-    call, which split a CUDA graph (`torch.compile(mode="reduce-overhead")`) into pieces.
-    """
-    if tracing():
-        return torch.tensor(values, dtype=dtype, device=device)
-    return to_device(torch.tensor(values, dtype=dtype, device="cpu"), device)
 
 
 def to_device(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -75,6 +58,6 @@ class DeviceConstants(Generic[_Constants]):
         self.cache_clear = cached.cache_clear
 
     def __call__(self, *arguments, like: torch.Tensor) -> _Constants:
-        if tracing() or is_fake(like):
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing() or is_fake(like):
             return self.make(*arguments)
         return self._cached(*arguments)

@@ -34,7 +34,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_possam import PosSAMConfig, default_vocabulary_shape
-from .device_transfer import tensor_on, to_device
+from .device_transfer import to_device
 from .modeling import (
     LocalDiscriminativePooling,
     PosSAMCLIP,
@@ -881,10 +881,10 @@ class PosSAMForPanopticSegmentation(PosSAMPreTrainedModel):
         config = self.config
         statistics = (config.sam_image_mean, config.sam_image_std, config.clip_image_mean, config.clip_image_std)
         # the four statistics (per channel, or one value for every channel) in one copy: (4, 1, C or 1, 1, 1)
-        per_channel = [list(value) if isinstance(value, (list, tuple)) else [value] for value in statistics]
-        num_channels = max(len(values) for values in per_channel)
-        rows = [values * num_channels if len(values) == 1 else values for values in per_channel]
-        channels = tensor_on(rows, torch.float32, pixel_values.device).view(4, 1, -1, 1, 1)
+        host = torch.stack(
+            torch.broadcast_tensors(*(torch.tensor(value, dtype=torch.float32) for value in statistics))
+        )
+        channels = to_device(host.view(4, 1, -1, 1, 1), pixel_values.device)
         sam_mean, sam_std, clip_mean, clip_std = channels.unbind(0)
         clip_pixels = (pixel_values.float() * sam_std + sam_mean - clip_mean) / clip_std
         if pixel_mask is not None:

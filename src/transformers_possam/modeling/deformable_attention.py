@@ -13,7 +13,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     multi_scale_deformable_attention,
 )
 
-from ..device_transfer import tensor_on, to_device
+from ..device_transfer import to_device
 from ..triton_support import gives_way_to_pytorch, triton_runs_on
 from .deformable_sampling_triton import deformable_attention_triton
 
@@ -460,7 +460,9 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         """
         batch_size, num_queries, num_heads, num_levels, num_points, _ = offsets.shape
         if level_sizes is None:
-            normalizer = tensor_on([[w, h] for h, w in spatial_shapes_list], offsets.dtype, offsets.device)
+            normalizer = to_device(
+                torch.tensor([[w, h] for h, w in spatial_shapes_list], dtype=offsets.dtype), offsets.device
+            )
         else:
             normalizer = level_sizes.to(offsets.dtype)
         # transformers' `reference + offsets / normalizer`, the same divisions, with the (levels, points, xy) pattern

@@ -13,7 +13,7 @@ import math
 import torch
 from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
-from ..device_transfer import DeviceConstants, tensor_on
+from ..device_transfer import DeviceConstants, to_device
 from ..triton_support import kernel_op, launch_or_fall_back, on_launch_device, triton_runs_on
 
 
@@ -25,13 +25,13 @@ _QUERIES_PER_PROGRAM = 64
 
 def _level_table(spatial_shapes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
     """`(levels, 3)` int32: each level's height, width and first value row; made on the host and copied without
-    waiting in eager mode (a host tensor built on a CUDA device would synchronize), a constant of the graph in traces
-    (`tensor_on`)."""
+    waiting (a host tensor built on a CUDA device would synchronize; in a compiled graph inductor folds the copy of
+    a constant into a device constant, `DeviceCopy.create`)."""
     rows, start = [], 0
     for height, width in spatial_shapes:
         rows.append([height, width, start])
         start += height * width
-    return tensor_on(rows, torch.int32, device)
+    return to_device(torch.tensor(rows, dtype=torch.int32, device="cpu"), device)
 
 
 # made once per sizes and device in eager mode (no host-to-device copy per layer and call), by the callers of the ops

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..device_transfer import DeviceConstants
+from ..device_transfer import DeviceConstants, to_device
 
 
 __all__ = ["bilinear_resize", "mask_pool"]
@@ -14,30 +14,25 @@ def _axis_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch
     """
     PyTorch's bilinear taps along one axis (align_corners=False, no antialiasing), computed as its CPU kernel does:
     source `max(0, (out + 0.5) * in / out - 0.5)` in float32, first tap its floor (at most `in - 1`), second tap the
-    next index (the same at the edge), weight of the second tap the fractional part. Made on `device` from the sizes
-    alone, bitwise the same on every device and in traced graphs (no host tensor: in a graph, host tensors and
-    their copies would be CPU operations in every call, which split a CUDA graph), symbolic sizes included.
+    next index (the same at the edge), weight of the second tap the fractional part.
 
     Returns:
         `(first, second)` int64 indices `(out_size,)` and the second tap's float32 weight `(out_size,)`.
     """
-    # the kernel divides in float32: the float64 quotient rounded to float32 is that quotient (rounding twice from
-    # binary64 to binary32 is innocuous for a division), and float64 divisions are correctly rounded on every device
-    # (a compiled GPU kernel's float32 division need not be)
-    scale = (torch.full((), in_size, dtype=torch.float64, device=device) / out_size).float().double()
-    # the kernel evaluates `scale * (out + 0.5) - 0.5` as one fused multiply-add; the product is exact in float64,
-    # so float64 rounded once to float32 gives its positions (float32 throughout rounded twice: other taps on 263 of
-    # 1794 axes, 6e-4 off for 1024 -> 7)
-    positions = torch.arange(out_size, dtype=torch.float64, device=device) + 0.5
-    source = (positions * scale - 0.5).float().clamp_min(0)
+    # the kernel (as PyTorch builds it for x86) divides in float32 and evaluates `scale * (out + 0.5) - 0.5` as one
+    # fused multiply-add; the product is exact in float64, so float64 rounded once to float32 gives its positions
+    # (float32 throughout rounded twice: other taps on 263 of 1794 axes, 6e-4 off for 1024 -> 7)
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    positions = torch.arange(out_size, dtype=torch.float64) + 0.5
+    source = (positions * scale.double() - 0.5).float().clamp_min(0)
     first = source.floor().clamp_max(in_size - 1)
     weight = (source - first).clamp(0, 1)
     first = first.long()
     second = (first + 1).clamp_max(in_size - 1)
-    return first, second, weight
+    return to_device(first, device), to_device(second, device), to_device(weight, device)
 
 
-# made once per sizes and device in eager mode
+# made (and copied to the device) once per sizes and device in eager mode
 _cached_axis_taps = DeviceConstants(_axis_taps)
 
 

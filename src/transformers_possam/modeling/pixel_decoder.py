@@ -9,7 +9,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderOutput,
 )
 
-from ..device_transfer import DeviceConstants, tensor_on
+from ..device_transfer import DeviceConstants, to_device
 from .deformable_attention import PosSAMMultiscaleDeformableAttention
 from .pixel_decoder_encoder import unpadded_valid_ratios
 
@@ -22,7 +22,7 @@ def _level_start_index(sizes: tuple[tuple[int, int], ...], device: torch.device)
     starts = [0]
     for height, width in sizes[:-1]:
         starts.append(starts[-1] + height * width)
-    return tensor_on(starts, torch.long, device)
+    return to_device(torch.tensor(starts, dtype=torch.long), device)
 
 
 _level_start_indices = DeviceConstants(_level_start_index)
@@ -34,7 +34,7 @@ class PosSAMPixelDecoder(Mask2FormerPixelDecoder):
     turns the levels' sizes into a device tensor with `torch.as_tensor(sizes, device=...)`, a blocking
     host-to-device copy that synchronizes the stream in every forward, only to derive `level_start_index`, which
     the deformable attention does not read (it takes the sizes as a list). Here that index is copied without
-    waiting (`tensor_on`) once per sizes and device. transformers builds all-False padding masks (PosSAM's maps,
+    waiting (`to_device`) once per sizes and device. transformers builds all-False padding masks (PosSAM's maps,
     like FC-CLIP's, have no padding) for two uses: each deformable layer masks its values with them, a pass over
     the values that changes nothing, and `get_valid_ratio` turns them into valid ratios of exactly 1. Here no mask
     is passed on and the valid ratios are `unpadded_valid_ratios`, ones made once (with the reference points made
