@@ -534,6 +534,27 @@ def test_tiny_model_with_the_triton_sampler_equals_the_default(dtype, monkeypatc
 
 
 @needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sampler_ops_pass_torch_librarys_opcheck(interpreted, dtype):
+    """`torch.library.opcheck`, PyTorch's own checker of custom ops, on both sampler ops: schema (no input mutated or
+    aliased), the fake implementation against the real one (shapes, strides, dtypes), autograd registration, and
+    AOTAutograd's tracing with static and dynamic shapes; with contiguous and strided values."""
+    shapes = [(4, 4), (3, 5)]
+    value, locations, weights = _inputs(shapes, 2, 2, 8, 2, 6)
+    projections = _projection_inputs(shapes, 2, 2, 8, 2, 6, True, dtype)
+    sizes = interpreted._sizes_key(shapes)
+    levels = interpreted._level_tables(sizes, value.device, like=value)
+    strided = torch.randn(*value.shape[:-1], 16).to(dtype)[..., ::2]
+    for values in (value.to(dtype), strided):
+        torch.library.opcheck(
+            interpreted._sample_op, (values, interpreted._flat_sizes(sizes), levels, locations, weights)
+        )
+    torch.library.opcheck(
+        interpreted._from_projections_op, (projections[0], interpreted._flat_sizes(sizes), levels, *projections[1:])
+    )
+
+
+@needs_interpreter
 @pytest.mark.parametrize("output_attentions", [False, True])
 def test_compiled_tiny_model_calls_the_triton_sampler_as_an_op(output_attentions, monkeypatch):
     """`torch.compile(model, fullgraph=True)` with CUDA's sampler chosen (here on CPU tensors, run by Triton's
