@@ -326,8 +326,8 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
         """
         The attention with the decomposed relative-position bias (arguments and result as
         `relative_position_attention`; one with a true `inference_only` attribute gives way to
-        `relative_position_attention` where autograd, a trace, fake tensors or float64 need it,
-        `gives_way_to_pytorch`): on CPU
+        `relative_position_attention` where `gives_way_to_pytorch` says so: autograd, a trace, fake tensors, float64):
+        on CPU
         `relative_position_attention_blocked`, elsewhere `relative_position_attention` (SDPA with the bias as extra
         q/k channels). The Triton kernel `relative_position_attention_triton` is a CUDA candidate
         (`benchmarks/gpu_candidates.py` replaces this method), not chosen until a GPU has timed it.
