@@ -10,6 +10,8 @@ with its traceback) is written to `--output` as soon as it ends, so a stopped ru
   heads (issue 15 item 4: not head by head);
 - `sam_attention_fused_kernel`: SAM-B/L/H attention shapes at 1024 in bf16 run with SDPA limited to its fused
   kernels (flash, memory-efficient, cuDNN): an unfused math fallback is an error;
+- `sam_attention_triton`: SAM's attention through the Triton kernel (a candidate for CUDA's default) at SAM-B's and
+  SAM-H's shapes at 1024 for 8 images in bf16: within twice the default path's error, and both timed;
 - `bf16`: a bf16 copy of the model runs on the device; finite outputs, its mask-logit relative error against fp32;
 - `no_host_sync`: forward, MASE and the panoptic post-processing under `torch.cuda.set_sync_debug_mode("warn")`,
   every reported synchronizing call recorded with where it happened, the dense path's one device-to-host transfer
@@ -171,6 +173,79 @@ def check_sam_attention_fused_kernel(context: Context) -> dict:
                 raise AssertionError(f"non-finite attention for head size {head_dim}, grid {size}")
             shapes[f"head {head_dim}, grid {size[0]}x{size[1]}"] = list(output.shape)
     return {"backends": [backend.name for backend in backends], "shapes": shapes}
+
+
+def _median_call_ms(call: Callable[[], object], device: torch.device, repeats: int = 10) -> float:
+    """The median wall time of `call()` in milliseconds, the device synchronized around each call (two calls first:
+    a kernel's first launch compiles it)."""
+    timings = []
+    for index in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if index >= 2:
+            timings.append((time.perf_counter() - start) * 1e3)
+    return sorted(timings)[len(timings) // 2]
+
+
+def check_sam_attention_triton(context: Context) -> dict:
+    """
+    SAM's attention through the Triton kernel (`relative_position_attention_triton`, a candidate for CUDA's
+    default), at SAM-B's (12 heads of 64) and SAM-H's (16 of 80) shapes at 1024x1024 for 8 images in bf16 (200
+    windows of 14 x 14, or one 64 x 64 grid per image), with the layer's relative-position rows (`get_rel_pos` of
+    random tables): within twice the default path's (`relative_position_attention`, SDPA with the bias as extra
+    channels) bf16 error of the float32 result, and both timed (median ms per call), the kernel's figures early in a
+    session whose candidates step may not be reached. Where Triton cannot run: skipped; on a CPU under Triton's
+    interpreter (the tests): small shapes, and the times mean nothing.
+    """
+    from transformers_possam.modeling.sam_attention import relative_position_attention, relative_position_rows
+    from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
+    from transformers_possam.triton_support import triton_runs_on
+
+    if not triton_runs_on(context.device):
+        return {"skipped": f"Triton cannot run on {context.device}"}
+    full_size = context.device.type == "cuda"
+    generator = torch.Generator().manual_seed(2)
+    details = {}
+    for model_name, head_dim, heads in (("sam_b", 64, 12), ("sam_h", 80, 16)):
+        for layer_name, sequences, size in (("windowed", 200, (14, 14)), ("global", 8, (64, 64))):
+            if not full_size:
+                heads, sequences, size = 2, 2, (4, 6)
+            tokens = size[0] * size[1]
+            qkv = torch.randn(sequences, tokens, 3, heads, head_dim, generator=generator).permute(2, 0, 3, 1, 4)
+            query, key, value = qkv.to(context.device, torch.bfloat16).unbind(0)  # the layer's strided views
+            rows = [
+                relative_position_rows(
+                    n,
+                    n,
+                    (torch.randn(2 * n - 1, head_dim, generator=generator) / 4).to(context.device, torch.bfloat16),
+                )
+                for n in size
+            ]
+            arguments = (query, key, value, *rows, size)
+            with torch.inference_mode():
+                exact = relative_position_attention(*(tensor.float() for tensor in arguments[:5]), size)
+                default = relative_position_attention(*arguments)
+                found = relative_position_attention_triton(*arguments)
+                default_error = float((default.float() - exact).abs().max())
+                found_error = float((found.float() - exact).abs().max())
+                if not found_error <= 2 * default_error + 1e-3:
+                    raise AssertionError(
+                        f"{model_name} {layer_name}: the kernel's largest error {found_error:.3g} against float32, "
+                        f"the default path's {default_error:.3g}"
+                    )
+                details[f"{model_name}_{layer_name}"] = {
+                    "max_abs_error": found_error,
+                    "default_max_abs_error": default_error,
+                    "triton_ms": _median_call_ms(
+                        lambda: relative_position_attention_triton(*arguments), context.device
+                    ),
+                    "default_ms": _median_call_ms(lambda: relative_position_attention(*arguments), context.device),
+                }
+    return details
 
 
 def check_bf16(context: Context) -> dict:
@@ -420,6 +495,7 @@ CHECKS: dict[str, Callable[[Context], dict]] = {
     "outputs_match_cpu": check_outputs_match_cpu,
     "sam_attention_all_heads": check_sam_attention_all_heads,
     "sam_attention_fused_kernel": check_sam_attention_fused_kernel,
+    "sam_attention_triton": check_sam_attention_triton,
     "bf16": check_bf16,
     "no_host_sync": check_no_host_sync,
     "training_step": check_training_step,

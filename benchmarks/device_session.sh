@@ -19,7 +19,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/possam-device}
 PYTHON=${PYTHON:-python3}
 DEVICE=${POSSAM_DEVICE:-cuda}
-DEFAULT_CHECKS="versions outputs_match_cpu sam_attention_all_heads sam_attention_fused_kernel bf16 no_host_sync"
+DEFAULT_CHECKS="versions outputs_match_cpu sam_attention_all_heads sam_attention_fused_kernel sam_attention_triton bf16 no_host_sync"
 CHECKS=${POSSAM_GPU_CHECKS:-"$DEFAULT_CHECKS training_step compiled"}
 mkdir -p "$OUT"
 WHEELS=${POSSAM_WHEELS:-.whl}

@@ -18,10 +18,11 @@ tests; no figures are meaningful there).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,6 +236,9 @@ class Case:
     batch: int
     compiled: bool = False
     training: bool = False
+    # SAM's attention through the Triton kernel (`relative_position_attention_triton`, a candidate for CUDA's
+    # default), chosen for this row only
+    sam_attention_kernel: bool = False
 
 
 def plan(
@@ -243,10 +247,13 @@ def plan(
     batches: tuple[int, ...],
     compile_models: bool,
     training_batch: int | None = None,
+    sam_kernel_rows: bool = False,
 ) -> list[Case]:
     """
     The matrix in the order it is measured, so that a session whose device time runs out (`run(..., budget_s=...)`)
-    has measured what matters most: 0. the eager rows with an issue-15 goal (B bf16 batch 1, H bf16 batch 8); 1. the
+    has measured what matters most: 0. the eager rows with an issue-15 goal (B bf16 batch 1, H bf16 batch 8), and
+    with `sam_kernel_rows` the same rows again with SAM's attention through the Triton kernel (a candidate: the
+    whole model both ways in one run, seconds each); 1. the
     first variant's compiled goal row (B bf16 batch 1: one compilation, minutes); 2. the other bf16 eager rows;
     3. bf16 training steps at `training_batch` (None: none); 4. fp32 eager; 5. the other bf16 compiled rows; 6. fp32
     compiled. Within a tier: the first variant, then H, then the others as given; then batches as given.
@@ -274,8 +281,20 @@ def plan(
     ]
     if training_batch is not None:
         cases += [Case(variant, "bfloat16", training_batch, training=True) for variant in variants]
+    if sam_kernel_rows:
+        cases += [
+            Case(case.variant, case.dtype, case.batch, sam_attention_kernel=True) for case in cases if tier(case) == 0
+        ]
     batch_order = {batch: index for index, batch in enumerate(batches)}
-    return sorted(cases, key=lambda case: (tier(case), order[case.variant], batch_order.get(case.batch, 0)))
+    return sorted(
+        cases,
+        key=lambda case: (
+            tier(case),
+            case.sam_attention_kernel,
+            order[case.variant],
+            batch_order.get(case.batch, 0),
+        ),
+    )
 
 
 def _row(case: Case, size: int, compile_mode: str | None = None) -> dict:
@@ -285,6 +304,8 @@ def _row(case: Case, size: int, compile_mode: str | None = None) -> dict:
         figure = f"{_name(case.variant)} {case.dtype} batch {case.batch} at {size}x{size}, " + (
             ("torch.compile" + (f" mode={compile_mode}" if compile_mode else "")) if case.compiled else "eager"
         )
+        if case.sam_attention_kernel:
+            figure += ", SAM attention through the Triton kernel (candidate)"
     row = {
         "target": 7,
         "figure": figure,
@@ -299,6 +320,8 @@ def _row(case: Case, size: int, compile_mode: str | None = None) -> dict:
         row["training"] = True
     else:
         row["paper_fps_a100"] = PAPER_FPS.get(case.variant)
+    if case.sam_attention_kernel:
+        row["sam_attention_kernel"] = True
     return row
 
 
@@ -362,6 +385,24 @@ class _Models:
         return self.compiled[key]
 
 
+@contextlib.contextmanager
+def _sam_attention_kernel_chosen(chosen: bool) -> Iterator[None]:
+    """With `chosen`, SAM's attention through `relative_position_attention_triton` inside the block (as
+    gpu_candidates.py does), put back after; otherwise nothing."""
+    if not chosen:
+        yield
+        return
+    from transformers_possam.modeling.sam_attention import PosSAMVisionAttention
+    from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
+
+    original = PosSAMVisionAttention.__dict__["attention_function"]
+    PosSAMVisionAttention.attention_function = staticmethod(lambda device_type: relative_position_attention_triton)
+    try:
+        yield
+    finally:
+        PosSAMVisionAttention.attention_function = original
+
+
 def _inference(models: _Models, case: Case, row: dict, repeats: int, flops_per_image: dict) -> None:
     from transformers_possam import PosSAMImageProcessor
 
@@ -383,7 +424,8 @@ def _inference(models: _Models, case: Case, row: dict, repeats: int, flops_per_i
     cudagraph_counts_before = {name: inductor_counters[name] for name in CUDAGRAPH_COUNTERS}
     try:
         runner = models.runner(case.variant, dtype, case.compiled, fullgraph=fullgraph)
-        row.update(_measure(runner, processor, pixel_values, class_embeddings, device, repeats))
+        with _sam_attention_kernel_chosen(case.sam_attention_kernel):
+            row.update(_measure(runner, processor, pixel_values, class_embeddings, device, repeats))
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as error:
         if not case.compiled:
             raise
@@ -401,7 +443,9 @@ def _inference(models: _Models, case: Case, row: dict, repeats: int, flops_per_i
     # forward FLOPs over the time of forward + MASE + post-processing: a lower bound of the forward's own rate
     row["end_to_end_tflops"] = flops_per_image[key] * row["images_per_second"] / 1e12
     minimum = goal(case.variant, case.dtype, case.batch, case.compiled)
-    if minimum is not None:
+    if minimum is not None and case.sam_attention_kernel:  # not the package's default: compared, not judged
+        row["goal"] = f">= {minimum:g} images/s (H100) for the default path; this row is a candidate's"
+    elif minimum is not None:
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         if "H100" in device_name:
             row.update(goal=f">= {minimum:g} images/s (H100)", **{"pass": row["images_per_second"] >= minimum})
@@ -443,6 +487,7 @@ def run(
     on_row: Callable[[dict], None] | None = None,
     compile_mode: str | None = None,
     compile_reserve_s: float = 150.0,
+    sam_kernel_rows: bool | None = None,
 ) -> list[dict]:
     """
     Target 7's matrix, one row per `Case`, in `plan`'s order (goal rows first): variants x dtypes x batches x
@@ -456,14 +501,19 @@ def run(
     started runs to its end), and a compiled row is skipped once less than `compile_reserve_s` is left (compiling a
     full-size model takes minutes). `on_row(row)` is called after each row (run.py writes the partial results file), so a
     command stopped at its time limit keeps every finished row. `compile_mode`: `torch.compile`'s mode for the
-    compiled rows (None: its default; "reduce-overhead": with CUDA graphs).
+    compiled rows (None: its default; "reduce-overhead": with CUDA graphs). `sam_kernel_rows`: the eager goal rows
+    again with SAM's attention through the Triton kernel (None: where Triton runs on the device).
     """
     device = torch.device(device_name)
     started = time.perf_counter()
     models = _Models(device, compile_mode)
     flops_per_image: dict[tuple[str, str], int] = {}
     rows = []
-    for case in plan(variants, dtypes, batches, compile_models, training_batch):
+    if sam_kernel_rows is None:
+        from transformers_possam.triton_support import triton_runs_on
+
+        sam_kernel_rows = triton_runs_on(device)
+    for case in plan(variants, dtypes, batches, compile_models, training_batch, sam_kernel_rows):
         row = _row(case, _config(case.variant).vision_config.image_size, compile_mode)
         left = None if budget_s is None else budget_s - (time.perf_counter() - started)
         if left is not None and left <= 0:

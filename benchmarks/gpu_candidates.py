@@ -21,8 +21,8 @@ pointed at on an H200 (2026-11-26):
    with 16, 64 and all queries kept;
 5. SAM's attention at SAM-B's and SAM-H's windowed and global shapes: the bias as extra q/k channels (CUDA's
    path), the same with the value padded to q/k's head size (flash-eligible), the bias as an additive mask, and on
-   CUDA the Triton flash kernel with the bias read from its factors (`relative_position_attention_triton`; also in
-   the whole forward, section 4).
+   CUDA the Triton flash kernel with the bias made inside it (`relative_position_attention_triton`; also in the
+   whole forward, section 4).
 
 `python benchmarks/gpu_candidates.py --device cuda --output OUT/candidates.json`; `--device cpu --variant tiny`
 runs the same code on a CPU (the tests do; no figure is meaningful there).
@@ -172,7 +172,8 @@ def sam_attention_variants(device: torch.device) -> dict:
     - `bias_as_mask`: plain q/k/v with the bias materialized as a `(B, heads, T, T)` additive mask (0.40 GB per
       image at a SAM-B global layer in bf16, 0.54 GB for SAM-H);
     - `triton_flash`: `relative_position_attention_triton`, flash attention's online softmax in one Triton kernel
-      with the bias read from its two small factors (no extended q/k, no mask), 8 warps per program (its default),
+      with the bias made inside it from the query and the two resized tables (no bias factors, no extended q/k, no
+      mask), 8 warps per program (its default),
       and `triton_flash_4_warps` (more register spills when compiled, more programs per SM).
     """
     from transformers_possam.modeling.sam_attention import (
@@ -214,6 +215,8 @@ def sam_attention_candidates(device: torch.device, batch: int, repeats: int, tin
     bf16: a windowed layer (25 windows of 14 x 14 per image) and a global one (64 x 64), each against the first
     variant. `tiny`: small shapes for a CPU test.
     """
+    from transformers_possam.modeling.sam_attention import relative_position_rows
+
     variants = sam_attention_variants(device)
     generator = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -227,7 +230,14 @@ def sam_attention_candidates(device: torch.device, batch: int, repeats: int, tin
                 torch.randn(batch * windows, heads, tokens, head_dim, generator=generator).to(device, dtype)
                 for _ in "qkv"
             )
-            tables = [torch.randn(n, n, head_dim, generator=generator).to(device, dtype) / 4 for n in size]
+            # the layer's rows, `get_rel_pos` of a table of 2 n - 1 rows (the Triton kernel reads the table back
+            # from them)
+            tables = [
+                relative_position_rows(
+                    n, n, torch.randn(2 * n - 1, head_dim, generator=generator).to(device, dtype) / 4
+                )
+                for n in size
+            ]
             row: dict = {}
             with torch.inference_mode():
                 reference = None

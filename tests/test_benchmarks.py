@@ -62,6 +62,39 @@ def test_gpu_suite_measures_the_goal_rows_first():
     assert all(key[1] == "fl" and key[3] == "c" for key in keys[21:])
 
 
+def test_gpu_suite_measures_the_goal_rows_again_with_the_sam_kernel_where_asked():
+    """With `sam_kernel_rows` (by default where Triton runs on the device), the eager goal rows come again, right after
+    the default ones and before the compiled goal row, with SAM's attention through the Triton kernel; those rows
+    name it, and within their block SAM's layers choose the kernel, the default again after it (also after an
+    error)."""
+    gpu = load_script("benchmarks/gpu.py")
+    from transformers_possam.modeling.sam_attention import PosSAMVisionAttention, relative_position_attention
+    from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
+
+    cases = gpu.plan(("vit-b", "vit-l", "vit-h"), ("bfloat16", "float32"), (1, 8), True, 2, sam_kernel_rows=True)
+    keys = [(c.variant[-1], c.batch, c.compiled, c.sam_attention_kernel) for c in cases[:5]]
+    assert keys == [
+        ("b", 1, False, False),
+        ("h", 8, False, False),
+        ("b", 1, False, True),
+        ("h", 8, False, True),
+        ("b", 1, True, False),
+    ]
+    assert sum(case.sam_attention_kernel for case in cases) == 2
+    assert len(gpu.plan(("vit-b", "vit-h"), ("bfloat16",), (1, 8), True)) == 2 * 2 * 2  # none unless asked
+    row = gpu._row(cases[2], 1024)
+    assert row["sam_attention_kernel"] and "SAM attention through the Triton kernel" in row["figure"]
+    assert "sam_attention_kernel" not in gpu._row(cases[0], 1024)
+    with gpu._sam_attention_kernel_chosen(True):
+        assert PosSAMVisionAttention.attention_function("cuda") is relative_position_attention_triton
+    assert PosSAMVisionAttention.attention_function("cuda") is relative_position_attention
+    with pytest.raises(ZeroDivisionError), gpu._sam_attention_kernel_chosen(True):
+        1 / 0
+    assert PosSAMVisionAttention.attention_function("cuda") is relative_position_attention
+    with gpu._sam_attention_kernel_chosen(False):
+        assert PosSAMVisionAttention.attention_function("cuda") is relative_position_attention
+
+
 def test_gpu_suite_hands_each_row_over_and_skips_rows_past_its_budget():
     """`on_row` sees each row as it finishes (run.py writes the results file then). A row started within `budget_s`
     runs to its end; rows not started by then are reported as skipped, not measured and not dropped; a compiled row
@@ -242,6 +275,7 @@ def test_device_check_runs_its_checks_on_cpu_and_writes_each_result(tmp_path):
         "seconds": checks["no_host_sync"]["seconds"],
     }
     assert checks["training_syncs"]["skipped"] == "torch.cuda.set_sync_debug_mode needs CUDA"
+    assert checks["sam_attention_triton"]["skipped"] == "Triton cannot run on cpu"  # outside the interpreter
     for name in ("versions", "outputs_match_cpu", "sam_attention_fused_kernel", "bf16", "training_step"):
         assert checks[name]["ok"], checks[name].get("traceback")
     assert checks["outputs_match_cpu"]["max_relative_difference"]["masks_queries_logits"] == 0.0  # same device

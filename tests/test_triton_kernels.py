@@ -594,33 +594,42 @@ def test_compiled_tiny_model_calls_the_triton_sampler_as_an_op(output_attentions
     torch._dynamo.reset()
 
 
-def _attention_inputs(batch, heads, size, head_dim, dtype=torch.float32, seed=0):
+def _attention_inputs(batch, heads, size, head_dim, dtype=torch.float32, seed=0, table_rows=None):
     """q, k, v as the layer has them, views of one qkv projection `(B, tokens, 3, heads, d)` (strided, d contiguous),
-    and the two relative-position row tables, drawn large enough for the bias to matter."""
+    and the two relative-position row tables as the layer makes them, transformers' `get_rel_pos` (`(n, n, d)`) of
+    tables of `2 n - 1` rows (or of `table_rows` rows, resized by it), drawn large enough for the bias to matter."""
+    from transformers.models.sam.modeling_sam import SamVisionAttention
+
     generator = torch.Generator().manual_seed(seed)
     tokens = size[0] * size[1]
     qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=generator).to(dtype).permute(2, 0, 3, 1, 4)
-    tables = [(torch.randn(n, n, head_dim, generator=generator) * 0.3).to(dtype) for n in size]
-    return (*qkv.unbind(0), *tables)
+    tables = [
+        torch.randn(table_rows or 2 * n - 1, head_dim, generator=generator, dtype=torch.float64) * 0.3 for n in size
+    ]
+    rows = [SamVisionAttention.get_rel_pos(None, n, n, table).to(dtype) for n, table in zip(size, tables)]
+    return (*qkv.unbind(0), *rows)
 
 
 @needs_interpreter
 @pytest.mark.parametrize(
-    "batch, heads, size, head_dim",
+    "batch, heads, size, head_dim, table_rows",
     [
-        (3, 12, (14, 14), 64),  # SAM-B's windows
-        (1, 2, (14, 14), 80),  # SAM-H's head size (not a power of 2)
-        (2, 3, (5, 7), 24),  # a rectangular grid, rows narrower than a step
-        (1, 1, (3, 70), 16),  # rows wider than a step (padded to 128 lanes)
-        (1, 2, (1, 1), 8),  # one token
+        (3, 12, (14, 14), 64, None),  # SAM-B's windows
+        (1, 2, (14, 14), 80, None),  # SAM-H's head size (not a power of 2)
+        (2, 3, (5, 7), 24, None),  # a rectangular grid, rows narrower than a step
+        (1, 1, (3, 70), 16, None),  # rows wider than a step (padded to 128 lanes)
+        (1, 2, (1, 1), 8, None),  # one token
+        (1, 2, (8, 8), 16, 27),  # SAM-B's window tables resized to another grid (interpolated rows)
     ],
 )
-def test_triton_sam_attention_equals_the_softmax_attention_in_float64(batch, heads, size, head_dim):
+def test_triton_sam_attention_equals_the_softmax_attention_in_float64(batch, heads, size, head_dim, table_rows):
     """`relative_position_attention_triton` against SAM's attention written out (scores, decomposed bias with
     transformers' einsums, softmax, values) in float64 on the same strided views: float32 to its rounding."""
     from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
 
-    query, key, value, relative_height, relative_width = _attention_inputs(batch, heads, size, head_dim)
+    query, key, value, relative_height, relative_width = _attention_inputs(
+        batch, heads, size, head_dim, table_rows=table_rows
+    )
     height, width = size
     # the reference: transformers' SamVisionAttention.add_decomposed_rel_pos, spelled out on (B * heads) sequences
     q64, k64, v64, rh64, rw64 = (tensor.double() for tensor in (query, key, value, relative_height, relative_width))
@@ -747,6 +756,74 @@ def test_sam_attention_layer_with_the_triton_kernel_gives_way_where_it_cannot_ru
 
 
 @needs_interpreter
+def test_triton_sam_attention_rounds_float32_rows_to_the_querys_dtype():
+    """Under autocast the qkv projection is bf16 while the layer's relative-position tables stay float32 (the default
+    path's einsums run in bf16): the kernel takes float32 rows beside a bf16 query and rounds them to bf16 as it
+    reads them, giving what the same rows rounded to bf16 beforehand give, up to the rounding itself (Triton's
+    interpreter converts float32 to bf16 by truncation, torch to the nearest), and a bf16 result."""
+    from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
+
+    query, key, value, relative_height, relative_width = _attention_inputs(2, 2, (4, 6), 16)
+    query, key, value = (tensor.to(torch.bfloat16) for tensor in (query, key, value))
+    with torch.inference_mode():
+        from_float32 = relative_position_attention_triton(query, key, value, relative_height, relative_width, (4, 6))
+        rounded = relative_position_attention_triton(
+            query, key, value, relative_height.bfloat16(), relative_width.bfloat16(), (4, 6)
+        )
+    assert from_float32.dtype == torch.bfloat16
+    torch.testing.assert_close(from_float32, rounded, rtol=2e-2, atol=2e-2)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sam_attention_op_passes_torch_librarys_opcheck(dtype):
+    """`torch.library.opcheck` on the SAM attention op: schema (no input mutated or aliased), the fake
+    implementation against the real one (shapes, strides: a view of a `(B, N, heads, d)` tensor, dtypes), autograd
+    registration, AOTAutograd's tracing with static and dynamic shapes; on the qkv projection's strided views, at a
+    head size of two channel blocks."""
+    from transformers_possam.modeling import sam_attention_triton
+
+    inputs = _attention_inputs(2, 2, (3, 4), 24, dtype=dtype)
+    torch.library.opcheck(sam_attention_triton._attend_op, (*inputs, [3, 4], 8))
+
+
+@needs_interpreter
+def test_compiled_tiny_model_calls_the_triton_sam_attention_as_an_op(monkeypatch):
+    """`torch.compile(model, fullgraph=True)` with the SAM kernel chosen (here on CPU tensors, run by Triton's
+    interpreter): the kernel is a custom op, so the compiled graph calls it, once per SAM layer (windowed and global),
+    instead of giving way to the SDPA form, and the outputs are the eager default's to float32 rounding."""
+    from transformers_possam import PosSAMForPanopticSegmentation, tiny_config
+    from transformers_possam.modeling import sam_attention_triton
+    from transformers_possam.modeling.sam_attention import PosSAMVisionAttention
+
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(tiny_config()).eval()
+    for layer in model.modules():  # tables drawn large enough for the bias to matter
+        if isinstance(layer, PosSAMVisionAttention):
+            torch.nn.init.normal_(layer.rel_pos_h, std=0.5)
+            torch.nn.init.normal_(layer.rel_pos_w, std=0.5)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size)
+    class_embeddings = torch.nn.functional.normalize(torch.randn(4, 1, model.config.clip_embed_dim), dim=-1)
+    with torch.no_grad():
+        expected = model(pixels, class_embeddings=class_embeddings)
+    monkeypatch.setattr(
+        PosSAMVisionAttention,
+        "attention_function",
+        staticmethod(lambda device_type: sam_attention_triton.relative_position_attention_triton),
+    )
+    launches = count_launches(sam_attention_triton, monkeypatch)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        found = compiled(pixels, class_embeddings=class_embeddings)
+    assert len(launches) == model.config.vision_config.num_hidden_layers
+    for name in ("masks_queries_logits", "class_queries_logits"):
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
+@needs_interpreter
 def test_triton_sam_attention_refuses_what_it_cannot_do(monkeypatch):
     from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
 
@@ -779,6 +856,20 @@ def test_gpu_candidates_offer_the_triton_sam_attention_where_triton_runs():
     for row in rows.values():
         assert row["triton_flash"]["max_abs_difference"] < 1e-4, row
         assert row["triton_flash_4_warps"]["max_abs_difference"] < 1e-4, row
+
+
+@needs_interpreter
+def test_device_check_of_the_triton_sam_attention_runs_where_triton_runs():
+    """benchmarks/device_check.py's `sam_attention_triton` (small shapes under Triton's interpreter): it runs the
+    kernel against the float32 result and reports its error beside the default path's, and times both."""
+    from .conftest import load_script
+
+    device_check = load_script("benchmarks/device_check.py")
+    details = device_check.check_sam_attention_triton(device_check.Context(torch.device("cpu")))
+    assert set(details) == {"sam_b_windowed", "sam_b_global", "sam_h_windowed", "sam_h_global"}
+    for row in details.values():
+        assert 0 < row["max_abs_error"] <= 2 * row["default_max_abs_error"] + 1e-3, row
+        assert row["triton_ms"] > 0 and row["default_ms"] > 0
 
 
 @pytest.fixture
@@ -890,7 +981,7 @@ def unbuildable_kernels(monkeypatch):
     from triton.runtime.errors import PTXASError
 
     from transformers_possam import dense_assignment_triton, postprocessing, triton_support
-    from transformers_possam.modeling import deformable_sampling_triton
+    from transformers_possam.modeling import deformable_sampling_triton, sam_attention_triton
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(triton_support, "_unbuildable", set())
@@ -904,7 +995,7 @@ def unbuildable_kernels(monkeypatch):
 
             return launch
 
-    for module in (deformable_sampling_triton, dense_assignment_triton):
+    for module in (deformable_sampling_triton, dense_assignment_triton, sam_attention_triton):
         monkeypatch.setattr(module, "_kernel", lambda: Unbuildable())
         monkeypatch.setattr(module, "triton_runs_on", lambda device: True)
     monkeypatch.setattr(
@@ -939,6 +1030,26 @@ def test_a_sampler_kernel_that_cannot_be_built_gives_way_to_pytorch(unbuildable_
         assert len(unbuildable_kernels) == 2  # not tried again
     assert torch.equal(found, expected) and torch.equal(again, expected)
     torch.testing.assert_close(fused.double(), expected_from_projections, rtol=0, atol=1e-5)
+
+
+def test_a_sam_attention_kernel_that_cannot_be_built_gives_way_to_the_sdpa_form(unbuildable_kernels):
+    """Where the SAM attention kernel cannot be built, it gives the SDPA form's result (`relative_position_attention`)
+    in its own output layout, with one warning; later calls with the same settings do not try again."""
+    from transformers_possam.modeling.sam_attention import relative_position_attention
+    from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
+    from transformers_possam.triton_support import TritonKernelFallbackWarning
+
+    inputs = _attention_inputs(2, 2, (4, 4), 16)
+    expected = relative_position_attention(*inputs, (4, 4))
+    with torch.inference_mode():
+        with pytest.warns(TritonKernelFallbackWarning, match="relative_position_attention_triton.*ptxas fatal"):
+            found = relative_position_attention_triton(*inputs, (4, 4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            again = relative_position_attention_triton(*inputs, (4, 4))
+    assert len(unbuildable_kernels) == 1
+    assert torch.equal(found, expected) and torch.equal(again, expected)
+    assert found.transpose(1, 2).is_contiguous()  # the kernel's layout, which its fake implementation promises
 
 
 def test_a_kernel_error_that_is_not_a_build_failure_is_raised(unbuildable_kernels, monkeypatch):

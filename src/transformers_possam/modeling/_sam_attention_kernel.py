@@ -22,12 +22,49 @@ def product(a, b, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def table_products(
+    query,  # [BLOCK_QUERIES, FIRST_DIM] tile
+    query_rest,  # [BLOCK_QUERIES, REST_DIM] tile (unused when REST_DIM is 0)
+    rows_ptr,  # (n, n, d) relative-position rows, rows[a, b] = table[a - b + n - 1]
+    rows_stride_0,
+    rows_stride_1,
+    size,  # n
+    channel,
+    channel_ok,
+    rest_channel,
+    rest_ok,
+    TABLE_PAD: tl.constexpr,  # a power of 2 >= 2 n - 1 (at least 16)
+    REST_DIM: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """`[BLOCK_QUERIES, TABLE_PAD]` float32: q_i . table[j] for every row j of the layer's resized table, one matmul.
+    The table is read from the rows where it appears (`get_rel_pos` of a square attention: a Toeplitz tensor), its
+    rows j >= n - 1 down the first column `rows[j - n + 1, 0]`, the others along the first row `rows[0, n - 1 - j]`."""
+    entry = tl.arange(0, TABLE_PAD)
+    entry_ok = entry < 2 * size - 1
+    offset = tl.where(entry >= size - 1, (entry - size + 1) * rows_stride_0, (size - 1 - entry) * rows_stride_1)
+    offset = tl.where(entry_ok, offset, 0)
+    # rounded to the query's dtype (a float32 table beside a bf16 query under autocast, as autocast's einsums do)
+    table = tl.load(
+        rows_ptr + offset[:, None] + channel[None, :], mask=entry_ok[:, None] & channel_ok[None, :], other=0.0
+    ).to(query.dtype)
+    products = product(query, tl.trans(table), IEEE_DOT, UPCAST_DOT)
+    if REST_DIM > 0:
+        table_rest = tl.load(
+            rows_ptr + offset[:, None] + rest_channel[None, :], mask=entry_ok[:, None] & rest_ok[None, :], other=0.0
+        ).to(query.dtype)
+        products += product(query_rest, tl.trans(table_rest), IEEE_DOT, UPCAST_DOT)
+    return products
+
+
+@triton.jit
 def attend(
     query_ptr,  # (B, heads, N, d) with strides, d contiguous
     key_ptr,
     value_ptr,
-    rel_h_ptr,  # (B * heads, N, H) contiguous: q_i . R_h[h_i, k]
-    rel_w_ptr,  # (B * heads, N, W) contiguous: q_i . R_w[w_i, k]
+    rows_h_ptr,  # (H, H, d) with strides, d contiguous: get_rel_pos rows, R_h[a, b] = table_h[a - b + H - 1]
+    rows_w_ptr,  # (W, W, d) likewise
     output_ptr,  # (B, heads, N, d) with strides, d contiguous
     query_strides_b,
     query_strides_h,
@@ -41,6 +78,10 @@ def attend(
     output_strides_b,
     output_strides_h,
     output_strides_n,
+    rows_h_stride_0,
+    rows_h_stride_1,
+    rows_w_stride_0,
+    rows_w_stride_1,
     num_heads,
     tokens,
     height,
@@ -52,6 +93,9 @@ def attend(
     BLOCK_QUERIES: tl.constexpr,
     KEY_ROWS: tl.constexpr,  # grid rows of keys per step
     WIDTH_PAD: tl.constexpr,  # a power of 2 >= W: each grid row of keys padded to it
+    HEIGHT_PAD: tl.constexpr,  # a power of 2 >= H
+    TABLE_H_PAD: tl.constexpr,  # powers of 2 >= 2 H - 1 and 2 W - 1 (at least 16): the resized tables' rows
+    TABLE_W_PAD: tl.constexpr,
     IEEE_DOT: tl.constexpr,  # float32 inputs: full-precision products, not TF32
     UPCAST_DOT: tl.constexpr,  # half-precision inputs under Triton's interpreter, whose 16-bit dot is wrong
 ):
@@ -70,18 +114,60 @@ def attend(
         rest_channel = FIRST_DIM + tl.arange(0, REST_DIM)
         rest_ok = rest_channel < HEAD_DIM
         query_rest = tl.load(query_rows + rest_channel[None, :], mask=query_ok[:, None] & rest_ok[None, :], other=0.0)
+    else:
+        rest_channel = channel  # unused
+        rest_ok = channel_ok
+        query_rest = query
+    # the bias factors from the query tile, rel_h(i, r) = q_i . R_h[h_i, r] = q_i . table_h[h_i - r + H - 1] and
+    # rel_w(i, c) likewise: each query's products with every table row (one small matmul per table), then each
+    # query's entries picked out; float32, not rounded to the inputs' dtype
+    query_row = query_index // width
+    query_column = query_index % width
     # a step's keys are KEY_ROWS whole rows of the key grid, each padded to WIDTH_PAD lanes: a lane's column is
-    # the same in every step, so the rel_w part of the bias is read once
+    # the same in every step, so the rel_w part of the bias is made once
     lane = tl.arange(0, KEY_ROWS * WIDTH_PAD)
     lane_row = lane // WIDTH_PAD
     lane_column = lane % WIDTH_PAD
     column_ok = lane_column < width
-    factor_row = sequence.to(tl.int64) * tokens + query_index
-    bias_w = tl.load(
-        rel_w_ptr + factor_row[:, None] * width + lane_column[None, :],
-        mask=query_ok[:, None] & column_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    products_w = table_products(
+        query,
+        query_rest,
+        rows_w_ptr,
+        rows_w_stride_0,
+        rows_w_stride_1,
+        width,
+        channel,
+        channel_ok,
+        rest_channel,
+        rest_ok,
+        TABLE_W_PAD,
+        REST_DIM,
+        IEEE_DOT,
+        UPCAST_DOT,
+    )
+    entry_w = query_column[:, None] - lane_column[None, :] + width - 1
+    entry_w = tl.minimum(tl.maximum(entry_w, 0), TABLE_W_PAD - 1)  # padding lanes: any entry (masked below)
+    bias_w = tl.gather(products_w, entry_w, axis=1)
+    products_h = table_products(
+        query,
+        query_rest,
+        rows_h_ptr,
+        rows_h_stride_0,
+        rows_h_stride_1,
+        height,
+        channel,
+        channel_ok,
+        rest_channel,
+        rest_ok,
+        TABLE_H_PAD,
+        REST_DIM,
+        IEEE_DOT,
+        UPCAST_DOT,
+    )
+    key_grid_row = tl.arange(0, HEIGHT_PAD)
+    entry_h = query_row[:, None] - key_grid_row[None, :] + height - 1
+    entry_h = tl.minimum(tl.maximum(entry_h, 0), TABLE_H_PAD - 1)
+    bias_by_row = tl.gather(products_h, entry_h, axis=1)  # [BLOCK_QUERIES, HEIGHT_PAD]: rel_h(i, r)
     key_base = key_ptr + image.to(tl.int64) * key_strides_b + head * key_strides_h
     value_base = value_ptr + image.to(tl.int64) * value_strides_b + head * value_strides_h
     running_max = tl.full([BLOCK_QUERIES], float("-inf"), dtype=tl.float32)
@@ -99,11 +185,12 @@ def attend(
         if REST_DIM > 0:
             key_rest = tl.load(key_rows + rest_channel[None, :], mask=key_ok[:, None] & rest_ok[None, :], other=0.0)
             scores += product(query_rest, tl.trans(key_rest), IEEE_DOT, UPCAST_DOT)
-        bias_h = tl.load(
-            rel_h_ptr + factor_row[:, None] * height + key_row[None, :],
-            mask=query_ok[:, None] & key_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        step_rows = tl.minimum(first_row + tl.arange(0, KEY_ROWS), HEIGHT_PAD - 1)
+        bias_h = tl.gather(bias_by_row, tl.broadcast_to(step_rows[None, :], [BLOCK_QUERIES, KEY_ROWS]), axis=1)
+        bias_h = tl.reshape(
+            tl.broadcast_to(bias_h[:, :, None], [BLOCK_QUERIES, KEY_ROWS, WIDTH_PAD]),
+            [BLOCK_QUERIES, KEY_ROWS * WIDTH_PAD],
+        )
         scores = scores * scale + bias_h + bias_w
         scores = tl.where(key_ok[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
