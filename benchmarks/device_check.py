@@ -509,12 +509,22 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--checks", nargs="*", default=list(CHECKS), choices=list(CHECKS))
     parser.add_argument("--output", default="device-check.json")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add these checks to the results already in --output (a second run of the session's later checks)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     from transformers_possam.triton_support import kernels_not_built
 
     results: dict = {"device": str(device), "checks": {}, "triton_kernels_not_built": []}
     output = Path(args.output)
+    if args.append and output.exists():
+        results = json.loads(output.read_text(encoding="utf-8"))
+        earlier_not_built = list(results.get("triton_kernels_not_built", []))
+    else:
+        earlier_not_built = []
     context = Context(device)
     for name in args.checks:
         start = time.perf_counter()
@@ -531,7 +541,7 @@ def main(argv=None) -> int:
         # a Triton kernel that could not be built gave way to its PyTorch path (`launch_or_fall_back`), once per
         # process: the checks after it pass on the fallback, so the record goes with every write (a run stopped by
         # its time limit keeps it) and fails the run at the end
-        results["triton_kernels_not_built"] = kernels_not_built()
+        results["triton_kernels_not_built"] = sorted({*earlier_not_built, *kernels_not_built()})
         temporary = output.with_name(output.name + ".tmp")  # renamed over the file: a kill never leaves half of it
         temporary.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
         os.replace(temporary, output)
@@ -540,7 +550,7 @@ def main(argv=None) -> int:
     not_built = results["triton_kernels_not_built"]  # as of the last check's write
     if not_built:
         print(f"Triton kernels not built (their PyTorch paths ran): {not_built}", flush=True)
-    checks_ok = all(entry["ok"] for entry in results["checks"].values())
+    checks_ok = all(results["checks"][name]["ok"] for name in args.checks)
     return 0 if checks_ok and not not_built else 1
 
 

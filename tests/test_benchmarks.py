@@ -416,6 +416,8 @@ def test_device_session_script_runs_its_steps_on_cpu(tmp_path):
         POSSAM_SITE=str(tmp_path / "site"),
         POSSAM_GPU_VARIANTS="tiny",
         POSSAM_GPU_CHECKS="versions",
+        # the later checks, after the suite, added to the same file (this one says it skipped: no Triton on the CPU)
+        POSSAM_GPU_LATE_CHECKS="sam_attention_triton",
         POSSAM_GPU_ARGS="--batches 1",
         # the suite's own budget, whatever the checks before it took on a loaded machine: the eager rows; compiled
         # ones, last here (the tiny variant has no goal), need 150 s: skipped
@@ -442,8 +444,11 @@ def test_device_session_script_runs_its_steps_on_cpu(tmp_path):
     } == {path.name for path in output.iterdir()}
     candidates = json.loads((output / "candidates.json").read_text())
     assert candidates["model"]["batch_1"]["first_image_against_cpu_cell_bound"]["equal"]  # tiny: the first variant
-    check = json.loads((output / "device-check.json").read_text())["checks"]["versions"]
+    checks = json.loads((output / "device-check.json").read_text())["checks"]
+    assert list(checks) == ["versions", "sam_attention_triton"] and checks["sam_attention_triton"]["skipped"]
+    check = checks["versions"]
     assert check["ok"] and check["transformers_possam"] == str(REPOSITORY / "src" / "transformers_possam")
+    assert "sam_attention_triton: skipped" in (output / "device-check.log").read_text()
     results = json.loads((output / "results-gpu.json").read_text())
     assert results["suite"] == "gpu" and results["figures"]
     rows = sorted(results["figures"], key=lambda row: "skipped" in row)
