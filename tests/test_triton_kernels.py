@@ -1052,6 +1052,23 @@ def test_a_sam_attention_kernel_that_cannot_be_built_gives_way_to_the_sdpa_form(
     assert found.transpose(1, 2).is_contiguous()  # the kernel's layout, which its fake implementation promises
 
 
+def test_a_triton_without_gather_gives_the_sam_attention_sdpa_form(unbuildable_kernels, monkeypatch):
+    """The SAM attention kernel picks bias entries with `tl.gather` (Triton 3.2 and later). Under an older Triton it
+    cannot be built: the SDPA form's result, one warning that names what is missing, and no launch attempted."""
+    import triton.language
+
+    from transformers_possam.modeling.sam_attention import relative_position_attention
+    from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
+    from transformers_possam.triton_support import TritonKernelFallbackWarning
+
+    monkeypatch.delattr(triton.language, "gather")
+    inputs = _attention_inputs(1, 2, (4, 4), 16)
+    with torch.inference_mode(), pytest.warns(TritonKernelFallbackWarning, match=r"no triton\.language\.gather"):
+        found = relative_position_attention_triton(*inputs, (4, 4))
+    assert not unbuildable_kernels  # refused before any launch
+    assert torch.equal(found, relative_position_attention(*inputs, (4, 4)))
+
+
 def test_a_kernel_error_that_is_not_a_build_failure_is_raised(unbuildable_kernels, monkeypatch):
     """A CUDA fault or any other error of a launch is not a build failure: it reaches the caller; so does every error
     under Triton's interpreter, where the tests must see the kernels' own failures."""

@@ -21,6 +21,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 __all__ = [
     "TritonKernelFallbackWarning",
+    "TritonLanguageTooOld",
     "gives_way_to_pytorch",
     "kernel_op",
     "kernels_not_built",
@@ -34,6 +35,24 @@ _Result = TypeVar("_Result")
 
 class TritonKernelFallbackWarning(RuntimeWarning):
     """One of this package's Triton kernels could not be built on this machine; its PyTorch path runs instead."""
+
+
+class TritonLanguageTooOld(RuntimeError):
+    """This machine's Triton lacks a `triton.language` function a kernel uses (an older release): the kernel cannot
+    be built here, as with any other build failure (`launch_or_fall_back`)."""
+
+
+def require_triton_language(*names: str) -> None:
+    """Raise `TritonLanguageTooOld` unless `triton.language` has every one of `names` (e.g. `gather`, Triton 3.2)."""
+    import triton
+    import triton.language as tl
+
+    missing = [name for name in names if not hasattr(tl, name)]
+    if missing:
+        raise TritonLanguageTooOld(
+            f"Triton {getattr(triton, '__version__', '?')} has no triton.language.{', '.join(missing)}; a newer "
+            "Triton (PyTorch's own, for a recent torch) has."
+        )
 
 
 # the kernels (with the key their caller gives: dtype, ...) that failed to build in this process
@@ -93,12 +112,12 @@ def _is_build_failure(error: BaseException) -> bool:
     What a machine can make fail while Triton builds a correct kernel: ptxas (`PTXASError`), too little shared
     memory, registers or threads (`OutOfResources`), a lowering pass (MLIR's `PassManager::run failed`, raised as a
     plain RuntimeError), the filesystem (a cache that cannot be written, a tool not found: `OSError`) and a tool that
-    failed (`CalledProcessError`). Not `CompilationError`: for these kernels (no `tl.dot`, no fp8) it means an error
+    failed (`CalledProcessError`), and a Triton too old for the kernel (`TritonLanguageTooOld`). Not `CompilationError`: for these kernels (no `tl.dot`, no fp8) it means an error
     in the kernel's source, which must be seen, not hidden behind the PyTorch path.
     """
     from triton.runtime.errors import OutOfResources, PTXASError
 
-    if isinstance(error, (PTXASError, OutOfResources, OSError, subprocess.CalledProcessError)):
+    if isinstance(error, (PTXASError, OutOfResources, OSError, subprocess.CalledProcessError, TritonLanguageTooOld)):
         return True
     return type(error) is RuntimeError and "PassManager::run failed" in str(error)
 

@@ -17,7 +17,13 @@ import os
 
 import torch
 
-from ..triton_support import kernel_op, launch_or_fall_back, on_launch_device, triton_runs_on
+from ..triton_support import (
+    kernel_op,
+    launch_or_fall_back,
+    on_launch_device,
+    require_triton_language,
+    triton_runs_on,
+)
 from .sam_attention import relative_position_attention
 
 
@@ -141,6 +147,7 @@ def _launch(
         tensor if tensor.stride(-1) == 1 else tensor.contiguous()
         for tensor in (query, key, value, relative_height, relative_width)
     )
+    require_triton_language("gather")  # Triton 3.2 and later: an older one falls back (`launch_or_fall_back`)
     first_dim, rest_dim = _channel_blocks(head_dim)
     width_pad = _power_of_2_at_least(width)
     key_rows = max(1, _KEYS_PER_STEP // width_pad)
