@@ -1053,7 +1053,7 @@ def test_a_sam_attention_kernel_that_cannot_be_built_gives_way_to_the_sdpa_form(
 
 
 def test_a_triton_without_gather_gives_the_sam_attention_sdpa_form(unbuildable_kernels, monkeypatch):
-    """The SAM attention kernel picks bias entries with `tl.gather` (Triton 3.2 and later). Under an older Triton it
+    """The SAM attention kernel picks bias entries with `tl.gather` (Triton 3.3 and later). Under an older Triton it
     cannot be built: the SDPA form's result, one warning that names what is missing, and no launch attempted."""
     import triton.language
 

@@ -43,7 +43,7 @@ class TritonLanguageTooOld(RuntimeError):
 
 
 def require_triton_language(*names: str) -> None:
-    """Raise `TritonLanguageTooOld` unless `triton.language` has every one of `names` (e.g. `gather`, Triton 3.2)."""
+    """Raise `TritonLanguageTooOld` unless `triton.language` has every one of `names` (e.g. `gather`, Triton 3.3)."""
     import triton
     import triton.language as tl
 

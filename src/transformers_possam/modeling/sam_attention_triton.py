@@ -147,7 +147,7 @@ def _launch(
         tensor if tensor.stride(-1) == 1 else tensor.contiguous()
         for tensor in (query, key, value, relative_height, relative_width)
     )
-    require_triton_language("gather")  # Triton 3.2 and later: an older one falls back (`launch_or_fall_back`)
+    require_triton_language("gather")  # Triton 3.3 and later: an older one falls back (`launch_or_fall_back`)
     first_dim, rest_dim = _channel_blocks(head_dim)
     width_pad = _power_of_2_at_least(width)
     key_rows = max(1, _KEYS_PER_STEP // width_pad)
