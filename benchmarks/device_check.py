@@ -203,7 +203,7 @@ def check_sam_attention_triton(context: Context) -> dict:
     """
     from transformers_possam.modeling.sam_attention import relative_position_attention, relative_position_rows
     from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
-    from transformers_possam.triton_support import triton_runs_on
+    from transformers_possam.triton_support import kernels_not_built, triton_runs_on
 
     if not triton_runs_on(context.device):
         return {"skipped": f"Triton cannot run on {context.device}"}
@@ -237,6 +237,9 @@ def check_sam_attention_triton(context: Context) -> dict:
                         f"{model_name} {layer_name}: the kernel's largest error {found_error:.3g} against float32, "
                         f"the default path's {default_error:.3g}"
                     )
+                fallen_back = [key for key in kernels_not_built() if "relative_position_attention_triton" in key]
+                if fallen_back:  # the figures would be the SDPA form's
+                    raise AssertionError(f"the kernel could not be built here, its SDPA form ran: {fallen_back}")
                 details[f"{model_name}_{layer_name}"] = {
                     "max_abs_error": found_error,
                     "default_max_abs_error": default_error,

@@ -619,6 +619,8 @@ def _attention_inputs(batch, heads, size, head_dim, dtype=torch.float32, seed=0,
         (2, 3, (5, 7), 24, None),  # a rectangular grid, rows narrower than a step
         (1, 1, (3, 70), 16, None),  # rows wider than a step (padded to 128 lanes)
         (1, 2, (1, 1), 8, None),  # one token
+        (1, 2, (2, 9), 24, None),  # fewer grid rows than a step's key rows (4 rows of 16 lanes)
+        (1, 1, (1, 5), 16, None),  # one grid row
         (1, 2, (8, 8), 16, 27),  # SAM-B's window tables resized to another grid (interpolated rows)
     ],
 )
@@ -1050,6 +1052,24 @@ def test_a_sam_attention_kernel_that_cannot_be_built_gives_way_to_the_sdpa_form(
     assert len(unbuildable_kernels) == 1
     assert torch.equal(found, expected) and torch.equal(again, expected)
     assert found.transpose(1, 2).is_contiguous()  # the kernel's layout, which its fake implementation promises
+
+
+def test_a_sam_attention_kernel_that_cannot_be_built_rounds_float32_rows_for_the_sdpa_form(unbuildable_kernels):
+    """Float32 relative-position rows beside a bf16 query (autocast keeps the tables float32; inside the op, and in
+    compiled graphs, autocast casts nothing): where the kernel cannot be built, the SDPA form gets the rows rounded to
+    bf16, as the kernel reads them, instead of failing on mixed dtypes."""
+    from transformers_possam.modeling.sam_attention import relative_position_attention
+    from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
+    from transformers_possam.triton_support import TritonKernelFallbackWarning
+
+    query, key, value, relative_height, relative_width = _attention_inputs(2, 2, (4, 4), 16)
+    query, key, value = (tensor.bfloat16() for tensor in (query, key, value))
+    with torch.inference_mode(), pytest.warns(TritonKernelFallbackWarning):
+        found = relative_position_attention_triton(query, key, value, relative_height, relative_width, (4, 4))
+    expected = relative_position_attention(
+        query, key, value, relative_height.bfloat16(), relative_width.bfloat16(), (4, 4)
+    )
+    assert found.dtype == torch.bfloat16 and torch.equal(found, expected)
 
 
 def test_a_triton_without_gather_gives_the_sam_attention_sdpa_form(unbuildable_kernels, monkeypatch):

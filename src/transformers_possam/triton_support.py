@@ -112,8 +112,11 @@ def _is_build_failure(error: BaseException) -> bool:
     What a machine can make fail while Triton builds a correct kernel: ptxas (`PTXASError`), too little shared
     memory, registers or threads (`OutOfResources`), a lowering pass (MLIR's `PassManager::run failed`, raised as a
     plain RuntimeError), the filesystem (a cache that cannot be written, a tool not found: `OSError`) and a tool that
-    failed (`CalledProcessError`), and a Triton too old for the kernel (`TritonLanguageTooOld`). Not `CompilationError`: for these kernels (no `tl.dot`, no fp8) it means an error
-    in the kernel's source, which must be seen, not hidden behind the PyTorch path.
+    failed (`CalledProcessError`), and a Triton too old for the kernel (`TritonLanguageTooOld`). Not
+    `CompilationError`: for these kernels it means an error in the kernel's source (the sampler and the assignment
+    use no `tl.dot` and no fp8; the SAM attention kernel's `tl.dot` and `tl.gather` compiled for sm_75, sm_80 and
+    sm_90 in 16-bit and float32 with Triton 3.8 without a GPU, docs/design.md "Seventeenth session"),
+    which must be seen, not hidden behind the PyTorch path.
     """
     from triton.runtime.errors import OutOfResources, PTXASError
 

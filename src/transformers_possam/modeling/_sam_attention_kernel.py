@@ -93,7 +93,7 @@ def attend(
     BLOCK_QUERIES: tl.constexpr,
     KEY_ROWS: tl.constexpr,  # grid rows of keys per step
     WIDTH_PAD: tl.constexpr,  # a power of 2 >= W: each grid row of keys padded to it
-    HEIGHT_PAD: tl.constexpr,  # a power of 2 >= H
+    HEIGHT_PAD: tl.constexpr,  # a power of 2 >= H and >= KEY_ROWS
     TABLE_H_PAD: tl.constexpr,  # powers of 2 >= 2 H - 1 and 2 W - 1 (at least 16): the resized tables' rows
     TABLE_W_PAD: tl.constexpr,
     IEEE_DOT: tl.constexpr,  # float32 inputs: full-precision products, not TF32

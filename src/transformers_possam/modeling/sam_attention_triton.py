@@ -120,10 +120,24 @@ def _attend(
     output = _empty_output(query)
     launch_or_fall_back(
         # one key per device and compiled form: a kernel that cannot be built for one stays on for the others
-        ("relative_position_attention_triton", str(query.device), query.dtype, query.shape[-1], height, width),
+        (
+            "relative_position_attention_triton",
+            str(query.device),
+            query.dtype,
+            relative_height.dtype,
+            relative_width.dtype,
+            query.shape[-1],
+            height,
+            width,
+            num_warps,
+        ),
         lambda: _launch(query, key, value, relative_height, relative_width, output, (height, width), num_warps),
+        # the rows rounded to the query's dtype as the kernel reads them (float32 tables beside a bf16 query: inside
+        # an op, and in compiled graphs, autocast does not cast for the einsums)
         lambda: output.copy_(
-            relative_position_attention(query, key, value, relative_height, relative_width, (height, width))
+            relative_position_attention(
+                query, key, value, relative_height.to(query.dtype), relative_width.to(query.dtype), (height, width)
+            )
         ),
     )
     return output
@@ -177,7 +191,9 @@ def _launch(
             BLOCK_QUERIES=_QUERIES_PER_PROGRAM,
             KEY_ROWS=key_rows,
             WIDTH_PAD=width_pad,
-            HEIGHT_PAD=_power_of_2_at_least(height),
+            # at least a step's key rows (Triton's gather of a step's rows needs them within one warp's reach:
+            # grids of 1 or 2 rows narrower than 32 lanes failed to lower for sm_90 otherwise)
+            HEIGHT_PAD=max(_power_of_2_at_least(height), key_rows),
             TABLE_H_PAD=max(16, _power_of_2_at_least(2 * height - 1)),
             TABLE_W_PAD=max(16, _power_of_2_at_least(2 * width - 1)),
             IEEE_DOT=query.dtype == torch.float32,
