@@ -251,9 +251,9 @@ def plan(
 ) -> list[Case]:
     """
     The matrix in the order it is measured, so that a session whose device time runs out (`run(..., budget_s=...)`)
-    has measured what matters most: 0. the eager rows with an issue-15 goal (B bf16 batch 1, H bf16 batch 8), and
-    with `sam_kernel_rows` the same rows again with SAM's attention through the Triton kernel (a candidate: the
-    whole model both ways in one run, seconds each); 1. the
+    has measured what matters most: 0. the eager rows with an issue-15 goal (B bf16 batch 1, H bf16 batch 8), with
+    `sam_kernel_rows` each followed by the same row with SAM's attention through the Triton kernel (a candidate: the
+    whole model both ways in one run, seconds each, one model build); 1. the
     first variant's compiled goal row (B bf16 batch 1: one compilation, minutes); 2. the other bf16 eager rows;
     3. bf16 training steps at `training_batch` (None: none); 4. fp32 eager; 5. the other bf16 compiled rows; 6. fp32
     compiled. Within a tier: the first variant, then H, then the others as given; then batches as given.
@@ -286,13 +286,14 @@ def plan(
             Case(case.variant, case.dtype, case.batch, sam_attention_kernel=True) for case in cases if tier(case) == 0
         ]
     batch_order = {batch: index for index, batch in enumerate(batches)}
+    # a candidate row right after its default one: one model build per variant
     return sorted(
         cases,
         key=lambda case: (
             tier(case),
-            case.sam_attention_kernel,
             order[case.variant],
             batch_order.get(case.batch, 0),
+            case.sam_attention_kernel,
         ),
     )
 

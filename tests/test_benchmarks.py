@@ -63,10 +63,10 @@ def test_gpu_suite_measures_the_goal_rows_first():
 
 
 def test_gpu_suite_measures_the_goal_rows_again_with_the_sam_kernel_where_asked():
-    """With `sam_kernel_rows` (by default where Triton runs on the device), the eager goal rows come again, right after
-    the default ones and before the compiled goal row, with SAM's attention through the Triton kernel; those rows
-    name it, and within their block SAM's layers choose the kernel, the default again after it (also after an
-    error)."""
+    """With `sam_kernel_rows` (by default where Triton runs on the device), each eager goal row comes again right
+    after itself (one model build per variant), before the compiled goal row, with SAM's attention through the
+    Triton kernel; those rows name it, and within their block SAM's layers choose the kernel, the default again
+    after it (also after an error)."""
     gpu = load_script("benchmarks/gpu.py")
     from transformers_possam.modeling.sam_attention import PosSAMVisionAttention, relative_position_attention
     from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
@@ -75,14 +75,14 @@ def test_gpu_suite_measures_the_goal_rows_again_with_the_sam_kernel_where_asked(
     keys = [(c.variant[-1], c.batch, c.compiled, c.sam_attention_kernel) for c in cases[:5]]
     assert keys == [
         ("b", 1, False, False),
-        ("h", 8, False, False),
         ("b", 1, False, True),
+        ("h", 8, False, False),
         ("h", 8, False, True),
         ("b", 1, True, False),
     ]
     assert sum(case.sam_attention_kernel for case in cases) == 2
     assert len(gpu.plan(("vit-b", "vit-h"), ("bfloat16",), (1, 8), True)) == 2 * 2 * 2  # none unless asked
-    row = gpu._row(cases[2], 1024)
+    row = gpu._row(cases[1], 1024)
     assert row["sam_attention_kernel"] and "SAM attention through the Triton kernel" in row["figure"]
     assert "sam_attention_kernel" not in gpu._row(cases[0], 1024)
     with gpu._sam_attention_kernel_chosen(True):
