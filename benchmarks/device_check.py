@@ -197,7 +197,8 @@ def check_sam_attention_triton(context: Context) -> dict:
     default), at SAM-B's (12 heads of 64) and SAM-H's (16 of 80) shapes at 1024x1024 for 8 images in bf16 (200
     windows of 14 x 14, or one 64 x 64 grid per image), with the layer's relative-position rows (`get_rel_pos` of
     random tables): within twice the default path's (`relative_position_attention`, SDPA with the bias as extra
-    channels) bf16 error of the float32 result, and both timed (median ms per call), the kernel's figures early in a
+    channels) bf16 error of the float32 result, and both timed (median ms per call; the kernel also with 128 queries
+    per program instead of 64), the kernel's figures early in a
     session whose candidates step may not be reached. Where Triton cannot run: skipped; on a CPU under Triton's
     interpreter (the tests): small shapes, and the times mean nothing.
     """
@@ -245,6 +246,10 @@ def check_sam_attention_triton(context: Context) -> dict:
                     "default_max_abs_error": default_error,
                     "triton_ms": _median_call_ms(
                         lambda: relative_position_attention_triton(*arguments), context.device
+                    ),
+                    # a candidate setting: 128 queries per program (no register spills for sm_90 in bf16)
+                    "triton_128_queries_ms": _median_call_ms(
+                        lambda: relative_position_attention_triton(*arguments, block_queries=128), context.device
                     ),
                     "default_ms": _median_call_ms(lambda: relative_position_attention(*arguments), context.device),
                 }

@@ -173,7 +173,7 @@ def sam_attention_variants(device: torch.device) -> dict:
       image at a SAM-B global layer in bf16, 0.54 GB for SAM-H);
     - `triton_flash`: `relative_position_attention_triton`, flash attention's online softmax in one Triton kernel
       with the bias made inside it from the query and the two resized tables (no bias factors, no extended q/k, no
-      mask), 8 warps per program (its default),
+      mask), 8 warps per program (its default), `triton_flash_128_queries` (128 queries per program instead of 64),
       and `triton_flash_4_warps` (more register spills when compiled, more programs per SM).
     """
     from transformers_possam.modeling.sam_attention import (
@@ -206,6 +206,7 @@ def sam_attention_variants(device: torch.device) -> dict:
     if triton_runs_on(device):
         variants["triton_flash"] = relative_position_attention_triton  # 8 warps per program
         variants["triton_flash_4_warps"] = functools.partial(relative_position_attention_triton, num_warps=4)
+        variants["triton_flash_128_queries"] = functools.partial(relative_position_attention_triton, block_queries=128)
     return variants
 
 

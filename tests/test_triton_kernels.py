@@ -645,8 +645,13 @@ def test_triton_sam_attention_equals_the_softmax_attention_in_float64(batch, hea
     expected = probabilities @ v64
     with torch.inference_mode():
         found = relative_position_attention_triton(query, key, value, relative_height, relative_width, size)
+        # the candidate setting, 128 queries per program (SAM-B's windows: 196 queries, two programs)
+        found_128 = relative_position_attention_triton(
+            query, key, value, relative_height, relative_width, size, block_queries=128
+        )
     assert found.shape == expected.shape and found.dtype == torch.float32
     torch.testing.assert_close(found.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(found_128.double(), expected, rtol=1e-5, atol=1e-5)
     # its output is a view of the (B, tokens, heads, d) layout the output projection reads: moving the heads back
     # next to the channels copies nothing
     assert found.transpose(1, 2).is_contiguous()
@@ -786,7 +791,7 @@ def test_the_sam_attention_op_passes_torch_librarys_opcheck(dtype):
     from transformers_possam.modeling import sam_attention_triton
 
     inputs = _attention_inputs(2, 2, (3, 4), 24, dtype=dtype)
-    torch.library.opcheck(sam_attention_triton._attend_op, (*inputs, [3, 4], 8))
+    torch.library.opcheck(sam_attention_triton._attend_op, (*inputs, [3, 4], 8, 64))
 
 
 @needs_interpreter
@@ -839,6 +844,11 @@ def test_triton_sam_attention_refuses_what_it_cannot_do(monkeypatch):
         )
     with pytest.raises(ValueError, match=r"H \* W = 4 \* 5"):
         relative_position_attention_triton(query, key, value, relative_height, relative_width, (4, 5))
+    for block_queries in (8, 48):  # below tl.dot's 16, not a power of 2
+        with pytest.raises(ValueError, match="block_queries must be a power of 2 >= 16"):
+            relative_position_attention_triton(
+                query, key, value, relative_height, relative_width, (4, 4), block_queries=block_queries
+            )
     with pytest.raises(ValueError, match=r"must be \(H, H, d\) = \(4, 4, 8\)"):  # tables of another layer
         relative_position_attention_triton(query, key, value, relative_height[:3], relative_width, (4, 4))
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -858,6 +868,7 @@ def test_gpu_candidates_offer_the_triton_sam_attention_where_triton_runs():
     for row in rows.values():
         assert row["triton_flash"]["max_abs_difference"] < 1e-4, row
         assert row["triton_flash_4_warps"]["max_abs_difference"] < 1e-4, row
+        assert row["triton_flash_128_queries"]["max_abs_difference"] < 1e-4, row
 
 
 @needs_interpreter
@@ -871,7 +882,7 @@ def test_device_check_of_the_triton_sam_attention_runs_where_triton_runs():
     assert set(details) == {"sam_b_windowed", "sam_b_global", "sam_h_windowed", "sam_h_global"}
     for row in details.values():
         assert 0 < row["max_abs_error"] <= 2 * row["default_max_abs_error"] + 1e-3, row
-        assert row["triton_ms"] > 0 and row["default_ms"] > 0
+        assert row["triton_ms"] > 0 and row["triton_128_queries_ms"] > 0 and row["default_ms"] > 0
 
 
 @pytest.fixture

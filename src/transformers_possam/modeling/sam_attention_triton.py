@@ -29,7 +29,7 @@ from .sam_attention import relative_position_attention
 
 __all__ = ["relative_position_attention_triton"]
 
-# query tokens per program, and the least key tokens per step of the loop over keys
+# query tokens per program (the default; `block_queries`), and the least key tokens per step of the loop over keys
 _QUERIES_PER_PROGRAM = 64
 _KEYS_PER_STEP = 64
 
@@ -108,6 +108,7 @@ def _attend(
     relative_width: torch.Tensor,
     size: list[int],
     num_warps: int,
+    block_queries: int,
 ) -> torch.Tensor:
     """`relative_position_attention_triton`'s op: the checks, the launch, or where the kernel cannot be built here
     the SDPA form (`relative_position_attention`) written into the same layout."""
@@ -130,8 +131,11 @@ def _attend(
             height,
             width,
             num_warps,
+            block_queries,
         ),
-        lambda: _launch(query, key, value, relative_height, relative_width, output, (height, width), num_warps),
+        lambda: _launch(
+            query, key, value, relative_height, relative_width, output, (height, width), num_warps, block_queries
+        ),
         # the rows rounded to the query's dtype as the kernel reads them (float32 tables beside a bf16 query: inside
         # an op, and in compiled graphs, autocast does not cast for the einsums)
         lambda: output.copy_(
@@ -152,6 +156,7 @@ def _launch(
     output: torch.Tensor,
     size: tuple[int, int],
     num_warps: int,
+    block_queries: int,
 ) -> None:
     batch_size, num_heads, tokens, head_dim = query.shape
     height, width = size
@@ -165,7 +170,7 @@ def _launch(
     first_dim, rest_dim = _channel_blocks(head_dim)
     width_pad = _power_of_2_at_least(width)
     key_rows = max(1, _KEYS_PER_STEP // width_pad)
-    grid = (batch_size * num_heads, -(-tokens // _QUERIES_PER_PROGRAM))
+    grid = (batch_size * num_heads, -(-tokens // block_queries))
     with on_launch_device(query.device):
         _kernel()[grid](
             query,
@@ -188,7 +193,7 @@ def _launch(
             HEAD_DIM=head_dim,
             FIRST_DIM=first_dim,
             REST_DIM=rest_dim,
-            BLOCK_QUERIES=_QUERIES_PER_PROGRAM,
+            BLOCK_QUERIES=block_queries,
             KEY_ROWS=key_rows,
             WIDTH_PAD=width_pad,
             # at least a step's key rows (Triton's gather of a step's rows needs them within one warp's reach:
@@ -213,6 +218,7 @@ def _attend_shapes_only(
     relative_width: torch.Tensor,
     size: list[int],
     num_warps: int,
+    block_queries: int,
 ) -> torch.Tensor:
     """`_attend`'s fake implementation: its checks and an empty result in its layout."""
     _check_attention_inputs(query, key, value, relative_height, relative_width, size)
@@ -230,6 +236,7 @@ def relative_position_attention_triton(
     relative_width: torch.Tensor,
     size: tuple[int, int],
     num_warps: int = 8,
+    block_queries: int = _QUERIES_PER_PROGRAM,
 ) -> torch.Tensor:
     """
     softmax(q k^T / sqrt(d) + rel_h + rel_w) v with SAM's decomposed relative positions, as
@@ -254,7 +261,11 @@ def relative_position_attention_triton(
             kernel), the bf16 kernel at 4 warps used all 255 registers and spilled 0.6-1.9 KB per thread (head sizes
             64 and 80), at 8 warps 24 and 208 bytes: 8 until a GPU has timed both (`benchmarks/gpu_candidates.py`
             does). Float32 runs with one pipeline stage: with the default three, its tiles needed 131 KB (head size
-            64) and 213 KB (80) of shared memory, more than an A100 or an sm_86/89 GPU has per block.
+            64) and 213 KB (80) of shared memory, more than an A100 or an sm_86/89 GPU has per block. With the bias
+            made inside, sm_90 bf16 at 8 warps: 204-245 registers and no spills (docs/design.md, "Seventeenth
+            session"); float32 spills 0.8-28 KB per thread.
+        block_queries: query tokens per program, a power of 2 of at least 16. 64 by default; 128 (8 warps, no
+            spills for sm_90 in bf16) is a candidate the GPU checks time beside it.
 
     Returns:
         `(B, heads, H * W, d)` in the query's dtype: a view of a `(B, H * W, heads, d)` tensor, so that moving the
@@ -262,15 +273,21 @@ def relative_position_attention_triton(
 
     Raises:
         RuntimeError: autograd would need a gradient, or Triton cannot run on the inputs' device.
-        ValueError: a dtype other than float32, bf16 or fp16, a key or value of another dtype than the query's, or
-            inputs whose shapes disagree.
+        ValueError: a dtype other than float32, bf16 or fp16, a key or value of another dtype than the query's,
+            inputs whose shapes disagree, or `block_queries` not a power of 2 of at least 16.
     """
     if torch.is_grad_enabled() and any(
         tensor.requires_grad for tensor in (query, key, value, relative_height, relative_width)
     ):
         raise RuntimeError("relative_position_attention_triton has no backward: use it for inference only.")
     height, width = size
-    return _attend_op(query, key, value, relative_height, relative_width, [int(height), int(width)], num_warps)
+    if block_queries < 16 or block_queries & (block_queries - 1):
+        raise ValueError(
+            f"relative_position_attention_triton: block_queries must be a power of 2 >= 16, got {block_queries}."
+        )
+    return _attend_op(
+        query, key, value, relative_height, relative_width, [int(height), int(width)], num_warps, block_queries
+    )
 
 
 # the attention layer gives way to `relative_position_attention` where autograd, a float64 layer or a portable trace
