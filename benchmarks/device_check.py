@@ -198,9 +198,10 @@ def check_sam_attention_triton(context: Context) -> dict:
     windows of 14 x 14, or one 64 x 64 grid per image), with the layer's relative-position rows (`get_rel_pos` of
     random tables): within twice the default path's (`relative_position_attention`, SDPA with the bias as extra
     channels) bf16 error of the float32 result, and both timed (median ms per call; the kernel also with 128 queries
-    per program instead of 64), the kernel's figures early in a
-    session whose candidates step may not be reached. Where Triton cannot run: skipped; on a CPU under Triton's
-    interpreter (the tests): small shapes, and the times mean nothing.
+    per program instead of 64), the kernel's figures early in a session whose candidates step may not be reached;
+    and at the first shape the op inside a compiled function (on CUDA inductor with CUDA graphs) giving the eager
+    kernel's output exactly. Where Triton cannot run: skipped; on a CPU under Triton's interpreter (the tests): small
+    shapes, and the times mean nothing.
     """
     from transformers_possam.modeling.sam_attention import relative_position_attention, relative_position_rows
     from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
@@ -253,7 +254,36 @@ def check_sam_attention_triton(context: Context) -> dict:
                     ),
                     "default_ms": _median_call_ms(lambda: relative_position_attention(*arguments), context.device),
                 }
+                if not details.get("compiled"):  # once, at the first shape
+                    details["compiled"] = _sam_attention_kernel_compiled(arguments, found, context.device)
     return details
+
+
+def _sam_attention_kernel_compiled(arguments: tuple, eager: torch.Tensor, device: torch.device) -> dict:
+    """The SAM attention op inside a compiled function (the attention, then the output projection's view and an
+    elementwise step), fullgraph: on CUDA with inductor and CUDA graphs (the third call replays the captured graph),
+    elsewhere AOTAutograd's eager backend (the tests); its output against the eager kernel's."""
+    from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
+
+    def attend_and_scale(query, key, value, relative_height, relative_width):
+        attention = relative_position_attention_triton(query, key, value, relative_height, relative_width, size)
+        return attention.transpose(1, 2).flatten(2) * 2
+
+    size = arguments[5]
+    options = {"mode": "reduce-overhead"} if device.type == "cuda" else {"backend": "aot_eager"}
+    compiled = torch.compile(attend_and_scale, fullgraph=True, dynamic=False, **options)
+    start = time.perf_counter()
+    for call in range(3):
+        if device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        found = compiled(*arguments[:5]).clone()
+        if call == 0:
+            first_call_s = time.perf_counter() - start
+    expected = eager.transpose(1, 2).flatten(2) * 2
+    difference = float((found.float() - expected.float()).abs().max())
+    if difference > 0:  # the same kernel on the same inputs
+        raise AssertionError(f"the compiled SAM attention op differs from the eager kernel by {difference:.3g}")
+    return {"first_call_s": first_call_s, "max_abs_difference": difference, "cuda_graphs": device.type == "cuda"}
 
 
 def check_bf16(context: Context) -> dict:

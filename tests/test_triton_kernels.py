@@ -874,11 +874,14 @@ def test_gpu_candidates_offer_the_triton_sam_attention_where_triton_runs():
 @needs_interpreter
 def test_device_check_of_the_triton_sam_attention_runs_where_triton_runs():
     """benchmarks/device_check.py's `sam_attention_triton` (small shapes under Triton's interpreter): it runs the
-    kernel against the float32 result and reports its error beside the default path's, and times both."""
+    kernel against the float32 result and reports its error beside the default path's, times both, and runs the op
+    in a compiled function (here AOTAutograd's eager backend), exactly the eager kernel's output."""
     from .conftest import load_script
 
     device_check = load_script("benchmarks/device_check.py")
     details = device_check.check_sam_attention_triton(device_check.Context(torch.device("cpu")))
+    compiled = details.pop("compiled")
+    assert compiled["max_abs_difference"] == 0 and not compiled["cuda_graphs"]
     assert set(details) == {"sam_b_windowed", "sam_b_global", "sam_h_windowed", "sam_h_global"}
     for row in details.values():
         assert 0 < row["max_abs_error"] <= 2 * row["default_max_abs_error"] + 1e-3, row
