@@ -12,7 +12,8 @@ re-reads inside a kernel are not modelled). Operators that return their input un
 `python benchmarks/traffic.py --variant vit-b --dtype bfloat16 --path cuda` prints the largest rows (the figures in
 docs/design.md, "Thirteenth session"; the sampler there was still transformers' grid_sample version), `--order
 calls` the most called rows instead (about one kernel launch per call: where a host-bound forward, PosSAM-B at batch
-1 on an H200, spends its launches); `--variant tiny` runs in seconds (the tests do).
+1 on an H200, spends its launches); `--sam-attention-kernel` counts SAM's attention as its Triton kernel (a CUDA
+candidate) instead; `--variant tiny` runs in seconds (the tests do).
 """
 
 from __future__ import annotations
@@ -142,10 +143,36 @@ fused_sampler_stand_in.reads_reduced_precision_values = True  # type: ignore[att
 fused_sampler_stand_in.from_projections = fused_sampler_from_projections_stand_in  # type: ignore[attr-defined]
 
 
+# what SAM's Triton attention kernel (`relative_position_attention_triton`, a CUDA candidate) is counted as
+FUSED_SAM_ATTENTION = "relative_position_attention_triton"
+
+
+def fused_sam_attention_stand_in(query, key, value, relative_height, relative_width, size) -> torch.Tensor:
+    """
+    SAM's Triton attention kernel counted as the one kernel it is: q, k and v read once (views of the qkv
+    projection), the two row tables, its output written once in the `(B, tokens, heads, d)` layout the output
+    projection reads (so the layer's reshape after it is a view, as with the kernel); its result computed by the
+    SDPA form outside the count.
+    """
+    from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
+
+    from transformers_possam.modeling.sam_attention import relative_position_attention
+
+    counter = _get_current_dispatch_mode()
+    with _disable_current_modes():
+        batch_size, num_heads, tokens, head_dim = query.shape
+        output = query.new_empty(batch_size, tokens, num_heads, head_dim).transpose(1, 2)
+        output.copy_(relative_position_attention(query, key, value, relative_height, relative_width, size))
+    if isinstance(counter, TrafficCounter):
+        counter.add(FUSED_SAM_ATTENTION, [query, key, value, relative_height, relative_width], [output])
+    return output
+
+
 @contextlib.contextmanager
-def cuda_code_path() -> Iterator[None]:
+def cuda_code_path(sam_attention_kernel: bool = False) -> Iterator[None]:
     """The choices the package makes by device type, set to what a CUDA device gets, on any device (the deformable
-    sampler: `fused_sampler_stand_in`); put back after."""
+    sampler: `fused_sampler_stand_in`); with `sam_attention_kernel`, SAM's attention through the Triton kernel, a
+    candidate (`fused_sam_attention_stand_in`); put back after."""
     import transformers_possam.modeling.mlp as mlp
     import transformers_possam.modeling.pixel_decoder_encoder as pixel_decoder_encoder
     import transformers_possam.modeling.sam_attention as sam_attention
@@ -156,24 +183,37 @@ def cuda_code_path() -> Iterator[None]:
         sam_attention.relative_position_attention_blocked,
         mlp.runs_in_row_blocks,
         pixel_decoder_encoder.runs_in_row_blocks,
+        sam_attention.PosSAMVisionAttention.__dict__["attention_function"],
     )
     PosSAMMultiscaleDeformableAttention.sampler = staticmethod(lambda device_type: fused_sampler_stand_in)
     sam_attention.relative_position_attention_blocked = sam_attention.relative_position_attention
     mlp.runs_in_row_blocks = pixel_decoder_encoder.runs_in_row_blocks = lambda *arguments: False
+    if sam_attention_kernel:
+        sam_attention.PosSAMVisionAttention.attention_function = staticmethod(
+            lambda device_type: fused_sam_attention_stand_in
+        )
     try:
         yield
     finally:
         PosSAMMultiscaleDeformableAttention.sampler = saved[0]
         sam_attention.relative_position_attention_blocked = saved[1]
         mlp.runs_in_row_blocks, pixel_decoder_encoder.runs_in_row_blocks = saved[2], saved[3]
+        sam_attention.PosSAMVisionAttention.attention_function = saved[4]
 
 
-def forward_traffic(variant: str, dtype_name: str, path: str, batch: int = 1, warm_up: bool = True) -> TrafficCounter:
+def forward_traffic(
+    variant: str,
+    dtype_name: str,
+    path: str,
+    batch: int = 1,
+    warm_up: bool = True,
+    sam_attention_kernel: bool = False,
+) -> TrafficCounter:
     """
     One forward of `variant` (random weights, 150 classes, pixels of its input size) under a `TrafficCounter`; with
     `warm_up`, after one forward not counted, so that what the package makes once per shape and device
     (`DeviceConstants`: index grids, position embeddings, reference points) is made, as in every forward after a
-    GPU's first.
+    GPU's first. `sam_attention_kernel` (CUDA's path only): SAM's attention through its Triton kernel, a candidate.
     """
     from transformers_possam import PosSAMForPanopticSegmentation
 
@@ -184,7 +224,10 @@ def forward_traffic(variant: str, dtype_name: str, path: str, batch: int = 1, wa
     class_embeddings = torch.nn.functional.normalize(torch.randn(150, 1, model.config.clip_embed_dim), dim=-1)
     pixel_values = torch.randn(batch, 3, size, size, dtype=dtype)
     counter = TrafficCounter()
-    with torch.inference_mode(), cuda_code_path() if path == "cuda" else contextlib.nullcontext():
+    if sam_attention_kernel and path != "cuda":
+        raise ValueError("sam_attention_kernel is a CUDA candidate: count it on the cuda code path.")
+    code_path = cuda_code_path(sam_attention_kernel) if path == "cuda" else contextlib.nullcontext()
+    with torch.inference_mode(), code_path:
         if warm_up:
             model(pixel_values, class_embeddings=class_embeddings.to(dtype))
         with counter:
@@ -238,11 +281,21 @@ def main(argv=None) -> dict:
         help="rank the memory-bound rows by bytes, or every row by calls (about one kernel launch each: where a "
         "host-bound forward spends its launches)",
     )
+    parser.add_argument(
+        "--sam-attention-kernel",
+        action="store_true",
+        help="SAM's attention through its Triton kernel (a CUDA candidate), counted as one kernel per layer",
+    )
     parser.add_argument("--output", default=None, help="a JSON file for the summary (default: print only)")
     args = parser.parse_args(argv)
-    summary = summarize(forward_traffic(args.variant, args.dtype, args.path, args.batch), args.rows)
+    counter = forward_traffic(
+        args.variant, args.dtype, args.path, args.batch, sam_attention_kernel=args.sam_attention_kernel
+    )
+    summary = summarize(counter, args.rows)
+    kernel = ", SAM attention through its Triton kernel" if args.sam_attention_kernel else ""
     print(
-        f"{args.variant} {args.dtype} batch {args.batch}, {args.path} code path: {summary['total_gb']:.2f} GB moved, "
+        f"{args.variant} {args.dtype} batch {args.batch}, {args.path} code path{kernel}: "
+        f"{summary['total_gb']:.2f} GB moved, "
         f"{summary['memory_bound_gb']:.2f} GB by memory-bound operators, {summary['calls']} operator calls"
     )
     for row in summary["largest" if args.order == "bytes" else "most_called"]:

@@ -806,6 +806,35 @@ def test_traffic_counter_counts_the_bytes_each_operator_moves():
     assert moved.pop("contiguous") == 9600 and moved.pop("reshape") == 9600 and not moved, moved
 
 
+def test_traffic_of_the_tiny_model_with_the_sam_attention_kernel():
+    """`forward_traffic(..., sam_attention_kernel=True)`: SAM's attention counted as its Triton kernel, one operator
+    per SAM layer, without the SDPA form's bias einsums, concatenations and attention call, nor the copy of its
+    output into the output projection's layout; fewer calls and bytes than the default CUDA path; the layer's choice
+    put back afterwards; refused on the CPU's path."""
+    from transformers_possam import tiny_config
+    from transformers_possam.modeling import sam_attention
+
+    traffic = load_script("benchmarks/traffic.py")
+    choice = sam_attention.PosSAMVisionAttention.__dict__["attention_function"]
+    threads = torch.get_num_threads()
+    try:
+        default, kernel = (
+            traffic.summarize(traffic.forward_traffic("tiny", "float32", "cuda", sam_attention_kernel=flag), rows=500)
+            for flag in (False, True)
+        )
+        with pytest.raises(ValueError, match="CUDA candidate"):
+            traffic.forward_traffic("tiny", "float32", "cpu", sam_attention_kernel=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert sam_attention.PosSAMVisionAttention.__dict__["attention_function"] is choice
+    kernel_rows = [row for row in kernel["most_called"] if row["operator"] == traffic.FUSED_SAM_ATTENTION]
+    assert sum(row["calls"] for row in kernel_rows) == tiny_config().vision_config.num_hidden_layers
+    sources = " ".join(row["source"] for row in kernel["most_called"])
+    assert "relative_position_query_and_key" not in sources and "_decomposed_bias_factors" not in sources
+    assert "relative_position_query_and_key" in " ".join(row["source"] for row in default["most_called"])
+    assert kernel["calls"] < default["calls"] and kernel["memory_bound_gb"] < default["memory_bound_gb"]
+
+
 def test_traffic_of_the_tiny_model_on_both_code_paths():
     """`traffic.forward_traffic` on the tiny config: the CUDA code path samples with the fused kernel (one operator
     per layer, its stand-in's result computed by transformers' grid_sample version outside the count), the CPU's
