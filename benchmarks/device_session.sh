@@ -4,8 +4,9 @@
 #   run(command="bash benchmarks/device_session.sh", carry=[".whl"], timeout_s=600)
 # It installs the carried wheels (this project's transformers and timm; the machine's image has other versions),
 # runs benchmarks/device_check.py (the CUDA code paths on the tiny config, SAM's Triton attention at full-size shapes;
-# at most 150 s), then the GPU suite, goal rows first (B bf16 batch 1 eager, H bf16 batch 8 eager, both again with
-# SAM's Triton attention chosen, B bf16 batch 1 compiled: a compilation needs about 3 minutes), for
+# at most 150 s), then the GPU suite, goal rows first (B bf16 batch 1 eager, the same with SAM's Triton attention
+# chosen, H bf16 batch 8 eager, the same with the kernel, B bf16 batch 1 compiled: a compilation needs about 3
+# minutes), for
 # POSSAM_SUITE_BUDGET_S (default 220) seconds, then the later checks (POSSAM_GPU_LATE_CHECKS, default `compiled`:
 # about 100 s of compilation, after the goal rows; added to device-check.json), then benchmarks/gpu_candidates.py
 # (POSSAM_CANDIDATES=0 skips it) for at most 180 s, ending by about POSSAM_DEADLINE_S seconds after its start
@@ -56,6 +57,11 @@ if [ -n "$LATE_CHECKS" ] && [ "$LATE_S" -gt 20 ]; then
     # shellcheck disable=SC2086
     timeout "$LATE_S" "$PYTHON" benchmarks/device_check.py --device "$DEVICE" --output "$OUT/device-check.json" \
         --append --checks $LATE_CHECKS 2>&1 | tee -a "$OUT/device-check.log"
+    if [ "${PIPESTATUS[0]}" = 124 ]; then
+        echo "later checks ($LATE_CHECKS) stopped after ${LATE_S} s" | tee -a "$OUT/device-check.log"
+    fi
+elif [ -n "$LATE_CHECKS" ]; then
+    echo "later checks ($LATE_CHECKS) skipped: ${LATE_S} s left before the deadline" | tee -a "$OUT/device-check.log"
 fi
 # candidate GPU paths side by side (benchmarks/gpu_candidates.py: deformable samplers, pixel counters, the transfer,
 # the forward with each sampler and layout, by box, the post-processing by kept queries, SAM's attention; the

@@ -36,6 +36,8 @@ COMPUTE_BOUND = frozenset(
     {"mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution", "conv2d", "linear", "matmul", "einsum"}
     | {"scaled_dot_product_attention", "_scaled_dot_product_efficient_attention", "_efficient_attention_forward"}
     | {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fused_attention_overrideable"}
+    # SAM's Triton attention kernel (`fused_sam_attention_stand_in`), an attention like SDPA's
+    | {"relative_position_attention_triton"}
 )
 
 

@@ -282,6 +282,31 @@ def test_device_check_runs_its_checks_on_cpu_and_writes_each_result(tmp_path):
     assert 0 < checks["bf16"]["mask_logit_relative_error"] < 0.5  # 0.11 on the random tiny model; garbage ~1.4
 
 
+def test_device_check_marks_a_check_started_before_it_runs(tmp_path, monkeypatch):
+    """While a check runs, the results file already holds it as started and not finished (a check the session's
+    time limit stops leaves that, not nothing); its result replaces the mark. With `--append` the results already
+    in the file stay, and the exit status is that of the checks run now (and of the kernels not built)."""
+    import json
+
+    device_check = load_script("benchmarks/device_check.py")
+    output = tmp_path / "check.json"
+    seen = {}
+
+    def peeking(context):
+        seen.update(json.loads(output.read_text())["checks"])
+        return {"peeked": True}
+
+    monkeypatch.setitem(device_check.CHECKS, "versions", peeking)
+    assert device_check.main(["--device", "cpu", "--checks", "versions", "--output", str(output)]) == 0
+    assert seen == {"versions": {"ok": False, "error": "started, not finished (stopped by a time limit?)"}}
+    assert json.loads(output.read_text())["checks"]["versions"]["peeked"]
+    # a later run's check added to the same file
+    monkeypatch.setitem(device_check.CHECKS, "bf16", lambda context: {"later": True})
+    assert device_check.main(["--device", "cpu", "--checks", "bf16", "--output", str(output), "--append"]) == 0
+    checks = json.loads(output.read_text())["checks"]
+    assert list(checks) == ["versions", "bf16"] and checks["bf16"]["later"] and checks["versions"]["peeked"]
+
+
 def test_device_check_fails_where_a_triton_kernel_gave_way_to_pytorch(tmp_path, monkeypatch):
     """A kernel that could not be built runs its PyTorch path for the rest of the process, so the checks after it
     pass on the fallback: the run itself fails and names the kernel."""
@@ -833,6 +858,9 @@ def test_traffic_of_the_tiny_model_with_the_sam_attention_kernel():
     assert "relative_position_query_and_key" not in sources and "_decomposed_bias_factors" not in sources
     assert "relative_position_query_and_key" in " ".join(row["source"] for row in default["most_called"])
     assert kernel["calls"] < default["calls"] and kernel["memory_bound_gb"] < default["memory_bound_gb"]
+    # counted beside SDPA, as an attention, not among the memory-bound operators
+    assert traffic.FUSED_SAM_ATTENTION in traffic.COMPUTE_BOUND
+    assert traffic.FUSED_SAM_ATTENTION not in {row["operator"] for row in kernel["largest"]}
 
 
 def test_traffic_of_the_tiny_model_on_both_code_paths():

@@ -888,6 +888,24 @@ def test_device_check_of_the_triton_sam_attention_runs_where_triton_runs():
         assert row["triton_ms"] > 0 and row["triton_128_queries_ms"] > 0 and row["default_ms"] > 0
 
 
+@needs_interpreter
+def test_device_check_of_the_triton_sam_attention_keeps_its_figures_when_its_compiled_step_fails(monkeypatch):
+    """A failure of the check's compiled step (a Dynamo, inductor or CUDA graph problem on the device's torch) makes
+    the check not ok, with the error, but every shape's figures measured before it are kept."""
+    from .conftest import load_script
+
+    device_check = load_script("benchmarks/device_check.py")
+
+    def fails(*arguments):
+        raise RuntimeError("inductor: no lowering")
+
+    monkeypatch.setattr(device_check, "_sam_attention_kernel_compiled", fails)
+    details = device_check.check_sam_attention_triton(device_check.Context(torch.device("cpu")))
+    assert details["ok"] is False and details["compiled"] == {"error": "RuntimeError: inductor: no lowering"}
+    assert {"sam_b_windowed", "sam_b_global", "sam_h_windowed", "sam_h_global"} <= set(details)
+    assert all("triton_ms" in details[name] for name in ("sam_b_windowed", "sam_h_global"))
+
+
 @pytest.fixture
 def fresh_launch_probe(monkeypatch):
     """`_triton_launches_on_cuda` asked afresh (it caches its answer per process), and put back after."""

@@ -99,10 +99,14 @@ def attend(
     IEEE_DOT: tl.constexpr,  # float32 inputs: full-precision products, not TF32
     UPCAST_DOT: tl.constexpr,  # half-precision inputs under Triton's interpreter, whose 16-bit dot is wrong
 ):
-    sequence = tl.program_id(0)
+    # one program per (sequence, block of queries), the blocks of one sequence consecutive in launch order: the
+    # programs running at one time share their sequence's keys and values in the L2 cache (with the sequence first,
+    # a global layer's concurrent programs would each stream another head's)
+    query_blocks = tl.cdiv(tokens, BLOCK_QUERIES)
+    sequence = tl.program_id(0) // query_blocks
     image = sequence // num_heads
     head = sequence % num_heads
-    query_index = tl.program_id(1) * BLOCK_QUERIES + tl.arange(0, BLOCK_QUERIES)
+    query_index = (tl.program_id(0) % query_blocks) * BLOCK_QUERIES + tl.arange(0, BLOCK_QUERIES)
     query_ok = query_index < tokens
     query_rows = (query_ptr + image.to(tl.int64) * query_strides_b + head * query_strides_h) + query_index[:, None].to(
         tl.int64

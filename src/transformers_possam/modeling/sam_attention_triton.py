@@ -170,7 +170,9 @@ def _launch(
     first_dim, rest_dim = _channel_blocks(head_dim)
     width_pad = _power_of_2_at_least(width)
     key_rows = max(1, _KEYS_PER_STEP // width_pad)
-    grid = (batch_size * num_heads, -(-tokens // block_queries))
+    # one dimension (up to 2**31 - 1 programs; a second one would stop at 65,535 sequences, 164 images of SAM-H's
+    # windows), the query blocks of a sequence consecutive
+    grid = (batch_size * num_heads * -(-tokens // block_queries),)
     with on_launch_device(query.device):
         _kernel()[grid](
             query,
@@ -264,8 +266,8 @@ def relative_position_attention_triton(
             64) and 213 KB (80) of shared memory, more than an A100 or an sm_86/89 GPU has per block. With the bias
             made inside, sm_90 bf16 at 8 warps: 204-245 registers and no spills (docs/design.md, "Seventeenth
             session"); float32 spills 0.8-28 KB per thread.
-        block_queries: query tokens per program, a power of 2 of at least 16. 64 by default; 128 (8 warps, no
-            spills for sm_90 in bf16) is a candidate the GPU checks time beside it.
+        block_queries: query tokens per program, a power of 2 of at least 16. 64 by default; 128 (8 warps; for
+            sm_90 in bf16, 0-48 bytes of spills) is a candidate the GPU checks time beside it.
 
     Returns:
         `(B, heads, H * W, d)` in the query's dtype: a view of a `(B, H * W, heads, d)` tensor, so that moving the
