@@ -247,7 +247,7 @@ def check_sam_attention_triton(context: Context) -> dict:
                     "triton_ms": _median_call_ms(
                         lambda: relative_position_attention_triton(*arguments), context.device
                     ),
-                    # a candidate setting: 128 queries per program (for sm_90 in bf16, 0-48 bytes of spills)
+                    # a candidate setting: 128 queries per program (for sm_90 in bf16, 0-128 bytes of spills)
                     "triton_128_queries_ms": _median_call_ms(
                         lambda: relative_position_attention_triton(*arguments, block_queries=128), context.device
                     ),

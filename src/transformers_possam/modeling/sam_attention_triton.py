@@ -267,7 +267,7 @@ def relative_position_attention_triton(
             made inside, sm_90 bf16 at 8 warps: 204-245 registers and no spills (docs/design.md, "Seventeenth
             session"); float32 spills 0.8-28 KB per thread.
         block_queries: query tokens per program, a power of 2 of at least 16. 64 by default; 128 (8 warps; for
-            sm_90 in bf16, 0-48 bytes of spills) is a candidate the GPU checks time beside it.
+            sm_90 in bf16, 0-128 bytes of spills) is a candidate the GPU checks time beside it.
 
     Returns:
         `(B, heads, H * W, d)` in the query's dtype: a view of a `(B, H * W, heads, d)` tensor, so that moving the
