@@ -832,6 +832,7 @@ def test_compiled_tiny_model_calls_the_triton_sam_attention_as_an_op(monkeypatch
 
 @needs_interpreter
 def test_triton_sam_attention_refuses_what_it_cannot_do(monkeypatch):
+    from transformers_possam.modeling import sam_attention_triton
     from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
 
     query, key, value, relative_height, relative_width = _attention_inputs(1, 2, (4, 4), 8)
@@ -848,6 +849,10 @@ def test_triton_sam_attention_refuses_what_it_cannot_do(monkeypatch):
         with pytest.raises(ValueError, match="block_queries must be a power of 2 >= 16"):
             relative_position_attention_triton(
                 query, key, value, relative_height, relative_width, (4, 4), block_queries=block_queries
+            )
+        with pytest.raises(ValueError, match="block_queries must be a power of 2 >= 16"):  # the op itself checks
+            sam_attention_triton._attend_op(
+                query, key, value, relative_height, relative_width, [4, 4], 8, block_queries
             )
     with pytest.raises(ValueError, match=r"must be \(H, H, d\) = \(4, 4, 8\)"):  # tables of another layer
         relative_position_attention_triton(query, key, value, relative_height[:3], relative_width, (4, 4))

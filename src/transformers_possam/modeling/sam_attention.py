@@ -326,10 +326,12 @@ class PosSAMVisionAttention(SamVisionSdpaAttention):
         """
         The attention with the decomposed relative-position bias (arguments and result as
         `relative_position_attention`; one with a true `inference_only` attribute gives way to
-        `relative_position_attention` where `gives_way_to_pytorch` says so: autograd, a trace, fake tensors, float64):
-        on CPU
+        `relative_position_attention` where `gives_way_to_pytorch` says so: autograd, float64, portable traces, and
+        unless it is a registered op also `torch.compile` traces and fake tensors): on CPU
         `relative_position_attention_blocked`, elsewhere `relative_position_attention` (SDPA with the bias as extra
-        q/k channels). The Triton kernel `relative_position_attention_triton` is a CUDA candidate
-        (`benchmarks/gpu_candidates.py` replaces this method), not chosen until a GPU has timed it.
+        q/k channels). The Triton kernel `relative_position_attention_triton` (a custom op) is a CUDA candidate, not
+        chosen until a GPU has timed it (`benchmarks/device_check.py`'s `sam_attention_triton`, the GPU suite's
+        candidate rows and `benchmarks/gpu_candidates.py` replace this method); if chosen, for 16-bit inputs only:
+        its float32 form spills registers (docs/design.md, "Seventeenth session").
         """
         return relative_position_attention_blocked if device_type == "cpu" else relative_position_attention

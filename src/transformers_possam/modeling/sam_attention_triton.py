@@ -65,7 +65,12 @@ def _check_attention_inputs(
     relative_height: torch.Tensor,
     relative_width: torch.Tensor,
     size: tuple[int, int] | list[int],
+    block_queries: int,
 ) -> None:
+    if block_queries < 16 or block_queries & (block_queries - 1):
+        raise ValueError(
+            f"relative_position_attention_triton: block_queries must be a power of 2 >= 16, got {block_queries}."
+        )
     if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"relative_position_attention_triton reads float32, bf16 or fp16 inputs, got {query.dtype}.")
     _, _, tokens, head_dim = query.shape
@@ -116,7 +121,7 @@ def _attend(
         raise RuntimeError(
             f"relative_position_attention_triton needs CUDA and Triton; the inputs are on {query.device}."
         )
-    _check_attention_inputs(query, key, value, relative_height, relative_width, size)
+    _check_attention_inputs(query, key, value, relative_height, relative_width, size, block_queries)
     height, width = size
     output = _empty_output(query)
     launch_or_fall_back(
@@ -223,7 +228,7 @@ def _attend_shapes_only(
     block_queries: int,
 ) -> torch.Tensor:
     """`_attend`'s fake implementation: its checks and an empty result in its layout."""
-    _check_attention_inputs(query, key, value, relative_height, relative_width, size)
+    _check_attention_inputs(query, key, value, relative_height, relative_width, size, block_queries)
     return _empty_output(query)
 
 
@@ -283,10 +288,6 @@ def relative_position_attention_triton(
     ):
         raise RuntimeError("relative_position_attention_triton has no backward: use it for inference only.")
     height, width = size
-    if block_queries < 16 or block_queries & (block_queries - 1):
-        raise ValueError(
-            f"relative_position_attention_triton: block_queries must be a power of 2 >= 16, got {block_queries}."
-        )
     return _attend_op(
         query, key, value, relative_height, relative_width, [int(height), int(width)], num_warps, block_queries
     )
