@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from gpu import time_steps
 from torch.overrides import TorchFunctionMode
 
 from training import make_training_batch, make_training_step
@@ -175,20 +176,11 @@ def check_sam_attention_fused_kernel(context: Context) -> dict:
     return {"backends": [backend.name for backend in backends], "shapes": shapes}
 
 
-def _median_call_ms(call: Callable[[], object], device: torch.device, repeats: int = 10) -> float:
-    """The median wall time of `call()` in milliseconds, the device synchronized around each call (two calls first:
-    a kernel's first launch compiles it)."""
-    timings = []
-    for index in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if index >= 2:
-            timings.append((time.perf_counter() - start) * 1e3)
-    return sorted(timings)[len(timings) // 2]
+def _median_call_ms(call: Callable[[], object], device: torch.device) -> float:
+    """The median of 10 timed calls of `call()` in milliseconds (`gpu.time_steps`, with the GPU suite's candidates'
+    quarter second of warm-up on CUDA: a kernel's first launch compiles it)."""
+    timing, _ = time_steps(call, device, 10, warmup_s=0.25 if device.type == "cuda" else 0.0)
+    return timing["median_s"] * 1e3
 
 
 def check_sam_attention_triton(context: Context) -> dict:

@@ -36,7 +36,7 @@ import json
 import os
 
 import torch
-from gpu import _config, box_times, time_steps
+from gpu import _config, _sam_attention_kernel_chosen, box_times, time_steps
 from torch.nn import functional as F
 
 
@@ -325,18 +325,11 @@ def post_processing_by_kept_queries(
 
 def triton_sam_attention_forward(forward, reference: torch.Tensor, device: torch.device, repeats: int) -> dict:
     """The forward timed with SAM's attention through `relative_position_attention_triton` (chosen in
-    `PosSAMVisionAttention.attention_function`, put back afterwards), and its largest mask-logit difference from
-    `reference`, the default's."""
-    from transformers_possam.modeling.sam_attention import PosSAMVisionAttention
-    from transformers_possam.modeling.sam_attention_triton import relative_position_attention_triton
-
-    original = PosSAMVisionAttention.__dict__["attention_function"]
-    PosSAMVisionAttention.attention_function = staticmethod(lambda device_type: relative_position_attention_triton)
-    try:
+    `PosSAMVisionAttention.attention_function` by `gpu._sam_attention_kernel_chosen`, put back afterwards), and its
+    largest mask-logit difference from `reference`, the default's."""
+    with _sam_attention_kernel_chosen(True):
         timing = _time(forward, device, repeats)
         masks = forward().masks_queries_logits
-    finally:
-        PosSAMVisionAttention.attention_function = original
     timing["max_abs_difference_of_mask_logits"] = float((masks.float() - reference.float()).abs().max())
     return timing
 

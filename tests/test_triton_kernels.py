@@ -911,6 +911,38 @@ def test_device_check_of_the_triton_sam_attention_keeps_its_figures_when_its_com
     assert all("triton_ms" in details[name] for name in ("sam_b_windowed", "sam_h_global"))
 
 
+@needs_interpreter
+def test_gpu_candidates_time_the_forward_with_the_triton_sam_attention(monkeypatch):
+    """benchmarks/gpu_candidates.py's whole-forward row for the SAM kernel (tiny model, under Triton's interpreter):
+    the kernel runs in every SAM layer of the timed forwards, the row is timed, its mask logits within float32
+    rounding of the default's, and the layer's choice is put back after."""
+    from transformers_possam import PosSAMForPanopticSegmentation, tiny_config
+    from transformers_possam.modeling import sam_attention_triton
+    from transformers_possam.modeling.sam_attention import PosSAMVisionAttention
+
+    from .conftest import load_script
+
+    candidates = load_script("benchmarks/gpu_candidates.py")
+    choice = PosSAMVisionAttention.__dict__["attention_function"]
+    torch.manual_seed(0)
+    model = PosSAMForPanopticSegmentation(tiny_config()).eval()
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size)
+    class_embeddings = torch.nn.functional.normalize(torch.randn(4, 1, model.config.clip_embed_dim), dim=-1)
+    with torch.inference_mode():
+
+        def forward():
+            return model(pixels, class_embeddings=class_embeddings)
+
+        reference = forward().masks_queries_logits
+        launches = count_launches(sam_attention_triton, monkeypatch)
+        row = candidates.triton_sam_attention_forward(forward, reference, torch.device("cpu"), 1)
+    layers = model.config.vision_config.num_hidden_layers
+    assert launches and len(launches) % layers == 0  # every forward of the row, every SAM layer
+    assert row["median_s"] > 0 and row["max_abs_difference_of_mask_logits"] < 1e-4
+    assert PosSAMVisionAttention.__dict__["attention_function"] is choice
+
+
 @pytest.fixture
 def fresh_launch_probe(monkeypatch):
     """`_triton_launches_on_cuda` asked afresh (it caches its answer per process), and put back after."""
