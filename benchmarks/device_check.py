@@ -12,6 +12,8 @@ with its traceback) is written to `--output` as soon as it ends, so a stopped ru
   kernels (flash, memory-efficient, cuDNN): an unfused math fallback is an error;
 - `sam_attention_triton`: SAM's attention through the Triton kernel (a candidate for CUDA's default) at SAM-B's and
   SAM-H's shapes at 1024 for 8 images in bf16: within twice the default path's error, and both timed;
+- `deformable_backward_triton`: the deformable sampler's backward kernel (a candidate for training on CUDA) at the
+  pixel decoder's shapes at 1024: gradients against transformers' sampler, forward + backward of both timed;
 - `bf16`: a bf16 copy of the model runs on the device; finite outputs, its mask-logit relative error against fp32;
 - `no_host_sync`: forward, MASE and the panoptic post-processing under `torch.cuda.set_sync_debug_mode("warn")`,
   every reported synchronizing call recorded with where it happened, the dense path's one device-to-host transfer
@@ -176,10 +178,10 @@ def check_sam_attention_fused_kernel(context: Context) -> dict:
     return {"backends": [backend.name for backend in backends], "shapes": shapes}
 
 
-def _median_call_ms(call: Callable[[], object], device: torch.device) -> float:
-    """The median of 10 timed calls of `call()` in milliseconds (`gpu.time_steps`, with the GPU suite's candidates'
-    quarter second of warm-up on CUDA: a kernel's first launch compiles it)."""
-    timing, _ = time_steps(call, device, 10, warmup_s=0.25 if device.type == "cuda" else 0.0)
+def _median_call_ms(call: Callable[[], object], device: torch.device, repeats: int = 10) -> float:
+    """The median of `repeats` timed calls of `call()` in milliseconds (`gpu.time_steps`, with the GPU suite's
+    candidates' quarter second of warm-up on CUDA: a kernel's first launch compiles it)."""
+    timing, _ = time_steps(call, device, repeats, warmup_s=0.25 if device.type == "cuda" else 0.0)
     return timing["median_s"] * 1e3
 
 
@@ -293,6 +295,77 @@ def _sam_attention_kernel_compiled(arguments: tuple, eager: torch.Tensor, device
         # graphs inductor left without CUDA graphs, and partitions (reasons: TORCH_LOGS=cudagraphs)
         **{name: inductor_counters[name] - before for name, before in counts_before.items()},
     }
+
+
+def check_deformable_backward_triton(context: Context) -> dict:
+    """
+    The deformable sampler's backward kernel (`deformable_attention_triton` under autograd, a candidate for CUDA's
+    training sampler) at PosSAM's pixel-decoder shapes at 1024x1024 (levels of 128, 64 and 32 pixels a side, 8 heads
+    of 32 channels, 4 points; 21,504 queries) with bf16 values, as bf16-autocast training gives them, and float32
+    locations and weights: its gradients against autograd through transformers' sampler on the same values in
+    float32 (the values' gradient within bf16 rounding, the locations' and weights' within 1e-3 of their largest),
+    and the forward plus backward of both timed (median ms per call) at batch 2 (FC-CLIP's images per GPU) and 8.
+    A backward that could not be built (its figures would be PyTorch's) makes the check not ok with every figure
+    kept. Where Triton cannot run: skipped; on a CPU under Triton's interpreter (the tests): small shapes, and the
+    times mean nothing.
+    """
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    from transformers_possam.modeling.deformable_sampling_triton import deformable_attention_triton
+    from transformers_possam.triton_support import kernels_not_built, triton_runs_on
+
+    if not triton_runs_on(context.device):
+        return {"skipped": f"Triton cannot run on {context.device}"}
+    full_size = context.device.type == "cuda"
+    shapes = [(128, 128), (64, 64), (32, 32)] if full_size else [(4, 4), (2, 2)]
+    heads, head_dim, points = (8, 32, 4) if full_size else (2, 8, 2)
+    num_values = sum(height * width for height, width in shapes)
+    repeats = 10 if full_size else 2  # (Triton's interpreter is slow, and its times mean nothing)
+    generator = torch.Generator().manual_seed(3)
+    details: dict = {}
+
+    def gradients(sampler, value, locations, weights, output_grad):
+        inputs = [tensor.detach().requires_grad_() for tensor in (value, locations, weights)]
+        output = sampler(inputs[0], shapes, inputs[1], inputs[2])
+        return torch.autograd.grad(output, inputs, output_grad)
+
+    for batch in (2, 8) if full_size else (1, 2):
+        value = torch.randn(batch, num_values, heads, head_dim, generator=generator).to(context.device, torch.bfloat16)
+        sample_shape = (batch, num_values, heads, len(shapes), points)
+        locations = (torch.rand(*sample_shape, 2, generator=generator) * 1.2 - 0.1).to(context.device)
+        weights = torch.rand(*sample_shape, generator=generator).softmax(-1).to(context.device)
+        output_grad = torch.randn(batch, num_values, heads * head_dim, generator=generator).to(context.device)
+        expected = gradients(multi_scale_deformable_attention, value.float(), locations, weights, output_grad)
+        found = gradients(deformable_attention_triton, value, locations, weights, output_grad)
+        errors = {
+            name: float((gradient.float() - reference).abs().max() / reference.abs().max())
+            for name, gradient, reference in zip(("value", "locations", "weights"), found, expected)
+        }
+        limits = {"value": 1e-2, "locations": 1e-3, "weights": 1e-3}
+        details[f"batch_{batch}"] = {
+            "relative_errors": errors,
+            "value_grad_dtype": str(found[0].dtype),
+            "triton_forward_backward_ms": _median_call_ms(
+                lambda: gradients(deformable_attention_triton, value, locations, weights, output_grad),
+                context.device,
+                repeats,
+            ),
+            # transformers' sampler as training runs it (FC-CLIP's float32 sampling: the float32 copy of the values)
+            "transformers_forward_backward_ms": _median_call_ms(
+                lambda: gradients(multi_scale_deformable_attention, value.float(), locations, weights, output_grad),
+                context.device,
+                repeats,
+            ),
+        }
+        failed = [name for name, error in errors.items() if not error <= limits[name]]
+        if failed:
+            details[f"batch_{batch}"]["failed"] = failed
+            details["ok"] = False
+    fallen_back = [key for key in kernels_not_built() if "deformable_attention_triton" in key]
+    if fallen_back:
+        details["kernel_not_built"] = fallen_back
+        details["ok"] = False
+    return details
 
 
 def check_bf16(context: Context) -> dict:
@@ -543,6 +616,7 @@ CHECKS: dict[str, Callable[[Context], dict]] = {
     "sam_attention_all_heads": check_sam_attention_all_heads,
     "sam_attention_fused_kernel": check_sam_attention_fused_kernel,
     "sam_attention_triton": check_sam_attention_triton,
+    "deformable_backward_triton": check_deformable_backward_triton,
     "bf16": check_bf16,
     "no_host_sync": check_no_host_sync,
     "training_step": check_training_step,

@@ -23,7 +23,7 @@ OUT=${OUT:-/tmp/possam-device}
 PYTHON=${PYTHON:-python3}
 DEVICE=${POSSAM_DEVICE:-cuda}
 DEFAULT_CHECKS="versions outputs_match_cpu sam_attention_all_heads sam_attention_fused_kernel sam_attention_triton bf16 no_host_sync"
-CHECKS=${POSSAM_GPU_CHECKS:-"$DEFAULT_CHECKS training_step"}
+CHECKS=${POSSAM_GPU_CHECKS:-"$DEFAULT_CHECKS training_step deformable_backward_triton"}
 # after the suite's goal rows: the compiled check compiles the tiny model (about 100 s on an H200), time the goal rows
 # need more
 LATE_CHECKS=${POSSAM_GPU_LATE_CHECKS-compiled}

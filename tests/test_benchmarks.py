@@ -276,6 +276,7 @@ def test_device_check_runs_its_checks_on_cpu_and_writes_each_result(tmp_path):
     }
     assert checks["training_syncs"]["skipped"] == "torch.cuda.set_sync_debug_mode needs CUDA"
     assert checks["sam_attention_triton"]["skipped"] == "Triton cannot run on cpu"  # outside the interpreter
+    assert checks["deformable_backward_triton"]["skipped"] == "Triton cannot run on cpu"
     for name in ("versions", "outputs_match_cpu", "sam_attention_fused_kernel", "bf16", "training_step"):
         assert checks[name]["ok"], checks[name].get("traceback")
     assert checks["outputs_match_cpu"]["max_relative_difference"]["masks_queries_logits"] == 0.0  # same device

@@ -239,6 +239,21 @@ def test_deformable_sampler_choice_by_device(monkeypatch):
     assert choose("cpu") is deformable_attention.deformable_attention_embedding_bag
 
 
+def test_deformable_training_sampler_choice_by_device(monkeypatch):
+    """`PosSAMMultiscaleDeformableAttention.training_sampler`, the sampler where autograd needs gradients: the
+    differentiable embedding_bag sampler on CPU, transformers' grid_sample version elsewhere, also on CUDA where
+    Triton runs (the Triton kernel's backward is a candidate until a GPU has timed it)."""
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    from transformers_possam.modeling import deformable_attention
+
+    choose = deformable_attention.PosSAMMultiscaleDeformableAttention.training_sampler
+    for triton_runs in (False, True):
+        monkeypatch.setattr(deformable_attention, "triton_runs_on", lambda device, runs=triton_runs: runs)
+        assert choose("cpu") is deformable_attention.deformable_attention_embedding_bag
+        assert choose("cuda") is choose("mps") is choose("xpu") is multi_scale_deformable_attention
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_deformable_layer_gives_a_marked_sampler_the_models_own_values(monkeypatch, autocast):
     """A bf16 model (or bf16 autocast): a sampler marked `reads_reduced_precision_values` gets the value projection's
@@ -355,7 +370,9 @@ def test_an_inference_only_kernel_gives_way_where_its_op_or_its_missing_backward
     """`gives_way_to_pytorch`, the one rule for the Triton kernels (deformable sampler, SAM attention): an unmarked
     function never gives way; a kernel marked `inference_only` gives way where a gradient is needed, for float64 and
     in portable traces (`torch.export`, `torch.jit.trace`); one that is also a registered op (`compiles_as_an_op`)
-    stays in `torch.compile` traces and for fake tensors, where a plain one gives way."""
+    stays in `torch.compile` traces and for fake tensors, where a plain one gives way; one that also `has_backward`
+    (the deformable sampler's op with its backward kernel) stays where a gradient is needed, and still gives way
+    for float64 and portable traces."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from transformers_possam.triton_support import gives_way_to_pytorch
@@ -378,6 +395,13 @@ def test_an_inference_only_kernel_gives_way_where_its_op_or_its_missing_backward
         with torch.no_grad():
             assert not gives_way_to_pytorch(kernel, (tensor, weight))
         assert gives_way_to_pytorch(kernel, (tensor.double(),))
+
+    def differentiable(*arguments):
+        raise AssertionError("never called")
+
+    differentiable.inference_only = differentiable.compiles_as_an_op = differentiable.has_backward = True
+    assert not gives_way_to_pytorch(differentiable, (tensor, weight))  # its own backward
+    assert gives_way_to_pytorch(differentiable, (tensor.double(), weight))
     with FakeTensorMode() as fake_mode:
         fake = fake_mode.from_tensor(tensor)
         assert gives_way_to_pytorch(plain, (fake,)) and not gives_way_to_pytorch(op, (fake,))
@@ -389,6 +413,7 @@ def test_an_inference_only_kernel_gives_way_where_its_op_or_its_missing_backward
         monkeypatch.setattr(namespace, tracing, lambda: True)
         assert gives_way_to_pytorch(plain, (tensor,))
         assert gives_way_to_pytorch(op, (tensor,)) is not op_stays, tracing
+        assert gives_way_to_pytorch(differentiable, (tensor, weight)) is not op_stays, tracing
         monkeypatch.undo()
 
 

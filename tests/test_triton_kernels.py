@@ -148,10 +148,6 @@ def test_triton_sampler_refuses_what_it_cannot_do(interpreted, monkeypatch):
     """Each refusal names what to do instead; nothing is computed wrongly in silence."""
     shapes = [(4, 4)]
     value, locations, weights = _inputs(shapes, 1, 2, 8, 2, 6)
-    # autograd: no backward, so a gradient would be silently missing
-    with pytest.raises(RuntimeError, match="inference only"):
-        interpreted.deformable_attention_triton(value.requires_grad_(), shapes, locations, weights)
-    value = value.detach()
     # float64 values would be rounded to float32 in silence
     with pytest.raises(ValueError, match="float32, bf16 or fp16 values, got torch.float64"):
         interpreted.deformable_attention_triton(value.double(), shapes, locations, weights)
@@ -165,6 +161,220 @@ def test_triton_sampler_refuses_what_it_cannot_do(interpreted, monkeypatch):
     assert not triton_runs_on("cpu")
     with pytest.raises(RuntimeError, match="needs CUDA and Triton"):
         interpreted.deformable_attention_triton(value, shapes, locations, weights)
+
+
+def _gradients(sampler, value, shapes, locations, weights, output_grad):
+    """The gradients of `sampler(value, shapes, locations, weights) . output_grad` with respect to the value, the
+    locations and the weights (each in its input's dtype), and the result."""
+    inputs = [tensor.detach().clone().requires_grad_() for tensor in (value, locations, weights)]
+    output = sampler(inputs[0], shapes, inputs[1], inputs[2])
+    return (*torch.autograd.grad(output, inputs, output_grad.to(output.dtype)), output)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "shapes, batch, heads, head_dim, points, queries",
+    [
+        ([(4, 4), (8, 8), (16, 16)], 2, 8, 32, 4, 336),  # PosSAM's layout
+        ([(3, 5), (7, 2)], 1, 2, 24, 3, 70),  # a head size that is not a power of 2, a partial block of queries
+        ([(1, 1)], 3, 1, 1, 1, 5),  # one pixel, one channel
+    ],
+)
+def test_triton_sampler_gradients_equal_transformers_grid_sample_version(
+    interpreted, shapes, batch, heads, head_dim, points, queries
+):
+    """The backward kernel's gradients of the values, the locations and the weights against autograd through
+    transformers' `multi_scale_deformable_attention` (grid_sample's backward) in float64, with locations beyond the
+    map on every side (corners and whole samples off the map, zero padding: no gradient from them)."""
+    value, locations, weights = _inputs(shapes, batch, heads, head_dim, points, queries)
+    output_grad = torch.randn(batch, queries, heads * head_dim, generator=torch.Generator().manual_seed(1))
+    expected = _gradients(
+        multi_scale_deformable_attention, value.double(), shapes, locations.double(), weights.double(), output_grad
+    )
+    found = _gradients(interpreted.deformable_attention_triton, value, shapes, locations, weights, output_grad)
+    torch.testing.assert_close(found[3].double(), expected[3], rtol=0, atol=1e-5)
+    for name, gradient, reference in zip(("value", "locations", "weights"), found[:3], expected[:3]):
+        assert gradient.dtype == torch.float32, name
+        # the locations' gradient scales with the level size (d pixel / d location): relative to its largest
+        scale = reference.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(gradient.double() / scale, reference / scale, rtol=0, atol=2e-6, msg=name)
+
+
+@needs_interpreter
+def test_triton_sampler_gradients_on_pixel_centres_and_edges(interpreted):
+    """Locations on pixel centres, on the map's edges and exactly between pixels, where a bilinear corner's weight
+    is 0 or 1: the gradients follow grid_sample's backward (the same floor, the same one-sided derivative)."""
+    shapes = [(4, 6), (2, 3)]
+    value, _, weights = _inputs(shapes, 1, 2, 8, 2, 12)
+    grid = torch.tensor([0.0, 1.0, 0.5, 1 / 12, 11 / 12, 1 / 6, 0.25, 0.75, 1 / 8, 7 / 8, 1.0, 0.0])
+    locations = torch.stack([grid, grid.flip(0)], dim=-1)[None, :, None, None, None, :].expand(1, 12, 2, 2, 2, 2)
+    output_grad = torch.randn(1, 12, 16, generator=torch.Generator().manual_seed(2))
+    expected = _gradients(
+        multi_scale_deformable_attention, value.double(), shapes, locations.double(), weights.double(), output_grad
+    )
+    found = _gradients(
+        interpreted.deformable_attention_triton, value, shapes, locations.contiguous(), weights, output_grad
+    )
+    for gradient, reference in zip(found, expected):
+        torch.testing.assert_close(gradient.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
+def test_triton_sampler_gradients_of_bf16_values_come_back_in_bf16(interpreted):
+    """bf16 values (autocast's value projection, read without a float32 copy): the values' gradient is summed in
+    float32 and rounded to bf16 once, within bf16 rounding of float64 autograd through transformers' sampler; the
+    float32 locations and weights get float32 gradients."""
+    shapes = [(4, 4), (8, 8)]
+    value, locations, weights = _inputs(shapes, 2, 4, 16, 4, 40)
+    value = value.bfloat16()
+    output_grad = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(3))
+    expected = _gradients(
+        multi_scale_deformable_attention, value.double(), shapes, locations.double(), weights.double(), output_grad
+    )
+    found = _gradients(interpreted.deformable_attention_triton, value, shapes, locations, weights, output_grad)
+    assert [gradient.dtype for gradient in found[:3]] == [torch.bfloat16, torch.float32, torch.float32]
+    torch.testing.assert_close(found[0].double(), expected[0], rtol=1e-2, atol=1e-2)
+    for gradient, reference in zip(found[1:3], expected[1:3]):
+        scale = reference.abs().max()
+        torch.testing.assert_close(gradient.double() / scale, reference / scale, rtol=0, atol=2e-6)
+
+
+@needs_interpreter
+def test_triton_sampler_backward_under_deterministic_algorithms(interpreted):
+    """Its values' gradient is a sum in an order the GPU picks (atomics), as grid_sample's CUDA backward: with
+    `torch.use_deterministic_algorithms(True)` the backward raises, with `warn_only=True` it warns and runs."""
+    shapes = [(4, 4)]
+    value, locations, weights = _inputs(shapes, 1, 2, 8, 2, 6)
+    output_grad = torch.randn(1, 6, 16)
+    was_enabled, was_warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="does not have a deterministic implementation.*warn_only=True"):
+            _gradients(interpreted.deformable_attention_triton, value, shapes, locations, weights, output_grad)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="does not have a deterministic implementation"):
+            found = _gradients(interpreted.deformable_attention_triton, value, shapes, locations, weights, output_grad)
+    finally:
+        torch.use_deterministic_algorithms(was_enabled, warn_only=was_warn_only)
+    expected = _gradients(multi_scale_deformable_attention, value, shapes, locations, weights, output_grad)
+    for gradient, reference in zip(found, expected):
+        torch.testing.assert_close(gradient, reference, rtol=1e-4, atol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("autocast", [False, True])
+def test_deformable_layer_trains_through_the_triton_sampler(interpreted, monkeypatch, autocast):
+    """The pixel decoder's deformable layer in training with the Triton sampler chosen for gradients (as a GPU
+    session would, in `training_sampler`): the plain kernel forward and backward, one launch each per call (the form
+    from the projections has no backward and is not used), and the layer's output and every parameter's gradient
+    equal to the same layer on transformers' sampler (float32; and under bf16 autocast, where the kernel reads the
+    bf16 values, within bf16 rounding)."""
+    from transformers_possam.modeling.deformable_attention import PosSAMMultiscaleDeformableAttention
+
+    torch.manual_seed(0)
+    layer = PosSAMMultiscaleDeformableAttention(embed_dim=32, num_heads=4, n_levels=3, n_points=4)
+    layer.train()
+    shapes = [(8, 8), (4, 4), (2, 2)]
+    num_values = sum(height * width for height, width in shapes)
+    hidden = torch.randn(2, num_values, 32)
+    position = torch.randn(2, num_values, 32)
+    reference_points = torch.rand(2, num_values, 3, 2)
+    arguments = {
+        "encoder_hidden_states": hidden,
+        "position_embeddings": position,
+        "reference_points": reference_points,
+        "spatial_shapes_list": shapes,
+    }
+    results = {}
+    for name, sampler in (("transformers", multi_scale_deformable_attention), ("triton", None)):
+        if sampler is None:
+            monkeypatch.setattr(
+                PosSAMMultiscaleDeformableAttention,
+                "training_sampler",
+                staticmethod(lambda _: interpreted.deformable_attention_triton),
+            )
+            forward_launches = count_launches(interpreted, monkeypatch)
+            backward_launches: list = []
+            backward_kernel = interpreted._backward_kernel()
+
+            class CountingBackward:
+                def __getitem__(self, grid):
+                    backward_launches.append(grid)
+                    return backward_kernel[grid]
+
+            monkeypatch.setattr(interpreted, "_backward_kernel", lambda: CountingBackward())
+        else:
+            monkeypatch.setattr(
+                PosSAMMultiscaleDeformableAttention, "training_sampler", staticmethod(lambda _: sampler)
+            )
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output, _ = layer(hidden.clone(), **arguments)
+        output.float().square().sum().backward()
+        results[name] = (output.float(), {key: parameter.grad.clone() for key, parameter in layer.named_parameters()})
+    assert len(forward_launches) == 1 and len(backward_launches) == 1
+    tolerance = 1e-4 if not autocast else 3e-2
+    torch.testing.assert_close(results["triton"][0], results["transformers"][0], rtol=tolerance, atol=tolerance)
+    for key, gradient in results["transformers"][1].items():
+        found = results["triton"][1][key]
+        scale = gradient.abs().max().clamp(min=1e-6)
+        torch.testing.assert_close(found / scale, gradient / scale, rtol=0, atol=tolerance, msg=key)
+
+
+@needs_interpreter
+def test_compiled_training_step_calls_the_sampler_and_its_backward_as_ops(interpreted, monkeypatch):
+    """`torch.compile(fullgraph=True)` of a deformable layer's forward in training with the Triton sampler chosen for
+    gradients: AOTAutograd traces the backward through the op's registered formula, so the compiled step launches the
+    forward kernel and the backward kernel once each, and its output and gradients equal the eager step's."""
+    from transformers_possam.modeling.deformable_attention import PosSAMMultiscaleDeformableAttention
+
+    torch.manual_seed(0)
+    layer = PosSAMMultiscaleDeformableAttention(embed_dim=32, num_heads=4, n_levels=2, n_points=2).train()
+    shapes = [(4, 4), (2, 2)]
+    num_values = sum(height * width for height, width in shapes)
+    hidden, position = torch.randn(2, num_values, 32), torch.randn(2, num_values, 32)
+    reference_points = torch.rand(2, num_values, 2, 2)
+    monkeypatch.setattr(
+        PosSAMMultiscaleDeformableAttention,
+        "training_sampler",
+        staticmethod(lambda _: interpreted.deformable_attention_triton),
+    )
+
+    def forward(hidden):
+        output, _ = layer(
+            hidden,
+            encoder_hidden_states=hidden,
+            position_embeddings=position,
+            reference_points=reference_points,
+            spatial_shapes_list=shapes,
+        )
+        return output
+
+    results = []
+    forward_launches = count_launches(interpreted, monkeypatch)
+    backward_kernel = interpreted._backward_kernel()
+    backward_launches: list = []
+
+    class CountingBackward:
+        def __getitem__(self, grid):
+            backward_launches.append(grid)
+            return backward_kernel[grid]
+
+    monkeypatch.setattr(interpreted, "_backward_kernel", lambda: CountingBackward())
+    torch._dynamo.reset()
+    for runner in (forward, torch.compile(forward, fullgraph=True, backend="aot_eager")):
+        layer.zero_grad(set_to_none=True)
+        output = runner(hidden)
+        output.square().sum().backward()  # the compiled forward's backward graph
+        results.append((output.detach(), {name: parameter.grad for name, parameter in layer.named_parameters()}))
+    assert len(forward_launches) == 2 and len(backward_launches) == 2  # eager once, compiled once
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for name, gradient in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], gradient, rtol=1e-4, atol=1e-5, msg=name)
+    torch._dynamo.reset()
 
 
 def _projection_inputs(shapes, batch, heads, head_dim, points, queries, shared_reference, dtype, seed=0):
@@ -536,9 +746,10 @@ def test_tiny_model_with_the_triton_sampler_equals_the_default(dtype, monkeypatc
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_sampler_ops_pass_torch_librarys_opcheck(interpreted, dtype):
-    """`torch.library.opcheck`, PyTorch's own checker of custom ops, on both sampler ops: schema (no input mutated or
-    aliased), the fake implementation against the real one (shapes, strides, dtypes), autograd registration, and
-    AOTAutograd's tracing with static and dynamic shapes; with contiguous and strided values."""
+    """`torch.library.opcheck`, PyTorch's own checker of custom ops, on the sampler ops and the backward op: schema
+    (no input mutated or aliased), the fake implementation against the real one (shapes, strides, dtypes), autograd
+    registration, and AOTAutograd's tracing with static and dynamic shapes (with inputs that need gradients, of the
+    backward too); with contiguous and strided values."""
     shapes = [(4, 4), (3, 5)]
     value, locations, weights = _inputs(shapes, 2, 2, 8, 2, 6)
     projections = _projection_inputs(shapes, 2, 2, 8, 2, 6, True, dtype)
@@ -551,6 +762,20 @@ def test_the_sampler_ops_pass_torch_librarys_opcheck(interpreted, dtype):
         )
     torch.library.opcheck(
         interpreted._from_projections_op, (projections[0], interpreted._flat_sizes(sizes), levels, *projections[1:])
+    )
+    # with gradients: the autograd registration, and AOTAutograd's trace of the backward through its own op
+    trainable = [
+        value.to(dtype).clone().requires_grad_(),
+        locations.clone().requires_grad_(),
+        weights.clone().requires_grad_(),
+    ]
+    torch.library.opcheck(
+        interpreted._sample_op, (trainable[0], interpreted._flat_sizes(sizes), levels, trainable[1], trainable[2])
+    )
+    output_grad = torch.randn(2, 6, 16)
+    torch.library.opcheck(
+        interpreted._sample_backward_op,
+        (value.to(dtype), interpreted._flat_sizes(sizes), levels, locations, weights, output_grad),
     )
 
 
@@ -912,6 +1137,35 @@ def test_device_check_of_the_triton_sam_attention_keeps_its_figures_when_its_com
 
 
 @needs_interpreter
+def test_device_check_of_the_sampler_backward_compares_and_times_it(monkeypatch):
+    """benchmarks/device_check.py's `deformable_backward_triton` (small shapes under Triton's interpreter): the
+    kernel's gradients within its limits of transformers' (the value's in bf16), both forward + backward timed, at
+    both batches; and a sampler whose gradients are off (here: locations moved by 1%) makes it not ok, figures kept
+    (a check that cannot fail would prove nothing)."""
+    from transformers_possam.modeling import deformable_sampling_triton
+
+    from .conftest import load_script
+
+    device_check = load_script("benchmarks/device_check.py")
+    context = device_check.Context(torch.device("cpu"))
+    details = device_check.check_deformable_backward_triton(context)
+    assert set(details) == {"batch_1", "batch_2"}, details  # (2 and 8 on a GPU)
+    for row in details.values():
+        assert row["value_grad_dtype"] == "torch.bfloat16"
+        assert row["relative_errors"]["value"] <= 1e-2 and row["relative_errors"]["locations"] <= 1e-3, row
+        assert row["triton_forward_backward_ms"] > 0 and row["transformers_forward_backward_ms"] > 0
+    kernel = deformable_sampling_triton.deformable_attention_triton
+
+    def off_by_a_percent(value, shapes, locations, weights):
+        return kernel(value, shapes, locations * 1.01, weights)
+
+    monkeypatch.setattr(deformable_sampling_triton, "deformable_attention_triton", off_by_a_percent)
+    details = device_check.check_deformable_backward_triton(context)
+    assert details["ok"] is False and "locations" in details["batch_1"]["failed"]
+    assert details["batch_2"]["triton_forward_backward_ms"] > 0
+
+
+@needs_interpreter
 def test_gpu_candidates_time_the_forward_with_the_triton_sam_attention(monkeypatch):
     """benchmarks/gpu_candidates.py's whole-forward row for the SAM kernel (tiny model, under Triton's interpreter):
     the kernel runs in every SAM layer of the timed forwards, the row is timed, its mask logits within float32
@@ -1069,6 +1323,7 @@ def unbuildable_kernels(monkeypatch):
     for module in (deformable_sampling_triton, dense_assignment_triton, sam_attention_triton):
         monkeypatch.setattr(module, "_kernel", lambda: Unbuildable())
         monkeypatch.setattr(module, "triton_runs_on", lambda device: True)
+    monkeypatch.setattr(deformable_sampling_triton, "_backward_kernel", lambda: Unbuildable())
     monkeypatch.setattr(
         postprocessing.PosSAMPostProcessingMixin, "assigns_pixels_with_triton", staticmethod(lambda logits: True)
     )
@@ -1101,6 +1356,27 @@ def test_a_sampler_kernel_that_cannot_be_built_gives_way_to_pytorch(unbuildable_
         assert len(unbuildable_kernels) == 2  # not tried again
     assert torch.equal(found, expected) and torch.equal(again, expected)
     torch.testing.assert_close(fused.double(), expected_from_projections, rtol=0, atol=1e-5)
+
+
+def test_a_sampler_backward_kernel_that_cannot_be_built_gives_way_to_pytorch(unbuildable_kernels):
+    """Where the sampler's kernels cannot be built, training through it still works: the forward's and the
+    backward's fallbacks give transformers' result and autograd's gradients through it, one warning each."""
+    from transformers_possam.modeling.deformable_sampling_triton import deformable_attention_triton
+    from transformers_possam.triton_support import TritonKernelFallbackWarning
+
+    shapes = [(4, 4), (3, 5)]
+    value, locations, weights = _inputs(shapes, 2, 2, 8, 2, 10)
+    output_grad = torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(4))
+    expected = _gradients(multi_scale_deformable_attention, value, shapes, locations, weights, output_grad)
+    with pytest.warns(TritonKernelFallbackWarning) as caught:
+        found = _gradients(deformable_attention_triton, value, shapes, locations, weights, output_grad)
+    assert sorted(str(warning.message).split(" could not")[0] for warning in caught) == [
+        "PosSAM's Triton kernel ('deformable_attention_triton', 'cpu', torch.float32, 8, 2, 2)",
+        "PosSAM's Triton kernel ('deformable_attention_triton_backward', 'cpu', torch.float32, 8, 2, 2)",
+    ]
+    assert len(unbuildable_kernels) == 2
+    for gradient, reference in zip(found, expected):
+        torch.testing.assert_close(gradient, reference, rtol=1e-6, atol=1e-6)
 
 
 def test_a_sam_attention_kernel_that_cannot_be_built_gives_way_to_the_sdpa_form(unbuildable_kernels):

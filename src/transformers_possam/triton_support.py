@@ -193,7 +193,8 @@ def gives_way_to_pytorch(kernel: Callable, inputs: Sequence[torch.Tensor]) -> bo
     """
     Whether a kernel marked `inference_only` (no backward, float32 at most: this package's Triton kernels) must give
     way to its PyTorch form for these `inputs` (the first one holds the dtype): where autograd needs a gradient of
-    one of them, for float64, and in portable traces (`torch.export`, `torch.jit.trace`: an exported graph runs where
+    one of them (unless the kernel also has a true `has_backward` attribute: an op with its own backward kernel,
+    `kernel_op(..., backward=...)`), for float64, and in portable traces (`torch.export`, `torch.jit.trace`: an exported graph runs where
     this package's ops may not exist); unless the kernel is a registered op (a true `compiles_as_an_op` attribute,
     `kernel_op`), also in `torch.compile` traces and for fake tensors, which only an op's fake implementation
     serves. False for an unmarked kernel.
@@ -202,7 +203,9 @@ def gives_way_to_pytorch(kernel: Callable, inputs: Sequence[torch.Tensor]) -> bo
         return False
     if torch.compiler.is_exporting() or torch.jit.is_tracing():
         return True
-    if inputs[0].dtype == torch.float64 or (
+    if inputs[0].dtype == torch.float64:
+        return True
+    if not getattr(kernel, "has_backward", False) and (
         torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
     ):
         return True
@@ -212,7 +215,14 @@ def gives_way_to_pytorch(kernel: Callable, inputs: Sequence[torch.Tensor]) -> bo
     return torch.compiler.is_compiling() or is_fake(inputs[0])
 
 
-def kernel_op(module_name: str, name: str, launch: Callable, fake: Callable) -> Callable:
+def kernel_op(
+    module_name: str,
+    name: str,
+    launch: Callable,
+    fake: Callable,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
+) -> Callable:
     """
     `launch` (a kernel's eager entry, type-annotated with what `torch.library.custom_op` accepts) as a custom op
     without side effects on its inputs, `fake` (the same arguments, an empty result of the right shape and dtype)
@@ -221,7 +231,8 @@ def kernel_op(module_name: str, name: str, launch: Callable, fake: Callable) -> 
     package in a process (the installed one, a checkpoint's remote code under `transformers_modules`, whose folder
     names may hold any character) registers its own ops under its name in ASCII letters, digits and underscores
     (what `torch.library` accepts) and a hash of the whole name (two names that read the same in ASCII stay
-    apart); a module imported again (`importlib.reload`) finds its ops registered and gets them back.
+    apart); a module imported again (`importlib.reload`) finds its ops registered and gets them back. `backward` and
+    `setup_context` (`torch.library.register_autograd`'s): the op's gradient formula, for a kernel with a backward.
     """
     readable = re.sub(r"[^0-9A-Za-z]+", "_", module_name).strip("_")
     namespace = f"{readable}_{hashlib.sha256(module_name.encode()).hexdigest()[:8]}"
@@ -230,4 +241,6 @@ def kernel_op(module_name: str, name: str, launch: Callable, fake: Callable) -> 
         return getattr(registered, name)
     op = torch.library.custom_op(f"{namespace}::{name}", mutates_args=())(launch)
     op.register_fake(fake)
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
     return op

@@ -325,7 +325,9 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
     1024x1024 input), on CUDA with Triton through the fused kernel `deformable_attention_triton` at inference, eager
     or in `torch.compile` graphs (a custom op; without `output_attentions`, its form from the projections: the
     softmax and the sampling locations inside the kernel too, no attention weights returned), elsewhere through
-    transformers' `multi_scale_deformable_attention` (`sampler`). In a reduced-precision model or under autocast the
+    transformers' `multi_scale_deformable_attention` (`sampler`); where autograd needs gradients, through
+    `training_sampler`'s choice (on CUDA transformers' version; the Triton kernel's backward is a candidate). In a
+    reduced-precision model or under autocast the
     softmax, the locations and the sampling run in float32 (FC-CLIP's `F.softmax` under autocast and
     `custom_fwd(cast_inputs=float32)` sampler); attention weights asked for come back in the logits' dtype (under
     autocast in float32, as `F.softmax`'s there). The pixel decoder's encoder only uses 2-d reference points (the
@@ -363,14 +365,20 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
             batch_size, num_queries, self.n_heads, self.n_levels * self.n_points
         )
         device_type = value.device.type
-        sample = self.sampler(device_type)
-        if gives_way_to_pytorch(sample, (value, offsets, attention_logits, reference_points)):
+        inputs = (value, offsets, attention_logits, reference_points)
+        needs_gradients = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
+        sample = self.training_sampler(device_type) if needs_gradients else self.sampler(device_type)
+        if gives_way_to_pytorch(sample, inputs):
             # a sampler without a backward, float32 at most (the Triton kernel), and not for portable traces (nor,
             # unless it is an op, for torch.compile's and fake tensors) gives way to transformers' differentiable,
             # traceable one where any of that is needed
             sample = multi_scale_deformable_attention
         from_projections = getattr(sample, "from_projections", None)
-        if from_projections is not None and not output_attentions:
+        if (
+            from_projections is not None
+            and not output_attentions
+            and not gives_way_to_pytorch(from_projections, inputs)
+        ):
             # softmax, locations and sampling in one kernel, all in float32 (as under autocast below), the output in
             # the values' dtype; the attention weights are not made, and not returned
             sampled = from_projections(value, spatial_shapes_list, reference_points, offsets, attention_logits)
@@ -443,6 +451,20 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         # CUDA only: Triton's interpreter (`TRITON_INTERPRET=1`, for tests) would run it anywhere, on host memory
         if device_type == "cuda" and triton_runs_on(device_type):
             return deformable_attention_triton
+        return multi_scale_deformable_attention
+
+    @staticmethod
+    def training_sampler(device_type: str) -> Callable[..., torch.Tensor]:
+        """
+        The sampling function where autograd needs gradients (training, or a gradient of the inputs): on CPU
+        `deformable_attention_embedding_bag` (differentiable), elsewhere transformers' version (grid_sample's, as
+        FC-CLIP's pure-PyTorch fallback). `deformable_attention_triton` has a backward kernel too (FC-CLIP trains
+        with its compiled `ms_deform_attn` forward and backward): a CUDA candidate, not chosen until a GPU has timed
+        it (`benchmarks/device_check.py`'s `deformable_backward_triton` replaces this method; docs/design.md,
+        "Eighteenth session"); choosing it is returning it here for CUDA where `triton_runs_on`.
+        """
+        if device_type == "cpu":
+            return deformable_attention_embedding_bag
         return multi_scale_deformable_attention
 
     @staticmethod

@@ -1,14 +1,16 @@
 """
-Multi-scale deformable sampling as one fused Triton kernel (inference on CUDA): what FC-CLIP's compiled
-`MSDeformAttn` CUDA op computes, without the `(B * heads, head_dim, Q, levels * points)` tensor of sampled values that
-transformers' `grid_sample` version writes, stacks, multiplies and sums (about half of the bytes PosSAM-B's
-memory-bound operators move in a bf16 forward on the CUDA code path, docs/design.md "Thirteenth session").
+Multi-scale deformable sampling as one fused Triton kernel (CUDA's at inference; with its backward kernel, a training
+candidate): what FC-CLIP's compiled `MSDeformAttn` CUDA op computes, without the `(B * heads, head_dim, Q, levels *
+points)` tensor of sampled values that transformers' `grid_sample` version writes, stacks, multiplies and sums (about
+half of the bytes PosSAM-B's memory-bound operators move in a bf16 forward on the CUDA code path, docs/design.md
+"Thirteenth session"; the backward: "Eighteenth session").
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
@@ -21,6 +23,11 @@ __all__ = ["deformable_attention_triton", "deformable_attention_triton_from_proj
 
 # queries per program: a [queries, head_dim] tile of 64 x 32 float32 accumulators
 _QUERIES_PER_PROGRAM = 64
+# the backward's: compiled without a GPU (Triton 3.8, ptxas -v, PosSAM's 8 heads of 32, 3 levels, 4 points, bf16
+# values, 4 warps), 64 queries need 255 registers and spill 324 bytes (sm_90) to 396 (sm_80), 32 queries 254
+# registers without spills (2 programs per SM), 16 queries 139-142 registers (3 per SM: more warps in flight to hide
+# the atomics' latency); not timed on a GPU (docs/design.md, "Eighteenth session")
+_BACKWARD_QUERIES_PER_PROGRAM = 16
 
 
 def _level_table(spatial_shapes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
@@ -145,6 +152,106 @@ def _kernel():
         )
 
     return sample
+
+
+@functools.cache
+def _backward_kernel():
+    """The sampler's backward as one Triton kernel, made on first use: the gradients of the values (added with
+    atomics: a value feeds every sample whose bilinear corners cover it, as in FC-CLIP's `ms_deform_attn` CUDA
+    backward), of the sampling locations and of the attention weights."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def sample_backward(
+        value_ptr,  # (B, N, heads, head_dim), float32 or bf16 / fp16
+        levels_ptr,  # (levels, 3) int32: height, width, first value row
+        locations_ptr,  # (B, Q, heads, levels, points, 2) float32 normalized (x, y)
+        weights_ptr,  # (B, Q, heads, levels, points) float32
+        output_grad_ptr,  # (B, Q, heads, head_dim) float32: the gradient of the sampler's result
+        value_grad_ptr,  # (B, N, heads, head_dim) float32, zeros: the values' gradient, added to
+        locations_grad_ptr,  # (B, Q, heads, levels, points, 2) float32, written
+        weights_grad_ptr,  # (B, Q, heads, levels, points) float32, written
+        num_values,
+        num_queries,
+        NUM_HEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_DIM: tl.constexpr,
+        NUM_LEVELS: tl.constexpr,
+        NUM_POINTS: tl.constexpr,
+        BLOCK_QUERIES: tl.constexpr,
+    ):
+        image_head = tl.program_id(0)
+        image = image_head // NUM_HEADS
+        head = image_head % NUM_HEADS
+        query = tl.program_id(1) * BLOCK_QUERIES + tl.arange(0, BLOCK_QUERIES)
+        in_range = query < num_queries
+        channel = tl.arange(0, BLOCK_DIM)
+        channel_ok = channel < HEAD_DIM
+        output_offsets = ((image * num_queries + query).to(tl.int64) * NUM_HEADS + head) * HEAD_DIM
+        # the gradient of each query's output row, read once for all its samples
+        output_grad = tl.load(
+            output_grad_ptr + output_offsets[:, None] + channel[None, :],
+            mask=in_range[:, None] & channel_ok[None, :],
+            other=0.0,
+        )
+        sample_base = ((image * num_queries + query).to(tl.int64) * NUM_HEADS + head) * NUM_LEVELS
+        # loops, not unrolled (the forward's `static_range`): unrolled, the corners' pointer tiles of every sample
+        # stay live at once and the kernel spilled 3 KB per thread
+        for level in tl.range(0, NUM_LEVELS):
+            height = tl.load(levels_ptr + 3 * level)
+            width = tl.load(levels_ptr + 3 * level + 1)
+            start = tl.load(levels_ptr + 3 * level + 2)
+            for point in tl.range(0, NUM_POINTS):
+                sample_index = (sample_base + level) * NUM_POINTS + point
+                x = tl.load(locations_ptr + 2 * sample_index, mask=in_range, other=0.0)
+                y = tl.load(locations_ptr + 2 * sample_index + 1, mask=in_range, other=0.0)
+                attention = tl.load(weights_ptr + sample_index, mask=in_range, other=0.0)
+                # the forward's coordinates (grid_sample's, align_corners=False)
+                pixel_x = x * width - 0.5
+                pixel_y = y * height - 0.5
+                x0 = tl.floor(pixel_x)
+                y0 = tl.floor(pixel_y)
+                fraction_x = pixel_x - x0
+                fraction_y = pixel_y - y0
+                column_0 = x0.to(tl.int32)
+                row_0 = y0.to(tl.int32)
+                # d(result . output_grad) / d(attention), and / d(pixel_x), d(pixel_y) before the attention factor
+                attention_grad = tl.zeros([BLOCK_QUERIES], dtype=tl.float32)
+                pixel_x_grad = tl.zeros([BLOCK_QUERIES], dtype=tl.float32)
+                pixel_y_grad = tl.zeros([BLOCK_QUERIES], dtype=tl.float32)
+                for corner in tl.static_range(4):
+                    dy = corner // 2
+                    dx = corner % 2
+                    column = column_0 + dx
+                    row = row_0 + dy
+                    weight_x = fraction_x if dx == 1 else (x0 + 1.0) - pixel_x
+                    weight_y = fraction_y if dy == 1 else (y0 + 1.0) - pixel_y
+                    on_map = in_range & (column >= 0) & (column < width) & (row >= 0) & (row < height)
+                    value_row = (image * num_values + start + row * width + column).to(tl.int64)
+                    offsets = (value_row * NUM_HEADS + head) * HEAD_DIM
+                    corner_mask = on_map[:, None] & channel_ok[None, :]
+                    corner_values = tl.load(
+                        value_ptr + offsets[:, None] + channel[None, :], mask=corner_mask, other=0.0
+                    ).to(tl.float32)
+                    # the corner's value row . the output's gradient: 0 off the map (zero padding)
+                    corner_dot = tl.sum(corner_values * output_grad, axis=1)
+                    attention_grad += weight_y * weight_x * corner_dot
+                    # d(weight_x) / d(pixel_x) is +1 for the right corners, -1 for the left ones (and so in y)
+                    pixel_x_grad += weight_y * corner_dot if dx == 1 else -(weight_y * corner_dot)
+                    pixel_y_grad += weight_x * corner_dot if dy == 1 else -(weight_x * corner_dot)
+                    tl.atomic_add(
+                        value_grad_ptr + offsets[:, None] + channel[None, :],
+                        (attention * weight_y * weight_x)[:, None] * output_grad,
+                        mask=corner_mask,
+                        sem="relaxed",
+                    )
+                tl.store(weights_grad_ptr + sample_index, attention_grad, mask=in_range)
+                # pixel_x = x * width - 0.5: d / dx = width
+                tl.store(locations_grad_ptr + 2 * sample_index, attention * pixel_x_grad * width, mask=in_range)
+                tl.store(locations_grad_ptr + 2 * sample_index + 1, attention * pixel_y_grad * height, mask=in_range)
+
+    return sample_backward
 
 
 def _launch(
@@ -289,7 +396,156 @@ def _sample_shapes_only(
     return value.new_empty(batch_size, sampling_locations.shape[1], num_heads * head_dim, dtype=torch.float32)
 
 
-_sample_op = kernel_op(__name__, "deformable_attention", _sample, _sample_shapes_only)
+def _alert_not_deterministic() -> None:
+    """What PyTorch's own nondeterministic CUDA backwards do under `torch.use_deterministic_algorithms(True)`
+    (grid_sample's too, which transformers' sampler calls): an error, or with `warn_only=True` a warning."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        "deformable_attention_triton's backward adds the values' gradients with atomics and does not have a "
+        "deterministic implementation (neither does grid_sample's CUDA backward, transformers' sampler's). Turn off "
+        "torch.use_deterministic_algorithms, or call it with warn_only=True to accept the nondeterminism."
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(message)
+
+
+def _gradients_in_pytorch(
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    output_grad: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernel's float32 gradients through transformers' sampler (where the kernel cannot be built), by
+    `torch.func.vjp`: inside an op's implementation autograd records nothing, functorch's transform still works."""
+
+    def sample(value: torch.Tensor, locations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
+
+    output, pull_back = torch.func.vjp(sample, value.float(), sampling_locations.float(), attention_weights.float())
+    return pull_back(output_grad.view(output.shape))
+
+
+def _sample_backward(
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    levels: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    output_grad: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    The sampler's backward op: from the gradient `(B, Q, heads * head_dim)` of `_sample`'s result, the float32
+    gradients of the values `(B, N, heads, head_dim)`, the sampling locations `(B, Q, heads, levels, points, 2)` and
+    the attention weights `(B, Q, heads, levels, points)`, in one launch (or, where the kernel cannot be built,
+    autograd through transformers' sampler). The values' gradient is a sum over samples in an order the GPU picks
+    (atomics): not bitwise reproducible, as grid_sample's CUDA backward.
+    """
+    if not triton_runs_on(value.device):
+        raise RuntimeError(f"deformable_attention_triton needs CUDA and Triton; the inputs are on {value.device}.")
+    _alert_not_deterministic()
+    shapes = _level_sizes(spatial_shapes)
+    _check_sampling_inputs(value, shapes)
+    batch_size, num_values, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    locations = sampling_locations.float().contiguous()
+    weights = attention_weights.float().contiguous()
+    output_grad = output_grad.float().contiguous()
+    value_grad = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+    locations_grad = torch.empty_like(locations)
+    weights_grad = torch.empty_like(weights)
+
+    def launch() -> None:
+        grid = (batch_size * num_heads, -(-num_queries // _BACKWARD_QUERIES_PER_PROGRAM))
+        with on_launch_device(value.device):
+            _backward_kernel()[grid](
+                value.contiguous(),
+                levels,
+                locations,
+                weights,
+                output_grad,
+                value_grad,
+                locations_grad,
+                weights_grad,
+                num_values,
+                num_queries,
+                NUM_HEADS=num_heads,
+                HEAD_DIM=head_dim,
+                BLOCK_DIM=1 << (head_dim - 1).bit_length(),
+                NUM_LEVELS=num_levels,
+                NUM_POINTS=num_points,
+                BLOCK_QUERIES=_BACKWARD_QUERIES_PER_PROGRAM,
+            )
+
+    def fall_back() -> None:
+        gradients = _gradients_in_pytorch(value, shapes, locations, weights, output_grad)
+        for target, gradient in zip((value_grad, locations_grad, weights_grad), gradients):
+            target.copy_(gradient)
+
+    launch_or_fall_back(
+        ("deformable_attention_triton_backward", str(value.device), value.dtype, head_dim, num_levels, num_points),
+        launch,
+        fall_back,
+    )
+    return value_grad, locations_grad, weights_grad
+
+
+def _sample_backward_shapes_only(
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    levels: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    output_grad: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_sample_backward`'s fake implementation: its checks and empty float32 gradients."""
+    _check_sampling_inputs(value, _level_sizes(spatial_shapes))
+    return (
+        value.new_empty(value.shape, dtype=torch.float32),
+        sampling_locations.new_empty(sampling_locations.shape, dtype=torch.float32),
+        attention_weights.new_empty(attention_weights.shape, dtype=torch.float32),
+    )
+
+
+_sample_backward_op = kernel_op(
+    __name__, "deformable_attention_backward", _sample_backward, _sample_backward_shapes_only
+)
+
+
+def _keep_for_backward(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    """`_sample_op`'s autograd context: its tensor inputs, and the flat level sizes."""
+    value, spatial_shapes, levels, sampling_locations, attention_weights = inputs
+    ctx.save_for_backward(value, levels, sampling_locations, attention_weights)
+    ctx.spatial_shapes = spatial_shapes
+
+
+def _sample_gradients(ctx, output_grad: torch.Tensor) -> tuple:
+    """`_sample_op`'s gradients (through `_sample_backward_op`, which compiled training graphs keep as an op), each
+    in its input's dtype: a bf16 value's gradient is summed in float32 and rounded once."""
+    value, levels, sampling_locations, attention_weights = ctx.saved_tensors
+    value_grad, locations_grad, weights_grad = _sample_backward_op(
+        value, ctx.spatial_shapes, levels, sampling_locations, attention_weights, output_grad
+    )
+    return (
+        value_grad.to(value.dtype),
+        None,
+        None,
+        locations_grad.to(sampling_locations.dtype),
+        weights_grad.to(attention_weights.dtype),
+    )
+
+
+_sample_op = kernel_op(
+    __name__,
+    "deformable_attention",
+    _sample,
+    _sample_shapes_only,
+    backward=_sample_gradients,
+    setup_context=_keep_for_backward,
+)
 
 
 def deformable_attention_triton(
@@ -302,7 +558,12 @@ def deformable_attention_triton(
     The same result as transformers' `multi_scale_deformable_attention` (bilinear sampling with zero padding and
     align_corners=False, weighted by the attention weights, summed over levels and points), in one kernel: each
     program takes 64 queries of one (image, head), reads the 4 bilinear corners of every sample straight from
-    `value` and accumulates in float32. Inference only (no autograd). The locations and weights are read in float32
+    `value` and accumulates in float32. Differentiable: its backward is a second kernel (`_sample_backward`), which
+    adds the values' gradients with atomics as FC-CLIP's `ms_deform_attn` CUDA backward does (not bitwise
+    reproducible; under `torch.use_deterministic_algorithms(True)` it raises, as grid_sample's CUDA backward does,
+    or warns with `warn_only=True`); the gradients come back in the inputs' dtypes, summed in float32. A candidate
+    for training on CUDA (`PosSAMMultiscaleDeformableAttention.training_sampler`), not yet timed on a GPU. The
+    locations and weights are read in float32
     (as FC-CLIP's op, `custom_fwd(cast_inputs=float32)`); the values in their own dtype (float32, or bf16: half the
     bytes gathered, each value exact in float32). Returns float32.
 
@@ -320,14 +581,10 @@ def deformable_attention_triton(
         `(B, Q, heads * head_dim)` float32.
 
     Raises:
-        RuntimeError: autograd would need a gradient, or Triton cannot run on the inputs' device.
+        RuntimeError: Triton cannot run on the inputs' device; in the backward, deterministic algorithms asked for.
         ValueError: values of another dtype than float32, bf16 or fp16 (float64 would be rounded to float32 in
             silence), or spatial shapes that do not add up to the number of values.
     """
-    if torch.is_grad_enabled() and (
-        value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad
-    ):
-        raise RuntimeError("deformable_attention_triton has no backward: use it for inference only.")
     sizes = _sizes_key(spatial_shapes)
     levels = _level_tables(sizes, value.device, like=value)
     return _sample_op(value, _flat_sizes(sizes), levels, sampling_locations, attention_weights)
@@ -485,10 +742,15 @@ def deformable_attention_triton_from_projections(
 
 
 # `PosSAMMultiscaleDeformableAttention` passes a bf16 / fp16 model's values as they are to a sampler marked so, uses
-# transformers' sampler instead of an inference-only one where autograd or a portable trace needs it
+# transformers' sampler instead of a Triton one where a portable trace, float64 or (without `has_backward`) autograd
+# needs it
 # (`gives_way_to_pytorch`), and keeps one that compiles as an op in `torch.compile` graphs
 deformable_attention_triton.reads_reduced_precision_values = True  # type: ignore[attr-defined]
 deformable_attention_triton.inference_only = True  # type: ignore[attr-defined]
+deformable_attention_triton.has_backward = True  # type: ignore[attr-defined]
 deformable_attention_triton.compiles_as_an_op = True  # type: ignore[attr-defined]
-# ... and, where the attention weights are not asked for, its fused form from the projections
+# ... and, where the attention weights are not asked for, its fused form from the projections (no backward: where
+# autograd needs gradients, the layer runs the softmax and locations in PyTorch and then the plain form)
 deformable_attention_triton.from_projections = deformable_attention_triton_from_projections  # type: ignore[attr-defined]
+deformable_attention_triton_from_projections.inference_only = True  # type: ignore[attr-defined]
+deformable_attention_triton_from_projections.compiles_as_an_op = True  # type: ignore[attr-defined]
