@@ -36,7 +36,7 @@ import json
 import os
 
 import torch
-from gpu import _config, _sam_attention_kernel_chosen, box_times, time_steps
+from gpu import VARIANTS, _config, _sam_attention_kernel_chosen, box_times, time_steps
 from torch.nn import functional as F
 
 
@@ -539,7 +539,7 @@ def model_candidates(
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--variant", default="vit-b")
+    parser.add_argument("--variant", default="vit-b", choices=VARIANTS)
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--output", default="candidates.json")

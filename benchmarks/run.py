@@ -207,6 +207,9 @@ def main(argv=None) -> dict:
     if args.suite == "gpu":
         import gpu
 
+        unknown = [variant for variant in args.variants if variant not in gpu.VARIANTS]
+        if unknown:
+            parser.error(f"--variants {' '.join(unknown)}: not a variant; choose from {', '.join(gpu.VARIANTS)}")
         args.targets = []
         machine_info = machine()
         if torch.device(args.device).type == "cuda":

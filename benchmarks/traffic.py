@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Iterator
 
 import torch
-from gpu import _config
+from gpu import VARIANTS, _config
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -271,7 +271,7 @@ def summarize(counter: TrafficCounter, rows: int = 40) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", default="vit-b")
+    parser.add_argument("--variant", default="vit-b", choices=VARIANTS)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--path", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--batch", type=int, default=1)

@@ -909,3 +909,35 @@ def test_traffic_of_the_tiny_model_on_both_code_paths():
     for summary in summaries.values():
         assert 0 < summary["memory_bound_gb"] < summary["total_gb"] and "dropout" not in summary["by_operator_gb"]
         assert any("deformable_attention.py" in row["source"] for row in summary["largest"])
+
+
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        # a variant spelled as the paper names it, not as the model cards are: the choices are listed, nothing runs
+        (["benchmarks/traffic.py", "--variant", "B"], "invalid choice: 'B'"),
+        (["benchmarks/gpu_candidates.py", "--device", "cpu", "--variant", "possam-vit-b"], "invalid choice"),
+        (
+            ["benchmarks/run.py", "--suite", "gpu", "--device", "cpu", "--variants", "vit-b", "H"],
+            "--variants H: not a variant; choose from tiny, vit-b, vit-l, vit-h",
+        ),
+    ],
+)
+def test_benchmark_scripts_refuse_an_unknown_variant(command, expected, tmp_path):
+    """A variant the scripts do not know was a Hub lookup of `model_cards/possam-B` that failed with an unrelated
+    `HFValidationError` (found by running `traffic.py --variant B`): now argparse's usage error, exit status 2."""
+    import subprocess
+    import sys
+
+    from .conftest import REPOSITORY
+
+    result = subprocess.run(
+        [sys.executable, *command, "--output", str(tmp_path / "out.json")],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert expected in result.stderr
+    assert not (tmp_path / "out.json").exists()
