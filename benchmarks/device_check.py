@@ -303,11 +303,12 @@ def check_deformable_backward_triton(context: Context) -> dict:
     training sampler) at PosSAM's pixel-decoder shapes at 1024x1024 (levels of 128, 64 and 32 pixels a side, 8 heads
     of 32 channels, 4 points; 21,504 queries) with bf16 values, as bf16-autocast training gives them, and float32
     locations and weights: its gradients against autograd through transformers' sampler on the same values in
-    float32 (the values' gradient within bf16 rounding, the locations' and weights' within 1e-3 of their largest),
-    and the forward plus backward of both timed (median ms per call) at batch 2 (FC-CLIP's images per GPU) and 8.
-    A backward that could not be built (its figures would be PyTorch's) makes the check not ok with every figure
-    kept. Where Triton cannot run: skipped; on a CPU under Triton's interpreter (the tests): small shapes, and the
-    times mean nothing.
+    float32 (no element of the values' gradient off by more than 1e-2 of its largest, bf16 rounding; of the
+    weights' by more than 1e-3; of the locations' at most one in 100,000, see below), and the forward plus backward
+    of both timed (median ms per call) at batch 2 (FC-CLIP's images per GPU) and 8; then the gradients at odd
+    shapes (partial blocks of queries and channels, which PosSAM's shapes never leave). A backward that could not
+    be built (its figures would be PyTorch's) makes the check not ok with every figure kept. Where Triton cannot
+    run: skipped; on a CPU under Triton's interpreter (the tests): small shapes, and the times mean nothing.
     """
     from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
@@ -317,55 +318,76 @@ def check_deformable_backward_triton(context: Context) -> dict:
     if not triton_runs_on(context.device):
         return {"skipped": f"Triton cannot run on {context.device}"}
     full_size = context.device.type == "cuda"
-    shapes = [(128, 128), (64, 64), (32, 32)] if full_size else [(4, 4), (2, 2)]
-    heads, head_dim, points = (8, 32, 4) if full_size else (2, 8, 2)
-    num_values = sum(height * width for height, width in shapes)
     repeats = 10 if full_size else 2  # (Triton's interpreter is slow, and its times mean nothing)
     generator = torch.Generator().manual_seed(3)
+    # (name, level sizes, batch, heads, head dim, points, queries or None for one per value, timed)
+    if full_size:
+        cases = [(f"batch_{batch}", [(128, 128), (64, 64), (32, 32)], batch, 8, 32, 4, None, True) for batch in (2, 8)]
+    else:
+        cases = [(f"batch_{batch}", [(4, 4), (2, 2)], batch, 2, 8, 2, None, True) for batch in (1, 2)]
+    # PosSAM's shapes fill every block (21,504 queries, 32 channels): odd ones exercise the kernel's masks on a GPU
+    cases.append(("odd_shapes", [(3, 5), (7, 2)], 2, 3, 24, 3, 1000 if full_size else 37, False))
     details: dict = {}
 
-    def gradients(sampler, value, locations, weights, output_grad):
+    def gradients(sampler, value, shapes, locations, weights, output_grad):
         inputs = [tensor.detach().requires_grad_() for tensor in (value, locations, weights)]
         output = sampler(inputs[0], shapes, inputs[1], inputs[2])
         return torch.autograd.grad(output, inputs, output_grad)
 
-    for batch in (2, 8) if full_size else (1, 2):
+    for name, shapes, batch, heads, head_dim, points, queries, timed in cases:
+        num_values = sum(height * width for height, width in shapes)
+        queries = queries or num_values
         value = torch.randn(batch, num_values, heads, head_dim, generator=generator).to(context.device, torch.bfloat16)
-        sample_shape = (batch, num_values, heads, len(shapes), points)
+        sample_shape = (batch, queries, heads, len(shapes), points)
         locations = (torch.rand(*sample_shape, 2, generator=generator) * 1.2 - 0.1).to(context.device)
-        weights = torch.rand(*sample_shape, generator=generator).softmax(-1).to(context.device)
-        output_grad = torch.randn(batch, num_values, heads * head_dim, generator=generator).to(context.device)
-        expected = gradients(multi_scale_deformable_attention, value.float(), locations, weights, output_grad)
-        found = gradients(deformable_attention_triton, value, locations, weights, output_grad)
-        errors = {
-            name: float((gradient.float() - reference).abs().max() / reference.abs().max())
-            for name, gradient, reference in zip(("value", "locations", "weights"), found, expected)
-        }
-        limits = {"value": 1e-2, "locations": 1e-3, "weights": 1e-3}
-        details[f"batch_{batch}"] = {
-            "relative_errors": errors,
-            "value_grad_dtype": str(found[0].dtype),
-            "triton_forward_backward_ms": _median_call_ms(
-                lambda: gradients(deformable_attention_triton, value, locations, weights, output_grad),
+        # normalized over levels x points, as the layer's softmax
+        weights = torch.rand(*sample_shape, generator=generator).flatten(-2).softmax(-1).view(sample_shape)
+        weights = weights.to(context.device)
+        output_grad = torch.randn(batch, queries, heads * head_dim, generator=generator).to(context.device)
+        arguments = (shapes, locations, weights, output_grad)
+        expected = gradients(multi_scale_deformable_attention, value.float(), *arguments)
+        found = gradients(deformable_attention_triton, value, *arguments)
+        row: dict = {"value_grad_dtype": str(found[0].dtype), "relative_errors": {}, "elements_off": {}}
+        failed = []
+        for gradient_name, gradient, reference in zip(("value", "locations", "weights"), found, expected):
+            difference = (gradient.float() - reference).abs()
+            largest = reference.abs().max()
+            row["relative_errors"][gradient_name] = float(difference.max() / largest)
+            off = int((difference > _BACKWARD_LIMITS[gradient_name] * largest).sum())
+            row["elements_off"][gradient_name] = off
+            # the locations' gradient is one-sided at whole pixels: where the kernel's `x * w - 0.5` and
+            # grid_sample's `((2 x - 1 + 1) * w - 1) / 2` round to the two sides of one, a sample's derivative
+            # jumps (its value does not): a few such samples are not errors
+            if off > (reference.numel() * 1e-5 if gradient_name == "locations" else 0):
+                failed.append(gradient_name)
+        if timed:
+            row["triton_forward_backward_ms"] = _median_call_ms(
+                lambda: gradients(deformable_attention_triton, value, *arguments), context.device, repeats
+            )
+            # transformers' sampler as training runs it (FC-CLIP's float32 sampling: the values' float32 copy)
+            row["transformers_forward_backward_ms"] = _median_call_ms(
+                lambda: gradients(multi_scale_deformable_attention, value.float(), *arguments),
                 context.device,
                 repeats,
-            ),
-            # transformers' sampler as training runs it (FC-CLIP's float32 sampling: the float32 copy of the values)
-            "transformers_forward_backward_ms": _median_call_ms(
-                lambda: gradients(multi_scale_deformable_attention, value.float(), locations, weights, output_grad),
-                context.device,
-                repeats,
-            ),
-        }
-        failed = [name for name, error in errors.items() if not error <= limits[name]]
+            )
         if failed:
-            details[f"batch_{batch}"]["failed"] = failed
+            row["failed"] = failed
             details["ok"] = False
-    fallen_back = [key for key in kernels_not_built() if "deformable_attention_triton" in key]
-    if fallen_back:
+        details[name] = row
+    fallen_back = [
+        key
+        for key in kernels_not_built()
+        if key.startswith(("('deformable_attention_triton',", "('deformable_attention_triton_backward',"))
+    ]
+    if fallen_back:  # the figures above would be PyTorch's
         details["kernel_not_built"] = fallen_back
         details["ok"] = False
     return details
+
+
+# the largest difference from transformers' gradients, relative to the largest of them: the value's is rounded to
+# bf16 once (relative 2^-8), the others are float32 sums in another order
+_BACKWARD_LIMITS = {"value": 1e-2, "locations": 1e-3, "weights": 1e-3}
 
 
 def check_bf16(context: Context) -> dict:

@@ -302,7 +302,7 @@ def test_deformable_layer_gives_a_marked_sampler_the_models_own_values(monkeypat
 
 
 def test_deformable_layer_replaces_an_inference_only_sampler_where_autograd_or_a_trace_needs_it(monkeypatch):
-    """A sampler marked `inference_only` (the fused Triton kernel: no backward, opaque to a trace) runs at inference;
+    """A sampler marked `inference_only` without `has_backward` (opaque to a trace, no backward) runs at inference;
     where a gradient is needed (trainable layer, grad enabled) or a `torch.compile` / `torch.export` trace runs,
     transformers' `multi_scale_deformable_attention` runs instead, so training and traced graphs stay correct."""
     from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
@@ -316,7 +316,9 @@ def test_deformable_layer_replaces_an_inference_only_sampler_where_autograd_or_a
         return multi_scale_deformable_attention(*arguments)
 
     inference_only.inference_only = True
-    monkeypatch.setattr(PosSAMMultiscaleDeformableAttention, "sampler", staticmethod(lambda _: inference_only))
+    # the choice for inference and for gradients alike: where gradients are needed it must still give way
+    for choice in ("sampler", "training_sampler"):
+        monkeypatch.setattr(PosSAMMultiscaleDeformableAttention, choice, staticmethod(lambda _: inference_only))
     torch.manual_seed(0)
     layer = PosSAMMultiscaleDeformableAttention(embed_dim=16, num_heads=2, n_levels=2, n_points=2)
     shapes = [(4, 4), (2, 2)]

@@ -191,13 +191,13 @@ def on_launch_device(device: torch.device) -> contextlib.AbstractContextManager:
 
 def gives_way_to_pytorch(kernel: Callable, inputs: Sequence[torch.Tensor]) -> bool:
     """
-    Whether a kernel marked `inference_only` (no backward, float32 at most: this package's Triton kernels) must give
-    way to its PyTorch form for these `inputs` (the first one holds the dtype): where autograd needs a gradient of
-    one of them (unless the kernel also has a true `has_backward` attribute: an op with its own backward kernel,
-    `kernel_op(..., backward=...)`), for float64, and in portable traces (`torch.export`, `torch.jit.trace`: an exported graph runs where
-    this package's ops may not exist); unless the kernel is a registered op (a true `compiles_as_an_op` attribute,
-    `kernel_op`), also in `torch.compile` traces and for fake tensors, which only an op's fake implementation
-    serves. False for an unmarked kernel.
+    Whether a kernel marked `inference_only` (this package's Triton kernels: float32 at most, no backward unless
+    also marked `has_backward`) must give way to its PyTorch form for these `inputs` (the first one holds the
+    dtype): where autograd needs a gradient of one of them (unless the kernel has a true `has_backward` attribute:
+    an op with its own backward kernel, `kernel_op(..., backward=...)`), for float64, and in portable traces
+    (`torch.export`, `torch.jit.trace`: an exported graph runs where this package's ops may not exist); unless the
+    kernel is a registered op (a true `compiles_as_an_op` attribute, `kernel_op`), also in `torch.compile` traces
+    and for fake tensors, which only an op's fake implementation serves. False for an unmarked kernel.
     """
     if not getattr(kernel, "inference_only", False):
         return False

@@ -369,9 +369,9 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         needs_gradients = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
         sample = self.training_sampler(device_type) if needs_gradients else self.sampler(device_type)
         if gives_way_to_pytorch(sample, inputs):
-            # a sampler without a backward, float32 at most (the Triton kernel), and not for portable traces (nor,
-            # unless it is an op, for torch.compile's and fake tensors) gives way to transformers' differentiable,
-            # traceable one where any of that is needed
+            # a Triton sampler (float32 at most, not for portable traces, nor, unless it is an op, for
+            # torch.compile's and fake tensors; without its own backward, not for gradients) gives way to
+            # transformers' differentiable, traceable one where any of that is needed
             sample = multi_scale_deformable_attention
         from_projections = getattr(sample, "from_projections", None)
         if (
@@ -431,10 +431,12 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         The sampling function (same arguments and result as transformers' `multi_scale_deformable_attention`; one
         with a true `reads_reduced_precision_values` attribute is given a bf16 / fp16 model's values without their
         float32 copy, the others float32 values; one with a true `inference_only` attribute is replaced by
-        transformers' where autograd, a portable trace (`torch.export`, `torch.jit.trace`) or float64 need it, and
-        unless it also has a true `compiles_as_an_op` attribute in `torch.compile` traces and for fake tensors
-        (`gives_way_to_pytorch`); one with a `from_projections` attribute is called through that function, with the reference
-        points, offsets and attention logits, where the attention weights are not asked for):
+        transformers' where a portable trace (`torch.export`, `torch.jit.trace`) or float64 need it, where autograd
+        needs gradients unless it also has a true `has_backward` attribute, and unless it also has a true
+        `compiles_as_an_op` attribute in `torch.compile` traces and for fake tensors (`gives_way_to_pytorch`); one
+        with a `from_projections` attribute is called through that function, with the reference points, offsets and
+        attention logits, where the attention weights are not asked for and no gradient is needed). Where autograd
+        needs gradients the layer asks `training_sampler` instead:
         - on CPU `deformable_attention_embedding_bag` (4x faster than grid_sample there);
         - on CUDA with Triton installed the fused kernel `deformable_attention_triton`: on an H200, per PosSAM-B layer
           0.12 against 2.13 ms at batch 1 and 0.86 against 11.3 ms at batch 8; the bf16 forward at batch 8 136
@@ -460,8 +462,9 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
         `deformable_attention_embedding_bag` (differentiable), elsewhere transformers' version (grid_sample's, as
         FC-CLIP's pure-PyTorch fallback). `deformable_attention_triton` has a backward kernel too (FC-CLIP trains
         with its compiled `ms_deform_attn` forward and backward): a CUDA candidate, not chosen until a GPU has timed
-        it (`benchmarks/device_check.py`'s `deformable_backward_triton` replaces this method; docs/design.md,
-        "Eighteenth session"); choosing it is returning it here for CUDA where `triton_runs_on`.
+        it (`benchmarks/device_check.py`'s `deformable_backward_triton` times the sampler alone, forward and backward,
+        against transformers'; docs/design.md, "Eighteenth session"); choosing it is returning it here for CUDA where
+        `triton_runs_on`.
         """
         if device_type == "cpu":
             return deformable_attention_embedding_bag

@@ -425,7 +425,9 @@ def _gradients_in_pytorch(
     def sample(value: torch.Tensor, locations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
 
-    output, pull_back = torch.func.vjp(sample, value.float(), sampling_locations.float(), attention_weights.float())
+    # (vjp returns the output and the pull-back function; with has_aux=True also the auxiliary output)
+    vjp = torch.func.vjp(sample, value.float(), sampling_locations.float(), attention_weights.float())
+    output, pull_back = vjp[0], vjp[1]
     return pull_back(output_grad.view(output.shape))
 
 
@@ -510,8 +512,27 @@ def _sample_backward_shapes_only(
     )
 
 
+def _keep_nothing(ctx, inputs: tuple, output: tuple) -> None:
+    """`_sample_backward_op`'s autograd context: nothing (its backward only refuses)."""
+
+
+def _refuse_double_backward(ctx, *output_grads: torch.Tensor) -> tuple:
+    """A second derivative (a gradient penalty, `create_graph=True` and a backward through the gradients): refused
+    with what to use instead, rather than torch's error naming this module's internal op."""
+    raise RuntimeError(
+        "deformable_attention_triton is differentiable once: its backward kernel has no backward (a gradient "
+        "penalty or any second derivative through the deformable sampling). Use transformers' "
+        "multi_scale_deformable_attention there (PosSAMMultiscaleDeformableAttention.training_sampler)."
+    )
+
+
 _sample_backward_op = kernel_op(
-    __name__, "deformable_attention_backward", _sample_backward, _sample_backward_shapes_only
+    __name__,
+    "deformable_attention_backward",
+    _sample_backward,
+    _sample_backward_shapes_only,
+    backward=_refuse_double_backward,
+    setup_context=_keep_nothing,
 )
 
 
