@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import resource
 import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,3 +103,57 @@ def random_vocabulary(model, num_classes: int = 150, seed: int = 0):
 
 def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+# --- command-line arguments shared by the scripts: a careless value is a usage error naming the flag (argparse adds
+# it to an `ArgumentTypeError`'s message), found before anything is built or measured
+
+# what `--variant(s)` accepts: the tiny config, or a model card's config (model_cards/possam-vit-*)
+VARIANTS = ("tiny", "vit-b", "vit-l", "vit-h")
+# what `--dtype` accepts (torch's names)
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (repeats, steps, batch sizes, rows, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (at least 1)")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """A finite number of seconds above 0 (time budgets)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
+    return value
+
+
+def device_name(text: str) -> str:
+    """A device torch knows (`cpu`, `cuda`, `cuda:1`, ...) that this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available here; use --device cpu (with --variant tiny)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file path whose folder exists and which is not itself a folder (checked before a run, not after it)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    if not path.resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder of {text} does not exist; create it first")
+    return text

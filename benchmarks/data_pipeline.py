@@ -188,5 +188,9 @@ def run() -> list[dict]:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    # no options: `--help` says what it measures instead of starting it
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     for row in run():
         print(row)

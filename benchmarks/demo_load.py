@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import output_file, positive_int
+
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEMO = REPOSITORY / "training" / "demo.py"
@@ -61,18 +63,31 @@ def competitor() -> subprocess.Popen:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="OMP_NUM_THREADS values to compare")
-    parser.add_argument("--rounds", type=int, default=1, help="quiet / busy pairs per thread count (interleaved)")
-    parser.add_argument("--max_steps", type=int, default=None, help="demo.py --max_steps (default: the demo's)")
-    parser.add_argument("--eval_images", type=int, default=None, help="demo.py --eval_images (default: the demo's)")
+    parser.add_argument(
+        "--threads", type=positive_int, nargs="+", default=[1], help="OMP_NUM_THREADS values to compare"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=1, help="quiet / busy pairs per thread count (interleaved)"
+    )
+    parser.add_argument(
+        "--max_steps", type=positive_int, default=None, help="demo.py --max_steps (default: the demo's)"
+    )
+    parser.add_argument(
+        "--eval_images", type=positive_int, default=None, help="demo.py --eval_images (default: the demo's)"
+    )
     parser.add_argument(
         "--wait_policy",
         default=None,
         choices=["active", "passive"],
         help="OMP_WAIT_POLICY for the demo (default: unset)",
     )
-    parser.add_argument("--demo_args", nargs=argparse.REMAINDER, default=[], help="further demo.py arguments")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--demo_args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="further demo.py arguments: last on the line (everything after it goes to demo.py)",
+    )
+    parser.add_argument("--json", type=output_file, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     demo_args = list(args.demo_args)
     if args.max_steps is not None:
@@ -124,7 +139,7 @@ def main(argv=None) -> dict:
         )
     result = {"runs": runs, "summary": summary, "demo_args": demo_args, "wait_policy": args.wait_policy}
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
 
 

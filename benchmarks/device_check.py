@@ -45,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import device_name, output_file
 from gpu import time_steps
 from torch.overrides import TorchFunctionMode
 
@@ -655,9 +656,9 @@ def _write(output: Path, results: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--checks", nargs="*", default=list(CHECKS), choices=list(CHECKS))
-    parser.add_argument("--output", default="device-check.json")
+    parser.add_argument("--device", default="cuda", type=device_name)
+    parser.add_argument("--checks", nargs="+", default=list(CHECKS), choices=list(CHECKS))
+    parser.add_argument("--output", default="device-check.json", type=output_file)
     parser.add_argument(
         "--append",
         action="store_true",
@@ -670,7 +671,12 @@ def main(argv=None) -> int:
     results: dict = {"device": str(device), "checks": {}, "triton_kernels_not_built": []}
     output = Path(args.output)
     if args.append and output.exists():
-        results = json.loads(output.read_text(encoding="utf-8"))
+        try:
+            results = json.loads(output.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            parser.error(f"--append --output {output}: not a JSON file ({error}); give this script's own results")
+        if not isinstance(results, dict) or not isinstance(results.get("checks"), dict):
+            parser.error(f"--append --output {output}: not this script's results (no 'checks'); give its own file")
         earlier_not_built = list(results.get("triton_kernels_not_built", []))
     else:
         earlier_not_built = []

@@ -18,15 +18,45 @@
 # took) and POSSAM_GPU_ARGS (default "--compile-mode reduce-overhead": the compiled rows with CUDA graphs, the best
 # chance of the 60 images/s goal at batch 1; "" for inductor's default mode) narrow it.
 # POSSAM_DEVICE=cpu PYTHON=.venv/bin/python POSSAM_GPU_VARIANTS=tiny runs the same steps on a CPU (the tests do).
+# A setting it cannot use (a variant, a number of seconds, POSSAM_CANDIDATES other than 0 or 1) is refused before any
+# step runs (exit status 2); otherwise the exit status is 1 when a step failed (candidates stopped at the deadline
+# excepted), 0 when all passed. POSSAM_GPU_CHECKS or POSSAM_GPU_LATE_CHECKS set to nothing skips those checks.
 set -uo pipefail
 OUT=${OUT:-/tmp/possam-device}
 PYTHON=${PYTHON:-python3}
 DEVICE=${POSSAM_DEVICE:-cuda}
 DEFAULT_CHECKS="versions outputs_match_cpu sam_attention_all_heads sam_attention_fused_kernel sam_attention_triton bf16 no_host_sync"
-CHECKS=${POSSAM_GPU_CHECKS:-"$DEFAULT_CHECKS training_step deformable_backward_triton"}
+# unset: the default list; set to nothing: none
+CHECKS=${POSSAM_GPU_CHECKS-"$DEFAULT_CHECKS training_step deformable_backward_triton"}
 # after the suite's goal rows: the compiled check compiles the tiny model (about 100 s on an H200), time the goal rows
 # need more
 LATE_CHECKS=${POSSAM_GPU_LATE_CHECKS-compiled}
+VARIANTS=${POSSAM_GPU_VARIANTS-vit-b vit-l vit-h}
+# careless settings are refused here, before any device time is spent (a variant the suite refuses, or a deadline
+# bash cannot count with, used to be found only after the device checks, and the session went on without its suite)
+refuse() {
+    echo "device_session.sh: $*" >&2
+    exit 2
+}
+for NAME in POSSAM_DEADLINE_S POSSAM_SUITE_BUDGET_S POSSAM_GPU_BUDGET_S; do
+    VALUE=${!NAME-}
+    if [ -n "$VALUE" ] && ! [[ $VALUE =~ ^[0-9]+$ ]]; then
+        refuse "$NAME=$VALUE: give whole seconds (e.g. 480)"
+    fi
+done
+[ -n "${VARIANTS// /}" ] || refuse "POSSAM_GPU_VARIANTS is empty: give some of tiny vit-b vit-l vit-h"
+for VARIANT in $VARIANTS; do
+    case $VARIANT in
+        tiny | vit-b | vit-l | vit-h) ;;
+        *) refuse "POSSAM_GPU_VARIANTS: $VARIANT is not one of tiny vit-b vit-l vit-h" ;;
+    esac
+done
+case ${POSSAM_CANDIDATES:-1} in
+    0 | 1) ;;
+    *) refuse "POSSAM_CANDIDATES=$POSSAM_CANDIDATES: 1 runs the candidates, 0 skips them" ;;
+esac
+# the session's exit status: 1 when a step failed (each step's files still come back)
+STATUS=0
 mkdir -p "$OUT"
 WHEELS=${POSSAM_WHEELS:-.whl}
 SITE=${POSSAM_SITE:-/tmp/site}
@@ -37,19 +67,23 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
-# shellcheck disable=SC2086  # the lists are meant to split into words
-timeout 150 "$PYTHON" benchmarks/device_check.py --device "$DEVICE" --output "$OUT/device-check.json" \
-    --checks $CHECKS 2>&1 | tee "$OUT/device-check.log"
+if [ -n "${CHECKS// /}" ]; then
+    # shellcheck disable=SC2086  # the lists are meant to split into words
+    timeout 150 "$PYTHON" benchmarks/device_check.py --device "$DEVICE" --output "$OUT/device-check.json" \
+        --checks $CHECKS 2>&1 | tee "$OUT/device-check.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || STATUS=1
+fi
 # the suite: its goal rows first, within its budget (by default what the checks left of the first 370 s, at most
-# POSSAM_SUITE_BUDGET_S), leaving the candidates their share
-VARIANTS=${POSSAM_GPU_VARIANTS:-vit-b vit-l vit-h}
+# POSSAM_SUITE_BUDGET_S, at least 1 s: the first row then still runs), leaving the candidates their share
 LEFT=$(( ${POSSAM_DEADLINE_S:-480} - 110 - SECONDS ))
 SUITE=${POSSAM_SUITE_BUDGET_S:-220}
 BUDGET=${POSSAM_GPU_BUDGET_S:-$(( LEFT < SUITE ? LEFT : SUITE ))}
+BUDGET=$(( BUDGET < 1 ? 1 : BUDGET ))
 # shellcheck disable=SC2086
 "$PYTHON" benchmarks/run.py --suite gpu --device "$DEVICE" --time-budget-s "$BUDGET" \
     --variants $VARIANTS ${POSSAM_GPU_ARGS---compile-mode reduce-overhead} --output "$OUT/results-gpu.json" 2>&1 \
     | tee "$OUT/gpu.log"
+[ "${PIPESTATUS[0]}" = 0 ] || STATUS=1
 # the later checks, added to device-check.json, within what is left before the deadline (at most 150 s)
 LATE_S=$(( ${POSSAM_DEADLINE_S:-480} - 30 - SECONDS ))
 LATE_S=$(( LATE_S > 150 ? 150 : LATE_S ))
@@ -57,9 +91,11 @@ if [ -n "$LATE_CHECKS" ] && [ "$LATE_S" -gt 20 ]; then
     # shellcheck disable=SC2086
     timeout "$LATE_S" "$PYTHON" benchmarks/device_check.py --device "$DEVICE" --output "$OUT/device-check.json" \
         --append --checks $LATE_CHECKS 2>&1 | tee -a "$OUT/device-check.log"
-    if [ "${PIPESTATUS[0]}" = 124 ]; then
+    LATE_STATUS=${PIPESTATUS[0]}
+    if [ "$LATE_STATUS" = 124 ]; then
         echo "later checks ($LATE_CHECKS) stopped after ${LATE_S} s" | tee -a "$OUT/device-check.log"
     fi
+    [ "$LATE_STATUS" = 0 ] || STATUS=1
 elif [ -n "$LATE_CHECKS" ]; then
     echo "later checks ($LATE_CHECKS) skipped: ${LATE_S} s left before the deadline" | tee -a "$OUT/device-check.log"
 fi
@@ -69,6 +105,12 @@ fi
 CANDIDATES_S=$(( ${POSSAM_DEADLINE_S:-480} - SECONDS ))
 CANDIDATES_S=$(( CANDIDATES_S > 180 ? 180 : CANDIDATES_S ))
 if [ "${POSSAM_CANDIDATES:-1}" != 0 ] && [ "$CANDIDATES_S" -gt 20 ]; then
-    timeout "$CANDIDATES_S" "$PYTHON" benchmarks/gpu_candidates.py --device "$DEVICE" --variant "${VARIANTS%% *}" \
+    # shellcheck disable=SC2086
+    set -- $VARIANTS  # the first variant of the suite (the list may start with spaces)
+    timeout "$CANDIDATES_S" "$PYTHON" benchmarks/gpu_candidates.py --device "$DEVICE" --variant "$1" \
         --output "$OUT/candidates.json" 2>&1 | tee "$OUT/candidates.log"
+    CANDIDATES_STATUS=${PIPESTATUS[0]}
+    # (stopped at the deadline is how the candidates end when they do not finish: what they wrote stands)
+    [ "$CANDIDATES_STATUS" = 0 ] || [ "$CANDIDATES_STATUS" = 124 ] || STATUS=1
 fi
+exit "$STATUS"

@@ -34,8 +34,6 @@ from training import make_training_step
 
 
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
-# what `--variant(s)` accepts: the tiny config, or a model card's config (model_cards/possam-vit-*)
-VARIANTS = ("tiny", "vit-b", "vit-l", "vit-h")
 PAPER_FPS = {"vit-b": 1.72, "vit-l": 1.48, "vit-h": 1.30}
 # issue 15's goals on an H100, images/s: (variant, dtype, batch, compiled) -> minimum; `None` for compiled: both
 GOALS_H100: dict[tuple[str, str, int, bool | None], float] = {

@@ -36,7 +36,8 @@ import json
 import os
 
 import torch
-from gpu import VARIANTS, _config, _sam_attention_kernel_chosen, box_times, time_steps
+from common import VARIANTS, device_name, output_file, positive_int
+from gpu import _config, _sam_attention_kernel_chosen, box_times, time_steps
 from torch.nn import functional as F
 
 
@@ -538,11 +539,11 @@ def model_candidates(
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda", type=device_name)
     parser.add_argument("--variant", default="vit-b", choices=VARIANTS)
-    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--output", default="candidates.json")
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--output", default="candidates.json", type=output_file)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     tiny = args.variant == "tiny"

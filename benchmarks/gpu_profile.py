@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+from common import FLOAT_DTYPES, VARIANTS, device_name, positive_int
 from gpu import _config, _synchronize, box_times, time_steps
 
 
@@ -107,16 +108,32 @@ def profile_case(variant: str, dtype_name: str, batch: int, device: torch.device
     return result  # the model and its outputs go with this frame
 
 
-def main(argv=None) -> None:
+def profile_case_name(text: str) -> str:
+    """`--cases`' `variant:dtype:batch`, each part checked (a usage error naming the part, before any case runs)."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r} is not variant:dtype:batch (e.g. vit-b:bfloat16:1)")
+    variant, dtype_name, batch = parts
+    if variant not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"{text}: variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    if dtype_name not in FLOAT_DTYPES:
+        raise argparse.ArgumentTypeError(f"{text}: dtype {dtype_name!r} is not one of {', '.join(FLOAT_DTYPES)}")
+    positive_int(batch)
+    return text
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--cases", nargs="*", default=["vit-b:bfloat16:1", "vit-h:bfloat16:8"])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--rows", type=int, default=40, help="rows of each profiler table")
+    parser.add_argument("--device", default="cuda", type=device_name)
+    parser.add_argument("--cases", nargs="+", type=profile_case_name, default=["vit-b:bfloat16:1", "vit-h:bfloat16:8"])
+    parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--rows", type=positive_int, default=40, help="rows of each profiler table")
     parser.add_argument("--output-dir", default=".")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
     output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output-dir {args.output_dir} is a file; give a folder")
+    device = torch.device(args.device)
     output.mkdir(parents=True, exist_ok=True)
     results = []
     for case in args.cases:
@@ -134,7 +151,8 @@ def main(argv=None) -> None:
         if tables:
             (output / f"profile-{case.replace(':', '-')}.txt").write_text("\n\n".join(tables))
         (output / "profile.json").write_text(json.dumps(results, indent=1))
+    return 0 if any("error" not in result for result in results) else 1  # every case failed: a failed run
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

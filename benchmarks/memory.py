@@ -17,7 +17,15 @@ import sys
 from pathlib import Path
 
 import torch
-from common import current_rss_bytes, full_size_model, peak_rss_bytes, random_vocabulary, test_image, weight_bytes
+from common import (
+    current_rss_bytes,
+    full_size_model,
+    peak_rss_bytes,
+    positive_int,
+    random_vocabulary,
+    test_image,
+    weight_bytes,
+)
 
 
 HERE = Path(__file__).resolve().parent
@@ -133,9 +141,10 @@ def run() -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--inference", action="store_true")
-    parser.add_argument("--train-step", type=int)
+    parser = argparse.ArgumentParser(description=__doc__)
+    measured = parser.add_mutually_exclusive_group(required=True)
+    measured.add_argument("--inference", action="store_true")
+    measured.add_argument("--train-step", type=positive_int, metavar="BATCH")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(json.dumps(_inference() if args.inference else _training_step(args.train_step)))

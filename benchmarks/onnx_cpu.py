@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import peak_rss_bytes, summary
+from common import peak_rss_bytes, positive_int, summary
 
 
 HERE = Path(__file__).resolve().parent
@@ -119,7 +119,7 @@ def run(variant: str = "vit-b", repeats: int = 3, threads: int = 2, timeout: flo
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", default="vit-b", choices=["vit-b", "tiny"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
     print(json.dumps(measure(args.variant, args.repeats, args.threads)))

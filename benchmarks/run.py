@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import VARIANTS, device_name, output_file, positive_int, positive_seconds
 
 from transformers_possam.triton_support import kernels_not_built
 
@@ -167,9 +168,10 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--suite", default="cpu", choices=["cpu", "gpu"], help="gpu: target 7 (B/L/H, bf16/fp32, batch 1/8)"
     )
-    parser.add_argument("--device", default="cuda", help="--suite gpu: the accelerator")
+    # flags of one suite default to None: given with the other suite they are refused, not ignored
+    parser.add_argument("--device", default=None, type=device_name, help="--suite gpu: the accelerator (cuda)")
     parser.add_argument(
-        "--variants", nargs="*", default=["vit-b", "vit-l", "vit-h"], help="--suite gpu: model variants (or 'tiny')"
+        "--variants", nargs="+", default=None, choices=VARIANTS, help="--suite gpu: model variants (vit-b vit-l vit-h)"
     )
     parser.add_argument(
         "--compile-mode",
@@ -177,39 +179,60 @@ def main(argv=None) -> dict:
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
         help="--suite gpu: torch.compile's mode for the compiled rows (reduce-overhead: CUDA graphs)",
     )
-    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8], help="--suite gpu: batch sizes")
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=None, help="--suite gpu: batch sizes (1 8)")
     parser.add_argument(
         "--time-budget-s",
-        type=float,
+        type=positive_seconds,
         default=None,
         help="--suite gpu: rows not started after this many seconds are reported as skipped (each finished row is "
         "written to --output at once, so a stopped run keeps them)",
     )
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--targets", type=int, nargs="*", default=list(TARGETS), help="a subset of the targets to run")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed repeats (CPU suite 3, GPU suite 5)")
+    parser.add_argument(
+        "--targets",
+        type=int,
+        nargs="+",
+        default=None,
+        choices=TARGETS,
+        help="--suite cpu: a subset of the targets to run (target 7 is --suite gpu)",
+    )
     parser.add_argument(
         "--amg-points",
-        type=int,
-        default=32,
-        help="points per side of the SAM mask-generation grid (pipeline default 32)",
+        type=positive_int,
+        default=None,
+        help="--suite cpu: points per side of the SAM mask-generation grid (pipeline default 32)",
     )
     parser.add_argument(
         "--onnx-variant",
-        default="vit-b",
+        default=None,
         choices=["vit-b", "tiny"],
-        help="target 11: the model exported to ONNX (B at 1024x1024 needs several GB and minutes)",
+        help="--suite cpu, target 11: the model exported to ONNX (vit-b, default: several GB and minutes; or tiny)",
     )
-    parser.add_argument("--output", default=None, help="default: benchmarks/results-<suite>.json")
+    parser.add_argument("--output", default=None, type=output_file, help="default: benchmarks/results-<suite>.json")
     args = parser.parse_args(argv)
+    other_suite = (
+        ("device", "variants", "compile_mode", "batches", "time_budget_s")
+        if args.suite == "cpu"
+        else ("targets", "amg_points", "onnx_variant")
+    )
+    given = [f"--{name.replace('_', '-')}" for name in other_suite if getattr(args, name) is not None]
+    if given:
+        other = "gpu" if args.suite == "cpu" else "cpu"
+        parser.error(f"{' '.join(given)}: for --suite {other}, not --suite {args.suite}")
     args.output = args.output or str(Path(__file__).resolve().parent / f"results-{args.suite}.json")
     started = time.perf_counter()
     rows: list[dict] = []
+    if args.suite == "gpu" and args.device is None:
+        try:
+            args.device = device_name("cuda")
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"--device: {error}")
     if args.suite == "gpu":
         import gpu
 
-        unknown = [variant for variant in args.variants if variant not in gpu.VARIANTS]
-        if unknown:
-            parser.error(f"--variants {' '.join(unknown)}: not a variant; choose from {', '.join(gpu.VARIANTS)}")
+        args.variants = args.variants or ["vit-b", "vit-l", "vit-h"]
+        args.batches = args.batches or [1, 8]
+        args.repeats = args.repeats or 5
         args.targets = []
         machine_info = machine()
         if torch.device(args.device).type == "cuda":
@@ -242,7 +265,7 @@ def main(argv=None) -> dict:
         gpu.run(
             args.device,
             tuple(args.variants),
-            repeats=max(args.repeats, 5),
+            repeats=args.repeats,
             batches=tuple(args.batches),
             training_batch=2,
             budget_s=args.time_budget_s,
@@ -251,6 +274,10 @@ def main(argv=None) -> dict:
         )
     else:
         torch.set_num_threads(2)
+        args.targets = args.targets or list(TARGETS)
+        args.repeats = args.repeats or 3
+        args.amg_points = args.amg_points or 32
+        args.onnx_variant = args.onnx_variant or "vit-b"
 
     if 5 in args.targets:  # subprocesses first, while this process is still small
         import memory

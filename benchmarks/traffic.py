@@ -26,7 +26,8 @@ import traceback
 from collections.abc import Iterator
 
 import torch
-from gpu import VARIANTS, _config
+from common import FLOAT_DTYPES, VARIANTS, output_file, positive_int
+from gpu import _config
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -272,10 +273,10 @@ def summarize(counter: TrafficCounter, rows: int = 40) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="vit-b", choices=VARIANTS)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16", choices=FLOAT_DTYPES)
     parser.add_argument("--path", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rows", type=int, default=40)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--rows", type=positive_int, default=40)
     parser.add_argument(
         "--order",
         default="bytes",
@@ -288,8 +289,12 @@ def main(argv=None) -> dict:
         action="store_true",
         help="SAM's attention through its Triton kernel (a CUDA candidate), counted as one kernel per layer",
     )
-    parser.add_argument("--output", default=None, help="a JSON file for the summary (default: print only)")
+    parser.add_argument(
+        "--output", default=None, type=output_file, help="a JSON file for the summary (default: print only)"
+    )
     args = parser.parse_args(argv)
+    if args.sam_attention_kernel and args.path != "cuda":
+        parser.error("--sam-attention-kernel is a CUDA candidate: use it with --path cuda")
     counter = forward_traffic(
         args.variant, args.dtype, args.path, args.batch, sam_attention_kernel=args.sam_attention_kernel
     )

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from common import positive_int
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,8 +247,8 @@ def run(repeats: int) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--full-size-step", action="store_true", help="print _full_size_step's JSON")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=2)
     parser.add_argument("--variant", default="vit-b", choices=["vit-b", "tiny"])
     args = parser.parse_args()
     torch.set_num_threads(2)
