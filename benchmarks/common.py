@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
 import statistics
 import time
@@ -143,7 +144,9 @@ def device_name(text: str) -> str:
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available here; use --device cpu (with --variant tiny)")
+        raise argparse.ArgumentTypeError(
+            f"{text}: CUDA is not available here; use --device cpu (and the tiny variant)"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA devices")
     return text
@@ -152,7 +155,7 @@ def device_name(text: str) -> str:
 def output_file(text: str) -> str:
     """A file path whose folder exists and which is not itself a folder (checked before a run, not after it)."""
     path = Path(text)
-    if path.is_dir():
+    if path.is_dir() or text.endswith(("/", os.sep)):  # (Path drops a trailing slash)
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
     if not path.resolve().parent.is_dir():
         raise argparse.ArgumentTypeError(f"the folder of {text} does not exist; create it first")

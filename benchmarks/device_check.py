@@ -664,7 +664,14 @@ def main(argv=None) -> int:
         action="store_true",
         help="add these checks to the results already in --output (a second run of the session's later checks)",
     )
+    parser.add_argument(
+        "--check-flags",
+        action="store_true",
+        help="check the other flags, then exit without running (device_session.sh does, before any step)",
+    )
     args = parser.parse_args(argv)
+    if args.check_flags:
+        return 0
     device = torch.device(args.device)
     from transformers_possam.triton_support import kernels_not_built
 

@@ -40,17 +40,30 @@ refuse() {
 }
 for NAME in POSSAM_DEADLINE_S POSSAM_SUITE_BUDGET_S POSSAM_GPU_BUDGET_S; do
     VALUE=${!NAME-}
-    if [ -n "$VALUE" ] && ! [[ $VALUE =~ ^[0-9]+$ ]]; then
-        refuse "$NAME=$VALUE: give whole seconds (e.g. 480)"
+    # at least 1, no leading zero (bash counts 0480 as octal), at most 7 digits
+    if [ -n "$VALUE" ] && ! [[ $VALUE =~ ^[1-9][0-9]{0,6}$ ]]; then
+        refuse "$NAME=$VALUE: give whole seconds, at least 1 (e.g. 480)"
     fi
 done
-[ -n "${VARIANTS// /}" ] || refuse "POSSAM_GPU_VARIANTS is empty: give some of tiny vit-b vit-l vit-h"
-for VARIANT in $VARIANTS; do
+# the lists split into words once (no file-name expansion), whatever blanks separate them
+set -f
+# shellcheck disable=SC2086
+set -- $VARIANTS
+[ $# -gt 0 ] || refuse "POSSAM_GPU_VARIANTS is empty: give some of tiny vit-b vit-l vit-h"
+FIRST_VARIANT=$1
+for VARIANT in "$@"; do
     case $VARIANT in
         tiny | vit-b | vit-l | vit-h) ;;
         *) refuse "POSSAM_GPU_VARIANTS: $VARIANT is not one of tiny vit-b vit-l vit-h" ;;
     esac
 done
+# shellcheck disable=SC2086
+set -- $CHECKS
+CHECKS="$*"
+# shellcheck disable=SC2086
+set -- $LATE_CHECKS
+LATE_CHECKS="$*"
+set +f
 case ${POSSAM_CANDIDATES:-1} in
     0 | 1) ;;
     *) refuse "POSSAM_CANDIDATES=$POSSAM_CANDIDATES: 1 runs the candidates, 0 skips them" ;;
@@ -66,8 +79,25 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
     export PYTHONPATH="$SITE"
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# settings that change the scripts' flags are checked by the scripts' own parsers before any step (a typo in
+# POSSAM_GPU_ARGS would otherwise lose the suite, one in POSSAM_GPU_LATE_CHECKS the later checks); the default
+# session skips this (a few seconds of imports)
+if [ -n "${POSSAM_GPU_ARGS+set}${POSSAM_GPU_CHECKS+set}${POSSAM_GPU_LATE_CHECKS+set}${POSSAM_DEVICE+set}" ]; then
+    # shellcheck disable=SC2086
+    "$PYTHON" benchmarks/run.py --check-flags --suite gpu --device "$DEVICE" --time-budget-s 1 --variants $VARIANTS \
+        ${POSSAM_GPU_ARGS---compile-mode reduce-overhead} --output "$OUT/results-gpu.json" \
+        || refuse "the suite's flags (POSSAM_DEVICE, POSSAM_GPU_VARIANTS, POSSAM_GPU_ARGS) are refused, above"
+    for LIST in "$CHECKS" "$LATE_CHECKS"; do
+        if [ -n "$LIST" ]; then
+            # shellcheck disable=SC2086
+            "$PYTHON" benchmarks/device_check.py --check-flags --device "$DEVICE" --checks $LIST \
+                --output "$OUT/device-check.json" \
+                || refuse "the checks' flags (POSSAM_DEVICE, POSSAM_GPU_CHECKS, POSSAM_GPU_LATE_CHECKS) are refused, above"
+        fi
+    done
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
-if [ -n "${CHECKS// /}" ]; then
+if [ -n "$CHECKS" ]; then
     # shellcheck disable=SC2086  # the lists are meant to split into words
     timeout 150 "$PYTHON" benchmarks/device_check.py --device "$DEVICE" --output "$OUT/device-check.json" \
         --checks $CHECKS 2>&1 | tee "$OUT/device-check.log"
@@ -105,9 +135,7 @@ fi
 CANDIDATES_S=$(( ${POSSAM_DEADLINE_S:-480} - SECONDS ))
 CANDIDATES_S=$(( CANDIDATES_S > 180 ? 180 : CANDIDATES_S ))
 if [ "${POSSAM_CANDIDATES:-1}" != 0 ] && [ "$CANDIDATES_S" -gt 20 ]; then
-    # shellcheck disable=SC2086
-    set -- $VARIANTS  # the first variant of the suite (the list may start with spaces)
-    timeout "$CANDIDATES_S" "$PYTHON" benchmarks/gpu_candidates.py --device "$DEVICE" --variant "$1" \
+    timeout "$CANDIDATES_S" "$PYTHON" benchmarks/gpu_candidates.py --device "$DEVICE" --variant "$FIRST_VARIANT" \
         --output "$OUT/candidates.json" 2>&1 | tee "$OUT/candidates.log"
     CANDIDATES_STATUS=${PIPESTATUS[0]}
     # (stopped at the deadline is how the candidates end when they do not finish: what they wrote stands)

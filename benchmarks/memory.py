@@ -144,7 +144,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     measured = parser.add_mutually_exclusive_group(required=True)
     measured.add_argument("--inference", action="store_true")
-    measured.add_argument("--train-step", type=positive_int, metavar="BATCH")
+    measured.add_argument("--train-step", type=positive_int, metavar="SEGMENTS")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(json.dumps(_inference() if args.inference else _training_step(args.train_step)))

@@ -209,6 +209,11 @@ def main(argv=None) -> dict:
         help="--suite cpu, target 11: the model exported to ONNX (vit-b, default: several GB and minutes; or tiny)",
     )
     parser.add_argument("--output", default=None, type=output_file, help="default: benchmarks/results-<suite>.json")
+    parser.add_argument(
+        "--check-flags",
+        action="store_true",
+        help="check the other flags, then exit without running (device_session.sh does, before any step)",
+    )
     args = parser.parse_args(argv)
     other_suite = (
         ("device", "variants", "compile_mode", "batches", "time_budget_s")
@@ -227,6 +232,8 @@ def main(argv=None) -> dict:
             args.device = device_name("cuda")
         except argparse.ArgumentTypeError as error:
             parser.error(f"--device: {error}")
+    if args.check_flags:
+        return {}
     if args.suite == "gpu":
         import gpu
 

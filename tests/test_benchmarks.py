@@ -1015,8 +1015,12 @@ def test_benchmark_scripts_without_a_main_refuse_careless_flags(command, expecte
     [
         ({"POSSAM_GPU_VARIANTS": "B"}, "POSSAM_GPU_VARIANTS: B is not one of tiny vit-b vit-l vit-h"),
         ({"POSSAM_GPU_VARIANTS": " "}, "POSSAM_GPU_VARIANTS is empty"),
+        ({"POSSAM_GPU_VARIANTS": "\t\n"}, "POSSAM_GPU_VARIANTS is empty"),  # blanks other than spaces
+        ({"POSSAM_GPU_VARIANTS": "vit-b *"}, "POSSAM_GPU_VARIANTS: * is not one of"),  # (not the file names)
         ({"POSSAM_DEADLINE_S": "8m"}, "POSSAM_DEADLINE_S=8m: give whole seconds"),
+        ({"POSSAM_DEADLINE_S": "0480"}, "POSSAM_DEADLINE_S=0480: give whole seconds"),  # bash: octal, an error
         ({"POSSAM_GPU_BUDGET_S": "480.5"}, "POSSAM_GPU_BUDGET_S=480.5: give whole seconds"),
+        ({"POSSAM_GPU_BUDGET_S": "0"}, "POSSAM_GPU_BUDGET_S=0: give whole seconds, at least 1"),
         ({"POSSAM_CANDIDATES": "no"}, "POSSAM_CANDIDATES=no: 1 runs the candidates, 0 skips them"),
     ],
 )
@@ -1036,3 +1040,43 @@ def test_device_session_refuses_careless_settings_before_any_step(setting, expec
     )
     assert result.returncode == 2 and expected in result.stderr, result.stderr
     assert not output.exists()  # no step ran
+
+
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        ({"POSSAM_GPU_ARGS": "--compile-mode reduce_overhead"}, "argument --compile-mode: invalid choice"),
+        ({"POSSAM_GPU_LATE_CHECKS": "compile"}, "argument --checks: invalid choice: 'compile'"),
+        ({"POSSAM_GPU_CHECKS": "versions bf17"}, "argument --checks: invalid choice: 'bf17'"),
+    ],
+)
+def test_device_session_checks_the_scripts_flags_before_any_step(setting, expected, tmp_path):
+    """Settings that change the scripts' flags are checked by the scripts' own parsers (`--check-flags`) before
+    any step: a typo in POSSAM_GPU_ARGS used to lose the suite, one in the later checks the compiled check."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPOSITORY
+
+    output = tmp_path / "out"
+    environment = dict(
+        os.environ,
+        OUT=str(output),
+        PYTHON=sys.executable,
+        POSSAM_DEVICE="cpu",
+        POSSAM_WHEELS=str(tmp_path / "no-wheels"),
+        POSSAM_GPU_VARIANTS="tiny",
+        **setting,
+    )
+    result = subprocess.run(
+        ["bash", "benchmarks/device_session.sh"],
+        cwd=REPOSITORY,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and expected in result.stderr, result.stderr[-3000:]
+    assert "are refused, above" in result.stderr
+    assert list(output.iterdir()) == []  # no step ran
