@@ -419,25 +419,46 @@ def _probe_wheel(folder):
         wheel.writestr("possam_wheel_probe-1.0.dist-info/RECORD", "\n".join(record) + "\n")
 
 
-def test_device_session_script_runs_its_steps_on_cpu(tmp_path):
-    """benchmarks/device_session.sh, the one command for a lent GPU machine: on the CPU with the tiny config, it
-    installs the carried wheels into its site folder (put first on PYTHONPATH, after this checkout's src/), then
-    each step runs from the repository root with this checkout's package and writes its file into $OUT; the time
-    budget it computes from its deadline leaves the goal rows measured."""
-    import json
+def run_device_session(tmp_path, timeout: int, **settings):
+    """benchmarks/device_session.sh run from the repository root, its files in `tmp_path / "out"` (`$OUT`), with
+    this interpreter and the CPU unless `settings` say otherwise: the completed process."""
     import os
     import subprocess
     import sys
 
     from .conftest import REPOSITORY
 
+    environment = {
+        **os.environ,
+        "OUT": str(tmp_path / "out"),
+        "PYTHON": sys.executable,
+        "POSSAM_DEVICE": "cpu",
+        **settings,
+    }
+    return subprocess.run(
+        ["bash", "benchmarks/device_session.sh"],
+        cwd=REPOSITORY,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_device_session_script_runs_its_steps_on_cpu(tmp_path):
+    """benchmarks/device_session.sh, the one command for a lent GPU machine: on the CPU with the tiny config, it
+    installs the carried wheels into its site folder (put first on PYTHONPATH, after this checkout's src/), then
+    each step runs from the repository root with this checkout's package and writes its file into $OUT; the time
+    budget it computes from its deadline leaves the goal rows measured."""
+    import json
+
+    from .conftest import REPOSITORY
+
     output = tmp_path / "out"
     _probe_wheel(tmp_path / "wheels")
-    environment = dict(
-        os.environ,
-        OUT=str(output),
-        PYTHON=sys.executable,
-        POSSAM_DEVICE="cpu",
+    completed = run_device_session(
+        tmp_path,
+        300,
         POSSAM_WHEELS=str(tmp_path / "wheels"),
         POSSAM_SITE=str(tmp_path / "site"),
         POSSAM_GPU_VARIANTS="tiny",
@@ -448,14 +469,6 @@ def test_device_session_script_runs_its_steps_on_cpu(tmp_path):
         # the suite's own budget, whatever the checks before it took on a loaded machine: the eager rows; compiled
         # ones, last here (the tiny variant has no goal), need 150 s: skipped
         POSSAM_GPU_BUDGET_S="15",
-    )
-    completed = subprocess.run(
-        ["bash", "benchmarks/device_session.sh"],
-        cwd=REPOSITORY,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
     assert (tmp_path / "site" / "possam_wheel_probe.py").read_text() == "VALUE = 42\n"
@@ -1028,18 +1041,9 @@ def test_device_session_refuses_careless_settings_before_any_step(setting, expec
     """device_session.sh's settings are checked before any step: a variant the suite would refuse, or a number bash
     cannot count with, used to surface only after the device checks had spent their share of the lent machine's
     minutes, and the session then went on without its suite and exited 0."""
-    import os
-    import subprocess
-
-    from .conftest import REPOSITORY
-
-    output = tmp_path / "out"
-    environment = dict(os.environ, OUT=str(output), PYTHON="false", POSSAM_DEVICE="cpu", **setting)
-    result = subprocess.run(
-        ["bash", "benchmarks/device_session.sh"], cwd=REPOSITORY, env=environment, capture_output=True, text=True
-    )
+    result = run_device_session(tmp_path, 60, PYTHON="false", **setting)
     assert result.returncode == 2 and expected in result.stderr, result.stderr
-    assert not output.exists()  # no step ran
+    assert not (tmp_path / "out").exists()  # no step ran
 
 
 @pytest.mark.parametrize(
@@ -1053,30 +1057,9 @@ def test_device_session_refuses_careless_settings_before_any_step(setting, expec
 def test_device_session_checks_the_scripts_flags_before_any_step(setting, expected, tmp_path):
     """Settings that change the scripts' flags are checked by the scripts' own parsers (`--check-flags`) before
     any step: a typo in POSSAM_GPU_ARGS used to lose the suite, one in the later checks the compiled check."""
-    import os
-    import subprocess
-    import sys
-
-    from .conftest import REPOSITORY
-
-    output = tmp_path / "out"
-    environment = dict(
-        os.environ,
-        OUT=str(output),
-        PYTHON=sys.executable,
-        POSSAM_DEVICE="cpu",
-        POSSAM_WHEELS=str(tmp_path / "no-wheels"),
-        POSSAM_GPU_VARIANTS="tiny",
-        **setting,
-    )
-    result = subprocess.run(
-        ["bash", "benchmarks/device_session.sh"],
-        cwd=REPOSITORY,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_device_session(
+        tmp_path, 120, POSSAM_WHEELS=str(tmp_path / "no-wheels"), POSSAM_GPU_VARIANTS="tiny", **setting
     )
     assert result.returncode == 2 and expected in result.stderr, result.stderr[-3000:]
     assert "are refused, above" in result.stderr
-    assert list(output.iterdir()) == []  # no step ran
+    assert list((tmp_path / "out").iterdir()) == []  # no step ran

@@ -55,17 +55,18 @@ def interpreted():
     return deformable_sampling_triton
 
 
-def count_launches(kernel_module, monkeypatch) -> list:
-    """The grids of every launch of `kernel_module._kernel()` from now on (the kernel itself still runs)."""
+def count_launches(kernel_module, monkeypatch, factory: str = "_kernel") -> list:
+    """The grids of every launch of `kernel_module.<factory>()` (`_kernel`, or the sampler's `_backward_kernel`) from
+    now on (the kernel itself still runs)."""
     launches: list = []
-    kernel = kernel_module._kernel()
+    kernel = getattr(kernel_module, factory)()
 
     class CountingKernel:
         def __getitem__(self, grid):
             launches.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(kernel_module, "_kernel", lambda: CountingKernel())
+    monkeypatch.setattr(kernel_module, factory, lambda: CountingKernel())
     return launches
 
 
@@ -316,15 +317,7 @@ def test_deformable_layer_trains_through_the_triton_sampler(interpreted, monkeyp
                 staticmethod(lambda _: interpreted.deformable_attention_triton),
             )
             forward_launches = count_launches(interpreted, monkeypatch)
-            backward_launches: list = []
-            backward_kernel = interpreted._backward_kernel()
-
-            class CountingBackward:
-                def __getitem__(self, grid):
-                    backward_launches.append(grid)
-                    return backward_kernel[grid]
-
-            monkeypatch.setattr(interpreted, "_backward_kernel", lambda: CountingBackward())
+            backward_launches = count_launches(interpreted, monkeypatch, "_backward_kernel")
         else:
             monkeypatch.setattr(
                 PosSAMMultiscaleDeformableAttention, "training_sampler", staticmethod(lambda _: sampler)
@@ -374,15 +367,7 @@ def test_compiled_training_step_calls_the_sampler_and_its_backward_as_ops(interp
 
     results = []
     forward_launches = count_launches(interpreted, monkeypatch)
-    backward_kernel = interpreted._backward_kernel()
-    backward_launches: list = []
-
-    class CountingBackward:
-        def __getitem__(self, grid):
-            backward_launches.append(grid)
-            return backward_kernel[grid]
-
-    monkeypatch.setattr(interpreted, "_backward_kernel", lambda: CountingBackward())
+    backward_launches = count_launches(interpreted, monkeypatch, "_backward_kernel")
     torch._dynamo.reset()
     for runner in (forward, torch.compile(forward, fullgraph=True, backend="aot_eager")):
         layer.zero_grad(set_to_none=True)
