@@ -325,9 +325,9 @@ def check_deformable_backward_triton(context: Context) -> dict:
     if full_size:
         cases = [(f"batch_{batch}", [(128, 128), (64, 64), (32, 32)], batch, 8, 32, 4, None, True) for batch in (2, 8)]
     else:
-        cases = [(f"batch_{batch}", [(4, 4), (2, 2)], batch, 2, 8, 2, None, True) for batch in (1, 2)]
+        cases = [("batch_1", [(4, 4), (2, 2)], 1, 2, 8, 2, None, True)]
     # PosSAM's shapes fill every block (21,504 queries, 32 channels): odd ones exercise the kernel's masks on a GPU
-    cases.append(("odd_shapes", [(3, 5), (7, 2)], 2, 3, 24, 3, 1000 if full_size else 37, False))
+    cases.append(("odd_shapes", [(3, 5), (7, 2)], 2, 3, 24, 3, 1000 if full_size else 21, False))
     details: dict = {}
 
     def gradients(sampler, value, shapes, locations, weights, output_grad):

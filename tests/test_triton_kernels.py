@@ -297,7 +297,7 @@ def test_deformable_layer_trains_through_the_triton_sampler(interpreted, monkeyp
     torch.manual_seed(0)
     layer = PosSAMMultiscaleDeformableAttention(embed_dim=32, num_heads=4, n_levels=3, n_points=4)
     layer.train()
-    shapes = [(8, 8), (4, 4), (2, 2)]
+    shapes = [(4, 4), (2, 2), (1, 1)]  # (small: the interpreter runs each program's loops in Python)
     num_values = sum(height * width for height, width in shapes)
     hidden = torch.randn(2, num_values, 32)
     position = torch.randn(2, num_values, 32)
@@ -1143,9 +1143,9 @@ def test_device_check_of_the_triton_sam_attention_keeps_its_figures_when_its_com
 @needs_interpreter
 def test_device_check_of_the_sampler_backward_compares_and_times_it(monkeypatch):
     """benchmarks/device_check.py's `deformable_backward_triton` (small shapes under Triton's interpreter): the
-    kernel's gradients within its limits of transformers' (the value's in bf16), both forward + backward timed, at
-    both batches; and a sampler whose gradients are off (here: locations moved by 1%) makes it not ok, figures kept
-    (a check that cannot fail would prove nothing)."""
+    kernel's gradients within its limits of transformers' (the value's in bf16) at its batch and at odd shapes, both
+    forward + backward timed; and a sampler whose gradients are off (here: locations moved by 1%) makes it not ok,
+    figures kept (a check that cannot fail would prove nothing)."""
     from transformers_possam.modeling import deformable_sampling_triton
 
     from .conftest import load_script
@@ -1153,7 +1153,7 @@ def test_device_check_of_the_sampler_backward_compares_and_times_it(monkeypatch)
     device_check = load_script("benchmarks/device_check.py")
     context = device_check.Context(torch.device("cpu"))
     details = device_check.check_deformable_backward_triton(context)
-    assert set(details) == {"batch_1", "batch_2", "odd_shapes"}, details  # (batches 2 and 8 on a GPU)
+    assert set(details) == {"batch_1", "odd_shapes"}, details  # (batches 2 and 8 on a GPU)
     for name, row in details.items():
         assert row["value_grad_dtype"] == "torch.bfloat16"
         assert row["relative_errors"]["value"] <= 1e-2 and row["relative_errors"]["locations"] <= 1e-3, row
@@ -1168,8 +1168,8 @@ def test_device_check_of_the_sampler_backward_compares_and_times_it(monkeypatch)
     monkeypatch.setattr(deformable_sampling_triton, "deformable_attention_triton", off_by_a_percent)
     details = device_check.check_deformable_backward_triton(context)
     assert details["ok"] is False and "locations" in details["batch_1"]["failed"]
-    assert "locations" in details["odd_shapes"]["failed"] and details["batch_2"]["elements_off"]["locations"] > 0
-    assert details["batch_2"]["triton_forward_backward_ms"] > 0
+    assert "locations" in details["odd_shapes"]["failed"] and details["batch_1"]["elements_off"]["locations"] > 0
+    assert details["batch_1"]["triton_forward_backward_ms"] > 0
 
 
 @needs_interpreter
