@@ -87,14 +87,12 @@ if [ -n "${POSSAM_GPU_ARGS+set}${POSSAM_GPU_CHECKS+set}${POSSAM_GPU_LATE_CHECKS+
     "$PYTHON" benchmarks/run.py --check-flags --suite gpu --device "$DEVICE" --time-budget-s 1 --variants $VARIANTS \
         ${POSSAM_GPU_ARGS---compile-mode reduce-overhead} --output "$OUT/results-gpu.json" \
         || refuse "the suite's flags (POSSAM_DEVICE, POSSAM_GPU_VARIANTS, POSSAM_GPU_ARGS) are refused, above"
-    for LIST in "$CHECKS" "$LATE_CHECKS"; do
-        if [ -n "$LIST" ]; then
-            # shellcheck disable=SC2086
-            "$PYTHON" benchmarks/device_check.py --check-flags --device "$DEVICE" --checks $LIST \
-                --output "$OUT/device-check.json" \
-                || refuse "the checks' flags (POSSAM_DEVICE, POSSAM_GPU_CHECKS, POSSAM_GPU_LATE_CHECKS) are refused, above"
-        fi
-    done
+    if [ -n "$CHECKS$LATE_CHECKS" ]; then  # both lists in one call: one interpreter start
+        # shellcheck disable=SC2086
+        "$PYTHON" benchmarks/device_check.py --check-flags --device "$DEVICE" --checks $CHECKS $LATE_CHECKS \
+            --output "$OUT/device-check.json" \
+            || refuse "the checks' flags (POSSAM_DEVICE, POSSAM_GPU_CHECKS, POSSAM_GPU_LATE_CHECKS) are refused, above"
+    fi
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
 if [ -n "$CHECKS" ]; then
