@@ -327,10 +327,9 @@ class PosSAMMultiscaleDeformableAttention(Mask2FormerPixelDecoderEncoderMultisca
     softmax and the sampling locations inside the kernel too, no attention weights returned), elsewhere through
     transformers' `multi_scale_deformable_attention` (`sampler`); where autograd needs gradients, through
     `training_sampler`'s choice (on CUDA transformers' version; the Triton kernel's backward is a candidate). In a
-    reduced-precision model or under autocast the
-    softmax, the locations and the sampling run in float32 (FC-CLIP's `F.softmax` under autocast and
-    `custom_fwd(cast_inputs=float32)` sampler); attention weights asked for come back in the logits' dtype (under
-    autocast in float32, as `F.softmax`'s there). The pixel decoder's encoder only uses 2-d reference points (the
+    reduced-precision model or under autocast the softmax, the locations and the sampling run in float32 (FC-CLIP's
+    `F.softmax` under autocast and `custom_fwd(cast_inputs=float32)` sampler); attention weights asked for come back
+    in the logits' dtype (under autocast in float32, as `F.softmax`'s there). The pixel decoder's encoder only uses 2-d reference points (the
     layer grid), so 4-d (box) reference points are not supported.
     """
 

@@ -443,7 +443,7 @@ def _sample_backward(
     The sampler's backward op: from the gradient `(B, Q, heads * head_dim)` of `_sample`'s result, the float32
     gradients of the values `(B, N, heads, head_dim)`, the sampling locations `(B, Q, heads, levels, points, 2)` and
     the attention weights `(B, Q, heads, levels, points)`, in one launch (or, where the kernel cannot be built,
-    autograd through transformers' sampler). The values' gradient is a sum over samples in an order the GPU picks
+    `_gradients_in_pytorch` through transformers' sampler). The values' gradient is a sum over samples in an order the GPU picks
     (atomics): not bitwise reproducible, as grid_sample's CUDA backward.
     """
     if not triton_runs_on(value.device):
@@ -456,11 +456,11 @@ def _sample_backward(
     locations = sampling_locations.float().contiguous()
     weights = attention_weights.float().contiguous()
     output_grad = output_grad.float().contiguous()
-    value_grad = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
-    locations_grad = torch.empty_like(locations)
-    weights_grad = torch.empty_like(weights)
 
-    def launch() -> None:
+    def launch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        value_grad = torch.zeros(value.shape, dtype=torch.float32, device=value.device)  # added to with atomics
+        locations_grad = torch.empty_like(locations)
+        weights_grad = torch.empty_like(weights)
         grid = (batch_size * num_heads, -(-num_queries // _BACKWARD_QUERIES_PER_PROGRAM))
         with on_launch_device(value.device):
             _backward_kernel()[grid](
@@ -481,18 +481,13 @@ def _sample_backward(
                 NUM_POINTS=num_points,
                 BLOCK_QUERIES=_BACKWARD_QUERIES_PER_PROGRAM,
             )
+        return value_grad, locations_grad, weights_grad
 
-    def fall_back() -> None:
-        gradients = _gradients_in_pytorch(value, shapes, locations, weights, output_grad)
-        for target, gradient in zip((value_grad, locations_grad, weights_grad), gradients):
-            target.copy_(gradient)
-
-    launch_or_fall_back(
+    return launch_or_fall_back(
         ("deformable_attention_triton_backward", str(value.device), value.dtype, head_dim, num_levels, num_points),
         launch,
-        fall_back,
+        lambda: _gradients_in_pytorch(value, shapes, locations, weights, output_grad),
     )
-    return value_grad, locations_grad, weights_grad
 
 
 def _sample_backward_shapes_only(
