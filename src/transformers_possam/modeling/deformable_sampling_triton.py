@@ -443,8 +443,8 @@ def _sample_backward(
     The sampler's backward op: from the gradient `(B, Q, heads * head_dim)` of `_sample`'s result, the float32
     gradients of the values `(B, N, heads, head_dim)`, the sampling locations `(B, Q, heads, levels, points, 2)` and
     the attention weights `(B, Q, heads, levels, points)`, in one launch (or, where the kernel cannot be built,
-    `_gradients_in_pytorch` through transformers' sampler). The values' gradient is a sum over samples in an order the GPU picks
-    (atomics): not bitwise reproducible, as grid_sample's CUDA backward.
+    `_gradients_in_pytorch` through transformers' sampler). The values' gradient is a sum over samples in an order
+    the GPU picks (atomics): not bitwise reproducible, as grid_sample's CUDA backward.
     """
     if not triton_runs_on(value.device):
         raise RuntimeError(f"deformable_attention_triton needs CUDA and Triton; the inputs are on {value.device}.")
